@@ -1,0 +1,131 @@
+"""``holopipe <stage> ...``: the commands the Snakemake rules run, and users run by hand.
+
+The CLI only parses arguments and configs; the library modules do the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from holopipe import __version__
+
+log = logging.getLogger("holopipe")
+
+OPTICS_FLAGS = {
+    # flag: (config key, type, default when no --config is given: HOLODEC optics, embedded-default frame)
+    "--wavelength": ("wavelength", float, 3.55e-7),
+    "--dx": ("dx", float, 2.96e-6),
+    "--dy": ("dy", float, 2.96e-6),
+    "--nx": ("nx", int, 512),
+    "--ny": ("ny", int, 512),
+    "--z-min": ("z_min", float, 0.002),
+    "--z-max": ("z_max", float, 0.012),
+}
+
+
+def _load_config(args) -> dict:
+    from holopipe.config import load_config
+
+    if getattr(args, "config_json", None):
+        return load_config(json.loads(args.config_json))
+    return load_config(args.config)
+
+
+def _simulation_config(args) -> dict:
+    """The validated config a ``simulate`` call stands for: --config (if any) overridden by flags."""
+    from holopipe.config import load_config
+
+    if args.config:
+        with open(args.config) as handle:
+            import yaml
+
+            config = yaml.safe_load(handle) or {}
+    else:
+        config = {"splits": {"cli": {"source": "simulate", "n_holograms": 1, "seed": 0}},
+                  "optics": {key: default for key, _, default in OPTICS_FLAGS.values()}}
+    optics = config.setdefault("optics", {})
+    for flag, (key, _, _) in OPTICS_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            optics[key] = value
+    simulate = config.setdefault("simulate", {})
+    if args.particles is not None:
+        simulate["particles"] = list(args.particles)
+    if args.method is not None:
+        simulate["method"] = args.method
+    if args.pad is not None:
+        simulate["pad"] = args.pad
+    if args.slab_thickness is not None:
+        simulate["slab_thickness"] = args.slab_thickness
+    if args.no_noise:
+        simulate.setdefault("camera", {})["noise"] = False
+    return load_config(config)
+
+
+def cmd_simulate(args) -> None:
+    from holopipe.simulate import SimulationSettings, simulate_file
+
+    settings = SimulationSettings.from_config(_simulation_config(args))
+    simulate_file(args.out, n_holograms=args.n_holograms, seed=args.seed, settings=settings,
+                  progress=not args.quiet)
+
+
+def cmd_acquire(args) -> None:
+    from holopipe.acquire import acquire_split
+
+    acquire_split(_load_config(args), args.split, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="holopipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"holopipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    simulate = stages.add_parser("simulate", help="write synthetic HOLODEC holograms to netCDF")
+    simulate.add_argument("--out", required=True, help="output netCDF file")
+    simulate.add_argument("--n-holograms", type=int, required=True)
+    simulate.add_argument("--seed", type=int, required=True)
+    simulate.add_argument("--config", help="config YAML whose optics and simulate sections to use")
+    for flag, (key, kind, default) in OPTICS_FLAGS.items():
+        simulate.add_argument(flag, type=kind, help=f"optics.{key} (default without --config: {default})")
+    simulate.add_argument("--particles", type=int, nargs=2, metavar=("MIN", "MAX"),
+                          help="particles per hologram")
+    simulate.add_argument("--method", choices=["angular_spectrum", "fraunhofer"])
+    simulate.add_argument("--pad", type=int, help="background pixels added on each side")
+    simulate.add_argument("--slab-thickness", type=float, help="metres")
+    simulate.add_argument("--no-noise", action="store_true", help="noise-free camera")
+    simulate.add_argument("--quiet", action="store_true", help="no progress bar")
+    simulate.set_defaults(func=cmd_simulate)
+
+    acquire = stages.add_parser("acquire", help="bring one split's holograms to data/raw/{split}.nc")
+    acquire.add_argument("--split", required=True)
+    acquire.add_argument("--out", required=True)
+    source = acquire.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="config YAML")
+    source.add_argument("--config-json", help="config as JSON (what the Snakemake rule passes)")
+    acquire.set_defaults(func=cmd_acquire)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.info("holopipe %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
+    started = time.perf_counter()
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 1
+    log.info("%s finished in %.1f s", args.stage, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Open, validate and write HOLODEC netCDF files (NCAR's data contract).
+
+The contract is NCAR's, so real NCAR files load as they are:
+
+- dims ``hologram_number``, ``xsize``, ``ysize``, ``particle``;
+- ``image(hologram_number, xsize, ysize)``, uint8 (x is the *first* image axis);
+- per particle, float32 along ``particle``: ``hid`` (1-based hologram number), ``x``, ``y`` (µm, origin at
+  the image centre), ``z`` (µm from the sensor), ``d`` (µm diameter); real data may add ``t``, ``x_pixels``,
+  ``y_pixels``, ``image_original``, which are kept;
+- global attributes ``Nx``, ``Ny`` (pixels), ``dx``, ``dy``, ``lambda`` (metres) and ``zMin``, ``zMax``
+  (metres; missing on real data).
+
+Pixel-centre convention: pixel index ``i`` along ``xsize`` has its centre at ``x_i = (i + 0.5 - Nx/2) * dx``,
+so the frame spans ``[-Nx*dx/2, +Nx*dx/2]``; the same holds for y with ``Ny`` and ``dy``. Use
+:func:`pixel_centres` and :func:`um_to_pixel` rather than re-deriving it.
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import os
+import sys
+from pathlib import Path
+
+import dask.array as da
+import netCDF4
+import numpy as np
+import xarray as xr
+
+IMAGE_DIMS = ("hologram_number", "xsize", "ysize")
+PARTICLE_VARS = ("hid", "x", "y", "z", "d")
+REQUIRED_ATTRS = ("Nx", "Ny", "dx", "dy", "lambda")
+IN_MEMORY = "<in-memory dataset>"
+
+_PITCH_RANGE_M = (1e-8, 1e-3)
+_WAVELENGTH_RANGE_M = (1e-8, 1e-5)
+_Z_LIMIT_MAX_M = 10.0  # a zMin/zMax above 10 m is a value in µm
+_FRAME_TOLERANCE_PX = 0.5
+_Z_TOLERANCE_UM = 1.0
+# A non-empty column whose largest magnitude is below these (µm) holds metres: HOLODEC particles sit
+# millimetres from the sensor and are micrometres wide, and not every particle is at the exact centre.
+_METRES_BELOW_UM = {"x": 1e-2, "y": 1e-2, "z": 10.0, "d": 1e-2}
+
+
+class HolodecFormatError(ValueError):
+    """Raised when a file breaks the contract; message names the file and the problem."""
+
+
+def pixel_centres(n: int, pitch_m: float) -> np.ndarray:
+    """Centres (metres, origin at the frame centre) of ``n`` pixels of pitch ``pitch_m`` metres."""
+    return (np.arange(n) + 0.5 - n / 2) * pitch_m
+
+
+def um_to_pixel(coord_um, n: int, pitch_m: float) -> np.ndarray:
+    """Continuous pixel index of a coordinate in µm; the inverse of :func:`pixel_centres`."""
+    return np.asarray(coord_um, dtype=np.float64) * 1e-6 / pitch_m + n / 2 - 0.5
+
+
+def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
+    """Open a HOLODEC file (or take an open dataset) lazily and validate it against the contract.
+
+    Images are read one hologram per dask chunk by default, because a full-size file does not fit the
+    memory of a small node. ``z_limits=(z_min_m, z_max_m)`` (metres) fills in ``zMin``/``zMax`` where the
+    file lacks them (real data); the file's own values win.
+    """
+    opened_here = not isinstance(source, xr.Dataset)
+    if opened_here:
+        name = os.fspath(source)
+        if not os.path.isfile(name):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        try:
+            ds = xr.open_dataset(name, engine="netcdf4", chunks=chunks or {"hologram_number": 1})
+        except (OSError, ValueError) as exc:
+            raise HolodecFormatError(f"{name}: not a readable netCDF file ({exc})") from exc
+    else:
+        ds, name = source, source.encoding.get("source", IN_MEMORY)
+    if z_limits is not None:
+        limits = dict(zip(("zMin", "zMax"), map(float, z_limits)))
+        ds = ds.assign_attrs({key: value for key, value in limits.items() if key not in ds.attrs})
+    try:
+        validate_holodec(ds, name)
+    except HolodecFormatError:
+        if opened_here:
+            ds.close()
+        raise
+    return ds
+
+
+def validate_holodec(ds: xr.Dataset, source: str = IN_MEMORY) -> None:
+    """Raise one :class:`HolodecFormatError`, prefixed with ``source``, for the first contract violation.
+
+    Images are checked one chunk at a time, so this is safe on a lazily opened full-size file.
+    """
+    try:
+        _check_presence(ds)
+        _check_layout(ds)
+        _check_optics(ds.attrs)
+        _check_particles(ds)
+        _check_image_values(ds["image"])
+    except HolodecFormatError as exc:
+        raise HolodecFormatError(f"{source}: {exc}") from None
+
+
+def _check_presence(ds: xr.Dataset) -> None:
+    missing_vars = [name for name in ("image", *PARTICLE_VARS) if name not in ds.variables]
+    missing_attrs = [name for name in REQUIRED_ATTRS if name not in ds.attrs]
+    problems = [
+        f"missing {kind}: {', '.join(map(repr, names))}"
+        for kind, names in (("variables", missing_vars), ("attributes", missing_attrs))
+        if names
+    ]
+    if problems:
+        raise HolodecFormatError("; ".join(problems))
+
+
+def _check_layout(ds: xr.Dataset) -> None:
+    image = ds["image"]
+    if image.dims == ("hologram_number", "ysize", "xsize"):
+        raise HolodecFormatError(
+            f"variable 'image' is transposed: dims {image.dims}, expected {IMAGE_DIMS} (x is the first image axis)"
+        )
+    if image.dims != IMAGE_DIMS:
+        raise HolodecFormatError(f"variable 'image' has dims {image.dims}, expected {IMAGE_DIMS}")
+    if image.dtype.kind not in "iuf":
+        raise HolodecFormatError(f"variable 'image' has dtype {image.dtype}, expected uint8 (or another real type)")
+    for name in PARTICLE_VARS:
+        var = ds[name]
+        if var.dims != ("particle",):
+            raise HolodecFormatError(f"variable {name!r} has dims {var.dims}, expected ('particle',)")
+        if var.dtype.kind not in "iuf":
+            raise HolodecFormatError(f"variable {name!r} has dtype {var.dtype}, expected float32")
+    for attr, dim in (("Nx", "xsize"), ("Ny", "ysize")):
+        value = _number(ds.attrs, attr)
+        if value != ds.sizes[dim]:
+            raise HolodecFormatError(
+                f"attribute {attr!r} = {value:g} disagrees with the image size along {dim!r} ({ds.sizes[dim]})"
+            )
+
+
+def _number(attrs, name: str) -> float:
+    value = np.asarray(attrs[name])
+    if value.size != 1 or value.dtype.kind not in "iuf":
+        raise HolodecFormatError(f"attribute {name!r} = {attrs[name]!r} is not a number")
+    return float(value.item())
+
+
+def _check_optics(attrs) -> None:
+    for name, (low, high) in (("dx", _PITCH_RANGE_M), ("dy", _PITCH_RANGE_M), ("lambda", _WAVELENGTH_RANGE_M)):
+        value = _number(attrs, name)
+        if not low < value < high:
+            looks = "looks like micrometres (µm)" if low < value * 1e-6 < high else "is out of physical range"
+            raise HolodecFormatError(f"attribute {name!r} = {value:g} {looks}; expected metres in ({low:g}, {high:g})")
+    for name in ("zMin", "zMax"):
+        if name not in attrs:
+            continue
+        value = _number(attrs, name)
+        if not np.isfinite(value):
+            raise HolodecFormatError(f"attribute {name!r} = {value} is not finite")
+        if value > _Z_LIMIT_MAX_M:
+            raise HolodecFormatError(f"attribute {name!r} = {value:g} looks like micrometres (µm), expected metres")
+    limits = _z_limits_um(attrs)
+    if limits is not None and limits[0] >= limits[1]:
+        raise HolodecFormatError(f"zMin ({attrs['zMin']:g}) >= zMax ({attrs['zMax']:g})")
+
+
+def _z_limits_um(attrs) -> tuple[float, float] | None:
+    if "zMin" in attrs and "zMax" in attrs:
+        return _number(attrs, "zMin") * 1e6, _number(attrs, "zMax") * 1e6
+    return None
+
+
+def _first(bad: np.ndarray, values: np.ndarray, name: str) -> str:
+    return f"first at particle {bad[0]} ({name} = {values[bad[0]]:g})"
+
+
+def _check_particles(ds: xr.Dataset) -> None:
+    if ds.sizes["particle"] == 0:
+        return
+    p = {name: np.asarray(ds[name].values, dtype=np.float64) for name in PARTICLE_VARS}
+    for name, values in p.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise HolodecFormatError(f"variable {name!r} has {bad.size} non-finite value(s), {_first(bad, values, name)}")
+    for name, threshold in _METRES_BELOW_UM.items():
+        largest = np.abs(p[name]).max()
+        if 0 < largest < threshold:
+            raise HolodecFormatError(
+                f"variable {name!r} looks like metres (max |{name}| {largest:.3g}), expected micrometres (µm)"
+            )
+    n_holograms = ds.sizes["hologram_number"]
+    hid = p["hid"]
+    bad = np.flatnonzero((hid != np.round(hid)) | (hid < 1) | (hid > n_holograms))
+    if bad.size:
+        raise HolodecFormatError(
+            f"variable 'hid' has {bad.size} value(s) that are not hologram numbers 1..{n_holograms}, "
+            + _first(bad, hid, "hid")
+        )
+    for name, n_attr, pitch_attr in (("x", "Nx", "dx"), ("y", "Ny", "dy")):
+        n, pitch = _number(ds.attrs, n_attr), _number(ds.attrs, pitch_attr)
+        half_um = n * pitch * 1e6 / 2
+        bad = np.flatnonzero(np.abs(p[name]) > half_um + _FRAME_TOLERANCE_PX * pitch * 1e6)
+        if bad.size:
+            raise HolodecFormatError(
+                f"{bad.size} particle(s) outside the frame: |{name}| > {half_um:.6g} µm ({n_attr}*{pitch_attr}/2), "
+                + _first(bad, p[name], name)
+            )
+    limits = _z_limits_um(ds.attrs)
+    if limits is not None:
+        z = p["z"]
+        bad = np.flatnonzero((z < limits[0] - _Z_TOLERANCE_UM) | (z > limits[1] + _Z_TOLERANCE_UM))
+        if bad.size:
+            raise HolodecFormatError(
+                f"{bad.size} particle(s) with z outside [zMin, zMax] = [{limits[0]:g}, {limits[1]:g}] µm, "
+                + _first(bad, z, "z")
+            )
+    bad = np.flatnonzero(p["d"] <= 0)
+    if bad.size:
+        raise HolodecFormatError(f"{bad.size} particle(s) with d <= 0, {_first(bad, p['d'], 'd')}")
+
+
+def _check_image_values(image: xr.DataArray) -> None:
+    if image.dtype.kind != "f":
+        return
+    if image.chunks is None:
+        image = image.chunk({"hologram_number": 1})
+    # The synchronous scheduler reads one chunk at a time; threads would hold several holograms at once.
+    finite = da.isfinite(image.data).all(axis=(1, 2)).compute(scheduler="synchronous")
+    bad = np.flatnonzero(~finite)
+    if bad.size:
+        raise HolodecFormatError(
+            f"variable 'image' has non-finite values in {bad.size} hologram(s), first at hologram index {bad[0]}"
+        )
+
+
+class HolodecWriter:
+    """Stream holograms into a contract netCDF file; atomic: the file appears only when complete.
+
+    Memory stays one hologram: the image is chunked (1, nx, ny) and written index by index. The data go to
+    a hidden temporary file beside ``path`` that is validated and renamed on clean exit, and deleted on
+    error or when a hologram was never written, so readers never see a half-written file.
+    """
+
+    def __init__(self, path, *, n_holograms, nx, ny, dx, dy, wavelength, z_min=None, z_max=None, attrs=None):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        for name, value in (("n_holograms", n_holograms), ("nx", nx), ("ny", ny)):
+            if operator.index(value) < 1:
+                raise ValueError(f"{self.path}: {name} must be a positive integer, got {value}")
+        if (z_min is None) != (z_max is None):
+            raise ValueError(f"{self.path}: give both z_min and z_max (metres) or neither")
+        self.n_holograms, self.nx, self.ny = int(n_holograms), int(nx), int(ny)
+        self._attrs = {"Nx": self.nx, "Ny": self.ny, "dx": float(dx), "dy": float(dy), "lambda": float(wavelength)}
+        if z_min is not None:
+            self._attrs.update(zMin=float(z_min), zMax=float(z_max))
+        try:
+            _check_optics(self._attrs)
+        except HolodecFormatError as exc:
+            raise HolodecFormatError(f"{self.path}: {exc}") from None
+        clashes = sorted(set(attrs or {}) & set(self._attrs))
+        if clashes:
+            raise ValueError(f"{self.path}: attrs {clashes} clash with the contract attributes")
+        self._extra_attrs = dict(attrs or {})
+        self._written = np.zeros(self.n_holograms, dtype=bool)
+        self._nc = None
+
+    def __enter__(self) -> HolodecWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._nc = netCDF4.Dataset(self._tmp, "w", format="NETCDF4")
+        try:
+            self._define(self._nc)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def _define(self, nc: netCDF4.Dataset) -> None:
+        nc.createDimension("hologram_number", self.n_holograms)
+        nc.createDimension("xsize", self.nx)
+        nc.createDimension("ysize", self.ny)
+        nc.createDimension("particle", None)
+        image = nc.createVariable("image", "u1", IMAGE_DIMS, chunksizes=(1, self.nx, self.ny), fill_value=False)
+        image.long_name = "hologram intensity, x along the first image axis"
+        hid = nc.createVariable("hid", "f4", ("particle",))
+        hid.long_name = "hologram number of the particle (1-based)"
+        for name, long_name in (
+            ("x", "particle x, origin at the image centre"),
+            ("y", "particle y, origin at the image centre"),
+            ("z", "particle distance from the sensor"),
+            ("d", "particle diameter"),
+        ):
+            var = nc.createVariable(name, "f4", ("particle",))
+            var.units = "um"
+            var.long_name = long_name
+        nc.setncatts({**self._attrs, **self._extra_attrs})
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._open_file().close()
+            self._nc = None
+            if exc_type is None:
+                missing = np.flatnonzero(~self._written)
+                if missing.size:
+                    raise HolodecFormatError(
+                        f"{self.path}: {missing.size} hologram(s) never written, indices {missing.tolist()}"
+                    )
+                with xr.open_dataset(self._tmp, engine="netcdf4") as ds:
+                    validate_holodec(ds, str(self.path))
+                os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def _open_file(self) -> netCDF4.Dataset:
+        if self._nc is None:
+            raise RuntimeError(f"{self.path}: use HolodecWriter as a context manager (`with HolodecWriter(...)`)")
+        return self._nc
+
+    def write_image(self, index: int, image: np.ndarray) -> None:
+        """Write hologram ``index`` (0-based; ``hid`` is index + 1), a uint8 array of shape (nx, ny)."""
+        nc = self._open_file()
+        index = operator.index(index)
+        if not 0 <= index < self.n_holograms:
+            raise IndexError(f"{self.path}: hologram index {index} out of range 0..{self.n_holograms - 1}")
+        if image.dtype != np.uint8:
+            raise TypeError(f"{self.path}: image dtype {image.dtype}, expected uint8")
+        if image.shape != (self.nx, self.ny):
+            raise ValueError(
+                f"{self.path}: image shape {image.shape}, expected (nx, ny) = {(self.nx, self.ny)} (x first)"
+            )
+        nc["image"][index] = image
+        self._written[index] = True
+
+    def append_particles(self, hid, x_um, y_um, z_um, d_um) -> None:
+        """Append particles: 1-D arrays of equal length, stored as float32; µm, ``hid`` 1-based."""
+        nc = self._open_file()
+        columns = {
+            name: np.asarray(values, dtype=np.float32)
+            for name, values in zip(PARTICLE_VARS, (hid, x_um, y_um, z_um, d_um))
+        }
+        shapes = {name: values.shape for name, values in columns.items()}
+        if len(set(shapes.values())) != 1 or columns["hid"].ndim != 1:
+            raise ValueError(f"{self.path}: particle columns must be 1-D arrays of equal length, got shapes {shapes}")
+        start = len(nc.dimensions["particle"])
+        for name, values in columns.items():
+            nc[name][start : start + values.size] = values

@@ -1,0 +1,274 @@
+"""Tests for holopipe.io: the HOLODEC netCDF contract, its validation and the atomic writer."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from holopipe.io import (
+    PARTICLE_VARS,
+    HolodecFormatError,
+    HolodecWriter,
+    open_holodec,
+    pixel_centres,
+    um_to_pixel,
+    validate_holodec,
+)
+
+N_HOLOGRAMS, NX, NY = 3, 64, 48
+DX = DY = 2.96e-6
+WAVELENGTH = 3.55e-7
+Z_MIN, Z_MAX = 0.014, 0.158
+HALF_X_UM, HALF_Y_UM = NX * DX / 2 * 1e6, NY * DY / 2 * 1e6
+
+
+def make_dataset(n_particles=6, seed=0) -> xr.Dataset:
+    """A small contract dataset: 3 holograms of 64x48 pixels and a few particles inside frame and z range."""
+    rng = np.random.default_rng(seed)
+    particles = {
+        "hid": rng.integers(1, N_HOLOGRAMS + 1, n_particles),
+        "x": rng.uniform(-HALF_X_UM, HALF_X_UM, n_particles),
+        "y": rng.uniform(-HALF_Y_UM, HALF_Y_UM, n_particles),
+        "z": rng.uniform(Z_MIN * 1e6, Z_MAX * 1e6, n_particles),
+        "d": rng.uniform(10, 60, n_particles),
+    }
+    return xr.Dataset(
+        {
+            "image": (("hologram_number", "xsize", "ysize"), rng.integers(0, 256, (N_HOLOGRAMS, NX, NY), np.uint8)),
+            **{name: ("particle", values.astype(np.float32)) for name, values in particles.items()},
+        },
+        attrs={"Nx": NX, "Ny": NY, "dx": DX, "dy": DY, "lambda": WAVELENGTH, "zMin": Z_MIN, "zMax": Z_MAX},
+    )
+
+
+def write(ds: xr.Dataset, path):
+    """Write ``ds`` with HolodecWriter, particles in two appends to exercise streaming."""
+    with HolodecWriter(
+        path,
+        n_holograms=ds.sizes["hologram_number"],
+        nx=NX,
+        ny=NY,
+        dx=ds.attrs["dx"],
+        dy=ds.attrs["dy"],
+        wavelength=ds.attrs["lambda"],
+        z_min=ds.attrs.get("zMin"),
+        z_max=ds.attrs.get("zMax"),
+        attrs={"title": "synthetic test set"},
+    ) as writer:
+        for index, image in enumerate(ds["image"].values):
+            writer.write_image(index, image)
+        half = ds.sizes["particle"] // 2
+        for part in (slice(None, half), slice(half, None)):
+            writer.append_particles(*(ds[name].values[part] for name in PARTICLE_VARS))
+    return path
+
+
+def test_round_trip(tmp_path):
+    expected = make_dataset()
+    ds = open_holodec(write(expected, tmp_path / "train.nc"))
+    assert ds["image"].chunks[0] == (1,) * N_HOLOGRAMS
+    assert dict(ds.sizes) == {"hologram_number": N_HOLOGRAMS, "xsize": NX, "ysize": NY, "particle": 6}
+    assert ds["image"].dims == ("hologram_number", "xsize", "ysize")
+    assert ds["image"].dtype == np.uint8
+    np.testing.assert_array_equal(ds["image"].values, expected["image"].values)
+    for name in PARTICLE_VARS:
+        assert ds[name].dtype == np.float32
+        np.testing.assert_array_equal(ds[name].values, expected[name].values)
+    for name in ("x", "y", "z", "d"):
+        assert ds[name].attrs["units"] == "um"
+    assert "1-based" in ds["hid"].attrs["long_name"]
+    assert {key: ds.attrs[key] for key in expected.attrs} == expected.attrs
+    assert ds.attrs["title"] == "synthetic test set"
+    ds.close()
+
+
+def test_empty_particle_table_is_valid(tmp_path):
+    ds = open_holodec(write(make_dataset(n_particles=0), tmp_path / "empty.nc"))
+    assert ds.sizes["particle"] == 0
+    ds.close()
+
+
+def _set(name, index, value):
+    def mutate(ds):
+        values = ds[name].values.copy()
+        values[index] = value
+        return ds.assign({name: (ds[name].dims, values)})
+
+    return mutate
+
+
+def _scale(name, factor):
+    return lambda ds: ds.assign({name: ds[name] * np.float32(factor)})
+
+
+def _attrs(**changes):
+    return lambda ds: ds.assign_attrs(changes)
+
+
+def _drop_attrs(*names):
+    def mutate(ds):
+        ds = ds.copy()
+        for name in names:
+            del ds.attrs[name]
+        return ds
+
+    return mutate
+
+
+def _float_image_with_nan(ds):
+    image = ds["image"].astype(np.float32)
+    image[1, 2, 3] = np.nan
+    return ds.assign(image=image)
+
+
+INVALID = {
+    "missing_variables": (lambda ds: ds.drop_vars(["x", "z"]), "missing variables: 'x', 'z'"),
+    "missing_attributes": (_drop_attrs("dy", "lambda"), "missing attributes: 'dy', 'lambda'"),
+    "image_dims": (lambda ds: ds.assign(image=ds["image"].rename(xsize="a", ysize="b")), "dims"),
+    "image_transposed": (lambda ds: ds.assign(image=ds["image"].transpose(..., "ysize", "xsize")), "transposed"),
+    "particle_not_1d": (lambda ds: ds.assign(x=ds["x"].expand_dims(extra=2, axis=1)), "expected ('particle',)"),
+    "nx_mismatch": (_attrs(Nx=NX + 1), "disagrees"),
+    "ny_mismatch": (_attrs(Ny=NY - 1), "disagrees"),
+    "x_outside_frame": (_set("x", 2, HALF_X_UM + 10), "outside the frame: |x|"),
+    "y_outside_frame": (_set("y", 0, -HALF_Y_UM - 10), "outside the frame: |y|"),
+    "hid_not_integer": (_set("hid", 1, 1.5), "hid"),
+    "hid_zero": (_set("hid", 1, 0), "hid"),
+    "hid_too_large": (_set("hid", 1, N_HOLOGRAMS + 1), "hid"),
+    "nan_z": (_set("z", 3, np.nan), "non-finite"),
+    "inf_d": (_set("d", 0, np.inf), "non-finite"),
+    "nan_image": (_float_image_with_nan, "non-finite values in 1 hologram(s), first at hologram index 1"),
+    "dx_in_um": (_attrs(dx=2.96), "micrometres"),
+    "dy_out_of_range": (_attrs(dy=1e-10), "out of physical range"),
+    "lambda_in_um": (_attrs(**{"lambda": 0.355}), "micrometres"),
+    "zmin_in_um": (_attrs(zMin=14000.0), "micrometres"),
+    "zmin_not_below_zmax": (_attrs(zMin=Z_MAX, zMax=Z_MIN), "zMin"),
+    "z_in_metres": (_scale("z", 1e-6), "variable 'z' looks like metres"),
+    "x_in_metres": (_scale("x", 1e-6), "variable 'x' looks like metres"),
+    "d_in_metres": (_scale("d", 1e-6), "variable 'd' looks like metres"),
+    "z_outside_limits": (_set("z", 4, Z_MAX * 1e6 + 50), "z outside [zMin, zMax]"),
+    "d_not_positive": (_set("d", 5, 0.0), "d <= 0"),
+}
+
+
+@pytest.mark.parametrize("mutate, keyword", INVALID.values(), ids=INVALID.keys())
+def test_invalid_file_raises(tmp_path, mutate, keyword):
+    path = tmp_path / "bad.nc"
+    mutate(make_dataset()).to_netcdf(path)
+    with pytest.raises(HolodecFormatError) as info:
+        open_holodec(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert keyword in message
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.str_, np.bool_])
+def test_image_dtype_must_be_real(dtype):
+    ds = make_dataset()
+    ds = ds.assign(image=ds["image"].astype(dtype))
+    with pytest.raises(HolodecFormatError, match=r"^mem\.nc: variable 'image' has dtype"):
+        validate_holodec(ds, "mem.nc")
+
+
+def test_in_memory_dataset_is_named_in_messages():
+    with pytest.raises(HolodecFormatError, match="^<in-memory dataset>: missing attributes: 'Nx'"):
+        open_holodec(_drop_attrs("Nx")(make_dataset()))
+
+
+def _real_layout(ds: xr.Dataset) -> xr.Dataset:
+    """NCAR's real-data layout: extra per-particle variables and image_original, no zMin/zMax."""
+    x_pixels = um_to_pixel(ds["x"].values, NX, DX).astype(np.float32)
+    y_pixels = um_to_pixel(ds["y"].values, NY, DY).astype(np.float32)
+    extra = {
+        "t": ("particle", np.zeros(ds.sizes["particle"], np.float32)),
+        "x_pixels": ("particle", x_pixels),
+        "y_pixels": ("particle", y_pixels),
+        "image_original": ds["image"].copy(),
+    }
+    return _drop_attrs("zMin", "zMax")(ds.assign(extra))
+
+
+def test_real_data_layout_loads_and_keeps_extras(tmp_path):
+    path = tmp_path / "real.nc"
+    _real_layout(make_dataset()).to_netcdf(path)
+    with open_holodec(path) as ds:
+        assert {"t", "x_pixels", "y_pixels", "image_original"} <= set(ds.variables)
+        assert "zMin" not in ds.attrs and "zMax" not in ds.attrs
+    with open_holodec(path, z_limits=(Z_MIN, Z_MAX)) as ds:
+        assert (ds.attrs["zMin"], ds.attrs["zMax"]) == (Z_MIN, Z_MAX)
+    with pytest.raises(HolodecFormatError, match="z outside"):
+        open_holodec(path, z_limits=(0.1, 0.12))
+
+
+def test_file_z_limits_win_over_argument(tmp_path):
+    with open_holodec(write(make_dataset(), tmp_path / "a.nc"), z_limits=(0.001, 0.5)) as ds:
+        assert (ds.attrs["zMin"], ds.attrs["zMax"]) == (Z_MIN, Z_MAX)
+
+
+def test_missing_and_non_netcdf_files(tmp_path):
+    missing = tmp_path / "nowhere.nc"
+    with pytest.raises(FileNotFoundError, match="nowhere.nc"):
+        open_holodec(missing)
+    garbage = tmp_path / "garbage.nc"
+    garbage.write_text("not a netCDF file")
+    with pytest.raises(HolodecFormatError, match="garbage.nc: not a readable netCDF file"):
+        open_holodec(garbage)
+
+
+def small_writer(path, n_holograms=3, **kwargs) -> HolodecWriter:
+    return HolodecWriter(path, n_holograms=n_holograms, nx=NX, ny=NY, dx=DX, dy=DY, wavelength=WAVELENGTH, **kwargs)
+
+
+def test_writer_creates_parent_directory(tmp_path):
+    path = write(make_dataset(), tmp_path / "sub" / "dir" / "x.nc")
+    assert [p.name for p in path.parent.iterdir()] == ["x.nc"]
+
+
+def test_writer_leaves_nothing_on_exception(tmp_path):
+    ds = make_dataset()
+    with pytest.raises(RuntimeError, match="boom"):
+        with small_writer(tmp_path / "x.nc") as w:
+            w.write_image(0, ds["image"].values[0])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_leaves_nothing_when_an_attribute_cannot_be_stored(tmp_path):
+    with pytest.raises(TypeError):
+        with small_writer(tmp_path / "x.nc", attrs={"bad": {"nested": 1}}):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_leaves_nothing_when_a_hologram_is_missing(tmp_path):
+    ds = make_dataset()
+    with pytest.raises(HolodecFormatError, match=r"x\.nc: 1 hologram\(s\) never written, indices \[1\]"):
+        with small_writer(tmp_path / "x.nc") as w:
+            for index in (0, 2):
+                w.write_image(index, ds["image"].values[index])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_bad_arguments(tmp_path):
+    image = np.zeros((NX, NY), np.uint8)
+    with pytest.raises(HolodecFormatError, match="'dx' = 2.96 looks like micrometres"):
+        HolodecWriter(tmp_path / "x.nc", n_holograms=1, nx=NX, ny=NY, dx=2.96, dy=DY, wavelength=WAVELENGTH)
+    with pytest.raises(RuntimeError, match="context manager"):
+        small_writer(tmp_path / "x.nc", n_holograms=1).write_image(0, image)
+    with pytest.raises(ValueError, match="never written"):
+        with small_writer(tmp_path / "x.nc", n_holograms=1) as w:
+            with pytest.raises(IndexError, match="out of range"):
+                w.write_image(1, image)
+            with pytest.raises(TypeError, match="expected uint8"):
+                w.write_image(0, image.astype(np.float32))
+            with pytest.raises(ValueError, match=r"expected \(nx, ny\)"):
+                w.write_image(0, image.T)
+            with pytest.raises(ValueError, match="equal length"):
+                w.append_particles([1], [0], [0], [20000], [])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pixel_convention():
+    centres = pixel_centres(NX, DX)
+    np.testing.assert_allclose(centres, -centres[::-1])
+    np.testing.assert_allclose(centres[[0, -1]], [-(NX - 1) / 2 * DX, (NX - 1) / 2 * DX])
+    np.testing.assert_allclose(um_to_pixel(centres * 1e6, NX, DX), np.arange(NX), atol=1e-9)
+    np.testing.assert_allclose(um_to_pixel([-HALF_X_UM, HALF_X_UM], NX, DX), [-0.5, NX - 0.5])

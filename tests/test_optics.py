@@ -1,0 +1,202 @@
+"""Angular-spectrum propagation against analytic optics, and across array libraries."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from holopipe.optics import (Propagator, TransferFunction, hologram_field, propagate,
+                             reconstruct)
+
+WAVELENGTH = 3.55e-7
+HOLODEC_PITCH = 2.96e-6
+
+
+def disk(n: int, pitch: float, radius: float, supersample: int = 4) -> np.ndarray:
+    """Area fraction of each pixel inside a centred disk (antialiased, float64, (n, n))."""
+    fine = (np.arange(n * supersample) + 0.5) / supersample - n / 2
+    inside = (fine[:, None] ** 2 + fine[None, :] ** 2) * pitch**2 <= radius**2
+    return inside.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+
+
+def on_axis(field: np.ndarray) -> complex:
+    """Field at the optical axis: the corner where the four centre pixels meet."""
+    n = field.shape[-1] // 2
+    return field[..., n - 1:n + 1, n - 1:n + 1].mean(axis=(-2, -1))
+
+
+# A 1 mm window at 0.5 µm pitch: fine enough for the disk's edge, wide enough that the periodic
+# copies of the FFT grid stay outside the Fresnel zones that reach the axis (2–4 mm).
+APERTURE_GRID = dict(n=2048, pitch=0.5e-6, radius=40e-6)
+
+
+@pytest.mark.parametrize("z", [2e-3, 3e-3, 4e-3])
+def test_circular_aperture_on_axis_intensity_matches_rayleigh_sommerfeld(z):
+    n, pitch, radius = APERTURE_GRID.values()
+    aperture = disk(n, pitch, radius)
+    field = propagate(aperture, z, wavelength=WAVELENGTH, dx=pitch)
+    r = math.hypot(z, radius)
+    k = 2 * math.pi / WAVELENGTH
+    expected = abs(1 - (z / r) * np.exp(1j * k * (r - z))) ** 2
+    assert 0.5 < expected < 4  # the planes sample both a dark and a bright on-axis fringe
+    assert abs(on_axis(field)) ** 2 == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("z", [2e-3, 4e-3])
+def test_opaque_disk_shows_the_poisson_spot(z):
+    n, pitch, radius = APERTURE_GRID.values()
+    screen = 1 - disk(n, pitch, radius)
+    intensity = abs(on_axis(propagate(screen, z, wavelength=WAVELENGTH, dx=pitch))) ** 2
+    assert intensity == pytest.approx((z / math.hypot(z, radius)) ** 2, rel=0.02)
+
+
+def test_parseval_energy_is_conserved():
+    rng = np.random.default_rng(1)
+    field = rng.normal(size=(128, 96)) + 1j * rng.normal(size=(128, 96))
+    out = propagate(field, 0.05, wavelength=WAVELENGTH, dx=HOLODEC_PITCH)
+    assert np.sum(abs(out) ** 2) == pytest.approx(np.sum(abs(field) ** 2), rel=1e-12)
+
+
+def test_propagation_is_reversible():
+    rng = np.random.default_rng(2)
+    field = rng.normal(size=(96, 128)) + 1j * rng.normal(size=(96, 128))
+    kwargs = dict(wavelength=WAVELENGTH, dx=HOLODEC_PITCH, dy=2.5e-6)
+    back = propagate(propagate(field, 0.03, **kwargs), -0.03, **kwargs)
+    np.testing.assert_allclose(back, field, atol=1e-10)
+
+
+def test_plane_wave_stays_a_plane_wave_with_the_carrier_dropped():
+    out = propagate(np.ones((64, 80), np.complex64), 0.158, wavelength=WAVELENGTH, dx=HOLODEC_PITCH)
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+
+
+def test_zero_distance_is_identity():
+    field = np.random.default_rng(3).random((32, 48)).astype(np.float32)
+    np.testing.assert_allclose(propagate(field, 0.0, wavelength=WAVELENGTH, dx=HOLODEC_PITCH),
+                               field, atol=1e-6)
+
+
+def test_complex64_agrees_with_complex128_at_158_mm():
+    n = 512
+    field = 1 - disk(n, HOLODEC_PITCH, 30e-6)
+    kwargs = dict(wavelength=WAVELENGTH, dx=HOLODEC_PITCH, band_limit=True)
+    single = propagate(field.astype(np.float32), 0.158, **kwargs)
+    double = propagate(field, 0.158, **kwargs)
+    assert single.dtype == np.complex64 and double.dtype == np.complex128
+    np.testing.assert_allclose(single, double, atol=2e-5)
+
+
+def test_transfer_function_phase_is_float32_safe_at_158_mm():
+    """H in complex64 matches the exact float64 formula to float32 rounding, carrier removed."""
+    n, z = 256, 0.158
+    h = TransferFunction((n, n), wavelength=WAVELENGTH, dx=HOLODEC_PITCH)(z)
+    f = np.fft.fftfreq(n, HOLODEC_PITCH)
+    a = WAVELENGTH**2 * (f[:, None] ** 2 + f[None, :] ** 2)
+    exact = np.exp(2j * np.pi * z / WAVELENGTH * (np.sqrt(1 - a) - 1))
+    assert h.dtype == np.complex64
+    np.testing.assert_allclose(h, exact, atol=1e-6)
+
+
+def test_batched_planes_equal_single_planes():
+    field = np.random.default_rng(4).random((2, 64, 48)).astype(np.float32)
+    z = np.array([-0.01, 0.002, 0.05])
+    kwargs = dict(wavelength=WAVELENGTH, dx=HOLODEC_PITCH, pad=8, band_limit=True)
+    batched = propagate(field, z, **kwargs)
+    assert batched.shape == (2, 3, 64, 48)
+    for i, plane in enumerate(z):
+        np.testing.assert_allclose(batched[:, i], propagate(field, plane, **kwargs), atol=1e-6)
+
+
+def test_propagator_reuses_one_fft_for_many_planes():
+    field = np.random.default_rng(5).random((64, 64))
+    propagator = Propagator(field, wavelength=WAVELENGTH, dx=HOLODEC_PITCH)
+    spectrum = propagator.spectrum
+    planes = [propagator(z) for z in (0.01, 0.02)]
+    assert propagator.spectrum is spectrum
+    np.testing.assert_allclose(planes[1], propagate(field, 0.02, wavelength=WAVELENGTH,
+                                                    dx=HOLODEC_PITCH))
+
+
+def test_numpy_and_torch_give_the_same_field():
+    field = np.random.default_rng(6).random((3, 64, 96)).astype(np.float32)
+    z = np.array([0.014, 0.08, 0.158])
+    kwargs = dict(wavelength=WAVELENGTH, dx=HOLODEC_PITCH, dy=3.1e-6, pad=(4, 16), band_limit=True)
+    from_numpy = propagate(field, z, **kwargs)
+    from_torch = propagate(torch.from_numpy(field), torch.from_numpy(z), **kwargs)
+    assert isinstance(from_torch, torch.Tensor) and from_torch.dtype == torch.complex64
+    np.testing.assert_allclose(from_torch.numpy(), from_numpy, atol=2e-6)
+
+
+def test_output_keeps_library_and_precision():
+    assert propagate(torch.ones(8, 8, dtype=torch.float64), 0.01, wavelength=WAVELENGTH,
+                     dx=HOLODEC_PITCH).dtype == torch.complex128
+    assert propagate(np.ones((8, 8), np.uint8), 0.01, wavelength=WAVELENGTH,
+                     dx=HOLODEC_PITCH).dtype == np.complex64
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="cupy is not installed")
+def test_cupy_matches_numpy():
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    field = np.random.default_rng(7).random((64, 96)).astype(np.float32)
+    kwargs = dict(wavelength=WAVELENGTH, dx=HOLODEC_PITCH, band_limit=True)
+    out = propagate(cupy.asarray(field), [0.02, 0.1], **kwargs)
+    assert isinstance(out, cupy.ndarray)
+    np.testing.assert_allclose(out.get(), propagate(field, [0.02, 0.1], **kwargs), atol=2e-6)
+
+
+def test_padding_with_background_adds_no_edge_diffraction():
+    field = np.ones((64, 64), np.complex64)
+    padded = propagate(field, 0.1, wavelength=WAVELENGTH, dx=HOLODEC_PITCH, pad=32)
+    assert padded.shape == (64, 64)
+    np.testing.assert_allclose(padded, 1.0, atol=1e-5)
+    zero_padded = propagate(field, 0.1, wavelength=WAVELENGTH, dx=HOLODEC_PITCH, pad=32, pad_value=0)
+    assert np.abs(zero_padded - 1).max() > 0.1
+
+
+def test_band_limit_follows_matsushima_shimobaba():
+    n, z = 256, 0.158
+    transfer = TransferFunction((n, 2 * n), wavelength=WAVELENGTH, dx=HOLODEC_PITCH, band_limit=True)
+    h = transfer(z)
+    fx = np.fft.fftfreq(2 * n, HOLODEC_PITCH)
+    fy = np.fft.fftfreq(n, HOLODEC_PITCH)
+    limit_x = 1 / (WAVELENGTH * np.sqrt((2 * z / (2 * n * HOLODEC_PITCH)) ** 2 + 1))
+    limit_y = 1 / (WAVELENGTH * np.sqrt((2 * z / (n * HOLODEC_PITCH)) ** 2 + 1))
+    expected = (np.abs(fy)[:, None] < limit_y) & (np.abs(fx)[None, :] < limit_x)
+    assert 0 < expected.mean() < 1
+    np.testing.assert_array_equal(h != 0, expected)
+    # A near plane keeps the full band.
+    assert np.all(transfer(0.001) != 0)
+
+
+def test_evanescent_waves_are_cut():
+    pitch = 0.1e-6  # Nyquist 5/µm > 1/λ: part of the grid is evanescent
+    h = TransferFunction((64, 64), wavelength=WAVELENGTH, dx=pitch)(1e-6)
+    f = np.fft.fftfreq(64, pitch)
+    evanescent = WAVELENGTH**2 * (f[:, None] ** 2 + f[None, :] ** 2) >= 1
+    assert evanescent.any() and not evanescent.all()
+    assert np.all(h[evanescent] == 0)
+    np.testing.assert_allclose(np.abs(h[~evanescent]), 1.0, atol=1e-6)
+
+
+def test_reconstruct_returns_amplitude_and_phase_of_back_propagated_field():
+    hologram = (np.random.default_rng(8).random((32, 32)) * 50 + 100).astype(np.uint8)
+    z = np.array([0.01, 0.02])
+    result = reconstruct(hologram, z, wavelength=WAVELENGTH, dx=HOLODEC_PITCH)
+    field = propagate(hologram_field(hologram), -z, wavelength=WAVELENGTH, dx=HOLODEC_PITCH)
+    np.testing.assert_allclose(result.amplitude, np.abs(field), rtol=1e-6)
+    np.testing.assert_allclose(result.phase, np.angle(field), atol=1e-6)
+    assert result.amplitude.shape == (2, 32, 32) and result.amplitude.dtype == np.float32
+
+
+def test_hologram_field_normalises_by_background():
+    hologram = np.full((4, 4), 64.0)
+    np.testing.assert_allclose(hologram_field(hologram), 1.0)
+    np.testing.assert_allclose(hologram_field(hologram, background=16.0), 2.0)
+    with pytest.raises(ValueError, match="background"):
+        hologram_field(np.zeros((4, 4)))
