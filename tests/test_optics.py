@@ -197,6 +197,6 @@ def test_reconstruct_returns_amplitude_and_phase_of_back_propagated_field():
 def test_hologram_field_normalises_by_background():
     hologram = np.full((4, 4), 64.0)
     np.testing.assert_allclose(hologram_field(hologram), 1.0)
-    np.testing.assert_allclose(hologram_field(hologram, background=16.0), 2.0)
+    np.testing.assert_allclose(hologram_field(hologram, background=16.0), 4.0)
     with pytest.raises(ValueError, match="background"):
         hologram_field(np.zeros((4, 4)))

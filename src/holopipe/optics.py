@@ -225,11 +225,12 @@ def amplitude_phase(field) -> Reconstruction:
 
 
 def hologram_field(hologram, background=None):
-    """Complex field ``sqrt(I / background)`` of an intensity hologram (..., ny, nx).
+    """Complex field ``I / background`` of an intensity hologram (..., ny, nx), the in-line norm.
 
-    The square root makes an opaque particle reconstruct as amplitude ~0 (the hologram is
-    |1 + s|² ≈ 1 + 2 Re s; its root is 1 + Re s, whose back-propagation gives 1 - disk + twin image).
-    ``background`` defaults to each hologram's mean intensity; pass an image (e.g. the beam profile).
+    ``I / I0 = |1 + s|² = 1 + s + s* + |s|²``: back-propagated, ``s`` refocuses to ``-disk`` and
+    ``s*`` to a spread-out twin image, so an opaque particle reconstructs dark (amplitude ~0.2).
+    (``sqrt(I / I0) ≈ 1 + Re s`` would refocus only half the disk.) ``background`` defaults to each
+    hologram's mean intensity; pass an image (e.g. the beam profile) for non-uniform illumination.
     """
     xp = array_api_compat.array_namespace(hologram)
     real = _real_dtype(xp, _complex_dtype(xp, hologram.dtype))
@@ -238,7 +239,7 @@ def hologram_field(hologram, background=None):
         background = xp.mean(intensity, axis=(-2, -1), keepdims=True)
     if bool(xp.any(background <= 0)):
         raise ValueError("hologram background intensity must be positive everywhere")
-    return xp.astype(xp.sqrt(intensity / background), _complex_dtype(xp, real))
+    return xp.astype(intensity / background, _complex_dtype(xp, real))
 
 
 def reconstruct(hologram, z, *, wavelength: float, dx: float, dy: float | None = None,

@@ -278,6 +278,8 @@ def camera_image(field: np.ndarray, rng: np.random.Generator, optics: Optics,
                  camera: Camera) -> np.ndarray:
     """uint8 image (ny, nx) the sensor records for ``field``: |U|²·beam → electrons (+ shot and read
     noise) → gain to ``gray_level`` → round and clip to 0..255."""
+    if field.shape != (optics.ny, optics.nx):
+        raise ValueError(f"field shape {field.shape} is not the frame (ny, nx) = {(optics.ny, optics.nx)}")
     electrons = (np.abs(field) ** 2) * beam_profile(optics, camera.beam_waist) * camera.electrons
     if camera.noise:
         electrons = rng.poisson(electrons).astype(np.float32)

@@ -1,0 +1,123 @@
+"""Load and check holopipe configurations.
+
+The JSON Schema shipped in the package (`schemas/config.schema.yaml`) is the single source of truth for
+keys, types, units and defaults. This module fills in the defaults, adds the checks a schema cannot express
+(one key against another) and reports every problem at once, each with its key path, so that a bad config
+fails before any job runs and says where to look.
+"""
+
+import copy
+from collections.abc import Iterator, Mapping
+from importlib import resources
+from os import PathLike
+from pathlib import Path
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError
+
+__all__ = ["ConfigError", "load_config", "schema"]
+
+
+class ConfigError(ValueError):
+    """A configuration that breaks the schema or a cross-field rule; the message names the keys."""
+
+
+def schema() -> dict:
+    """The packaged config schema, parsed afresh so that callers may modify it."""
+    text = resources.files("holopipe").joinpath("schemas/config.schema.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+_validate_properties = Draft202012Validator.VALIDATORS["properties"]
+
+
+def _properties_with_defaults(validator, properties, instance, schema):
+    """The `properties` keyword, but missing keys are first set to their `default`.
+
+    Filling before validating lets a section that was defaulted to `{}` receive its nested defaults.
+    Defaults are deep-copied so that configs never share (and mutate) the schema's objects.
+    """
+    if validator.is_type(instance, "object"):
+        for key, subschema in properties.items():
+            if isinstance(subschema, dict) and "default" in subschema:
+                instance.setdefault(key, copy.deepcopy(subschema["default"]))
+    yield from _validate_properties(validator, properties, instance, schema)
+
+
+_DefaultingValidator = validators.extend(Draft202012Validator, {"properties": _properties_with_defaults})
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _describe(error: ValidationError) -> Iterator[str]:
+    """Lines for one schema error, each starting with the dotted key path of the offending key or value."""
+    keys = [str(key) for key in error.absolute_path]
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        allowed = list(error.schema.get("properties", {}))
+        for key in error.instance:
+            if key not in allowed:
+                yield f"{'.'.join([*keys, key])}: unknown key; allowed keys are {', '.join(allowed)}"
+    elif "propertyNames" in error.relative_schema_path:  # about a key (error.instance), not a value
+        where = ".".join([*keys, error.instance])
+        if error.validator == "enum":
+            yield f"{where}: key not allowed here; allowed keys are {', '.join(error.validator_value)}"
+        else:
+            yield f"{where}: bad key name: {error.message}"
+    elif error.validator == "type" and isinstance(error.instance, str) and _looks_like_number(error.instance):
+        yield f"{'.'.join(keys)}: {error.message} (YAML reads a number such as 1e5 as text; write 1.0e+5)"
+    else:
+        yield f"{'.'.join(keys) or 'config'}: {error.message}"
+
+
+def _cross_field_problems(config: dict) -> list[str]:
+    """Rules between keys, checked once the schema holds (so every key is present and typed)."""
+    optics, simulate = config["optics"], config["simulate"]
+    diameter = simulate["diameter"]
+    problems = []
+    if not optics["z_min"] < optics["z_max"]:
+        problems.append(
+            f"optics.z_min ({optics['z_min']}) must be less than optics.z_max ({optics['z_max']})"
+        )
+    low, high = simulate["particles"]
+    if low > high:
+        problems.append(f"simulate.particles: minimum {low} exceeds maximum {high}")
+    if not diameter["min"] < diameter["max"]:
+        problems.append(
+            f"simulate.diameter.min ({diameter['min']}) must be less than "
+            f"simulate.diameter.max ({diameter['max']})"
+        )
+    low, high = diameter["gamma_mu"]
+    if low > high:
+        problems.append(f"simulate.diameter.gamma_mu: minimum {low} exceeds maximum {high}")
+    return problems
+
+
+def load_config(source: str | PathLike | Mapping) -> dict:
+    """Validate a config (a YAML file's path or a parsed mapping) and return a copy with defaults filled in.
+
+    Raises ConfigError listing every problem, one per line, each starting with its key path.
+    """
+    if isinstance(source, Mapping):
+        config, origin = copy.deepcopy(dict(source)), "config"
+    else:
+        origin = str(source)
+        try:
+            config = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(config).__name__}")
+    errors = sorted(
+        _DefaultingValidator(schema()).iter_errors(config), key=lambda e: [str(k) for k in e.absolute_path]
+    )
+    problems = [line for error in errors for line in _describe(error)] or _cross_field_problems(config)
+    if problems:
+        raise ConfigError(f"invalid configuration ({origin}):\n" + "\n".join(f"  {p}" for p in problems))
+    return config

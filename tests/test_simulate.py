@@ -1,0 +1,163 @@
+"""Synthetic holograms: geometry conventions, optics models against each other, camera, files."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from holopipe.io import open_holodec, pixel_centres, um_to_pixel
+from holopipe.optics import reconstruct
+from holopipe.simulate import (Camera, DiameterModel, Optics, ParticleSet, SimulationSettings,
+                               camera_image, fraunhofer_field, opaque_disks_field,
+                               sample_particles, simulate_file, simulate_hologram)
+
+OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=256, ny=192, z_min=2e-3, z_max=12e-3)
+NOISE_FREE_FLAT = Camera(noise=False, beam_waist=None)
+
+
+def one_particle(x, y, z, d) -> ParticleSet:
+    return ParticleSet(*(np.array([v], float) for v in (x, y, z, d)))
+
+
+def test_single_particle_reconstructs_as_a_dark_disk_of_its_size_at_its_position(tmp_path):
+    """Pins the contract's axis and origin conventions end to end through a file."""
+    x, y, z, d = 100e-6, -60e-6, 5e-3, 40e-6
+    field = opaque_disks_field(one_particle(x, y, z, d), OPTICS, pad=64)
+    image = camera_image(field, np.random.default_rng(0), OPTICS, NOISE_FREE_FLAT)
+    ds = xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), image.T[None])})
+    contract_image = ds["image"][0].values  # (xsize, ysize), as in every HOLODEC file
+
+    amplitude = reconstruct(contract_image.T, z, wavelength=OPTICS.wavelength, dx=OPTICS.dx,
+                            dy=OPTICS.dy, pad=64).amplitude
+    dark = amplitude < 0.5
+    rows, cols = np.nonzero(dark)
+    assert um_to_pixel(x * 1e6, OPTICS.nx, OPTICS.dx) == pytest.approx(cols.mean(), abs=0.5)
+    assert um_to_pixel(y * 1e6, OPTICS.ny, OPTICS.dy) == pytest.approx(rows.mean(), abs=0.5)
+    equivalent_diameter = 2 * np.sqrt(dark.sum() * OPTICS.dx * OPTICS.dy / np.pi)
+    assert equivalent_diameter == pytest.approx(d, abs=1.5 * OPTICS.dx)
+    # Out of focus the disk is gone: focus is where the amplitude minimum is deepest.
+    defocused = reconstruct(contract_image.T, z + 2e-3, wavelength=OPTICS.wavelength, dx=OPTICS.dx,
+                            pad=64).amplitude
+    assert defocused.min() > amplitude.min() + 0.3
+
+
+def relative_difference(field, reference) -> float:
+    """|field - reference| relative to the particle's signal |reference - 1| (L2 over the frame)."""
+    return float(np.linalg.norm(field - reference) / np.linalg.norm(reference - 1))
+
+
+# Far field: Fresnel number D²/λz << 1 and, for a whole-frame comparison, planes far enough that the
+# paraxial phase error k r⁴/8z³ of the closed form stays small at the frame edge (0.03 rad at 20 mm).
+@pytest.mark.parametrize(("d", "z", "agrees"), [(10e-6, 20e-3, True),   # Fresnel number 0.014
+                                                (20e-6, 20e-3, True),   # 0.056
+                                                (60e-6, 2e-3, False)])  # 5: near field
+def test_fraunhofer_agrees_with_angular_spectrum_in_the_far_field_only(d, z, agrees):
+    optics = dataclasses.replace(OPTICS, nx=384, ny=384)
+    particles = one_particle(20e-6, -10e-6, z, d)
+    exact = opaque_disks_field(particles, optics, pad=256)
+    difference = relative_difference(fraunhofer_field(particles, optics), exact)
+    assert (difference < 0.05) if agrees else (difference > 0.3), difference
+
+
+def test_particles_of_one_slab_are_placed_at_their_own_depth():
+    """A thick slab (one shared propagation, local offsets) equals one slab per particle."""
+    particles = ParticleSet(np.array([-150e-6, 120e-6]), np.array([80e-6, -90e-6]),
+                            np.array([4.2e-3, 4.9e-3]), np.array([30e-6, 20e-6]))
+    shared = opaque_disks_field(particles, OPTICS, slab_thickness=5e-3, pad=32)
+    separate = opaque_disks_field(particles, OPTICS, slab_thickness=0.1e-3, pad=32)
+    assert relative_difference(shared, separate) < 0.02
+
+
+def test_near_particle_shades_the_one_behind_it():
+    """A droplet hidden behind a larger one adds almost nothing to the sensor field."""
+    front = one_particle(0.0, 0.0, 3e-3, 200e-6)
+    behind = one_particle(0.0, 0.0, 6e-3, 20e-6)
+    both = ParticleSet(*(np.concatenate([getattr(front, k), getattr(behind, k)]) for k in "xyzd"))
+    field_both = opaque_disks_field(both, OPTICS, pad=64)
+    field_front = opaque_disks_field(front, OPTICS, pad=64)
+    field_behind = opaque_disks_field(behind, OPTICS, pad=64)
+    hidden = np.linalg.norm(field_both - field_front)
+    unshaded = np.linalg.norm(field_behind - 1)
+    assert hidden < 0.3 * unshaded  # without shading it would be 1.0
+
+
+def test_camera_noise_free_and_flat_gives_the_gray_level():
+    optics = dataclasses.replace(OPTICS, nx=8, ny=8)
+    image = camera_image(np.ones((8, 8), np.complex64), np.random.default_rng(0), optics,
+                         dataclasses.replace(NOISE_FREE_FLAT, gray_level=100.0))
+    assert image.dtype == np.uint8 and np.all(image == 100)
+
+
+def test_camera_noise_has_shot_plus_read_variance():
+    camera = Camera(noise=True, electrons=2000.0, read_noise=30.0, gray_level=100.0, beam_waist=None)
+    optics = dataclasses.replace(OPTICS, nx=512, ny=512)
+    image = camera_image(np.ones((512, 512), np.complex64), np.random.default_rng(1), optics, camera)
+    gain = camera.gray_level / camera.electrons
+    expected_std = gain * np.sqrt(camera.electrons + camera.read_noise**2)  # Poisson var = mean
+    assert image.mean() == pytest.approx(100.0, abs=0.05)
+    # Rounding to integers adds 1/12 gray² of variance.
+    assert image.var() == pytest.approx(expected_std**2 + 1 / 12, rel=0.03)
+
+
+def test_camera_gaussian_beam_and_clipping():
+    optics = dataclasses.replace(OPTICS, nx=64, ny=64)
+    camera = Camera(noise=False, gray_level=200.0, beam_waist=64 * optics.dx / 2)
+    image = camera_image(np.full((64, 64), 1.5, np.complex64), np.random.default_rng(0), optics,
+                         camera)
+    assert image[32, 32] == 255  # 1.5² x 200 clips
+    corner = 200.0 * 2.25 * np.exp(-2 * 2 * pixel_centres(64, optics.dx)[0] ** 2 / camera.beam_waist**2)
+    assert image[0, 0] == round(corner)
+
+
+def test_particle_sampling_follows_the_configuration():
+    settings = SimulationSettings(optics=OPTICS, particles=(50, 60),
+                                  diameter=DiameterModel("gamma", 1e5, 2.0, 2.0, 1e-6, 1e-3))
+    rng = np.random.default_rng(3)
+    samples = [sample_particles(rng, settings) for _ in range(40)]
+    assert all(50 <= len(p) <= 60 for p in samples)
+    d = np.concatenate([p.d for p in samples])
+    assert d.mean() == pytest.approx(3 / 1e5, rel=0.05)  # gamma(µ + 1, 1/λ) has mean (µ + 1)/λ
+    for p in samples:
+        assert np.all(np.abs(p.x) <= OPTICS.nx * OPTICS.dx / 2)
+        assert np.all(np.abs(p.y) <= OPTICS.ny * OPTICS.dy / 2)
+        assert np.all((p.z >= OPTICS.z_min) & (p.z <= OPTICS.z_max))
+    uniform = DiameterModel("uniform", d_min=20e-6, d_max=30e-6).sample(rng, 1000)
+    assert uniform.min() >= 20e-6 and uniform.max() <= 30e-6
+    with pytest.raises(ValueError, match="diameter range"):
+        DiameterModel("gamma", 1e5, 1.0, 1.0, 5e-3, 6e-3).sample(rng, 3)
+
+
+def test_file_round_trip_meets_the_contract_and_is_deterministic(tmp_path):
+    settings = SimulationSettings(optics=dataclasses.replace(OPTICS, nx=64, ny=48), pad=8)
+    first = simulate_file(tmp_path / "a.nc", n_holograms=3, seed=7, settings=settings, progress=False)
+    again = simulate_file(tmp_path / "b.nc", n_holograms=3, seed=7, settings=settings, progress=False)
+    other = simulate_file(tmp_path / "c.nc", n_holograms=3, seed=8, settings=settings, progress=False)
+    with open_holodec(first) as a, open_holodec(again) as b, open_holodec(other) as c:
+        assert a["image"].dims == ("hologram_number", "xsize", "ysize")
+        assert a["image"].shape == (3, 64, 48) and a["image"].dtype == np.uint8
+        assert (a.attrs["Nx"], a.attrs["Ny"]) == (64, 48)
+        assert a.attrs["dx"] == OPTICS.dx and a.attrs["lambda"] == OPTICS.wavelength
+        assert (a.attrs["zMin"], a.attrs["zMax"]) == (OPTICS.z_min, OPTICS.z_max)
+        assert a["z"].min() >= OPTICS.z_min * 1e6 and a["z"].max() <= OPTICS.z_max * 1e6  # µm
+        assert set(np.unique(a["hid"].values)) <= {1.0, 2.0, 3.0}
+        xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+        assert not np.array_equal(a["image"].values, c["image"].values)
+    # Hologram i depends only on (seed, i): the second file's first hologram is the first file's.
+    one = simulate_file(tmp_path / "d.nc", n_holograms=1, seed=7, settings=settings, progress=False)
+    with open_holodec(first) as a, open_holodec(one) as d:
+        np.testing.assert_array_equal(a["image"][0].values, d["image"][0].values)
+
+
+def test_unknown_method_is_rejected():
+    settings = SimulationSettings(optics=OPTICS, method="ray_tracing")
+    with pytest.raises(ValueError, match="ray_tracing"):
+        simulate_hologram(np.random.default_rng(0), settings)
+
+
+def test_fraunhofer_method_writes_a_hologram():
+    settings = SimulationSettings(optics=dataclasses.replace(OPTICS, nx=64, ny=64),
+                                  particles=(2, 2), method="fraunhofer", camera=NOISE_FREE_FLAT)
+    image, particles = simulate_hologram(np.random.default_rng(0), settings)
+    assert image.shape == (64, 64) and len(particles) == 2
+    assert image.std() > 0

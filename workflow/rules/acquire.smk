@@ -1,0 +1,26 @@
+rule acquire_split:
+    input:
+        get_acquire_input,
+    output:
+        "data/raw/{split}.nc",
+    log:
+        "logs/acquire/{split}.log",
+    params:
+        config=get_acquire_config,
+    wildcard_constraints:
+        split="|".join(config["splits"]),
+    threads: 1
+    resources:
+        mem_mb=get_acquire_mem_mb,
+        runtime=get_acquire_runtime,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe acquire --split {wildcards.split} --config-json {params.config:q} --out {output}"
+        " > {log} 2>&1"
+
+
+rule acquire:
+    localrule: True
+    input:
+        get_raw_files(),
