@@ -13,6 +13,7 @@ precision; at z = 158 mm the naive float32 phase would be off by 0.1–0.3 rad.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -44,13 +45,13 @@ def fft2(x):
     return xp.fft.fftn(x, axes=(-2, -1))
 
 
-def ifft2(x):
-    """Inverse of :func:`fft2` over the last two axes."""
+def ifft2(x, *, overwrite: bool = False):
+    """Inverse of :func:`fft2` over the last two axes; ``overwrite`` lets numpy reuse ``x``'s memory."""
     xp = array_api_compat.array_namespace(x)
     if _is_numpy(xp):
         import scipy.fft
 
-        return scipy.fft.ifft2(x, workers=-1)
+        return scipy.fft.ifft2(x, workers=-1, overwrite_x=overwrite)
     return xp.fft.ifftn(x, axes=(-2, -1))
 
 
@@ -82,7 +83,7 @@ class TransferFunction:
     """Angular-spectrum transfer function H(z) on one FFT grid, for any number of planes.
 
     H depends on |fx| and |fy| only, so it is evaluated on the quarter grid of distinct
-    frequencies (4x less trigonometry) and expanded by indexing. The z-independent factor
+    frequencies (4x less trigonometry) and mirrored. The z-independent factor
     ``a / (1 + sqrt(1 - a)) / λ`` (cycles per metre of z, float64) is computed once on the target
     device; per plane the phase is formed in float64 cycles, reduced to [-0.5, 0.5] and only then
     cast to the field's precision.
@@ -100,9 +101,8 @@ class TransferFunction:
         self.wavelength, self.dx, self.dy = float(wavelength), float(dx), float(dy)
         self.band_limit = band_limit
         ny, nx = self.shape
-        # Index k of an FFT axis holds frequency k/(n d) or (k - n)/(n d): |f| = min(k, n - k)/(n d).
-        self._index_y = _folded_index(xp, ny, device)
-        self._index_x = _folded_index(xp, nx, device)
+        # Index k of an FFT axis holds frequency k/(n d) or (k - n)/(n d): |f| = min(k, n - k)/(n d),
+        # so indices 0..n//2 hold every distinct |f| and the rest mirror them.
         self._fy = xp.arange(ny // 2 + 1, dtype=xp.float64, device=device) / (ny * self.dy)
         self._fx = xp.arange(nx // 2 + 1, dtype=xp.float64, device=device) / (nx * self.dx)
         a = self.wavelength**2 * (self._fy[:, None] ** 2 + self._fx[None, :] ** 2)
@@ -124,14 +124,12 @@ class TransferFunction:
         limit_y = 1.0 / (self.wavelength * xp.sqrt((2.0 * z / (ny * self.dy)) ** 2 + 1.0))
         return (self._fx[None, None, :] < limit_x) & (self._fy[None, :, None] < limit_y)
 
-    def __call__(self, z, dtype=None):
-        """H for ``z`` (metres, scalar or 1-D): shape (ny, nx) or (nz, ny, nx), complex64 by default."""
+    def quarter(self, z, dtype=None):
+        """H on the quarter grid of distinct |fx|, |fy|: shape (nz, ny//2 + 1, nx//2 + 1)."""
         xp = self.xp
         dtype = xp.complex64 if dtype is None else dtype
         device = array_api_compat.device(self._cycles_per_metre)
-        z_planes = xp.asarray(z, dtype=xp.float64, device=device)
-        scalar = z_planes.ndim == 0
-        z_planes = xp.reshape(z_planes, (-1, 1, 1))
+        z_planes = xp.reshape(xp.asarray(z, dtype=xp.float64, device=device), (-1, 1, 1))
         cycles = z_planes * self._cycles_per_metre[None, ...]
         cycles = cycles - xp.round(cycles)
         phase = xp.astype(cycles, _real_dtype(xp, dtype)) * (2.0 * math.pi)
@@ -142,13 +140,59 @@ class TransferFunction:
             keep = band if keep is None else (band & keep[None, ...])
         if keep is not None:
             transfer = xp.where(keep, transfer, xp.zeros_like(transfer))
-        transfer = transfer[:, self._index_y[:, None], self._index_x[None, :]]
-        return transfer[0, ...] if scalar else transfer
+        return transfer
+
+    def __call__(self, z, dtype=None):
+        """H for ``z`` (metres, scalar or 1-D): shape (ny, nx) or (nz, ny, nx), complex64 by default."""
+        xp = self.xp
+        quarter = self.quarter(z, dtype)
+        ny, nx = self.shape
+        full = xp.concat([quarter, xp.flip(quarter[:, 1:ny - ny // 2, :], axis=-2)], axis=-2)
+        full = xp.concat([full, xp.flip(full[:, :, 1:nx - nx // 2], axis=-1)], axis=-1)
+        return full[0, ...] if xp.asarray(z).ndim == 0 else full
+
+    def apply(self, spectrum, z, out=None):
+        """``spectrum * H(z)`` for a spectrum (..., ny, nx), without building the full H.
+
+        Each quadrant of the spectrum is multiplied by the quarter-grid H or its mirror image (a free
+        view in numpy), so the product costs one pass over the spectrum. A 1-D ``z`` inserts a plane
+        axis before the last two. ``out`` may be ``spectrum`` itself for a scalar ``z``.
+        """
+        xp = self.xp
+        quarter = self.quarter(z, spectrum.dtype)
+        ny, nx = self.shape
+        if xp.asarray(z).ndim == 0:
+            quarter = quarter[0, ...]
+            out_shape = spectrum.shape
+        else:
+            spectrum = spectrum[..., None, :, :]
+            out_shape = (*spectrum.shape[:-3], quarter.shape[0], ny, nx)
+        head_y, head_x = ny // 2 + 1, nx // 2 + 1
+        tail_y = xp.flip(quarter[..., 1:ny - ny // 2, :], axis=-2)
+        if out is None:
+            out = xp.empty(out_shape, dtype=spectrum.dtype, device=array_api_compat.device(spectrum))
+        for rows, block in ((slice(0, head_y), quarter), (slice(head_y, ny), tail_y)):
+            _multiply_into(spectrum[..., rows, :head_x], block, out[..., rows, :head_x])
+            _multiply_into(spectrum[..., rows, head_x:], xp.flip(block[..., 1:nx - nx // 2], axis=-1),
+                           out[..., rows, head_x:])
+        return out
 
 
-def _folded_index(xp, n: int, device):
-    k = xp.arange(n, device=device)
-    return xp.minimum(k, n - k)
+def _multiply_into(a, b, out) -> None:
+    """out[...] = a * b without a temporary (the array API has no ``out=``; every library here does)."""
+    if array_api_compat.is_torch_array(out):
+        import torch
+
+        torch.mul(a, b, out=out)
+    else:
+        array_api_compat.get_namespace(out).multiply(a, b, out=out)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_transfer_function(shape, wavelength, dx, dy, band_limit, xp, device) -> TransferFunction:
+    """Repeated calls on one grid (a loop over holograms) share the z-independent part of H."""
+    return TransferFunction(shape, wavelength=wavelength, dx=dx, dy=dy, band_limit=band_limit,
+                            xp=xp, device=device)
 
 
 class Reconstruction(NamedTuple):
@@ -173,20 +217,25 @@ class Propagator:
         self.dtype = _complex_dtype(xp, field.dtype)
         self.shape = tuple(field.shape[-2:])
         self.pad = _as_pair(pad, "pad")
-        field = xp.astype(field, self.dtype)
+        field = xp.astype(field, self.dtype, copy=False)
         if any(self.pad):
             field = _pad(field, self.pad, pad_value)
         self.spectrum = fft2(field)
-        self.transfer = TransferFunction(field.shape, wavelength=wavelength, dx=dx, dy=dy,
-                                         band_limit=band_limit, xp=xp,
-                                         device=array_api_compat.device(field))
+        self.transfer = _cached_transfer_function(tuple(field.shape[-2:]), float(wavelength),
+                                                  float(dx), None if dy is None else float(dy),
+                                                  bool(band_limit), xp,
+                                                  array_api_compat.device(field))
 
-    def __call__(self, z):
-        """Field at ``z`` (metres): shape (..., ny, nx) for scalar z, (..., nz, ny, nx) for 1-D z."""
-        xp = self.xp
-        transfer = self.transfer(z, dtype=self.dtype)
-        spectrum = self.spectrum if transfer.ndim == 2 else self.spectrum[..., None, :, :]
-        field = ifft2(spectrum * transfer)
+    def __call__(self, z, *, consume: bool = False):
+        """Field at ``z`` (metres): shape (..., ny, nx) for scalar z, (..., nz, ny, nx) for 1-D z.
+
+        ``consume=True`` multiplies the stored spectrum in place (scalar z): the one-plane path of
+        :func:`propagate`, which needs the spectrum only once.
+        """
+        out = self.spectrum if consume else None
+        field = ifft2(self.transfer.apply(self.spectrum, z, out=out), overwrite=True)
+        if consume:
+            self.spectrum = None
         pad_y, pad_x = self.pad
         ny, nx = self.shape
         return field[..., pad_y:pad_y + ny, pad_x:pad_x + nx] if (pad_y or pad_x) else field
@@ -215,8 +264,9 @@ def propagate(field, z, *, wavelength: float, dx: float, dy: float | None = None
     For a 1-D ``z`` a plane axis is inserted before the last two axes and all planes go through one
     batched inverse FFT. Real input becomes complex64 (complex128 for float64 input).
     """
-    return Propagator(field, wavelength=wavelength, dx=dx, dy=dy, pad=pad, pad_value=pad_value,
-                      band_limit=band_limit)(z)
+    propagator = Propagator(field, wavelength=wavelength, dx=dx, dy=dy, pad=pad, pad_value=pad_value,
+                            band_limit=band_limit)
+    return propagator(z, consume=array_api_compat.array_namespace(field).asarray(z).ndim == 0)
 
 
 def amplitude_phase(field) -> Reconstruction:

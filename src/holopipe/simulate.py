@@ -226,7 +226,7 @@ def opaque_disks_field(particles: ParticleSet, optics: Optics, *, slab_thickness
         members = particles.subset(slab_index == slab)
         slab_z = 0.5 * (members.z.min() + members.z.max())
         if plane is not None:
-            field = ifft2(fft2(field) * transfer(plane - slab_z))
+            field = ifft2(transfer.apply(fft2(field), plane - slab_z), overwrite=True)
         screen = np.zeros((ny, nx), np.complex64)
         for x, y, z, d in zip(members.x, members.y, members.z, members.d):
             window, row0, col0 = _disk_window(x, y, d, z - slab_z, optics, origin_x, origin_y,
@@ -234,7 +234,7 @@ def opaque_disks_field(particles: ParticleSet, optics: Optics, *, slab_thickness
             _add_clipped(screen, window, row0, col0)
         field *= 1 - screen
         plane = slab_z
-    field = ifft2(fft2(field) * transfer(plane))
+    field = ifft2(transfer.apply(fft2(field), plane), overwrite=True)
     return field[pad:pad + optics.ny, pad:pad + optics.nx]
 
 

@@ -1,0 +1,35 @@
+# Two commands: `make run` (the whole workflow on config/config.yaml) and `make test` (the test suite).
+# Both set up .venv first, from nothing but a Python 3.10+ interpreter.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.holopipe-installed
+CORES ?= all
+
+.PHONY: setup run test bench lint clean
+
+setup: $(STAMP)
+
+# Reinstalls whenever pyproject.toml changes; torch and torchvision are pinned there.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Snakemake's jobs call `holopipe`, so the venv's bin goes first on PATH.
+run: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES)
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_propagate.py
+	$(BIN)/python benchmarks/bench_simulate.py
+
+lint: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint
+
+clean:
+	rm -rf data results logs .snakemake report.html
