@@ -9,9 +9,11 @@ from holopipe.io import (
     HolodecFormatError,
     HolodecWriter,
     open_holodec,
+    particle_table,
     pixel_centres,
     um_to_pixel,
     validate_holodec,
+    write_zarr,
 )
 
 N_HOLOGRAMS, NX, NY = 3, 64, 48
@@ -272,3 +274,32 @@ def test_pixel_convention():
     np.testing.assert_allclose(centres[[0, -1]], [-(NX - 1) / 2 * DX, (NX - 1) / 2 * DX])
     np.testing.assert_allclose(um_to_pixel(centres * 1e6, NX, DX), np.arange(NX), atol=1e-9)
     np.testing.assert_allclose(um_to_pixel([-HALF_X_UM, HALF_X_UM], NX, DX), [-0.5, NX - 0.5])
+
+
+def test_zarr_store_round_trips_through_write_zarr(tmp_path):
+    source = tmp_path / "raw.nc"
+    write(make_dataset(), source)
+    with open_holodec(source) as ds:
+        store = write_zarr(ds, tmp_path / "split.zarr")
+        expected = ds.load()
+    with open_holodec(store) as reopened:
+        assert reopened["image"].chunks[0] == (1,) * reopened.sizes["hologram_number"]
+        xr.testing.assert_identical(reopened.load(), expected)
+        table = particle_table(reopened)
+    assert list(table.columns) == ["hid", "x", "y", "z", "d"]
+    assert table["hid"].dtype == np.int64 and len(table) == expected.sizes["particle"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_write_zarr_leaves_nothing_when_writing_fails(tmp_path):
+    ds = make_dataset().chunk({"hologram_number": 1})
+
+    def fail_on_last_hologram(block, block_info=None):
+        if block_info[0]["chunk-location"][0] == N_HOLOGRAMS - 1:
+            raise RuntimeError("disk full")
+        return block
+
+    ds["image"] = ds["image"].copy(data=ds["image"].data.map_blocks(fail_on_last_hologram, dtype=np.uint8))
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_zarr(ds, tmp_path / "bad.zarr")
+    assert list(tmp_path.iterdir()) == []

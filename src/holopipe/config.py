@@ -16,7 +16,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-__all__ = ["ConfigError", "load_config", "schema"]
+__all__ = ["ConfigError", "check_tiles_fit", "load_config", "schema"]
 
 
 class ConfigError(ValueError):
@@ -96,6 +96,40 @@ def _cross_field_problems(config: dict) -> list[str]:
     low, high = diameter["gamma_mu"]
     if low > high:
         problems.append(f"simulate.diameter.gamma_mu: minimum {low} exceeds maximum {high}")
+    for index, corruption in enumerate(config["augment"]["corruptions"]):
+        for key in ("count", "diameter", "z"):
+            if key in corruption and corruption[key][0] > corruption[key][1]:
+                problems.append(f"augment.corruptions.{index}.{key}: minimum {corruption[key][0]} "
+                                f"exceeds maximum {corruption[key][1]}")
+    return problems
+
+
+def check_tiles_fit(config: dict) -> None:
+    """Raise ConfigError unless the regridded frame holds a tile (binning: an integer pitch ratio too).
+
+    Separate from load_config because only the tile-cutting stages care: a simulate call on a small
+    frame is fine with any tile size. The workflow calls it at parse time.
+    """
+    problems = _grid_problems(config)
+    if problems:
+        raise ConfigError("invalid configuration (config):\n  " + "\n  ".join(problems))
+
+
+def _grid_problems(config: dict) -> list[str]:
+    optics, regrid, tile = config["optics"], config["regrid"], config["examples"]["tile_size"]
+    problems = []
+    pitch = regrid["pixel_pitch"]
+    for axis in ("x", "y"):
+        size, own_pitch = optics[f"n{axis}"], optics[f"d{axis}"]
+        if pitch is not None:
+            ratio = pitch / own_pitch
+            if regrid["method"] == "bin" and abs(ratio - round(ratio)) > 1e-6:
+                problems.append(f"regrid.pixel_pitch ({pitch}) must be an integer multiple of "
+                                f"optics.d{axis} ({own_pitch}) for regrid.method bin")
+            size = int(size / ratio)
+        if size < tile:
+            problems.append(f"examples.tile_size ({tile}) is larger than the regridded frame along "
+                            f"{axis} ({size} pixels)")
     return problems
 
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 import errno
 import operator
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import dask.array as da
 import netCDF4
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 IMAGE_DIMS = ("hologram_number", "xsize", "ysize")
@@ -58,7 +60,10 @@ def um_to_pixel(coord_um, n: int, pitch_m: float) -> np.ndarray:
 
 
 def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
-    """Open a HOLODEC file (or take an open dataset) lazily and validate it against the contract.
+    """Open a HOLODEC file or zarr store (or take an open dataset) lazily and validate it.
+
+    Intermediate stages store the same variables and attributes in zarr, so one reader and one
+    validation serve the raw netCDF files and every later split.
 
     Images are read one hologram per dask chunk by default, because a full-size file does not fit the
     memory of a small node. ``z_limits=(z_min_m, z_max_m)`` (metres) fills in ``zMin``/``zMax`` where the
@@ -67,12 +72,19 @@ def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
     opened_here = not isinstance(source, xr.Dataset)
     if opened_here:
         name = os.fspath(source)
-        if not os.path.isfile(name):
+        chunks = chunks or {"hologram_number": 1}
+        if os.path.isdir(name):
+            try:
+                ds = xr.open_zarr(name, chunks=chunks, consolidated=False)
+            except (OSError, ValueError, KeyError) as exc:
+                raise HolodecFormatError(f"{name}: not a readable zarr store ({exc})") from exc
+        elif not os.path.isfile(name):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
-        try:
-            ds = xr.open_dataset(name, engine="netcdf4", chunks=chunks or {"hologram_number": 1})
-        except (OSError, ValueError) as exc:
-            raise HolodecFormatError(f"{name}: not a readable netCDF file ({exc})") from exc
+        else:
+            try:
+                ds = xr.open_dataset(name, engine="netcdf4", chunks=chunks)
+            except (OSError, ValueError) as exc:
+                raise HolodecFormatError(f"{name}: not a readable netCDF file ({exc})") from exc
     else:
         ds, name = source, source.encoding.get("source", IN_MEMORY)
     if z_limits is not None:
@@ -85,6 +97,38 @@ def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
             ds.close()
         raise
     return ds
+
+
+def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
+    """Write ``ds`` to a zarr (v3) store atomically: under a temporary name, renamed when complete.
+
+    Images are chunked one hologram per chunk (``chunks`` overrides per dimension); an exception
+    leaves nothing at ``path``. An existing store at ``path`` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = {"hologram_number": 1, **(chunks or {})}
+    ds = ds.chunk({dim: size for dim, size in chunks.items() if dim in ds.dims})
+    for variable in ds.variables.values():
+        variable.encoding.pop("chunks", None)
+        variable.encoding.pop("preferred_chunks", None)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def particle_table(ds: xr.Dataset) -> pd.DataFrame:
+    """The particles as a small in-memory table: hid (int), x, y, z, d (µm), one row per particle."""
+    table = pd.DataFrame({name: np.asarray(ds[name].values, dtype=np.float64) for name in PARTICLE_VARS})
+    table["hid"] = table["hid"].astype(np.int64)
+    return table
 
 
 def validate_holodec(ds: xr.Dataset, source: str = IN_MEMORY) -> None:
