@@ -6,13 +6,20 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+TRAIN_SPLIT = "train"
+
+
 include: "workflow/rules/common.smk"
 
 
 rule all:
     localrule: True
     input:
-        get_raw_files(),
+        expand("data/examples/{split}.zarr", split=SPLITS),
 
 
 include: "workflow/rules/acquire.smk"
+include: "workflow/rules/regrid.smk"
+include: "workflow/rules/augment.smk"
+include: "workflow/rules/standardize.smk"
+include: "workflow/rules/examples.smk"

@@ -80,6 +80,45 @@ def cmd_acquire(args) -> None:
     acquire_split(_load_config(args), args.split, args.out)
 
 
+def cmd_regrid(args) -> None:
+    from holopipe.regrid import regrid_file
+
+    regrid_file(args.input, args.out, _load_config(args))
+
+
+def cmd_augment(args) -> None:
+    from holopipe.augment import augment_file
+
+    augment_file(args.input, args.out, _load_config(args), gallery_path=args.gallery)
+
+
+def cmd_standardize_fit(args) -> None:
+    from holopipe.standardize import fit_stats, write_stats
+
+    write_stats(fit_stats(args.input, _load_config(args)), args.out)
+
+
+def cmd_standardize_apply(args) -> None:
+    from holopipe.standardize import apply_stats
+
+    apply_stats(args.input, args.out, args.stats)
+
+
+def cmd_examples(args) -> None:
+    from holopipe.config import check_tiles_fit
+    from holopipe.examples import build_examples
+
+    config = _load_config(args)
+    check_tiles_fit(config)
+    build_examples(args.input, args.out, config, seed_offset=args.seed_offset)
+
+
+def _add_config_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="config YAML")
+    source.add_argument("--config-json", help="config as JSON (what the Snakemake rules pass)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holopipe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"holopipe {__version__}")
@@ -105,10 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
     acquire = stages.add_parser("acquire", help="bring one split's holograms to data/raw/{split}.nc")
     acquire.add_argument("--split", required=True)
     acquire.add_argument("--out", required=True)
-    source = acquire.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="config YAML")
-    source.add_argument("--config-json", help="config as JSON (what the Snakemake rule passes)")
+    _add_config_source(acquire)
     acquire.set_defaults(func=cmd_acquire)
+
+    regrid = stages.add_parser("regrid", help="resample a split to the training grid (zarr)")
+    regrid.add_argument("--in", dest="input", required=True, help="HOLODEC netCDF or zarr store")
+    regrid.add_argument("--out", required=True, help="output zarr store")
+    _add_config_source(regrid)
+    regrid.set_defaults(func=cmd_regrid)
+
+    augment = stages.add_parser("augment", help="corrupt clean training holograms into realistic ones")
+    augment.add_argument("--in", dest="input", required=True, help="regridded training zarr store")
+    augment.add_argument("--out", required=True, help="output zarr store")
+    augment.add_argument("--gallery", help="PNG of clean vs corrupted holograms")
+    _add_config_source(augment)
+    augment.set_defaults(func=cmd_augment)
+
+    standardize = stages.add_parser("standardize", help="fit statistics on train, apply to a split")
+    steps = standardize.add_subparsers(dest="step", required=True, metavar="STEP")
+    fit = steps.add_parser("fit", help="fit statistics on the training split")
+    fit.add_argument("--in", dest="input", required=True, help="training zarr store")
+    fit.add_argument("--out", required=True, help="stats.json")
+    _add_config_source(fit)
+    fit.set_defaults(func=cmd_standardize_fit)
+    apply = steps.add_parser("apply", help="apply fitted statistics to one split")
+    apply.add_argument("--in", dest="input", required=True, help="zarr store of the split")
+    apply.add_argument("--stats", required=True, help="stats.json from `standardize fit`")
+    apply.add_argument("--out", required=True, help="output zarr store")
+    apply.set_defaults(func=cmd_standardize_apply)
+
+    examples = stages.add_parser("examples", help="cut training tiles and masks from reconstructed planes")
+    examples.add_argument("--in", dest="input", required=True, help="standardized zarr store")
+    examples.add_argument("--out", required=True, help="output zarr store")
+    examples.add_argument("--seed-offset", type=int, default=0,
+                          help="distinct per split, so splits never share tile draws")
+    _add_config_source(examples)
+    examples.set_defaults(func=cmd_examples)
     return parser
 
 

@@ -23,4 +23,4 @@ rule acquire_split:
 rule acquire:
     localrule: True
     input:
-        get_raw_files(),
+        expand("data/raw/{split}.nc", split=SPLITS),

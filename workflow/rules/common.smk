@@ -3,16 +3,46 @@
 import json
 import math
 
-from holopipe.config import load_config
+from holopipe.config import ConfigError, check_tiles_fit, load_config
 
 # Replace the content, not the object: Snakemake keeps a reference to this dict.
 _validated = load_config(config)
 config.clear()
 config.update(_validated)
+check_tiles_fit(config)
+if TRAIN_SPLIT not in config["splits"]:
+    raise ConfigError(
+        f"splits: the workflow trains on the split named {TRAIN_SPLIT!r}; configured splits are "
+        f"{', '.join(config['splits'])}"
+    )
+SPLITS = list(config["splits"])
 
 
-def get_raw_files():
-    return expand("data/raw/{split}.nc", split=config["splits"])
+def stage_config(*sections, split=None):
+    """JSON of only the config sections a stage reads (plus optics and, for one split, its spec), so that
+    Snakemake reruns a stage when, and only when, what it reads changes."""
+    splits = {split: config["splits"][split]} if split else {TRAIN_SPLIT: config["splits"][TRAIN_SPLIT]}
+    chosen = {"splits": splits, "optics": config["optics"]}
+    chosen.update({section: config[section] for section in sections})
+    return json.dumps(chosen, sort_keys=True)
+
+
+def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1):
+    """512 MB for Python and the libraries plus `bytes_per_pixel` for each pixel of the frames held at once."""
+    pixels = config["optics"]["nx"] * config["optics"]["ny"] * holograms_in_memory
+    return 512 + math.ceil(bytes_per_pixel * pixels / 2**20)
+
+
+def split_index(wildcards):
+    """A split's position in the config: distinct random streams for the examples of each split."""
+    return SPLITS.index(wildcards.split)
+
+
+def get_standardize_input(wildcards):
+    """The training split is standardized after augmentation; the others straight from regridding."""
+    if wildcards.split == TRAIN_SPLIT:
+        return f"data/augmented/{TRAIN_SPLIT}.zarr"
+    return f"data/regridded/{wildcards.split}.zarr"
 
 
 def get_acquire_input(wildcards):
@@ -42,11 +72,12 @@ def get_acquire_mem_mb(wildcards):
 
 
 def get_acquire_runtime(wildcards):
-    """Minutes. Simulation costs about 0.2 µs per padded pixel per z slab per hologram on one core (two FFTs
-    per slab): 3.5 h for 100 full-size holograms. A file split is a validated copy."""
+    """Minutes. Simulation measured 0.04 µs per padded pixel per z slab per hologram on a 2-core node
+    (benchmarks/bench_simulate.py: 24 s per full-size hologram); 0.1 µs leaves a 2.5x margin for slower
+    nodes: 1.7 h for 100 full-size holograms. A file split is a validated copy."""
     spec = config["splits"][wildcards.split]
     if spec["source"] == "file":
         return 30
     optics, simulate = config["optics"], config["simulate"]
     slabs = math.ceil((optics["z_max"] - optics["z_min"]) / simulate["slab_thickness"])
-    return 10 + math.ceil(spec["n_holograms"] * slabs * _padded_pixels() * 2e-7 / 60)
+    return 10 + math.ceil(spec["n_holograms"] * slabs * _padded_pixels() * 1e-7 / 60)

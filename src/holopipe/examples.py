@@ -1,0 +1,341 @@
+"""Training examples: tiles of reconstructed planes (amplitude, phase) with in-focus particle masks.
+
+Each hologram of a standardized split is reconstructed once per chosen plane (one FFT per hologram,
+planes batched) and cut into square tiles:
+
+- positives: at the centre of the z bin of a particle, placed so that the particle lies in the tile
+  at a random offset (the whole disk where the frame allows);
+- negatives: at planes whose z bin holds no particle, a fraction of them one bin from a particle's bin
+  (the hard case: a particle just out of focus), the rest at random empty bins, at random positions.
+
+The mask of a tile marks the disks of *all* the hologram's particles whose z falls in the tile's bin.
+The planes are the centres of ``reconstruction.z_bins`` equal bins between the store's ``zMin`` and
+``zMax``; inference reconstructs the same planes (:func:`z_bin_centres`, :func:`z_bin_of`), so a
+model sees at inference exactly the defocus it was trained on.
+
+Everything random is drawn from ``numpy.random.default_rng([examples.seed, seed_offset, h])`` for
+hologram index ``h``, before any reconstruction: a store is reproducible, whatever the order in which
+holograms finish, and splits with different ``seed_offset`` draw different tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from tqdm.auto import tqdm
+
+from holopipe import __version__
+from holopipe.config import ConfigError
+from holopipe.io import HolodecFormatError, open_holodec, particle_table, um_to_pixel
+from holopipe.optics import Propagator, hologram_field
+
+__all__ = [
+    "build_examples",
+    "plan_hologram",
+    "rasterize_disks",
+    "z_bin_centres",
+    "z_bin_edges",
+    "z_bin_of",
+]
+
+MASK_CHANNELS = ("in_focus",)
+PLAN_COLUMNS = ("z_bin", "row0", "col0", "positive", "near")
+
+_PLANE_BATCH_PIXELS = 2**24
+"""Complex pixels reconstructed at once per hologram (128 MiB of complex64)."""
+
+_PLACEMENT_TRIES = 100
+"""Redraws of a tile position before accepting a duplicate (same plane and origin) tile."""
+
+
+def z_bin_edges(z_min: float, z_max: float, n_bins: int) -> np.ndarray:
+    """Edges (metres, ``n_bins + 1`` values) of ``n_bins`` equal depth bins from ``z_min`` to ``z_max``."""
+    if n_bins < 1 or not z_min < z_max:
+        raise ValueError(f"need n_bins >= 1 and z_min < z_max, got {n_bins}, {z_min}, {z_max}")
+    return np.linspace(z_min, z_max, n_bins + 1)
+
+
+def z_bin_centres(z_min: float, z_max: float, n_bins: int) -> np.ndarray:
+    """The reconstruction planes (metres): centres of the bins of :func:`z_bin_edges`."""
+    edges = z_bin_edges(z_min, z_max, n_bins)
+    return 0.5 * (edges[:-1] + edges[1:])
+
+
+def z_bin_of(z_m, z_min: float, z_max: float, n_bins: int) -> np.ndarray:
+    """Bin index (0-based int) of depths ``z_m`` (metres); depths outside the range go to the end bins.
+
+    Clipping keeps particles that the contract's 1 µm tolerance lets sit just outside [zMin, zMax].
+    """
+    z_bin_edges(z_min, z_max, n_bins)  # validates the arguments
+    index = np.floor((np.asarray(z_m, dtype=np.float64) - z_min) / ((z_max - z_min) / n_bins))
+    return np.clip(index, 0, n_bins - 1).astype(np.int64)
+
+
+def rasterize_disks(rows, cols, radius_rows, radius_cols, frame_shape, window=None) -> np.ndarray:
+    """Boolean mask of disks in a frame, cut to ``window = (row0, col0, height, width)``.
+
+    Positions are continuous pixel indices of the frame (pixel ``i`` has its centre at ``i``), radii in
+    pixels along each axis (an ellipse in pixels where dx != dy). A pixel is inside when its centre is;
+    every disk also marks the frame pixel nearest its centre, so a particle smaller than a pixel is
+    never lost.
+    """
+    window = (0, 0, *frame_shape) if window is None else window
+    row0, col0, height, width = window
+    mask = np.zeros((height, width), dtype=bool)
+    for row, col, r_row, r_col in zip(*np.broadcast_arrays(rows, cols, radius_rows, radius_cols)):
+        top, bottom = max(int(np.ceil(row - r_row)), row0), min(int(np.floor(row + r_row)), row0 + height - 1)
+        left, right = max(int(np.ceil(col - r_col)), col0), min(int(np.floor(col + r_col)), col0 + width - 1)
+        if top <= bottom and left <= right:
+            rr = np.arange(top, bottom + 1)[:, None]
+            cc = np.arange(left, right + 1)[None, :]
+            inside = ((rr - row) / r_row) ** 2 + ((cc - col) / r_col) ** 2 <= 1.0
+            mask[top - row0:bottom - row0 + 1, left - col0:right - col0 + 1] |= inside
+        near_row = min(max(int(np.floor(row + 0.5)), 0), frame_shape[0] - 1) - row0
+        near_col = min(max(int(np.floor(col + 0.5)), 0), frame_shape[1] - 1) - col0
+        if 0 <= near_row < height and 0 <= near_col < width:
+            mask[near_row, near_col] = True
+    return mask
+
+
+def _particles_in_pixels(table: pd.DataFrame, attrs, n_bins: int) -> pd.DataFrame:
+    """The particle table (µm) with frame pixel positions, radii in pixels and z bins added."""
+    nx, ny, dx, dy = int(attrs["Nx"]), int(attrs["Ny"]), float(attrs["dx"]), float(attrs["dy"])
+    return table.assign(
+        row=um_to_pixel(table["y"], ny, dy),
+        col=um_to_pixel(table["x"], nx, dx),
+        radius_row=table["d"] * 1e-6 / 2 / dy,
+        radius_col=table["d"] * 1e-6 / 2 / dx,
+        z_bin=z_bin_of(table["z"] * 1e-6, float(attrs["zMin"]), float(attrs["zMax"]), n_bins),
+    )
+
+
+def _draw_cycling(rng: np.random.Generator, items, count: int) -> list:
+    """``count`` items drawn without replacement, then again from a fresh permutation when they run out."""
+    items = list(items)
+    if not items:
+        return []
+    drawn = []
+    while len(drawn) < count:
+        drawn.extend(items[i] for i in rng.permutation(len(items)))
+    return drawn[:count]
+
+
+def _origin_range(position: float, radius: float, n: int, tile: int) -> tuple[int, int]:
+    """Tile origins (inclusive range) along one axis that hold the disk, or at least its nearest pixel."""
+    low, high = max(int(np.ceil(position + radius)) - tile + 1, 0), min(int(np.floor(position - radius)), n - tile)
+    if low > high:
+        nearest = min(max(int(np.floor(position + 0.5)), 0), n - 1)
+        low, high = max(nearest - tile + 1, 0), min(nearest, n - tile)
+    return low, high
+
+
+def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape: tuple[int, int],
+                  n_bins: int, examples: dict) -> pd.DataFrame:
+    """The tiles of one hologram: a table with columns z_bin, row0, col0, positive, near.
+
+    ``particles`` are one hologram's particles with pixel positions (columns row, col, radius_row,
+    radius_col, z_bin). Positives go to randomly chosen particles; with fewer particles than
+    ``positives_per_hologram`` particles are reused at new tile positions, and a hologram without
+    particles has no positives. Near negatives go to empty bins next to a particle's bin; where there
+    are none the slots go to random empty bins. A hologram whose every bin holds a particle has no
+    negatives. Tiles of one hologram do not repeat (plane, origin) unless the frame leaves no choice.
+    """
+    ny, nx = frame_shape
+    tile = int(examples["tile_size"])
+    occupied = set(particles["z_bin"].tolist())
+    empty = [b for b in range(n_bins) if b not in occupied]
+    near = sorted({b + step for b in occupied for step in (-1, 1)} & set(empty))
+    n_negatives = int(examples["negatives_per_hologram"])
+    n_near = min(int(round(examples["near_negative_fraction"] * n_negatives)), n_negatives if near else 0)
+
+    rows, seen = [], set()
+
+    def place(z_bin, row_range, col_range, positive, is_near):
+        for _ in range(_PLACEMENT_TRIES):
+            key = (z_bin, int(rng.integers(row_range[0], row_range[1] + 1)),
+                   int(rng.integers(col_range[0], col_range[1] + 1)))
+            if key not in seen:
+                break
+        seen.add(key)
+        rows.append((*key, positive, is_near))
+
+    for index in _draw_cycling(rng, range(len(particles)), int(examples["positives_per_hologram"])):
+        p = particles.iloc[index]
+        place(int(p["z_bin"]), _origin_range(p["row"], p["radius_row"], ny, tile),
+              _origin_range(p["col"], p["radius_col"], nx, tile), True, False)
+    frame_range = ((0, ny - tile), (0, nx - tile))
+    for z_bin in _draw_cycling(rng, near, n_near):
+        place(z_bin, *frame_range, False, True)
+    for z_bin in rng.choice(empty, n_negatives - n_near) if empty else []:
+        place(int(z_bin), *frame_range, False, False)
+    plan = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
+    return plan.astype({"z_bin": np.int64, "row0": np.int64, "col0": np.int64, "positive": bool,
+                        "near": bool})
+
+
+def _cut_tiles(image: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, planes: np.ndarray,
+               attrs, channels, tile: int, reconstruction: dict, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (n, channel, tile, tile) and masks (n, 1, tile, tile) of one hologram's planned tiles.
+
+    ``image`` is the contract's (xsize, ysize) contrast hologram; the hologram's FFT is computed once
+    and its planes are reconstructed in batches that bound memory.
+    """
+    field = hologram_field(np.ascontiguousarray(image.T, dtype=np.float32), background=1.0)
+    ny, nx = field.shape
+    propagator = Propagator(field, wavelength=float(attrs["lambda"]), dx=float(attrs["dx"]),
+                            dy=float(attrs["dy"]), pad=int(reconstruction["pad"]),
+                            band_limit=bool(reconstruction["band_limit"]))
+    pad = int(reconstruction["pad"])
+    batch = max(1, _PLANE_BATCH_PIXELS // ((ny + 2 * pad) * (nx + 2 * pad)))
+    inputs = np.empty((len(plan), len(channels), tile, tile), dtype=dtype)
+    masks = np.empty((len(plan), len(MASK_CHANNELS), tile, tile), dtype=np.uint8)
+    bins = np.unique(plan["z_bin"].to_numpy())
+    for start in range(0, bins.size, batch):
+        chunk = bins[start:start + batch]
+        planes_here = propagator.reconstruct(planes[chunk])
+        for slot, z_bin in enumerate(chunk):
+            in_bin = particles[particles["z_bin"] == z_bin]
+            for i in np.flatnonzero(plan["z_bin"].to_numpy() == z_bin):
+                row0, col0 = int(plan["row0"].iloc[i]), int(plan["col0"].iloc[i])
+                window = (slice(row0, row0 + tile), slice(col0, col0 + tile))
+                for c, name in enumerate(channels):
+                    inputs[i, c] = getattr(planes_here, name)[slot][window]
+                masks[i, 0] = rasterize_disks(in_bin["row"], in_bin["col"], in_bin["radius_row"],
+                                              in_bin["radius_col"], (ny, nx), (row0, col0, tile, tile))
+    return inputs, masks
+
+
+def _check_input(ds: xr.Dataset, name: str, tile: int) -> None:
+    if ds.sizes["hologram_number"] == 0:
+        raise ValueError(f"{name}: no holograms (empty split); nothing to cut examples from")
+    if ds["image"].dtype.kind != "f":
+        raise HolodecFormatError(f"{name}: image has dtype {ds['image'].dtype}; expected a standardized "
+                                 "store (float contrast I/B with background ~1)")
+    missing = [key for key in ("zMin", "zMax") if key not in ds.attrs]
+    if missing:
+        raise HolodecFormatError(f"{name}: missing attributes {missing}; the z bins need zMin and zMax (m)")
+    ny, nx = ds.sizes["ysize"], ds.sizes["xsize"]
+    if tile > min(ny, nx):
+        raise ConfigError(f"examples.tile_size ({tile}) is larger than the frame of {name} "
+                          f"(ny={ny}, nx={nx} pixels)")
+
+
+def _skeleton(plan: pd.DataFrame, planes: np.ndarray, channels, tile: int, dtype, attrs: dict) -> xr.Dataset:
+    """The output dataset with its metadata filled in and lazy (never computed) tile arrays."""
+    n = len(plan)
+    return xr.Dataset(
+        {
+            "inputs": (("example", "channel", "row", "col"),
+                       da.zeros((n, len(channels), tile, tile), dtype=dtype, chunks=(1, len(channels), tile, tile))),
+            "masks": (("example", "mask_channel", "row", "col"),
+                      da.zeros((n, len(MASK_CHANNELS), tile, tile), dtype=np.uint8,
+                               chunks=(1, len(MASK_CHANNELS), tile, tile))),
+            "hid": ("example", plan["hid"].to_numpy(np.int32), {"long_name": "hologram number (1-based)"}),
+            "z": ("example", planes[plan["z_bin"].to_numpy()], {"units": "m", "long_name": "plane (bin centre)"}),
+            "z_bin": ("example", plan["z_bin"].to_numpy(np.int32), {"long_name": "z bin (0-based)"}),
+            "row0": ("example", plan["row0"].to_numpy(np.int32), {"long_name": "tile origin row in (ny, nx)"}),
+            "col0": ("example", plan["col0"].to_numpy(np.int32), {"long_name": "tile origin column in (ny, nx)"}),
+            "positive": ("example", plan["positive"].to_numpy(bool), {"long_name": "tile at a particle's plane"}),
+            "near": ("example", plan["near"].to_numpy(bool), {"long_name": "negative one bin from a particle"}),
+        },
+        coords={"channel": np.array(channels, dtype=object),
+                "mask_channel": np.array(MASK_CHANNELS, dtype=object)},
+        attrs=attrs,
+    )
+
+
+def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, progress=True) -> Path:
+    """Cut the examples of a standardized split store into a zarr store at ``out_path``; returns its path.
+
+    ``config`` is a validated config (:func:`holopipe.config.load_config`); its ``examples`` and
+    ``reconstruction`` sections apply, the optics come from the store. ``seed_offset`` separates the
+    random streams of splits. Holograms run in a small thread pool (the FFTs release the GIL), a few at
+    a time, and their tiles are written as they finish, so memory stays at a few holograms. The store
+    is written under a temporary name and renamed when complete.
+    """
+    examples, reconstruction = config["examples"], config["reconstruction"]
+    in_name, out_path = os.fspath(in_path), Path(out_path)
+    tile, n_bins, channels = int(examples["tile_size"]), int(reconstruction["z_bins"]), list(examples["channels"])
+    dtype = np.dtype(examples["dtype"])
+    ds = open_holodec(in_name)
+    try:
+        _check_input(ds, in_name, tile)
+        attrs = ds.attrs
+        frame = (ds.sizes["ysize"], ds.sizes["xsize"])
+        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), n_bins)
+        particles = _particles_in_pixels(particle_table(ds), attrs, n_bins)
+        by_hologram = {hid: group for hid, group in particles.groupby("hid")}
+        n_holograms = ds.sizes["hologram_number"]
+        plans = []
+        for h in range(n_holograms):
+            rng = np.random.default_rng([int(examples["seed"]), int(seed_offset), h])
+            hologram_particles = by_hologram.get(h + 1, particles.iloc[:0])
+            plans.append(plan_hologram(rng, hologram_particles, frame, n_bins, examples).assign(hid=h + 1))
+        plan = pd.concat(plans, ignore_index=True)
+        if plan.empty:
+            raise ValueError(f"{in_name}: no examples to cut (no particles for positives and "
+                             "examples.negatives_per_hologram is 0, or every z bin is occupied)")
+        store_attrs = {
+            "source": in_name, "channel_names": channels, "tile_size": tile, "z_bins": n_bins,
+            "Nx": int(attrs["Nx"]), "Ny": int(attrs["Ny"]),
+            **{key: float(attrs[key]) for key in ("dx", "dy", "lambda", "zMin", "zMax")},
+            "seed_offset": int(seed_offset), "examples_config": json.dumps(examples, sort_keys=True),
+            "reconstruction_config": json.dumps(reconstruction, sort_keys=True),
+            "holopipe_version": __version__,
+        }
+        skeleton = _skeleton(plan, planes, channels, tile, dtype, store_attrs)
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in plans])])
+
+        def work(h):
+            # Synchronous: the pool already runs holograms in parallel; one image read per task.
+            image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
+            return h, _cut_tiles(image, by_hologram.get(h + 1, particles.iloc[:0]), plans[h], planes,
+                                 attrs, channels, tile, reconstruction, dtype)
+
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            skeleton.to_zarr(tmp, mode="w", compute=False, zarr_format=3, consolidated=False)
+            _run_holograms(work, [h for h in range(n_holograms) if len(plans[h])], tmp, offsets,
+                           progress=progress, desc=f"examples {out_path.name}")
+            if out_path.exists():
+                shutil.rmtree(out_path)
+            os.replace(tmp, out_path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        ds.close()
+    return out_path
+
+
+def _run_holograms(work, holograms, store: Path, offsets, *, progress: bool, desc: str) -> None:
+    """Run ``work(h)`` in a thread pool, at most a few holograms in flight, writing each result's region."""
+    workers = max(1, min(4, os.cpu_count() or 1))
+    pending, queue = set(), iter(holograms)
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(holograms), desc=desc, unit="hologram",
+                                                   disable=not progress) as bar:
+        while True:
+            while len(pending) < workers + 1:
+                h = next(queue, None)
+                if h is None:
+                    break
+                pending.add(pool.submit(work, h))
+            if not pending:
+                return
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                h, (inputs, masks) = future.result()
+                region = xr.Dataset({"inputs": (("example", "channel", "row", "col"), inputs),
+                                     "masks": (("example", "mask_channel", "row", "col"), masks)})
+                region.to_zarr(store, region={"example": slice(int(offsets[h]), int(offsets[h + 1]))},
+                               zarr_format=3, consolidated=False)
+                bar.update()

@@ -1,0 +1,27 @@
+rule examples_split:
+    input:
+        "data/standardized/{split}.zarr",
+    output:
+        directory("data/examples/{split}.zarr"),
+    log:
+        "logs/examples/{split}.log",
+    params:
+        config=lambda w: stage_config("reconstruction", "examples", split=w.split),
+        seed_offset=split_index,
+    wildcard_constraints:
+        split="|".join(SPLITS),
+    threads: 2
+    resources:
+        mem_mb=frame_mem_mb(64, holograms_in_memory=2),
+        runtime=60,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe examples --in {input} --out {output} --seed-offset {params.seed_offset}"
+        " --config-json {params.config:q} > {log} 2>&1"
+
+
+rule examples:
+    localrule: True
+    input:
+        expand("data/examples/{split}.zarr", split=SPLITS),

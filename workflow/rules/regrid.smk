@@ -1,0 +1,25 @@
+rule regrid_split:
+    input:
+        "data/raw/{split}.nc",
+    output:
+        directory("data/regridded/{split}.zarr"),
+    log:
+        "logs/regrid/{split}.log",
+    params:
+        config=lambda w: stage_config("regrid", "examples", split=w.split),
+    wildcard_constraints:
+        split="|".join(SPLITS),
+    threads: 1
+    resources:
+        mem_mb=frame_mem_mb(40, holograms_in_memory=2),
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe regrid --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+
+
+rule regrid:
+    localrule: True
+    input:
+        expand("data/regridded/{split}.zarr", split=SPLITS),

@@ -1,0 +1,43 @@
+rule standardize_fit:
+    input:
+        f"data/augmented/{TRAIN_SPLIT}.zarr",
+    output:
+        "data/standardized/stats.json",
+    log:
+        "logs/standardize/fit.log",
+    params:
+        config=lambda w: stage_config("standardize"),
+    threads: 2
+    resources:
+        mem_mb=frame_mem_mb(16, holograms_in_memory=4),
+        runtime=60,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe standardize fit --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+
+
+rule standardize_split:
+    input:
+        store=get_standardize_input,
+        stats="data/standardized/stats.json",
+    output:
+        directory("data/standardized/{split}.zarr"),
+    log:
+        "logs/standardize/{split}.log",
+    wildcard_constraints:
+        split="|".join(SPLITS),
+    threads: 1
+    resources:
+        mem_mb=frame_mem_mb(16, holograms_in_memory=2),
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe standardize apply --in {input.store} --stats {input.stats} --out {output} > {log} 2>&1"
+
+
+rule standardize:
+    localrule: True
+    input:
+        expand("data/standardized/{split}.zarr", split=SPLITS),
