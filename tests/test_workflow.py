@@ -1,5 +1,6 @@
 """Snakemake end to end on a tiny config, run in a temporary directory against the repository's Snakefile."""
 
+import json
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import xarray as xr
 import yaml
 
 from holopipe.acquire import acquire_split
@@ -96,3 +98,24 @@ def test_lint_finds_nothing(tmp_path):
     result = snakemake(tmp_path, "--lint", config=config)
     # Snakemake 9 exits 1 when the linter has findings.
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_data_stages_end_to_end_and_params_rerun_only_what_they_touch(tmp_path):
+    result = snakemake(tmp_path, "--cores", "2", "examples")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = tmp_path / "data"
+    stats = json.loads((data / "standardized" / "stats.json").read_text())
+    assert stats["source"] == "data/augmented/train.zarr"  # fitted on the training split only
+    assert (tmp_path / "results" / "augment" / "gallery.png").stat().st_size > 0
+    for split, spec in TINY["splits"].items():
+        examples = xr.open_zarr(data / "examples" / f"{split}.zarr", consolidated=False)
+        variants = TINY["augment"]["variants"] if split == "train" else 1
+        per_hologram = sum(TINY["examples"][k] for k in ("positives_per_hologram", "negatives_per_hologram"))
+        assert examples.sizes["example"] <= spec["n_holograms"] * variants * per_hologram
+        assert examples["inputs"].shape[1:] == (2, 32, 32)
+        assert int(examples["masks"].sum()) > 0
+    changed = {**TINY, "examples": {**TINY["examples"], "negatives_per_hologram": 1}}
+    dry = snakemake(tmp_path, "-n", "--cores", "1", "examples", config=changed)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    jobs = re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, re.MULTILINE)
+    assert dict(jobs) == {"examples_split": "2", "examples": "1", "total": "3"}

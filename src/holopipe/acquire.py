@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from holopipe import io, simulate
 from holopipe.config import ConfigError
 
-__all__ = ["DownloadError", "acquire_split"]
+__all__ = ["DownloadError", "acquire_split", "file_sha256"]
 
 log = logging.getLogger("holopipe")
 
@@ -139,7 +139,8 @@ def _download(url: str, part: Path, *, retries: int, backoff: float, timeout: fl
 
 
 def _fetch_http(url: str, part: Path, *, timeout: float) -> None:
-    """One attempt over http(s): resume `part` with a Range request, or restart when the server ignores it.
+    """One attempt over http(s): resume `part` with a Range request; restart when the server ignores it
+    or the partial file does not fit.
 
     Raises _TransferError for anything another attempt may fix, including a short body: the bytes that
     did arrive stay in `part` for the next attempt to resume from.
@@ -152,15 +153,20 @@ def _fetch_http(url: str, part: Path, *, timeout: float) -> None:
     try:
         with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
             if offset and response.status_code == 416:
-                _check_unsatisfied_range(response.headers.get("Content-Range", ""), part, offset)
+                if not _partial_is_complete(response.headers.get("Content-Range", ""), offset):
+                    log.info("%s: partial file of %d bytes does not fit the file; restarting", url, offset)
+                    part.unlink()
+                    _fetch_http(url, part, timeout=timeout)
                 return
             if response.status_code >= 400:
                 raise _TransferError(f"HTTP {response.status_code} {response.reason}")
             if offset and response.status_code == 206:
                 start, total = _parse_content_range(response.headers.get("Content-Range", ""))
                 if start != offset:
+                    log.info("%s: server resumed at byte %d, not %d; restarting", url, start, offset)
                     part.unlink()
-                    raise _TransferError(f"server resumed at byte {start}, not {offset}; restarting")
+                    _fetch_http(url, part, timeout=timeout)
+                    return
                 log.info("%s: resuming at byte %d", url, offset)
             else:
                 if offset:
@@ -183,16 +189,13 @@ def _parse_content_range(header: str) -> tuple[int, int | None]:
     return int(match.group(1)), None if total == "*" else int(total)
 
 
-def _check_unsatisfied_range(header: str, part: Path, offset: int) -> None:
-    """HTTP 416 to ``Range: bytes=offset-``: `part` is complete if the file has exactly `offset` bytes.
+def _partial_is_complete(header: str, offset: int) -> bool:
+    """After HTTP 416 to ``Range: bytes=offset-``: whether the file has exactly `offset` bytes.
 
-    Otherwise the partial file is stale (longer than the file, or of unknown size): delete and restart.
+    If not, the partial file is stale (longer than the file, or the size is not given).
     """
     match = _UNSATISFIED_RANGE.fullmatch(header.strip())
-    if match is not None and int(match.group(1)) == offset:
-        return
-    part.unlink()
-    raise _TransferError(f"HTTP 416 for a partial file of {offset} bytes (Content-Range {header!r}); restarting")
+    return match is not None and int(match.group(1)) == offset
 
 
 def _write_stream(blocks, part: Path, *, offset: int, total: int | None) -> None:
@@ -217,15 +220,16 @@ def _fetch_s3(url: str, part: Path, *, timeout: float) -> None:
     try:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, config_kwargs={"connect_timeout": timeout, "read_timeout": timeout})
     except ImportError as exc:
         raise ImportError(f"{url}: s3:// sources need the s3fs package (pip install s3fs): {exc}") from exc
     offset = part.stat().st_size if part.exists() else 0
     try:
         total = int(fs.size(path))
         if offset > total:
+            log.info("%s: partial file of %d bytes is longer than the object; restarting", url, offset)
             part.unlink()
-            raise _TransferError(f"partial file of {offset} bytes is longer than the object ({total}); restarting")
+            offset = 0
         if offset:
             log.info("%s: resuming at byte %d", url, offset)
         with fs.open(path, "rb", block_size=CHUNK_BYTES) as remote:

@@ -90,7 +90,9 @@ def rasterize_disks(rows, cols, radius_rows, radius_cols, frame_shape, window=No
     window = (0, 0, *frame_shape) if window is None else window
     row0, col0, height, width = window
     mask = np.zeros((height, width), dtype=bool)
-    for row, col, r_row, r_col in zip(*np.broadcast_arrays(rows, cols, radius_rows, radius_cols)):
+    disks = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, dtype=np.float64))
+                                  for v in (rows, cols, radius_rows, radius_cols)))
+    for row, col, r_row, r_col in zip(*disks):
         top, bottom = max(int(np.ceil(row - r_row)), row0), min(int(np.floor(row + r_row)), row0 + height - 1)
         left, right = max(int(np.ceil(col - r_col)), col0), min(int(np.floor(col + r_col)), col0 + width - 1)
         if top <= bottom and left <= right:

@@ -17,11 +17,13 @@ so the frame spans ``[-Nx*dx/2, +Nx*dx/2]``; the same holds for y with ``Ny`` an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import operator
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import dask.array as da
@@ -59,6 +61,14 @@ def um_to_pixel(coord_um, n: int, pitch_m: float) -> np.ndarray:
     return np.asarray(coord_um, dtype=np.float64) * 1e-6 / pitch_m + n / 2 - 0.5
 
 
+@contextlib.contextmanager
+def ignoring_snakemake_marker():
+    """Silence zarr's warning about ``.snakemake_timestamp``, which Snakemake puts in directory outputs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
+        yield
+
+
 def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
     """Open a HOLODEC file or zarr store (or take an open dataset) lazily and validate it.
 
@@ -75,7 +85,8 @@ def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
         chunks = chunks or {"hologram_number": 1}
         if os.path.isdir(name):
             try:
-                ds = xr.open_zarr(name, chunks=chunks, consolidated=False)
+                with ignoring_snakemake_marker():
+                    ds = xr.open_zarr(name, chunks=chunks, consolidated=False)
             except (OSError, ValueError, KeyError) as exc:
                 raise HolodecFormatError(f"{name}: not a readable zarr store ({exc})") from exc
         elif not os.path.isfile(name):

@@ -18,12 +18,14 @@ if TRAIN_SPLIT not in config["splits"]:
 SPLITS = list(config["splits"])
 
 
-def stage_config(*sections, split=None):
-    """JSON of only the config sections a stage reads (plus optics and, for one split, its spec), so that
-    Snakemake reruns a stage when, and only when, what it reads changes."""
+def stage_config(*sections, split=None, **keys):
+    """JSON of only the config a stage reads: optics, one split's spec, whole `sections`, and single keys
+    (`examples=["tile_size"]`), so that Snakemake reruns a stage when, and only when, what it reads
+    changes. The command fills in defaults for everything left out."""
     splits = {split: config["splits"][split]} if split else {TRAIN_SPLIT: config["splits"][TRAIN_SPLIT]}
     chosen = {"splits": splits, "optics": config["optics"]}
     chosen.update({section: config[section] for section in sections})
+    chosen.update({section: {key: config[section][key] for key in names} for section, names in keys.items()})
     return json.dumps(chosen, sort_keys=True)
 
 
@@ -36,6 +38,14 @@ def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1):
 def split_index(wildcards):
     """A split's position in the config: distinct random streams for the examples of each split."""
     return SPLITS.index(wildcards.split)
+
+
+def standardize_stats_files():
+    """stats.json, and with the median background its image, which `standardize apply` reads beside it."""
+    files = {"stats": "data/standardized/stats.json"}
+    if config["standardize"]["background"] == "median":
+        files["background"] = "data/standardized/stats_background.npy"
+    return files
 
 
 def get_standardize_input(wildcards):
@@ -57,6 +67,8 @@ def get_acquire_config(wildcards):
     sections = {"splits": {wildcards.split: spec}, "optics": config["optics"]}
     if spec["source"] == "simulate":
         sections["simulate"] = config["simulate"]
+    if spec["source"] == "url":
+        sections["acquire"] = config["acquire"]
     return json.dumps(sections, sort_keys=True)
 
 

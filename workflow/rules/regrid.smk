@@ -6,7 +6,7 @@ rule regrid_split:
     log:
         "logs/regrid/{split}.log",
     params:
-        config=lambda w: stage_config("regrid", "examples", split=w.split),
+        config=lambda w: stage_config("regrid", split=w.split, examples=["tile_size"]),
     wildcard_constraints:
         split="|".join(SPLITS),
     threads: 1

@@ -2,7 +2,7 @@ rule standardize_fit:
     input:
         f"data/augmented/{TRAIN_SPLIT}.zarr",
     output:
-        "data/standardized/stats.json",
+        **standardize_stats_files(),
     log:
         "logs/standardize/fit.log",
     params:
@@ -14,13 +14,12 @@ rule standardize_fit:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe standardize fit --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe standardize fit --in {input} --out {output.stats} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule standardize_split:
     input:
-        store=get_standardize_input,
-        stats="data/standardized/stats.json",
+        unpack(lambda w: {"store": get_standardize_input(w), **standardize_stats_files()}),
     output:
         directory("data/standardized/{split}.zarr"),
     log:

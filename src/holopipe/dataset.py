@@ -1,0 +1,122 @@
+"""PyTorch access to an examples store (:mod:`holopipe.examples`): normalised tiles, optional augmentation.
+
+Normalisation: ``amplitude -> (a - 1) / s`` and ``phase -> phase / s`` with ``s`` the training set's
+contrast standard deviation (``contrast_std`` of the standardization statistics). Angular-spectrum
+propagation is unitary, so the contrast hologram's fluctuation about its background of 1 keeps its
+energy at every plane: one scale serves every plane, and the background maps to 0.
+
+Augmentation draws a horizontal flip, a vertical flip (each with its own probability 0.5) and a
+number of 90° rotations from ``numpy.random.default_rng([seed, epoch, index])``, so an epoch is
+reproducible in any worker and any order. The transform is applied to inputs and mask together. A
+mirrored or rotated field is itself a valid field (the propagation kernel is symmetric), so the phase
+channel stays physical.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from holopipe.io import ignoring_snakemake_marker
+
+__all__ = ["Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation"]
+
+FLIP_PROBABILITY = 0.5
+METADATA = ("hid", "z", "z_bin", "row0", "col0", "positive")
+
+
+class Augmentation(NamedTuple):
+    """Flip columns (horizontal), flip rows (vertical), then rotate by ``rotations`` × 90°."""
+
+    hflip: bool
+    vflip: bool
+    rotations: int
+
+
+def draw_augmentation(seed: int, epoch: int, index: int) -> Augmentation:
+    """The augmentation of example ``index`` in ``epoch``; each flip is drawn with its own probability."""
+    rng = np.random.default_rng([seed, epoch, index])
+    hflip = bool(rng.random() < FLIP_PROBABILITY)
+    vflip = bool(rng.random() < FLIP_PROBABILITY)
+    return Augmentation(hflip, vflip, int(rng.integers(4)))
+
+
+def apply_augmentation(array: np.ndarray, augmentation: Augmentation) -> np.ndarray:
+    """``array`` (..., H, W) flipped and rotated in its last two axes (a view where numpy allows)."""
+    if augmentation.hflip:
+        array = array[..., :, ::-1]
+    if augmentation.vflip:
+        array = array[..., ::-1, :]
+    return np.rot90(array, augmentation.rotations, axes=(-2, -1))
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Examples of one split as ``(inputs (C, H, W) float32, mask (1, H, W) float32)`` tensors.
+
+    The store is opened lazily on the first item in each process and never pickled, so DataLoader
+    workers (fork or spawn) each read it themselves. Call :meth:`set_epoch` before iterating a new
+    epoch; with ``persistent_workers=True`` the workers keep the epoch they were started with.
+    """
+
+    def __init__(self, path, *, augment: bool = False, seed: int = 0, channel_scale: dict | None = None):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise FileNotFoundError(f"{self.path}: not a zarr store (expected an examples store)")
+        with ignoring_snakemake_marker():
+            group = zarr.open_group(self.path, mode="r")
+        missing = [name for name in ("inputs", "masks", *METADATA) if name not in group]
+        if missing or "channel_names" not in group.attrs:
+            raise ValueError(f"{self.path}: not an examples store (missing {missing or ['attribute channel_names']})")
+        self.channels = list(group.attrs["channel_names"])
+        self.tile_size = int(group.attrs["tile_size"])
+        self.metadata = pd.DataFrame({name: np.asarray(group[name][:]) for name in METADATA})
+        self.augment, self.seed, self.epoch = bool(augment), int(seed), 0
+        scale = float((channel_scale or {}).get("contrast_std", 1.0))
+        if not scale > 0:
+            raise ValueError(f"channel_scale contrast_std must be positive, got {scale}")
+        offsets = {"amplitude": 1.0, "phase": 0.0}
+        unknown = [name for name in self.channels if name not in offsets]
+        if unknown:
+            raise ValueError(f"{self.path}: unknown channels {unknown}; expected amplitude and/or phase")
+        self._offset = np.array([offsets[name] for name in self.channels], np.float32)[:, None, None]
+        self._scale = np.float32(scale)
+        self._arrays = None
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"] = None  # each process opens the store itself
+        return state
+
+    def _open(self):
+        # Reopened in a forked child that inherited the parent's handles.
+        if self._arrays is None or self._arrays[2] != os.getpid():
+            with ignoring_snakemake_marker():
+                group = zarr.open_group(self.path, mode="r")
+            self._arrays = (group["inputs"], group["masks"], os.getpid())
+        return self._arrays
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"example {index} out of range for {n} examples in {self.path}")
+        index = index % n
+        inputs, masks, _ = self._open()
+        x = (np.asarray(inputs[index], dtype=np.float32) - self._offset) / self._scale
+        y = np.asarray(masks[index], dtype=np.float32)
+        if self.augment:
+            augmentation = draw_augmentation(self.seed, self.epoch, index)
+            x, y = apply_augmentation(x, augmentation), apply_augmentation(y, augmentation)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
