@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from holopipe.config import ConfigError, load_config, schema
+from holopipe.config import ConfigError, load_config, schema, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,3 +179,21 @@ def _undescribed(node, path="#"):
 
 def test_every_property_has_a_description():
     assert list(_undescribed(schema())) == []
+
+
+def test_overrides_replace_dotted_keys_and_are_validated():
+    config = load_config(MINIMAL)
+    updated = with_overrides(config, {"train.learning_rate": 0.01, "augment.corruptions.0.beam_waist": 1e-3})
+    assert updated["train"]["learning_rate"] == 0.01
+    assert updated["augment"]["corruptions"][0]["beam_waist"] == 1e-3
+    assert config["train"]["learning_rate"] != 0.01  # the input is untouched
+    with pytest.raises(ConfigError, match="train.learning_rat: no such config key"):
+        with_overrides(config, {"train.learning_rat": 0.01})
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        with_overrides(config, {"train.learning_rate": -1.0})
+
+
+def test_search_space_keys_must_exist():
+    space = {"model.widht": {"type": "int", "low": 4, "high": 8}}
+    message = error_of(with_change(lambda c: c.update(tune={"search_space": space})))
+    assert "tune.search_space.model.widht: no such config key to tune" in message

@@ -16,7 +16,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-__all__ = ["ConfigError", "check_tiles_fit", "load_config", "schema"]
+__all__ = ["ConfigError", "check_tiles_fit", "load_config", "schema", "with_overrides"]
 
 
 class ConfigError(ValueError):
@@ -96,12 +96,47 @@ def _cross_field_problems(config: dict) -> list[str]:
     low, high = diameter["gamma_mu"]
     if low > high:
         problems.append(f"simulate.diameter.gamma_mu: minimum {low} exceeds maximum {high}")
+    for key in config["tune"]["search_space"]:
+        try:
+            _lookup(config, key)
+        except KeyError:
+            problems.append(f"tune.search_space.{key}: no such config key to tune")
     for index, corruption in enumerate(config["augment"]["corruptions"]):
         for key in ("count", "diameter", "z"):
             if key in corruption and corruption[key][0] > corruption[key][1]:
                 problems.append(f"augment.corruptions.{index}.{key}: minimum {corruption[key][0]} "
                                 f"exceeds maximum {corruption[key][1]}")
     return problems
+
+
+def _lookup(config, dotted_key: str):
+    """The value at a dotted key (list items by index: augment.corruptions.3.electrons)."""
+    node = config
+    for part in dotted_key.split("."):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise KeyError(dotted_key)
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(dotted_key)
+    return node
+
+
+def with_overrides(config: dict, overrides: Mapping) -> dict:
+    """A validated copy of ``config`` with dotted keys replaced (tuned values from best.yaml, a trial's
+    parameters); an override of a key that does not exist raises ConfigError naming it."""
+    updated = copy.deepcopy(config)
+    for dotted_key, value in overrides.items():
+        *parents, last = dotted_key.split(".")
+        try:
+            parent = _lookup(updated, ".".join(parents)) if parents else updated
+            _lookup(updated, dotted_key)
+        except KeyError:
+            raise ConfigError(f"{dotted_key}: no such config key to override") from None
+        parent[int(last) if isinstance(parent, list) else last] = value
+    return load_config(updated)
 
 
 def check_tiles_fit(config: dict) -> None:
