@@ -7,6 +7,7 @@ configfile: "config/config.yaml"
 
 
 TRAIN_SPLIT = "train"
+VALID_SPLIT = "valid"
 
 
 include: "workflow/rules/common.smk"
@@ -16,6 +17,7 @@ rule all:
     localrule: True
     input:
         expand("data/examples/{split}.zarr", split=SPLITS),
+        "results/model/model.pt",
 
 
 include: "workflow/rules/acquire.smk"
@@ -23,3 +25,5 @@ include: "workflow/rules/regrid.smk"
 include: "workflow/rules/augment.smk"
 include: "workflow/rules/standardize.smk"
 include: "workflow/rules/examples.smk"
+include: "workflow/rules/tune.smk"
+include: "workflow/rules/train.smk"

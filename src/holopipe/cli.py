@@ -113,6 +113,48 @@ def cmd_examples(args) -> None:
     build_examples(args.input, args.out, config, seed_offset=args.seed_offset)
 
 
+def _set_threads(args) -> None:
+    """Keep torch to the cores the job was given (several jobs share a node)."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_tune_worker(args) -> None:
+    from holopipe.tune import run_worker
+
+    _set_threads(args)
+    run_worker(_load_config(args), args.train, args.valid, args.stats, args.workdir, worker=args.worker)
+
+
+def cmd_tune_summarize(args) -> None:
+    from holopipe.tune import summarize
+
+    summarize(_load_config(args), args.workdir, args.best, args.trials, args.plots)
+
+
+def cmd_train(args) -> None:
+    import yaml
+
+    from holopipe.config import with_overrides
+    from holopipe.train import train_model
+
+    _set_threads(args)
+    config = _load_config(args)
+    if args.best:
+        with open(args.best) as handle:
+            config = with_overrides(config, yaml.safe_load(handle) or {})
+    train_model(config, args.train, args.valid, args.out, stats_path=args.stats)
+
+
+def _add_training_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, help="examples store of the training split")
+    parser.add_argument("--valid", required=True, help="examples store of the validation split")
+    parser.add_argument("--stats", required=True, help="stats.json of the standardization")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+
+
 def _add_config_source(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="config YAML")
@@ -180,6 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help="distinct per split, so splits never share tile draws")
     _add_config_source(examples)
     examples.set_defaults(func=cmd_examples)
+
+    tune = stages.add_parser("tune", help="Optuna hyperparameter trials")
+    tune_steps = tune.add_subparsers(dest="step", required=True, metavar="STEP")
+    worker = tune_steps.add_parser("worker", help="run trials until the study has tune.n_trials finished")
+    worker.add_argument("--worker", type=int, required=True, help="worker number (seeds its sampler)")
+    worker.add_argument("--workdir", required=True, help="directory of the study (journal, trial outputs)")
+    _add_training_data(worker)
+    _add_config_source(worker)
+    worker.set_defaults(func=cmd_tune_worker)
+    summary = tune_steps.add_parser("summarize", help="best.yaml, trials CSV and plots of the study")
+    summary.add_argument("--workdir", required=True)
+    summary.add_argument("--best", required=True, help="best.yaml: the winning values by dotted key")
+    summary.add_argument("--trials", required=True, help="trials CSV")
+    summary.add_argument("--plots", required=True, help="directory for history/importances/intermediate PNGs")
+    _add_config_source(summary)
+    summary.set_defaults(func=cmd_tune_summarize)
+
+    train = stages.add_parser("train", help="train the segmentation model")
+    _add_training_data(train)
+    train.add_argument("--best", help="best.yaml of the tuning; its values override the config")
+    train.add_argument("--out", required=True, help="output directory (model.pt, metrics.csv, checkpoint)")
+    _add_config_source(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

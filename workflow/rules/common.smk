@@ -10,11 +10,12 @@ _validated = load_config(config)
 config.clear()
 config.update(_validated)
 check_tiles_fit(config)
-if TRAIN_SPLIT not in config["splits"]:
-    raise ConfigError(
-        f"splits: the workflow trains on the split named {TRAIN_SPLIT!r}; configured splits are "
-        f"{', '.join(config['splits'])}"
-    )
+for _split, _role in ((TRAIN_SPLIT, "trains"), (VALID_SPLIT, "validates")):
+    if _split not in config["splits"]:
+        raise ConfigError(
+            f"splits: the workflow {_role} on the split named {_split!r}; configured splits are "
+            f"{', '.join(config['splits'])}"
+        )
 SPLITS = list(config["splits"])
 
 
@@ -46,6 +47,22 @@ def standardize_stats_files():
     if config["standardize"]["background"] == "median":
         files["background"] = "data/standardized/stats_background.npy"
     return files
+
+
+def training_inputs(wildcards):
+    """The examples a model learns from and is validated on, and the statistics that scale its inputs."""
+    return {
+        "train": f"data/examples/{TRAIN_SPLIT}.zarr",
+        "valid": f"data/examples/{VALID_SPLIT}.zarr",
+        "stats": "data/standardized/stats.json",
+    }
+
+
+def tune_worker_flags():
+    """One flag per tuning worker; none when tuning is off (then best.yaml is empty)."""
+    if config["tune"]["n_trials"] == 0:
+        return []
+    return expand("results/tune/workers/{worker}.done", worker=range(config["tune"]["workers"]))
 
 
 def get_standardize_input(wildcards):

@@ -1,0 +1,246 @@
+"""Training: the learning-rate schedule, learning, exact resume after a kill, outputs, early stopping, pruning."""
+
+import logging
+import math
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+
+from holopipe import train as train_module
+from holopipe.config import load_config, with_overrides
+from holopipe.dataset import TileDataset
+from holopipe.losses import PixelCounts
+from holopipe.models import build_model
+from holopipe.standardize import write_stats
+from holopipe.train import is_improvement, learning_rate, load_model, train_model
+
+TILE, CHANNELS, CONTRAST_STD = 32, ("amplitude", "phase"), 0.2
+CSV_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precision", "recall", "seconds"]
+
+
+def examples_store(path, n, seed):
+    """An examples store of ``n`` tiles: a few dark disks in amplitude (with a phase bump) and their masks.
+
+    The particles show in the inputs, so the masks are learnable; layout as holopipe.examples writes it.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:TILE, :TILE]
+    masks = np.zeros((n, 1, TILE, TILE), np.uint8)
+    for example in range(n):
+        for _ in range(rng.integers(1, 4)):
+            row, col, radius = rng.uniform(4, TILE - 4, 2).tolist() + [rng.uniform(2, 4)]
+            masks[example, 0] |= ((rows - row) ** 2 + (cols - col) ** 2 <= radius**2).astype(np.uint8)
+    disk = masks[:, 0].astype(np.float32)
+    noise = CONTRAST_STD * 0.3 * rng.standard_normal((n, 2, TILE, TILE)).astype(np.float32)
+    inputs = np.stack([1 - 0.6 * disk, 0.4 * disk], axis=1) + noise
+    ds = xr.Dataset(
+        {"inputs": (("example", "channel", "row", "col"), inputs.astype(np.float32)),
+         "masks": (("example", "mask_channel", "row", "col"), masks),
+         "hid": ("example", np.arange(n, dtype=np.int32) // 4 + 1),
+         "z": ("example", np.full(n, 5e-3)),
+         "z_bin": ("example", np.zeros(n, np.int32)),
+         "row0": ("example", np.zeros(n, np.int32)),
+         "col0": ("example", np.zeros(n, np.int32)),
+         "positive": ("example", np.ones(n, bool)),
+         "near": ("example", np.zeros(n, bool))},
+        coords={"channel": np.array(CHANNELS, dtype=object),
+                "mask_channel": np.array(["in_focus"], dtype=object)},
+        attrs={"channel_names": list(CHANNELS), "tile_size": TILE},
+    )
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("train_data")
+    return {"train": examples_store(directory / "train.zarr", 24, 1),
+            "valid": examples_store(directory / "valid.zarr", 8, 2),
+            "stats": write_stats({"contrast_mean": 1.0, "contrast_std": CONTRAST_STD}, directory / "stats.json")}
+
+
+def make_config(**train):
+    return load_config({
+        "splits": {"train": {"source": "simulate", "n_holograms": 1, "seed": 1}},
+        "optics": {"wavelength": 3.55e-7, "dx": 2.96e-6, "dy": 2.96e-6, "nx": 64, "ny": 64,
+                   "z_min": 2e-3, "z_max": 6e-3},
+        "model": {"architecture": "plain_unet", "width": 4, "depth": 2},
+        "train": {"epochs": 3, "batch_size": 8, "num_workers": 0, "learning_rate": 1e-2, "warmup_epochs": 1,
+                  "optimizer": "adam", "device": "cpu", **train},
+    })
+
+
+def run(config, data, out_dir, **kwargs):
+    return train_model(config, data["train"], data["valid"], out_dir, stats_path=data["stats"], progress=False,
+                       **kwargs)
+
+
+# ---- learning rate and early-stopping rule (pure functions) ----
+
+def test_learning_rate_warmup_then_cosine_to_one_percent():
+    train = make_config(epochs=11, warmup_epochs=2, learning_rate=1e-3, schedule="cosine")["train"]
+    assert learning_rate(0, train) == pytest.approx(1e-4)  # warm-up starts at 10 %
+    assert learning_rate(1, train) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(2, train) == pytest.approx(1e-3)  # peak after warm-up
+    # Halfway through the cosine (epoch 2 + 9/2): half-way between the peak and its 1 % floor.
+    assert learning_rate(6.5, train) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert learning_rate(11, train) == pytest.approx(1e-5)
+    positions = np.linspace(2, 11, 50)
+    assert np.all(np.diff([learning_rate(p, train) for p in positions]) < 0)
+
+
+def test_learning_rate_constant_and_without_warmup():
+    train = make_config(epochs=5, warmup_epochs=0, learning_rate=3e-3, schedule="constant")["train"]
+    assert [learning_rate(e, train) for e in (0, 0.5, 4.9)] == [3e-3] * 3
+
+
+def test_improvement_rule():
+    assert is_improvement(0.2, None, "dice") and is_improvement(0.3, 0.2, "dice")
+    assert not is_improvement(0.2, 0.2, "iou") and not is_improvement(0.1, 0.2, "dice")
+    assert is_improvement(0.1, 0.2, "loss") and not is_improvement(0.3, 0.2, "loss")
+    assert not is_improvement(math.nan, None, "loss")
+
+
+# ---- training ----
+
+def test_loss_decreases_and_outputs_are_written(data, tmp_path):
+    config = make_config(epochs=4, warmup_epochs=0)
+    result = run(config, data, tmp_path)
+    table = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(table.columns) == CSV_COLUMNS
+    assert table["epoch"].tolist() == [1, 2, 3, 4] and result.epochs_run == 4
+    assert table["train_loss"].iloc[-1] < table["train_loss"].iloc[0]
+    assert result.best_metric == table["dice"].max()
+    assert result.best_epoch == table["dice"].idxmax() + 1
+    assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "checkpoint.pt").is_file() and result.model_path == tmp_path / "model.pt"
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_model_file_rebuilds_the_best_model(data, tmp_path):
+    config = make_config(epochs=3)
+    result = run(config, data, tmp_path)
+    model, info = load_model(result.model_path)
+    assert not model.training
+    assert info["model"] == config["model"] and info["train"] == config["train"]
+    assert info["in_channels"] == 2 and info["channel_names"] == list(CHANNELS) and info["tile_size"] == TILE
+    assert info["stats"]["contrast_std"] == CONTRAST_STD and info["best_epoch"] == result.best_epoch
+
+    # Same outputs as the best weights kept in the checkpoint, rebuilt independently.
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    reference = build_model(config["model"], 2)
+    reference.load_state_dict(checkpoint["best_model"])
+    reference.eval()
+    valid = TileDataset(data["valid"], channel_scale={"contrast_std": CONTRAST_STD})
+    inputs, masks = map(torch.stack, zip(*[valid[i] for i in range(len(valid))]))
+    with torch.no_grad():
+        logits = model(inputs)
+        assert torch.equal(logits, reference(inputs))
+    # ... and the validation dice recorded for the best epoch.
+    counts = PixelCounts()
+    counts.add(logits, masks, config["train"]["threshold"])
+    assert counts.metrics()["dice"] == pytest.approx(result.best_metric, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_reduced_precision_and_the_scaler(data, tmp_path, precision):
+    result = run(make_config(epochs=1, precision=precision), data, tmp_path)
+    assert math.isfinite(pd.read_csv(tmp_path / "metrics.csv")["train_loss"].iloc[0])
+    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # the gradient scaler acts only for fp16
+    assert load_model(result.model_path)[1]["train"]["precision"] == precision
+
+
+def test_load_model_rejects_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("not a model")
+    for name in ("other.pt", "text.pt"):
+        with pytest.raises(ValueError, match=f"{name}: not a holopipe model file"):
+            load_model(tmp_path / name)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(data, tmp_path, monkeypatch, caplog):
+    config = make_config(epochs=3)
+    run(config, data, tmp_path / "a")
+
+    def killed_in_epoch_3(epoch, train):  # a walltime kill in the middle of the third epoch
+        if epoch >= 2.5:
+            raise KeyboardInterrupt
+        return learning_rate(epoch, train)
+
+    monkeypatch.setattr(train_module, "learning_rate", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, data, tmp_path / "b")
+    assert len(pd.read_csv(tmp_path / "b" / "metrics.csv")) == 2
+    assert not (tmp_path / "b" / "model.pt").exists()
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
+
+    # Resumed with a DataLoader worker: execution-only keys keep the checkpoint, and the tile order and
+    # augmentations do not depend on the worker count.
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        result = run(with_overrides(config, {"train.num_workers": 1}), data, tmp_path / "b")
+    assert "resuming after epoch 2" in caplog.text and result.epochs_run == 3
+    metrics = [pd.read_csv(tmp_path / name / "metrics.csv").drop(columns="seconds") for name in "ab"]
+    pd.testing.assert_frame_equal(metrics[0], metrics[1], check_exact=True)
+    models = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in "ab"]
+    finals = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"] for name in "ab"]
+    for a, b in [(models[0]["state_dict"], models[1]["state_dict"]), (finals[0], finals[1])]:
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_incompatible_checkpoint_is_set_aside(data, tmp_path, caplog):
+    config = make_config(epochs=1)
+    run(config, data, tmp_path)
+    changed = with_overrides(make_config(epochs=2), {"train.learning_rate": 5e-3})
+    with caplog.at_level(logging.WARNING, logger="holopipe"):
+        result = run(changed, data, tmp_path)
+    assert "differs in train" in caplog.text
+    assert (tmp_path / "checkpoint.incompatible-1.pt").is_file()
+    assert result.epochs_run == 2  # started afresh, not resumed after epoch 1
+    assert pd.read_csv(tmp_path / "metrics.csv")["lr"].iloc[0] == pytest.approx(5e-4)
+
+    # A rerun of a finished run resumes after its last epoch and trains no further.
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        result = run(changed, data, tmp_path)
+    assert "resuming after epoch 2" in caplog.text and result.epochs_run == 2
+    assert not (tmp_path / "checkpoint.incompatible-2.pt").exists()
+
+    (tmp_path / "checkpoint.pt").write_text("garbage")
+    run(changed, data, tmp_path)
+    assert (tmp_path / "checkpoint.incompatible-2.pt").read_text() == "garbage"
+
+
+def test_early_stopping_after_patience_epochs(data, tmp_path, monkeypatch):
+    scripted = iter([0.1, 0.3, 0.2, 0.3, 0.25, 0.9, 0.9])  # best at epoch 2; epochs 3-5 do not improve
+    real = train_module._evaluate
+
+    def evaluate(*args, **kwargs):
+        return {**real(*args, **kwargs), "dice": next(scripted)}
+
+    monkeypatch.setattr(train_module, "_evaluate", evaluate)
+    result = run(make_config(epochs=7, early_stopping={"metric": "dice", "patience": 3}), data, tmp_path)
+    assert (result.best_epoch, result.best_metric, result.epochs_run) == (2, 0.3, 5)
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 5
+
+
+def test_trial_is_reported_then_pruned(data, tmp_path):
+    class Trial:
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append((value, step))
+
+        def should_prune(self):
+            return True
+
+    trial = Trial()
+    with pytest.raises(optuna.TrialPruned):
+        run(make_config(epochs=3, early_stopping={"metric": "loss"}), data, tmp_path, trial=trial)
+    table = pd.read_csv(tmp_path / "metrics.csv")
+    assert trial.reports == [(table["valid_loss"].iloc[0], 1)]
+    assert not (tmp_path / "model.pt").exists()

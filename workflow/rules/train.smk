@@ -1,0 +1,30 @@
+rule train_model:
+    input:
+        unpack(training_inputs),
+        best="results/tune/best.yaml",
+    output:
+        model="results/model/model.pt",
+        metrics="results/model/metrics.csv",
+        curve=report(
+            "results/model/learning_curve.png", caption="../report/learning_curve.rst", category="Training"
+        ),
+    log:
+        "logs/train/train.log",
+    params:
+        config=lambda w: stage_config("model", "train"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=1,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "holopipe train --train {input.train} --valid {input.valid} --stats {input.stats} --best {input.best}"
+        " --out results/model --threads {threads} --config-json {params.config:q} > {log} 2>&1"
+
+
+rule train:
+    localrule: True
+    input:
+        rules.train_model.output,

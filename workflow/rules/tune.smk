@@ -1,0 +1,56 @@
+rule tune_worker:
+    input:
+        unpack(training_inputs),
+    output:
+        touch("results/tune/workers/{worker}.done"),
+    log:
+        "logs/tune/worker_{worker}.log",
+    params:
+        config=lambda w: stage_config("model", "train", "tune", "examples"),
+    wildcard_constraints:
+        worker=r"\d+",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "holopipe tune worker --worker {wildcards.worker} --workdir results/tune --train {input.train}"
+        " --valid {input.valid} --stats {input.stats} --threads {threads}"
+        " --config-json {params.config:q} > {log} 2>&1"
+
+
+rule tune_summary:
+    input:
+        tune_worker_flags(),
+    output:
+        best="results/tune/best.yaml",
+        trials="results/tune/trials.csv",
+        history=report("results/tune/plots/history.png", caption="../report/tune.rst", category="Tuning"),
+        importances=report(
+            "results/tune/plots/importances.png", caption="../report/tune.rst", category="Tuning"
+        ),
+        intermediate=report(
+            "results/tune/plots/intermediate.png", caption="../report/tune.rst", category="Tuning"
+        ),
+    log:
+        "logs/tune/summary.log",
+    params:
+        config=lambda w: stage_config("model", "train", "tune", "examples"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe tune summarize --workdir results/tune --best {output.best} --trials {output.trials}"
+        " --plots results/tune/plots --config-json {params.config:q} > {log} 2>&1"
+
+
+rule tune:
+    localrule: True
+    input:
+        rules.tune_summary.output,
