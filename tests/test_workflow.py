@@ -7,13 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 import xarray as xr
 import yaml
 
 from holopipe.acquire import acquire_split
 from holopipe.config import load_config
 from holopipe.io import open_holodec
+from holopipe.train import load_model
 
 pytestmark = pytest.mark.workflow
 
@@ -30,6 +33,9 @@ TINY = {
     "reconstruction": {"z_bins": 10, "pad": 16},
     "augment": {"variants": 1, "gallery": 1},
     "examples": {"tile_size": 32, "positives_per_hologram": 2, "negatives_per_hologram": 2},
+    "model": {"width": 4, "depth": 2},
+    "train": {"epochs": 2, "batch_size": 4, "num_workers": 0, "warmup_epochs": 0},
+    "tune": {"n_trials": 2, "workers": 2, "epochs": 1},
 }
 
 
@@ -68,8 +74,8 @@ def test_acquire_writes_valid_holodec_files(tmp_path):
 
 def test_file_split_is_validated_and_copied(tmp_path):
     source = acquire_split(load_config(TINY), "valid", tmp_path / "campaign" / "real.nc")
-    config = {**TINY, "splits": {"train": {"source": "file", "path": str(source)}}}
-    result = snakemake(tmp_path, "--cores", "1", "acquire", config=config)
+    config = {**TINY, "splits": {**TINY["splits"], "train": {"source": "file", "path": str(source)}}}
+    result = snakemake(tmp_path, "--cores", "1", "data/raw/train.nc", config=config)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "data" / "raw" / "train.nc").read_bytes() == source.read_bytes()
     assert [p.name for p in (tmp_path / "data" / "raw").iterdir()] == ["train.nc"]
@@ -119,3 +125,19 @@ def test_data_stages_end_to_end_and_params_rerun_only_what_they_touch(tmp_path):
     assert dry.returncode == 0, dry.stdout + dry.stderr
     jobs = re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, re.MULTILINE)
     assert dict(jobs) == {"examples_split": "2", "examples": "1", "total": "3"}
+
+
+def test_train_target_tunes_then_trains_a_loadable_model(tmp_path):
+    result = snakemake(tmp_path, "--cores", "2", "train")
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = pd.read_csv(tmp_path / "results" / "tune" / "trials.csv")
+    assert (trials["state"].isin(["COMPLETE", "PRUNED"])).sum() == TINY["tune"]["n_trials"]
+    best = yaml.safe_load((tmp_path / "results" / "tune" / "best.yaml").read_text())
+    assert set(best) == set(load_config(TINY)["tune"]["search_space"])
+    model, info = load_model(tmp_path / "results" / "model" / "model.pt")
+    assert info["train"]["learning_rate"] == best["train.learning_rate"]  # the tuned value was used
+    assert info["channel_names"] == ["amplitude", "phase"]
+    metrics = pd.read_csv(tmp_path / "results" / "model" / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 2, 64, 96)).shape == (1, 1, 64, 96)  # any frame of whole strides
