@@ -8,11 +8,10 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-import xarray as xr
 
 from holopipe import train as train_module
 from holopipe.config import load_config, with_overrides
-from holopipe.dataset import TileDataset
+from holopipe.dataset import TileDataset, write_synthetic_examples
 from holopipe.losses import PixelCounts
 from holopipe.models import build_model
 from holopipe.standardize import write_stats
@@ -23,36 +22,8 @@ CSV_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precis
 
 
 def examples_store(path, n, seed):
-    """An examples store of ``n`` tiles: a few dark disks in amplitude (with a phase bump) and their masks.
-
-    The particles show in the inputs, so the masks are learnable; layout as holopipe.examples writes it.
-    """
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[:TILE, :TILE]
-    masks = np.zeros((n, 1, TILE, TILE), np.uint8)
-    for example in range(n):
-        for _ in range(rng.integers(1, 4)):
-            row, col, radius = rng.uniform(4, TILE - 4, 2).tolist() + [rng.uniform(2, 4)]
-            masks[example, 0] |= ((rows - row) ** 2 + (cols - col) ** 2 <= radius**2).astype(np.uint8)
-    disk = masks[:, 0].astype(np.float32)
-    noise = CONTRAST_STD * 0.3 * rng.standard_normal((n, 2, TILE, TILE)).astype(np.float32)
-    inputs = np.stack([1 - 0.6 * disk, 0.4 * disk], axis=1) + noise
-    ds = xr.Dataset(
-        {"inputs": (("example", "channel", "row", "col"), inputs.astype(np.float32)),
-         "masks": (("example", "mask_channel", "row", "col"), masks),
-         "hid": ("example", np.arange(n, dtype=np.int32) // 4 + 1),
-         "z": ("example", np.full(n, 5e-3)),
-         "z_bin": ("example", np.zeros(n, np.int32)),
-         "row0": ("example", np.zeros(n, np.int32)),
-         "col0": ("example", np.zeros(n, np.int32)),
-         "positive": ("example", np.ones(n, bool)),
-         "near": ("example", np.zeros(n, bool))},
-        coords={"channel": np.array(CHANNELS, dtype=object),
-                "mask_channel": np.array(["in_focus"], dtype=object)},
-        attrs={"channel_names": list(CHANNELS), "tile_size": TILE},
-    )
-    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
-    return path
+    """Learnable tiles of TILE pixels (dark disks and their masks), as holopipe.examples lays them out."""
+    return write_synthetic_examples(path, n, TILE, contrast_std=CONTRAST_STD, seed=seed)
 
 
 @pytest.fixture(scope="module")

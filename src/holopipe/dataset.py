@@ -25,7 +25,7 @@ import zarr
 
 from holopipe.io import ignoring_snakemake_marker
 
-__all__ = ["Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation"]
+__all__ = ["Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation", "write_synthetic_examples"]
 
 FLIP_PROBABILITY = 0.5
 METADATA = ("hid", "z", "z_bin", "row0", "col0", "positive")
@@ -120,3 +120,43 @@ class TileDataset(torch.utils.data.Dataset):
             augmentation = draw_augmentation(self.seed, self.epoch, index)
             x, y = apply_augmentation(x, augmentation), apply_augmentation(y, augmentation)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def write_synthetic_examples(path, n_tiles: int, tile_size: int, *, contrast_std: float = 0.2,
+                             seed: int = 0) -> Path:
+    """An examples store of ``n_tiles`` learnable tiles, for tests and benchmarks that need no simulation.
+
+    Each tile has 1–3 dark disks in amplitude (with a phase bump) over noise of ``contrast_std``, and the
+    masks of those disks; the layout is the one :func:`holopipe.examples.build_examples` writes.
+    """
+    import xarray as xr
+
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:tile_size, :tile_size]
+    masks = np.zeros((n_tiles, 1, tile_size, tile_size), np.uint8)
+    margin = tile_size / 8
+    for example in range(n_tiles):
+        for _ in range(rng.integers(1, 4)):
+            row, col = rng.uniform(margin, tile_size - margin, 2)
+            radius = rng.uniform(tile_size / 16, tile_size / 8)
+            masks[example, 0] |= ((rows - row) ** 2 + (cols - col) ** 2 <= radius**2).astype(np.uint8)
+    disk = masks[:, 0].astype(np.float32)
+    noise = 0.3 * contrast_std * rng.standard_normal((n_tiles, 2, tile_size, tile_size)).astype(np.float32)
+    inputs = np.stack([1 - 0.6 * disk, 0.4 * disk], axis=1) + noise
+    channels = ("amplitude", "phase")
+    ds = xr.Dataset(
+        {"inputs": (("example", "channel", "row", "col"), inputs),
+         "masks": (("example", "mask_channel", "row", "col"), masks),
+         "hid": ("example", np.arange(n_tiles, dtype=np.int32) // 4 + 1),
+         "z": ("example", np.full(n_tiles, 5e-3)),
+         "z_bin": ("example", np.zeros(n_tiles, np.int32)),
+         "row0": ("example", np.zeros(n_tiles, np.int32)),
+         "col0": ("example", np.zeros(n_tiles, np.int32)),
+         "positive": ("example", np.ones(n_tiles, bool)),
+         "near": ("example", np.zeros(n_tiles, bool))},
+        coords={"channel": np.array(channels, dtype=object), "mask_channel": np.array(["in_focus"], dtype=object)},
+        attrs={"channel_names": list(channels), "tile_size": tile_size},
+    )
+    ds = ds.chunk({"example": 1})
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return Path(path)
