@@ -17,7 +17,7 @@ rule all:
     localrule: True
     input:
         expand("data/examples/{split}.zarr", split=SPLITS),
-        "results/model/model.pt",
+        "results/evaluation/metrics.json",
 
 
 include: "workflow/rules/acquire.smk"
@@ -27,3 +27,7 @@ include: "workflow/rules/standardize.smk"
 include: "workflow/rules/examples.smk"
 include: "workflow/rules/tune.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/particles.smk"
+include: "workflow/rules/baseline.smk"
+include: "workflow/rules/evaluate.smk"

@@ -200,3 +200,10 @@ def test_hologram_field_normalises_by_background():
     np.testing.assert_allclose(hologram_field(hologram, background=16.0), 4.0)
     with pytest.raises(ValueError, match="background"):
         hologram_field(np.zeros((4, 4)))
+
+
+def test_hologram_field_takes_a_scalar_background_for_every_library():
+    hologram = torch.full((4, 4), 3.0)
+    np.testing.assert_allclose(hologram_field(hologram, background=1.0).numpy(), 3.0)
+    with pytest.raises(ValueError, match="background"):
+        hologram_field(hologram, background=0.0)

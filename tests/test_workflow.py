@@ -15,7 +15,8 @@ import yaml
 
 from holopipe.acquire import acquire_split
 from holopipe.config import load_config
-from holopipe.io import open_holodec
+from holopipe.evaluate import PLOT_NAMES
+from holopipe.io import open_holodec, particle_table
 from holopipe.train import load_model
 
 pytestmark = pytest.mark.workflow
@@ -36,6 +37,7 @@ TINY = {
     "model": {"width": 4, "depth": 2},
     "train": {"epochs": 2, "batch_size": 4, "num_workers": 0, "warmup_epochs": 0},
     "tune": {"n_trials": 2, "workers": 2, "epochs": 1},
+    "infer": {"splits": ["valid"], "chunks": 2},
 }
 
 
@@ -127,8 +129,8 @@ def test_data_stages_end_to_end_and_params_rerun_only_what_they_touch(tmp_path):
     assert dict(jobs) == {"examples_split": "2", "examples": "1", "total": "3"}
 
 
-def test_train_target_tunes_then_trains_a_loadable_model(tmp_path):
-    result = snakemake(tmp_path, "--cores", "2", "train")
+def test_whole_workflow_tunes_trains_infers_and_evaluates(tmp_path):
+    result = snakemake(tmp_path, "--cores", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     trials = pd.read_csv(tmp_path / "results" / "tune" / "trials.csv")
     assert (trials["state"].isin(["COMPLETE", "PRUNED"])).sum() == TINY["tune"]["n_trials"]
@@ -141,3 +143,12 @@ def test_train_target_tunes_then_trains_a_loadable_model(tmp_path):
     assert list(metrics["epoch"]) == [1, 2]
     with torch.no_grad():
         assert model(torch.zeros(1, 2, 64, 96)).shape == (1, 1, 64, 96)  # any frame of whole strides
+    chunks = [pd.read_csv(tmp_path / "results" / "inference" / "valid" / f"chunk_{i}.csv") for i in range(2)]
+    planes = [set(chunk["plane"]) for chunk in chunks]
+    assert not planes[0] & planes[1]  # the z chunks split the planes between two jobs
+    metrics = json.loads((tmp_path / "results" / "evaluation" / "metrics.json").read_text())
+    assert set(metrics) == {"unet", "baseline"}
+    truth = len(particle_table(open_holodec(tmp_path / "data" / "standardized" / "valid.zarr")))
+    for method in metrics.values():
+        assert method["n_true"] == truth and 0.0 <= method["f1"] <= 1.0
+    assert all((tmp_path / "results" / "evaluation" / name).stat().st_size > 0 for name in PLOT_NAMES)

@@ -148,6 +148,49 @@ def cmd_train(args) -> None:
     train_model(config, args.train, args.valid, args.out, stats_path=args.stats)
 
 
+def cmd_infer(args) -> None:
+    from holopipe.infer import infer_chunk
+
+    _set_threads(args)
+    infer_chunk(_load_config(args), args.model, args.input, args.out, chunk=args.chunk, n_chunks=args.chunks,
+                probabilities_path=args.probabilities)
+
+
+def cmd_particles(args) -> None:
+    from holopipe.particles import particles_file
+
+    particles_file(args.input, args.out, _load_config(args))
+
+
+def cmd_baseline(args) -> None:
+    from holopipe.baseline import baseline_file
+
+    baseline_file(_load_config(args), args.input, args.out)
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    """['test=a.csv', ...] -> {'test': 'a.csv'}; a malformed pair is an error naming the flag."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{flag} expects KEY=PATH, got {pair!r}")
+        parsed[key] = value
+    return parsed
+
+
+def cmd_evaluate(args) -> None:
+    from holopipe.evaluate import evaluate_files
+
+    predictions: dict = {}
+    for key, path in _key_values(args.prediction, "--prediction").items():
+        method, sep, split = key.partition(":")
+        if not sep:
+            raise ValueError(f"--prediction expects METHOD:SPLIT=PATH, got {key}={path}")
+        predictions.setdefault(method, {})[split] = path
+    evaluate_files(_load_config(args), _key_values(args.truth, "--truth"), predictions, args.out, args.plots)
+
+
 def _add_training_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="examples store of the training split")
     parser.add_argument("--valid", required=True, help="examples store of the validation split")
@@ -245,6 +288,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output directory (model.pt, metrics.csv, checkpoint)")
     _add_config_source(train)
     train.set_defaults(func=cmd_train)
+
+    infer = stages.add_parser("infer", help="segment every reconstruction plane of one z chunk of a split")
+    infer.add_argument("--model", required=True, help="model.pt from `holopipe train`")
+    infer.add_argument("--in", dest="input", required=True, help="standardized zarr store of the split")
+    infer.add_argument("--out", required=True, help="detections CSV of this chunk")
+    infer.add_argument("--chunk", type=int, default=0, help="which z chunk (0-based)")
+    infer.add_argument("--chunks", type=int, default=1, help="how many z chunks the planes are split into")
+    infer.add_argument("--probabilities", help="also write the probability volume to this zarr store")
+    infer.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    _add_config_source(infer)
+    infer.set_defaults(func=cmd_infer)
+
+    particles = stages.add_parser("particles", help="merge per-plane detections across z into particles")
+    particles.add_argument("--in", dest="input", nargs="+", required=True, help="detection CSVs of the chunks")
+    particles.add_argument("--out", required=True, help="particle CSV (hid, x, y, z, d in µm, prob)")
+    _add_config_source(particles)
+    particles.set_defaults(func=cmd_particles)
+
+    baseline = stages.add_parser("baseline", help="physics-only particle finding on the same planes")
+    baseline.add_argument("--in", dest="input", required=True, help="standardized zarr store of the split")
+    baseline.add_argument("--out", required=True, help="particle CSV (hid, x, y, z, d in µm, score)")
+    _add_config_source(baseline)
+    baseline.set_defaults(func=cmd_baseline)
+
+    evaluate = stages.add_parser("evaluate", help="match particles to the truth; metrics and plots")
+    evaluate.add_argument("--truth", nargs="+", required=True, metavar="SPLIT=STORE",
+                          help="store holding each split's true particles")
+    evaluate.add_argument("--prediction", nargs="+", required=True, metavar="METHOD:SPLIT=CSV",
+                          help="particle CSV of each method and split")
+    evaluate.add_argument("--out", required=True, help="metrics.json")
+    evaluate.add_argument("--plots", required=True, help="directory for the evaluation plots")
+    _add_config_source(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

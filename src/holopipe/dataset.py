@@ -3,7 +3,8 @@
 Normalisation: ``amplitude -> (a - 1) / s`` and ``phase -> phase / s`` with ``s`` the training set's
 contrast standard deviation (``contrast_std`` of the standardization statistics). Angular-spectrum
 propagation is unitary, so the contrast hologram's fluctuation about its background of 1 keeps its
-energy at every plane: one scale serves every plane, and the background maps to 0.
+energy at every plane: one scale serves every plane, and the background maps to 0. The definition
+lives in :func:`normalize_channels` alone, which inference (:mod:`holopipe.infer`) calls too.
 
 Augmentation draws a horizontal flip, a vertical flip (each with its own probability 0.5) and a
 number of 90° rotations from ``numpy.random.default_rng([seed, epoch, index])``, so an epoch is
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import array_api_compat
 import numpy as np
 import pandas as pd
 import torch
@@ -25,10 +27,46 @@ import zarr
 
 from holopipe.io import ignoring_snakemake_marker
 
-__all__ = ["Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation", "write_synthetic_examples"]
+__all__ = ["Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation", "normalize_channels",
+           "write_synthetic_examples"]
 
 FLIP_PROBABILITY = 0.5
 METADATA = ("hid", "z", "z_bin", "row0", "col0", "positive")
+CHANNEL_OFFSETS = {"amplitude": 1.0, "phase": 0.0}
+"""Value of each channel where there is no particle (background 1, flat phase): it maps to 0."""
+
+
+def contrast_scale(stats: dict | None) -> float:
+    """The normalising scale ``s``: ``stats["contrast_std"]`` (1 when ``stats`` has none)."""
+    scale = float((stats or {}).get("contrast_std", 1.0))
+    if not scale > 0:
+        raise ValueError(f"channel_scale contrast_std must be positive, got {scale}")
+    return scale
+
+
+def check_channels(channels, source: str) -> None:
+    """Raise ValueError naming ``source`` when ``channels`` holds a name other than amplitude and phase."""
+    unknown = [name for name in channels if name not in CHANNEL_OFFSETS]
+    if unknown:
+        raise ValueError(f"{source}: unknown channels {unknown}; expected amplitude and/or phase")
+
+
+def normalize_channels(amplitude, phase, channels, stats: dict | None):
+    """Model inputs ``(..., C, H, W)`` from ``amplitude`` and ``phase`` ``(..., H, W)``, channels in order.
+
+    The one definition training (:class:`TileDataset`) and inference share: ``(a - 1) / s`` and
+    ``phase / s`` with ``s = stats["contrast_std"]``. Works on numpy, torch (any device) and cupy arrays
+    and keeps their precision; a channel not in ``channels`` may be None.
+    """
+    check_channels(channels, "normalize_channels")
+    scale = contrast_scale(stats)
+    sources = {"amplitude": amplitude, "phase": phase}
+    missing = [name for name in channels if sources[name] is None]
+    if missing or not channels:
+        raise ValueError(f"normalize_channels: needs at least one channel and an array for each, got "
+                         f"channels {list(channels)} without arrays for {missing}")
+    planes = [(sources[name] - CHANNEL_OFFSETS[name]) / scale for name in channels]
+    return array_api_compat.array_namespace(*planes).stack(planes, axis=-3)
 
 
 class Augmentation(NamedTuple):
@@ -77,15 +115,8 @@ class TileDataset(torch.utils.data.Dataset):
         self.tile_size = int(group.attrs["tile_size"])
         self.metadata = pd.DataFrame({name: np.asarray(group[name][:]) for name in METADATA})
         self.augment, self.seed, self.epoch = bool(augment), int(seed), 0
-        scale = float((channel_scale or {}).get("contrast_std", 1.0))
-        if not scale > 0:
-            raise ValueError(f"channel_scale contrast_std must be positive, got {scale}")
-        offsets = {"amplitude": 1.0, "phase": 0.0}
-        unknown = [name for name in self.channels if name not in offsets]
-        if unknown:
-            raise ValueError(f"{self.path}: unknown channels {unknown}; expected amplitude and/or phase")
-        self._offset = np.array([offsets[name] for name in self.channels], np.float32)[:, None, None]
-        self._scale = np.float32(scale)
+        self._stats = {"contrast_std": contrast_scale(channel_scale)}
+        check_channels(self.channels, str(self.path))
         self._arrays = None
 
     def __len__(self) -> int:
@@ -114,7 +145,8 @@ class TileDataset(torch.utils.data.Dataset):
             raise IndexError(f"example {index} out of range for {n} examples in {self.path}")
         index = index % n
         inputs, masks, _ = self._open()
-        x = (np.asarray(inputs[index], dtype=np.float32) - self._offset) / self._scale
+        stored = dict(zip(self.channels, np.asarray(inputs[index], dtype=np.float32)))
+        x = normalize_channels(stored.get("amplitude"), stored.get("phase"), self.channels, self._stats)
         y = np.asarray(masks[index], dtype=np.float32)
         if self.augment:
             augmentation = draw_augmentation(self.seed, self.epoch, index)

@@ -287,7 +287,8 @@ def hologram_field(hologram, background=None):
     intensity = xp.astype(hologram, real)
     if background is None:
         background = xp.mean(intensity, axis=(-2, -1), keepdims=True)
-    if bool(xp.any(background <= 0)):
+    positive = background > 0 if isinstance(background, (int, float)) else bool(xp.all(background > 0))
+    if not positive:
         raise ValueError("hologram background intensity must be positive everywhere")
     return xp.astype(intensity / background, _complex_dtype(xp, real))
 

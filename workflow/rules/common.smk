@@ -17,6 +17,9 @@ for _split, _role in ((TRAIN_SPLIT, "trains"), (VALID_SPLIT, "validates")):
             f"{', '.join(config['splits'])}"
         )
 SPLITS = list(config["splits"])
+for _split in config["infer"]["splits"]:
+    if _split not in config["splits"]:
+        raise ConfigError(f"infer.splits: {_split!r} is not a configured split ({', '.join(SPLITS)})")
 
 
 def stage_config(*sections, split=None, **keys):
@@ -63,6 +66,28 @@ def tune_worker_flags():
     if config["tune"]["n_trials"] == 0:
         return []
     return expand("results/tune/workers/{worker}.done", worker=range(config["tune"]["workers"]))
+
+
+def infer_outputs():
+    """A chunk's detections, and its probability volume when infer.save_probabilities asks for it."""
+    outputs = {"detections": "results/inference/{split}/chunk_{chunk}.csv"}
+    if config["infer"]["save_probabilities"]:
+        outputs["probabilities"] = directory("results/inference/{split}/probabilities_{chunk}.zarr")
+    return outputs
+
+
+def probabilities_flag(wildcards, output):
+    return f"--probabilities {output.probabilities}" if config["infer"]["save_probabilities"] else ""
+
+
+def evaluation_pairs(pattern, methods=None):
+    """Command-line pairs SPLIT=PATH (or METHOD:SPLIT=PATH) for every evaluated split."""
+    splits = config["infer"]["splits"]
+    if methods is None:
+        return " ".join(f"{split}={pattern.format(split=split)}" for split in splits)
+    return " ".join(
+        f"{method}:{split}={pattern.format(split=split, method=method)}" for method in methods for split in splits
+    )
 
 
 def get_standardize_input(wildcards):

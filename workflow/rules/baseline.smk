@@ -1,0 +1,25 @@
+rule baseline_split:
+    input:
+        "data/standardized/{split}.zarr",
+    output:
+        "results/particles/{split}_baseline.csv",
+    log:
+        "logs/baseline/{split}.log",
+    params:
+        config=lambda w: stage_config("reconstruction", "baseline", split=w.split),
+    wildcard_constraints:
+        split="|".join(SPLITS),
+    threads: 2
+    resources:
+        mem_mb=frame_mem_mb(80, holograms_in_memory=2),
+        runtime=120,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe baseline --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+
+
+rule baseline:
+    localrule: True
+    input:
+        expand("results/particles/{split}_baseline.csv", split=config["infer"]["splits"]),

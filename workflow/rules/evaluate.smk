@@ -1,0 +1,40 @@
+rule evaluate_splits:
+    input:
+        truth=expand("data/standardized/{split}.zarr", split=config["infer"]["splits"]),
+        unet=expand("results/particles/{split}_unet.csv", split=config["infer"]["splits"]),
+        baseline=expand("results/particles/{split}_baseline.csv", split=config["infer"]["splits"]),
+    output:
+        metrics="results/evaluation/metrics.json",
+        plots=report(
+            multiext(
+                "results/evaluation/",
+                "scatter3d.png",
+                "diameters.png",
+                "errors.png",
+                "recall_by_diameter.png",
+                "f1_bars.png",
+            ),
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+        ),
+    log:
+        "logs/evaluate/evaluate.log",
+    params:
+        config=lambda w: stage_config("evaluate"),
+        truth=evaluation_pairs("data/standardized/{split}.zarr"),
+        predictions=evaluation_pairs("results/particles/{split}_{method}.csv", methods=("unet", "baseline")),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe evaluate --truth {params.truth} --prediction {params.predictions} --out {output.metrics}"
+        " --plots results/evaluation --config-json {params.config:q} > {log} 2>&1"
+
+
+rule evaluate:
+    localrule: True
+    input:
+        rules.evaluate_splits.output,

@@ -1,0 +1,36 @@
+rule infer_chunk:
+    input:
+        model="results/model/model.pt",
+        store="data/standardized/{split}.zarr",
+    output:
+        **infer_outputs(),
+    log:
+        "logs/infer/{split}_chunk_{chunk}.log",
+    params:
+        config=lambda w: stage_config("reconstruction", "infer", split=w.split),
+        chunks=config["infer"]["chunks"],
+        probabilities=probabilities_flag,
+    wildcard_constraints:
+        split="|".join(SPLITS),
+        chunk=r"\d+",
+    threads: 2
+    resources:
+        mem_mb=frame_mem_mb(40 * config["infer"]["batch_planes"], holograms_in_memory=2),
+        runtime=120,
+        gpu=1,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "holopipe infer --model {input.model} --in {input.store} --out {output.detections}"
+        " --chunk {wildcards.chunk} --chunks {params.chunks} {params.probabilities} --threads {threads}"
+        " --config-json {params.config:q} > {log} 2>&1"
+
+
+rule infer:
+    localrule: True
+    input:
+        expand(
+            "results/inference/{split}/chunk_{chunk}.csv",
+            split=config["infer"]["splits"],
+            chunk=range(config["infer"]["chunks"]),
+        ),

@@ -1,0 +1,25 @@
+rule particles_split:
+    input:
+        lambda w: expand("results/inference/{split}/chunk_{chunk}.csv", split=w.split, chunk=range(config["infer"]["chunks"])),
+    output:
+        "results/particles/{split}_unet.csv",
+    log:
+        "logs/particles/{split}.log",
+    params:
+        config=lambda w: stage_config("particles", split=w.split),
+    wildcard_constraints:
+        split="|".join(SPLITS),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe particles --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+
+
+rule particles:
+    localrule: True
+    input:
+        expand("results/particles/{split}_unet.csv", split=config["infer"]["splits"]),
