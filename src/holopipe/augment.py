@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.config import ConfigError, load_config
-from holopipe.io import IMAGE_DIMS, open_holodec, pixel_centres, write_zarr
+from holopipe.io import IMAGE_DIMS, open_holodec, pixel_centres, write_atomically, write_zarr
 from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
 
 __all__ = [
@@ -547,13 +547,7 @@ def _write_gallery(path, clean: xr.Dataset, augmented_path, rows: int, variants:
                 axis.set_xlabel("x (pixels)")
                 axis.set_ylabel("y (pixels)")
                 figure.colorbar(shown, ax=axis, shrink=0.8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            figure.savefig(tmp, format="png", dpi=80)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
     finally:
         augmented.close()
     return path

@@ -54,8 +54,9 @@ import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
 from holopipe.examples import z_bin_centres
-from holopipe.io import HolodecFormatError, open_holodec
+from holopipe.io import write_atomically
 from holopipe.optics import Propagator, hologram_field
+from holopipe.standardize import open_standardized
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "find_particles"]
 
@@ -223,16 +224,6 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
     })
 
 
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     """Run the baseline on every hologram of a standardized split store; write its particle CSV.
 
@@ -241,12 +232,9 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     come from the store, or from ``optics`` where the store lacks them (real data).
     """
     name, out_csv = os.fspath(store_path), Path(out_csv)
-    optics, reconstruction = config["optics"], config["reconstruction"]
-    ds = open_holodec(name, z_limits=(optics["z_min"], optics["z_max"]))
+    reconstruction = config["reconstruction"]
+    ds = open_standardized(name, config)
     try:
-        if ds["image"].dtype.kind != "f":
-            raise HolodecFormatError(f"{name}: image has dtype {ds['image'].dtype}; expected a standardized "
-                                     "store (float contrast I/B with background ~1)")
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
         planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
@@ -265,5 +253,5 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     for column in ("x", "y", "z", "d"):
         table[column] = table[column].astype(np.float64) * 1e6
     table = table.astype({"hid": np.int64})[list(CSV_COLUMNS)]
-    _write_csv(table, out_csv)
+    write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
     return out_csv

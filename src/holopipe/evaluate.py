@@ -16,14 +16,13 @@ each bin ``[low, high)`` (the last one closed), recall null for an empty bin.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from holopipe.io import open_holodec, particle_table
+from holopipe.io import open_holodec, particle_table, write_atomically
 
 __all__ = ["PLOT_NAMES", "detection_metrics", "evaluate_files", "match", "read_predictions"]
 
@@ -149,16 +148,6 @@ def _keyed(tables: dict[str, pd.DataFrame], order: list[str]) -> pd.DataFrame:
                       for split, table in tables.items()], ignore_index=True)
 
 
-def _write_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out_json, plots_dir) -> Path:
     """Evaluate every method on every split; write ``metrics.json`` and the five plots; returns out_json.
 
@@ -211,14 +200,14 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
             results[method]["splits"] = {s: evaluate_splits(method, [s])[0] for s in truths}
     out_json = Path(out_json)
     text = json.dumps(results, indent=2, sort_keys=True)
-    _write_atomically(out_json, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    write_atomically(out_json, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     _plot_all(Path(plots_dir), truths, with_truth, predicted, results, all_matches)
     return out_json
 
 
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
-    _write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
 
 
 def _no_truth(ax) -> None:

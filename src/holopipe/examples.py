@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.config import ConfigError
-from holopipe.io import HolodecFormatError, open_holodec, particle_table, um_to_pixel
+from holopipe.io import particle_table, um_to_pixel
 from holopipe.optics import Propagator, hologram_field
+from holopipe.standardize import open_standardized
 
 __all__ = [
     "build_examples",
@@ -218,12 +219,6 @@ def _cut_tiles(image: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, p
 def _check_input(ds: xr.Dataset, name: str, tile: int) -> None:
     if ds.sizes["hologram_number"] == 0:
         raise ValueError(f"{name}: no holograms (empty split); nothing to cut examples from")
-    if ds["image"].dtype.kind != "f":
-        raise HolodecFormatError(f"{name}: image has dtype {ds['image'].dtype}; expected a standardized "
-                                 "store (float contrast I/B with background ~1)")
-    missing = [key for key in ("zMin", "zMax") if key not in ds.attrs]
-    if missing:
-        raise HolodecFormatError(f"{name}: missing attributes {missing}; the z bins need zMin and zMax (m)")
     ny, nx = ds.sizes["ysize"], ds.sizes["xsize"]
     if tile > min(ny, nx):
         raise ConfigError(f"examples.tile_size ({tile}) is larger than the frame of {name} "
@@ -267,7 +262,7 @@ def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, pro
     in_name, out_path = os.fspath(in_path), Path(out_path)
     tile, n_bins, channels = int(examples["tile_size"]), int(reconstruction["z_bins"]), list(examples["channels"])
     dtype = np.dtype(examples["dtype"])
-    ds = open_holodec(in_name)
+    ds = open_standardized(in_name, config)
     try:
         _check_input(ds, in_name, tile)
         attrs = ds.attrs

@@ -48,8 +48,9 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.dataset import normalize_channels
 from holopipe.examples import z_bin_centres
-from holopipe.io import HolodecFormatError, open_holodec
+from holopipe.io import write_atomically
 from holopipe.optics import Propagator, hologram_field
+from holopipe.standardize import open_standardized
 from holopipe.train import autocast_dtype, load_model, resolve_device
 
 __all__ = [
@@ -303,15 +304,6 @@ def sweep_hologram(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmente
     return Timing(time.perf_counter() - start, propagation, model, postprocess + busy[0], len(planes_m))
 
 
-def _check_store(ds, name: str) -> None:
-    if ds["image"].dtype.kind != "f":
-        raise HolodecFormatError(f"{name}: image has dtype {ds['image'].dtype}; expected a standardized "
-                                 "store (float contrast I/B with background ~1)")
-    missing = [key for key in ("zMin", "zMax") if key not in ds.attrs]
-    if missing:
-        raise HolodecFormatError(f"{name}: missing attributes {missing}; the planes need zMin and zMax (m)")
-
-
 def _load_segmenter(model_path, device: torch.device, precision: str) -> Segmenter:
     model, info = load_model(model_path, device)
     return model_segmenter(model.to(memory_format=torch.channels_last) if device.type == "cuda" else model,
@@ -350,17 +342,6 @@ def _replace_tree(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    """Write ``table`` to ``path`` under a temporary name, renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_chunks: int,
                 probabilities_path=None, progress=True, segment: Segmenter | None = None) -> Path:
     """Detections of chunk ``chunk`` of ``n_chunks`` of the planes, for every hologram of a standardized store.
@@ -379,9 +360,8 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
         segment = _load_segmenter(model_path, device, infer["precision"])
     if probabilities_path is None and infer["save_probabilities"]:
         probabilities_path = out_csv.with_name(f"{out_csv.stem}.probabilities.zarr")
-    ds = open_holodec(name)
+    ds = open_standardized(name, config)
     try:
-        _check_store(ds, name)
         attrs = ds.attrs
         planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
         indices = chunk_planes(planes.size, chunk, n_chunks)
@@ -430,7 +410,8 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
             table = table.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
             if tmp_volume is not None:
                 _replace_tree(tmp_volume, probabilities_path)
-            _write_csv(table, out_csv)  # last: a CSV on disk means the chunk is complete
+            # Last: a CSV on disk means the chunk is complete.
+            write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
         finally:
             if tmp_volume is not None:
                 shutil.rmtree(tmp_volume, ignore_errors=True)

@@ -23,6 +23,7 @@ import operator
 import os
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -108,6 +109,23 @@ def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
             ds.close()
         raise
     return ds
+
+
+def write_atomically(path, write) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it over ``path``.
+
+    A reader never sees a half-written file, and a failing ``write`` leaves nothing behind. The temporary
+    name carries the process and thread, so concurrent writers never share one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:

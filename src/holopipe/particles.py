@@ -20,7 +20,6 @@ detection, and ``prob`` = the cluster's largest ``prob_max``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ import pandas as pd
 import scipy.sparse
 import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
+
+from holopipe.io import write_atomically
 
 __all__ = ["PARTICLE_COLUMNS", "cluster_labels", "merge_detections", "particles_file", "read_detections"]
 
@@ -105,12 +106,4 @@ def read_detections(paths) -> pd.DataFrame:
 def particles_file(chunk_csvs: list, out_csv, config: dict) -> Path:
     """Gather a split's chunk CSVs, merge them into particles and write ``out_csv`` atomically."""
     table = merge_detections(read_detections(chunk_csvs), config)
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, out_csv)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_csv
+    return write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))

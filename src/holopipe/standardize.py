@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.io import IMAGE_DIMS, open_holodec, write_zarr
+from holopipe.io import IMAGE_DIMS, HolodecFormatError, open_holodec, write_atomically, write_zarr
 
 __all__ = ["apply_stats", "fit_stats", "read_stats", "standardize_image", "write_stats"]
 
@@ -51,6 +51,22 @@ def standardize_image(intensity, background, log_transform: bool):
     if log_transform:
         ratio = 1 + np.log(np.maximum(ratio, np.float32(LOG_EPS)))
     return ratio.astype(np.float32, copy=False)
+
+
+def open_standardized(path, config: dict) -> xr.Dataset:
+    """Open a standardized split store for the stages that reconstruct it (examples, infer, baseline).
+
+    Its image must be float contrast holograms I/B (background ~1); zMin and zMax come from the store or,
+    for real data without them, from ``optics.z_min``/``optics.z_max`` of the validated ``config``.
+    """
+    name = os.fspath(path)
+    optics = config["optics"]
+    ds = open_holodec(name, z_limits=(optics["z_min"], optics["z_max"]))
+    if ds["image"].dtype.kind != "f":
+        ds.close()
+        raise HolodecFormatError(f"{name}: image has dtype {ds['image'].dtype}; expected a standardized store "
+                                 "(float contrast I/B with background ~1, from `holopipe standardize apply`)")
+    return ds
 
 
 def _open_strips(path, rows: int) -> xr.DataArray:
@@ -129,14 +145,9 @@ def fit_stats(train_path, config: dict) -> dict:
     return stats
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _save_npy(path: Path, image: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would append .npy to the temporary name
+        np.save(handle, image)
 
 
 def write_stats(stats: dict, path) -> Path:
@@ -149,9 +160,9 @@ def write_stats(stats: dict, path) -> Path:
     if background is not None:
         stats["background_file"] = f"{path.stem}_background.npy"
         image = np.asarray(background, np.float32)
-        _replace_atomically(path.parent / stats["background_file"], lambda handle: np.save(handle, image))
+        write_atomically(path.parent / stats["background_file"], lambda tmp: _save_npy(tmp, image))
     text = json.dumps(stats, indent=2, sort_keys=True) + "\n"
-    _replace_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm  # not tqdm.auto: its constructor calls iter(), starting a
 
 from holopipe import __version__
 from holopipe.dataset import TileDataset
+from holopipe.io import write_atomically
 from holopipe.losses import PixelCounts, build_loss
 from holopipe.models import build_model, model_stride
 from holopipe.standardize import read_stats
@@ -149,18 +150,8 @@ def _deterministic(enabled: bool):
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save(payload: dict, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: torch.save(payload, tmp))
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _cpu_copy(state_dict: dict) -> dict:
@@ -244,7 +235,7 @@ def _evaluate(forward, loader, loss_fn, device, amp_dtype, threshold: float, cha
 
 def _write_metrics(history: list[dict], path: Path) -> None:
     table = pd.DataFrame(history, columns=list(METRIC_COLUMNS))
-    _replace_atomically(path, lambda tmp: table.to_csv(tmp, index=False))
+    write_atomically(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def _plot_learning_curve(history: list[dict], path: Path, metric: str, best_epoch: int) -> None:
@@ -263,7 +254,7 @@ def _plot_learning_curve(history: list[dict], path: Path, metric: str, best_epoc
         if best_epoch:
             axes.axvline(best_epoch, color="grey", linestyle=":", label=f"best {metric}")
         axes.legend()
-    _replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def train_model(config: dict, train_store, valid_store, out_dir, *, stats_path=None, trial=None,

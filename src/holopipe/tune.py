@@ -31,7 +31,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -48,6 +47,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from holopipe.config import ConfigError, with_overrides
+from holopipe.io import write_atomically
 
 __all__ = ["open_storage", "run_worker", "study_name", "suggest", "summarize"]
 
@@ -374,21 +374,10 @@ def run_worker(config: dict, train_store, valid_store, stats_path, workdir, *, w
 
 # --- summary ------------------------------------------------------------------------------------------
 
-def _write_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)  # Optuna draws with pyplot, which keeps its figures until closed
 
 
@@ -464,7 +453,7 @@ def summarize(config: dict, workdir, best_path, trials_csv, plots_dir) -> None:
                   f"finished trials.\n# Dotted config keys, applied with holopipe.config.with_overrides.\n")
         text = header + yaml.safe_dump(dict(best.params), sort_keys=True, default_flow_style=False)
         frame = study.trials_dataframe()
-    _write_atomically(best_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    _write_atomically(trials_csv, lambda tmp: frame.to_csv(tmp, index=False))
+    write_atomically(best_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomically(trials_csv, lambda tmp: frame.to_csv(tmp, index=False))
     plots_dir.mkdir(parents=True, exist_ok=True)
     _plots(study, plots_dir, disabled=study is None)
