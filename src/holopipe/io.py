@@ -25,8 +25,10 @@ import shutil
 import sys
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dask
 import dask.array as da
 import netCDF4
 import numpy as np
@@ -144,7 +146,11 @@ def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+        writes = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
+        # Our own pool: leaving it waits for every chunk write in flight, so when one chunk fails no
+        # thread recreates files in the temporary store after it has been removed.
+        with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+            dask.compute(writes, scheduler="threads", pool=pool)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
