@@ -174,15 +174,30 @@ def test_incompatible_checkpoint_is_set_aside(data, tmp_path, caplog):
     assert result.epochs_run == 2  # started afresh, not resumed after epoch 1
     assert pd.read_csv(tmp_path / "metrics.csv")["lr"].iloc[0] == pytest.approx(5e-4)
 
-    # A rerun of a finished run resumes after its last epoch and trains no further.
+    # A rerun of a finished run (Snakemake deletes the outputs first) resumes after its last epoch, trains
+    # no further and writes every output again.
+    metrics = (tmp_path / "metrics.csv").read_text()
+    for name in ("metrics.csv", "model.pt", "learning_curve.png"):
+        (tmp_path / name).unlink()
     with caplog.at_level(logging.INFO, logger="holopipe"):
         result = run(changed, data, tmp_path)
     assert "resuming after epoch 2" in caplog.text and result.epochs_run == 2
     assert not (tmp_path / "checkpoint.incompatible-2.pt").exists()
+    assert (tmp_path / "metrics.csv").read_text() == metrics
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "learning_curve.png").is_file()
 
     (tmp_path / "checkpoint.pt").write_text("garbage")
     run(changed, data, tmp_path)
     assert (tmp_path / "checkpoint.incompatible-2.pt").read_text() == "garbage"
+
+
+def test_rebuilt_examples_store_is_not_resumed(data, tmp_path):
+    """Same path, same size, other tiles: the checkpoint of the old tiles must not be resumed."""
+    store = examples_store(tmp_path / "train.zarr", 24, 1)
+    run(make_config(epochs=1), {**data, "train": store}, tmp_path / "run")
+    examples_store(store, 24, 7)  # rebuilt in place with other tiles
+    run(make_config(epochs=1), {**data, "train": store}, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint.incompatible-1.pt").is_file()
 
 
 def test_early_stopping_after_patience_epochs(data, tmp_path, monkeypatch):

@@ -139,15 +139,19 @@ class TileDataset(torch.utils.data.Dataset):
             self._arrays = (group["inputs"], group["masks"], os.getpid())
         return self._arrays
 
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example ``index`` as stored: inputs (C, H, W) and mask (1, H, W), before scaling and augmentation."""
+        inputs, masks, _ = self._open()
+        return np.asarray(inputs[index]), np.asarray(masks[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"example {index} out of range for {n} examples in {self.path}")
-        index = index % n
-        inputs, masks, _ = self._open()
-        stored = dict(zip(self.channels, np.asarray(inputs[index], dtype=np.float32)))
+        inputs, mask = self.raw(index % n)
+        stored = dict(zip(self.channels, inputs.astype(np.float32)))
         x = normalize_channels(stored.get("amplitude"), stored.get("phase"), self.channels, self._stats)
-        y = np.asarray(masks[index], dtype=np.float32)
+        y = mask.astype(np.float32)
         if self.augment:
             augmentation = draw_augmentation(self.seed, self.epoch, index)
             x, y = apply_augmentation(x, augmentation), apply_augmentation(y, augmentation)

@@ -13,6 +13,7 @@ inference needs to rebuild the model (:func:`load_model`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -159,8 +160,15 @@ def _cpu_copy(state_dict: dict) -> dict:
 
 
 def _store_identity(dataset: TileDataset) -> dict:
+    """The store's path and shape, and a digest of its tiles (the metadata of all, the pixels of the first
+    and last): a store rebuilt with other tiles must not resume this run's checkpoint."""
+    tiles = hashlib.sha256(pd.util.hash_pandas_object(dataset.metadata, index=True).to_numpy().tobytes())
+    for index in (0, len(dataset) - 1):
+        inputs, mask = dataset.raw(index)
+        tiles.update(inputs.tobytes())
+        tiles.update(mask.tobytes())
     return {"path": str(dataset.path.resolve()), "examples": len(dataset), "channels": dataset.channels,
-            "tile_size": dataset.tile_size}
+            "tile_size": dataset.tile_size, "tiles": tiles.hexdigest()}
 
 
 def _fingerprint(config: dict, train_set: TileDataset, valid_set: TileDataset, stats: dict) -> dict:
@@ -382,6 +390,9 @@ def train_model(config: dict, train_store, valid_store, out_dir, *, stats_path=N
         log.info("early stopping after epoch %d: validation %s has not improved for %d epochs (best %s at "
                  "epoch %d)", epoch, metric, waited, best_metric, best_epoch)
 
+    # Again here: a rerun of a finished run (Snakemake deleted the outputs first) resumes past the last
+    # epoch, skips the loop and must still leave every output.
+    _write_metrics(history, out_dir / METRICS)
     model_path = out_dir / MODEL
     _save({"format": MODEL_FORMAT, "state_dict": best_state, "model": copy.deepcopy(model_config),
            "in_channels": len(train_set.channels), "channel_names": list(train_set.channels),
