@@ -147,20 +147,15 @@ def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape
     ``particles`` are one hologram's particles with pixel positions (columns row, col, radius_row,
     radius_col, z_bin). Positives go to randomly chosen particles; with fewer particles than
     ``positives_per_hologram`` particles are reused at new tile positions, and a hologram without
-    particles has no positives. Near negatives are tiles around a particle at an empty bin up to
-    ``near_bins`` bins from the particle's own (the particle is there, just out of focus: the case that
-    teaches the model where in z to fire); where there are none the slots go to random empty bins. A hologram whose every bin holds a particle has no
+    particles has no positives. Near negatives go to empty bins next to a particle's bin; where there
+    are none the slots go to random empty bins. A hologram whose every bin holds a particle has no
     negatives. Tiles of one hologram do not repeat (plane, origin) unless the frame leaves no choice.
     """
     ny, nx = frame_shape
     tile = int(examples["tile_size"])
     occupied = set(particles["z_bin"].tolist())
     empty = [b for b in range(n_bins) if b not in occupied]
-    reach = int(examples["near_bins"])
-    steps = [step for distance in range(1, reach + 1) for step in (-distance, distance)]
-    empty_set = set(empty)
-    near = [(index, own + step) for index, own in enumerate(particles["z_bin"].tolist())
-            for step in steps if own + step in empty_set]
+    near = sorted({b + step for b in occupied for step in (-1, 1)} & set(empty))
     n_negatives = int(examples["negatives_per_hologram"])
     n_near = min(int(round(examples["near_negative_fraction"] * n_negatives)), n_negatives if near else 0)
 
@@ -180,10 +175,8 @@ def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape
         place(int(p["z_bin"]), _origin_range(p["row"], p["radius_row"], ny, tile),
               _origin_range(p["col"], p["radius_col"], nx, tile), True, False)
     frame_range = ((0, ny - tile), (0, nx - tile))
-    for index, z_bin in _draw_cycling(rng, near, n_near):
-        p = particles.iloc[index]
-        place(z_bin, _origin_range(p["row"], p["radius_row"], ny, tile),
-              _origin_range(p["col"], p["radius_col"], nx, tile), False, True)
+    for z_bin in _draw_cycling(rng, near, n_near):
+        place(z_bin, *frame_range, False, True)
     for z_bin in rng.choice(empty, n_negatives - n_near) if empty else []:
         place(int(z_bin), *frame_range, False, False)
     plan = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
