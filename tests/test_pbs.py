@@ -1,0 +1,149 @@
+"""The PBS profile (profiles/pbs) driving Snakemake against a local PBS Pro emulator (tests/pbs_emulator)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_workflow import TINY
+
+pytestmark = pytest.mark.workflow
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "pbs"
+EMULATOR = REPO / "tests" / "pbs_emulator"
+FAST = ("--seconds-between-status-checks", "1", "--max-status-checks-per-second", "20", "--latency-wait", "5")
+
+# A rule that outlives its 1-minute walltime on the first attempt and gets 10 minutes on the retry.
+SLOW_SNAKEFILE = """
+rule slow:
+    output: "slow.txt"
+    resources:
+        runtime=lambda wildcards, attempt: 1 if attempt == 1 else 10,
+        nap=lambda wildcards, attempt: 60 if attempt == 1 else 0,
+    shell: "sleep {resources.nap}; echo done > {output}"
+"""
+
+
+def pbs_env(emulator_dir: Path, account: str | None = "test", **extra: str) -> dict:
+    """Environment with the emulator's qsub/qstat/qdel and this interpreter's bin first on PATH."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PBS_")}
+    env["PATH"] = os.pathsep.join([str(EMULATOR), str(Path(sys.executable).parent), env["PATH"]])
+    env["PBS_EMULATOR_DIR"] = str(emulator_dir)
+    if account is not None:
+        env["PBS_ACCOUNT"] = account
+    return {**env, **extra}
+
+
+def snakemake_command(workdir: Path, snakefile: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+            "--profile", str(PROFILE), *FAST, *args]
+
+
+def submissions(emulator_dir: Path) -> list[dict]:
+    log = emulator_dir / "submissions.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def job_state(emulator_dir: Path, job_id: str) -> dict:
+    return json.loads((emulator_dir / "jobs" / f"{job_id}.json").read_text())
+
+
+def test_workflow_runs_through_qsub_with_gpus_only_for_gpu_rules(tmp_path):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(TINY))
+    workdir, emulator = tmp_path / "work", tmp_path / "pbs"
+    command = snakemake_command(workdir, REPO / "Snakefile", "train", "--configfile", str(configfile))
+    result = subprocess.run(command, capture_output=True, text=True, env=pbs_env(emulator), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (workdir / "results" / "model" / "model.pt").exists()
+    jobs = submissions(emulator)
+    by_rule = {job["name"]: job for job in jobs}
+    assert {"acquire_split", "tune_worker", "train_model"} <= set(by_rule)
+    assert sum(job["name"] == "tune_worker" for job in jobs) == TINY["tune"]["workers"]
+    for job in jobs:
+        assert job["account"] == "test"
+        assert job["queue"] == "casper"
+        assert job["join"] == "oe" and Path(job["output"]).is_absolute()
+        hours, minutes, seconds = job["resources"]["walltime"].split(":")
+        assert len(hours) == len(minutes) == len(seconds) == 2
+        chunks, *items = job["resources"]["select"].split(":")  # qsub -l select=1:ncpus=..:mem=..
+        select = dict(item.split("=") for item in items)
+        assert chunks == "1" and int(select["ncpus"]) >= 1
+        assert select["mem"].endswith("MB")
+        if job["name"] in ("tune_worker", "train_model"):
+            assert select["ngpus"] == "1" and select["gpu_type"] == "a100"
+        else:
+            assert "ngpus" not in select and "gpu_type" not in select
+        assert job_state(emulator, job["id"])["Exit_status"] == 0
+    # train_model declares threads 2, mem_mb 16000, runtime 720 minutes.
+    assert by_rule["train_model"]["resources"]["select"] == "1:ncpus=2:mem=16000MB:ngpus=1:gpu_type=a100"
+    assert by_rule["train_model"]["resources"]["walltime"] == "12:00:00"
+
+
+def test_job_killed_at_walltime_is_reported_failed_and_rerun(tmp_path):
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text(SLOW_SNAKEFILE)
+    workdir, emulator = tmp_path / "work", tmp_path / "pbs"
+    env = pbs_env(emulator, PBS_EMULATOR_WALLTIME_SCALE="0.2")  # 1 minute of walltime = 12 s
+    result = subprocess.run(snakemake_command(workdir, snakefile), capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    first, second = submissions(emulator)
+    assert (first["resources"]["walltime"], second["resources"]["walltime"]) == ("00:01:00", "00:10:00")
+    assert job_state(emulator, first["id"])["Exit_status"] == 271
+    assert job_state(emulator, second["id"])["Exit_status"] == 0
+    assert (workdir / "slow.txt").read_text() == "done\n"
+
+
+def test_missing_account_fails_before_any_submission(tmp_path):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(TINY))
+    workdir, emulator = tmp_path / "work", tmp_path / "pbs"
+    command = snakemake_command(workdir, REPO / "Snakefile", "acquire", "--configfile", str(configfile))
+    result = subprocess.run(command, capture_output=True, text=True, env=pbs_env(emulator, account=None),
+                            timeout=120)
+    assert result.returncode != 0
+    assert "PBS_ACCOUNT" in result.stderr and "pbs_account" in result.stderr
+    assert submissions(emulator) == []
+    assert not (workdir / "data").exists()
+
+
+def test_status_of_unknown_job_is_failed_not_a_crash(tmp_path):
+    result = subprocess.run([str(PROFILE / "pbs-status.py"), "4242.emulator"], capture_output=True, text=True,
+                            env=pbs_env(tmp_path / "pbs"), timeout=30)
+    assert result.returncode == 0
+    assert result.stdout == "failed\n"
+    assert "4242.emulator" in result.stderr
+
+
+def test_interrupt_deletes_running_jobs_with_qdel(tmp_path):
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text(SLOW_SNAKEFILE)
+    workdir, emulator = tmp_path / "work", tmp_path / "pbs"
+    # Snakemake only cancels the jobs not in the middle of a status check: keep checks rare here.
+    command = snakemake_command(workdir, snakefile, "--seconds-between-status-checks", "8")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=pbs_env(emulator), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not submissions(emulator) or job_state(emulator, submissions(emulator)[0]["id"])["job_state"] != "R":
+            assert time.monotonic() < deadline and process.poll() is None, "the job never started"
+            time.sleep(0.5)
+        time.sleep(2)  # let Snakemake record the submission before it is interrupted
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    job_id = submissions(emulator)[0]["id"]
+    deleted = [json.loads(line) for line in (emulator / "qdel.jsonl").read_text().splitlines()]
+    assert any(job_id in call["ids"] for call in deleted)
+    assert job_state(emulator, job_id)["Exit_status"] == 271
+    assert not (workdir / "slow.txt").exists()
