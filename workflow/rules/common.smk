@@ -105,13 +105,9 @@ def get_acquire_input(wildcards):
 
 def get_acquire_config(wildcards):
     """Only the config that acquiring this split reads, as JSON: other changes must not rerun it."""
-    spec = config["splits"][wildcards.split]
-    sections = {"splits": {wildcards.split: spec}, "optics": config["optics"]}
-    if spec["source"] == "simulate":
-        sections["simulate"] = config["simulate"]
-    if spec["source"] == "url":
-        sections["acquire"] = config["acquire"]
-    return json.dumps(sections, sort_keys=True)
+    source = config["splits"][wildcards.split]["source"]
+    sections = {"simulate": ["simulate"], "url": ["acquire"]}.get(source, [])
+    return stage_config(*sections, split=wildcards.split)
 
 
 def _padded_pixels():
