@@ -152,3 +152,11 @@ def test_whole_workflow_tunes_trains_infers_and_evaluates(tmp_path):
     for method in metrics.values():
         assert method["n_true"] == truth and 0.0 <= method["f1"] <= 1.0
     assert all((tmp_path / "results" / "evaluation" / name).stat().st_size > 0 for name in PLOT_NAMES)
+
+
+def test_url_split_plans_a_download_job(tmp_path):
+    url_split = {"source": "url", "url": "https://example.org/holograms.nc", "sha256": "0" * 64}
+    config = {**TINY, "splits": {**TINY["splits"], "train": url_split}}
+    result = snakemake(tmp_path, "-n", "--cores", "1", "acquire", config=config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "data/raw/train.nc" in result.stdout

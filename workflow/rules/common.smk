@@ -124,9 +124,9 @@ def get_acquire_mem_mb(wildcards):
 def get_acquire_runtime(wildcards):
     """Minutes. Simulation measured 0.04 µs per padded pixel per z slab per hologram on a 2-core node
     (benchmarks/bench_simulate.py: 24 s per full-size hologram); 0.1 µs leaves a 2.5x margin for slower
-    nodes: 1.7 h for 100 full-size holograms. A file split is a validated copy."""
+    nodes: 1.7 h for 100 full-size holograms. A file or url split is a (downloaded and) validated copy."""
     spec = config["splits"][wildcards.split]
-    if spec["source"] == "file":
+    if spec["source"] != "simulate":
         return 30
     optics, simulate = config["optics"], config["simulate"]
     slabs = math.ceil((optics["z_max"] - optics["z_min"]) / simulate["slab_thickness"])
