@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.holopipe-installed
 CORES ?= all
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run test bench lint docs report clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,14 @@ bench: setup
 	$(BIN)/python benchmarks/bench_simulate.py
 	$(BIN)/python benchmarks/bench_examples.py
 	$(BIN)/python benchmarks/bench_train.py
+
+# The README's configuration reference, regenerated from the schema (a test fails while it is stale).
+docs: setup
+	$(BIN)/holopipe config-reference --readme README.md
+
+# The HTML report (with provenance) of the last run, and the workflow graphs; `make run` builds both too.
+report: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) report
 
 lint: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint

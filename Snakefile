@@ -6,6 +6,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 TRAIN_SPLIT = "train"
 VALID_SPLIT = "valid"
 
@@ -18,6 +21,7 @@ rule all:
     input:
         expand("data/examples/{split}.zarr", split=SPLITS),
         "results/evaluation/metrics.json",
+        "results/report.html",
 
 
 include: "workflow/rules/acquire.smk"
@@ -31,3 +35,4 @@ include: "workflow/rules/infer.smk"
 include: "workflow/rules/particles.smk"
 include: "workflow/rules/baseline.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"

@@ -2,11 +2,19 @@
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from holopipe.config import ConfigError, load_config, schema, with_overrides
+from holopipe.config import (
+    ConfigError,
+    config_reference_markdown,
+    load_config,
+    schema,
+    update_readme_reference,
+    with_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,3 +205,173 @@ def test_search_space_keys_must_exist():
     space = {"model.widht": {"type": "int", "low": 4, "high": 8}}
     message = error_of(with_change(lambda c: c.update(tune={"search_space": space})))
     assert "tune.search_space.model.widht: no such config key to tune" in message
+
+
+# --- The generated config reference (config_reference_markdown) and the README's copy of it.
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+SMALL_SCHEMA = {
+    "description": "A toy config.",
+    "required": ["beam"],
+    "properties": {
+        "beam": {
+            "description": "The light source.",
+            "type": "object",
+            "required": ["wavelength"],
+            "properties": {
+                "wavelength": {"description": "In m.", "type": "number", "exclusiveMinimum": 0},
+                "waist": {"description": "Radius; null is flat.", "type": ["number", "null"], "minimum": 0,
+                          "default": None},
+                "shape": {"description": "Profile.", "enum": ["gauss", "flat"], "default": "gauss"},
+                "camera": {
+                    "description": "Sensor.",
+                    "type": "object",
+                    "default": {},
+                    "properties": {"gain": {"description": "Fraction of a | b.", "type": "number", "minimum": 0,
+                                            "maximum": 1, "default": 0.5}},
+                },
+            },
+        },
+        "runs": {
+            "description": "Runs by name.",
+            "type": "object",
+            "propertyNames": {"pattern": "^[a-z]+$"},
+            "additionalProperties": {"$ref": "#/$defs/run"},
+        },
+    },
+    "$defs": {
+        "run": {
+            "description": "One run.",
+            "type": "object",
+            "required": ["kind"],
+            "properties": {
+                "kind": {"description": "a or b.", "enum": ["a", "b"]},
+                "count": {"description": "Items.", "type": "integer", "minimum": 1},
+                "edges": {"description": "Bin edges in m.", "type": "array", "items": {"type": "number"},
+                          "minItems": 2, "default": [0.0, 1.0e-5]},
+            },
+            "allOf": [{"if": {"properties": {"kind": {"const": "a"}}}, "then": {"required": ["count"]}}],
+        }
+    },
+}
+
+SMALL_REFERENCE = """\
+A toy config.
+
+### beam
+
+The light source. Required.
+
+| Key | Type | Default | Description |
+| --- | --- | --- | --- |
+| `beam.wavelength` | number > 0 | required | In m. |
+| `beam.waist` | number ≥ 0 or null | `null` | Radius; null is flat. |
+| `beam.shape` | one of `gauss`, `flat` | `gauss` | Profile. |
+| `beam.camera` | object | `{}` | Sensor. |
+| `beam.camera.gain` | number in [0, 1] | `0.5` | Fraction of a \\| b. |
+
+### runs
+
+Runs by name.
+
+| Key | Type | Default | Description |
+| --- | --- | --- | --- |
+| `runs.<name>` | object, name matching `^[a-z]+$` |  | One run. |
+| `runs.<name>.kind` | one of `a`, `b` | required | a or b. |
+| `runs.<name>.count` | integer ≥ 1 | required if kind is `a` | Items. |
+| `runs.<name>.edges` | list of number, ≥ 2 items | `[0.0, 1.0e-05]` | Bin edges in m. |
+"""
+
+
+def test_reference_of_a_small_schema_is_exact():
+    original = copy.deepcopy(SMALL_SCHEMA)
+    assert config_reference_markdown(SMALL_SCHEMA) == SMALL_REFERENCE
+    assert SMALL_SCHEMA == original  # $ref resolution does not write into the schema
+
+
+def _leaf_paths(node, root, path):
+    """Dotted paths of the keys that hold values, walked independently of the renderer."""
+    while "$ref" in node:
+        target = root
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    children = dict(node.get("properties", {}))
+    if isinstance(node.get("additionalProperties"), dict):
+        children["<name>"] = node["additionalProperties"]
+    if isinstance(node.get("items"), dict) and node["items"] != {}:
+        items = node["items"]
+        if "properties" in items or "$ref" in items:
+            children["<i>"] = items
+    if not children:
+        yield path
+    for key, child in children.items():
+        yield from _leaf_paths(child, root, f"{path}.{key}" if path else key)
+
+
+def test_reference_names_every_key_of_the_packaged_schema():
+    packaged = schema()
+    text = config_reference_markdown()
+    leaves = list(_leaf_paths(packaged, packaged, ""))
+    assert len(leaves) > 100
+    missing = [path for path in leaves if f"| `{path}` |" not in text]
+    assert missing == []
+    headings = [line.removeprefix("### ") for line in text.splitlines() if line.startswith("### ")]
+    assert headings == list(packaged["properties"])
+    assert text == config_reference_markdown(schema())  # deterministic
+
+
+def test_reference_tables_have_four_cells_per_row():
+    """Patterns such as ^(auto|cpu|cuda...)$ contain pipes, which must not split a cell."""
+    rows = [line for line in config_reference_markdown().splitlines() if line.startswith("| ")]
+    assert rows
+    for row in rows:
+        cells = [cell for cell in re.split(r"(?<!\\)\|", row)][1:-1]
+        assert len(cells) == 4, row
+
+
+def _between_markers(text: str) -> str:
+    lines = text.splitlines()
+    return "\n".join(lines[lines.index(START) + 1:lines.index(END)]).strip("\n")
+
+
+def test_readme_reference_is_current():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    if START not in readme.splitlines() or END not in readme.splitlines():
+        pytest.fail(f"README.md lacks the lines {START} and {END}; add them and run `make docs`")
+    assert _between_markers(readme) == config_reference_markdown().strip("\n"), (
+        "README.md's configuration reference is out of date with src/holopipe/schemas/config.schema.yaml: "
+        "run `make docs` to regenerate it")
+
+
+def test_update_readme_reference_rewrites_only_the_marked_block(tmp_path):
+    readme = tmp_path / "README.md"
+    before, after = "# Title\n\nIntro.\n\n", "\nTrailing text.\n"
+    readme.write_text(f"{before}{START}\nstale table\n{END}{after}", encoding="utf-8")
+    readme.chmod(0o640)
+    assert update_readme_reference(readme) is True
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith(before + START + "\n") and text.endswith(END + after)
+    assert _between_markers(text) == config_reference_markdown().strip("\n")
+    assert readme.stat().st_mode & 0o777 == 0o640  # the temporary file's 0600 does not leak
+    assert update_readme_reference(readme) is False
+    assert readme.read_text(encoding="utf-8") == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "no markers at all\n",
+        f"{END}\nold\n{START}\n",
+        f"{START}\n{START}\nold\n{END}\n",
+    ],
+    ids=["missing", "out-of-order", "duplicated"],
+)
+def test_update_readme_reference_refuses_bad_markers(tmp_path, body):
+    readme = tmp_path / "NOTES.md"
+    readme.write_text(body, encoding="utf-8")
+    with pytest.raises(ValueError, match="NOTES.md"):
+        update_readme_reference(readme)
+    assert readme.read_text(encoding="utf-8") == body

@@ -152,6 +152,21 @@ def test_whole_workflow_tunes_trains_infers_and_evaluates(tmp_path):
     for method in metrics.values():
         assert method["n_true"] == truth and 0.0 <= method["f1"] <= 1.0
     assert all((tmp_path / "results" / "evaluation" / name).stat().st_size > 0 for name in PLOT_NAMES)
+    provenance = tmp_path / "results" / "provenance"
+    jobs = pd.read_csv(provenance / "jobs.csv")
+    assert {"acquire", "regrid", "train", "infer", "particles", "baseline", "evaluate"} <= set(jobs["stage"])
+    assert (jobs["cpus_allowed"] >= 1).all()
+    configured = jobs["stage"] != "standardize apply"  # the only stage that reads stats, not a config
+    assert jobs.loc[configured, "config_sha256"].str.len().eq(64).all()
+    files = pd.read_csv(provenance / "files.csv")
+    model_row = files[(files["role"] == "output") & (files["path"] == "results/model")]
+    assert len(model_row) == 1 and len(model_row["sha256"].iloc[0]) == 64
+    assert yaml.safe_load((provenance / "config.yaml").read_text())["optics"] == load_config(TINY)["optics"]
+    dag, rules = (provenance / "dag.mmd").read_text(), (provenance / "rulegraph.mmd").read_text()
+    assert "flowchart" in dag and "infer_chunk - chunk: 1" in dag and "train_model" in rules
+    report = (tmp_path / "results" / "report.html").read_text()
+    assert report.startswith("<!DOCTYPE html>") or "<html" in report[:2000]
+    assert all(name in report for name in ("jobs.csv", "files.csv", "packages.csv", "scatter3d.png"))
 
 
 def test_url_split_plans_a_download_job(tmp_path):

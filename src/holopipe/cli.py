@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from holopipe import __version__
 
@@ -191,6 +192,76 @@ def cmd_evaluate(args) -> None:
     evaluate_files(_load_config(args), _key_values(args.truth, "--truth"), predictions, args.out, args.plots)
 
 
+def _paths(*dests: str):
+    """Provenance: the paths held by these arguments (single or lists; arguments not given left out)."""
+    def paths(args) -> list:
+        found = []
+        for dest in dests:
+            value = getattr(args, dest, None)
+            found.extend(value if isinstance(value, list) else [value] if value else [])
+        return found
+
+    return paths
+
+
+_input, _out = _paths("input"), _paths("out")
+_training_data = _paths("train", "valid", "stats")
+
+
+def _config_file(args) -> list:
+    return [args.config] if getattr(args, "config", None) else []
+
+
+def _acquire_source(args) -> list:
+    """A file split's source file; a simulated or downloaded split reads nothing but its config."""
+    spec = _load_config(args)["splits"].get(args.split, {})
+    return [spec["path"]] if spec.get("source") == "file" else []
+
+
+def _stats_out(args) -> list:
+    """stats.json, and the median background image written beside it when there is one."""
+    background = json.loads(Path(args.out).read_text()).get("background_file")
+    return [args.out] + ([Path(args.out).parent / background] if background else [])
+
+
+def _evaluation_inputs(args) -> list:
+    return [pair.partition("=")[2] for pair in [*args.truth, *args.prediction]]
+
+
+def cmd_provenance(args) -> None:
+    from holopipe.provenance import write_summary
+
+    write_summary(args.records, _load_config(args), args.out_dir)
+
+
+def cmd_graphs(args) -> None:
+    from holopipe.report import write_graphs
+
+    write_graphs(args.snakefile, args.configfile, args.targets, args.out_dir)
+
+
+def cmd_report(args) -> None:
+    from holopipe.report import write_report
+
+    write_report(args.snakefile, args.configfile, args.targets, args.out)
+
+
+def cmd_config_reference(args) -> None:
+    from holopipe.config import config_reference_markdown, update_readme_reference
+
+    if args.readme:
+        changed = update_readme_reference(args.readme)
+        log.info("%s: configuration reference %s", args.readme, "updated" if changed else "already current")
+    else:
+        print(config_reference_markdown())
+
+
+def _add_snakemake_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--snakefile", required=True, help="the workflow's Snakefile")
+    parser.add_argument("--configfile", required=True, help="the run's resolved config (provenance config.yaml)")
+    parser.add_argument("--targets", nargs="+", default=["all"], help="Snakemake targets (default: all)")
+
+
 def _add_training_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="examples store of the training split")
     parser.add_argument("--valid", required=True, help="examples store of the validation split")
@@ -208,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holopipe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"holopipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--provenance", metavar="JSON",
+                        help="after success, write the run's provenance record here (see holopipe.provenance)")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     simulate = stages.add_parser("simulate", help="write synthetic HOLODEC holograms to netCDF")
@@ -224,26 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--slab-thickness", type=float, help="metres")
     simulate.add_argument("--no-noise", action="store_true", help="noise-free camera")
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
-    simulate.set_defaults(func=cmd_simulate)
+    simulate.set_defaults(func=cmd_simulate, reads=_config_file, writes=_out)
 
     acquire = stages.add_parser("acquire", help="bring one split's holograms to data/raw/{split}.nc")
     acquire.add_argument("--split", required=True)
     acquire.add_argument("--out", required=True)
     _add_config_source(acquire)
-    acquire.set_defaults(func=cmd_acquire)
+    acquire.set_defaults(func=cmd_acquire, reads=_acquire_source, writes=_out)
 
     regrid = stages.add_parser("regrid", help="resample a split to the training grid (zarr)")
     regrid.add_argument("--in", dest="input", required=True, help="HOLODEC netCDF or zarr store")
     regrid.add_argument("--out", required=True, help="output zarr store")
     _add_config_source(regrid)
-    regrid.set_defaults(func=cmd_regrid)
+    regrid.set_defaults(func=cmd_regrid, reads=_input, writes=_out)
 
     augment = stages.add_parser("augment", help="corrupt clean training holograms into realistic ones")
     augment.add_argument("--in", dest="input", required=True, help="regridded training zarr store")
     augment.add_argument("--out", required=True, help="output zarr store")
     augment.add_argument("--gallery", help="PNG of clean vs corrupted holograms")
     _add_config_source(augment)
-    augment.set_defaults(func=cmd_augment)
+    augment.set_defaults(func=cmd_augment, reads=_input, writes=_paths("out", "gallery"))
 
     standardize = stages.add_parser("standardize", help="fit statistics on train, apply to a split")
     steps = standardize.add_subparsers(dest="step", required=True, metavar="STEP")
@@ -251,12 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--in", dest="input", required=True, help="training zarr store")
     fit.add_argument("--out", required=True, help="stats.json")
     _add_config_source(fit)
-    fit.set_defaults(func=cmd_standardize_fit)
+    fit.set_defaults(func=cmd_standardize_fit, reads=_input, writes=_stats_out)
     apply = steps.add_parser("apply", help="apply fitted statistics to one split")
     apply.add_argument("--in", dest="input", required=True, help="zarr store of the split")
     apply.add_argument("--stats", required=True, help="stats.json from `standardize fit`")
     apply.add_argument("--out", required=True, help="output zarr store")
-    apply.set_defaults(func=cmd_standardize_apply)
+    apply.set_defaults(func=cmd_standardize_apply, reads=_paths("input", "stats"), writes=_out)
 
     examples = stages.add_parser("examples", help="cut training tiles and masks from reconstructed planes")
     examples.add_argument("--in", dest="input", required=True, help="standardized zarr store")
@@ -264,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--seed-offset", type=int, default=0,
                           help="distinct per split, so splits never share tile draws")
     _add_config_source(examples)
-    examples.set_defaults(func=cmd_examples)
+    examples.set_defaults(func=cmd_examples, reads=_input, writes=_out)
 
     tune = stages.add_parser("tune", help="Optuna hyperparameter trials")
     tune_steps = tune.add_subparsers(dest="step", required=True, metavar="STEP")
@@ -273,21 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--workdir", required=True, help="directory of the study (journal, trial outputs)")
     _add_training_data(worker)
     _add_config_source(worker)
-    worker.set_defaults(func=cmd_tune_worker)
+    worker.set_defaults(func=cmd_tune_worker, reads=_training_data, writes=_paths())
     summary = tune_steps.add_parser("summarize", help="best.yaml, trials CSV and plots of the study")
     summary.add_argument("--workdir", required=True)
     summary.add_argument("--best", required=True, help="best.yaml: the winning values by dotted key")
     summary.add_argument("--trials", required=True, help="trials CSV")
     summary.add_argument("--plots", required=True, help="directory for history/importances/intermediate PNGs")
     _add_config_source(summary)
-    summary.set_defaults(func=cmd_tune_summarize)
+    summary.set_defaults(func=cmd_tune_summarize, reads=_paths("workdir"),
+                         writes=_paths("best", "trials", "plots"))
 
     train = stages.add_parser("train", help="train the segmentation model")
     _add_training_data(train)
     train.add_argument("--best", help="best.yaml of the tuning; its values override the config")
     train.add_argument("--out", required=True, help="output directory (model.pt, metrics.csv, checkpoint)")
     _add_config_source(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, reads=_training_data, writes=_out)
 
     infer = stages.add_parser("infer", help="segment every reconstruction plane of one z chunk of a split")
     infer.add_argument("--model", required=True, help="model.pt from `holopipe train`")
@@ -298,19 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--probabilities", help="also write the probability volume to this zarr store")
     infer.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     _add_config_source(infer)
-    infer.set_defaults(func=cmd_infer)
+    infer.set_defaults(func=cmd_infer, reads=_paths("model", "input"), writes=_paths("out", "probabilities"))
 
     particles = stages.add_parser("particles", help="merge per-plane detections across z into particles")
     particles.add_argument("--in", dest="input", nargs="+", required=True, help="detection CSVs of the chunks")
     particles.add_argument("--out", required=True, help="particle CSV (hid, x, y, z, d in µm, prob)")
     _add_config_source(particles)
-    particles.set_defaults(func=cmd_particles)
+    particles.set_defaults(func=cmd_particles, reads=_input, writes=_out)
 
     baseline = stages.add_parser("baseline", help="physics-only particle finding on the same planes")
     baseline.add_argument("--in", dest="input", required=True, help="standardized zarr store of the split")
     baseline.add_argument("--out", required=True, help="particle CSV (hid, x, y, z, d in µm, score)")
     _add_config_source(baseline)
-    baseline.set_defaults(func=cmd_baseline)
+    baseline.set_defaults(func=cmd_baseline, reads=_input, writes=_out)
 
     evaluate = stages.add_parser("evaluate", help="match particles to the truth; metrics and plots")
     evaluate.add_argument("--truth", nargs="+", required=True, metavar="SPLIT=STORE",
@@ -320,8 +394,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="metrics.json")
     evaluate.add_argument("--plots", required=True, help="directory for the evaluation plots")
     _add_config_source(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate)
+    evaluate.set_defaults(func=cmd_evaluate, reads=_evaluation_inputs, writes=_paths("out", "plots"))
+
+    provenance = stages.add_parser("provenance", help="tables of the jobs' provenance records, for the report")
+    provenance.add_argument("--records", nargs="+", required=True, help="the jobs' provenance JSON records")
+    provenance.add_argument("--out-dir", required=True, help="directory for jobs/files/packages CSV, config.yaml")
+    _add_config_source(provenance)
+    provenance.set_defaults(func=cmd_provenance, reads=_paths("records"), writes=_paths("out_dir"))
+
+    graphs = stages.add_parser("graphs", help="the job DAG and rule graph as mermaid (and SVG with graphviz)")
+    _add_snakemake_run(graphs)
+    graphs.add_argument("--out-dir", required=True, help="directory for dag.mmd, rulegraph.mmd (and .svg)")
+    graphs.set_defaults(func=cmd_graphs, reads=_paths("configfile"), writes=_paths("out_dir"))
+
+    report = stages.add_parser("report", help="Snakemake's HTML report of a finished run")
+    _add_snakemake_run(report)
+    report.add_argument("--out", required=True, help="report HTML")
+    report.set_defaults(func=cmd_report, reads=_paths("configfile"), writes=_out)
+
+    reference = stages.add_parser("config-reference", help="Markdown reference of every config key (schema)")
+    reference.add_argument("--readme", help="rewrite the reference between the markers of this README instead")
+    reference.set_defaults(func=cmd_config_reference, reads=_paths(), writes=_paths("readme"))
     return parser
+
+
+def _write_provenance(args, argv: list[str], started: float) -> None:
+    from holopipe.provenance import job_record, write_record
+
+    has_config = getattr(args, "config_json", None) or getattr(args, "config", None)
+    stage = " ".join(filter(None, (args.stage, getattr(args, "step", None))))
+    record = job_record(command=["holopipe", *argv], stage=stage, config=_load_config(args) if has_config else None,
+                        inputs=args.reads(args), outputs=args.writes(args), started=started, finished=time.time())
+    write_record(record, args.provenance)
+    log.info("provenance: %s", args.provenance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,13 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("holopipe %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
-    started = time.perf_counter()
+    started = time.time()
     try:
         args.func(args)
+        if args.provenance:
+            _write_provenance(args, sys.argv[1:] if argv is None else argv, started)
     except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         return 1
-    log.info("%s finished in %.1f s", args.stage, time.perf_counter() - started)
+    log.info("%s finished in %.1f s", args.stage, time.time() - started)
     return 0
 
 

@@ -2,7 +2,8 @@ rule acquire_split:
     input:
         get_acquire_input,
     output:
-        "data/raw/{split}.nc",
+        raw="data/raw/{split}.nc",
+        provenance="results/provenance/jobs/acquire_{split}.json",
     log:
         "logs/acquire/{split}.log",
     params:
@@ -16,7 +17,7 @@ rule acquire_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe acquire --split {wildcards.split} --config-json {params.config:q} --out {output}"
+        "holopipe --provenance {output.provenance} acquire --split {wildcards.split} --config-json {params.config:q} --out {output.raw}"
         " > {log} 2>&1"
 
 

@@ -3,6 +3,7 @@ rule augment_train:
         f"data/regridded/{TRAIN_SPLIT}.zarr",
     output:
         store=directory(f"data/augmented/{TRAIN_SPLIT}.zarr"),
+        provenance=f"results/provenance/jobs/augment_{TRAIN_SPLIT}.json",
         gallery=report(
             "results/augment/gallery.png",
             caption="../report/augment_gallery.rst",
@@ -19,7 +20,7 @@ rule augment_train:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe augment --in {input} --out {output.store} --gallery {output.gallery}"
+        "holopipe --provenance {output.provenance} augment --in {input} --out {output.store} --gallery {output.gallery}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 

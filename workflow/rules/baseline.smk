@@ -2,7 +2,8 @@ rule baseline_split:
     input:
         "data/standardized/{split}.zarr",
     output:
-        "results/particles/{split}_baseline.csv",
+        particles="results/particles/{split}_baseline.csv",
+        provenance="results/provenance/jobs/baseline_{split}.json",
     log:
         "logs/baseline/{split}.log",
     params:
@@ -16,7 +17,7 @@ rule baseline_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe baseline --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} baseline --in {input} --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule baseline:

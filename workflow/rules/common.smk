@@ -2,8 +2,13 @@
 
 import json
 import math
+import os
+import shutil
 
 from holopipe.config import ConfigError, check_tiles_fit, load_config
+
+# The conda envs' post-deploy script installs holopipe from this checkout, wherever the working directory is.
+os.environ.setdefault("HOLOPIPE_REPO", workflow.basedir)
 
 # Replace the content, not the object: Snakemake keeps a reference to this dict.
 _validated = load_config(config)
@@ -17,6 +22,8 @@ for _split, _role in ((TRAIN_SPLIT, "trains"), (VALID_SPLIT, "validates")):
             f"{', '.join(config['splits'])}"
         )
 SPLITS = list(config["splits"])
+# The workflow graphs come as mermaid always, as SVG too where graphviz is installed.
+GRAPH_FORMATS = ["mmd", "svg"] if shutil.which("dot") else ["mmd"]
 for _split in config["infer"]["splits"]:
     if _split not in config["splits"]:
         raise ConfigError(f"infer.splits: {_split!r} is not a configured split ({', '.join(SPLITS)})")
@@ -131,3 +138,23 @@ def get_acquire_runtime(wildcards):
     optics, simulate = config["optics"], config["simulate"]
     slabs = math.ceil((optics["z_max"] - optics["z_min"]) / simulate["slab_thickness"])
     return 10 + math.ceil(spec["n_holograms"] * slabs * _padded_pixels() * 1e-7 / 60)
+
+
+def provenance_records(wildcards):
+    """The provenance record of every job of the whole workflow, whatever the config's splits and counts."""
+    infer_splits, chunks = config["infer"]["splits"], range(config["infer"]["chunks"])
+    records = [
+        rules.augment_train.output.provenance,
+        rules.standardize_fit.output.provenance,
+        rules.tune_summary.output.provenance,
+        rules.train_model.output.provenance,
+        rules.evaluate_splits.output.provenance,
+    ]
+    for per_split in (rules.acquire_split, rules.regrid_split, rules.standardize_split, rules.examples_split):
+        records += expand(per_split.output.provenance, split=SPLITS)
+    if config["tune"]["n_trials"] > 0:
+        records += expand(rules.tune_worker.output.provenance, worker=range(config["tune"]["workers"]))
+    records += expand(rules.infer_chunk.output.provenance, split=infer_splits, chunk=chunks)
+    for per_split in (rules.particles_split, rules.baseline_split):
+        records += expand(per_split.output.provenance, split=infer_splits)
+    return records

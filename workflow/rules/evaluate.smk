@@ -5,6 +5,7 @@ rule evaluate_splits:
         baseline=expand("results/particles/{split}_baseline.csv", split=config["infer"]["splits"]),
     output:
         metrics="results/evaluation/metrics.json",
+        provenance="results/provenance/jobs/evaluate.json",
         plots=report(
             multiext(
                 "results/evaluation/",
@@ -30,7 +31,7 @@ rule evaluate_splits:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe evaluate --truth {params.truth} --prediction {params.predictions} --out {output.metrics}"
+        "holopipe --provenance {output.provenance} evaluate --truth {params.truth} --prediction {params.predictions} --out {output.metrics}"
         " --plots results/evaluation --config-json {params.config:q} > {log} 2>&1"
 
 

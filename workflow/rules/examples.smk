@@ -2,7 +2,8 @@ rule examples_split:
     input:
         "data/standardized/{split}.zarr",
     output:
-        directory("data/examples/{split}.zarr"),
+        store=directory("data/examples/{split}.zarr"),
+        provenance="results/provenance/jobs/examples_{split}.json",
     log:
         "logs/examples/{split}.log",
     params:
@@ -17,7 +18,7 @@ rule examples_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe examples --in {input} --out {output} --seed-offset {params.seed_offset}"
+        "holopipe --provenance {output.provenance} examples --in {input} --out {output.store} --seed-offset {params.seed_offset}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 

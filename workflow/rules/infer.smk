@@ -4,6 +4,7 @@ rule infer_chunk:
         store="data/standardized/{split}.zarr",
     output:
         **infer_outputs(),
+        provenance="results/provenance/jobs/infer_{split}_chunk_{chunk}.json",
     log:
         "logs/infer/{split}_chunk_{chunk}.log",
     params:
@@ -21,7 +22,7 @@ rule infer_chunk:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe infer --model {input.model} --in {input.store} --out {output.detections}"
+        "holopipe --provenance {output.provenance} infer --model {input.model} --in {input.store} --out {output.detections}"
         " --chunk {wildcards.chunk} --chunks {params.chunks} {params.probabilities} --threads {threads}"
         " --config-json {params.config:q} > {log} 2>&1"
 

@@ -2,7 +2,8 @@ rule particles_split:
     input:
         lambda w: expand("results/inference/{split}/chunk_{chunk}.csv", split=w.split, chunk=range(config["infer"]["chunks"])),
     output:
-        "results/particles/{split}_unet.csv",
+        particles="results/particles/{split}_unet.csv",
+        provenance="results/provenance/jobs/particles_{split}.json",
     log:
         "logs/particles/{split}.log",
     params:
@@ -16,7 +17,7 @@ rule particles_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe particles --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} particles --in {input} --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule particles:

@@ -2,7 +2,8 @@ rule regrid_split:
     input:
         "data/raw/{split}.nc",
     output:
-        directory("data/regridded/{split}.zarr"),
+        store=directory("data/regridded/{split}.zarr"),
+        provenance="results/provenance/jobs/regrid_{split}.json",
     log:
         "logs/regrid/{split}.log",
     params:
@@ -16,7 +17,7 @@ rule regrid_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe regrid --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} regrid --in {input} --out {output.store} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule regrid:

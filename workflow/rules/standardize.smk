@@ -3,6 +3,7 @@ rule standardize_fit:
         f"data/augmented/{TRAIN_SPLIT}.zarr",
     output:
         **standardize_stats_files(),
+        provenance="results/provenance/jobs/standardize_fit.json",
     log:
         "logs/standardize/fit.log",
     params:
@@ -14,14 +15,15 @@ rule standardize_fit:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe standardize fit --in {input} --out {output.stats} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} standardize fit --in {input} --out {output.stats} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule standardize_split:
     input:
         unpack(lambda w: {"store": get_standardize_input(w), **standardize_stats_files()}),
     output:
-        directory("data/standardized/{split}.zarr"),
+        store=directory("data/standardized/{split}.zarr"),
+        provenance="results/provenance/jobs/standardize_{split}.json",
     log:
         "logs/standardize/{split}.log",
     wildcard_constraints:
@@ -33,7 +35,7 @@ rule standardize_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe standardize apply --in {input.store} --stats {input.stats} --out {output} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} standardize apply --in {input.store} --stats {input.stats} --out {output.store} > {log} 2>&1"
 
 
 rule standardize:

@@ -4,6 +4,7 @@ rule train_model:
         best="results/tune/best.yaml",
     output:
         model="results/model/model.pt",
+        provenance="results/provenance/jobs/train.json",
         metrics="results/model/metrics.csv",
         curve=report(
             "results/model/learning_curve.png", caption="../report/learning_curve.rst", category="Training"
@@ -20,7 +21,7 @@ rule train_model:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe train --train {input.train} --valid {input.valid} --stats {input.stats} --best {input.best}"
+        "holopipe --provenance {output.provenance} train --train {input.train} --valid {input.valid} --stats {input.stats} --best {input.best}"
         " --out results/model --threads {threads} --config-json {params.config:q} > {log} 2>&1"
 
 

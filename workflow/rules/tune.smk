@@ -2,7 +2,8 @@ rule tune_worker:
     input:
         unpack(training_inputs),
     output:
-        touch("results/tune/workers/{worker}.done"),
+        flag=touch("results/tune/workers/{worker}.done"),
+        provenance="results/provenance/jobs/tune_worker_{worker}.json",
     log:
         "logs/tune/worker_{worker}.log",
     params:
@@ -17,7 +18,7 @@ rule tune_worker:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe tune worker --worker {wildcards.worker} --workdir results/tune --train {input.train}"
+        "holopipe --provenance {output.provenance} tune worker --worker {wildcards.worker} --workdir results/tune --train {input.train}"
         " --valid {input.valid} --stats {input.stats} --threads {threads}"
         " --config-json {params.config:q} > {log} 2>&1"
 
@@ -27,6 +28,7 @@ rule tune_summary:
         tune_worker_flags(),
     output:
         best="results/tune/best.yaml",
+        provenance="results/provenance/jobs/tune_summary.json",
         trials="results/tune/trials.csv",
         history=report("results/tune/plots/history.png", caption="../report/tune.rst", category="Tuning"),
         importances=report(
@@ -46,7 +48,7 @@ rule tune_summary:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe tune summarize --workdir results/tune --best {output.best} --trials {output.trials}"
+        "holopipe --provenance {output.provenance} tune summarize --workdir results/tune --best {output.best} --trials {output.trials}"
         " --plots results/tune/plots --config-json {params.config:q} > {log} 2>&1"
 
 
