@@ -41,8 +41,10 @@ def pbs_env(emulator_dir: Path, account: str | None = "test", **extra: str) -> d
     return {**env, **extra}
 
 
-def snakemake_command(workdir: Path, snakefile: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+def snakemake_command(workdir: Path | None, snakefile: Path, *args: str) -> list[str]:
+    """The Snakemake command line through the PBS profile; without `workdir` it runs where it is started."""
+    directory = ["--directory", str(workdir)] if workdir else []
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), *directory,
             "--profile", str(PROFILE), *FAST, *args]
 
 
@@ -55,22 +57,30 @@ def job_state(emulator_dir: Path, job_id: str) -> dict:
     return json.loads((emulator_dir / "jobs" / f"{job_id}.json").read_text())
 
 
-def test_workflow_runs_through_qsub_with_gpus_only_for_gpu_rules(tmp_path):
-    configfile = tmp_path / "config.yaml"
-    configfile.write_text(yaml.safe_dump(TINY))
+def test_workflow_runs_through_qsub_grouped_with_gpus_only_for_gpu_rules(tmp_path):
     workdir, emulator = tmp_path / "work", tmp_path / "pbs"
-    command = snakemake_command(workdir, REPO / "Snakefile", "train", "--configfile", str(configfile))
-    result = subprocess.run(command, capture_output=True, text=True, env=pbs_env(emulator), timeout=300)
+    workdir.mkdir()
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump(TINY))
+    # Run from the working directory, as users do: jobs start in "$HOME" with a bare environment and must
+    # find their way back and to `holopipe` through jobscript.sh and env.sh. One GPU at a time.
+    command = snakemake_command(None, REPO / "Snakefile", "train", "--configfile", str(configfile),
+                                "--resources", "gpu=1")
+    result = subprocess.run(command, capture_output=True, text=True, env=pbs_env(emulator), cwd=workdir,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (workdir / "results" / "model" / "model.pt").exists()
     jobs = submissions(emulator)
+    names = [job["name"] for job in jobs]
+    # Data preparation of every split is one grouped PBS job; the GPU rules are one job each.
+    assert sorted(names) == sorted(["data", "tune_worker", "tune_worker", "tune_summary", "train_model"])
+    assert all((workdir / "data" / "examples" / f"{split}.zarr").is_dir() for split in TINY["splits"])
     by_rule = {job["name"]: job for job in jobs}
-    assert {"acquire_split", "tune_worker", "train_model"} <= set(by_rule)
-    assert sum(job["name"] == "tune_worker" for job in jobs) == TINY["tune"]["workers"]
     for job in jobs:
         assert job["account"] == "test"
         assert job["queue"] == "casper"
         assert job["join"] == "oe" and Path(job["output"]).is_absolute()
+        assert job["variables"]["HOLOPIPE_PBS_ENV"] == str(PROFILE / "env.sh")
         hours, minutes, seconds = job["resources"]["walltime"].split(":")
         assert len(hours) == len(minutes) == len(seconds) == 2
         chunks, *items = job["resources"]["select"].split(":")  # qsub -l select=1:ncpus=..:mem=..
@@ -85,6 +95,20 @@ def test_workflow_runs_through_qsub_with_gpus_only_for_gpu_rules(tmp_path):
     # train_model declares threads 2, mem_mb 16000, runtime 720 minutes.
     assert by_rule["train_model"]["resources"]["select"] == "1:ncpus=2:mem=16000MB:ngpus=1:gpu_type=a100"
     assert by_rule["train_model"]["resources"]["walltime"] == "12:00:00"
+    # --resources gpu=1: the two tuning workers (one GPU each) never ran at the same time.
+    first, second = sorted((job_state(emulator, job["id"]) for job in jobs if job["name"] == "tune_worker"),
+                           key=lambda state: state["start"])
+    assert first["end"] <= second["start"]
+
+
+def test_profile_groups_small_cpu_rules_and_limits_gpus():
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    groups = dict(item.split("=") for item in profile["groups"])
+    gpu_rules = {"tune_worker", "train_model", "infer_chunk"}
+    assert not gpu_rules & set(groups)
+    assert {"acquire_split", "regrid_split", "standardize_split", "examples_split"} <= set(groups)
+    assert any(item.startswith("gpu=") for item in profile["resources"])
+    assert (PROFILE / profile["jobscript"]).is_file() and (PROFILE / "env.sh").is_file()
 
 
 def test_job_killed_at_walltime_is_reported_failed_and_rerun(tmp_path):
@@ -113,6 +137,21 @@ def test_missing_account_fails_before_any_submission(tmp_path):
     assert "PBS_ACCOUNT" in result.stderr and "pbs_account" in result.stderr
     assert submissions(emulator) == []
     assert not (workdir / "data").exists()
+
+
+@pytest.mark.parametrize("section, change, named", [
+    ("optics", {"nxx": 64}, "nxx"),             # unknown key
+    ("train", {"epochs": "many"}, "train.epochs"),  # wrong type
+])
+def test_broken_config_fails_before_any_submission(tmp_path, section, change, named):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump({**TINY, section: {**TINY.get(section, {}), **change}}))
+    workdir, emulator = tmp_path / "work", tmp_path / "pbs"
+    command = snakemake_command(workdir, REPO / "Snakefile", "train", "--configfile", str(configfile))
+    result = subprocess.run(command, capture_output=True, text=True, env=pbs_env(emulator), timeout=120)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert submissions(emulator) == []
 
 
 def test_status_of_unknown_job_is_failed_not_a_crash(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ DEFAULTS = {"pbs_queue": "casper", "pbs_gpu_queue": "casper", "gpu_type": "a100"
 ENV = {"pbs_account": "PBS_ACCOUNT", "pbs_queue": "PBS_QUEUE", "pbs_gpu_queue": "PBS_GPU_QUEUE",
        "gpu_type": "PBS_GPU_TYPE"}
 LOG_DIR = Path("logs") / "pbs"
+PROFILE_DIR = Path(__file__).resolve().parent
 
 
 def read_properties(jobscript: Path) -> dict:
@@ -58,6 +60,19 @@ def log_path(properties: dict) -> Path:
     return Path.cwd() / LOG_DIR / f"{safe}.log"
 
 
+def job_variables() -> str:
+    """qsub -v list for jobscript.sh: the env.sh it sources, and the directory of the `holopipe` command of
+    the submitting environment (env.sh's default). PBS splits -v at commas, so a path holding one is refused."""
+    variables = {"HOLOPIPE_PBS_ENV": PROFILE_DIR / "env.sh"}
+    holopipe = shutil.which("holopipe")
+    if holopipe:
+        variables["HOLOPIPE_BIN"] = Path(holopipe).parent
+    for name, value in variables.items():
+        if "," in str(value):
+            raise ValueError(f"{name}={value}: qsub -v cannot pass a path containing a comma")
+    return ",".join(f"{name}={value}" for name, value in variables.items())
+
+
 def qsub_command(properties: dict, jobscript: Path) -> list[str]:
     """The qsub argument list for one job; ngpus and gpu_type only when the job asks for GPUs."""
     resources = properties.get("resources", {})
@@ -75,7 +90,7 @@ def qsub_command(properties: dict, jobscript: Path) -> list[str]:
     queue = setting("pbs_gpu_queue" if gpus > 0 else "pbs_queue", resources)
     return ["qsub", "-A", account, "-q", queue, "-N", job_name(properties), "-l", select,
             "-l", f"walltime={walltime(resources.get('runtime', 60))}", "-j", "oe",
-            "-o", str(log_path(properties)), str(jobscript)]
+            "-o", str(log_path(properties)), "-v", job_variables(), str(jobscript)]
 
 
 def main(argv: list[str]) -> int:
