@@ -56,6 +56,10 @@ log = logging.getLogger("holopipe")
 STALE_HEARTBEATS = 4
 """A running trial whose heartbeat is older than this many heartbeat intervals belongs to a dead worker."""
 
+JOURNAL_LOCK_GRACE_SECONDS = 10
+"""A journal lock file untouched this long belongs to a killed worker (an append holds it for milliseconds)
+and is broken, so the other workers stall 10 s, not Optuna's default 30 s, when one dies holding it."""
+
 MAX_RETRIES = 1
 """Times a stale trial's parameters are queued again (a trial that kills its worker must not kill them all)."""
 
@@ -91,7 +95,8 @@ def open_storage(config: dict, workdir):
     if tune["storage"] is None:
         path = _journal_path(workdir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        lock = JournalFileOpenLock(str(path), grace_period=JOURNAL_LOCK_GRACE_SECONDS)
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     interval = max(1, math.ceil(tune["heartbeat"]))  # Optuna wants whole seconds
     # Workers start together: creating the tables on an empty database can race, so retry briefly.
     for attempt in range(5):
