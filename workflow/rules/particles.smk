@@ -1,22 +1,26 @@
 rule particles_split:
     input:
-        lambda w: expand("results/inference/{split}/chunk_{chunk}.csv", split=w.split, chunk=range(config["infer"]["chunks"])),
+        detections=lambda w: expand(
+            "results/inference/{split}/chunk_{chunk}.csv", split=w.split, chunk=range(config["infer"]["chunks"])
+        ),
+        store="data/standardized/{split}.zarr",
     output:
         "results/particles/{split}_unet.csv",
     log:
         "logs/particles/{split}.log",
     params:
-        config=lambda w: stage_config("particles", split=w.split),
+        config=lambda w: stage_config("reconstruction", "particles", split=w.split),
     wildcard_constraints:
         split="|".join(SPLITS),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=15,
+        mem_mb=frame_mem_mb(80, holograms_in_memory=2) + 1024,
+        runtime=120,
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe particles --in {input} --out {output} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe particles --in {input.detections} --store {input.store} --out {output}"
+        " --config-json {params.config:q} > {log} 2>&1"
 
 
 rule particles:
