@@ -97,7 +97,8 @@ def test_oracle_detections_merge_into_the_simulated_particles(store, unsharded, 
     detections = pd.read_csv(unsharded)
     assert list(detections.columns) == list(DETECTION_COLUMNS)
     # The oracle's logits grow with the darkness of the whole disk: its own confidence is its focus.
-    config = make_config(particles={"focus": "logit"})
+    # Refined on the store, on whole planes (no interpolation), so every z is a plane's.
+    config = make_config(particles={"focus": "logit", "refine_interpolate": False})
     found = pd.read_csv(particles_file([unsharded], tmp_path / "particles.csv", config, store_path=store,
                                        progress=False))
     assert list(found.columns) == list(PARTICLE_COLUMNS)
