@@ -14,7 +14,7 @@ rule particles_split:
         split="|".join(SPLITS),
     threads: 1
     resources:
-        mem_mb=frame_mem_mb(80, holograms_in_memory=2) + 1024,
+        mem_mb=frame_mem_mb(80, holograms_in_memory=2),
         runtime=120,
     conda:
         "../../envs/cpu.yaml"
