@@ -203,7 +203,7 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     n = len(particles)
     planes_m = np.asarray(planes_m, np.float64)
     if n == 0:
-        return pd.DataFrame({"z": np.zeros(0), "focus": np.zeros(0)})
+        return pd.DataFrame({column: np.zeros(0) for column in ("z", "focus", "x", "y", "d")}, index=particles.index)
     margin = float(settings["refine_margin"])
     first = np.clip(np.searchsorted(planes_m, particles["z_first"].to_numpy() - margin - 1e-9, "left"),
                     0, planes_m.size - 1)
