@@ -97,8 +97,10 @@ def test_oracle_detections_merge_into_the_simulated_particles(store, unsharded, 
     detections = pd.read_csv(unsharded)
     assert list(detections.columns) == list(DETECTION_COLUMNS)
     # The oracle's logits grow with the darkness of the whole disk: its own confidence is its focus.
-    config = make_config(particles={"focus": "logit"})
-    found = pd.read_csv(particles_file([unsharded], tmp_path / "particles.csv", config))
+    # Refined on the store, on whole planes (no interpolation), so every z is a plane's.
+    config = make_config(particles={"focus": "logit", "refine_interpolate": False})
+    found = pd.read_csv(particles_file([unsharded], tmp_path / "particles.csv", config, store_path=store,
+                                       progress=False))
     assert list(found.columns) == list(PARTICLE_COLUMNS)
     truth = particle_table(open_holodec(store))
     assert len(found) == len(truth)
@@ -127,8 +129,9 @@ def test_sharded_inference_equals_unsharded_exactly(store, unsharded, tmp_path):
     gathered = gathered.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
     pd.testing.assert_frame_equal(gathered, whole)
     assert set(pd.read_csv(chunks[1])["plane"]) <= set(chunk_planes(Z_BINS, 1, 3))
-    particles_from_chunks = particles_file(chunks[::-1], tmp_path / "p_chunks.csv", config)
-    particles_whole = particles_file([unsharded], tmp_path / "p_whole.csv", config)
+    particles_from_chunks = particles_file(chunks[::-1], tmp_path / "p_chunks.csv", config, store_path=store,
+                                           progress=False)
+    particles_whole = particles_file([unsharded], tmp_path / "p_whole.csv", config, store_path=store, progress=False)
     pd.testing.assert_frame_equal(pd.read_csv(particles_from_chunks), pd.read_csv(particles_whole))
 
 

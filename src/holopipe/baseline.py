@@ -20,8 +20,8 @@ then, without any learning:
    ``baseline.min_contrast`` are candidates (a group without one is dropped). The particle is the
    group's best-focused candidate region by ``baseline.focus_metric``:
 
-   - ``min_amplitude``: the darkest region, after a :data:`SMOOTHING_PIXELS`-pixel box average (a
-     single interference speckle next to a focused particle must not decide the plane);
+   - ``min_amplitude``: the darkest region, after a :data:`holopipe.focus.SMOOTHING_PIXELS`-pixel box
+     average (a single interference speckle next to a focused particle must not decide the plane);
    - ``edge_sharpness``: the largest mean gradient magnitude of the amplitude over the region (a
      focused opaque disk has the sharpest edge);
    - ``tamura``: the largest Tamura coefficient sqrt(std / mean) of the gradient magnitude in a
@@ -54,6 +54,7 @@ import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
 from holopipe.examples import z_bin_centres
+from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
 from holopipe.io import write_atomically
 from holopipe.optics import Propagator, hologram_field
 from holopipe.standardize import open_standardized
@@ -70,9 +71,6 @@ THRESHOLD_SAMPLES = 2**20
 
 MIN_SIGMA = 0.01
 """Floor of the robust amplitude spread (background ~1), so that a flat hologram is all background."""
-
-SMOOTHING_PIXELS = 5
-"""Box width (pixels) of the amplitude average that min_amplitude looks at."""
 
 PLANE_BATCH_PIXELS = 2**24
 """Complex pixels reconstructed at once (128 MiB of complex64), as in the examples stage."""
@@ -134,12 +132,12 @@ def _region_stats(amplitude: np.ndarray, labels: np.ndarray, n: int, threshold: 
     level = np.minimum(threshold, 0.5 * (background + minimum))
     stats["sizing_area"] = total(values < level[region])
     if metric == "min_amplitude":
-        smooth = ndi.uniform_filter(amplitude, SMOOTHING_PIXELS, mode="nearest")
+        smooth = smoothed_amplitude(amplitude)
         focus = np.full(n, np.inf)
         np.minimum.at(focus, region, smooth[rows, cols].astype(np.float64))
         stats["focus"] = focus
         return stats
-    gradient = np.hypot(*np.gradient(amplitude))
+    gradient = gradient_magnitude(amplitude)
     if metric == "edge_sharpness":
         stats["gradient_sum"] = total(gradient[rows, cols])
         return stats
@@ -162,9 +160,8 @@ def _focus_score(regions: pd.DataFrame, metric: str) -> pd.Series:
         return -regions["focus"]
     if metric == "edge_sharpness":
         return regions["gradient_sum"] / regions["area"]
-    mean = regions["window_sum"] / regions["window_n"]
-    variance = (regions["window_sum2"] / regions["window_n"] - mean**2).clip(lower=0.0)
-    return np.sqrt(np.sqrt(variance) / mean.where(mean > 0, np.inf))
+    return pd.Series(tamura_coefficient(regions["window_sum"], regions["window_sum2"], regions["window_n"]),
+                     index=regions.index)
 
 
 def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,

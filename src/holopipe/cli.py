@@ -160,7 +160,7 @@ def cmd_infer(args) -> None:
 def cmd_particles(args) -> None:
     from holopipe.particles import particles_file
 
-    particles_file(args.input, args.out, _load_config(args))
+    particles_file(args.input, args.out, _load_config(args), store_path=args.store)
 
 
 def cmd_baseline(args) -> None:
@@ -377,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     particles = stages.add_parser("particles", help="merge per-plane detections across z into particles")
     particles.add_argument("--in", dest="input", nargs="+", required=True, help="detection CSVs of the chunks")
     particles.add_argument("--out", required=True, help="particle CSV (hid, x, y, z, d in µm, prob)")
+    particles.add_argument("--store", help="standardized zarr store of the split (refines each particle's depth)")
     _add_config_source(particles)
-    particles.set_defaults(func=cmd_particles, reads=_input, writes=_out)
+    particles.set_defaults(func=cmd_particles, reads=_paths("input", "store"), writes=_out)
 
     baseline = stages.add_parser("baseline", help="physics-only particle finding on the same planes")
     baseline.add_argument("--in", dest="input", required=True, help="standardized zarr store of the split")

@@ -10,30 +10,64 @@ detections are dropped.
 Each cluster's in-focus detection is, with ``particles.focus: amplitude`` (the default), the plane where
 the reconstructed amplitude is darkest (``amplitude_min``): a droplet's depth of focus D²/λ reaches
 millimetres and the model marks its shadow over much of it with a saturated probability, while the
-amplitude minimum is sharp at the focus. With ``logit`` it is the detection with the largest mean logit,
-with ``probability`` the one with the largest probability mass ``prob_mean · area``. Either way the peak across planes, not the first plane that fired; ties are broken by
-``prob_max``, then by the smaller z. Clusters whose darkest contrast ``1 - amplitude_min`` stays below
-``particles.min_contrast`` are dropped: they are out-of-focus ghosts of fringes, never a droplet's
-shadow. The particle takes z, x, y (probability-weighted centroid) and d (from the area) of the in-focus
-detection, and ``prob`` = the cluster's largest ``prob_max``.
+amplitude minimum is sharper (still blunt for large droplets: hence the refinement below). With
+``logit`` it is the detection with the largest mean logit, with ``probability`` the one with the largest
+probability mass ``prob_mean · area``. Either way the peak across planes, not the first plane that
+fired; ties are broken by ``prob_max``, then by the smaller z. Clusters whose darkest contrast ``1 -
+amplitude_min`` stays below ``particles.min_contrast`` are dropped: they are out-of-focus ghosts of
+fringes, never a droplet's shadow. The particle takes z, x, y (probability-weighted centroid) and d (from
+the area) of the in-focus detection, and ``prob`` = the cluster's largest ``prob_max``.
+
+**Depth refinement** (``particles.refine``, default ``tamura``): the model says whether and where in x, y
+a droplet is, the physics says its depth. The saturated model marks a large droplet over millimetres,
+and the darkest detection of so blunt a minimum can land far from the focus. So each hologram of the
+standardized split store is reconstructed (as in inference: ``reconstruction.z_bins`` planes, ``pad``,
+``band_limit``) on the planes each cluster spans, widened by ``particles.refine_margin`` on both sides,
+and a focus metric of :mod:`holopipe.focus` is evaluated over a fixed window ``particles.refine_window``
+diameters wide around the particle's x, y (:func:`focus_windows`; the same window on every plane, so the
+values compare planes): ``tamura``, the Tamura coefficient of the amplitude gradient (the baseline's
+``focus_metric``), or ``min_amplitude``, the darkest box-averaged amplitude. z is the plane where it
+peaks, between planes at the vertex of a parabola with ``particles.refine_interpolate``. The window is
+``refine_window`` diameters of the cluster's LARGEST detection (the darkest one of a large droplet may be
+a fragment of it). On that plane x, y and d are measured as the baseline does (centroid and equivalent
+diameter of the half-contrast dark region holding the darkest point, in the window widened by
+``particles.distance``): a cluster beside its droplet, e.g. where the frame edge cuts the fringes, still
+takes the droplet's centre. Clusters of one droplet (such a ghost, or a column split across z) then
+refine to the same place and are merged (:func:`merge_duplicates`, within ``particles.distance`` as in
+clustering), keeping the largest prob. Planes are reconstructed in batches and only the windows' scores
+are kept, so memory is one batch of planes even for full 4872 x 3248 frames. ``none`` keeps the in-focus
+detection's plane, x, y and d, and needs no store.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.ndimage as ndi
 import scipy.sparse
 import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
+from tqdm.auto import tqdm
 
+from holopipe.baseline import PLANE_BATCH_PIXELS
+from holopipe.examples import z_bin_centres
+from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
 from holopipe.io import write_atomically
+from holopipe.optics import Propagator, hologram_field
+from holopipe.standardize import open_standardized
 
-__all__ = ["PARTICLE_COLUMNS", "cluster_labels", "merge_detections", "particles_file", "read_detections"]
+__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels", "focus_windows",
+           "label_detections", "measure_in_focus", "merge_detections", "merge_duplicates", "particles_file",
+           "read_detections", "refine_depths", "window_focus"]
 
 PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
+
+MIN_WINDOW_PIXELS = 9
+"""Smallest side (pixels) of a refinement window: a tiny droplet's edge still has a gradient ring in it."""
 
 _NEEDED = ("hid", "plane", "x", "y", "z", "d", "area", "prob_max", "prob_mean", "logit_mean", "amplitude_min")
 
@@ -48,44 +82,201 @@ def cluster_labels(points_m: np.ndarray, distance_m: float) -> np.ndarray:
     return scipy.sparse.csgraph.connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def merge_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
-    """Particles (:data:`PARTICLE_COLUMNS`, µm, sorted by hid then z) from detections of any planes.
+def label_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """``detections`` (hid then plane order) with a ``cluster`` column: one label (0..) per particle, all holograms.
 
-    ``detections`` has the columns of :data:`holopipe.infer.DETECTION_COLUMNS` (µm); ``config`` is a
-    validated config whose ``particles`` section applies.
+    Single linkage per hologram in (x, y, z · ``particles.z_scale``) at ``particles.distance``.
     """
     settings = config["particles"]
     missing = [column for column in _NEEDED if column not in detections.columns]
     if missing:
         raise ValueError(f"merge_detections: detections lack columns {missing}")
-    particles = []
-    for hid, group in detections.groupby("hid", sort=True):
-        group = group.reset_index(drop=True)
+    detections = detections.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
+    labels, offset = np.zeros(len(detections), np.int64), 0
+    for _, rows in detections.groupby("hid", sort=True).indices.items():
+        group = detections.iloc[rows]
         points = 1e-6 * np.column_stack([group["x"], group["y"], group["z"] * settings["z_scale"]])
-        labels = cluster_labels(points, float(settings["distance"]))
-        size = np.bincount(labels)
-        if settings["focus"] == "logit":
-            sharpness = group["logit_mean"].to_numpy()
-        elif settings["focus"] == "amplitude":
-            sharpness = -group["amplitude_min"].to_numpy()
-        else:
-            sharpness = group["prob_mean"].to_numpy() * group["area"].to_numpy()
-        # In-focus detection per cluster: sharpest, then largest prob_max, then nearest the sensor
-        # (exact ties only; deterministic whatever the row order). lexsort sorts by its last key first.
-        order = np.lexsort((-group["z"].to_numpy(), group["prob_max"].to_numpy(), sharpness, labels))
-        last = np.flatnonzero(np.r_[labels[order][1:] != labels[order][:-1], True])  # each cluster's end
-        focus = group.iloc[order[last]]
-        peak = group.groupby(labels)["prob_max"].max().to_numpy()
-        darkest = group.groupby(labels)["amplitude_min"].min().to_numpy()
-        keep = (size >= int(settings["min_planes"])) & (1.0 - darkest >= float(settings["min_contrast"]))
-        particles.append(pd.DataFrame({
-            "hid": int(hid), "x": focus["x"].to_numpy()[keep], "y": focus["y"].to_numpy()[keep],
-            "z": focus["z"].to_numpy()[keep], "d": focus["d"].to_numpy()[keep], "prob": peak[keep]}))
-    if not particles:
-        return pd.DataFrame({column: pd.Series(dtype=np.int64 if column == "hid" else float)
-                             for column in PARTICLE_COLUMNS})
-    table = pd.concat(particles, ignore_index=True)[list(PARTICLE_COLUMNS)]
+        local = cluster_labels(points, float(settings["distance"]))
+        labels[rows] = local + offset
+        offset += int(local.max()) + 1
+    return detections.assign(cluster=labels)
+
+
+def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """Particles as :func:`merge_detections` finds them, with what refinement needs of their clusters.
+
+    Columns :data:`PARTICLE_COLUMNS`, ``cluster`` (:func:`label_detections`' label), ``z_first``,
+    ``z_last``: the nearest and farthest plane with a detection of the cluster (the range that
+    :func:`refine_depths` searches, widened) and ``d_max``, its largest detection (all µm).
+    ``detections`` may already carry the ``cluster`` labels.
+    """
+    settings = config["particles"]
+    columns = [*PARTICLE_COLUMNS, "cluster", "z_first", "z_last", "d_max"]
+    if "cluster" not in detections.columns:
+        detections = label_detections(detections, config)
+    if detections.empty:
+        return pd.DataFrame({column: pd.Series(dtype=np.int64 if column in ("hid", "cluster") else float)
+                             for column in columns})
+    labels = detections["cluster"].to_numpy()
+    if settings["focus"] == "logit":
+        sharpness = detections["logit_mean"].to_numpy()
+    elif settings["focus"] == "amplitude":
+        sharpness = -detections["amplitude_min"].to_numpy()
+    else:
+        sharpness = detections["prob_mean"].to_numpy() * detections["area"].to_numpy()
+    # In-focus detection per cluster: sharpest, then largest prob_max, then nearest the sensor
+    # (exact ties only; deterministic whatever the row order). lexsort sorts by its last key first.
+    order = np.lexsort((-detections["z"].to_numpy(), detections["prob_max"].to_numpy(), sharpness, labels))
+    last = np.flatnonzero(np.r_[labels[order][1:] != labels[order][:-1], True])  # each cluster's end
+    focus = detections.iloc[order[last]].set_index("cluster")
+    by_cluster = detections.groupby("cluster")
+    table = pd.DataFrame({
+        "hid": focus["hid"].astype(np.int64), "x": focus["x"], "y": focus["y"], "z": focus["z"], "d": focus["d"],
+        "prob": by_cluster["prob_max"].max(), "cluster": focus.index.to_numpy(),
+        "z_first": by_cluster["z"].min(), "z_last": by_cluster["z"].max(), "d_max": by_cluster["d"].max()})
+    keep = ((by_cluster.size() >= int(settings["min_planes"]))
+            & (1.0 - by_cluster["amplitude_min"].min() >= float(settings["min_contrast"])))
+    table = table[keep.reindex(table.index, fill_value=False)]
+    table = table.reindex(columns=columns).astype({"hid": np.int64, "cluster": np.int64})
     return table.sort_values(["hid", "z"], kind="stable", ignore_index=True)
+
+
+def merge_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """Particles (:data:`PARTICLE_COLUMNS`, µm, sorted by hid then z) from detections of any planes.
+
+    ``detections`` has the columns of :data:`holopipe.infer.DETECTION_COLUMNS` (µm); ``config`` is a
+    validated config whose ``particles`` section applies. The depth is the in-focus detection's, not
+    refined (:func:`refine_depths` does that on the reconstruction).
+    """
+    return cluster_detections(detections, config)[list(PARTICLE_COLUMNS)]
+
+
+def focus_windows(x_m, y_m, d_m, shape: tuple[int, int], *, dx: float, dy: float, diameters: float):
+    """Pixel windows ``(row0, row1, col0, col1)`` (int arrays, half-open) around particles at x, y (m).
+
+    Each is ``diameters`` particle diameters wide (at least :data:`MIN_WINDOW_PIXELS`), centred on the
+    particle's pixel and cut at the frame's edge; it stays the same on every plane, so that a focus
+    metric over it compares planes, not windows.
+    """
+    ny, nx = shape
+    bounds = []
+    for centre_m, pitch, n in ((y_m, dy, ny), (x_m, dx, nx)):
+        centre = np.clip(np.round(np.asarray(centre_m, np.float64) / pitch + n / 2 - 0.5), 0, n - 1).astype(np.int64)
+        half = np.maximum(np.ceil(0.5 * diameters * np.asarray(d_m, np.float64) / pitch), MIN_WINDOW_PIXELS // 2)
+        half = half.astype(np.int64)
+        bounds += [np.maximum(centre - half, 0), np.minimum(centre + half + 1, n)]
+    return tuple(bounds)
+
+
+def window_focus(amplitude: np.ndarray, metric: str) -> np.ndarray:
+    """Focus score (larger is sharper) of each window of a stack (planes, rows, cols) of amplitudes.
+
+    ``tamura``: the Tamura coefficient of the gradient magnitude over the window; ``min_amplitude``:
+    minus the darkest box-averaged amplitude (:mod:`holopipe.focus`, as the baseline measures).
+    """
+    amplitude = np.asarray(amplitude, dtype=np.float64)
+    if metric == "min_amplitude":
+        return -smoothed_amplitude(amplitude).min(axis=(-2, -1))
+    if metric == "tamura":
+        gradient = gradient_magnitude(amplitude)
+        count = gradient.shape[-2] * gradient.shape[-1]
+        return tamura_coefficient(gradient.sum(axis=(-2, -1)), np.square(gradient).sum(axis=(-2, -1)), count)
+    raise ValueError(f"window_focus: unknown metric {metric!r} (tamura or min_amplitude)")
+
+
+def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.DataFrame, settings: dict, *,
+                  dx: float, dy: float, batch_planes: int | None = None) -> pd.DataFrame:
+    """Each particle of one hologram refined on the reconstruction: a table (``particles``' index) of
+    ``z`` (m), where its focus metric peaks, that peak's value ``focus``, and ``x, y, d`` (m) measured on
+    the peak's plane (:func:`measure_in_focus`).
+
+    ``particles`` has ``x, y, d, z_first, z_last`` in metres (``d`` sizes the window;
+    :func:`cluster_detections`' extent); ``settings`` the ``particles`` section (``refine`` metric,
+    ``refine_margin``, ``refine_window``, ``refine_interpolate``, ``distance``). Each particle's planes
+    between ``z_first - refine_margin`` and ``z_last + refine_margin`` are scored over its fixed window
+    (:func:`focus_windows`); only the union of those planes is reconstructed, ``batch_planes`` at a time
+    (default: :data:`PLANE_BATCH_PIXELS` complex pixels), and only the windows' scores are kept, so
+    memory is one batch whatever the frame. With ``refine_interpolate`` an interior peak moves by the
+    vertex of the parabola through it and its two neighbours (at most half a plane).
+    """
+    metric = settings["refine"]
+    n = len(particles)
+    planes_m = np.asarray(planes_m, np.float64)
+    if n == 0:
+        return pd.DataFrame({column: np.zeros(0) for column in ("z", "focus", "x", "y", "d")}, index=particles.index)
+    margin = float(settings["refine_margin"])
+    first = np.clip(np.searchsorted(planes_m, particles["z_first"].to_numpy() - margin - 1e-9, "left"),
+                    0, planes_m.size - 1)
+    last = np.clip(np.searchsorted(planes_m, particles["z_last"].to_numpy() + margin + 1e-9, "right") - 1,
+                   first, planes_m.size - 1)
+    row0, row1, col0, col1 = focus_windows(particles["x"].to_numpy(), particles["y"].to_numpy(),
+                                           particles["d"].to_numpy(), propagator.shape, dx=dx, dy=dy,
+                                           diameters=float(settings["refine_window"]))
+    needed = np.zeros(planes_m.size, bool)
+    for a, b in zip(first, last):
+        needed[a:b + 1] = True
+    indices = np.flatnonzero(needed)
+    if batch_planes is None:
+        pad_y, pad_x = propagator.pad
+        ny, nx = propagator.shape
+        batch_planes = max(1, PLANE_BATCH_PIXELS // ((ny + 2 * pad_y) * (nx + 2 * pad_x)))
+    scores = np.full((n, planes_m.size), -np.inf)
+    for start in range(0, indices.size, batch_planes):
+        batch = indices[start:start + batch_planes]
+        amplitude = propagator.reconstruct(planes_m[batch]).amplitude  # (planes, ny, nx), any array library
+        for k in range(n):
+            # The batch's planes in this particle's range are one run: batch is sorted, the range an interval.
+            a, b = np.searchsorted(batch, first[k], "left"), np.searchsorted(batch, last[k], "right")
+            if a < b:
+                window = amplitude[int(a):int(b), int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])]
+                scores[k, batch[a:b]] = window_focus(np.asarray(window), metric)
+    best = np.array([a + int(np.argmax(scores[k, a:b + 1])) for k, (a, b) in enumerate(zip(first, last))])
+    z, peak = planes_m[best], scores[np.arange(n), best]
+    if settings["refine_interpolate"] and planes_m.size > 1:
+        rows = np.arange(n)
+        interior = (best > first) & (best < last)
+        left, centre = scores[rows, np.maximum(best - 1, 0)], scores[rows, best]
+        right = scores[rows, np.minimum(best + 1, planes_m.size - 1)]
+        curvature = left - 2 * centre + right
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.where(interior & (curvature < 0), 0.5 * (left - right) / curvature, 0.0)
+        z = z + np.clip(shift, -0.5, 0.5) * (planes_m[1] - planes_m[0])
+    # Measured on the peak's plane over the window widened by the clustering distance, so that a cluster
+    # that sat beside the droplet (fringes cut by the frame edge) still takes the droplet's centre.
+    reach_y, reach_x = (int(np.ceil(float(settings["distance"]) / pitch)) for pitch in (dy, dx))
+    ny, nx = propagator.shape
+    wide = (np.maximum(row0 - reach_y, 0), np.minimum(row1 + reach_y, ny),
+            np.maximum(col0 - reach_x, 0), np.minimum(col1 + reach_x, nx))
+    measured = measure_in_focus(propagator, planes_m[best], wide, dx=dx, dy=dy, batch_planes=batch_planes)
+    return pd.DataFrame({"z": z, "focus": peak, **measured}, index=particles.index)
+
+
+def measure_in_focus(propagator: Propagator, z_m: np.ndarray, windows: tuple, *, dx: float, dy: float,
+                     batch_planes: int) -> dict:
+    """x, y, d (m) of the dark disk in each window ``(row0, row1, col0, col1)`` at its plane ``z_m``.
+
+    The disk is the 8-connected region of pixels darker than half-way between the background (1) and
+    the window's darkest box-averaged amplitude that holds that darkest point: x, y its centroid, d its
+    equivalent diameter ``2 sqrt(area dx dy / π)`` (the half-contrast edge, as the baseline sizes).
+    """
+    ny, nx = propagator.shape
+    row0, row1, col0, col1 = windows
+    x, y, d = (np.zeros(len(z_m)) for _ in range(3))
+    planes, slot = np.unique(z_m, return_inverse=True)
+    for start in range(0, planes.size, batch_planes):
+        amplitude = propagator.reconstruct(planes[start:start + batch_planes]).amplitude
+        for k in np.flatnonzero((slot >= start) & (slot < start + batch_planes)):
+            window = np.asarray(amplitude[int(slot[k] - start), int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])],
+                                dtype=np.float64)
+            smooth = smoothed_amplitude(window)
+            darkest = np.unravel_index(int(np.argmin(smooth)), smooth.shape)
+            labels, _ = ndi.label(window < 0.5 * (1.0 + smooth[darkest]), structure=np.ones((3, 3), bool))
+            label = labels[darkest]
+            rows, cols = np.nonzero(labels == label) if label else (np.array([darkest[0]]), np.array([darkest[1]]))
+            y[k] = (rows.mean() + row0[k] + 0.5 - ny / 2) * dy
+            x[k] = (cols.mean() + col0[k] + 0.5 - nx / 2) * dx
+            d[k] = 2 * np.sqrt(rows.size * dx * dy / np.pi)
+    return {"x": x, "y": y, "d": d}
 
 
 def read_detections(paths) -> pd.DataFrame:
@@ -103,7 +294,67 @@ def read_detections(paths) -> pd.DataFrame:
     return table.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
 
 
-def particles_file(chunk_csvs: list, out_csv, config: dict) -> Path:
-    """Gather a split's chunk CSVs, merge them into particles and write ``out_csv`` atomically."""
-    table = merge_detections(read_detections(chunk_csvs), config)
+def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, progress=True) -> Path:
+    """Gather a split's chunk CSVs, merge them into particles and write ``out_csv`` atomically.
+
+    With ``particles.refine`` other than none, each particle is refined on the holograms of the
+    standardized split store ``store_path`` (reconstructed as in inference, ``reconstruction`` section):
+    see the module docstring.
+    """
+    clusters = cluster_detections(read_detections(chunk_csvs), config)
+    if config["particles"]["refine"] != "none" and len(clusters):
+        if store_path is None:
+            raise ValueError(f"particles.refine is {config['particles']['refine']!r}: it needs the standardized "
+                             "split store (--store) to reconstruct the holograms")
+        refined = _refined(clusters, config, store_path, progress=progress)
+        clusters = merge_duplicates(clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus")}),
+                                    config["particles"])
+    table = clusters[list(PARTICLE_COLUMNS)].sort_values(["hid", "z"], kind="stable", ignore_index=True)
     return write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
+    """One particle per group of refined particles (µm) linked within ``distance`` as in clustering.
+
+    A droplet whose detections fell into several clusters (a ghost beside it, a gap across z) refines
+    to one place several times; the one kept has the largest ``prob``, then the sharpest ``focus``.
+    """
+    kept = []
+    for _, group in particles.groupby("hid", sort=True):
+        points = 1e-6 * np.column_stack([group["x"], group["y"], group["z"] * settings["z_scale"]])
+        labels = cluster_labels(points, float(settings["distance"]))
+        order = np.lexsort((group["focus"].to_numpy(), group["prob"].to_numpy(), labels))
+        last = np.flatnonzero(np.r_[labels[order][1:] != labels[order][:-1], True])
+        kept.append(group.iloc[order[last]])
+    return pd.concat(kept) if kept else particles
+
+
+def _refined(clusters: pd.DataFrame, config: dict, store_path, *, progress: bool) -> pd.DataFrame:
+    """:func:`refine_depths` (x, y, z, d in µm, focus) of every hologram's particles, ``clusters``' index.
+
+    The window scales with the cluster's largest detection: the in-focus detection of a large droplet
+    may be a small fragment of it.
+    """
+    name = os.fspath(store_path)
+    reconstruction = config["reconstruction"]
+    refined = []
+    ds = open_standardized(name, config)
+    try:
+        attrs = ds.attrs
+        dx, dy = float(attrs["dx"]), float(attrs["dy"])
+        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
+        n_holograms = ds.sizes["hologram_number"]
+        for hid, group in tqdm(clusters.groupby("hid", sort=True), desc=f"refine {Path(name).name}",
+                               unit="hologram", disable=not progress):
+            if not 1 <= hid <= n_holograms:
+                raise ValueError(f"{name}: detections name hologram {hid}, the store has {n_holograms}")
+            image = ds["image"].isel(hologram_number=int(hid) - 1).compute(scheduler="synchronous").values
+            field = hologram_field(np.ascontiguousarray(image.T, dtype=np.float32), background=1.0)
+            propagator = Propagator(field, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
+                                    pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]))
+            metres = group[["x", "y", "d_max", "z_first", "z_last"]].rename(columns={"d_max": "d"}) * 1e-6
+            refined.append(refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy))
+    finally:
+        ds.close()
+    table = pd.concat(refined)
+    return table.assign(**{c: table[c] * 1e6 for c in "xyzd"}).reindex(clusters.index)

@@ -1,23 +1,27 @@
 rule particles_split:
     input:
-        lambda w: expand("results/inference/{split}/chunk_{chunk}.csv", split=w.split, chunk=range(config["infer"]["chunks"])),
+        detections=lambda w: expand(
+            "results/inference/{split}/chunk_{chunk}.csv", split=w.split, chunk=range(config["infer"]["chunks"])
+        ),
+        store="data/standardized/{split}.zarr",
     output:
         particles="results/particles/{split}_unet.csv",
         provenance="results/provenance/jobs/particles_{split}.json",
     log:
         "logs/particles/{split}.log",
     params:
-        config=lambda w: stage_config("particles", split=w.split),
+        config=lambda w: stage_config("reconstruction", "particles", split=w.split),
     wildcard_constraints:
         split="|".join(SPLITS),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=15,
+        mem_mb=frame_mem_mb(80, holograms_in_memory=2),
+        runtime=120,
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} particles --in {input} --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} particles --in {input.detections} --store {input.store}"
+        " --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule particles:

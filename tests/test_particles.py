@@ -1,0 +1,242 @@
+"""Depth refinement of ML particles on the reconstruction: finds the focus from a cluster millimetres off."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from holopipe.baseline import _focus_score
+from holopipe.config import load_config
+from holopipe.examples import z_bin_centres
+from holopipe.focus import gradient_magnitude, tamura_coefficient
+from holopipe.io import write_zarr
+from holopipe.optics import Propagator, hologram_field
+from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
+                                merge_duplicates, particles_file, refine_depths, window_focus)
+from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
+
+OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=128, ny=128, z_min=2e-3, z_max=10e-3)
+Z_BINS, PAD = 60, 32
+PLANES = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
+BIN = PLANES[1] - PLANES[0]
+# One large droplet (45 µm: depth of focus D²/λ ≈ 5.7 mm), where the darkest plane is not sharp.
+DROPLET = ParticleSet(x=np.array([12e-6]), y=np.array([-20e-6]), z=np.array([5.1e-3]), d=np.array([45e-6]))
+
+
+def make_config(**particles):
+    return load_config({
+        "splits": {"test": {"source": "simulate", "n_holograms": 1, "seed": 1}},
+        "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
+                   "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
+        "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
+        "particles": particles,
+    })
+
+
+def contrast_hologram(particles: ParticleSet) -> np.ndarray:
+    """Noise-free, flat-beam contrast hologram I / mean(I), float32 (ny, nx)."""
+    intensity = np.abs(opaque_disks_field(particles, OPTICS, pad=PAD)) ** 2
+    return (intensity / intensity.mean()).astype(np.float32)
+
+
+def propagator_of(image_yx: np.ndarray) -> Propagator:
+    return Propagator(hologram_field(image_yx, background=1.0), wavelength=OPTICS.wavelength, dx=OPTICS.dx,
+                      dy=OPTICS.dy, pad=PAD, band_limit=True)
+
+
+def ml_cluster(x_um, y_um, planes_um, *, focus_um, d_um=45.0, hid=1) -> pd.DataFrame:
+    """Detections as a saturated model leaves them: one per plane at (x, y), darkest at ``focus_um``."""
+    z = np.asarray(planes_um, np.float64)
+    return pd.DataFrame({
+        "hid": hid, "plane": np.arange(z.size), "x": x_um, "y": y_um, "z": z, "d": d_um, "area": 180.0,
+        "prob_max": 1.0, "prob_mean": 1.0, "logit_mean": 12.0,
+        "amplitude_min": 0.1 + 0.001 * np.abs(z - focus_um) / (BIN * 1e6)})
+
+
+@pytest.fixture(scope="module")
+def hologram():
+    return contrast_hologram(DROPLET)
+
+
+@pytest.fixture(scope="module")
+def propagator(hologram):
+    return propagator_of(hologram)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, hologram):
+    ds = xr.Dataset(
+        {"image": (("hologram_number", "xsize", "ysize"), hologram.T[None]),
+         **{name: ("particle", (getattr(DROPLET, name) * (1 if name == "hid" else 1e6)).astype(np.float32))
+            for name in ("x", "y", "z", "d")}, "hid": ("particle", np.ones(1, np.float32))},
+        attrs={"Nx": OPTICS.nx, "Ny": OPTICS.ny, "dx": OPTICS.dx, "dy": OPTICS.dy, "lambda": OPTICS.wavelength,
+               "zMin": OPTICS.z_min, "zMax": OPTICS.z_max},
+    )
+    return write_zarr(ds, tmp_path_factory.mktemp("particles") / "test.zarr")
+
+
+def truth_um():
+    return DROPLET.x[0] * 1e6, DROPLET.y[0] * 1e6, DROPLET.z[0] * 1e6
+
+
+@pytest.mark.parametrize("metric", ["tamura", "min_amplitude"])
+@pytest.mark.parametrize("offset", [1.2e-3, 2.0e-3])
+def test_refinement_finds_the_focus_of_a_cluster_millimetres_off(propagator, metric, offset):
+    x, y, z = truth_um()
+    # The model fired from 0.5 mm before the focus to `offset` + 0.5 mm behind it and the darkest
+    # detection is `offset` off (the failure seen on large droplets).
+    cluster_planes = PLANES[(PLANES >= DROPLET.z[0] - 0.5e-3) & (PLANES <= DROPLET.z[0] + offset + 0.5e-3)] * 1e6
+    detections = ml_cluster(x, y, cluster_planes, focus_um=z + offset * 1e6)
+    clusters = cluster_detections(detections, make_config())
+    assert len(clusters) == 1 and abs(clusters["z"].iloc[0] - z) >= offset * 1e6 - BIN * 1e6
+    settings = make_config(refine=metric)["particles"]
+    refined = refine_depths(propagator, PLANES, clusters[["x", "y", "d", "z_first", "z_last"]] * 1e-6, settings,
+                            dx=OPTICS.dx, dy=OPTICS.dy).iloc[0]
+    if metric == "tamura":
+        assert abs(refined["z"] - DROPLET.z[0]) <= BIN
+        # Measured on the focus plane: the centre within a pixel, the diameter within two.
+        assert abs(refined["x"] - DROPLET.x[0]) <= OPTICS.dx and abs(refined["y"] - DROPLET.y[0]) <= OPTICS.dy
+        assert abs(refined["d"] - DROPLET.d[0]) <= 2 * OPTICS.dx
+    else:  # the darkest window is a blunter peak for a large droplet, yet nearer than the darkest detection
+        assert abs(refined["z"] - DROPLET.z[0]) <= 0.5 * offset
+
+
+def test_margin_reaches_a_focus_outside_the_fired_planes(propagator):
+    x, y, z = truth_um()
+    # Every detection is 1-2 mm behind the focus: only the margin brings the true plane into the search.
+    planes_um = PLANES[(PLANES >= DROPLET.z[0] + 1e-3) & (PLANES <= DROPLET.z[0] + 2e-3)] * 1e6
+    clusters = cluster_detections(ml_cluster(x, y, planes_um, focus_um=planes_um[-1]), make_config())
+    extent = clusters[["x", "y", "d", "z_first", "z_last"]] * 1e-6
+    near = refine_depths(propagator, PLANES, extent, make_config(refine_margin=0.0)["particles"],
+                         dx=OPTICS.dx, dy=OPTICS.dy)["z"].iloc[0]
+    far = refine_depths(propagator, PLANES, extent, make_config(refine_margin=1.5e-3)["particles"],
+                        dx=OPTICS.dx, dy=OPTICS.dy)["z"].iloc[0]
+    assert near >= DROPLET.z[0] + 1e-3 - BIN, "without a margin the search stays on the fired planes"
+    assert abs(far - DROPLET.z[0]) <= BIN
+
+
+def test_refinement_does_not_depend_on_the_plane_batch(propagator):
+    x, y, z = truth_um()
+    detections = pd.concat([
+        ml_cluster(x, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6),
+        ml_cluster(-150.0, 170.0, PLANES[5:12] * 1e6, focus_um=PLANES[5] * 1e6, d_um=20.0)])  # corner
+    clusters = cluster_detections(detections, make_config())
+    extent = clusters[["x", "y", "d", "z_first", "z_last"]] * 1e-6
+    settings = make_config(refine_interpolate=True)["particles"]
+    results = [refine_depths(propagator, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy, batch_planes=b)
+               for b in (None, 1, 7)]
+    pd.testing.assert_frame_equal(results[0], results[1])
+    pd.testing.assert_frame_equal(results[0], results[2])
+
+
+def test_a_cluster_at_the_frame_edge_gets_a_clipped_window_and_a_depth(propagator):
+    half_frame_um = 0.5 * OPTICS.nx * OPTICS.dx * 1e6
+    corner = ml_cluster(half_frame_um - 1.0, -half_frame_um + 1.0, PLANES[:6] * 1e6, focus_um=PLANES[0] * 1e6)
+    clusters = cluster_detections(corner, make_config())
+    extent = clusters[["x", "y", "d", "z_first", "z_last"]] * 1e-6
+    row0, row1, col0, col1 = focus_windows(extent["x"], extent["y"], extent["d"], (OPTICS.ny, OPTICS.nx),
+                                           dx=OPTICS.dx, dy=OPTICS.dy, diameters=2.0)
+    assert (row0[0], col1[0]) == (0, OPTICS.nx) and row1[0] > 4 and col0[0] < OPTICS.nx - 4
+    for metric in ("tamura", "min_amplitude"):
+        refined = refine_depths(propagator, PLANES, extent, make_config(refine=metric)["particles"], dx=OPTICS.dx,
+                                dy=OPTICS.dy)
+        assert PLANES[0] <= refined["z"].iloc[0] <= PLANES[-1] and np.isfinite(refined.to_numpy()).all()
+
+
+def test_windows_are_diameters_wide_and_centred_on_the_particle_pixel():
+    row0, row1, col0, col1 = focus_windows(np.array([0.0]), np.array([0.0]), np.array([30 * OPTICS.dx]), (64, 64),
+                                           dx=OPTICS.dx, dy=OPTICS.dy, diameters=2.0)
+    # Pixel 31 and 32 straddle the centre; the window is 2 x 30 pixels + the centre pixel.
+    assert (row1 - row0)[0] == (col1 - col0)[0] == 61 and row0[0] in (1, 2)
+    tiny = focus_windows(np.array([0.0]), np.array([0.0]), np.array([1e-6]), (64, 64), dx=OPTICS.dx,
+                         dy=OPTICS.dy, diameters=2.0)
+    assert tiny[1][0] - tiny[0][0] == 9, "never below MIN_WINDOW_PIXELS"
+
+
+def test_window_tamura_equals_the_baselines_tamura():
+    rng = np.random.default_rng(3)
+    stack = rng.uniform(0.2, 1.2, (3, 20, 24))
+    gradient = gradient_magnitude(stack)
+    direct = np.sqrt(gradient.std(axis=(1, 2)) / gradient.mean(axis=(1, 2)))
+    np.testing.assert_allclose(window_focus(stack, "tamura"), direct, rtol=1e-12)
+    regions = pd.DataFrame({"window_sum": gradient.sum(axis=(1, 2)), "window_n": 480.0,
+                            "window_sum2": np.square(gradient).sum(axis=(1, 2))})
+    np.testing.assert_allclose(_focus_score(regions, "tamura").to_numpy(), direct, rtol=1e-12)
+    assert tamura_coefficient(0.0, 0.0, 10) == 0.0, "a flat window is never in focus"
+    with pytest.raises(ValueError, match="metric"):
+        window_focus(stack, "variance")
+
+
+class ParabolaPropagator:
+    """A stand-in whose amplitude is uniform per plane, 0.2 + (z - z0)² / mm²: min_amplitude peaks at z0."""
+
+    shape, pad = (32, 32), (0, 0)
+
+    def __init__(self, z0):
+        self.z0 = z0
+
+    def reconstruct(self, z):
+        level = 0.2 + ((np.asarray(z) - self.z0) / 1e-3) ** 2
+        return SimpleNamespace(amplitude=np.broadcast_to(level[:, None, None], (level.size, 32, 32)).copy())
+
+
+def test_interpolation_places_the_vertex_between_planes():
+    z0 = PLANES[30] + 0.3 * BIN
+    extent = pd.DataFrame({"x": [0.0], "y": [0.0], "d": [20e-6], "z_first": [PLANES[25]], "z_last": [PLANES[35]]})
+    settings = make_config(refine="min_amplitude")["particles"]
+    on_plane = refine_depths(ParabolaPropagator(z0), PLANES, extent, {**settings, "refine_interpolate": False},
+                             dx=OPTICS.dx, dy=OPTICS.dy)["z"].iloc[0]
+    between = refine_depths(ParabolaPropagator(z0), PLANES, extent, {**settings, "refine_interpolate": True},
+                            dx=OPTICS.dx, dy=OPTICS.dy)["z"].iloc[0]
+    assert on_plane == PLANES[30]
+    assert between == pytest.approx(z0, abs=1e-9)
+
+
+def test_none_keeps_the_merged_particles_and_needs_no_store(tmp_path):
+    x, y, z = truth_um()
+    detections = ml_cluster(x, y, PLANES[10:30] * 1e6, focus_um=PLANES[25] * 1e6)
+    detections.to_csv(tmp_path / "chunk.csv", index=False)
+    config = make_config(refine="none")
+    written = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "p.csv", config))
+    pd.testing.assert_frame_equal(written, merge_detections(detections, config), check_dtype=False)
+    assert written["z"].iloc[0] == pytest.approx(PLANES[25] * 1e6)
+    with pytest.raises(ValueError, match="--store"):
+        particles_file([tmp_path / "chunk.csv"], tmp_path / "q.csv", make_config())
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_a_ghost_cluster_beside_the_droplet_merges_into_it(store, tmp_path):
+    x, y, z = truth_um()
+    # The droplet's own column and a ghost 35 µm beside it near the sensor (as where the frame edge cuts
+    # the fringes): both refine to the droplet and are one particle at its measured centre.
+    detections = pd.concat([
+        ml_cluster(x, y, PLANES[(PLANES > 4.5e-3) & (PLANES < 7e-3)] * 1e6, focus_um=6.5e3),
+        ml_cluster(x + 35.0, y, PLANES[:4] * 1e6, focus_um=PLANES[0] * 1e6, d_um=20.0)], ignore_index=True)
+    detections.to_csv(tmp_path / "chunk.csv", index=False)
+    assert len(cluster_detections(detections, make_config())) == 2
+    found = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "p.csv", make_config(),
+                                       store_path=store, progress=False))
+    assert len(found) == 1
+    assert abs(found["z"].iloc[0] - z) <= BIN * 1e6 and abs(found["x"].iloc[0] - x) <= OPTICS.dx * 1e6
+
+
+def test_merge_duplicates_keeps_the_surest_of_coincident_particles():
+    settings = make_config()["particles"]
+    particles = pd.DataFrame({"hid": [1, 1, 1, 2], "x": [0.0, 10.0, 300.0, 0.0], "y": 0.0,
+                              "z": [5000.0, 5100.0, 5000.0, 5000.0], "d": 30.0, "prob": [0.9, 1.0, 1.0, 0.5],
+                              "focus": [2.0, 1.0, 1.0, 1.0]})
+    merged = merge_duplicates(particles, settings).sort_index()
+    assert merged.index.tolist() == [1, 2, 3], "10 µm and 100 µm in z apart is one particle, 300 µm is not"
+
+
+def test_particles_file_refines_on_the_store(store, tmp_path):
+    x, y, z = truth_um()
+    detections = ml_cluster(x, y, PLANES[(PLANES > 5.6e-3) & (PLANES < 8e-3)] * 1e6, focus_um=7.5e3)
+    detections.to_csv(tmp_path / "chunk.csv", index=False)
+    found = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "p.csv", make_config(),
+                                       store_path=store, progress=False))
+    assert list(found.columns) == list(PARTICLE_COLUMNS) and len(found) == 1
+    assert abs(found["z"].iloc[0] - z) <= BIN * 1e6
+    assert abs(found["x"].iloc[0] - x) <= OPTICS.dx * 1e6 and abs(found["y"].iloc[0] - y) <= OPTICS.dy * 1e6
