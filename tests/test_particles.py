@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 from holopipe.baseline import _focus_score
@@ -129,6 +130,31 @@ def test_refinement_does_not_depend_on_the_plane_batch(propagator):
                for b in (None, 1, 7)]
     pd.testing.assert_frame_equal(results[0], results[1])
     pd.testing.assert_frame_equal(results[0], results[2])
+
+
+def test_refinement_on_torch_arrays_matches_numpy(hologram, propagator):
+    """The GPU path (a torch field, windows copied to the host) run on CPU tensors gives the numpy result."""
+    x, y, z = truth_um()
+    detections = ml_cluster(x, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6)
+    extent = cluster_detections(detections, make_config())[["x", "y", "d", "z_first", "z_last"]] * 1e-6
+    settings = make_config()["particles"]
+    on_torch = Propagator(hologram_field(torch.from_numpy(hologram), background=1.0), wavelength=OPTICS.wavelength,
+                          dx=OPTICS.dx, dy=OPTICS.dy, pad=PAD, band_limit=True)
+    expected = refine_depths(propagator, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy)
+    found = refine_depths(on_torch, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy)
+    assert abs(found["z"].iloc[0] - z * 1e-6) <= BIN
+    pd.testing.assert_frame_equal(found, expected, rtol=1e-3)
+
+
+def test_refinement_on_a_missing_gpu_is_an_error(store, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    x, y, z = truth_um()
+    ml_cluster(x, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6).to_csv(tmp_path / "chunk.csv", index=False)
+    with pytest.raises(ValueError, match="particles.device is 'cuda' but CUDA is not available"):
+        particles_file([tmp_path / "chunk.csv"], tmp_path / "p.csv", make_config(device="cuda"), store_path=store,
+                       progress=False)
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_a_cluster_at_the_frame_edge_gets_a_clipped_window_and_a_depth(propagator):

@@ -353,7 +353,7 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
     """
     infer, reconstruction = config["infer"], config["reconstruction"]
     name, out_csv = os.fspath(store_path), Path(out_csv)
-    device = resolve_device(infer["device"])
+    device = resolve_device(infer["device"], "infer.device")
     if segment is None:
         if model_path is None:
             raise ValueError("infer_chunk: give model_path (a model.pt written by holopipe train) or segment")

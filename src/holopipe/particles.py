@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import array_api_compat
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
@@ -61,7 +62,7 @@ from holopipe.standardize import open_standardized
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels", "focus_windows",
            "label_detections", "measure_in_focus", "merge_detections", "merge_duplicates", "particles_file",
-           "read_detections", "refine_depths", "window_focus"]
+           "host_array", "read_detections", "refine_depths", "window_focus"]
 
 PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
@@ -229,7 +230,7 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
             a, b = np.searchsorted(batch, first[k], "left"), np.searchsorted(batch, last[k], "right")
             if a < b:
                 window = amplitude[int(a):int(b), int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])]
-                scores[k, batch[a:b]] = window_focus(np.asarray(window), metric)
+                scores[k, batch[a:b]] = window_focus(host_array(window), metric)
     best = np.array([a + int(np.argmax(scores[k, a:b + 1])) for k, (a, b) in enumerate(zip(first, last))])
     z, peak = planes_m[best], scores[np.arange(n), best]
     if settings["refine_interpolate"] and planes_m.size > 1:
@@ -251,6 +252,16 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     return pd.DataFrame({"z": z, "focus": peak, **measured}, index=particles.index)
 
 
+def host_array(array) -> np.ndarray:
+    """A window of any array library as float64 numpy: copied from the GPU (torch, cupy) when it is there.
+    Only windows travel: the planes stay on the device."""
+    if array_api_compat.is_torch_array(array):
+        return array.detach().cpu().double().numpy()
+    if array_api_compat.is_cupy_array(array):
+        return array.get().astype(np.float64)
+    return np.asarray(array, dtype=np.float64)
+
+
 def measure_in_focus(propagator: Propagator, z_m: np.ndarray, windows: tuple, *, dx: float, dy: float,
                      batch_planes: int) -> dict:
     """x, y, d (m) of the dark disk in each window ``(row0, row1, col0, col1)`` at its plane ``z_m``.
@@ -266,8 +277,7 @@ def measure_in_focus(propagator: Propagator, z_m: np.ndarray, windows: tuple, *,
     for start in range(0, planes.size, batch_planes):
         amplitude = propagator.reconstruct(planes[start:start + batch_planes]).amplitude
         for k in np.flatnonzero((slot >= start) & (slot < start + batch_planes)):
-            window = np.asarray(amplitude[int(slot[k] - start), int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])],
-                                dtype=np.float64)
+            window = host_array(amplitude[int(slot[k] - start), int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])])
             smooth = smoothed_amplitude(window)
             darkest = np.unravel_index(int(np.argmin(smooth)), smooth.shape)
             labels, _ = ndi.label(window < 0.5 * (1.0 + smooth[darkest]), structure=np.ones((3, 3), bool))
@@ -329,6 +339,21 @@ def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
     return pd.concat(kept) if kept else particles
 
 
+def _device_mover(name: str):
+    """numpy -> the array the planes are reconstructed in: numpy (scipy's multithreaded FFT) on the CPU,
+    a torch tensor on a GPU. ``auto`` takes CUDA when torch sees one."""
+    if name == "cpu":
+        return lambda array: array
+    from holopipe.train import resolve_device
+
+    device = resolve_device(name, "particles.device")
+    if device.type == "cpu":
+        return lambda array: array
+    import torch
+
+    return lambda array: torch.from_numpy(array).to(device)
+
+
 def _refined(clusters: pd.DataFrame, config: dict, store_path, *, progress: bool) -> pd.DataFrame:
     """:func:`refine_depths` (x, y, z, d in µm, focus) of every hologram's particles, ``clusters``' index.
 
@@ -337,6 +362,7 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, *, progress: bool
     """
     name = os.fspath(store_path)
     reconstruction = config["reconstruction"]
+    on_device = _device_mover(config["particles"]["device"])
     refined = []
     ds = open_standardized(name, config)
     try:
@@ -349,7 +375,7 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, *, progress: bool
             if not 1 <= hid <= n_holograms:
                 raise ValueError(f"{name}: detections name hologram {hid}, the store has {n_holograms}")
             image = ds["image"].isel(hologram_number=int(hid) - 1).compute(scheduler="synchronous").values
-            field = hologram_field(np.ascontiguousarray(image.T, dtype=np.float32), background=1.0)
+            field = hologram_field(on_device(np.ascontiguousarray(image.T, dtype=np.float32)), background=1.0)
             propagator = Propagator(field, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
                                     pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]))
             metres = group[["x", "y", "d_max", "z_first", "z_last"]].rename(columns={"d_max": "d"}) * 1e-6

@@ -86,13 +86,14 @@ def is_improvement(value: float, best: float | None, metric: str) -> bool:
     return value < best if metric == "loss" else value > best
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device (``key`` names the config key
+    in the error when CUDA is asked for and missing)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available")
+        raise ValueError(f"{key} is {name!r} but CUDA is not available")
     return device
 
 
