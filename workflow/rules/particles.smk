@@ -13,12 +13,13 @@ rule particles_split:
         config=lambda w: stage_config("reconstruction", "particles", split=w.split),
     wildcard_constraints:
         split="|".join(SPLITS),
-    threads: 1
+    threads: 2
     resources:
         mem_mb=frame_mem_mb(80, holograms_in_memory=2),
         runtime=120,
+        gpu=1,
     conda:
-        "../../envs/cpu.yaml"
+        "../../envs/gpu.yaml"
     shell:
         "holopipe --provenance {output.provenance} particles --in {input.detections} --store {input.store}"
         " --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
