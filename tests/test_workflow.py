@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,9 @@ def test_whole_workflow_tunes_trains_infers_and_evaluates(tmp_path):
     assert yaml.safe_load((provenance / "config.yaml").read_text())["optics"] == load_config(TINY)["optics"]
     dag, rules = (provenance / "dag.mmd").read_text(), (provenance / "rulegraph.mmd").read_text()
     assert "flowchart" in dag and "infer_chunk - chunk: 1" in dag and "train_model" in rules
+    if shutil.which("dot"):  # .ci/run installs graphviz
+        svg = (provenance / "rulegraph.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "train_model" in svg
     report = (tmp_path / "results" / "report.html").read_text()
     assert report.startswith("<!DOCTYPE html>") or "<html" in report[:2000]
     assert all(name in report for name in ("jobs.csv", "files.csv", "packages.csv", "scatter3d.png"))
