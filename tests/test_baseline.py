@@ -20,14 +20,20 @@ PARTICLES = ParticleSet(x=np.array([-90e-6, 85e-6, -10e-6]), y=np.array([-85e-6,
 Z_BINS, PAD = 60, 32
 
 
-def make_config(**baseline):
+def scene_config(**sections):
+    """A validated config of this module's optics and planes, with the given sections (also for
+    test_particles, which refines on the same scenes)."""
     return load_config({
         "splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
         "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
                    "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
         "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
-        "baseline": baseline,
+        **sections,
     })
+
+
+def make_config(**baseline):
+    return scene_config(baseline=baseline)
 
 
 def contrast_hologram(particles: ParticleSet) -> np.ndarray:

@@ -9,37 +9,23 @@ import torch
 import xarray as xr
 
 from holopipe.baseline import _focus_score
-from holopipe.config import load_config
 from holopipe.examples import z_bin_centres
 from holopipe.focus import gradient_magnitude, tamura_coefficient
 from holopipe.io import write_zarr
 from holopipe.optics import Propagator, hologram_field
 from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
                                 merge_duplicates, particles_file, refine_depths, window_focus)
-from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
+from holopipe.simulate import ParticleSet
+from test_baseline import OPTICS, PAD, Z_BINS, contrast_hologram, scene_config
 
-OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=128, ny=128, z_min=2e-3, z_max=10e-3)
-Z_BINS, PAD = 60, 32
-PLANES = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
-BIN = PLANES[1] - PLANES[0]
 # One large droplet (45 µm: depth of focus D²/λ ≈ 5.7 mm), where the darkest plane is not sharp.
 DROPLET = ParticleSet(x=np.array([12e-6]), y=np.array([-20e-6]), z=np.array([5.1e-3]), d=np.array([45e-6]))
+PLANES = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
+BIN = PLANES[1] - PLANES[0]
 
 
 def make_config(**particles):
-    return load_config({
-        "splits": {"test": {"source": "simulate", "n_holograms": 1, "seed": 1}},
-        "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
-                   "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
-        "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
-        "particles": particles,
-    })
-
-
-def contrast_hologram(particles: ParticleSet) -> np.ndarray:
-    """Noise-free, flat-beam contrast hologram I / mean(I), float32 (ny, nx)."""
-    intensity = np.abs(opaque_disks_field(particles, OPTICS, pad=PAD)) ** 2
-    return (intensity / intensity.mean()).astype(np.float32)
+    return scene_config(particles=particles)
 
 
 def propagator_of(image_yx: np.ndarray) -> Propagator:
