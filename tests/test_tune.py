@@ -315,3 +315,18 @@ def test_real_training_trials(tmp_path):
         assert len(metrics) == 1 and metrics["dice"].max() == pytest.approx(trial.value)
     summarize(config, tmp_path / "tune", tmp_path / "best.yaml", tmp_path / "trials.csv", tmp_path / "plots")
     assert set(yaml.safe_load((tmp_path / "best.yaml").read_text())) == {"train.learning_rate"}
+
+
+def test_a_trials_parameters_do_not_depend_on_the_worker_that_runs_it(tmp_path):
+    """Reruns of one config tune alike whichever worker wins the race for each trial: trial k draws from
+    tune.seed + k. Two studies of one config, run by worker 0 alone and by worker 7 with three trial threads,
+    give every startup trial the same parameters."""
+    config = make_config(n_trials=3, pruner="none")
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_worker(config, None, None, None, first, worker=0, objective=partial(fake_objective, delay=0.0))
+    threaded = with_overrides(config, {"tune.trials_per_gpu": 3})
+    run_worker(threaded, None, None, None, second, worker=7, objective=partial(fake_objective, delay=0.0))
+    params = [[t.params for t in sorted(load(c, d).get_trials(deepcopy=False), key=lambda t: t.number)]
+              for c, d in ((config, first), (threaded, second))]
+    assert len(params[0]) == 3 and params[0] == params[1]
+    assert len({p["train.learning_rate"] for p in params[0]}) == 3  # distinct draws, not one repeated

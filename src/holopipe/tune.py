@@ -49,7 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 from holopipe.config import ConfigError, with_overrides
 from holopipe.io import write_atomically
 
-__all__ = ["open_storage", "run_worker", "study_name", "suggest", "summarize"]
+__all__ = ["TrialSeededSampler", "open_storage", "run_worker", "study_name", "suggest", "summarize"]
 
 log = logging.getLogger("holopipe")
 
@@ -128,11 +128,49 @@ def _pruner(tune: dict) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _open_study(config: dict, storage, seed: int | None = None) -> optuna.Study:
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE with its random draws seeded by ``seed + trial number``, not per worker.
+
+    Workers race for trials, so with a per-worker seed the parameters of trial k depended on which worker
+    happened to ask for it, and a rerun of the same config tuned (then trained) differently. Here trial k
+    draws from the same stream whoever runs it: the random startup trials, and any study one worker runs,
+    are reproducible. Later TPE trials still depend on which trials had finished when they were asked, as
+    in any asynchronous parallel study. TPE keeps no state but its random generator, so a fresh one per
+    trial changes nothing else.
+    """
+
+    def __init__(self, seed: int, **tpe_options):
+        self._seed = seed
+        self._tpe_options = tpe_options
+        self._per_trial: dict[int, optuna.samplers.TPESampler] = {}
+
+    def _tpe(self, trial) -> optuna.samplers.TPESampler:
+        if trial.number not in self._per_trial:
+            self._per_trial[trial.number] = optuna.samplers.TPESampler(seed=self._seed + trial.number,
+                                                                       **self._tpe_options)
+        return self._per_trial[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._tpe(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe(trial).after_trial(study, trial, state, values)
+        self._per_trial.pop(trial.number, None)
+
+
+def _open_study(config: dict, storage) -> optuna.Study:
     tune = config["tune"]
-    sampler = optuna.samplers.TPESampler(
-        n_startup_trials=tune["startup_trials"], seed=seed, constant_liar=True, multivariate=True
-    )
+    sampler = TrialSeededSampler(tune["seed"], n_startup_trials=tune["startup_trials"], constant_liar=True,
+                                 multivariate=True)
     return optuna.create_study(study_name=study_name(config), storage=storage, sampler=sampler,
                                pruner=_pruner(tune), direction=_direction(config), load_if_exists=True)
 
@@ -317,10 +355,10 @@ def _run_trial(study, storage, config, objective, trial, identity) -> None:
     _tell(study, trial, **outcome)
 
 
-def _worker_loop(config, storage, objective, worker: int, slot: int, stop: threading.Event) -> None:
+def _worker_loop(config, storage, objective, worker: int, stop: threading.Event) -> None:
     tune = config["tune"]
     n_trials, heartbeat = tune["n_trials"], tune["heartbeat"]
-    study = _open_study(config, storage, seed=tune["seed"] + worker * tune["trials_per_gpu"] + slot)
+    study = _open_study(config, storage)
     identity = _identity(worker)
     poll = min(heartbeat, 2.0)
     while not stop.is_set():
@@ -368,8 +406,8 @@ def run_worker(config: dict, train_store, valid_store, stats_path, workdir, *, w
     _open_study(config, storage)  # create it once before the threads race to
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=tune["trials_per_gpu"], thread_name_prefix="trials") as pool:
-        futures = [pool.submit(_worker_loop, config, storage, objective, worker, slot, stop)
-                   for slot in range(tune["trials_per_gpu"])]
+        futures = [pool.submit(_worker_loop, config, storage, objective, worker, stop)
+                   for _ in range(tune["trials_per_gpu"])]
         try:
             for future in futures:
                 future.result()
