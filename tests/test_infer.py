@@ -278,11 +278,12 @@ def test_merge_focus_follows_the_logit_peak_or_the_darkest_amplitude_and_drops_f
                       amplitude_min=[0.4, 0.3, 0.2, 0.1, 0.3])
     ghost = detections(1, [60, 61], 300.0, 0.0, [50, 60], amplitude_min=[0.7, 0.6])  # contrast 0.4 at best
     table = pd.concat([rows, ghost], ignore_index=True)
-    by_logit = merge_detections(table, make_config(particles={"focus": "logit"}))
+    by_logit = merge_detections(table, make_config(particles={"focus": "logit", "min_contrast": 0.5}))
     assert by_logit["z"].tolist() == [3200.0]  # the ghost is dropped by particles.min_contrast 0.5
     focus = rows[rows["plane"] == 12].iloc[0]
     assert (by_logit["x"].iloc[0], by_logit["d"].iloc[0]) == (focus["x"], focus["d"])
-    assert merge_detections(table, make_config())["z"].tolist() == [3300.0]  # darkest amplitude: the default
+    darkest = merge_detections(table, make_config(particles={"min_contrast": 0.5}))
+    assert darkest["z"].tolist() == [3300.0]  # darkest amplitude: the default focus
     kept = merge_detections(table, make_config(particles={"min_contrast": 0.0}))
     assert kept["z"].tolist() == [3300.0, 8100.0]
 
