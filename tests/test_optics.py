@@ -207,3 +207,10 @@ def test_hologram_field_takes_a_scalar_background_for_every_library():
     np.testing.assert_allclose(hologram_field(hologram, background=1.0).numpy(), 3.0)
     with pytest.raises(ValueError, match="background"):
         hologram_field(hologram, background=0.0)
+
+
+def test_planes_per_batch_fills_the_pixel_budget_of_the_padded_frame():
+    propagator = Propagator(np.ones((30, 50), np.complex64), wavelength=3.55e-7, dx=2.96e-6, pad=5)
+    assert propagator.planes_per_batch(40 * 60 * 7) == 7  # padded frame 40 x 60
+    assert propagator.planes_per_batch(40 * 60 * 7 - 1) == 6
+    assert propagator.planes_per_batch(10) == 1  # one plane even when it alone exceeds the budget

@@ -189,6 +189,9 @@ class ParabolaPropagator:
     def __init__(self, z0):
         self.z0 = z0
 
+    def planes_per_batch(self):
+        return 16
+
     def reconstruct(self, z):
         level = 0.2 + ((np.asarray(z) - self.z0) / 1e-3) ** 2
         return SimpleNamespace(amplitude=np.broadcast_to(level[:, None, None], (level.size, 32, 32)).copy())

@@ -56,8 +56,8 @@ from tqdm.auto import tqdm
 from holopipe.examples import z_bin_centres
 from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
 from holopipe.io import write_atomically
-from holopipe.optics import Propagator, hologram_field
-from holopipe.standardize import open_standardized
+from holopipe.optics import Propagator
+from holopipe.standardize import hologram_propagator, open_standardized
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "find_particles"]
 
@@ -71,9 +71,6 @@ THRESHOLD_SAMPLES = 2**20
 
 MIN_SIGMA = 0.01
 """Floor of the robust amplitude spread (background ~1), so that a flat hologram is all background."""
-
-PLANE_BATCH_PIXELS = 2**24
-"""Complex pixels reconstructed at once (128 MiB of complex64), as in the examples stage."""
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -169,7 +166,8 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
     """Particles of one hologram, ``x, y, z, d`` in metres and ``score``, from its propagator.
 
     ``planes`` are the reconstruction depths (metres); ``batch_planes`` planes are reconstructed at
-    once (default: :data:`PLANE_BATCH_PIXELS` complex pixels). See the module docstring for the method.
+    once (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`). See the module docstring for
+    the method.
     """
     metric = baseline["focus_metric"]
     if baseline["threshold"] is None:
@@ -179,8 +177,7 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
         threshold, background = float(baseline["threshold"]), 1.0
     ny, nx = propagator.shape
     if batch_planes is None:
-        pad_y, pad_x = propagator.pad
-        batch_planes = max(1, PLANE_BATCH_PIXELS // ((ny + 2 * pad_y) * (nx + 2 * pad_x)))
+        batch_planes = propagator.planes_per_batch()
     regions, edges, previous, offset = [], [], None, 0
     for start in range(0, planes.size, batch_planes):
         amplitude = np.asarray(propagator.reconstruct(planes[start:start + batch_planes]).amplitude)
@@ -239,10 +236,7 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
         for h in tqdm(range(ds.sizes["hologram_number"]), desc=f"baseline {Path(name).name}", unit="hologram",
                       disable=not progress):
             image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
-            field = hologram_field(np.ascontiguousarray(image.T, dtype=np.float32), background=1.0)
-            propagator = Propagator(field, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
-                                    pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]))
-            particles = find_particles(propagator, planes, config["baseline"], dx=dx, dy=dy)
+            particles = find_particles(hologram_propagator(image, attrs, reconstruction), planes, config["baseline"], dx=dx, dy=dy)
             found.append(particles.assign(hid=h + 1))
     finally:
         ds.close()

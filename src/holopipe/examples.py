@@ -35,8 +35,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.config import ConfigError
 from holopipe.io import particle_table, um_to_pixel
-from holopipe.optics import Propagator, hologram_field
-from holopipe.standardize import open_standardized
+from holopipe.standardize import hologram_propagator, open_standardized
 
 __all__ = [
     "build_examples",
@@ -49,9 +48,6 @@ __all__ = [
 
 MASK_CHANNELS = ("in_focus",)
 PLAN_COLUMNS = ("z_bin", "row0", "col0", "positive", "near")
-
-_PLANE_BATCH_PIXELS = 2**24
-"""Complex pixels reconstructed at once per hologram (128 MiB of complex64)."""
 
 _PLACEMENT_TRIES = 100
 """Redraws of a tile position before accepting a duplicate (same plane and origin) tile."""
@@ -191,13 +187,9 @@ def _cut_tiles(image: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, p
     ``image`` is the contract's (xsize, ysize) contrast hologram; the hologram's FFT is computed once
     and its planes are reconstructed in batches that bound memory.
     """
-    field = hologram_field(np.ascontiguousarray(image.T, dtype=np.float32), background=1.0)
-    ny, nx = field.shape
-    propagator = Propagator(field, wavelength=float(attrs["lambda"]), dx=float(attrs["dx"]),
-                            dy=float(attrs["dy"]), pad=int(reconstruction["pad"]),
-                            band_limit=bool(reconstruction["band_limit"]))
-    pad = int(reconstruction["pad"])
-    batch = max(1, _PLANE_BATCH_PIXELS // ((ny + 2 * pad) * (nx + 2 * pad)))
+    propagator = hologram_propagator(image, attrs, reconstruction)
+    ny, nx = propagator.shape
+    batch = propagator.planes_per_batch()
     inputs = np.empty((len(plan), len(channels), tile, tile), dtype=dtype)
     masks = np.empty((len(plan), len(MASK_CHANNELS), tile, tile), dtype=np.uint8)
     bins = np.unique(plan["z_bin"].to_numpy())

@@ -202,6 +202,11 @@ class Reconstruction(NamedTuple):
     phase: Any
 
 
+PLANE_BATCH_PIXELS = 2**24
+"""Complex pixels a plane sweep reconstructs at once by default (128 MiB of complex64): memory stays one
+batch whatever the frame and the number of planes."""
+
+
 class Propagator:
     """Propagates one field (or a stack of fields) to many planes, reusing its FFT.
 
@@ -239,6 +244,12 @@ class Propagator:
         pad_y, pad_x = self.pad
         ny, nx = self.shape
         return field[..., pad_y:pad_y + ny, pad_x:pad_x + nx] if (pad_y or pad_x) else field
+
+    def planes_per_batch(self, complex_pixels: int = PLANE_BATCH_PIXELS) -> int:
+        """How many planes of this (padded) frame fit in ``complex_pixels`` at once; at least one."""
+        pad_y, pad_x = self.pad
+        ny, nx = self.shape
+        return max(1, complex_pixels // ((ny + 2 * pad_y) * (nx + 2 * pad_x)))
 
     def reconstruct(self, z) -> Reconstruction:
         """Amplitude and phase of the field propagated back by ``z`` (metres from the sensor)."""

@@ -53,12 +53,11 @@ import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from holopipe.baseline import PLANE_BATCH_PIXELS
 from holopipe.examples import z_bin_centres
 from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
 from holopipe.io import write_atomically
-from holopipe.optics import Propagator, hologram_field
-from holopipe.standardize import open_standardized
+from holopipe.optics import Propagator
+from holopipe.standardize import hologram_propagator, open_standardized
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels", "focus_windows",
            "label_detections", "measure_in_focus", "merge_detections", "merge_duplicates", "particles_file",
@@ -196,7 +195,7 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     ``refine_margin``, ``refine_window``, ``refine_interpolate``, ``distance``). Each particle's planes
     between ``z_first - refine_margin`` and ``z_last + refine_margin`` are scored over its fixed window
     (:func:`focus_windows`); only the union of those planes is reconstructed, ``batch_planes`` at a time
-    (default: :data:`PLANE_BATCH_PIXELS` complex pixels), and only the windows' scores are kept, so
+    (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`), and only the windows' scores are kept, so
     memory is one batch whatever the frame. With ``refine_interpolate`` an interior peak moves by the
     vertex of the parabola through it and its two neighbours (at most half a plane).
     """
@@ -218,9 +217,7 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
         needed[a:b + 1] = True
     indices = np.flatnonzero(needed)
     if batch_planes is None:
-        pad_y, pad_x = propagator.pad
-        ny, nx = propagator.shape
-        batch_planes = max(1, PLANE_BATCH_PIXELS // ((ny + 2 * pad_y) * (nx + 2 * pad_x)))
+        batch_planes = propagator.planes_per_batch()
     scores = np.full((n, planes_m.size), -np.inf)
     for start in range(0, indices.size, batch_planes):
         batch = indices[start:start + batch_planes]
@@ -375,9 +372,7 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, *, progress: bool
             if not 1 <= hid <= n_holograms:
                 raise ValueError(f"{name}: detections name hologram {hid}, the store has {n_holograms}")
             image = ds["image"].isel(hologram_number=int(hid) - 1).compute(scheduler="synchronous").values
-            field = hologram_field(on_device(np.ascontiguousarray(image.T, dtype=np.float32)), background=1.0)
-            propagator = Propagator(field, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
-                                    pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]))
+            propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
             metres = group[["x", "y", "d_max", "z_first", "z_last"]].rename(columns={"d_max": "d"}) * 1e-6
             refined.append(refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy))
     finally:
