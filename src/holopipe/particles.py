@@ -82,6 +82,18 @@ def cluster_labels(points_m: np.ndarray, distance_m: float) -> np.ndarray:
     return scipy.sparse.csgraph.connected_components(graph, directed=False)[1].astype(np.int64)
 
 
+def _linking_points(table: pd.DataFrame, settings: dict) -> np.ndarray:
+    """(x, y, z · ``z_scale``) in metres of a table in µm: the space detections and particles link in."""
+    return 1e-6 * np.column_stack([table["x"], table["y"], table["z"] * settings["z_scale"]])
+
+
+def _best_per_label(labels: np.ndarray, *keys) -> np.ndarray:
+    """Row of each label's best row, in label order: the largest by the last of ``keys``, ties broken by
+    the keys before it (``np.lexsort``'s order: last key first). ``labels`` must not be empty."""
+    order = np.lexsort((*keys, labels))
+    return order[np.flatnonzero(np.r_[labels[order][1:] != labels[order][:-1], True])]
+
+
 def label_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     """``detections`` (hid then plane order) with a ``cluster`` column: one label (0..) per particle, all holograms.
 
@@ -94,9 +106,7 @@ def label_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     detections = detections.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
     labels, offset = np.zeros(len(detections), np.int64), 0
     for _, rows in detections.groupby("hid", sort=True).indices.items():
-        group = detections.iloc[rows]
-        points = 1e-6 * np.column_stack([group["x"], group["y"], group["z"] * settings["z_scale"]])
-        local = cluster_labels(points, float(settings["distance"]))
+        local = cluster_labels(_linking_points(detections.iloc[rows], settings), float(settings["distance"]))
         labels[rows] = local + offset
         offset += int(local.max()) + 1
     return detections.assign(cluster=labels)
@@ -125,10 +135,9 @@ def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     else:
         sharpness = detections["prob_mean"].to_numpy() * detections["area"].to_numpy()
     # In-focus detection per cluster: sharpest, then largest prob_max, then nearest the sensor
-    # (exact ties only; deterministic whatever the row order). lexsort sorts by its last key first.
-    order = np.lexsort((-detections["z"].to_numpy(), detections["prob_max"].to_numpy(), sharpness, labels))
-    last = np.flatnonzero(np.r_[labels[order][1:] != labels[order][:-1], True])  # each cluster's end
-    focus = detections.iloc[order[last]].set_index("cluster")
+    # (exact ties only; deterministic whatever the row order).
+    best = _best_per_label(labels, -detections["z"].to_numpy(), detections["prob_max"].to_numpy(), sharpness)
+    focus = detections.iloc[best].set_index("cluster")
     by_cluster = detections.groupby("cluster")
     table = pd.DataFrame({
         "hid": focus["hid"].astype(np.int64), "x": focus["x"], "y": focus["y"], "z": focus["z"], "d": focus["d"],
@@ -328,11 +337,8 @@ def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
     """
     kept = []
     for _, group in particles.groupby("hid", sort=True):
-        points = 1e-6 * np.column_stack([group["x"], group["y"], group["z"] * settings["z_scale"]])
-        labels = cluster_labels(points, float(settings["distance"]))
-        order = np.lexsort((group["focus"].to_numpy(), group["prob"].to_numpy(), labels))
-        last = np.flatnonzero(np.r_[labels[order][1:] != labels[order][:-1], True])
-        kept.append(group.iloc[order[last]])
+        labels = cluster_labels(_linking_points(group, settings), float(settings["distance"]))
+        kept.append(group.iloc[_best_per_label(labels, group["focus"].to_numpy(), group["prob"].to_numpy())])
     return pd.concat(kept) if kept else particles
 
 
