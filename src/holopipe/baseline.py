@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from holopipe.examples import z_bin_centres
 from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
-from holopipe.io import write_atomically
+from holopipe.io import equivalent_diameter, pixel_position, write_atomically
 from holopipe.optics import Propagator
 from holopipe.standardize import hologram_propagator, open_standardized
 
@@ -210,10 +210,10 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
     row, col = focus["sum_row"] / focus["area"], focus["sum_col"] / focus["area"]
     sizing_area = np.maximum(focus["sizing_area"], 1.0)  # a region darker than its own level has >= 1 pixel
     return pd.DataFrame({
-        "x": ((col + 0.5 - nx / 2) * dx).to_numpy(),
-        "y": ((row + 0.5 - ny / 2) * dy).to_numpy(),
+        "x": pixel_position(col, nx, dx),
+        "y": pixel_position(row, ny, dy),
         "z": planes[focus["plane"].to_numpy()],
-        "d": (2 * np.sqrt(sizing_area * dx * dy / np.pi)).to_numpy(),
+        "d": equivalent_diameter(sizing_area, dx, dy),
         "score": (1 - focus["minimum"]).to_numpy(),
     })
 

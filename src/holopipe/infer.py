@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.dataset import normalize_channels
 from holopipe.examples import z_bin_centres
-from holopipe.io import write_atomically
+from holopipe.io import equivalent_diameter, pixel_position, write_atomically
 from holopipe.optics import Propagator, hologram_field
 from holopipe.standardize import open_standardized
 from holopipe.train import autocast_dtype, load_model, resolve_device
@@ -171,9 +171,9 @@ def detections_from_pixels(rows: np.ndarray, cols: np.ndarray, values: np.ndarra
     keep = area >= min_area
     ny, nx = shape
     return pd.DataFrame({
-        "x": (col_c[keep] + 0.5 - nx / 2) * dx * 1e6,
-        "y": (row_c[keep] + 0.5 - ny / 2) * dy * 1e6,
-        "d": 2.0 * np.sqrt(area[keep] * dx * dy / np.pi) * 1e6,
+        "x": pixel_position(col_c[keep], nx, dx) * 1e6,
+        "y": pixel_position(row_c[keep], ny, dy) * 1e6,
+        "d": equivalent_diameter(area[keep], dx, dy) * 1e6,
         "area": area[keep].astype(np.int64),
         "prob_max": np.asarray(prob_max, np.float64)[keep],
         "prob_mean": mass[keep] / area[keep],

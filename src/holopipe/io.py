@@ -54,9 +54,20 @@ class HolodecFormatError(ValueError):
     """Raised when a file breaks the contract; message names the file and the problem."""
 
 
+def pixel_position(index, n: int, pitch_m: float) -> np.ndarray:
+    """Position (metres, origin at the frame centre) of a pixel index along an axis of ``n`` pixels of
+    pitch ``pitch_m``; fractional indices (a region's centroid) too."""
+    return (np.asarray(index, dtype=np.float64) + 0.5 - n / 2) * pitch_m
+
+
 def pixel_centres(n: int, pitch_m: float) -> np.ndarray:
     """Centres (metres, origin at the frame centre) of ``n`` pixels of pitch ``pitch_m`` metres."""
-    return (np.arange(n) + 0.5 - n / 2) * pitch_m
+    return pixel_position(np.arange(n), n, pitch_m)
+
+
+def equivalent_diameter(area_pixels, dx: float, dy: float) -> np.ndarray:
+    """Diameter (metres) of the disk as large as ``area_pixels`` pixels of dx by dy metres."""
+    return 2 * np.sqrt(np.asarray(area_pixels, dtype=np.float64) * dx * dy / np.pi)
 
 
 def um_to_pixel(coord_um, n: int, pitch_m: float) -> np.ndarray:

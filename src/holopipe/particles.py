@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from holopipe.examples import z_bin_centres
 from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
-from holopipe.io import write_atomically
+from holopipe.io import equivalent_diameter, pixel_position, write_atomically
 from holopipe.optics import Propagator
 from holopipe.standardize import hologram_propagator, open_standardized
 
@@ -289,9 +289,9 @@ def measure_in_focus(propagator: Propagator, z_m: np.ndarray, windows: tuple, *,
             labels, _ = ndi.label(window < 0.5 * (1.0 + smooth[darkest]), structure=np.ones((3, 3), bool))
             label = labels[darkest]
             rows, cols = np.nonzero(labels == label) if label else (np.array([darkest[0]]), np.array([darkest[1]]))
-            y[k] = (rows.mean() + row0[k] + 0.5 - ny / 2) * dy
-            x[k] = (cols.mean() + col0[k] + 0.5 - nx / 2) * dx
-            d[k] = 2 * np.sqrt(rows.size * dx * dy / np.pi)
+            y[k] = pixel_position(rows.mean() + row0[k], ny, dy)
+            x[k] = pixel_position(cols.mean() + col0[k], nx, dx)
+            d[k] = equivalent_diameter(rows.size, dx, dy)
     return {"x": x, "y": y, "d": d}
 
 

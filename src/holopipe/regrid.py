@@ -41,7 +41,7 @@ import numpy as np
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.io import IMAGE_DIMS, open_holodec, write_zarr
+from holopipe.io import IMAGE_DIMS, open_holodec, pixel_centres, write_zarr
 
 __all__ = ["AxisPlan", "antialias_matrix", "bin_matrix", "plan_axis", "regrid_dataset", "regrid_file"]
 
@@ -68,8 +68,8 @@ def antialias_matrix(n_in: int, pitch_in: float, n_out: int, pitch_out: float) -
     k_nyquist = round(cutoff)
     at_nyquist = abs(cutoff - k_nyquist) < PITCH_TOLERANCE * cutoff and k_nyquist < n_in
     k_max = min(math.ceil(cutoff) - 1, n_in - 1)
-    x_out = (np.arange(n_out) + 0.5 - n_out / 2) * pitch_out
-    x_in = (np.arange(n_in) + 0.5 - n_in / 2) * pitch_in
+    x_out = pixel_centres(n_out, pitch_out)
+    x_in = pixel_centres(n_in, pitch_in)
     mirrored = n_in * pitch_in - x_in  # sample 2 n_in - 1 - n of the mirrored sequence
 
     def kernel(t):
