@@ -13,6 +13,7 @@ from holopipe.io import (
     pixel_centres,
     um_to_pixel,
     validate_holodec,
+    write_atomically,
     write_zarr,
 )
 
@@ -303,3 +304,26 @@ def test_write_zarr_leaves_nothing_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_zarr(ds, tmp_path / "bad.zarr")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomically_replaces_a_directory_and_a_failed_write_leaves_the_old_one(tmp_path):
+    out = tmp_path / "store.zarr"
+
+    def make_tree(marker):
+        def write(tmp):
+            (tmp / "sub").mkdir(parents=True)
+            (tmp / "sub" / "data").write_text(marker)
+        return write
+
+    write_atomically(out, make_tree("first"))
+    write_atomically(out, make_tree("second"))
+    assert (out / "sub" / "data").read_text() == "second"
+
+    def failing(tmp):
+        make_tree("third")(tmp)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(out, failing)
+    assert (out / "sub" / "data").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]  # no temporary left behind

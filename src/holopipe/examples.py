@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.config import ConfigError
-from holopipe.io import particle_table, um_to_pixel
+from holopipe.io import particle_table, um_to_pixel, write_atomically
 from holopipe.standardize import hologram_propagator, open_standardized
 
 __all__ = [
@@ -289,18 +288,12 @@ def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, pro
             return h, _cut_tiles(image, by_hologram.get(h + 1, particles.iloc[:0]), plans[h], planes,
                                  attrs, channels, tile, reconstruction, dtype)
 
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        def write(tmp: Path) -> None:
             skeleton.to_zarr(tmp, mode="w", compute=False, zarr_format=3, consolidated=False)
             _run_holograms(work, [h for h in range(n_holograms) if len(plans[h])], tmp, offsets,
                            progress=progress, desc=f"examples {out_path.name}")
-            if out_path.exists():
-                shutil.rmtree(out_path)
-            os.replace(tmp, out_path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_atomically(out_path, write)
     finally:
         ds.close()
     return out_path

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -48,7 +47,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.dataset import normalize_channels
 from holopipe.examples import z_bin_centres
-from holopipe.io import equivalent_diameter, pixel_position, write_atomically
+from holopipe.io import equivalent_diameter, pixel_position, remove_path, write_atomically
 from holopipe.optics import Propagator, hologram_field
 from holopipe.standardize import open_standardized
 from holopipe.train import autocast_dtype, load_model, resolve_device
@@ -334,14 +333,6 @@ def _create_volume(path: Path, shape: tuple[int, int, int, int], dtype: str, pla
     return probability
 
 
-def _replace_tree(tmp: Path, path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    os.replace(tmp, path)
-
-
 def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_chunks: int,
                 probabilities_path=None, progress=True, segment: Segmenter | None = None) -> Path:
     """Detections of chunk ``chunk`` of ``n_chunks`` of the planes, for every hologram of a standardized store.
@@ -373,7 +364,7 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
             probabilities_path = Path(probabilities_path)
             probabilities_path.parent.mkdir(parents=True, exist_ok=True)
             tmp_volume = probabilities_path.with_name(f".{probabilities_path.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp_volume, ignore_errors=True)
+            remove_path(tmp_volume)
             dtype = infer["probability_dtype"]
             volume = _create_volume(tmp_volume, (n_holograms, indices.size, ny, nx), dtype, indices, z_m, {
                 "source": name, "chunk": int(chunk), "n_chunks": int(n_chunks), "dx": dx, "dy": dy,
@@ -409,12 +400,13 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
                      else pd.DataFrame({column: pd.Series(dtype=float) for column in columns}))
             table = table.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
             if tmp_volume is not None:
-                _replace_tree(tmp_volume, probabilities_path)
+                remove_path(probabilities_path)
+                os.replace(tmp_volume, probabilities_path)
             # Last: a CSV on disk means the chunk is complete.
             write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
         finally:
             if tmp_volume is not None:
-                shutil.rmtree(tmp_volume, ignore_errors=True)
+                remove_path(tmp_volume)
     finally:
         ds.close()
     return out_csv

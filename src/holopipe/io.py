@@ -124,20 +124,33 @@ def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
     return ds
 
 
+def remove_path(path) -> None:
+    """Delete a file or a directory tree (a zarr store); nothing when it does not exist."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_atomically(path, write) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it over ``path``.
 
-    A reader never sees a half-written file, and a failing ``write`` leaves nothing behind. The temporary
-    name carries the process and thread, so concurrent writers never share one.
+    ``write`` may create a file or a directory (a zarr store); what is at ``path`` already is replaced.
+    A reader never sees a half-written output, and a failing ``write`` leaves nothing behind. The
+    temporary name carries the process and thread, so concurrent writers never share one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    remove_path(tmp)
     try:
         write(tmp)
+        if path.is_dir():
+            remove_path(path)  # os.replace cannot replace a directory that is not empty
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_path(tmp)
     return path
 
 
@@ -154,20 +167,15 @@ def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
     for variable in ds.variables.values():
         variable.encoding.pop("chunks", None)
         variable.encoding.pop("preferred_chunks", None)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         writes = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
         # Our own pool: leaving it waits for every chunk write in flight, so when one chunk fails no
         # thread recreates files in the temporary store after it has been removed.
         with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
             dask.compute(writes, scheduler="threads", pool=pool)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return write_atomically(path, write)
 
 
 def particle_table(ds: xr.Dataset) -> pd.DataFrame:
