@@ -38,7 +38,8 @@ def tversky_index(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta
 def bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
     """Mean binary cross-entropy on logits, positive pixels weighted by ``pos_weight``."""
     logits, target = _float32(logits, target)
-    weight = torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
+    # torch.full fills on the device; torch.tensor would copy from the host and wait for the GPU every step.
+    weight = torch.full((), pos_weight, dtype=torch.float32, device=logits.device)
     return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
 
 
