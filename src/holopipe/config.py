@@ -9,7 +9,6 @@ fails before any job runs and says where to look.
 import copy
 import os
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from os import PathLike
@@ -386,8 +385,7 @@ def _cell_text(text: str) -> str:
 def update_readme_reference(readme_path: str | PathLike) -> bool:
     """Rewrite the generated config reference between the README's marker lines; True if it changed.
 
-    The file is replaced atomically (a temporary file in the same folder, then os.replace) and keeps its
-    permissions; an unchanged reference leaves it untouched.
+    The file is replaced atomically (:func:`holopipe.io.write_atomically`) and keeps its permissions; an unchanged reference leaves it untouched.
     """
     path = Path(readme_path)
     text = path.read_text(encoding="utf-8")
@@ -405,14 +403,14 @@ def update_readme_reference(readme_path: str | PathLike) -> bool:
     updated = "".join(lines[: starts[0]]) + block + "".join(lines[ends[0]:])
     if updated == text:
         return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(updated)
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from holopipe.io import write_atomically  # here: io loads xarray and netCDF4, and Snakemake imports config
+
+    mode = stat.S_IMODE(path.stat().st_mode)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(updated, encoding="utf-8", newline="")
+        os.chmod(tmp, mode)
+
+    write_atomically(path, write)
     return True
 
