@@ -21,7 +21,7 @@ from holopipe.dataset import write_synthetic_examples
 from holopipe.losses import build_loss
 from holopipe.models import build_model
 from holopipe.standardize import write_stats
-from holopipe.train import autocast_dtype, resolve_device, train_model
+from holopipe.train import autocast, autocast_dtype, resolve_device, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def bare_steps_per_second(config: dict, tile: int, steps: int) -> float:
     masks = (torch.rand(batch, 1, tile, tile, device=device) > 0.99).float()
 
     def step():
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             logits = model(inputs)
         loss = loss_fn(logits.float(), masks)
         optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -50,7 +50,7 @@ from holopipe.examples import z_bin_centres
 from holopipe.io import equivalent_diameter, pixel_position, remove_path, write_atomically
 from holopipe.optics import Propagator, hologram_field
 from holopipe.standardize import open_standardized
-from holopipe.train import autocast_dtype, load_model, resolve_device
+from holopipe.train import autocast, autocast_dtype, load_model, resolve_device
 
 __all__ = [
     "DETECTION_COLUMNS",
@@ -230,8 +230,7 @@ def model_segmenter(model: torch.nn.Module, channels, stats: dict, stride: int, 
         if pad_rows or pad_cols:
             inputs = torch.nn.functional.pad(inputs, (0, pad_cols, 0, pad_rows))
         inputs = inputs.contiguous(memory_format=memory_format)
-        autocast = torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(inputs.device, amp_dtype):
             logits = model(inputs)  # (B, 1, ny + pad_rows, nx + pad_cols)
         return logits[:, 0, :ny, :nx].float()
 

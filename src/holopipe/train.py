@@ -36,7 +36,8 @@ from holopipe.losses import PixelCounts, build_loss
 from holopipe.models import build_model, model_stride
 from holopipe.standardize import read_stats
 
-__all__ = ["TrainResult", "is_improvement", "learning_rate", "load_model", "train_model"]
+__all__ = ["TrainResult", "autocast", "autocast_dtype", "is_improvement", "learning_rate", "load_model", "resolve_device",
+           "train_model"]
 
 log = logging.getLogger("holopipe")
 
@@ -223,7 +224,8 @@ def _to_device(inputs, masks, device: torch.device, channels_last: bool):
     return inputs, masks.to(device, non_blocking=True)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device`` (from :func:`autocast_dtype`); None runs in fp32 as it is."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -233,7 +235,7 @@ def _evaluate(forward, loader, loss_fn, device, amp_dtype, threshold: float, cha
     counts, total, n = PixelCounts(), torch.zeros((), device=device), 0
     for inputs, masks in loader:
         inputs, masks = _to_device(inputs, masks, device, channels_last)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = forward(inputs)  # (B, 1, H, W)
         logits = logits.float()
         total += loss_fn(logits, masks) * len(inputs)
@@ -348,7 +350,7 @@ def train_model(config: dict, train_store, valid_store, out_dir, *, stats_path=N
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 inputs, masks = _to_device(inputs, masks, device, channels_last)  # (B, C, H, W), (B, 1, H, W)
-                with _autocast(device, amp_dtype):
+                with autocast(device, amp_dtype):
                     logits = forward(inputs)  # (B, 1, H, W)
                 loss = loss_fn(logits.float(), masks)
                 optimizer.zero_grad(set_to_none=True)
