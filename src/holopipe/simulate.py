@@ -163,6 +163,11 @@ def sample_particles(rng: np.random.Generator, settings: SimulationSettings) -> 
     return ParticleSet(x, y, z, settings.diameter.sample(rng, n))
 
 
+def _airy(u):
+    """The Airy amplitude 2 J1(u) / u of a disk (1 at u = 0), in its far field and its spectrum alike."""
+    return np.where(u > 0, 2.0 * scipy.special.j1(u) / np.where(u > 0, u, 1.0), 1.0)
+
+
 def _disk_window(particle_x: float, particle_y: float, diameter: float, dz: float, optics: Optics,
                  origin_x: float, origin_y: float, transfer_cache: dict):
     """The disk's field ``P_dz(A)`` in a small window; returns (window, first row, first column).
@@ -184,7 +189,7 @@ def _disk_window(particle_x: float, particle_y: float, diameter: float, dz: floa
     fy = np.fft.fftfreq(width_y, optics.dy)
     rho = np.hypot(fy[:, None], fx[None, :])
     u = np.pi * diameter * rho
-    airy = np.where(u > 0, 2.0 * scipy.special.j1(u) / np.where(u > 0, u, 1.0), 1.0)
+    airy = _airy(u)
     spectrum = (np.pi * diameter**2 / 4) * airy / (optics.dx * optics.dy)
     spectrum = spectrum * np.exp(-2j * np.pi * (fx[None, :] * offset_x + fy[:, None] * offset_y))
     key = (width_y, width_x)
@@ -258,7 +263,7 @@ def fraunhofer_field(particles: ParticleSet, optics: Optics) -> np.ndarray:
             continue
         r2 = (ys[rows, None] - y) ** 2 + (xs[None, cols] - x) ** 2
         u = np.pi * d * np.sqrt(r2) / (optics.wavelength * z)
-        airy = np.where(u > 0, 2.0 * scipy.special.j1(u) / np.where(u > 0, u, 1.0), 1.0)
+        airy = _airy(u)
         term = 1j * c * np.exp(1j * np.pi * r2 / (optics.wavelength * z)) * airy
         field[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] += term.astype(np.complex64)
     return field
