@@ -60,7 +60,7 @@ from holopipe.optics import Propagator
 from holopipe.standardize import hologram_propagator, open_standardized
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels", "focus_windows",
-           "label_detections", "measure_in_focus", "merge_detections", "merge_duplicates", "particles_file",
+           "label_detections", "measure_dark_disk", "merge_detections", "merge_duplicates", "particles_file",
            "host_array", "read_detections", "refine_depths", "window_focus"]
 
 PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
@@ -197,7 +197,7 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
                   dx: float, dy: float, batch_planes: int | None = None) -> pd.DataFrame:
     """Each particle of one hologram refined on the reconstruction: a table (``particles``' index) of
     ``z`` (m), where its focus metric peaks, that peak's value ``focus``, and ``x, y, d`` (m) measured on
-    the peak's plane (:func:`measure_in_focus`).
+    the peak's plane (:func:`measure_dark_disk`).
 
     ``particles`` has ``x, y, d, z_first, z_last`` in metres (``d`` sizes the window;
     :func:`cluster_detections`' extent); ``settings`` the ``particles`` section (``refine`` metric,
@@ -227,16 +227,31 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     indices = np.flatnonzero(needed)
     if batch_planes is None:
         batch_planes = propagator.planes_per_batch()
+    # x, y, d are measured on the peak's plane over the window widened by the clustering distance, so that
+    # a cluster that sat beside the droplet (fringes cut by the frame edge) still takes the droplet's centre.
+    # That window of the best plane so far is kept during the sweep: no plane is reconstructed twice.
+    reach_y, reach_x = (int(np.ceil(float(settings["distance"]) / pitch)) for pitch in (dy, dx))
+    ny, nx = propagator.shape
+    wide = (np.maximum(row0 - reach_y, 0), np.minimum(row1 + reach_y, ny),
+            np.maximum(col0 - reach_x, 0), np.minimum(col1 + reach_x, nx))
     scores = np.full((n, planes_m.size), -np.inf)
+    best_score, best_windows = np.full(n, -np.inf), [None] * n
     for start in range(0, indices.size, batch_planes):
         batch = indices[start:start + batch_planes]
         amplitude = propagator.reconstruct(planes_m[batch]).amplitude  # (planes, ny, nx), any array library
         for k in range(n):
             # The batch's planes in this particle's range are one run: batch is sorted, the range an interval.
-            a, b = np.searchsorted(batch, first[k], "left"), np.searchsorted(batch, last[k], "right")
+            a, b = int(np.searchsorted(batch, first[k], "left")), int(np.searchsorted(batch, last[k], "right"))
             if a < b:
-                window = amplitude[int(a):int(b), int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])]
-                scores[k, batch[a:b]] = window_focus(host_array(window), metric)
+                window = amplitude[a:b, int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])]
+                run = window_focus(host_array(window), metric)
+                peak_here = int(np.argmax(run))
+                # Strictly better only: the earliest maximum of the range wins, as np.argmax below picks it.
+                if run[peak_here] > best_score[k]:
+                    best_score[k] = run[peak_here]
+                    best_windows[k] = host_array(amplitude[a + peak_here, int(wide[0][k]):int(wide[1][k]),
+                                                           int(wide[2][k]):int(wide[3][k])])
+                scores[k, batch[a:b]] = run
     best = np.array([a + int(np.argmax(scores[k, a:b + 1])) for k, (a, b) in enumerate(zip(first, last))])
     z, peak = planes_m[best], scores[np.arange(n), best]
     if settings["refine_interpolate"] and planes_m.size > 1:
@@ -248,14 +263,10 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
         with np.errstate(divide="ignore", invalid="ignore"):
             shift = np.where(interior & (curvature < 0), 0.5 * (left - right) / curvature, 0.0)
         z = z + np.clip(shift, -0.5, 0.5) * (planes_m[1] - planes_m[0])
-    # Measured on the peak's plane over the window widened by the clustering distance, so that a cluster
-    # that sat beside the droplet (fringes cut by the frame edge) still takes the droplet's centre.
-    reach_y, reach_x = (int(np.ceil(float(settings["distance"]) / pitch)) for pitch in (dy, dx))
-    ny, nx = propagator.shape
-    wide = (np.maximum(row0 - reach_y, 0), np.minimum(row1 + reach_y, ny),
-            np.maximum(col0 - reach_x, 0), np.minimum(col1 + reach_x, nx))
-    measured = measure_in_focus(propagator, planes_m[best], wide, dx=dx, dy=dy, batch_planes=batch_planes)
-    return pd.DataFrame({"z": z, "focus": peak, **measured}, index=particles.index)
+    measured = np.array([measure_dark_disk(best_windows[k], wide[0][k], wide[2][k], (ny, nx), dx=dx, dy=dy)
+                         for k in range(n)]).reshape(n, 3)
+    return pd.DataFrame({"z": z, "focus": peak, "x": measured[:, 0], "y": measured[:, 1], "d": measured[:, 2]},
+                        index=particles.index)
 
 
 def host_array(array) -> np.ndarray:
@@ -268,31 +279,23 @@ def host_array(array) -> np.ndarray:
     return np.asarray(array, dtype=np.float64)
 
 
-def measure_in_focus(propagator: Propagator, z_m: np.ndarray, windows: tuple, *, dx: float, dy: float,
-                     batch_planes: int) -> dict:
-    """x, y, d (m) of the dark disk in each window ``(row0, row1, col0, col1)`` at its plane ``z_m``.
+def measure_dark_disk(window: np.ndarray, row0: int, col0: int, shape: tuple[int, int], *, dx: float,
+                      dy: float) -> tuple[float, float, float]:
+    """x, y, d (m) of the dark disk in an amplitude ``window`` whose first pixel is ``(row0, col0)`` of a
+    frame of ``shape``.
 
     The disk is the 8-connected region of pixels darker than half-way between the background (1) and
     the window's darkest box-averaged amplitude that holds that darkest point: x, y its centroid, d its
     equivalent diameter ``2 sqrt(area dx dy / π)`` (the half-contrast edge, as the baseline sizes).
     """
-    ny, nx = propagator.shape
-    row0, row1, col0, col1 = windows
-    x, y, d = (np.zeros(len(z_m)) for _ in range(3))
-    planes, slot = np.unique(z_m, return_inverse=True)
-    for start in range(0, planes.size, batch_planes):
-        amplitude = propagator.reconstruct(planes[start:start + batch_planes]).amplitude
-        for k in np.flatnonzero((slot >= start) & (slot < start + batch_planes)):
-            window = host_array(amplitude[int(slot[k] - start), int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])])
-            smooth = smoothed_amplitude(window)
-            darkest = np.unravel_index(int(np.argmin(smooth)), smooth.shape)
-            labels, _ = ndi.label(window < 0.5 * (1.0 + smooth[darkest]), structure=np.ones((3, 3), bool))
-            label = labels[darkest]
-            rows, cols = np.nonzero(labels == label) if label else (np.array([darkest[0]]), np.array([darkest[1]]))
-            y[k] = pixel_position(rows.mean() + row0[k], ny, dy)
-            x[k] = pixel_position(cols.mean() + col0[k], nx, dx)
-            d[k] = equivalent_diameter(rows.size, dx, dy)
-    return {"x": x, "y": y, "d": d}
+    ny, nx = shape
+    smooth = smoothed_amplitude(window)
+    darkest = np.unravel_index(int(np.argmin(smooth)), smooth.shape)
+    labels, _ = ndi.label(window < 0.5 * (1.0 + smooth[darkest]), structure=np.ones((3, 3), bool))
+    label = labels[darkest]
+    rows, cols = np.nonzero(labels == label) if label else (np.array([darkest[0]]), np.array([darkest[1]]))
+    return (float(pixel_position(cols.mean() + col0, nx, dx)), float(pixel_position(rows.mean() + row0, ny, dy)),
+            float(equivalent_diameter(rows.size, dx, dy)))
 
 
 def read_detections(paths) -> pd.DataFrame:
