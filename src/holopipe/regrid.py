@@ -41,7 +41,7 @@ import numpy as np
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.io import IMAGE_DIMS, open_holodec, pixel_centres, write_zarr
+from holopipe.io import IMAGE_DIMS, IN_MEMORY, open_holodec, pixel_centres, write_zarr
 
 __all__ = ["AxisPlan", "antialias_matrix", "bin_matrix", "plan_axis", "regrid_dataset", "regrid_file"]
 
@@ -187,7 +187,7 @@ def _regrid_block(block: np.ndarray, plan_x: AxisPlan, plan_y: AxisPlan, dtype) 
     return np.stack([_regrid_image(image, plan_x, plan_y) for image in block]).astype(dtype, copy=False)
 
 
-def regrid_dataset(ds: xr.Dataset, config: dict, source: str = "<in-memory dataset>") -> xr.Dataset:
+def regrid_dataset(ds: xr.Dataset, config: dict, source: str = IN_MEMORY) -> xr.Dataset:
     """The regridded dataset, images still lazy (one hologram per chunk), particles moved and filtered."""
     settings, tile = config["regrid"], config["examples"]["tile_size"]
     plans = {

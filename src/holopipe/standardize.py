@@ -29,7 +29,8 @@ import numpy as np
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.io import IMAGE_DIMS, HolodecFormatError, open_holodec, write_atomically, write_zarr
+from holopipe.io import (IMAGE_DIMS, HolodecFormatError, ignoring_snakemake_marker, open_holodec, write_atomically,
+                         write_zarr)
 from holopipe.optics import Propagator, hologram_field
 
 __all__ = ["apply_stats", "fit_stats", "hologram_propagator", "open_standardized", "read_stats",
@@ -94,10 +95,9 @@ def _open_strips(path, rows: int) -> xr.DataArray:
     """
     name = os.fspath(path)
     chunks = {"hologram_number": -1, "xsize": rows, "ysize": -1}
-    with warnings.catch_warnings():
+    with ignoring_snakemake_marker(), warnings.catch_warnings():
         # Strips cut across the stored one-hologram chunks on purpose (see above).
         warnings.filterwarnings("ignore", message=".*separate the stored chunks.*")
-        warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
         if os.path.isdir(name):
             return xr.open_zarr(name, chunks=chunks, consolidated=False)["image"]
         return xr.open_dataset(name, engine="netcdf4", chunks=chunks)["image"]
