@@ -40,10 +40,16 @@ def stage_config(*sections, split=None, **keys):
     return json.dumps(chosen, sort_keys=True)
 
 
-def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1):
-    """512 MB for Python and the libraries plus `bytes_per_pixel` for each pixel of the frames held at once."""
+# Resident memory of a job that imports torch, before its frames: `import torch` alone is 650 MB, and
+# `holopipe infer` on the embedded default peaks at 1.4 GB (measured with /usr/bin/time -v).
+TORCH_LIBRARIES_MB = 1536
+
+
+def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1, libraries_mb=512):
+    """`libraries_mb` for Python and the libraries (512 MB; TORCH_LIBRARIES_MB for jobs that import torch)
+    plus `bytes_per_pixel` for each pixel of the frames held at once."""
     pixels = config["optics"]["nx"] * config["optics"]["ny"] * holograms_in_memory
-    return 512 + math.ceil(bytes_per_pixel * pixels / 2**20)
+    return libraries_mb + math.ceil(bytes_per_pixel * pixels / 2**20)
 
 
 def split_index(wildcards):

@@ -16,7 +16,9 @@ rule infer_chunk:
         chunk=r"\d+",
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(40 * config["infer"]["batch_planes"], holograms_in_memory=2),
+        mem_mb=frame_mem_mb(
+            40 * config["infer"]["batch_planes"], holograms_in_memory=2, libraries_mb=TORCH_LIBRARIES_MB
+        ),
         runtime=120,
         gpu=1,
     conda:

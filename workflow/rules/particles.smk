@@ -15,7 +15,7 @@ rule particles_split:
         split="|".join(SPLITS),
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(80, holograms_in_memory=2),
+        mem_mb=frame_mem_mb(80, holograms_in_memory=2, libraries_mb=TORCH_LIBRARIES_MB),
         runtime=120,
         gpu=1,
     conda:
