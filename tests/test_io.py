@@ -1,13 +1,16 @@
 """Tests for holopipe.io: the HOLODEC netCDF contract, its validation and the atomic writer."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
 from holopipe.io import (
     PARTICLE_VARS,
     HolodecFormatError,
+    HologramParts,
     HolodecWriter,
+    input_identity,
     open_holodec,
     particle_table,
     pixel_centres,
@@ -327,3 +330,34 @@ def test_write_atomically_replaces_a_directory_and_a_failed_write_leaves_the_old
         write_atomically(out, failing)
     assert (out / "sub" / "data").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]  # no temporary left behind
+
+
+def test_hologram_parts_resume_and_finish(tmp_path):
+    out = tmp_path / "table.csv"
+    parts = HologramParts(out, {"config": 1})
+    assert parts.done() == set()
+    parts.save(2, pd.DataFrame({"hid": [2], "x": [1.5]}))
+    parts.save(1, pd.DataFrame({"hid": [1, 1], "x": [0.5, 0.25]}))
+    assert not out.exists()
+    # A rerun with the same fingerprint (a resumed job) sees both holograms done.
+    again = HologramParts(out, {"config": 1})
+    assert again.done() == {1, 2}
+    tables = again.load([1, 2])
+    assert [list(t["x"]) for t in tables] == [[0.5, 0.25], [1.5]]
+    again.finish(lambda tmp: pd.concat(tables).to_csv(tmp, index=False))
+    assert list(pd.read_csv(out)["hid"]) == [1, 1, 2]
+    assert not again.directory.exists()
+
+
+def test_hologram_parts_of_another_fingerprint_are_dropped(tmp_path):
+    out = tmp_path / "table.csv"
+    HologramParts(out, {"config": 1}).save(1, pd.DataFrame({"hid": [1]}))
+    assert HologramParts(out, {"config": 2}).done() == set()
+
+
+def test_input_identity_changes_when_a_file_is_replaced(tmp_path):
+    path = tmp_path / "store"
+    path.write_text("a")
+    before = input_identity(path)
+    write_atomically(path, lambda tmp: tmp.write_text("b"))
+    assert input_identity(path) != before

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import operator
 import os
 import shutil
@@ -152,6 +153,62 @@ def write_atomically(path, write) -> Path:
     finally:
         remove_path(tmp)
     return path
+
+
+class HologramParts:
+    """Per-hologram results of a stage kept beside its output while it runs, so a killed job resumes.
+
+    A job killed at its walltime (or by the out-of-memory killer) keeps every hologram it finished: each
+    is one CSV under ``<out>.parts/``, written atomically, so a part on disk is always complete. The
+    parts hold a ``fingerprint`` (JSON-serialisable: the stage's config, its inputs' identity): a rerun
+    with another fingerprint starts afresh instead of mixing results of two configs. :meth:`finish`
+    writes the output atomically from all parts and only then removes them: the output is never half
+    written, and a kill during :meth:`finish` loses nothing.
+    """
+
+    FINGERPRINT = "fingerprint.json"
+
+    def __init__(self, out_path, fingerprint: dict):
+        self.out_path = Path(out_path)
+        self.directory = self.out_path.with_name(self.out_path.name + ".parts")
+        text = json.dumps(fingerprint, sort_keys=True, default=str)
+        marker = self.directory / self.FINGERPRINT
+        if self.directory.is_dir() and not (marker.is_file() and marker.read_text(encoding="utf-8") == text):
+            remove_path(self.directory)
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True)
+            write_atomically(marker, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def _path(self, hid: int) -> Path:
+        return self.directory / f"hologram_{int(hid):06d}.csv"
+
+    def done(self) -> set[int]:
+        """Holograms (1-based hid) whose results are on disk."""
+        return {int(path.stem.split("_")[1]) for path in self.directory.glob("hologram_*.csv")}
+
+    def save(self, hid: int, table: pd.DataFrame) -> None:
+        """Keep hologram ``hid``'s table (a complete file, or none)."""
+        write_atomically(self._path(hid), lambda tmp: table.to_csv(tmp, index=False))
+
+    def load(self, hids) -> list[pd.DataFrame]:
+        """The saved tables of ``hids``, in that order."""
+        return [pd.read_csv(self._path(hid)) for hid in hids]
+
+    def finish(self, write) -> Path:
+        """``write(tmp)`` the output atomically (see :func:`write_atomically`), then drop the parts."""
+        write_atomically(self.out_path, write)
+        remove_path(self.directory)
+        return self.out_path
+
+
+def input_identity(*paths) -> list:
+    """(path, size, modification time in ns, inode) of files or stores: changes whenever one is rewritten
+    (every writer here replaces its output by a rename), so resumable parts of stale inputs are dropped."""
+    identity = []
+    for path in paths:
+        stat = os.stat(path)
+        identity.append([os.fspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino])
+    return identity
 
 
 def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
