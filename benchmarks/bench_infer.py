@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from holopipe.config import load_config
-from holopipe.examples import z_bin_centres
+from holopipe.reconstruction import z_bin_centres
 from holopipe.infer import batch_detections, cudnn_autotune, model_segmenter, sweep_hologram
 from holopipe.models import build_model, model_stride
 from holopipe.simulate import SimulationSettings, simulate_hologram
-from holopipe.train import autocast_dtype, resolve_device
+from holopipe.device import autocast_dtype, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 

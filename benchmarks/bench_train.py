@@ -21,7 +21,8 @@ from holopipe.dataset import write_synthetic_examples
 from holopipe.losses import build_loss
 from holopipe.models import build_model
 from holopipe.standardize import write_stats
-from holopipe.train import autocast, autocast_dtype, resolve_device, train_model
+from holopipe.device import autocast, autocast_dtype, resolve_device
+from holopipe.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 

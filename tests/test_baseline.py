@@ -8,7 +8,7 @@ import xarray as xr
 from holopipe.baseline import CSV_COLUMNS, auto_threshold, baseline_file, find_particles
 from holopipe.config import load_config
 from holopipe.evaluate import match
-from holopipe.examples import z_bin_centres
+from holopipe.reconstruction import z_bin_centres
 from holopipe.io import HolodecFormatError, write_zarr
 from holopipe.optics import Propagator, hologram_field
 from holopipe.simulate import Optics, ParticleSet, opaque_disks_field

@@ -12,8 +12,8 @@ import zarr
 
 from holopipe.config import ConfigError, load_config
 from holopipe.dataset import Augmentation, TileDataset, apply_augmentation, draw_augmentation
-from holopipe.examples import (build_examples, plan_hologram, rasterize_disks, z_bin_centres, z_bin_edges,
-                               z_bin_of)
+from holopipe.examples import build_examples, plan_hologram, rasterize_disks
+from holopipe.reconstruction import z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.io import open_holodec, particle_table, write_zarr
 from holopipe.simulate import Camera, DiameterModel, Optics, SimulationSettings, simulate_file
 

@@ -11,7 +11,7 @@ import zarr
 
 from holopipe.config import load_config, with_overrides
 from holopipe.dataset import TileDataset, normalize_channels, write_synthetic_examples
-from holopipe.examples import z_bin_centres
+from holopipe.reconstruction import z_bin_centres
 from holopipe.infer import (DETECTION_COLUMNS, chunk_planes, detections_in_plane, infer_chunk, model_segmenter,
                             pixel_components)
 from holopipe.io import open_holodec, particle_table, um_to_pixel, write_zarr

@@ -9,7 +9,7 @@ import torch
 import xarray as xr
 
 from holopipe.baseline import _focus_score
-from holopipe.examples import z_bin_centres
+from holopipe.reconstruction import z_bin_centres
 from holopipe.focus import gradient_magnitude, tamura_coefficient
 from holopipe.io import write_zarr
 from holopipe.optics import Propagator, hologram_field

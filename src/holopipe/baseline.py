@@ -53,11 +53,10 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
-from holopipe.examples import z_bin_centres
 from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
 from holopipe.io import equivalent_diameter, pixel_position, write_atomically
 from holopipe.optics import Propagator
-from holopipe.standardize import hologram_propagator, open_standardized
+from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "find_particles"]
 

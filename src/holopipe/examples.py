@@ -34,15 +34,12 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.config import ConfigError
 from holopipe.io import particle_table, um_to_pixel, write_atomically
-from holopipe.standardize import hologram_propagator, open_standardized
+from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres, z_bin_of
 
 __all__ = [
     "build_examples",
     "plan_hologram",
     "rasterize_disks",
-    "z_bin_centres",
-    "z_bin_edges",
-    "z_bin_of",
 ]
 
 MASK_CHANNELS = ("in_focus",)
@@ -50,29 +47,6 @@ PLAN_COLUMNS = ("z_bin", "row0", "col0", "positive", "near")
 
 _PLACEMENT_TRIES = 100
 """Redraws of a tile position before accepting a duplicate (same plane and origin) tile."""
-
-
-def z_bin_edges(z_min: float, z_max: float, n_bins: int) -> np.ndarray:
-    """Edges (metres, ``n_bins + 1`` values) of ``n_bins`` equal depth bins from ``z_min`` to ``z_max``."""
-    if n_bins < 1 or not z_min < z_max:
-        raise ValueError(f"need n_bins >= 1 and z_min < z_max, got {n_bins}, {z_min}, {z_max}")
-    return np.linspace(z_min, z_max, n_bins + 1)
-
-
-def z_bin_centres(z_min: float, z_max: float, n_bins: int) -> np.ndarray:
-    """The reconstruction planes (metres): centres of the bins of :func:`z_bin_edges`."""
-    edges = z_bin_edges(z_min, z_max, n_bins)
-    return 0.5 * (edges[:-1] + edges[1:])
-
-
-def z_bin_of(z_m, z_min: float, z_max: float, n_bins: int) -> np.ndarray:
-    """Bin index (0-based int) of depths ``z_m`` (metres); depths outside the range go to the end bins.
-
-    Clipping keeps particles that the contract's 1 µm tolerance lets sit just outside [zMin, zMax].
-    """
-    z_bin_edges(z_min, z_max, n_bins)  # validates the arguments
-    index = np.floor((np.asarray(z_m, dtype=np.float64) - z_min) / ((z_max - z_min) / n_bins))
-    return np.clip(index, 0, n_bins - 1).astype(np.int64)
 
 
 def rasterize_disks(rows, cols, radius_rows, radius_cols, frame_shape, window=None) -> np.ndarray:

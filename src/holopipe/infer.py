@@ -46,11 +46,11 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.dataset import normalize_channels
-from holopipe.examples import z_bin_centres
 from holopipe.io import equivalent_diameter, pixel_position, remove_path, write_atomically
 from holopipe.optics import Propagator, hologram_field
-from holopipe.standardize import open_standardized
-from holopipe.train import autocast, autocast_dtype, load_model, resolve_device
+from holopipe.reconstruction import open_standardized, z_bin_centres
+from holopipe.device import autocast, autocast_dtype, resolve_device
+from holopipe.train import load_model
 
 __all__ = [
     "DETECTION_COLUMNS",

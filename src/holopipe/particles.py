@@ -53,11 +53,10 @@ import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from holopipe.examples import z_bin_centres
 from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
 from holopipe.io import equivalent_diameter, pixel_position, write_atomically
 from holopipe.optics import Propagator
-from holopipe.standardize import hologram_propagator, open_standardized
+from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels", "focus_windows",
            "label_detections", "measure_dark_disk", "merge_detections", "merge_duplicates", "particles_file",
@@ -350,7 +349,7 @@ def _device_mover(name: str):
     a torch tensor on a GPU. ``auto`` takes CUDA when torch sees one."""
     if name == "cpu":
         return lambda array: array
-    from holopipe.train import resolve_device
+    from holopipe.device import resolve_device
 
     device = resolve_device(name, "particles.device")
     if device.type == "cpu":

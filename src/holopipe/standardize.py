@@ -29,12 +29,10 @@ import numpy as np
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.io import (IMAGE_DIMS, HolodecFormatError, ignoring_snakemake_marker, open_holodec, write_atomically,
+from holopipe.io import (IMAGE_DIMS, ignoring_snakemake_marker, open_holodec, write_atomically,
                          write_zarr)
-from holopipe.optics import Propagator, hologram_field
 
-__all__ = ["apply_stats", "fit_stats", "hologram_propagator", "open_standardized", "read_stats",
-           "standardize_image", "write_stats"]
+__all__ = ["apply_stats", "fit_stats", "read_stats", "standardize_image", "write_stats"]
 
 log = logging.getLogger("holopipe")
 
@@ -54,37 +52,6 @@ def standardize_image(intensity, background, log_transform: bool):
     if log_transform:
         ratio = 1 + np.log(np.maximum(ratio, np.float32(LOG_EPS)))
     return ratio.astype(np.float32, copy=False)
-
-
-def open_standardized(path, config: dict) -> xr.Dataset:
-    """Open a standardized split store for the stages that reconstruct it (examples, infer, baseline).
-
-    Its image must be float contrast holograms I/B (background ~1); zMin and zMax come from the store or,
-    for real data without them, from ``optics.z_min``/``optics.z_max`` of the validated ``config``.
-    """
-    name = os.fspath(path)
-    optics = config["optics"]
-    ds = open_holodec(name, z_limits=(optics["z_min"], optics["z_max"]))
-    if ds["image"].dtype.kind != "f":
-        ds.close()
-        raise HolodecFormatError(f"{name}: image has dtype {ds['image'].dtype}; expected a standardized store "
-                                 "(float contrast I/B with background ~1, from `holopipe standardize apply`)")
-    return ds
-
-
-def hologram_propagator(image_xy, attrs, reconstruction: dict, *, to_device=None) -> Propagator:
-    """The :class:`~holopipe.optics.Propagator` of one standardized hologram, as every plane sweep builds it.
-
-    ``image_xy`` is the contract's (xsize, ysize) contrast I/B (background 1); optics come from the store's
-    ``attrs``, padding and band limit from the ``reconstruction`` config section. ``to_device`` moves the
-    float32 (ny, nx) array first (e.g. to a GPU tensor); without it the sweep runs on numpy.
-    """
-    image_yx = np.ascontiguousarray(np.asarray(image_xy).T, dtype=np.float32)
-    if to_device is not None:
-        image_yx = to_device(image_yx)
-    return Propagator(hologram_field(image_yx, background=1.0), wavelength=float(attrs["lambda"]),
-                      dx=float(attrs["dx"]), dy=float(attrs["dy"]), pad=int(reconstruction["pad"]),
-                      band_limit=bool(reconstruction["band_limit"]))
 
 
 def _open_strips(path, rows: int) -> xr.DataArray:

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,12 +31,13 @@ from tqdm import tqdm  # not tqdm.auto: its constructor calls iter(), starting a
 
 from holopipe import __version__
 from holopipe.dataset import TileDataset
+from holopipe.device import autocast, autocast_dtype, resolve_device
 from holopipe.io import write_atomically
 from holopipe.losses import PixelCounts, build_loss
 from holopipe.models import build_model, model_stride
 from holopipe.standardize import read_stats
 
-__all__ = ["TrainResult", "autocast", "autocast_dtype", "is_improvement", "learning_rate", "load_model", "resolve_device",
+__all__ = ["TrainResult", "is_improvement", "learning_rate", "load_model",
            "train_model"]
 
 log = logging.getLogger("holopipe")
@@ -85,30 +86,6 @@ def is_improvement(value: float, best: float | None, metric: str) -> bool:
     if best is None:
         return True
     return value < best if metric == "loss" else value > best
-
-
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device (``key`` names the config key
-    in the error when CUDA is asked for and missing)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{key} is {name!r} but CUDA is not available")
-    return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` on ``device``; None runs in fp32 without autocast.
-
-    ``auto`` picks bf16 (same range as fp32, no scaler needed) where the GPU supports it, fp16 otherwise,
-    and fp32 on CPU, where autocast is slower than fp32 for convolutions.
-    """
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -222,11 +199,6 @@ def _to_device(inputs, masks, device: torch.device, channels_last: bool):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     inputs = inputs.to(device, non_blocking=True, memory_format=memory_format)
     return inputs, masks.to(device, non_blocking=True)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device`` (from :func:`autocast_dtype`); None runs in fp32 as it is."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @torch.no_grad()
