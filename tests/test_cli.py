@@ -1,13 +1,21 @@
 """The `holopipe` command: what Snakemake rules and users run."""
 
+import os
 import subprocess
 import sys
 
+import dask
+import numpy as np
 import pytest
+import scipy.fft
+import torch
 import yaml
 
-from holopipe.cli import main
+from holopipe import device
+from holopipe.cli import build_parser, main
+from holopipe.device import ALLOCATION_VARIABLES, THREAD_VARIABLES, cpu_threads, job_threads
 from holopipe.io import open_holodec
+from holopipe.optics import fft2, ifft2
 
 
 def test_simulate_from_flags_writes_the_requested_frame(tmp_path):
@@ -62,3 +70,72 @@ def test_acquire_names_an_unknown_split(tmp_path, caplog, split):
     assert main(["acquire", "--config", str(config), "--split", split,
                  "--out", str(tmp_path / "x.nc")]) == 1
     assert "nope" in caplog.text and "train" in caplog.text
+
+
+# ---- one thread policy ----
+
+@pytest.fixture
+def eight_cpus_allowed(monkeypatch):
+    """A process allowed 8 CPUs on a 96-core node (a PBS cpuset); no allocation in the environment."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    for variable in ALLOCATION_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture
+def restored_threads(monkeypatch):
+    """Undo use_threads: the environment, dask's config, torch's pool and holopipe's own setting."""
+    for variable in THREAD_VARIABLES:
+        monkeypatch.setenv(variable, os.environ.get(variable, "1"))
+    monkeypatch.setattr(device, "_threads", None)
+    torch_threads = torch.get_num_threads()
+    with dask.config.set(num_workers=dask.config.get("num_workers", None)):
+        yield
+    torch.set_num_threads(torch_threads)
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, 8),                                          # the CPUs this process may use, not the node's 96
+    ({"NCPUS": "4"}, 4),                              # PBS's allocation
+    ({"OMP_NUM_THREADS": "2", "NCPUS": "4"}, 2),      # Snakemake's rule threads inside a PBS job win
+    ({"OMP_NUM_THREADS": "3,1"}, 3),                  # OpenMP's nested form: the first level
+    ({"OMP_NUM_THREADS": "32"}, 8),                   # never more than the CPUs allowed
+    ({"OMP_NUM_THREADS": "", "NCPUS": "5"}, 5),       # unset or nonsense values are skipped
+    ({"OMP_NUM_THREADS": "0", "NCPUS": "many"}, 8),
+])
+def test_thread_policy_follows_the_job_allocation(eight_cpus_allowed, environ, expected):
+    assert job_threads(environ=environ) == expected
+
+
+def test_requested_threads_win_over_the_environment(eight_cpus_allowed, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("NCPUS", "4")
+    assert job_threads() == 2
+    assert job_threads(12) == 12  # asked for explicitly: as given, even above the CPUs allowed
+    with pytest.raises(ValueError, match="--threads"):
+        job_threads(0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--threads", "3", "infer", "--model", "m.pt", "--in", "s.zarr", "--out", "d.csv", "--config", "c.yaml"],
+    ["infer", "--threads", "3", "--model", "m.pt", "--in", "s.zarr", "--out", "d.csv", "--config", "c.yaml"],
+    ["train", "--train", "t", "--valid", "v", "--stats", "s", "--out", "o", "--threads", "3", "--config", "c"],
+    ["tune", "worker", "--worker", "0", "--workdir", "w", "--train", "t", "--valid", "v", "--stats", "s",
+     "--threads", "3", "--config", "c"],
+])
+def test_threads_are_one_global_option_also_accepted_after_the_stage(argv):
+    assert build_parser().parse_args(argv).threads == 3
+    without = [a for i, a in enumerate(argv) if a != "--threads" and (i == 0 or argv[i - 1] != "--threads")]
+    assert build_parser().parse_args(without).threads is None
+
+
+def test_main_applies_the_threads_to_every_pool(restored_threads, monkeypatch, capsys):
+    assert main(["--threads", "3", "config-reference"]) == 0
+    assert cpu_threads() == 3 and torch.get_num_threads() == 3
+    assert dask.config.get("num_workers") == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    seen = []
+    monkeypatch.setattr(scipy.fft, "fft2", lambda x, workers: seen.append(workers) or x)
+    monkeypatch.setattr(scipy.fft, "ifft2", lambda x, workers, overwrite_x: seen.append(workers) or x)
+    ifft2(fft2(np.ones((4, 6), np.complex64)))
+    assert seen == [3, 3]

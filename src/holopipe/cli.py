@@ -114,18 +114,9 @@ def cmd_examples(args) -> None:
     build_examples(args.input, args.out, config, seed_offset=args.seed_offset)
 
 
-def _set_threads(args) -> None:
-    """Keep torch to the cores the job was given (several jobs share a node)."""
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
 def cmd_tune_worker(args) -> None:
     from holopipe.tune import run_worker
 
-    _set_threads(args)
     run_worker(_load_config(args), args.train, args.valid, args.stats, args.workdir, worker=args.worker)
 
 
@@ -141,7 +132,6 @@ def cmd_train(args) -> None:
     from holopipe.config import with_overrides
     from holopipe.train import train_model
 
-    _set_threads(args)
     config = _load_config(args)
     if args.best:
         with open(args.best) as handle:
@@ -152,7 +142,6 @@ def cmd_train(args) -> None:
 def cmd_infer(args) -> None:
     from holopipe.infer import infer_chunk
 
-    _set_threads(args)
     infer_chunk(_load_config(args), args.model, args.input, args.out, chunk=args.chunk, n_chunks=args.chunks,
                 probabilities_path=args.probabilities)
 
@@ -266,7 +255,12 @@ def _add_training_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="examples store of the training split")
     parser.add_argument("--valid", required=True, help="examples store of the validation split")
     parser.add_argument("--stats", required=True, help="stats.json of the standardization")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    _add_stage_threads(parser)
+
+
+def _add_stage_threads(parser: argparse.ArgumentParser) -> None:
+    """``<stage> --threads N``, the form the Snakemake rules of train, tune and infer pass: the global option."""
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="same as holopipe --threads")
 
 
 def _add_config_source(parser: argparse.ArgumentParser) -> None:
@@ -281,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--provenance", metavar="JSON",
                         help="after success, write the run's provenance record here (see holopipe.provenance)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for every pool of the stage (torch, FFTs, dask, I/O); default: the job's "
+                             "allocation (OMP_NUM_THREADS, set by Snakemake and PBS, or PBS's NCPUS), else the "
+                             "CPUs this process may use")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     simulate = stages.add_parser("simulate", help="write synthetic HOLODEC holograms to netCDF")
@@ -370,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--chunk", type=int, default=0, help="which z chunk (0-based)")
     infer.add_argument("--chunks", type=int, default=1, help="how many z chunks the planes are split into")
     infer.add_argument("--probabilities", help="also write the probability volume to this zarr store")
-    infer.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    _add_stage_threads(infer)
     _add_config_source(infer)
     infer.set_defaults(func=cmd_infer, reads=_paths("model", "input"), writes=_paths("out", "probabilities"))
 
@@ -437,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("holopipe %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
     started = time.time()
     try:
+        from holopipe.device import job_threads, use_threads
+
+        log.info("CPU threads: %d", use_threads(job_threads(args.threads)))
         args.func(args)
         if args.provenance:
             _write_provenance(args, sys.argv[1:] if argv is None else argv, started)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.config import ConfigError
+from holopipe.device import cpu_threads
 from holopipe.io import particle_table, um_to_pixel, write_atomically
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres, z_bin_of
 
@@ -275,7 +276,7 @@ def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, pro
 
 def _run_holograms(work, holograms, store: Path, offsets, *, progress: bool, desc: str) -> None:
     """Run ``work(h)`` in a thread pool, at most a few holograms in flight, writing each result's region."""
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = min(4, cpu_threads())
     pending, queue = set(), iter(holograms)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(holograms), desc=desc, unit="hologram",
                                                    disable=not progress) as bar:

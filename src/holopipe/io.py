@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from holopipe.device import cpu_threads
+
 IMAGE_DIMS = ("hologram_number", "xsize", "ysize")
 PARTICLE_VARS = ("hid", "x", "y", "z", "d")
 REQUIRED_ATTRS = ("Nx", "Ny", "dx", "dy", "lambda")
@@ -229,7 +231,7 @@ def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
         writes = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
         # Our own pool: leaving it waits for every chunk write in flight, so when one chunk fails no
         # thread recreates files in the temporary store after it has been removed.
-        with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        with ThreadPoolExecutor(max_workers=cpu_threads()) as pool:
             dask.compute(writes, scheduler="threads", pool=pool)
 
     return write_atomically(path, write)

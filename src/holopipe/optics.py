@@ -36,12 +36,15 @@ def _is_numpy(xp) -> bool:
 
 
 def fft2(x):
-    """2-D FFT over the last two axes; scipy's multithreaded FFT for numpy, the native one otherwise."""
+    """2-D FFT over the last two axes; scipy's FFT on the job's threads (:func:`holopipe.device.cpu_threads`)
+    for numpy, the native one otherwise."""
     xp = array_api_compat.array_namespace(x)
     if _is_numpy(xp):
         import scipy.fft
 
-        return scipy.fft.fft2(x, workers=-1)
+        from holopipe.device import cpu_threads
+
+        return scipy.fft.fft2(x, workers=cpu_threads())
     return xp.fft.fftn(x, axes=(-2, -1))
 
 
@@ -51,7 +54,9 @@ def ifft2(x, *, overwrite: bool = False):
     if _is_numpy(xp):
         import scipy.fft
 
-        return scipy.fft.ifft2(x, workers=-1, overwrite_x=overwrite)
+        from holopipe.device import cpu_threads
+
+        return scipy.fft.ifft2(x, workers=cpu_threads(), overwrite_x=overwrite)
     return xp.fft.ifftn(x, axes=(-2, -1))
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 
 from holopipe import __version__
+from holopipe.device import cpu_threads
 from holopipe.io import write_atomically
 
 __all__ = [
@@ -59,7 +60,7 @@ def checksum(path) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory to checksum")
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".snakemake"))
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+    with ThreadPoolExecutor(max_workers=min(8, cpu_threads())) as pool:  # hashlib releases the GIL
         digests = list(pool.map(_sha256_file, files))
     tree = hashlib.sha256()
     for file, digest in zip(files, digests):
