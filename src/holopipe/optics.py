@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
+from holopipe.device import cpu_threads
+
 __all__ = [
     "Propagator",
     "Reconstruction",
@@ -42,8 +44,6 @@ def fft2(x):
     if _is_numpy(xp):
         import scipy.fft
 
-        from holopipe.device import cpu_threads
-
         return scipy.fft.fft2(x, workers=cpu_threads())
     return xp.fft.fftn(x, axes=(-2, -1))
 
@@ -53,8 +53,6 @@ def ifft2(x, *, overwrite: bool = False):
     xp = array_api_compat.array_namespace(x)
     if _is_numpy(xp):
         import scipy.fft
-
-        from holopipe.device import cpu_threads
 
         return scipy.fft.ifft2(x, workers=cpu_threads(), overwrite_x=overwrite)
     return xp.fft.ifftn(x, axes=(-2, -1))
