@@ -19,7 +19,7 @@ include: "workflow/rules/common.smk"
 rule all:
     localrule: True
     input:
-        expand("data/examples/{split}.zarr", split=SPLITS),
+        EXAMPLE_STORES,
         "results/evaluation/metrics.json",
         "results/report.html",
 

@@ -72,8 +72,9 @@ def test_workflow_runs_through_qsub_grouped_with_gpus_only_for_gpu_rules(tmp_pat
     assert (workdir / "results" / "model" / "model.pt").exists()
     jobs = submissions(emulator)
     names = [job["name"] for job in jobs]
-    # Data preparation of every split is one grouped PBS job; the GPU rules are one job each.
-    assert sorted(names) == sorted(["data", "tune_worker", "tune_worker", "tune_summary", "train_model"])
+    # Data preparation of every split is one grouped PBS job; the GPU rules are one job each; the tuning
+    # summary (a second's work) runs on the submit node.
+    assert sorted(names) == sorted(["data", "tune_worker", "tune_worker", "train"])
     assert all((workdir / "data" / "examples" / f"{split}.zarr").is_dir() for split in TINY["splits"])
     by_rule = {job["name"]: job for job in jobs}
     for job in jobs:
@@ -87,14 +88,14 @@ def test_workflow_runs_through_qsub_grouped_with_gpus_only_for_gpu_rules(tmp_pat
         select = dict(item.split("=") for item in items)
         assert chunks == "1" and int(select["ncpus"]) >= 1
         assert select["mem"].endswith("MB")
-        if job["name"] in ("tune_worker", "train_model"):
+        if job["name"] in ("tune_worker", "train"):
             assert select["ngpus"] == "1" and select["gpu_type"] == "a100"
         else:
             assert "ngpus" not in select and "gpu_type" not in select
         assert job_state(emulator, job["id"])["Exit_status"] == 0
-    # train_model declares threads 2, mem_mb 16000, runtime 720 minutes.
-    assert by_rule["train_model"]["resources"]["select"] == "1:ncpus=2:mem=16000MB:ngpus=1:gpu_type=a100"
-    assert by_rule["train_model"]["resources"]["walltime"] == "12:00:00"
+    # train declares threads 2 and mem_mb 16000; its walltime follows from the tiny set of examples.
+    assert by_rule["train"]["resources"]["select"] == "1:ncpus=2:mem=16000MB:ngpus=1:gpu_type=a100"
+    assert by_rule["train"]["resources"]["walltime"] < "00:30:00"
     # --resources gpu=1: the two tuning workers (one GPU each) never ran at the same time.
     first, second = sorted((job_state(emulator, job["id"]) for job in jobs if job["name"] == "tune_worker"),
                            key=lambda state: state["start"])
@@ -104,7 +105,7 @@ def test_workflow_runs_through_qsub_grouped_with_gpus_only_for_gpu_rules(tmp_pat
 def test_profile_groups_small_cpu_rules_and_limits_gpus():
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     groups = dict(item.split("=") for item in profile["groups"])
-    gpu_rules = {"tune_worker", "train_model", "infer_chunk", "particles_split"}
+    gpu_rules = {"tune_worker", "train", "infer_chunk", "particles_split"}
     assert not gpu_rules & set(groups)
     assert {"acquire_split", "regrid_split", "standardize_split", "examples_split"} <= set(groups)
     assert any(item.startswith("gpu=") for item in profile["resources"])

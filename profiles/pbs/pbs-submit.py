@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Submit a Snakemake job script to PBS Pro with qsub; print only the PBS job id.
 
-Called by the cluster-generic executor as `pbs-submit.py JOBSCRIPT`. The job's threads, resources (mem_mb,
+Called by the cluster-generic executor as `pbs-submit.py JOBSCRIPT`, and by the workflow's onstart check as
+`pbs-submit.py --check-account` (exit 1 with the message when no account is set). The job's threads, resources (mem_mb,
 runtime in minutes, gpu) and rule are read from the `# properties = {...}` line Snakemake writes into the
 script, so one command line serves every rule. Site settings come from the job's resources when set
 (pbs_account, pbs_queue, pbs_gpu_queue, gpu_type), else from $PBS_ACCOUNT, $PBS_QUEUE, $PBS_GPU_QUEUE,
@@ -73,14 +74,19 @@ def job_variables() -> str:
     return ",".join(f"{name}={value}" for name, value in variables.items())
 
 
-def qsub_command(properties: dict, jobscript: Path) -> list[str]:
-    """The qsub argument list for one job; ngpus and gpu_type only when the job asks for GPUs."""
-    resources = properties.get("resources", {})
-    account = setting("pbs_account", resources)
-    if not account:
+def account(resources: dict) -> str:
+    """The PBS account (-A) of a job; every qsub needs one, and there is no default."""
+    name = setting("pbs_account", resources)
+    if not name:
         raise ValueError("no PBS account: set the environment variable PBS_ACCOUNT (e.g. "
                          "`export PBS_ACCOUNT=NAML0001`) or the resource pbs_account "
                          "(--set-resources / default-resources pbs_account=...)")
+    return name
+
+
+def qsub_command(properties: dict, jobscript: Path) -> list[str]:
+    """The qsub argument list for one job; ngpus and gpu_type only when the job asks for GPUs."""
+    resources = properties.get("resources", {})
     gpus = int(float(resources.get("gpu", 0) or 0))
     threads = int(properties.get("threads", 1) or 1)
     mem_mb = int(float(resources.get("mem_mb", 1000)))
@@ -88,14 +94,21 @@ def qsub_command(properties: dict, jobscript: Path) -> list[str]:
     if gpus > 0:
         select += f":ngpus={gpus}:gpu_type={setting('gpu_type', resources)}"
     queue = setting("pbs_gpu_queue" if gpus > 0 else "pbs_queue", resources)
-    return ["qsub", "-A", account, "-q", queue, "-N", job_name(properties), "-l", select,
+    return ["qsub", "-A", account(resources), "-q", queue, "-N", job_name(properties), "-l", select,
             "-l", f"walltime={walltime(resources.get('runtime', 60))}", "-j", "oe",
             "-o", str(log_path(properties)), "-v", job_variables(), str(jobscript)]
 
 
 def main(argv: list[str]) -> int:
+    if argv[1:] == ["--check-account"]:  # the workflow's onstart check, before the first submission
+        try:
+            account({})
+        except ValueError as error:
+            print(f"profiles/pbs: {error}", file=sys.stderr)
+            return 1
+        return 0
     if len(argv) < 2:
-        print("usage: pbs-submit.py JOBSCRIPT", file=sys.stderr)
+        print("usage: pbs-submit.py JOBSCRIPT | --check-account", file=sys.stderr)
         return 2
     jobscript = Path(argv[-1]).resolve()
     try:

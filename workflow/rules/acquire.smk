@@ -24,4 +24,4 @@ rule acquire_split:
 rule acquire:
     localrule: True
     input:
-        expand("data/raw/{split}.nc", split=SPLITS),
+        stage_target("acquire", "acquire_split", expand("data/raw/{split}.nc", split=SPLITS)),

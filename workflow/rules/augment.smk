@@ -1,4 +1,4 @@
-rule augment_train:
+rule augment:
     input:
         f"data/regridded/{TRAIN_SPLIT}.zarr",
     output:
@@ -15,16 +15,11 @@ rule augment_train:
         config=lambda w: stage_config("augment"),
     threads: 1
     resources:
-        mem_mb=frame_mem_mb(40, holograms_in_memory=2),
-        runtime=60,
+        mem_mb=get_augment_mem_mb,
+        runtime=get_augment_runtime,
     conda:
         "../../envs/cpu.yaml"
     shell:
         "holopipe --provenance {output.provenance} augment --in {input} --out {output.store} --gallery {output.gallery}"
         " --config-json {params.config:q} > {log} 2>&1"
 
-
-rule augment:
-    localrule: True
-    input:
-        rules.augment_train.output,

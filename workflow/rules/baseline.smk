@@ -12,8 +12,8 @@ rule baseline_split:
         split="|".join(SPLITS),
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(80, holograms_in_memory=2),
-        runtime=120,
+        mem_mb=get_baseline_mem_mb,
+        runtime=get_baseline_runtime,
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -23,4 +23,6 @@ rule baseline_split:
 rule baseline:
     localrule: True
     input:
-        expand("results/particles/{split}_baseline.csv", split=config["infer"]["splits"]),
+        stage_target(
+            "baseline", "baseline_split", expand("results/particles/{split}_baseline.csv", split=config["infer"]["splits"])
+        ),

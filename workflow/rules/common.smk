@@ -1,9 +1,14 @@
 """Parse-time setup: validate the config, so a bad one fails before any job; input and params functions."""
 
+import functools
 import json
 import math
 import os
 import shutil
+import subprocess
+import sys
+
+from snakemake.exceptions import WorkflowError
 
 from holopipe.config import ConfigError, check_tiles_fit, load_config
 
@@ -29,6 +34,28 @@ for _split in config["infer"]["splits"]:
         raise ConfigError(f"infer.splits: {_split!r} is not a configured split ({', '.join(SPLITS)})")
 
 
+STAGE_TARGETS = set()
+"""Rules that only collect a per-split stage's outputs (`snakemake examples`) and run no job themselves."""
+
+
+def stage_target(stage, job_rule, files):
+    """Input of a stage's target rule. `--forcerun examples` alone would force nothing (the target has no
+    job), so it stops with what to type instead: the rule of the stage's jobs. Next to a job rule, as in
+    `--forcerun regrid_split examples`, the stage name is the run's target, as Snakemake reads it."""
+    STAGE_TARGETS.add(stage)
+
+    def files_of_stage(wildcards):
+        forced = set(getattr(workflow.dag_settings, "forcerun", ()))
+        if stage in forced and forced <= STAGE_TARGETS:
+            raise WorkflowError(
+                f"--forcerun {stage}: {stage!r} is the target that collects the stage's outputs and runs "
+                f"nothing itself; rerun the stage's jobs and what follows with --forcerun {job_rule}"
+            )
+        return files
+
+    return files_of_stage
+
+
 def stage_config(*sections, split=None, **keys):
     """JSON of only the config a stage reads: optics, one split's spec, whole `sections`, and single keys
     (`examples=["tile_size"]`), so that Snakemake reruns a stage when, and only when, what it reads
@@ -38,18 +65,6 @@ def stage_config(*sections, split=None, **keys):
     chosen.update({section: config[section] for section in sections})
     chosen.update({section: {key: config[section][key] for key in names} for section, names in keys.items()})
     return json.dumps(chosen, sort_keys=True)
-
-
-# Resident memory of a job that imports torch, before its frames: `import torch` alone is 650 MB, and
-# `holopipe infer` on the embedded default peaks at 1.4 GB (measured with /usr/bin/time -v).
-TORCH_LIBRARIES_MB = 1536
-
-
-def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1, libraries_mb=512):
-    """`libraries_mb` for Python and the libraries (512 MB; TORCH_LIBRARIES_MB for jobs that import torch)
-    plus `bytes_per_pixel` for each pixel of the frames held at once."""
-    pixels = config["optics"]["nx"] * config["optics"]["ny"] * holograms_in_memory
-    return libraries_mb + math.ceil(bytes_per_pixel * pixels / 2**20)
 
 
 def split_index(wildcards):
@@ -65,11 +80,15 @@ def standardize_stats_files():
     return files
 
 
+EXAMPLE_STORES = [f"data/examples/{split}.zarr" for split in (TRAIN_SPLIT, VALID_SPLIT)]
+"""Examples are cut only from the splits that training and validation read."""
+
+
 def training_inputs(wildcards):
     """The examples a model learns from and is validated on, and the statistics that scale its inputs."""
     return {
-        "train": f"data/examples/{TRAIN_SPLIT}.zarr",
-        "valid": f"data/examples/{VALID_SPLIT}.zarr",
+        "train": EXAMPLE_STORES[0],
+        "valid": EXAMPLE_STORES[1],
         "stats": "data/standardized/stats.json",
     }
 
@@ -123,44 +142,276 @@ def get_acquire_config(wildcards):
     return stage_config(*sections, split=wildcards.split)
 
 
-def _padded_pixels():
-    pad = config["simulate"]["pad"]
-    return (config["optics"]["nx"] + 2 * pad) * (config["optics"]["ny"] + 2 * pad)
-
-
-def get_acquire_mem_mb(wildcards):
-    """About eight double-precision complex frames (128 B per padded pixel) on top of 512 MB for Python and
-    the libraries: 560 MB for the embedded config, 3 GB for a full HOLODEC frame."""
-    return 512 + math.ceil(128 * _padded_pixels() / 2**20)
-
-
-def get_acquire_runtime(wildcards):
-    """Minutes. Simulation measured 0.04 µs per padded pixel per z slab per hologram on a 2-core node
-    (benchmarks/bench_simulate.py: 24 s per full-size hologram); 0.1 µs leaves a 2.5x margin for slower
-    nodes: 1.7 h for 100 full-size holograms. A file or url split is a (downloaded and) validated copy."""
-    spec = config["splits"][wildcards.split]
-    if spec["source"] != "simulate":
-        return 30
-    optics, simulate = config["optics"], config["simulate"]
-    slabs = math.ceil((optics["z_max"] - optics["z_min"]) / simulate["slab_thickness"])
-    return 10 + math.ceil(spec["n_holograms"] * slabs * _padded_pixels() * 1e-7 / 60)
-
-
 def provenance_records(wildcards):
     """The provenance record of every job of the whole workflow, whatever the config's splits and counts."""
     infer_splits, chunks = config["infer"]["splits"], range(config["infer"]["chunks"])
     records = [
-        rules.augment_train.output.provenance,
+        rules.augment.output.provenance,
         rules.standardize_fit.output.provenance,
-        rules.tune_summary.output.provenance,
-        rules.train_model.output.provenance,
-        rules.evaluate_splits.output.provenance,
+        rules.tune.output.provenance,
+        rules.train.output.provenance,
+        rules.evaluate.output.provenance,
     ]
-    for per_split in (rules.acquire_split, rules.regrid_split, rules.standardize_split, rules.examples_split):
+    for per_split in (rules.acquire_split, rules.regrid_split, rules.standardize_split):
         records += expand(per_split.output.provenance, split=SPLITS)
+    records += expand(rules.examples_split.output.provenance, split=(TRAIN_SPLIT, VALID_SPLIT))
     if config["tune"]["n_trials"] > 0:
         records += expand(rules.tune_worker.output.provenance, worker=range(config["tune"]["workers"]))
     records += expand(rules.infer_chunk.output.provenance, split=infer_splits, chunk=chunks)
     for per_split in (rules.particles_split, rules.baseline_split):
         records += expand(per_split.output.provenance, split=infer_splits)
     return records
+
+
+# Resources: functions of the data and of the attempt. A job's memory and walltime follow from the frame it
+# holds (after regridding, plus the reconstruction padding where it propagates), the planes it
+# reconstructs, the holograms of its split and `attempt` (Snakemake passes it to resource functions: a
+# job killed at its walltime or memory limit and resubmitted by `retries` asks for more).
+
+PYTHON_LIBRARIES_MB = 512
+"""Resident memory of Python, numpy, xarray and dask before any frame."""
+TORCH_LIBRARIES_MB = 1536
+"""The same for a job that imports torch: `import torch` alone is 650 MB, and `holopipe infer` on the
+embedded default peaks at 1.4 GB (measured with /usr/bin/time -v)."""
+
+INFER_BYTES_PER_PIXEL_PLANE = 80
+"""ESTIMATE, to be replaced by the measured figure (benchmarks/bench_infer.py): host bytes that inference
+holds per padded pixel for each plane of a batch (field, amplitude and phase inputs, on a CPU also the
+model's activations). From issue 10's full-size run: the CPU infer job peaked at 7.5 GB with batch_planes 4
+on a 5632 × 4096 padded frame, (7.5 GB - 1.5 GB) / (4 × 23.1 Mpx) = 65 B."""
+INFER_BYTES_PER_PIXEL = 32
+"""Bytes per padded pixel that inference holds once per hologram (its spectrum and the frame itself)."""
+
+URL_HOLOGRAMS_BOUND = 600
+"""Holograms assumed for a url split without max_holograms, whose count is known only once downloaded:
+NCAR's real hour-long files hold about 560 (CSET RF07 20:00-21:00 holds 559)."""
+
+# Seconds of work per unit. CPU figures are per job on this project's 2-core node (threads 2); GPU figures
+# are assumed rates for one A100/H100-class GPU, with the CPU rates as the fallback when the config pins a
+# stage to the CPU (`<section>.device: cpu`). Each runtime is RUNTIME_MARGIN times the estimate, times the
+# attempt, plus RUNTIME_FLOOR_MIN minutes of start-up (imports, opening stores, the scheduler's latency).
+SECONDS_PER_PADDED_PIXEL_SLAB = 1e-7
+"""Simulation, per hologram per z slab (benchmarks/bench_simulate.py: 0.04 µs; 24 s per full-size hologram)."""
+SECONDS_PER_PIXEL_COPY = 2e-8
+"""Validating and copying a file split, regridding, standardizing: per pixel per hologram (a few passes over
+the frame; resampling by matrix products on both axes)."""
+SECONDS_PER_PIXEL_AUGMENT = 3e-7
+"""Augmentation, per regridded pixel per corrupted variant (clutter particles propagate a frame each)."""
+SECONDS_PER_PADDED_PIXEL_PLANE = {"cpu": 1.5e-7, "gpu": 1e-8}
+"""Reconstructing one plane (angular spectrum, |E| and arg E), per padded pixel: the baseline took 54 s for 24
+planes of a 23.1 Mpx padded frame on 2 cores in issue 10 (0.1 µs); the GPU rate is assumed."""
+SECONDS_PER_PADDED_PIXEL_PLANE_INFER = {"cpu": 4e-6, "gpu": 5e-8}
+"""Inference, per padded pixel per plane: 67 s per 23.1 Mpx plane on 2 cores in issue 10 (2.9 µs); on a GPU
+an assumed 1.2 s per full-size plane (propagation, U-Net in bf16, labelling)."""
+SECONDS_PER_TILE_PIXEL_EPOCH = {"cpu": 2e-6, "gpu": 2e-8}
+"""Training, per tile pixel per epoch over the training and validation examples (forward and backward)."""
+RUNTIME_MARGIN = 2
+RUNTIME_FLOOR_MIN = 5
+
+
+def runtime_min(seconds, attempt=1):
+    """Walltime in minutes for `seconds` of estimated work: RUNTIME_MARGIN times it per attempt, plus the floor."""
+    return RUNTIME_FLOOR_MIN + math.ceil(RUNTIME_MARGIN * attempt * seconds / 60)
+
+
+def memory_mb(frame_bytes, attempt=1, libraries_mb=PYTHON_LIBRARIES_MB):
+    """mem_mb for `frame_bytes` of frames held at once on top of the libraries; half as much again per retry."""
+    return math.ceil((libraries_mb + frame_bytes / 2**20) * (1 + (attempt - 1) / 2))
+
+
+@functools.cache
+def split_source(split):
+    """(nx, ny, dx, dy, holograms) of a split as acquired. A file split's own header (dimensions and
+    attributes only, no image), capped at max_holograms; a simulated or downloaded split has the
+    configured optics, and a url split without max_holograms URL_HOLOGRAMS_BOUND holograms."""
+    spec, optics = config["splits"][split], config["optics"]
+    frame = (optics["nx"], optics["ny"], optics["dx"], optics["dy"])
+    if spec["source"] == "simulate":
+        return (*frame, spec["n_holograms"])
+    holograms = URL_HOLOGRAMS_BOUND
+    if spec["source"] == "file" and os.path.exists(spec["path"]):
+        import xarray as xr
+
+        with xr.open_dataset(spec["path"], decode_cf=False, cache=False) as header:
+            holograms = header.sizes["hologram_number"]
+            frame = (header.sizes["xsize"], header.sizes["ysize"], float(header.attrs.get("dx", optics["dx"])),
+                     float(header.attrs.get("dy", optics["dy"])))
+    return (*frame, min(holograms, spec.get("max_holograms", holograms)))
+
+
+def regridded_size(n_pixels, pitch):
+    """Pixels along one axis after regridding, as holopipe.regrid.plan_axis plans them (without building its
+    resampling matrix): resampled to regrid.pixel_pitch, then cropped or padded to whole tiles."""
+    regrid, tile = config["regrid"], config["examples"]["tile_size"]
+    target = regrid["pixel_pitch"]
+    if target is not None and abs(target / pitch - 1) >= 1e-6:
+        ratio = target / pitch
+        n_pixels = n_pixels // round(ratio) if regrid["method"] == "bin" else math.floor(n_pixels / ratio + 1e-6)
+    return n_pixels // tile * tile if regrid["frame"] == "crop" else -(-n_pixels // tile) * tile
+
+
+def split_holograms(split):
+    """Holograms in a split's stores after acquisition; the training split's augmented variants included."""
+    holograms = split_source(split)[4]
+    return holograms * config["augment"]["variants"] if split == TRAIN_SPLIT else holograms
+
+
+def frame_pixels(split, padding=0):
+    """Pixels of a split's regridded frame, with `padding` pixels added on each side."""
+    nx, ny, dx, dy, _ = split_source(split)
+    return (regridded_size(nx, dx) + 2 * padding) * (regridded_size(ny, dy) + 2 * padding)
+
+
+def padded_pixels(split):
+    """Pixels of the frame a reconstruction propagates: regridded, plus reconstruction.pad on each side."""
+    return frame_pixels(split, config["reconstruction"]["pad"])
+
+
+def largest_frame_pixels():
+    return max(frame_pixels(split) for split in SPLITS)
+
+
+def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1, libraries_mb=PYTHON_LIBRARIES_MB):
+    """`libraries_mb` plus `bytes_per_pixel` for each pixel of the regridded frames held at once (the
+    largest split's frame), for rules that run once over every split."""
+    return memory_mb(bytes_per_pixel * largest_frame_pixels() * holograms_in_memory, libraries_mb=libraries_mb)
+
+
+def device_kind(section):
+    """'cpu' where the config pins a stage to the CPU; otherwise the GPU its rule asks for ('gpu')."""
+    return "cpu" if config[section]["device"] == "cpu" else "gpu"
+
+
+def planes_per_chunk():
+    return math.ceil(config["reconstruction"]["z_bins"] / config["infer"]["chunks"])
+
+
+def tiles_per_epoch():
+    """Training and validation tiles a training epoch passes over, times the pixels of a tile."""
+    examples = config["examples"]
+    per_hologram = examples["positives_per_hologram"] + examples["negatives_per_hologram"]
+    tiles = per_hologram * (split_holograms(TRAIN_SPLIT) + split_holograms(VALID_SPLIT))
+    return tiles * examples["tile_size"] ** 2
+
+
+def get_acquire_mem_mb(wildcards, attempt):
+    """About eight double-precision complex frames (128 B per pixel padded by simulate.pad); a copied or
+    downloaded file is validated a hologram at a time."""
+    nx, ny, _, _, _ = split_source(wildcards.split)
+    pad = config["simulate"]["pad"]
+    return memory_mb(128 * (nx + 2 * pad) * (ny + 2 * pad), attempt)
+
+
+def get_acquire_runtime(wildcards, attempt):
+    """Simulation: holograms × z slabs × padded pixels; a file or url split: a validated copy."""
+    nx, ny, _, _, holograms = split_source(wildcards.split)
+    if config["splits"][wildcards.split]["source"] != "simulate":
+        return runtime_min(holograms * nx * ny * SECONDS_PER_PIXEL_COPY, attempt) + 25  # + a download's wait
+    optics, simulate = config["optics"], config["simulate"]
+    slabs = math.ceil((optics["z_max"] - optics["z_min"]) / simulate["slab_thickness"])
+    padded = (nx + 2 * simulate["pad"]) * (ny + 2 * simulate["pad"])
+    return runtime_min(holograms * slabs * padded * SECONDS_PER_PADDED_PIXEL_SLAB, attempt)
+
+
+def get_regrid_mem_mb(wildcards, attempt):
+    """Two holograms in flight, 40 B per pixel of the larger of the source and the regridded frame."""
+    nx, ny, _, _, _ = split_source(wildcards.split)
+    return memory_mb(2 * 40 * max(nx * ny, frame_pixels(wildcards.split)), attempt)
+
+
+def get_regrid_runtime(wildcards, attempt):
+    nx, ny, _, _, holograms = split_source(wildcards.split)
+    return runtime_min(holograms * max(nx * ny, frame_pixels(wildcards.split)) * SECONDS_PER_PIXEL_COPY, attempt)
+
+
+def get_augment_mem_mb(wildcards, attempt):
+    """A clean and a corrupted hologram in double precision, and a padded clutter field (complex128)."""
+    return memory_mb(40 * frame_pixels(TRAIN_SPLIT) * 2 + 32 * padded_pixels(TRAIN_SPLIT), attempt)
+
+
+def get_augment_runtime(wildcards, attempt):
+    pixels = split_holograms(TRAIN_SPLIT) * frame_pixels(TRAIN_SPLIT)
+    return runtime_min(pixels * SECONDS_PER_PIXEL_AUGMENT, attempt)
+
+
+def get_examples_mem_mb(wildcards, attempt):
+    """Two holograms in flight, each with its padded spectrum and reconstructed planes (64 B per padded pixel)."""
+    return memory_mb(2 * 64 * padded_pixels(wildcards.split), attempt)
+
+
+def get_examples_runtime(wildcards, attempt):
+    """One reconstructed plane per tile: (positives + negatives) planes per hologram."""
+    examples = config["examples"]
+    planes = examples["positives_per_hologram"] + examples["negatives_per_hologram"]
+    work = split_holograms(wildcards.split) * planes * padded_pixels(wildcards.split)
+    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"], attempt)
+
+
+def get_train_runtime(wildcards, attempt):
+    """train.epochs over the examples, on the device train.device names."""
+    work = config["train"]["epochs"] * tiles_per_epoch()
+    return runtime_min(work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt) + 5
+
+
+def get_tune_worker_runtime(wildcards, attempt):
+    """This worker's share of the trials, tune.epochs each, trials_per_gpu at once sharing its device."""
+    tune = config["tune"]
+    trials = math.ceil(tune["n_trials"] / tune["workers"])
+    work = trials * tune["epochs"] * tiles_per_epoch()
+    return runtime_min(work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt) + 5
+
+
+def get_infer_mem_mb(wildcards, attempt):
+    """Torch, a hologram's spectrum and infer.batch_planes planes (INFER_BYTES_PER_PIXEL_PLANE each)."""
+    per_pixel = INFER_BYTES_PER_PIXEL + INFER_BYTES_PER_PIXEL_PLANE * config["infer"]["batch_planes"]
+    return memory_mb(per_pixel * padded_pixels(wildcards.split), attempt, TORCH_LIBRARIES_MB)
+
+
+def get_infer_runtime(wildcards, attempt):
+    """Every hologram of the split × this chunk's planes × padded pixels, on infer.device."""
+    work = split_holograms(wildcards.split) * planes_per_chunk() * padded_pixels(wildcards.split)
+    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE_INFER[device_kind("infer")], attempt)
+
+
+def get_particles_mem_mb(wildcards, attempt):
+    """Torch and a hologram's padded spectrum with a plane batch (80 B per padded pixel), two holograms' worth."""
+    return memory_mb(2 * 80 * padded_pixels(wildcards.split), attempt, TORCH_LIBRARIES_MB)
+
+
+def get_particles_runtime(wildcards, attempt):
+    """The refinement reconstructs up to every plane of every hologram again, on particles.device."""
+    work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
+    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE[device_kind("particles")], attempt)
+
+
+def get_baseline_mem_mb(wildcards, attempt):
+    return memory_mb(2 * 80 * padded_pixels(wildcards.split), attempt)
+
+
+def get_baseline_runtime(wildcards, attempt):
+    """Every plane of every hologram, reconstructed and thresholded on the CPU."""
+    work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
+    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"], attempt)
+
+
+def pbs_account_problem():
+    """Why the PBS profile cannot submit this run's jobs, or None. Every qsub needs an account (-A), so a
+    missing one stops the run here, once, before the first submission, rather than inside every job's
+    error report. Asks profiles/pbs/pbs-submit.py, the one home of where the account comes from, unless
+    each job to submit names its own pbs_account resource."""
+    submit = getattr(workflow.executor_settings, "submit_cmd", None) or ""
+    if not submit.split() or os.path.basename(submit.split()[0]) != "pbs-submit.py":
+        return None
+    remote = [job for job in workflow.dag.needrun_jobs() if not job.is_local]
+    if all(job.resources.get("pbs_account") for job in remote):
+        return None
+    check = subprocess.run([*submit.split(), "--check-account"], capture_output=True, text=True)
+    if check.returncode == 0:
+        return None
+    return check.stderr.strip() or f"{submit} --check-account failed (exit {check.returncode})"
+
+
+onstart:
+    problem = pbs_account_problem()
+    if problem:
+        sys.exit(problem)

@@ -1,4 +1,4 @@
-rule evaluate_splits:
+rule evaluate:
     input:
         truth=expand("data/standardized/{split}.zarr", split=config["infer"]["splits"]),
         unet=expand("results/particles/{split}_unet.csv", split=config["infer"]["splits"]),
@@ -34,8 +34,3 @@ rule evaluate_splits:
         "holopipe --provenance {output.provenance} evaluate --truth {params.truth} --prediction {params.predictions} --out {output.metrics}"
         " --plots results/evaluation --config-json {params.config:q} > {log} 2>&1"
 
-
-rule evaluate:
-    localrule: True
-    input:
-        rules.evaluate_splits.output,

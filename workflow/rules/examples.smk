@@ -13,8 +13,8 @@ rule examples_split:
         split="|".join(SPLITS),
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(64, holograms_in_memory=2),
-        runtime=60,
+        mem_mb=get_examples_mem_mb,
+        runtime=get_examples_runtime,
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -25,4 +25,4 @@ rule examples_split:
 rule examples:
     localrule: True
     input:
-        expand("data/examples/{split}.zarr", split=SPLITS),
+        stage_target("examples", "examples_split", EXAMPLE_STORES),

@@ -16,10 +16,8 @@ rule infer_chunk:
         chunk=r"\d+",
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(
-            40 * config["infer"]["batch_planes"], holograms_in_memory=2, libraries_mb=TORCH_LIBRARIES_MB
-        ),
-        runtime=120,
+        mem_mb=get_infer_mem_mb,
+        runtime=get_infer_runtime,
         gpu=1,
     conda:
         "../../envs/gpu.yaml"
@@ -32,8 +30,12 @@ rule infer_chunk:
 rule infer:
     localrule: True
     input:
-        expand(
-            "results/inference/{split}/chunk_{chunk}.csv",
-            split=config["infer"]["splits"],
-            chunk=range(config["infer"]["chunks"]),
+        stage_target(
+            "infer",
+            "infer_chunk",
+            expand(
+                "results/inference/{split}/chunk_{chunk}.csv",
+                split=config["infer"]["splits"],
+                chunk=range(config["infer"]["chunks"]),
+            ),
         ),

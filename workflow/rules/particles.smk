@@ -15,8 +15,8 @@ rule particles_split:
         split="|".join(SPLITS),
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(80, holograms_in_memory=2, libraries_mb=TORCH_LIBRARIES_MB),
-        runtime=120,
+        mem_mb=get_particles_mem_mb,
+        runtime=get_particles_runtime,
         gpu=1,
     conda:
         "../../envs/gpu.yaml"
@@ -28,4 +28,6 @@ rule particles_split:
 rule particles:
     localrule: True
     input:
-        expand("results/particles/{split}_unet.csv", split=config["infer"]["splits"]),
+        stage_target(
+            "particles", "particles_split", expand("results/particles/{split}_unet.csv", split=config["infer"]["splits"])
+        ),

@@ -12,8 +12,8 @@ rule regrid_split:
         split="|".join(SPLITS),
     threads: 1
     resources:
-        mem_mb=frame_mem_mb(40, holograms_in_memory=2),
-        runtime=30,
+        mem_mb=get_regrid_mem_mb,
+        runtime=get_regrid_runtime,
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -23,4 +23,4 @@ rule regrid_split:
 rule regrid:
     localrule: True
     input:
-        expand("data/regridded/{split}.zarr", split=SPLITS),
+        stage_target("regrid", "regrid_split", expand("data/regridded/{split}.zarr", split=SPLITS)),

@@ -69,7 +69,7 @@ rule workflow_graphs:
 
 rule report_html:
     input:
-        evaluation=rules.evaluate_splits.output,
+        evaluation=rules.evaluate.output,
         graphs=rules.workflow_graphs.output,
         config=rules.provenance_summary.output.config,
     output:

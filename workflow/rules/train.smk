@@ -1,4 +1,4 @@
-rule train_model:
+rule train:
     input:
         unpack(training_inputs),
         best="results/tune/best.yaml",
@@ -16,7 +16,7 @@ rule train_model:
     threads: 2
     resources:
         mem_mb=16000,
-        runtime=720,
+        runtime=get_train_runtime,
         gpu=1,
     conda:
         "../../envs/gpu.yaml"
@@ -24,8 +24,3 @@ rule train_model:
         "holopipe --provenance {output.provenance} train --train {input.train} --valid {input.valid} --stats {input.stats} --best {input.best}"
         " --out results/model --threads {threads} --config-json {params.config:q} > {log} 2>&1"
 
-
-rule train:
-    localrule: True
-    input:
-        rules.train_model.output,

@@ -13,7 +13,7 @@ rule tune_worker:
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=240,
+        runtime=get_tune_worker_runtime,
         gpu=1,
     conda:
         "../../envs/gpu.yaml"
@@ -23,7 +23,7 @@ rule tune_worker:
         " --config-json {params.config:q} > {log} 2>&1"
 
 
-rule tune_summary:
+rule tune:
     input:
         tune_worker_flags(),
     output:
@@ -41,6 +41,7 @@ rule tune_summary:
         "logs/tune/summary.log",
     params:
         config=lambda w: stage_config("model", "train", "tune", "examples"),
+    localrule: True
     threads: 1
     resources:
         mem_mb=2000,
@@ -51,8 +52,3 @@ rule tune_summary:
         "holopipe --provenance {output.provenance} tune summarize --workdir results/tune --best {output.best} --trials {output.trials}"
         " --plots results/tune/plots --config-json {params.config:q} > {log} 2>&1"
 
-
-rule tune:
-    localrule: True
-    input:
-        rules.tune_summary.output,
