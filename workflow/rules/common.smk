@@ -209,6 +209,10 @@ RUNTIME_MARGIN = 2
 RUNTIME_FLOOR_MIN = 5
 
 
+TRAIN_THREADS = max(2, config["train"]["num_workers"] + 1)
+"""CPUs of a training job (and of each trial a tuning worker runs): one per DataLoader worker, one for the loop."""
+
+
 def runtime_min(seconds, attempt=1):
     """Walltime in minutes for `seconds` of estimated work: RUNTIME_MARGIN times it per attempt, plus the floor."""
     return RUNTIME_FLOOR_MIN + math.ceil(RUNTIME_MARGIN * attempt * seconds / 60)

@@ -13,7 +13,7 @@ rule train:
         "logs/train/train.log",
     params:
         config=lambda w: stage_config("model", "train"),
-    threads: 2
+    threads: TRAIN_THREADS
     resources:
         mem_mb=16000,
         runtime=get_train_runtime,

@@ -10,7 +10,7 @@ rule tune_worker:
         config=lambda w: stage_config("model", "train", "tune", "examples"),
     wildcard_constraints:
         worker=r"\d+",
-    threads: 2
+    threads: TRAIN_THREADS * config["tune"]["trials_per_gpu"]
     resources:
         mem_mb=8000,
         runtime=get_tune_worker_runtime,
