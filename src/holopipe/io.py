@@ -42,6 +42,9 @@ IMAGE_DIMS = ("hologram_number", "xsize", "ysize")
 PARTICLE_VARS = ("hid", "x", "y", "z", "d")
 REQUIRED_ATTRS = ("Nx", "Ny", "dx", "dy", "lambda")
 IN_MEMORY = "<in-memory dataset>"
+FINITE_MARK = "finite_checked"
+"""Attribute of a float ``image`` in a zarr store: 1 when :func:`write_zarr` checked every value finite as it
+wrote them, so readers skip re-reading the images (netCDF files and unmarked stores are always checked)."""
 
 _PITCH_RANGE_M = (1e-8, 1e-3)
 _WAVELENGTH_RANGE_M = (1e-8, 1e-5)
@@ -94,7 +97,9 @@ def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
 
     Images are read one hologram per dask chunk by default, because a full-size file does not fit the
     memory of a small node. ``z_limits=(z_min_m, z_max_m)`` (metres) fills in ``zMin``/``zMax`` where the
-    file lacks them (real data); the file's own values win.
+    file lacks them (real data); the file's own values win. A file with none of the particle variables
+    (no truth) gets an empty particle table. Float images are checked finite unless the store carries
+    :data:`FINITE_MARK` (written by :func:`write_zarr` after its own check).
     """
     opened_here = not isinstance(source, xr.Dataset)
     if opened_here:
@@ -113,8 +118,13 @@ def open_holodec(source, *, z_limits=None, chunks=None) -> xr.Dataset:
                 ds = xr.open_dataset(name, engine="netcdf4", chunks=chunks)
             except (OSError, ValueError) as exc:
                 raise HolodecFormatError(f"{name}: not a readable netCDF file ({exc})") from exc
+        if not os.path.isdir(name) and "image" in ds.variables:
+            ds["image"].attrs.pop(FINITE_MARK, None)  # only write_zarr's stores carry a trusted mark
     else:
         ds, name = source, source.encoding.get("source", IN_MEMORY)
+    if not any(var in ds.variables for var in PARTICLE_VARS) and not ds.sizes.get("particle", 0):
+        # A file without a particle table (real data of one's own): no truth, zero particles.
+        ds = ds.assign({var: ("particle", np.empty(0, np.float32)) for var in PARTICLE_VARS})
     if z_limits is not None:
         limits = dict(zip(("zMin", "zMax"), map(float, z_limits)))
         ds = ds.assign_attrs({key: value for key, value in limits.items() if key not in ds.attrs})
@@ -217,7 +227,10 @@ def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
     """Write ``ds`` to a zarr (v3) store atomically: under a temporary name, renamed when complete.
 
     Images are chunked one hologram per chunk (``chunks`` overrides per dimension); an exception
-    leaves nothing at ``path``. An existing store at ``path`` is replaced.
+    leaves nothing at ``path``. An existing store at ``path`` is replaced. A float ``image`` is checked
+    finite in the same pass as it is written (each chunk computed once): a non-finite one fails, naming
+    ``path``; a finite one is marked :data:`FINITE_MARK`, so that readers need not read it again (the
+    store appears only after the check passed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,13 +239,21 @@ def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
     for variable in ds.variables.values():
         variable.encoding.pop("chunks", None)
         variable.encoding.pop("preferred_chunks", None)
+    check = "image" in ds.variables and ds["image"].dtype.kind == "f"
+    if "image" in ds.variables:
+        attrs = {key: value for key, value in ds.variables["image"].attrs.items() if key != FINITE_MARK}
+        ds.variables["image"].attrs = {**attrs, FINITE_MARK: 1} if check else attrs
 
     def write(tmp: Path) -> None:
         writes = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
+        finite = da.isfinite(ds["image"].data).all(axis=(1, 2)) if check else None
         # Our own pool: leaving it waits for every chunk write in flight, so when one chunk fails no
         # thread recreates files in the temporary store after it has been removed.
         with ThreadPoolExecutor(max_workers=cpu_threads()) as pool:
-            dask.compute(writes, scheduler="threads", pool=pool)
+            _, finite = dask.compute(writes, finite, scheduler="threads", pool=pool)
+        problem = _non_finite(finite) if check else None
+        if problem:
+            raise HolodecFormatError(f"{path}: {problem}")
 
     return write_atomically(path, write)
 
@@ -376,18 +397,22 @@ def _check_particles(ds: xr.Dataset) -> None:
         raise HolodecFormatError(f"{bad.size} particle(s) with d <= 0, {_first(bad, p['d'], 'd')}")
 
 
+def _non_finite(finite_per_hologram: np.ndarray) -> str | None:
+    bad = np.flatnonzero(~np.asarray(finite_per_hologram))
+    if bad.size:
+        return f"variable 'image' has non-finite values in {bad.size} hologram(s), first at hologram index {bad[0]}"
+    return None
+
+
 def _check_image_values(image: xr.DataArray) -> None:
-    if image.dtype.kind != "f":
-        return
+    if image.dtype.kind != "f" or image.attrs.get(FINITE_MARK) == 1:
+        return  # integers are finite; a marked store was checked when write_zarr wrote it
     if image.chunks is None:
         image = image.chunk({"hologram_number": 1})
     # The synchronous scheduler reads one chunk at a time; threads would hold several holograms at once.
-    finite = da.isfinite(image.data).all(axis=(1, 2)).compute(scheduler="synchronous")
-    bad = np.flatnonzero(~finite)
-    if bad.size:
-        raise HolodecFormatError(
-            f"variable 'image' has non-finite values in {bad.size} hologram(s), first at hologram index {bad[0]}"
-        )
+    problem = _non_finite(da.isfinite(image.data).all(axis=(1, 2)).compute(scheduler="synchronous"))
+    if problem:
+        raise HolodecFormatError(problem)
 
 
 class HolodecWriter:

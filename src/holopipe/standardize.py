@@ -1,49 +1,83 @@
-"""Standardize holograms with statistics fitted on the training split only.
+"""Standardize holograms: each one divided by its own illumination; training statistics only scale.
 
-A standardized hologram is ``I / B``: ``B`` is the training set's mean intensity (a scalar) or its
-per-pixel median image (which also divides out a fixed beam profile and sensor pattern). Either way
-the background sits at ~1, so a standardized hologram is still the in-line field ``I / I0`` and
-reconstructs physically (``hologram_field(h, background=1.0)``). With ``log_transform`` the stored
-value is ``1 + log(max(I / B, LOG_EPS))``, which is ~``I / B`` near the background and compresses
-bright fringes.
+A standardized hologram is ``I / B``, where the background ``B`` is estimated for every hologram from
+that hologram's own data (or its neighbours in the same split), never from another split: the beam
+profile, the optics' fringes and the sensor pattern belong to the instrument and the moment of
+acquisition, so a background fitted on the training split and divided into a differently lit file
+would wreck it. The background sits at ~1 afterwards, so a standardized hologram is still the in-line
+field ``I / I0`` and reconstructs physically (``hologram_field(h, background=1.0)``), whatever its frame.
 
-Only the training store is ever read to fit; valid and test are transformed with the training ``B``,
-so nothing about them leaks into the model's inputs. The contrast mean and std (of the standardized
-training holograms) are recorded for the model to scale its inputs.
+``standardize.background`` chooses the estimator:
 
-Memory stays bounded: means and stds stream one hologram at a time; the median reads the training
-store in strips of rows across all holograms (``MEDIAN_BLOCK_BYTES`` each), straight from the file.
+``smooth`` (default)
+    A robust smooth surface of the hologram itself: the median of square blocks of ``block_pixels``
+    (equal blocks tiling each axis, overlapping by a few pixels where the frame is not a multiple),
+    interpolated back to every pixel by a not-a-knot cubic spline through the block centres (two small
+    interpolation matrices: ``B = Wx · M · Wyᵀ``). Particle shadows and their fringes are local, sparse and
+    oscillate about the background, so the block median sees through them; the beam profile, the
+    optics' fringes and the sensor's shading vary over many blocks, so the spline follows them (a
+    Gaussian beam of waist ``w`` pixels is followed to ~``(block/w)⁴``, far below the shot noise). It
+    needs no other hologram, works on any frame size, and runs on numpy, cupy or torch arrays (array-API
+    operations; numpy uses its faster partition median).
+``running_median``
+    The per-pixel median over ``window`` neighbouring holograms of the same split (centred, shifted to
+    stay inside the split), scaled to the hologram's own median level (laser power varies shot to shot).
+    Fixed sensor patterns finer than a block are removed too; a particle is rejected as long as fewer
+    than half of the window's holograms shadow the same pixel. Each hologram is read once (one-hologram
+    chunks; a task holds ``window`` of them).
+``mean``
+    The hologram's own mean intensity, one scalar: for flat illumination.
+
+The background is floored at ``DEAD_BACKGROUND_FRACTION`` of the hologram's median level, so dead
+pixels of the running median (or a spline undershoot in a dark corner) never divide by ~0; a dead
+pixel of the image itself gives contrast 0, which the log floor keeps finite. A hologram without light
+(median level <= 0) fails, naming the file and the hologram. With ``log_transform`` the stored value is
+``1 + log(max(I / B, LOG_EPS))``, which is ~``I / B`` near the background and compresses bright fringes.
+
+The only statistics fitted on the training split are the scale factors of what the model sees: the
+contrast mean and std of the standardized training holograms (``stats.json``), computed in one pass
+over the training store (one-hologram chunks, per-hologram moments pooled exactly). ``stats.json`` also
+records the ``standardize`` settings, and ``standardize apply`` uses those, so every split is
+standardized as the training split was.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import warnings
 from pathlib import Path
 
+import array_api_compat
 import dask
 import dask.array as da
 import numpy as np
+import scipy.interpolate
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.io import (IMAGE_DIMS, ignoring_snakemake_marker, open_holodec, write_atomically,
-                         write_zarr)
+from holopipe.io import IMAGE_DIMS, open_holodec, write_atomically, write_zarr
 
-__all__ = ["apply_stats", "fit_stats", "read_stats", "standardize_image", "write_stats"]
+__all__ = ["apply_stats", "contrast_images", "fit_stats", "read_stats", "running_median_background",
+           "smooth_background", "standardize_image", "write_stats"]
 
 log = logging.getLogger("holopipe")
 
 LOG_EPS = 1e-3
 """Floor of I / B before the log: below one gray level in 128 (dead pixels, saturated shadows)."""
 
-MEDIAN_BLOCK_BYTES = 128 * 2**20
-"""Largest strip of the training images (all holograms x rows x ysize, stored dtype) held per task."""
+CELLS_PER_BLOCK = 16
+"""A block's side in cells (see :func:`smooth_background`): 256 cell means per block."""
+
+OUTLIER_SIGMAS = 3.0
+"""Cells this many robust deviations (1.4826 x median absolute) from the background surface are refitted."""
+
+ROBUST_ITERATIONS = 3
+"""Refits of the background surface without its outlier cells (shadows and fringes of particles)."""
 
 DEAD_BACKGROUND_FRACTION = 0.01
-"""Median-image pixels darker than this fraction of the mean intensity are dead: B = the mean there."""
+"""The background is never below this fraction of the hologram's median level (dead pixels, dark corners)."""
 
 
 def standardize_image(intensity, background, log_transform: bool):
@@ -54,144 +88,234 @@ def standardize_image(intensity, background, log_transform: bool):
     return ratio.astype(np.float32, copy=False)
 
 
-def _open_strips(path, rows: int) -> xr.DataArray:
-    """The image of an already validated file, chunked (all holograms, rows, ysize) at the source.
+def _median_last_axis(x, xp):
+    if array_api_compat.is_numpy_namespace(xp):
+        return np.median(x, axis=-1)
+    ordered = xp.sort(x, axis=-1)
+    n = ordered.shape[-1]
+    return (ordered[..., (n - 1) // 2] + ordered[..., n // 2]) / 2
 
-    Reading each strip from the file keeps memory at one strip per task; rechunking the hologram
-    chunks in dask would instead hold every hologram until the first strip is complete.
+
+def _median_last_two_axes(x, xp):
+    return _median_last_axis(xp.reshape(x, (*x.shape[:-2], -1)), xp)[..., None, None]
+
+
+def _cell_means(intensity, cell: int, xp):
+    """Means of cell x cell squares tiling the last two axes (a last partial cell is left out)."""
+    *lead, n0, n1 = intensity.shape
+    m0, m1 = n0 // cell, n1 // cell
+    cells = xp.reshape(intensity[..., :m0 * cell, :m1 * cell], (*lead, m0, cell, m1, cell))
+    return xp.mean(cells, axis=(-3, -1))
+
+
+def _spline_basis(knots: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """(len(at), len(knots)): the not-a-knot cubic spline through values at ``knots``, evaluated ``at``
+    (a line through 2 knots, a parabola through 3, a constant for 1; extrapolated past the outer ones)."""
+    if knots.size == 1:
+        return np.ones((at.size, 1))
+    return scipy.interpolate.CubicSpline(knots, np.eye(knots.size), axis=0)(at)
+
+
+def _floored(background, level, xp):
+    """The background, never below DEAD_BACKGROUND_FRACTION of ``level`` (broadcastable)."""
+    return xp.maximum(background, level * DEAD_BACKGROUND_FRACTION)
+
+
+def smooth_background(intensity, block_pixels: int):
+    """The smooth background (same shape, float32) of image(s) over their last two axes; any array library.
+
+    1. Cell means: squares of ``block_pixels / CELLS_PER_BLOCK`` pixels (8 for 128-pixel blocks). Means
+       are continuous where 8-bit gray levels are not (a median of a dim region's few distinct levels
+       would be off by up to half a level, 2 % at 25 gray).
+    2. The least-squares cubic spline surface of the cells, knots about ``block_pixels`` apart from
+       edge to edge (a tensor product, so two small matrices per axis). Least squares over every cell
+       rather than medians at block centres: a block's median sits ~(block / waist)² below a curved
+       beam's value at its centre, and the frame's outer half-blocks would be extrapolated.
+    3. ``ROBUST_ITERATIONS`` times: cells farther than ``OUTLIER_SIGMAS`` robust deviations (1.4826 x
+       the median absolute deviation) from the surface, such as particle shadows and strong fringes,
+       take the surface's value, and the surface is fitted again. Particles are local and sparse; the
+       beam, the optics' fringes and the sensor's shading span many knots.
+
+    Floored at ``DEAD_BACKGROUND_FRACTION`` of the image's median level. Both image axes are treated
+    alike, so (xsize, ysize) and (ny, nx) layouts give the same surface.
     """
-    name = os.fspath(path)
-    chunks = {"hologram_number": -1, "xsize": rows, "ysize": -1}
-    with ignoring_snakemake_marker(), warnings.catch_warnings():
-        # Strips cut across the stored one-hologram chunks on purpose (see above).
-        warnings.filterwarnings("ignore", message=".*separate the stored chunks.*")
-        if os.path.isdir(name):
-            return xr.open_zarr(name, chunks=chunks, consolidated=False)["image"]
-        return xr.open_dataset(name, engine="netcdf4", chunks=chunks)["image"]
+    xp = array_api_compat.array_namespace(intensity)
+    intensity = xp.astype(intensity, xp.float32)
+    n0, n1 = intensity.shape[-2:]
+    cell = max(1, min(block_pixels // CELLS_PER_BLOCK, n0, n1))
+    cells = _cell_means(intensity, cell, xp)
+    device = array_api_compat.device(cells)
+    (at_pixels0, at_cells0, solve0), (at_pixels1, at_cells1, solve1) = [
+        [xp.asarray(matrix.astype(np.float32), device=device)
+         for matrix in _least_squares_spline(n, m, cell, block_pixels)]
+        for n, m in ((n0, cells.shape[-2]), (n1, cells.shape[-1]))]
+
+    def knot_values(values):  # (..., k0, k1) from cell values (..., m0, m1)
+        return xp.matmul(xp.matmul(solve0, values), xp.matrix_transpose(solve1))
+
+    knots = knot_values(cells)
+    for _ in range(ROBUST_ITERATIONS):
+        surface = xp.matmul(xp.matmul(at_cells0, knots), xp.matrix_transpose(at_cells1))
+        deviation = xp.abs(cells - surface)
+        outlier = deviation > OUTLIER_SIGMAS * 1.4826 * _median_last_two_axes(deviation, xp)
+        knots = knot_values(xp.where(outlier, surface, cells))
+    background = xp.matmul(xp.matmul(at_pixels0, knots), xp.matrix_transpose(at_pixels1))
+    return _floored(background, _median_last_two_axes(cells, xp), xp)
 
 
-def _median_image(path, n_holograms: int, ny: int, itemsize: int) -> np.ndarray:
-    rows = max(1, MEDIAN_BLOCK_BYTES // (n_holograms * ny * itemsize))
-    image = _open_strips(path, rows)
-    try:
-        # The median is (Nx, Ny) float64, small next to the data; compute it into memory.
-        return da.median(image.data, axis=0).compute()
-    finally:
-        image.close()
+def _least_squares_spline(n: int, m: int, cell: int, block_pixels: int) -> tuple[np.ndarray, ...]:
+    """Along an axis of n pixels in m cells, with k knots about one block apart from edge to edge: the
+    spline basis at every pixel (n, k) and at the cell centres (m, k), and the least-squares solve (k, m)
+    from cell values to knot values."""
+    knots = np.linspace(0, n - 1, max(1, round(n / block_pixels)) + 1)
+    at_cells = _spline_basis(knots, np.arange(m) * cell + (cell - 1) / 2)
+    return _spline_basis(knots, np.arange(n, dtype=np.float64)), at_cells, np.linalg.pinv(at_cells)
+
+
+def running_median_background(window_images, position: int):
+    """Background (float32, frame shape) of ``window_images[position]`` from its window of holograms.
+
+    ``window_images`` is (w, n0, n1), the hologram and its neighbours of the same split: their per-pixel
+    median, scaled by the ratio of the hologram's median level to the median's, floored as in the module
+    docstring.
+    """
+    images = np.asarray(window_images, np.float32)
+    median = np.median(images, axis=0)
+    level, median_level = np.median(images[position]), np.median(median)
+    scaled = median * np.float32(level / median_level) if median_level > 0 else median
+    return np.maximum(scaled, np.float32(level * DEAD_BACKGROUND_FRACTION))
+
+
+def _window(h: int, n: int, window: int) -> range:
+    """The ``window`` holograms around index h, shifted to stay inside 0..n-1 (all of them when n < window)."""
+    start = min(max(h - window // 2, 0), max(n - window, 0))
+    return range(start, min(start + window, n))
+
+
+def _contrast_block(*blocks, settings: dict, where: str, position: int = 0, hologram: int | None = None,
+                    block_info=None):
+    """One hologram's standardized image (1, nx, ny) from its chunk, or from its window's chunks (the
+    hologram at ``position``); ``hologram`` (else the chunk's location) names it in errors."""
+    images = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
+    image = images[position]
+    method = settings["background"]
+    if method == "smooth":
+        background = smooth_background(image, int(settings["block_pixels"]))
+    elif method == "running_median":
+        background = running_median_background(images, position)
+    elif method == "mean":
+        background = np.float32(image.mean(dtype=np.float64))
+    else:
+        raise ValueError(f"{where}: unknown standardize.background {method!r}; expected smooth, running_median "
+                         "or mean")
+    darkest = float(np.min(background))
+    if not darkest > 0:
+        hologram = block_info[0]["array-location"][0][0] if hologram is None else hologram
+        raise ValueError(f"{where}: hologram index {hologram} has no light (its background reaches {darkest:g}); "
+                         "cannot divide it by its background")
+    return standardize_image(image, background, bool(settings["log_transform"]))[None]
+
+
+def contrast_images(image: da.Array, settings: dict, where: str = "<image>") -> da.Array:
+    """Lazy standardized images (hologram, xsize, ysize) float32, one hologram per chunk.
+
+    ``image`` is a dask array of raw intensities in the contract layout; ``settings`` the ``standardize``
+    section; ``where`` names the file in errors. Each input chunk is read once per computation.
+    """
+    image = image.rechunk({0: 1, 1: -1, 2: -1})
+    n, nx, ny = image.shape
+    if settings["background"] != "running_median":
+        return image.map_blocks(_contrast_block, settings=settings, where=where, dtype=np.float32,
+                                meta=np.empty((0, 0, 0), np.float32))
+    holograms = []
+    for h in range(n):
+        neighbours = _window(h, n, int(settings["window"]))
+        holograms.append(da.map_blocks(_contrast_block, *(image[i:i + 1] for i in neighbours), settings=settings,
+                                       where=where, position=h - neighbours.start, hologram=h,
+                                       chunks=((1,), (nx,), (ny,)), dtype=np.float32,
+                                       meta=np.empty((0, 0, 0), np.float32)))
+    return da.concatenate(holograms, axis=0)
+
+
+def _moments(block: np.ndarray) -> np.ndarray:
+    """(1, 3) float64: count, mean and sum of squared deviations of one hologram's contrast."""
+    values = block.astype(np.float64).ravel()
+    mean = values.mean()
+    return np.array([[values.size, mean, np.square(values - mean).sum()]])
+
+
+def _pooled(moments: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) std of the union of groups given by rows (count, mean, M2)."""
+    counts, means, m2 = moments.T
+    total = counts.sum()
+    mean = float((counts * means).sum() / total)
+    variance = float((m2.sum() + (counts * np.square(means - mean)).sum()) / total)
+    return mean, math.sqrt(variance)
 
 
 def fit_stats(train_path, config: dict) -> dict:
-    """Fit the standardization on the training store only (bounded memory, dask).
+    """The scale factors of the model's inputs: contrast mean and std of the standardized training split.
 
-    Returns a JSON-serialisable dict (see the module docstring for the keys' meaning), plus, for the
-    ``median`` background, ``background_image``: float32 (Nx, Ny), which :func:`write_stats` stores
-    beside the JSON.
+    One pass over the training store. Returns a JSON-serialisable dict: ``contrast_mean``,
+    ``contrast_std``, ``n_holograms``, ``source``, the ``standardize`` settings (which ``apply`` uses),
+    ``log_transform`` and ``holopipe_version``.
     """
-    settings, optics = config["standardize"], config["optics"]
-    ds = open_holodec(train_path, z_limits=(optics["z_min"], optics["z_max"]))
+    settings, optics = dict(config["standardize"]), config["optics"]
+    name = os.fspath(train_path)
+    ds = open_holodec(name, z_limits=(optics["z_min"], optics["z_max"]))
     try:
-        image = ds["image"].data
-        # Two scalars from one pass over the holograms (dask shares the reads between them).
-        mean, std = (float(v) for v in dask.compute(image.mean(dtype=np.float64), image.std(dtype=np.float64)))
-        if not mean > 0:
-            raise ValueError(f"{train_path}: mean training intensity is {mean:g}; cannot standardize by it")
-        stats = {
-            "background": settings["background"],
-            "log_transform": bool(settings["log_transform"]),
-            "intensity_mean": mean,
-            "intensity_std": std,
-            "n_holograms": int(ds.sizes["hologram_number"]),
-            "Nx": int(ds.sizes["xsize"]),
-            "Ny": int(ds.sizes["ysize"]),
-            "dx": float(ds.attrs["dx"]),
-            "dy": float(ds.attrs["dy"]),
-            "source": os.fspath(train_path),
-            "standardize": dict(settings),
-            "holopipe_version": __version__,
-        }
-        background = mean
-        if settings["background"] == "median":
-            median = _median_image(train_path, ds.sizes["hologram_number"], ds.sizes["ysize"],
-                                   image.dtype.itemsize)
-            dead = median < DEAD_BACKGROUND_FRACTION * mean
-            if dead.any():
-                log.info("%s: %d dead pixel(s) in the median background; using the mean intensity there",
-                         train_path, int(dead.sum()))
-            background = np.where(dead, mean, median).astype(np.float32)
-            stats["dead_background_pixels"] = int(dead.sum())
-        contrast = image.map_blocks(standardize_image, background, stats["log_transform"], dtype=np.float32)
-        contrast_mean, contrast_std = dask.compute(contrast.mean(dtype=np.float64), contrast.std(dtype=np.float64))
+        contrast = contrast_images(ds["image"].data, settings, where=name)
+        moments = contrast.map_blocks(_moments, chunks=(contrast.chunks[0], (3,)), drop_axis=2, dtype=np.float64)
+        # (n_holograms, 3): small; the images themselves are never held beyond a few holograms.
+        contrast_mean, contrast_std = _pooled(dask.compute(moments)[0])
+        n_holograms = int(ds.sizes["hologram_number"])
     finally:
         ds.close()
-    stats.update(contrast_mean=float(contrast_mean), contrast_std=float(contrast_std))
-    if settings["background"] == "median":
-        stats["background_image"] = background
-    return stats
-
-
-def _save_npy(path: Path, image: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: np.save would append .npy to the temporary name
-        np.save(handle, image)
+    return {"contrast_mean": contrast_mean, "contrast_std": contrast_std, "n_holograms": n_holograms,
+            "source": name, "standardize": settings, "log_transform": bool(settings["log_transform"]),
+            "holopipe_version": __version__}
 
 
 def write_stats(stats: dict, path) -> Path:
-    """Write ``stats`` as JSON at ``path`` atomically; a median image goes to ``<stem>_background.npy``
-    beside it (written first, so a complete JSON always names a complete image)."""
+    """Write ``stats`` as JSON at ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stats = dict(stats)
-    background = stats.pop("background_image", None)
-    if background is not None:
-        stats["background_file"] = f"{path.stem}_background.npy"
-        image = np.asarray(background, np.float32)
-        write_atomically(path.parent / stats["background_file"], lambda tmp: _save_npy(tmp, image))
     text = json.dumps(stats, indent=2, sort_keys=True) + "\n"
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
-def read_stats(path) -> tuple[dict, np.ndarray | None]:
-    """(stats dict, float32 median background (Nx, Ny) or None for the mean background)."""
+def read_stats(path) -> tuple[dict, None]:
+    """(stats dict, None). The second item is kept for callers of the former per-pixel median image."""
     path = Path(path)
     stats = json.loads(path.read_text(encoding="utf-8"))
-    if "background_file" not in stats:
-        return stats, None
-    background = np.load(path.parent / stats["background_file"])
-    expected = (stats["Nx"], stats["Ny"])
-    if background.shape != expected:
-        raise ValueError(f"{path}: background image {stats['background_file']} has shape {background.shape}, "
-                         f"expected (Nx, Ny) = {expected}")
-    return stats, background
+    if "background_file" in stats:
+        raise ValueError(f"{path}: fitted with a training-split background image ({stats['background_file']}); "
+                         "backgrounds are now per hologram: rerun `holopipe standardize fit`")
+    return stats, None
 
 
 def apply_stats(in_path, out_path, stats_path) -> Path:
-    """Standardize every hologram of ``in_path`` with the fitted stats and write a float32 zarr store.
+    """Standardize every hologram of ``in_path`` by its own background and write a float32 zarr store.
 
-    Particles and attrs are kept; attrs gain ``standardize_stats``, ``standardize_background``,
-    ``standardize_log_transform`` (0/1), ``standardize_source`` and the fitted ``standardize_*`` scalars.
+    The estimator and its settings are those recorded in ``stats_path`` (the training split's). Particles
+    and attrs are kept; attrs gain ``standardize_stats``, ``standardize_background``,
+    ``standardize_block_pixels`` or ``standardize_window`` (the estimator's setting),
+    ``standardize_log_transform`` (0/1), ``standardize_source`` and ``standardize_contrast_mean``/``_std``.
     """
-    stats, median = read_stats(stats_path)
-    ds = open_holodec(in_path)
+    stats, _ = read_stats(stats_path)
+    settings = stats["standardize"]
+    name = os.fspath(in_path)
+    ds = open_holodec(name)
     try:
-        if median is None:
-            background = stats["intensity_mean"]
-        else:
-            frame = (ds.sizes["xsize"], ds.sizes["ysize"])
-            if median.shape != frame:
-                raise ValueError(
-                    f"{in_path}: frame (Nx, Ny) = {frame} does not match the median background "
-                    f"{median.shape} of {stats_path} (fitted on {stats['source']}); regrid both alike"
-                )
-            background = median
-        image = ds["image"].data.rechunk({0: 1, 1: -1, 2: -1})
-        standardized = image.map_blocks(standardize_image, background, stats["log_transform"], dtype=np.float32)
+        standardized = contrast_images(ds["image"].data, settings, where=name)
         out = ds.assign(image=xr.DataArray(standardized, dims=IMAGE_DIMS, attrs=ds["image"].attrs))
+        setting = {"smooth": "block_pixels", "running_median": "window"}.get(settings["background"])
         out = out.assign_attrs(
             standardize_stats=os.fspath(stats_path),
-            standardize_background=stats["background"],
-            standardize_log_transform=int(stats["log_transform"]),
-            standardize_source=os.path.basename(os.fspath(in_path).rstrip("/")),
-            standardize_intensity_mean=stats["intensity_mean"],
+            standardize_background=settings["background"],
+            **({f"standardize_{setting}": int(settings[setting])} if setting else {}),
+            standardize_log_transform=int(settings["log_transform"]),
+            standardize_source=os.path.basename(name.rstrip("/")),
             standardize_contrast_mean=stats["contrast_mean"],
             standardize_contrast_std=stats["contrast_std"],
             holopipe_version=__version__,

@@ -73,11 +73,9 @@ def split_index(wildcards):
 
 
 def standardize_stats_files():
-    """stats.json, and with the median background its image, which `standardize apply` reads beside it."""
-    files = {"stats": "data/standardized/stats.json"}
-    if config["standardize"]["background"] == "median":
-        files["background"] = "data/standardized/stats_background.npy"
-    return files
+    """stats.json: the training split's contrast scale and the standardize settings every split is applied with
+    (backgrounds are per hologram, so there is no image beside it)."""
+    return {"stats": "data/standardized/stats.json"}
 
 
 EXAMPLE_STORES = [f"data/examples/{split}.zarr" for split in (TRAIN_SPLIT, VALID_SPLIT)]

@@ -1,3 +1,8 @@
+# A standardize task holds its hologram, or its running-median window, as float32 copies and ~5 float32
+# frames of work (block gather, median, background, ratio): 4 bytes x window + 24 bytes per pixel per thread.
+STANDARDIZE_WINDOW = config["standardize"]["window"] if config["standardize"]["background"] == "running_median" else 1
+
+
 rule standardize_fit:
     input:
         f"data/augmented/{TRAIN_SPLIT}.zarr",
@@ -10,12 +15,12 @@ rule standardize_fit:
         config=lambda w: stage_config("standardize"),
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(16, holograms_in_memory=4),
+        mem_mb=frame_mem_mb(4 * STANDARDIZE_WINDOW + 24, holograms_in_memory=2),
         runtime=60,
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} standardize fit --in {input} --out {output.stats} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} --threads {threads} standardize fit --in {input} --out {output.stats} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule standardize_split:
@@ -30,12 +35,12 @@ rule standardize_split:
         split="|".join(SPLITS),
     threads: 1
     resources:
-        mem_mb=frame_mem_mb(16, holograms_in_memory=2),
+        mem_mb=frame_mem_mb(4 * STANDARDIZE_WINDOW + 24, holograms_in_memory=2),
         runtime=30,
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} standardize apply --in {input.store} --stats {input.stats} --out {output.store} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} --threads {threads} standardize apply --in {input.store} --stats {input.stats} --out {output.store} > {log} 2>&1"
 
 
 rule standardize:
