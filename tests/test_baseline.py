@@ -1,10 +1,22 @@
-"""The physics-only baseline: finds simulated particles, per focus metric, streams, and stays quiet on nothing."""
+"""The physics-only baseline: finds simulated particles, per focus metric, streams, runs on torch as on
+numpy, resumes after a kill, and stays quiet on nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
+import holopipe.baseline
 from holopipe.baseline import CSV_COLUMNS, auto_threshold, baseline_file, find_particles
 from holopipe.config import load_config
 from holopipe.evaluate import match
@@ -20,25 +32,30 @@ PARTICLES = ParticleSet(x=np.array([-90e-6, 85e-6, -10e-6]), y=np.array([-85e-6,
 Z_BINS, PAD = 60, 32
 
 
+def scene_dict(optics: Optics = OPTICS, **sections) -> dict:
+    """The (unvalidated) config of these optics and this module's planes, with the given sections."""
+    return {
+        "splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
+        "optics": {"wavelength": optics.wavelength, "dx": optics.dx, "dy": optics.dy, "nx": optics.nx,
+                   "ny": optics.ny, "z_min": optics.z_min, "z_max": optics.z_max},
+        "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
+        **sections,
+    }
+
+
 def scene_config(**sections):
     """A validated config of this module's optics and planes, with the given sections (also for
     test_particles, which refines on the same scenes)."""
-    return load_config({
-        "splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
-        "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
-                   "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
-        "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
-        **sections,
-    })
+    return load_config(scene_dict(**sections))
 
 
 def make_config(**baseline):
     return scene_config(baseline=baseline)
 
 
-def contrast_hologram(particles: ParticleSet) -> np.ndarray:
+def contrast_hologram(particles: ParticleSet, optics: Optics = OPTICS) -> np.ndarray:
     """Noise-free, flat-beam contrast hologram I / mean(I), float32 (ny, nx)."""
-    intensity = np.abs(opaque_disks_field(particles, OPTICS, pad=PAD)) ** 2
+    intensity = np.abs(opaque_disks_field(particles, optics, pad=PAD)) ** 2
     return (intensity / intensity.mean()).astype(np.float32)
 
 
@@ -47,9 +64,27 @@ def truth_table(particles: ParticleSet, hid: int = 1) -> pd.DataFrame:
                          "d": particles.d * 1e6})
 
 
-def propagator_of(image_yx: np.ndarray) -> Propagator:
-    return Propagator(hologram_field(image_yx, background=1.0), wavelength=OPTICS.wavelength, dx=OPTICS.dx,
-                      dy=OPTICS.dy, pad=PAD, band_limit=True)
+def propagator_of(image_yx, optics: Optics = OPTICS) -> Propagator:
+    """The propagator of a contrast hologram (numpy or torch, (ny, nx))."""
+    return Propagator(hologram_field(image_yx, background=1.0), wavelength=optics.wavelength, dx=optics.dx,
+                      dy=optics.dy, pad=PAD, band_limit=True)
+
+
+def split_store(path, images_yx, optics: Optics = OPTICS, truth: pd.DataFrame | None = None):
+    """A standardized split store of contrast holograms (h, ny, nx) with these optics."""
+    truth = truth if truth is not None else pd.DataFrame({name: np.zeros(0) for name in ("hid", "x", "y", "z", "d")})
+    ds = xr.Dataset(
+        {"image": (("hologram_number", "xsize", "ysize"), np.asarray(images_yx).transpose(0, 2, 1)),
+         **{name: ("particle", truth[name].to_numpy(np.float32)) for name in ("hid", "x", "y", "z", "d")}},
+        attrs={"Nx": optics.nx, "Ny": optics.ny, "dx": optics.dx, "dy": optics.dy, "lambda": optics.wavelength,
+               "zMin": optics.z_min, "zMax": optics.z_max},
+    )
+    return write_zarr(ds, path)
+
+
+def found_um(found: pd.DataFrame, hid: int = 1) -> pd.DataFrame:
+    """find_particles' table (metres) as a CSV's (µm, with hid)."""
+    return found.assign(hid=hid, **{c: found[c] * 1e6 for c in "xyzd"})
 
 
 PLANES = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
@@ -63,15 +98,8 @@ def hologram():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, hologram):
     """A standardized split: hologram 1 holds the three particles, hologram 2 none (flat)."""
-    images = np.stack([hologram.T, np.ones_like(hologram.T)])
-    truth = truth_table(PARTICLES)
-    ds = xr.Dataset(
-        {"image": (("hologram_number", "xsize", "ysize"), images),
-         **{name: ("particle", truth[name].to_numpy(np.float32)) for name in ("hid", "x", "y", "z", "d")}},
-        attrs={"Nx": OPTICS.nx, "Ny": OPTICS.ny, "dx": OPTICS.dx, "dy": OPTICS.dy, "lambda": OPTICS.wavelength,
-               "zMin": OPTICS.z_min, "zMax": OPTICS.z_max},
-    )
-    return write_zarr(ds, tmp_path_factory.mktemp("baseline") / "test.zarr")
+    return split_store(tmp_path_factory.mktemp("baseline") / "test.zarr", [hologram, np.ones_like(hologram)],
+                       truth=truth_table(PARTICLES))
 
 
 def test_auto_threshold_sits_sigmas_below_the_background_mode_despite_dark_outliers():
@@ -136,3 +164,68 @@ def test_raw_uint8_store_is_refused(tmp_path):
     with pytest.raises(HolodecFormatError, match="raw.zarr.*standardized"):
         baseline_file(make_config(), path, tmp_path / "out.csv", progress=False)
     assert not (tmp_path / "out.csv").exists()
+
+
+# A non-square frame with dx != dy: rows are y (pitch dy), columns x (pitch dx); the droplets sit where
+# swapping x and y would put them far from any droplet.
+WIDE = replace(OPTICS, nx=176, ny=112, dy=3.6e-6)
+WIDE_PARTICLES = ParticleSet(x=np.array([-170e-6, 150e-6]), y=np.array([100e-6, -45e-6]),
+                             z=np.array([4.0e-3, 7.5e-3]), d=np.array([30e-6, 36e-6]))
+
+
+def test_a_non_square_frame_with_unequal_pitches_finds_the_particles_where_they_are(tmp_path):
+    hologram = contrast_hologram(WIDE_PARTICLES, WIDE)
+    assert hologram.shape == (WIDE.ny, WIDE.nx)
+    path = split_store(tmp_path / "wide.zarr", [hologram], WIDE, truth_table(WIDE_PARTICLES))
+    config = load_config(scene_dict(WIDE))
+    found = pd.read_csv(baseline_file(config, path, tmp_path / "wide.csv", progress=False))
+    tolerance = config["evaluate"]["tolerance_xy"], config["evaluate"]["tolerance_z"]
+    pairs = match(truth_table(WIDE_PARTICLES), found, *tolerance)
+    assert len(pairs) == 2 and len(found) == 2
+    assert np.all(np.abs(pairs["error_x"]) <= WIDE.dx * 1e6) and np.all(np.abs(pairs["error_y"]) <= WIDE.dy * 1e6)
+    swapped = truth_table(WIDE_PARTICLES).rename(columns={"x": "y", "y": "x"})
+    assert match(swapped, found, *tolerance).empty, "x and y swapped must not match"
+
+
+@pytest.mark.parametrize("metric", ["min_amplitude", "edge_sharpness", "tamura"])
+def test_baseline_on_torch_tensors_finds_what_it_finds_on_numpy(hologram, metric):
+    """The GPU path (torch planes, only dark pixels and candidate windows to the host) on CPU tensors."""
+    baseline = make_config(focus_metric=metric)["baseline"]
+    on_numpy = find_particles(propagator_of(hologram), PLANES, baseline, dx=OPTICS.dx, dy=OPTICS.dy)
+    on_torch = find_particles(propagator_of(torch.from_numpy(hologram)), PLANES, baseline, dx=OPTICS.dx,
+                              dy=OPTICS.dy)
+    assert len(on_numpy) == 3
+    pd.testing.assert_frame_equal(on_torch, on_numpy, rtol=1e-4)
+
+
+def test_a_killed_baseline_run_resumes_without_redoing_finished_holograms(tmp_path, hologram, monkeypatch):
+    n_holograms = 4
+    # The droplets moved 5 pixels along x from one hologram to the next: every hologram's table differs.
+    path = split_store(tmp_path / "split.zarr", [np.roll(hologram, 5 * k, axis=1) for k in range(n_holograms)])
+    config = scene_dict()
+    out = tmp_path / "killed.csv"
+    parts = out.with_name(out.name + ".parts")
+    command = [str(Path(sys.executable).with_name("holopipe")), "baseline", "--in", str(path), "--out", str(out),
+               "--config-json", json.dumps(config)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not list(parts.glob("hologram_*.csv")):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no hologram finished in time"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = len(list(parts.glob("hologram_*.csv")))
+    assert not out.exists() and 1 <= finished < n_holograms
+
+    calls = []
+    original = holopipe.baseline.find_particles
+    monkeypatch.setattr(holopipe.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = pd.read_csv(baseline_file(load_config(config), path, out, progress=False))
+    assert len(calls) == n_holograms - finished, "the rerun computes only the unfinished holograms"
+    assert not parts.exists(), "the parts are removed once the CSV is written"
+    monkeypatch.undo()
+    uninterrupted = pd.read_csv(baseline_file(load_config(config), path, tmp_path / "whole.csv", progress=False))
+    assert set(uninterrupted["hid"]) == set(range(1, n_holograms + 1))
+    pd.testing.assert_frame_equal(resumed, uninterrupted)

@@ -1,22 +1,21 @@
 """Depth refinement of ML particles on the reconstruction: finds the focus from a cluster millimetres off."""
 
-from types import SimpleNamespace
-
+import array_api_compat.numpy
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import xarray as xr
 
-from holopipe.baseline import _focus_score
-from holopipe.reconstruction import z_bin_centres
-from holopipe.focus import gradient_magnitude, tamura_coefficient
+import holopipe.particles
+from holopipe.focus import gradient_magnitude, smoothed_amplitude
 from holopipe.io import write_zarr
 from holopipe.optics import Propagator, hologram_field
 from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
-                                merge_duplicates, particles_file, refine_depths, window_focus)
+                                merge_duplicates, particles_file, refine_depths)
+from holopipe.reconstruction import z_bin_centres
 from holopipe.simulate import ParticleSet
-from test_baseline import OPTICS, PAD, Z_BINS, contrast_hologram, scene_config
+from test_baseline import OPTICS, PAD, PARTICLES, Z_BINS, contrast_hologram, scene_config
 
 # One large droplet (45 µm: depth of focus D²/λ ≈ 5.7 mm), where the darkest plane is not sharp.
 DROPLET = ParticleSet(x=np.array([12e-6]), y=np.array([-20e-6]), z=np.array([5.1e-3]), d=np.array([45e-6]))
@@ -130,6 +129,8 @@ def test_refinement_on_torch_arrays_matches_numpy(hologram, propagator):
     found = refine_depths(on_torch, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy)
     assert abs(found["z"].iloc[0] - z * 1e-6) <= BIN
     pd.testing.assert_frame_equal(found, expected, rtol=1e-3)
+    with pytest.raises(ValueError, match="metric 'variance'"):
+        refine_depths(propagator, PLANES, extent, {**settings, "refine": "variance"}, dx=OPTICS.dx, dy=OPTICS.dy)
 
 
 def test_refinement_on_a_missing_gpu_is_an_error(store, tmp_path):
@@ -167,24 +168,52 @@ def test_windows_are_diameters_wide_and_centred_on_the_particle_pixel():
     assert tiny[1][0] - tiny[0][0] == 9, "never below MIN_WINDOW_PIXELS"
 
 
-def test_window_tamura_equals_the_baselines_tamura():
-    rng = np.random.default_rng(3)
-    stack = rng.uniform(0.2, 1.2, (3, 20, 24))
-    gradient = gradient_magnitude(stack)
-    direct = np.sqrt(gradient.std(axis=(1, 2)) / gradient.mean(axis=(1, 2)))
-    np.testing.assert_allclose(window_focus(stack, "tamura"), direct, rtol=1e-12)
-    regions = pd.DataFrame({"window_sum": gradient.sum(axis=(1, 2)), "window_n": 480.0,
-                            "window_sum2": np.square(gradient).sum(axis=(1, 2))})
-    np.testing.assert_allclose(_focus_score(regions, "tamura").to_numpy(), direct, rtol=1e-12)
-    assert tamura_coefficient(0.0, 0.0, 10) == 0.0, "a flat window is never in focus"
-    with pytest.raises(ValueError, match="metric"):
-        window_focus(stack, "variance")
+def reference_refinement(propagator, extent: pd.DataFrame, settings: dict) -> pd.DataFrame:
+    """z (m) and peak focus of each particle by the plain loop: every particle, every plane of its range,
+    the whole plane's metric cut to its window (what the batched refinement must reproduce)."""
+    first = np.searchsorted(PLANES, extent["z_first"].to_numpy() - settings["refine_margin"] - 1e-9)
+    last = np.searchsorted(PLANES, extent["z_last"].to_numpy() + settings["refine_margin"] + 1e-9, "right") - 1
+    first, last = np.clip(first, 0, PLANES.size - 1), np.clip(last, first, PLANES.size - 1)
+    windows = focus_windows(extent["x"], extent["y"], extent["d"], propagator.shape, dx=OPTICS.dx, dy=OPTICS.dy,
+                            diameters=settings["refine_window"])
+    rows = []
+    for k in range(len(extent)):
+        r0, r1, c0, c1 = (int(bound[k]) for bound in windows)
+        scores = []
+        for plane in range(first[k], last[k] + 1):
+            amplitude = np.asarray(propagator.reconstruct(PLANES[plane:plane + 1]).amplitude, np.float64)[0]
+            if settings["refine"] == "tamura":
+                gradient = gradient_magnitude(amplitude)[r0:r1, c0:c1]
+                scores.append(np.sqrt(gradient.std() / gradient.mean()))
+            else:
+                scores.append(-smoothed_amplitude(amplitude)[r0:r1, c0:c1].min())
+        best = int(np.argmax(scores))
+        rows.append((PLANES[first[k] + best], scores[best]))
+    return pd.DataFrame(rows, columns=["z", "focus"], index=extent.index)
+
+
+@pytest.mark.parametrize("metric", ["tamura", "min_amplitude"])
+def test_batched_refinement_gives_the_per_particle_references_depths(metric):
+    # Four particles of different sizes and ranges (one at the frame's corner) refined at once.
+    propagator = propagator_of(contrast_hologram(PARTICLES))
+    extent = pd.DataFrame({"x": [*PARTICLES.x, 180e-6], "y": [*PARTICLES.y, -185e-6], "d": [*PARTICLES.d, 12e-6],
+                           "z_first": [3e-3, 5e-3, 8e-3, 2e-3], "z_last": [4e-3, 7e-3, 9e-3, 10e-3]})
+    settings = make_config(refine=metric, refine_margin=0.0, refine_interpolate=False)["particles"]
+    expected = reference_refinement(propagator, extent, settings)
+    for batch_planes in (1, 7):
+        found = refine_depths(propagator, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy,
+                              batch_planes=batch_planes)
+        np.testing.assert_array_equal(found["z"], expected["z"])
+        np.testing.assert_allclose(found["focus"], expected["focus"], rtol=1e-5)
+    # The planted droplets' depths (the darkest window is the blunter peak).
+    np.testing.assert_allclose(expected["z"][:3], PARTICLES.z, atol=BIN if metric == "tamura" else 3 * BIN)
 
 
 class ParabolaPropagator:
-    """A stand-in whose amplitude is uniform per plane, 0.2 + (z - z0)² / mm²: min_amplitude peaks at z0."""
+    """A stand-in Propagator (what the sweeps use of one) whose field is uniform per plane, 0.2 + (z - z0)²
+    / mm² at the reconstruction depth z (the field at -z): min_amplitude peaks at z0."""
 
-    shape, pad = (32, 32), (0, 0)
+    shape, pad, xp, spectrum = (32, 32), (0, 0), array_api_compat.numpy, np.zeros(0)
 
     def __init__(self, z0):
         self.z0 = z0
@@ -192,9 +221,9 @@ class ParabolaPropagator:
     def planes_per_batch(self):
         return 16
 
-    def reconstruct(self, z):
-        level = 0.2 + ((np.asarray(z) - self.z0) / 1e-3) ** 2
-        return SimpleNamespace(amplitude=np.broadcast_to(level[:, None, None], (level.size, 32, 32)).copy())
+    def __call__(self, z):
+        level = 0.2 + ((-np.asarray(z) - self.z0) / 1e-3) ** 2
+        return np.broadcast_to(level[:, None, None], (level.size, 32, 32)).copy()
 
 
 def test_interpolation_places_the_vertex_between_planes():
@@ -255,3 +284,41 @@ def test_particles_file_refines_on_the_store(store, tmp_path):
     assert list(found.columns) == list(PARTICLE_COLUMNS) and len(found) == 1
     assert abs(found["z"].iloc[0] - z) <= BIN * 1e6
     assert abs(found["x"].iloc[0] - x) <= OPTICS.dx * 1e6 and abs(found["y"].iloc[0] - y) <= OPTICS.dy * 1e6
+
+
+def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram, monkeypatch):
+    """Each hologram's refinement is kept as it finishes: a run that dies on hologram 2 leaves hologram 1,
+    and the rerun refines hologram 2 only and writes what an uninterrupted run writes."""
+    path = write_zarr(xr.Dataset(
+        {"image": (("hologram_number", "xsize", "ysize"), np.stack([hologram.T, np.roll(hologram.T, 6, axis=0)])),
+         **{name: ("particle", np.zeros(0, np.float32)) for name in ("hid", "x", "y", "z", "d")}},
+        attrs={"Nx": OPTICS.nx, "Ny": OPTICS.ny, "dx": OPTICS.dx, "dy": OPTICS.dy, "lambda": OPTICS.wavelength,
+               "zMin": OPTICS.z_min, "zMax": OPTICS.z_max}), tmp_path / "two.zarr")
+    x, y, z = truth_um()
+    shifted = x + 6 * OPTICS.dx * 1e6
+    pd.concat([ml_cluster(x, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6),
+               ml_cluster(shifted, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6, hid=2)]).to_csv(
+        tmp_path / "chunk.csv", index=False)
+    original, calls = holopipe.particles.refine_depths, []
+
+    def dies_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(holopipe.particles, "refine_depths", dies_on_the_second)
+    out = tmp_path / "p.csv"
+    with pytest.raises(KeyboardInterrupt):
+        particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
+    assert not out.exists() and len(list(out.with_name("p.csv.parts").glob("hologram_*.csv"))) == 1
+    calls.clear()
+    monkeypatch.setattr(holopipe.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = pd.read_csv(particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path,
+                                         progress=False))
+    assert len(calls) == 1, "hologram 1 is read from its part"
+    monkeypatch.undo()
+    whole = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "whole.csv", make_config(),
+                                       store_path=path, progress=False))
+    assert len(whole) == 2 and abs(whole["x"].iloc[1] - whole["x"].iloc[0]) == pytest.approx(6 * OPTICS.dx * 1e6, abs=1)
+    pd.testing.assert_frame_equal(resumed, whole)

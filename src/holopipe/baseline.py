@@ -10,11 +10,13 @@ then, without any learning:
    :data:`THRESHOLD_SAMPLES` values). The mode is the peak of a histogram around the median; sigma is
    the MAD (times 1.4826), robust to the few dark particle voxels, and never below
    :data:`MIN_SIGMA`, so a particle-free, perfectly flat hologram finds nothing.
-2. **Group.** Dark pixels are labelled per plane (8-connected) into 2-D *regions*; a region is joined
-   to every region of the previous plane that shares a pixel with it. The 3-D particles are the
-   connected components of that graph (``scipy.sparse.csgraph``), so only the previous plane's labels
-   are held: memory is one batch of planes, whatever the number of planes, and the result does not
-   depend on the batch size. Groups with fewer than ``baseline.min_voxels`` voxels are dropped.
+2. **Group.** Only the dark pixels leave the device (their coordinates and amplitudes); on the host
+   they are labelled per plane (8-connected, a sparse pixel graph:
+   :func:`holopipe.infer.pixel_components`) into 2-D *regions*; a region is joined to every region of
+   the previous plane that shares a pixel with it. The 3-D particles are the connected components of
+   that graph (``scipy.sparse.csgraph``), so only the previous plane's dark pixels are held: memory is
+   one batch of planes, whatever the number of planes, and the result does not depend on the batch
+   size. Groups with fewer than ``baseline.min_voxels`` voxels are dropped.
 3. **Focus.** A focused opaque particle goes nearly black, the dips of fringes and twin images do
    not, so only regions whose darkest pixel has a contrast ``1 - amplitude`` of at least
    ``baseline.min_contrast`` are candidates (a group without one is dropped). The particle is the
@@ -27,6 +29,9 @@ then, without any learning:
    - ``tamura``: the largest Tamura coefficient sqrt(std / mean) of the gradient magnitude in a
      window around the region (its box widened by half its size on each side).
 
+   The metric is computed on the device for the candidate regions only (their pixels or windows,
+   gathered in one indexing op per batch: :mod:`holopipe.focus`), never over whole planes.
+
    One region, not the union of the group's regions on that plane: where the long out-of-focus
    columns (depth of focus ~ D²/λ) of two particles touch, the group still reports one particle's
    size and position; the other one is lost (a known limit of connected-component grouping).
@@ -37,8 +42,11 @@ then, without any learning:
    does not grow with the detection threshold. The score is the darkness contrast ``1 - minimum
    amplitude`` of the region.
 
-Reconstruction uses :class:`holopipe.optics.Propagator` and so would run on any array library;
-labelling is scipy's, on numpy arrays.
+Reconstruction, thresholding and the focus metric run on ``baseline.device`` (torch on a GPU; numpy on
+the CPU, where scipy's FFT is twice torch's speed), planes in batches
+(:meth:`~holopipe.optics.Propagator.planes_per_batch`); labelling and grouping run on the host with cost
+proportional to the dark pixels. :func:`baseline_file` keeps each finished hologram beside its output
+(:class:`holopipe.io.HologramParts`): a killed job's rerun skips them.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import array_api_compat
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
@@ -53,9 +62,11 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
-from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
-from holopipe.io import equivalent_diameter, pixel_position, write_atomically
+from holopipe.focus import host_array, pixel_values, reconstructed_amplitude, window_scores
+from holopipe.infer import pixel_components
+from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position
 from holopipe.optics import Propagator
+from holopipe.particles import array_mover
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "find_particles"]
@@ -70,8 +81,6 @@ THRESHOLD_SAMPLES = 2**20
 
 MIN_SIGMA = 0.01
 """Floor of the robust amplitude spread (background ~1), so that a flat hologram is all background."""
-
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def auto_threshold(amplitude: np.ndarray, sigmas: float) -> tuple[float, float, float]:
@@ -89,122 +98,128 @@ def auto_threshold(amplitude: np.ndarray, sigmas: float) -> tuple[float, float, 
     return mode - sigmas * sigma, mode, sigma
 
 
-def _threshold_sample(propagator: Propagator, planes: np.ndarray) -> np.ndarray:
-    """Amplitudes of up to THRESHOLD_PLANES evenly spaced planes, pixels subsampled."""
+def _threshold_sample(propagator: Propagator, planes: np.ndarray, batch_planes: int) -> np.ndarray:
+    """Amplitudes of up to THRESHOLD_PLANES evenly spaced planes, pixels subsampled on the device."""
     chosen = planes[np.unique(np.linspace(0, planes.size - 1, min(THRESHOLD_PLANES, planes.size)).round().astype(int))]
     ny, nx = propagator.shape
     step = max(1, int(np.ceil(np.sqrt(chosen.size * ny * nx / THRESHOLD_SAMPLES))))
-    return np.asarray(propagator.reconstruct(chosen).amplitude)[:, ::step, ::step]
+    return np.concatenate([host_array(reconstructed_amplitude(propagator, chosen[i:i + batch_planes])[:, ::step, ::step])
+                           for i in range(0, chosen.size, batch_planes)])
 
 
-def _window_sums(table: np.ndarray, top, bottom, left, right) -> np.ndarray:
-    """Sums over [top, bottom) x [left, right) from a summed-area table padded with a zero row/column."""
-    return table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
+def _dark_pixels(amplitude, threshold: float):
+    """(slot, row, column) int64 and amplitude float64 of the pixels of a batch (planes, ny, nx) darker
+    than ``threshold``, in raster order, on the host: the only part of the planes that leaves the device."""
+    xp = array_api_compat.array_namespace(amplitude)
+    dark = amplitude < threshold
+    slots, rows, cols = (host_array(index, np.int64) for index in xp.nonzero(dark))
+    return slots, rows, cols, host_array(amplitude[dark])
 
 
-def _summed_area(values: np.ndarray) -> np.ndarray:
-    table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), dtype=np.float64)
-    table[1:, 1:] = np.cumsum(np.cumsum(values, axis=0, dtype=np.float64), axis=1)
-    return table
-
-
-def _region_stats(amplitude: np.ndarray, labels: np.ndarray, n: int, threshold: float, background: float,
-                  metric: str) -> dict:
-    """Per-region statistics of one plane (regions 1..n of ``labels``), additive where possible.
-
-    Sums run over the dark pixels only, so a full-size plane with few dark pixels costs little more
-    than its labelling.
-    """
-    rows, cols = np.nonzero(labels)
-    region = labels[rows, cols] - 1
-    values = amplitude[rows, cols].astype(np.float64)
+def _region_stats(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, labels: np.ndarray, n: int,
+                  threshold: float, background: float) -> dict:
+    """Per-region sums and extremes of one plane's dark pixels (regions 0..n-1 of ``labels``)."""
+    index = np.arange(n)
 
     def total(weights=None):
-        return np.bincount(region, weights, minlength=n).astype(np.float64)
+        return np.bincount(labels, weights, minlength=n).astype(np.float64)
 
-    minimum = np.full(n, np.inf)
-    np.minimum.at(minimum, region, values)
-    stats = {"area": total(), "minimum": minimum, "sum_row": total(rows), "sum_col": total(cols)}
+    minimum = np.asarray(ndi.minimum(values, labels, index), np.float64)
     level = np.minimum(threshold, 0.5 * (background + minimum))
-    stats["sizing_area"] = total(values < level[region])
-    if metric == "min_amplitude":
-        smooth = smoothed_amplitude(amplitude)
-        focus = np.full(n, np.inf)
-        np.minimum.at(focus, region, smooth[rows, cols].astype(np.float64))
-        stats["focus"] = focus
-        return stats
-    gradient = gradient_magnitude(amplitude)
-    if metric == "edge_sharpness":
-        stats["gradient_sum"] = total(gradient[rows, cols])
-        return stats
-    boxes = ndi.find_objects(labels, n)
-    top, bottom, left, right = (np.array([getattr(box[axis], end) for box in boxes])
-                                for axis, end in ((0, "start"), (0, "stop"), (1, "start"), (1, "stop")))
-    margin_rows, margin_cols = (bottom - top + 1) // 2, (right - left + 1) // 2
-    ny, nx = labels.shape
-    window = (np.maximum(top - margin_rows, 0), np.minimum(bottom + margin_rows, ny),
-              np.maximum(left - margin_cols, 0), np.minimum(right + margin_cols, nx))
-    stats["window_n"] = ((window[1] - window[0]) * (window[3] - window[2])).astype(np.float64)
-    stats["window_sum"] = _window_sums(_summed_area(gradient), *window)
-    stats["window_sum2"] = _window_sums(_summed_area(np.square(gradient, dtype=np.float64)), *window)
-    return stats
+    return {"area": total(), "minimum": minimum, "sum_row": total(rows), "sum_col": total(cols),
+            "sizing_area": total(values < level[labels]),
+            "top": np.asarray(ndi.minimum(rows, labels, index), np.int64),
+            "bottom": np.asarray(ndi.maximum(rows, labels, index), np.int64) + 1,
+            "left": np.asarray(ndi.minimum(cols, labels, index), np.int64),
+            "right": np.asarray(ndi.maximum(cols, labels, index), np.int64) + 1}
 
 
-def _focus_score(regions: pd.DataFrame, metric: str) -> pd.Series:
-    """Per-region focus score: larger is more in focus."""
+def _sharpness(amplitude, regions: pd.DataFrame, pixels: tuple, metric: str) -> np.ndarray:
+    """Focus score (larger is more in focus) of a batch's candidate regions, computed on the device over
+    their windows (``tamura``) or pixels (``pixels``: slot, row, column, region row; the others) only."""
+    if metric == "tamura":
+        ny, nx = amplitude.shape[-2:]
+        top, bottom, left, right = (regions[k].to_numpy() for k in ("top", "bottom", "left", "right"))
+        margin_rows, margin_cols = (bottom - top + 1) // 2, (right - left + 1) // 2
+        return host_array(window_scores(amplitude, regions["slot"].to_numpy(), np.maximum(top - margin_rows, 0),
+                                        np.minimum(bottom + margin_rows, ny), np.maximum(left - margin_cols, 0),
+                                        np.minimum(right + margin_cols, nx), "tamura"))
+    slots, rows, cols, region = (np.concatenate(part) for part in zip(*pixels))
     if metric == "min_amplitude":
-        return -regions["focus"]
-    if metric == "edge_sharpness":
-        return regions["gradient_sum"] / regions["area"]
-    return pd.Series(tamura_coefficient(regions["window_sum"], regions["window_sum2"], regions["window_n"]),
-                     index=regions.index)
+        darkest = np.full(len(regions), np.inf)
+        np.minimum.at(darkest, region, host_array(pixel_values(amplitude, slots, rows, cols, "smoothed")))
+        return -darkest
+    gradient = host_array(pixel_values(amplitude, slots, rows, cols, "gradient"))
+    return np.bincount(region, gradient, minlength=len(regions)) / regions["area"].to_numpy()
 
 
 def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,
-                   batch_planes: int | None = None) -> pd.DataFrame:
+                   batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Particles of one hologram, ``x, y, z, d`` in metres and ``score``, from its propagator.
 
     ``planes`` are the reconstruction depths (metres); ``batch_planes`` planes are reconstructed at
-    once (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`). See the module docstring for
-    the method.
+    once (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`) on the propagator's array
+    library and device. See the module docstring for the method; ``progress`` shows a bar over the
+    plane batches.
     """
     metric = baseline["focus_metric"]
+    if batch_planes is None:
+        batch_planes = propagator.planes_per_batch()
     if baseline["threshold"] is None:
-        threshold, background, _ = auto_threshold(_threshold_sample(propagator, planes),
+        threshold, background, _ = auto_threshold(_threshold_sample(propagator, planes, batch_planes),
                                                   float(baseline["threshold_sigmas"]))
     else:
         threshold, background = float(baseline["threshold"]), 1.0
+    min_contrast = float(baseline["min_contrast"])
     ny, nx = propagator.shape
-    if batch_planes is None:
-        batch_planes = propagator.planes_per_batch()
-    regions, edges, previous, offset = [], [], None, 0
-    for start in range(0, planes.size, batch_planes):
-        amplitude = np.asarray(propagator.reconstruct(planes[start:start + batch_planes]).amplitude)
-        for slot, plane_amplitude in enumerate(amplitude):
-            labels, n = ndi.label(plane_amplitude < threshold, structure=_EIGHT_CONNECTED)
+    areas, candidates, edges = [], [], []
+    previous_pixels, previous_labels, offset = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    for start in tqdm(range(0, planes.size, batch_planes), desc="baseline planes", unit="batch", leave=False,
+                      disable=not progress):
+        amplitude = reconstructed_amplitude(propagator, planes[start:start + batch_planes])  # (B, ny, nx)
+        slots, rows, cols, values = _dark_pixels(amplitude, threshold)
+        batch, pixels, n_batch = [], [], 0
+        for slot in range(amplitude.shape[0]):
+            lo, hi = np.searchsorted(slots, [slot, slot + 1])
+            r, c, v = rows[lo:hi], cols[lo:hi], values[lo:hi]
+            n, labels = pixel_components(r, c, (ny, nx))  # labels 0..n-1 in raster order, as ndi.label's
+            linear = r * nx + c
+            if n and previous_pixels.size:
+                # One int64 key per (previous, current) global label pair of the pixels both planes share.
+                _, before, now = np.intersect1d(previous_pixels, linear, assume_unique=True, return_indices=True)
+                keys = np.unique(previous_labels[before] * (offset + n) + labels[now] + offset)
+                edges.append(np.stack(np.divmod(keys, offset + n), axis=1))
+            previous_pixels, previous_labels = linear, labels + offset
             if n:
-                stats = _region_stats(plane_amplitude, labels, n, threshold, background, metric)
-                regions.append(pd.DataFrame({"plane": start + slot, **stats}))
-            global_labels = np.where(labels > 0, labels.astype(np.int64) + offset, 0)
-            if previous is not None:
-                both = (previous > 0) & (global_labels > 0)
-                # One int64 key per (previous, current) label pair: 1-D unique is much faster than rows.
-                keys = np.unique(previous[both] * (offset + n + 1) + global_labels[both])
-                edges.append(np.stack(np.divmod(keys, offset + n + 1), axis=1))
-            previous, offset = global_labels, offset + n
+                stats = _region_stats(r, c, v, labels, n, threshold, background)
+                areas.append(stats["area"])
+                # Candidates for the focus are the regions that are themselves dark enough (a focused
+                # particle is): only they get a focus metric.
+                chosen = np.flatnonzero(1 - stats["minimum"] >= min_contrast)
+                if chosen.size:
+                    batch.append(pd.DataFrame({"region": offset + chosen, "plane": start + slot, "slot": slot,
+                                               **{key: value[chosen] for key, value in stats.items()}}))
+                    row_of = np.full(n, -1)
+                    row_of[chosen] = n_batch + np.arange(chosen.size)
+                    on = row_of[labels] >= 0
+                    pixels.append((np.full(int(on.sum()), slot), r[on], c[on], row_of[labels[on]]))
+                    n_batch += chosen.size
+            offset += n
+        if batch:
+            regions = pd.concat(batch, ignore_index=True)
+            candidates.append(regions.assign(sharpness=_sharpness(amplitude, regions, pixels, metric)))
     columns = ["x", "y", "z", "d", "score"]
-    if offset == 0:
+    if not candidates:
         return pd.DataFrame({name: np.empty(0) for name in columns})
-    table = pd.concat(regions, ignore_index=True)  # region k (0-based) has global label k + 1
-    pairs = np.concatenate([np.empty((0, 2), dtype=np.int64), *edges]) - 1
+    table = pd.concat(candidates, ignore_index=True)
+    pairs = np.concatenate([np.empty((0, 2), dtype=np.int64), *edges])
     graph = scipy.sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(offset, offset))
-    table["group"] = scipy.sparse.csgraph.connected_components(graph, directed=False)[1]
-    voxels = table.groupby("group")["area"].transform("sum")
-    # Candidates for the focus are the regions that are themselves dark enough (a focused particle is):
-    # the particle is the best-focused one of its group, so a group whose out-of-focus column touches a
-    # neighbour's still reports one region's size and position, not the union of both.
-    table = table[(voxels >= int(baseline["min_voxels"])) & (1 - table["minimum"] >= float(baseline["min_contrast"]))]
-    table = table.assign(sharpness=_focus_score(table, metric))
+    group = scipy.sparse.csgraph.connected_components(graph, directed=False)[1]
+    voxels = np.bincount(group, weights=np.concatenate(areas))
+    # The particle is the best-focused candidate of its group, so a group whose out-of-focus column
+    # touches a neighbour's still reports one region's size and position, not the union of both.
+    table = table.assign(group=group[table["region"].to_numpy()])
+    table = table[voxels[table["group"].to_numpy()] >= int(baseline["min_voxels"])]
     focus = table.loc[table.groupby("group")["sharpness"].idxmax()]
     row, col = focus["sum_row"] / focus["area"], focus["sum_col"] / focus["area"]
     sizing_area = np.maximum(focus["sizing_area"], 1.0)  # a region darker than its own level has >= 1 pixel
@@ -217,31 +232,44 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
     })
 
 
+def _micrometre_table(particles: pd.DataFrame, hid: int) -> pd.DataFrame:
+    """One hologram's particles as the CSV holds them: hid, then x, y, z, d in µm, score."""
+    table = particles.assign(hid=hid, **{c: particles[c].astype(np.float64) * 1e6 for c in "xyzd"})
+    return table[list(CSV_COLUMNS)]
+
+
 def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     """Run the baseline on every hologram of a standardized split store; write its particle CSV.
 
     The CSV (written atomically, header even when empty) has ``hid, x, y, z, d, score``: hologram
     number (1-based), position and diameter in µm, and the darkness contrast at focus. zMin and zMax
-    come from the store, or from ``optics`` where the store lacks them (real data).
+    come from the store, or from ``optics`` where the store lacks them (real data). Each hologram's
+    particles are kept beside ``out_csv`` as it finishes (:class:`holopipe.io.HologramParts`,
+    fingerprinted by the ``baseline`` (but its device), ``reconstruction`` and ``optics`` sections and the
+    store's identity): a rerun after a kill skips the finished holograms.
     """
     name, out_csv = os.fspath(store_path), Path(out_csv)
-    reconstruction = config["reconstruction"]
+    reconstruction, settings = config["reconstruction"], config["baseline"]
+    on_device = array_mover(settings["device"], "baseline.device")
     ds = open_standardized(name, config)
     try:
+        parts = HologramParts(out_csv, {
+            "stage": "baseline", "baseline": {k: v for k, v in settings.items() if k != "device"},
+            "reconstruction": reconstruction, "optics": config["optics"], "inputs": input_identity(store_path)})
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
         planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
-        found = []
-        for h in tqdm(range(ds.sizes["hologram_number"]), desc=f"baseline {Path(name).name}", unit="hologram",
-                      disable=not progress):
-            image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
-            particles = find_particles(hologram_propagator(image, attrs, reconstruction), planes, config["baseline"], dx=dx, dy=dy)
-            found.append(particles.assign(hid=h + 1))
+        hids = range(1, ds.sizes["hologram_number"] + 1)
+        done = parts.done()
+        for hid in tqdm(hids, desc=f"baseline {Path(name).name}", unit="hologram", disable=not progress):
+            if hid in done:
+                continue
+            image = ds["image"].isel(hologram_number=hid - 1).compute(scheduler="synchronous").values
+            propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
+            particles = find_particles(propagator, planes, settings, dx=dx, dy=dy, progress=progress)
+            parts.save(hid, _micrometre_table(particles, hid))
     finally:
         ds.close()
-    table = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=list(CSV_COLUMNS))
-    for column in ("x", "y", "z", "d"):
-        table[column] = table[column].astype(np.float64) * 1e6
-    table = table.astype({"hid": np.int64})[list(CSV_COLUMNS)]
-    write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
-    return out_csv
+    table = pd.concat(parts.load(hids), ignore_index=True)
+    table = table.astype({"hid": np.int64, **{c: np.float64 for c in CSV_COLUMNS[1:]}})
+    return parts.finish(lambda tmp: table.to_csv(tmp, index=False))

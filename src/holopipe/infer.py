@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.dataset import normalize_channels
+from holopipe.focus import smoothed_amplitude
 from holopipe.io import equivalent_diameter, pixel_position, remove_path, write_atomically
 from holopipe.optics import Propagator, hologram_field
 from holopipe.reconstruction import open_standardized, z_bin_centres
@@ -205,12 +206,6 @@ def detections_in_plane(logits: np.ndarray, amplitude: np.ndarray, *, threshold:
     rows, cols = np.nonzero(probability > threshold)
     values = np.column_stack([probability[rows, cols], logits.numpy()[rows, cols], smoothed[rows, cols]])
     return detections_from_pixels(rows, cols, values, shape=probability.shape, min_area=min_area, dx=dx, dy=dy)
-
-
-def smoothed_amplitude(amplitude: torch.Tensor) -> torch.Tensor:
-    """Box average (FOCUS_BOX pixels, edges averaged over what is inside the frame) of (B, ny, nx) planes."""
-    return torch.nn.functional.avg_pool2d(amplitude[:, None], FOCUS_BOX, stride=1, padding=FOCUS_BOX // 2,
-                                          count_include_pad=False)[:, 0]
 
 
 def model_segmenter(model: torch.nn.Module, channels, stats: dict, stride: int, *,

@@ -44,7 +44,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import array_api_compat
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
@@ -53,14 +52,15 @@ import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from holopipe.focus import gradient_magnitude, smoothed_amplitude, tamura_coefficient
-from holopipe.io import equivalent_diameter, pixel_position, write_atomically
+from holopipe.focus import (gather_windows, host_array, reconstructed_amplitude, smoothed_amplitude, window_buckets,
+                            window_scores)
+from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, write_atomically
 from holopipe.optics import Propagator
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
-__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels", "focus_windows",
-           "label_detections", "measure_dark_disk", "merge_detections", "merge_duplicates", "particles_file",
-           "host_array", "read_detections", "refine_depths", "window_focus"]
+__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "array_mover", "cluster_detections", "cluster_labels",
+           "focus_windows", "host_windows", "label_detections", "measure_dark_disk", "merge_detections",
+           "merge_duplicates", "particles_file", "read_detections", "refine_depths"]
 
 PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
@@ -176,24 +176,8 @@ def focus_windows(x_m, y_m, d_m, shape: tuple[int, int], *, dx: float, dy: float
     return tuple(bounds)
 
 
-def window_focus(amplitude: np.ndarray, metric: str) -> np.ndarray:
-    """Focus score (larger is sharper) of each window of a stack (planes, rows, cols) of amplitudes.
-
-    ``tamura``: the Tamura coefficient of the gradient magnitude over the window; ``min_amplitude``:
-    minus the darkest box-averaged amplitude (:mod:`holopipe.focus`, as the baseline measures).
-    """
-    amplitude = np.asarray(amplitude, dtype=np.float64)
-    if metric == "min_amplitude":
-        return -smoothed_amplitude(amplitude).min(axis=(-2, -1))
-    if metric == "tamura":
-        gradient = gradient_magnitude(amplitude)
-        count = gradient.shape[-2] * gradient.shape[-1]
-        return tamura_coefficient(gradient.sum(axis=(-2, -1)), np.square(gradient).sum(axis=(-2, -1)), count)
-    raise ValueError(f"window_focus: unknown metric {metric!r} (tamura or min_amplitude)")
-
-
 def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.DataFrame, settings: dict, *,
-                  dx: float, dy: float, batch_planes: int | None = None) -> pd.DataFrame:
+                  dx: float, dy: float, batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Each particle of one hologram refined on the reconstruction: a table (``particles``' index) of
     ``z`` (m), where its focus metric peaks, that peak's value ``focus``, and ``x, y, d`` (m) measured on
     the peak's plane (:func:`measure_dark_disk`).
@@ -203,9 +187,12 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     ``refine_margin``, ``refine_window``, ``refine_interpolate``, ``distance``). Each particle's planes
     between ``z_first - refine_margin`` and ``z_last + refine_margin`` are scored over its fixed window
     (:func:`focus_windows`); only the union of those planes is reconstructed, ``batch_planes`` at a time
-    (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`), and only the windows' scores are kept, so
-    memory is one batch whatever the frame. With ``refine_interpolate`` an interior peak moves by the
-    vertex of the parabola through it and its two neighbours (at most half a plane).
+    (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`). Per batch, every (particle, plane)
+    pair in range is scored at once on the propagator's device (:func:`holopipe.focus.window_scores`) and
+    only the scores come back, with the measuring windows of the particles whose best plane so far is in
+    the batch: memory is one batch whatever the frame, and no copy is made per particle and plane. With
+    ``refine_interpolate`` an interior peak moves by the vertex of the parabola through it and its two
+    neighbours (at most half a plane). ``progress`` shows a bar over the plane batches.
     """
     metric = settings["refine"]
     n = len(particles)
@@ -235,22 +222,25 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
             np.maximum(col0 - reach_x, 0), np.minimum(col1 + reach_x, nx))
     scores = np.full((n, planes_m.size), -np.inf)
     best_score, best_windows = np.full(n, -np.inf), [None] * n
-    for start in range(0, indices.size, batch_planes):
+    for start in tqdm(range(0, indices.size, batch_planes), desc="refine planes", unit="batch", leave=False,
+                      disable=not progress):
         batch = indices[start:start + batch_planes]
-        amplitude = propagator.reconstruct(planes_m[batch]).amplitude  # (planes, ny, nx), any array library
-        for k in range(n):
-            # The batch's planes in this particle's range are one run: batch is sorted, the range an interval.
-            a, b = int(np.searchsorted(batch, first[k], "left")), int(np.searchsorted(batch, last[k], "right"))
-            if a < b:
-                window = amplitude[a:b, int(row0[k]):int(row1[k]), int(col0[k]):int(col1[k])]
-                run = window_focus(host_array(window), metric)
-                peak_here = int(np.argmax(run))
-                # Strictly better only: the earliest maximum of the range wins, as np.argmax below picks it.
-                if run[peak_here] > best_score[k]:
-                    best_score[k] = run[peak_here]
-                    best_windows[k] = host_array(amplitude[a + peak_here, int(wide[0][k]):int(wide[1][k]),
-                                                           int(wide[2][k]):int(wide[3][k])])
-                scores[k, batch[a:b]] = run
+        amplitude = reconstructed_amplitude(propagator, planes_m[batch])  # (planes, ny, nx), on the device
+        # Every (particle, slot) pair whose plane is in the particle's range, particle-major.
+        particle, slot = np.nonzero((batch[None, :] >= first[:, None]) & (batch[None, :] <= last[:, None]))
+        if particle.size == 0:
+            continue
+        run = host_array(window_scores(amplitude, slot, row0[particle], row1[particle], col0[particle],
+                                       col1[particle], metric))
+        scores[particle, batch[slot]] = run
+        # Each particle's best pair in the batch (the earliest of equal maxima, as np.argmax below picks),
+        # kept only when strictly better than its best so far.
+        top = _best_per_label(particle, -slot, run)
+        top = top[run[top] > best_score[particle[top]]]
+        best_score[particle[top]] = run[top]
+        kept = particle[top]
+        for k, window in zip(kept, host_windows(amplitude, slot[top], *(bound[kept] for bound in wide))):
+            best_windows[k] = window
     best = np.array([a + int(np.argmax(scores[k, a:b + 1])) for k, (a, b) in enumerate(zip(first, last))])
     z, peak = planes_m[best], scores[np.arange(n), best]
     if settings["refine_interpolate"] and planes_m.size > 1:
@@ -268,14 +258,17 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
                         index=particles.index)
 
 
-def host_array(array) -> np.ndarray:
-    """A window of any array library as float64 numpy: copied from the GPU (torch, cupy) when it is there.
-    Only windows travel: the planes stay on the device."""
-    if array_api_compat.is_torch_array(array):
-        return array.detach().cpu().double().numpy()
-    if array_api_compat.is_cupy_array(array):
-        return array.get().astype(np.float64)
-    return np.asarray(array, dtype=np.float64)
+def host_windows(stack, planes, row0, row1, col0, col1) -> list[np.ndarray]:
+    """Windows ``[row0, row1) x [col0, col1)`` of planes ``planes`` of a stack (planes, ny, nx) of any
+    library, as float64 numpy arrays: gathered on the device in groups of similar size, one copy per group."""
+    heights, widths = row1 - row0, col1 - col0
+    windows = [None] * len(planes)
+    for bucket in window_buckets(heights, widths):
+        height, width = int(heights[bucket].max()), int(widths[bucket].max())
+        padded = host_array(gather_windows(stack, planes[bucket], row0[bucket], col0[bucket], height, width))
+        for i, k in enumerate(bucket):
+            windows[k] = padded[i, :heights[k], :widths[k]]
+    return windows
 
 
 def measure_dark_disk(window: np.ndarray, row0: int, col0: int, shape: tuple[int, int], *, dx: float,
@@ -317,18 +310,30 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
 
     With ``particles.refine`` other than none, each particle is refined on the holograms of the
     standardized split store ``store_path`` (reconstructed as in inference, ``reconstruction`` section):
-    see the module docstring.
+    see the module docstring. Each hologram's refinement is kept beside ``out_csv`` as it finishes
+    (:class:`holopipe.io.HologramParts`, fingerprinted by the ``particles``, ``reconstruction`` and
+    ``optics`` sections and the inputs' identity), so a killed job's rerun refines only the rest.
     """
+    chunk_csvs = list(chunk_csvs)
     clusters = cluster_detections(read_detections(chunk_csvs), config)
-    if config["particles"]["refine"] != "none" and len(clusters):
-        if store_path is None:
-            raise ValueError(f"particles.refine is {config['particles']['refine']!r}: it needs the standardized "
-                             "split store (--store) to reconstruct the holograms")
-        refined = _refined(clusters, config, store_path, progress=progress)
-        clusters = merge_duplicates(clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus")}),
-                                    config["particles"])
-    table = clusters[list(PARTICLE_COLUMNS)].sort_values(["hid", "z"], kind="stable", ignore_index=True)
-    return write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
+    settings = config["particles"]
+    if settings["refine"] == "none" or not len(clusters):
+        return write_atomically(out_csv, lambda tmp: _particle_table(clusters).to_csv(tmp, index=False))
+    if store_path is None:
+        raise ValueError(f"particles.refine is {settings['refine']!r}: it needs the standardized "
+                         "split store (--store) to reconstruct the holograms")
+    parts = HologramParts(out_csv, {
+        "stage": "particles", "particles": {k: v for k, v in settings.items() if k != "device"},
+        "reconstruction": config["reconstruction"], "optics": config["optics"],
+        "inputs": input_identity(*chunk_csvs, store_path)})
+    refined = _refined(clusters, config, store_path, parts, progress=progress)
+    refined_clusters = clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus")})
+    table = _particle_table(merge_duplicates(refined_clusters, settings))
+    return parts.finish(lambda tmp: table.to_csv(tmp, index=False))
+
+
+def _particle_table(particles: pd.DataFrame) -> pd.DataFrame:
+    return particles[list(PARTICLE_COLUMNS)].sort_values(["hid", "z"], kind="stable", ignore_index=True)
 
 
 def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
@@ -344,14 +349,15 @@ def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
     return pd.concat(kept) if kept else particles
 
 
-def _device_mover(name: str):
-    """numpy -> the array the planes are reconstructed in: numpy (scipy's multithreaded FFT) on the CPU,
-    a torch tensor on a GPU. ``auto`` takes CUDA when torch sees one."""
+def array_mover(name: str, key: str):
+    """numpy -> the array a plane sweep reconstructs in, for the device ``name`` of config key ``key``
+    (named in errors): numpy on the CPU (scipy's multithreaded FFT, twice torch's speed on a CPU), a
+    torch tensor on a GPU. ``auto`` takes CUDA when torch sees one."""
     if name == "cpu":
         return lambda array: array
     from holopipe.device import resolve_device
 
-    device = resolve_device(name, "particles.device")
+    device = resolve_device(name, key)
     if device.type == "cpu":
         return lambda array: array
     import torch
@@ -359,31 +365,36 @@ def _device_mover(name: str):
     return lambda array: torch.from_numpy(array).to(device)
 
 
-def _refined(clusters: pd.DataFrame, config: dict, store_path, *, progress: bool) -> pd.DataFrame:
-    """:func:`refine_depths` (x, y, z, d in µm, focus) of every hologram's particles, ``clusters``' index.
+def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramParts, *,
+             progress: bool) -> pd.DataFrame:
+    """:func:`refine_depths` (x, y, z, d in µm, focus) of every hologram's particles, ``clusters``' index;
+    holograms already in ``parts`` are read from there, the others saved to it as they finish.
 
     The window scales with the cluster's largest detection: the in-focus detection of a large droplet
     may be a small fragment of it.
     """
     name = os.fspath(store_path)
     reconstruction = config["reconstruction"]
-    on_device = _device_mover(config["particles"]["device"])
-    refined = []
+    on_device = array_mover(config["particles"]["device"], "particles.device")
+    groups = clusters.groupby("hid", sort=True)
+    done = parts.done()
     ds = open_standardized(name, config)
     try:
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
         planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
         n_holograms = ds.sizes["hologram_number"]
-        for hid, group in tqdm(clusters.groupby("hid", sort=True), desc=f"refine {Path(name).name}",
-                               unit="hologram", disable=not progress):
+        for hid, group in tqdm(groups, desc=f"refine {Path(name).name}", unit="hologram", disable=not progress):
             if not 1 <= hid <= n_holograms:
                 raise ValueError(f"{name}: detections name hologram {hid}, the store has {n_holograms}")
+            if hid in done:
+                continue
             image = ds["image"].isel(hologram_number=int(hid) - 1).compute(scheduler="synchronous").values
             propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
             metres = group[["x", "y", "d_max", "z_first", "z_last"]].rename(columns={"d_max": "d"}) * 1e-6
-            refined.append(refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy))
+            found = refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy, progress=progress)
+            parts.save(hid, found.assign(**{c: found[c] * 1e6 for c in "xyzd"}, cluster=group["cluster"].to_numpy()))
     finally:
         ds.close()
-    table = pd.concat(refined)
-    return table.assign(**{c: table[c] * 1e6 for c in "xyzd"}).reindex(clusters.index)
+    table = pd.concat(parts.load(list(groups.groups)), ignore_index=True).set_index("cluster")
+    return table.loc[clusters["cluster"].to_numpy()].set_index(clusters.index)
