@@ -179,3 +179,91 @@ def test_url_split_plans_a_download_job(tmp_path):
     result = snakemake(tmp_path, "-n", "--cores", "1", "acquire", config=config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "data/raw/train.nc" in result.stdout
+
+
+def planned_jobs(output: str) -> dict:
+    """{(rule, wildcards): resources} of every job a dry run lists (Snakemake's job blocks)."""
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        resources = re.search(r"^\s+resources: (.*)$", block, re.MULTILINE)
+        if rule and resources:
+            wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.MULTILINE)
+            values = dict(item.split("=", 1) for item in resources.group(1).split(", ") if "=" in item)
+            jobs[rule.group(1), wildcards.group(1) if wildcards else ""] = {
+                key: int(values[key]) for key in ("mem_mb", "runtime", "gpu") if key in values}
+    return jobs
+
+
+def plan(tmp_path: Path, config: dict, *targets: str) -> dict:
+    result = snakemake(tmp_path, "-n", "--cores", "2", *targets, config=config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return planned_jobs(result.stdout)
+
+
+def resized(frame=(2000, 1400), planes=1000, holograms=100, pixel_pitch=None, pad=256):
+    """TINY at a size where the data, not the start-up allowances, set the resources (dry runs only)."""
+    return {**TINY,
+            "splits": {**TINY["splits"], "valid": {"source": "simulate", "n_holograms": holograms, "seed": 2}},
+            "optics": {**TINY["optics"], "nx": frame[0], "ny": frame[1], "dy": 3.5e-6},
+            "regrid": {"pixel_pitch": pixel_pitch, "method": "antialias", "frame": "crop"},
+            "reconstruction": {"z_bins": planes, "pad": pad},
+            "examples": {**TINY["examples"], "tile_size": 64}}
+
+
+def padded_pixels(config: dict) -> int:
+    """The padded frame a reconstruction of the valid split propagates, as holopipe.regrid plans it."""
+    from holopipe.regrid import plan_axis
+
+    optics, regrid, pad = config["optics"], config["regrid"], config["reconstruction"]["pad"]
+    sizes = [plan_axis(optics[f"n{axis}"], optics[f"d{axis}"], regrid["pixel_pitch"], method=regrid["method"],
+                       frame=regrid["frame"], tile=config["examples"]["tile_size"], where=axis).n_out + 2 * pad
+             for axis in ("x", "y")]
+    return sizes[0] * sizes[1]
+
+
+def test_resources_follow_the_regridded_padded_frame_the_planes_and_the_holograms(tmp_path):
+    configs = {"base": resized(), "frame": resized(frame=(4000, 2800)), "resampled": resized(pixel_pitch=5.92e-6),
+               "unpadded": resized(pad=0), "planes": resized(planes=3000), "holograms": resized(holograms=300),
+               "tiny": resized(frame=(64, 64), pad=0)}
+    jobs = {name: plan(tmp_path, config, "infer", "particles") for name, config in configs.items()}
+    infer, particles = ("infer_chunk", "split=valid, chunk=0"), ("particles_split", "split=valid")
+
+    # Memory is the libraries plus a share proportional to the padded, regridded frame (an x/y swap, the
+    # regridding or the padding left out would break the proportion).
+    def frame_mb(name, job):
+        return jobs[name][job]["mem_mb"] - jobs["tiny"][job]["mem_mb"]
+
+    for name in ("frame", "resampled", "unpadded"):
+        expected = padded_pixels(configs[name]) / padded_pixels(configs["base"])
+        for job in (infer, particles):
+            assert frame_mb(name, job) / frame_mb("base", job) == pytest.approx(expected, rel=0.02), (name, job)
+    assert jobs["planes"][infer]["mem_mb"] == jobs["base"][infer]["mem_mb"]  # planes come in fixed batches
+
+    # Walltime grows with holograms × planes × padded pixels, less the fixed start-up allowance.
+    def work(name, job):
+        return jobs[name][job]["runtime"] - jobs["tiny"][job]["runtime"]
+
+    for name, factor in (("planes", 3), ("holograms", 3)):
+        for job in (infer, particles):
+            assert work(name, job) / work("base", job) == pytest.approx(factor, rel=0.03), (name, job)
+    expected = padded_pixels(configs["frame"]) / padded_pixels(configs["base"])
+    assert work("frame", infer) / work("base", infer) == pytest.approx(expected, rel=0.03)
+    assert all(jobs["base"][job]["gpu"] == 1 for job in (infer, particles))
+
+
+def test_examples_only_for_the_training_and_validation_splits(tmp_path):
+    config = {**TINY, "splits": {**TINY["splits"], "test": {"source": "simulate", "n_holograms": 1, "seed": 3}},
+              "infer": {**TINY["infer"], "splits": ["test"]}}
+    jobs = plan(tmp_path, config)
+    assert {wildcards for rule, wildcards in jobs if rule == "examples_split"} == {"split=train", "split=valid"}
+    assert ("standardize_split", "split=test") in jobs and ("baseline_split", "split=test") in jobs
+
+
+def test_forcerun_of_a_stage_name(tmp_path):
+    result = snakemake(tmp_path, "-n", "--cores", "1", "--forcerun", "examples")
+    assert result.returncode != 0
+    assert "--forcerun examples_split" in result.stdout + result.stderr
+    # Stages without wildcards are their job's rule: forcing one plans it and what follows it.
+    jobs = plan(tmp_path, TINY, "--forcerun", "train")
+    assert {"train", "infer_chunk", "evaluate"} <= {rule for rule, _ in jobs}

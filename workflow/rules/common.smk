@@ -186,8 +186,8 @@ NCAR's real hour-long files hold about 560 (CSET RF07 20:00-21:00 holds 559)."""
 
 # Seconds of work per unit. CPU figures are per job on this project's 2-core node (threads 2); GPU figures
 # are assumed rates for one A100/H100-class GPU, with the CPU rates as the fallback when the config pins a
-# stage to the CPU (`<section>.device: cpu`). Each runtime is RUNTIME_MARGIN times the estimate, times the
-# attempt, plus RUNTIME_FLOOR_MIN minutes of start-up (imports, opening stores, the scheduler's latency).
+# stage to the CPU (`<section>.device: cpu`). Each runtime is RUNTIME_MARGIN times the estimate plus
+# RUNTIME_FLOOR_MIN minutes of start-up (imports, opening stores), times the attempt.
 SECONDS_PER_PADDED_PIXEL_SLAB = 1e-7
 """Simulation, per hologram per z slab (benchmarks/bench_simulate.py: 0.04 µs; 24 s per full-size hologram)."""
 SECONDS_PER_PIXEL_COPY = 2e-8
@@ -198,11 +198,13 @@ SECONDS_PER_PIXEL_AUGMENT = 3e-7
 SECONDS_PER_PADDED_PIXEL_PLANE = {"cpu": 1.5e-7, "gpu": 1e-8}
 """Reconstructing one plane (angular spectrum, |E| and arg E), per padded pixel: the baseline took 54 s for 24
 planes of a 23.1 Mpx padded frame on 2 cores in issue 10 (0.1 µs); the GPU rate is assumed."""
-SECONDS_PER_PADDED_PIXEL_PLANE_INFER = {"cpu": 4e-6, "gpu": 5e-8}
-"""Inference, per padded pixel per plane: 67 s per 23.1 Mpx plane on 2 cores in issue 10 (2.9 µs); on a GPU
-an assumed 1.2 s per full-size plane (propagation, U-Net in bf16, labelling)."""
-SECONDS_PER_TILE_PIXEL_EPOCH = {"cpu": 2e-6, "gpu": 2e-8}
-"""Training, per tile pixel per epoch over the training and validation examples (forward and backward)."""
+SECONDS_PER_PADDED_PIXEL_PLANE_INFER = {"cpu": 8e-6, "gpu": 5e-8}
+"""Inference, per padded pixel per plane: plain_unet took 67 s per 23.1 Mpx plane on 2 cores in issue 10
+(2.9 µs), LinkNet/ResNet-18 about 6 µs (a third of its training step); on a GPU an assumed 1.2 s per
+full-size plane (propagation, U-Net in bf16, labelling)."""
+SECONDS_PER_TILE_PIXEL_EPOCH = {"cpu": 2e-5, "gpu": 2e-8}
+"""Training, per tile pixel per epoch over the training and validation examples (forward and backward):
+LinkNet/ResNet-18 took 20 s for 4 tiles of 512² on 2 shared cores (19 µs); on a GPU an assumed 200 tiles/s."""
 RUNTIME_MARGIN = 2
 RUNTIME_FLOOR_MIN = 5
 
@@ -212,8 +214,9 @@ TRAIN_THREADS = max(2, config["train"]["num_workers"] + 1)
 
 
 def runtime_min(seconds, attempt=1):
-    """Walltime in minutes for `seconds` of estimated work: RUNTIME_MARGIN times it per attempt, plus the floor."""
-    return RUNTIME_FLOOR_MIN + math.ceil(RUNTIME_MARGIN * attempt * seconds / 60)
+    """Walltime in minutes for `seconds` of estimated work, with margin and start-up; doubled on the first
+    retry (a job killed at its walltime is resubmitted with twice as much), tripled on the second."""
+    return attempt * (RUNTIME_FLOOR_MIN + math.ceil(RUNTIME_MARGIN * seconds / 60))
 
 
 def memory_mb(frame_bytes, attempt=1, libraries_mb=PYTHON_LIBRARIES_MB):
@@ -308,7 +311,7 @@ def get_acquire_runtime(wildcards, attempt):
     """Simulation: holograms × z slabs × padded pixels; a file or url split: a validated copy."""
     nx, ny, _, _, holograms = split_source(wildcards.split)
     if config["splits"][wildcards.split]["source"] != "simulate":
-        return runtime_min(holograms * nx * ny * SECONDS_PER_PIXEL_COPY, attempt) + 25  # + a download's wait
+        return runtime_min(holograms * nx * ny * SECONDS_PER_PIXEL_COPY + 1500, attempt)  # + a download's wait
     optics, simulate = config["optics"], config["simulate"]
     slabs = math.ceil((optics["z_max"] - optics["z_min"]) / simulate["slab_thickness"])
     padded = (nx + 2 * simulate["pad"]) * (ny + 2 * simulate["pad"])
@@ -336,6 +339,13 @@ def get_augment_runtime(wildcards, attempt):
     return runtime_min(pixels * SECONDS_PER_PIXEL_AUGMENT, attempt)
 
 
+def get_standardize_runtime(wildcards, attempt):
+    """Fitting or applying the standardization: a few passes over each hologram of the split (the
+    training split when fitting)."""
+    split = getattr(wildcards, "split", TRAIN_SPLIT)
+    return runtime_min(4 * split_holograms(split) * frame_pixels(split) * SECONDS_PER_PIXEL_COPY, attempt)
+
+
 def get_examples_mem_mb(wildcards, attempt):
     """Two holograms in flight, each with its padded spectrum and reconstructed planes (64 B per padded pixel)."""
     return memory_mb(2 * 64 * padded_pixels(wildcards.split), attempt)
@@ -352,7 +362,7 @@ def get_examples_runtime(wildcards, attempt):
 def get_train_runtime(wildcards, attempt):
     """train.epochs over the examples, on the device train.device names."""
     work = config["train"]["epochs"] * tiles_per_epoch()
-    return runtime_min(work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt) + 5
+    return runtime_min(300 + work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt)
 
 
 def get_tune_worker_runtime(wildcards, attempt):
@@ -360,7 +370,7 @@ def get_tune_worker_runtime(wildcards, attempt):
     tune = config["tune"]
     trials = math.ceil(tune["n_trials"] / tune["workers"])
     work = trials * tune["epochs"] * tiles_per_epoch()
-    return runtime_min(work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt) + 5
+    return runtime_min(300 + work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt)
 
 
 def get_infer_mem_mb(wildcards, attempt):
