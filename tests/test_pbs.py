@@ -93,9 +93,12 @@ def test_workflow_runs_through_qsub_grouped_with_gpus_only_for_gpu_rules(tmp_pat
         else:
             assert "ngpus" not in select and "gpu_type" not in select
         assert job_state(emulator, job["id"])["Exit_status"] == 0
-    # train declares threads 2 and mem_mb 16000; its walltime follows from the tiny set of examples.
+    # train declares threads 2 (num_workers 0 + 1, at least 2) and mem_mb 16000.
     assert by_rule["train"]["resources"]["select"] == "1:ncpus=2:mem=16000MB:ngpus=1:gpu_type=a100"
-    assert by_rule["train"]["resources"]["walltime"] < "00:30:00"
+    # The data group's walltime is the sum over its layers of the longest job's runtime, each a function of
+    # the tiny data (5-6 minutes of start-up allowance per layer), not of every rule's fixed default.
+    assert walltime_minutes(by_rule["data"]) < 120
+    assert walltime_minutes(by_rule["train"]) < 30
     # --resources gpu=1: the two tuning workers (one GPU each) never ran at the same time.
     first, second = sorted((job_state(emulator, job["id"]) for job in jobs if job["name"] == "tune_worker"),
                            key=lambda state: state["start"])
@@ -135,9 +138,50 @@ def test_missing_account_fails_before_any_submission(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=pbs_env(emulator, account=None),
                             timeout=120)
     assert result.returncode != 0
-    assert "PBS_ACCOUNT" in result.stderr and "pbs_account" in result.stderr
+    # One message, the last thing printed (the first a user reads), not one inside every job's error report.
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("profiles/pbs: no PBS account")
+    assert "PBS_ACCOUNT" in message and "pbs_account" in message
+    assert result.stderr.count("no PBS account") == 1 and "Error in group" not in result.stderr
     assert submissions(emulator) == []
     assert not (workdir / "data").exists()
+
+
+def test_an_account_per_rule_is_enough(tmp_path):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(TINY))
+    workdir, emulator = tmp_path / "work", tmp_path / "pbs"
+    command = snakemake_command(workdir, REPO / "Snakefile", "data/raw/train.nc", "--configfile", str(configfile),
+                                "--set-resources", "acquire_split:pbs_account=NAML0001")
+    result = subprocess.run(command, capture_output=True, text=True, env=pbs_env(emulator, account=None),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [job["account"] for job in submissions(emulator)] == ["NAML0001"]
+
+
+def test_retry_of_a_workflow_job_asks_for_more_walltime_and_memory(tmp_path):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(TINY))
+    workdir, emulator = tmp_path / "work", tmp_path / "pbs"
+    # 1 minute of walltime = 0.01 s: every attempt is killed at its walltime.
+    env = pbs_env(emulator, PBS_EMULATOR_WALLTIME_SCALE="0.0002")
+    command = snakemake_command(workdir, REPO / "Snakefile", "data/raw/train.nc", "--configfile", str(configfile))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    first, second = submissions(emulator)
+    assert job_state(emulator, first["id"])["Exit_status"] == 271
+    walltimes = [walltime_minutes(job) for job in (first, second)]
+    memory = [int(select(job)["mem"].removesuffix("MB")) for job in (first, second)]
+    assert walltimes[1] == 2 * walltimes[0] and memory[1] > memory[0]
+
+
+def walltime_minutes(job: dict) -> float:
+    hours, minutes, seconds = map(int, job["resources"]["walltime"].split(":"))
+    return hours * 60 + minutes + seconds / 60
+
+
+def select(job: dict) -> dict:
+    return dict(item.split("=") for item in job["resources"]["select"].split(":")[1:])
 
 
 @pytest.mark.parametrize("section, change, named", [
