@@ -108,7 +108,7 @@ def test_workflow_runs_through_qsub_grouped_with_gpus_only_for_gpu_rules(tmp_pat
 def test_profile_groups_small_cpu_rules_and_limits_gpus():
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     groups = dict(item.split("=") for item in profile["groups"])
-    gpu_rules = {"tune_worker", "train", "infer_chunk", "particles_split"}
+    gpu_rules = {"tune_worker", "train", "infer_chunk", "particles_split", "baseline_split"}
     assert not gpu_rules & set(groups)
     assert {"acquire_split", "regrid_split", "standardize_split", "examples_split"} <= set(groups)
     assert any(item.startswith("gpu=") for item in profile["resources"])

@@ -14,8 +14,9 @@ rule baseline_split:
     resources:
         mem_mb=get_baseline_mem_mb,
         runtime=get_baseline_runtime,
+        gpu=gpus("baseline"),
     conda:
-        "../../envs/cpu.yaml"
+        "../../envs/gpu.yaml"
     shell:
         "holopipe --provenance {output.provenance} baseline --in {input} --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
 

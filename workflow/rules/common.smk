@@ -287,6 +287,11 @@ def device_kind(section):
     return "cpu" if config[section]["device"] == "cpu" else "gpu"
 
 
+def gpus(section):
+    """GPUs a torch stage's job asks for: one, unless `<section>.device` pins the stage to the CPU."""
+    return int(device_kind(section) == "gpu")
+
+
 def planes_per_chunk():
     return math.ceil(config["reconstruction"]["z_bins"] / config["infer"]["chunks"])
 
@@ -397,13 +402,14 @@ def get_particles_runtime(wildcards, attempt):
 
 
 def get_baseline_mem_mb(wildcards, attempt):
-    return memory_mb(2 * 80 * padded_pixels(wildcards.split), attempt)
+    """Torch and a hologram's padded spectrum with a plane batch (80 B per padded pixel), two holograms' worth."""
+    return memory_mb(2 * 80 * padded_pixels(wildcards.split), attempt, TORCH_LIBRARIES_MB)
 
 
 def get_baseline_runtime(wildcards, attempt):
-    """Every plane of every hologram, reconstructed and thresholded on the CPU."""
+    """Every plane of every hologram, reconstructed and thresholded on baseline.device."""
     work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
-    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"], attempt)
+    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE[device_kind("baseline")], attempt)
 
 
 def pbs_account_problem():

@@ -18,7 +18,7 @@ rule infer_chunk:
     resources:
         mem_mb=get_infer_mem_mb,
         runtime=get_infer_runtime,
-        gpu=1,
+        gpu=gpus("infer"),
     conda:
         "../../envs/gpu.yaml"
     shell:

@@ -17,7 +17,7 @@ rule particles_split:
     resources:
         mem_mb=get_particles_mem_mb,
         runtime=get_particles_runtime,
-        gpu=1,
+        gpu=gpus("particles"),
     conda:
         "../../envs/gpu.yaml"
     shell:

@@ -17,7 +17,7 @@ rule train:
     resources:
         mem_mb=16000,
         runtime=get_train_runtime,
-        gpu=1,
+        gpu=gpus("train"),
     conda:
         "../../envs/gpu.yaml"
     shell:

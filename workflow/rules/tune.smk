@@ -14,7 +14,7 @@ rule tune_worker:
     resources:
         mem_mb=8000,
         runtime=get_tune_worker_runtime,
-        gpu=1,
+        gpu=gpus("train"),
     conda:
         "../../envs/gpu.yaml"
     shell:
