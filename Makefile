@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.holopipe-installed
 CORES ?= all
 
-.PHONY: setup run test bench lint docs report clean
+.PHONY: setup run test bench smoke-fullsize lint docs report clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ bench: setup
 	$(BIN)/python benchmarks/bench_simulate.py
 	$(BIN)/python benchmarks/bench_examples.py
 	$(BIN)/python benchmarks/bench_train.py
+
+# The full-size smoke run: config/holodec.yaml with 2/1/1 holograms of 500 particles and 24 planes, through
+# evaluate (about 30 minutes on 2 cores); prints each job's wall time and peak RSS (GNU time) against its
+# declared runtime and mem_mb. Not part of `make test`: it outlasts CI's budget.
+smoke-fullsize: setup
+	@test -x /usr/bin/time || { echo "smoke-fullsize needs GNU time at /usr/bin/time: apt-get install time" >&2; exit 1; }
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/smoke_fullsize.py --cores $(CORES)
 
 # The README's configuration reference, regenerated from the schema (a test fails while it is stale).
 docs: setup
