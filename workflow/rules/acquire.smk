@@ -17,7 +17,7 @@ rule acquire_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} acquire --split {wildcards.split} --config-json {params.config:q} --out {output.raw}"
+        "holopipe --provenance {output.provenance} --threads {threads} acquire --split {wildcards.split} --config-json {params.config:q} --out {output.raw}"
         " > {log} 2>&1"
 
 

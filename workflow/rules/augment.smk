@@ -20,6 +20,6 @@ rule augment:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} augment --in {input} --out {output.store} --gallery {output.gallery}"
+        "holopipe --provenance {output.provenance} --threads {threads} augment --in {input} --out {output.store} --gallery {output.gallery}"
         " --config-json {params.config:q} > {log} 2>&1"
 

@@ -18,7 +18,7 @@ rule baseline_split:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} baseline --in {input} --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} --threads {threads} baseline --in {input} --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule baseline:

@@ -364,6 +364,31 @@ def get_examples_runtime(wildcards, attempt):
     return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"], attempt)
 
 
+TRAIN_GPU_HOST_MB = 16000
+"""Host memory of a training process on a GPU node: torch with CUDA, the DataLoader workers, pinned batches."""
+TRAIN_CPU_BYTES_PER_TILE_PIXEL = 2000
+"""Training on the CPU holds the activations for the backward pass in host memory, per pixel of a batch's
+tiles: plain_unet (width 16, depth 5) with 16 tiles of 512² peaked at 7.3 GB (1.4 kB per tile pixel)."""
+
+
+def largest_batch_size():
+    """train.batch_size, or the largest a tuning trial may draw (tune.search_space's train.batch_size)."""
+    space = config["tune"]["search_space"].get("train.batch_size", {})
+    return max([config["train"]["batch_size"], *space.get("choices", []), space.get("high") or 0])
+
+
+def get_train_mem_mb(wildcards, attempt):
+    """One training process (a tuning worker runs tune.trials_per_gpu of them at once)."""
+    if device_kind("train") == "gpu":
+        return memory_mb(0, attempt, TRAIN_GPU_HOST_MB)
+    tile_pixels = largest_batch_size() * config["examples"]["tile_size"] ** 2
+    return memory_mb(TRAIN_CPU_BYTES_PER_TILE_PIXEL * tile_pixels, attempt, TORCH_LIBRARIES_MB)
+
+
+def get_tune_worker_mem_mb(wildcards, attempt):
+    return config["tune"]["trials_per_gpu"] * get_train_mem_mb(wildcards, attempt)
+
+
 def get_train_runtime(wildcards, attempt):
     """train.epochs over the examples, on the device train.device names."""
     work = config["train"]["epochs"] * tiles_per_epoch()

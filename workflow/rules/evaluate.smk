@@ -31,6 +31,6 @@ rule evaluate:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} evaluate --truth {params.truth} --prediction {params.predictions} --out {output.metrics}"
+        "holopipe --provenance {output.provenance} --threads {threads} evaluate --truth {params.truth} --prediction {params.predictions} --out {output.metrics}"
         " --plots results/evaluation --config-json {params.config:q} > {log} 2>&1"
 

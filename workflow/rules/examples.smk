@@ -18,7 +18,7 @@ rule examples_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} examples --in {input} --out {output.store} --seed-offset {params.seed_offset}"
+        "holopipe --provenance {output.provenance} --threads {threads} examples --in {input} --out {output.store} --seed-offset {params.seed_offset}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 

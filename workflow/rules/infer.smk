@@ -22,8 +22,8 @@ rule infer_chunk:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} infer --model {input.model} --in {input.store} --out {output.detections}"
-        " --chunk {wildcards.chunk} --chunks {params.chunks} {params.probabilities} --threads {threads}"
+        "holopipe --provenance {output.provenance} --threads {threads} infer --model {input.model} --in {input.store} --out {output.detections}"
+        " --chunk {wildcards.chunk} --chunks {params.chunks} {params.probabilities}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 

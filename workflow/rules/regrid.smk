@@ -17,7 +17,7 @@ rule regrid_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} regrid --in {input} --out {output.store} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} --threads {threads} regrid --in {input} --out {output.store} --config-json {params.config:q} > {log} 2>&1"
 
 
 rule regrid:

@@ -15,12 +15,12 @@ rule train:
         config=lambda w: stage_config("model", "train"),
     threads: TRAIN_THREADS
     resources:
-        mem_mb=16000,
+        mem_mb=get_train_mem_mb,
         runtime=get_train_runtime,
         gpu=gpus("train"),
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} train --train {input.train} --valid {input.valid} --stats {input.stats} --best {input.best}"
-        " --out results/model --threads {threads} --config-json {params.config:q} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} --threads {threads} train --train {input.train} --valid {input.valid} --stats {input.stats} --best {input.best}"
+        " --out results/model --config-json {params.config:q} > {log} 2>&1"
 

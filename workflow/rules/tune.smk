@@ -12,14 +12,14 @@ rule tune_worker:
         worker=r"\d+",
     threads: TRAIN_THREADS * config["tune"]["trials_per_gpu"]
     resources:
-        mem_mb=8000,
+        mem_mb=get_tune_worker_mem_mb,
         runtime=get_tune_worker_runtime,
         gpu=gpus("train"),
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} tune worker --worker {wildcards.worker} --workdir results/tune --train {input.train}"
-        " --valid {input.valid} --stats {input.stats} --threads {threads}"
+        "holopipe --provenance {output.provenance} --threads {threads} tune worker --worker {wildcards.worker} --workdir results/tune --train {input.train}"
+        " --valid {input.valid} --stats {input.stats}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 
@@ -49,6 +49,6 @@ rule tune:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} tune summarize --workdir results/tune --best {output.best} --trials {output.trials}"
+        "holopipe --provenance {output.provenance} --threads {threads} tune summarize --workdir results/tune --best {output.best} --trials {output.trials}"
         " --plots results/tune/plots --config-json {params.config:q} > {log} 2>&1"
 
