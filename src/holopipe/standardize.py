@@ -71,9 +71,12 @@ CELLS_PER_BLOCK = 16
 """A block's side in cells (see :func:`smooth_background`): 256 cell means per block."""
 
 OUTLIER_SIGMAS = 3.0
-"""Cells this many robust deviations (1.4826 x median absolute) from the background surface are refitted."""
+"""Cells this many robust deviations (1.4826 x median absolute) from the background surface get no weight."""
 
-ROBUST_ITERATIONS = 3
+ROBUST_ITERATIONS = 2
+
+ROUGHNESS = 0.001
+"""Weight of the background surface's roughness against one knot's worth of cells (see _weighted_spline_fit)."""
 """Refits of the background surface without its outlier cells (shadows and fringes of particles)."""
 
 DEAD_BACKGROUND_FRACTION = 0.01
@@ -96,16 +99,15 @@ def _median_last_axis(x, xp):
     return (ordered[..., (n - 1) // 2] + ordered[..., n // 2]) / 2
 
 
-def _median_last_two_axes(x, xp):
-    return _median_last_axis(xp.reshape(x, (*x.shape[:-2], -1)), xp)[..., None, None]
+def _median(x, xp) -> float:
+    return float(_median_last_axis(xp.reshape(x, (-1,)), xp))
 
 
 def _cell_means(intensity, cell: int, xp):
-    """Means of cell x cell squares tiling the last two axes (a last partial cell is left out)."""
-    *lead, n0, n1 = intensity.shape
+    """Means of cell x cell squares tiling an image (a last partial cell along an axis is left out)."""
+    n0, n1 = intensity.shape
     m0, m1 = n0 // cell, n1 // cell
-    cells = xp.reshape(intensity[..., :m0 * cell, :m1 * cell], (*lead, m0, cell, m1, cell))
-    return xp.mean(cells, axis=(-3, -1))
+    return xp.mean(xp.reshape(intensity[:m0 * cell, :m1 * cell], (m0, cell, m1, cell)), axis=(1, 3))
 
 
 def _spline_basis(knots: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -116,60 +118,77 @@ def _spline_basis(knots: np.ndarray, at: np.ndarray) -> np.ndarray:
     return scipy.interpolate.CubicSpline(knots, np.eye(knots.size), axis=0)(at)
 
 
-def _floored(background, level, xp):
-    """The background, never below DEAD_BACKGROUND_FRACTION of ``level`` (broadcastable)."""
-    return xp.maximum(background, level * DEAD_BACKGROUND_FRACTION)
+def _axis_bases(n: int, cell: int, block_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along an axis of n pixels, k knots about one block apart from edge to edge: the spline basis at every
+    pixel (n, k) and at the centres of the n // cell cells (m, k)."""
+    knots = np.linspace(0, n - 1, max(1, round(n / block_pixels)) + 1)
+    return _spline_basis(knots, np.arange(n, dtype=np.float64)), _spline_basis(knots, np.arange(n // cell) * cell
+                                                                                 + (cell - 1) / 2)
+
+
+def _roughness(k: int) -> np.ndarray:
+    """(k, k): the sum of squared second differences of k knot values, as a quadratic form."""
+    second = np.diff(np.eye(k), n=2, axis=0)
+    return second.T @ second
+
+
+def _weighted_spline_fit(cells, weights, basis0, basis1, previous, xp):
+    """Knot values (k0, k1) of the tensor-product spline ``basis0 @ K @ basis1.T`` that fits ``cells`` (m0,
+    m1) in weighted least squares, plus a weak roughness penalty (``ROUGHNESS`` x the cells per knot times
+    the squared second differences of K): where cells have no weight (a large shadow and its fringes),
+    the surface continues smoothly from its neighbours instead of following what is left there. The
+    normal equations are built from the separable bases (two matmuls, never an (m0 m1, k0 k1) design
+    matrix); a vanishing pull towards ``previous`` keeps them solvable."""
+    (m0, k0), (m1, k1) = basis0.shape, basis1.shape
+    device = array_api_compat.device(cells)
+    pairs0 = xp.reshape(basis0[:, :, None] * basis0[:, None, :], (m0, k0 * k0))
+    pairs1 = xp.reshape(basis1[:, :, None] * basis1[:, None, :], (m1, k1 * k1))
+    normal = xp.reshape(xp.matmul(xp.matrix_transpose(pairs0), xp.matmul(weights, pairs1)), (k0, k0, k1, k1))
+    normal = xp.reshape(xp.permute_dims(normal, (0, 2, 1, 3)), (k0 * k1, k0 * k1))
+    roughness = np.kron(_roughness(k0), np.eye(k1)) + np.kron(np.eye(k0), _roughness(k1))
+    pull = 1e-9 * float(xp.max(xp.abs(normal)))
+    normal = normal + xp.asarray(ROUGHNESS * m0 * m1 / (k0 * k1) * roughness + pull * np.eye(k0 * k1),
+                                 dtype=normal.dtype, device=device)
+    right = xp.matmul(xp.matmul(xp.matrix_transpose(basis0), weights * cells), basis1) + pull * previous
+    return xp.reshape(xp.linalg.solve(normal, xp.reshape(right, (k0 * k1, 1))), (k0, k1))
 
 
 def smooth_background(intensity, block_pixels: int):
-    """The smooth background (same shape, float32) of image(s) over their last two axes; any array library.
+    """The smooth background (float32, same shape) of one image (n0, n1); numpy, cupy or torch.
 
     1. Cell means: squares of ``block_pixels / CELLS_PER_BLOCK`` pixels (8 for 128-pixel blocks). Means
        are continuous where 8-bit gray levels are not (a median of a dim region's few distinct levels
        would be off by up to half a level, 2 % at 25 gray).
     2. The least-squares cubic spline surface of the cells, knots about ``block_pixels`` apart from
-       edge to edge (a tensor product, so two small matrices per axis). Least squares over every cell
-       rather than medians at block centres: a block's median sits ~(block / waist)² below a curved
-       beam's value at its centre, and the frame's outer half-blocks would be extrapolated.
-    3. ``ROBUST_ITERATIONS`` times: cells farther than ``OUTLIER_SIGMAS`` robust deviations (1.4826 x
-       the median absolute deviation) from the surface, such as particle shadows and strong fringes,
-       take the surface's value, and the surface is fitted again. Particles are local and sparse; the
-       beam, the optics' fringes and the sensor's shading span many knots.
+       edge to edge (a tensor product of two 1-D bases). Least squares over every cell rather than
+       medians at block centres: a block's median sits ~(block / waist)² below a curved beam's value at
+       its centre, and the frame's outer half-blocks would only be extrapolated.
+    3. ``ROBUST_ITERATIONS`` times: cells farther than ``OUTLIER_SIGMAS`` robust deviations (1.4826 x the
+       median absolute deviation) from the surface, such as particle shadows and strong fringes, get no
+       weight, and the surface is fitted again. Particles are local and sparse; the beam, the optics'
+       fringes and the sensor's shading span many knots.
 
-    Floored at ``DEAD_BACKGROUND_FRACTION`` of the image's median level. Both image axes are treated
-    alike, so (xsize, ysize) and (ny, nx) layouts give the same surface.
+    Floored at ``DEAD_BACKGROUND_FRACTION`` of the image's median level (of its cells). Both image axes
+    are treated alike, so (xsize, ysize) and (ny, nx) layouts give the same surface.
     """
     xp = array_api_compat.array_namespace(intensity)
-    intensity = xp.astype(intensity, xp.float32)
-    n0, n1 = intensity.shape[-2:]
+    n0, n1 = intensity.shape
     cell = max(1, min(block_pixels // CELLS_PER_BLOCK, n0, n1))
-    cells = _cell_means(intensity, cell, xp)
-    device = array_api_compat.device(cells)
-    (at_pixels0, at_cells0, solve0), (at_pixels1, at_cells1, solve1) = [
-        [xp.asarray(matrix.astype(np.float32), device=device)
-         for matrix in _least_squares_spline(n, m, cell, block_pixels)]
-        for n, m in ((n0, cells.shape[-2]), (n1, cells.shape[-1]))]
-
-    def knot_values(values):  # (..., k0, k1) from cell values (..., m0, m1)
-        return xp.matmul(xp.matmul(solve0, values), xp.matrix_transpose(solve1))
-
-    knots = knot_values(cells)
+    device = array_api_compat.device(intensity)
+    # The fit is small (cells and knots) and in float64; only the last product is a full frame.
+    cells = xp.astype(_cell_means(xp.astype(intensity, xp.float32), cell, xp), xp.float64)
+    (pixels0, basis0), (pixels1, basis1) = [[xp.asarray(matrix, dtype=xp.float64, device=device)
+                                             for matrix in _axis_bases(n, cell, block_pixels)] for n in (n0, n1)]
+    knots = xp.zeros((basis0.shape[1], basis1.shape[1]), dtype=xp.float64, device=device)
+    knots = _weighted_spline_fit(cells, xp.ones_like(cells), basis0, basis1, knots, xp)
     for _ in range(ROBUST_ITERATIONS):
-        surface = xp.matmul(xp.matmul(at_cells0, knots), xp.matrix_transpose(at_cells1))
-        deviation = xp.abs(cells - surface)
-        outlier = deviation > OUTLIER_SIGMAS * 1.4826 * _median_last_two_axes(deviation, xp)
-        knots = knot_values(xp.where(outlier, surface, cells))
-    background = xp.matmul(xp.matmul(at_pixels0, knots), xp.matrix_transpose(at_pixels1))
-    return _floored(background, _median_last_two_axes(cells, xp), xp)
-
-
-def _least_squares_spline(n: int, m: int, cell: int, block_pixels: int) -> tuple[np.ndarray, ...]:
-    """Along an axis of n pixels in m cells, with k knots about one block apart from edge to edge: the
-    spline basis at every pixel (n, k) and at the cell centres (m, k), and the least-squares solve (k, m)
-    from cell values to knot values."""
-    knots = np.linspace(0, n - 1, max(1, round(n / block_pixels)) + 1)
-    at_cells = _spline_basis(knots, np.arange(m) * cell + (cell - 1) / 2)
-    return _spline_basis(knots, np.arange(n, dtype=np.float64)), at_cells, np.linalg.pinv(at_cells)
+        deviation = xp.abs(cells - xp.matmul(xp.matmul(basis0, knots), xp.matrix_transpose(basis1)))
+        weights = xp.astype(deviation <= OUTLIER_SIGMAS * 1.4826 * _median(deviation, xp), xp.float64)
+        knots = _weighted_spline_fit(cells, weights, basis0, basis1, knots, xp)
+    rows = xp.astype(xp.matmul(pixels0, knots), xp.float32)  # (n0, k1)
+    background = xp.matmul(rows, xp.astype(xp.matrix_transpose(pixels1), xp.float32))
+    return xp.maximum(background, xp.asarray(_median(cells, xp) * DEAD_BACKGROUND_FRACTION, dtype=xp.float32,
+                                             device=device))
 
 
 def running_median_background(window_images, position: int):
