@@ -4,8 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+import zarr
 
 from holopipe.io import (
+    FINITE_MARK,
     PARTICLE_VARS,
     HolodecFormatError,
     HologramParts,
@@ -293,6 +295,66 @@ def test_zarr_store_round_trips_through_write_zarr(tmp_path):
     assert list(table.columns) == ["hid", "x", "y", "z", "d"]
     assert table["hid"].dtype == np.int64 and len(table) == expected.sizes["particle"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def float_dataset(n_holograms=N_HOLOGRAMS) -> xr.Dataset:
+    ds = make_dataset()
+    return ds.assign(image=ds["image"].astype(np.float32) / 128)
+
+
+def test_a_float_store_is_checked_once_as_it_is_written_and_readers_trust_the_mark(tmp_path):
+    ds = float_dataset().chunk({"hologram_number": 1})
+    computed = []
+
+    def count(block, block_info=None):
+        computed.append(block_info[0]["chunk-location"][0])
+        return block
+
+    ds["image"] = ds["image"].copy(data=ds["image"].data.map_blocks(count, dtype=np.float32))
+    store = write_zarr(ds, tmp_path / "split.zarr")
+
+    assert sorted(computed) == list(range(N_HOLOGRAMS)), "each hologram computed once for writing and checking"
+    assert FINITE_MARK not in ds["image"].attrs, "the caller's dataset is left alone"
+    image = zarr.open_array(store / "image", mode="r+")
+    assert image.attrs[FINITE_MARK] == 1
+    # Corrupt the written data behind the mark: a reader that trusts the mark does not read the images.
+    image[1, 2, 3] = np.nan
+    open_holodec(store).close()
+    del image.attrs[FINITE_MARK]
+    with pytest.raises(HolodecFormatError) as info:
+        open_holodec(store)
+    assert str(info.value) == (f"{store}: variable 'image' has non-finite values in 1 hologram(s), "
+                               "first at hologram index 1")
+
+
+def test_write_zarr_refuses_a_non_finite_float_image_and_leaves_nothing(tmp_path):
+    ds = float_dataset()
+    ds["image"][2, 0, 0] = np.inf
+    message = r"bad\.zarr: variable 'image' has non-finite values, first at hologram index 2"
+    with pytest.raises(HolodecFormatError, match=message):
+        write_zarr(ds, tmp_path / "bad.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_uint8_store_carries_no_mark_and_a_netcdf_mark_is_not_trusted(tmp_path):
+    assert FINITE_MARK not in open_holodec(write_zarr(make_dataset(), tmp_path / "raw.zarr"))["image"].attrs
+    ds = float_dataset()
+    ds["image"][1, 2, 3] = np.nan
+    ds["image"].attrs[FINITE_MARK] = 1
+    ds.to_netcdf(tmp_path / "forged.nc")
+    with pytest.raises(HolodecFormatError, match="forged.nc: variable 'image' has non-finite values"):
+        open_holodec(tmp_path / "forged.nc")
+
+
+def test_a_file_without_a_particle_table_opens_with_an_empty_one(tmp_path):
+    make_dataset().drop_vars(list(PARTICLE_VARS)).to_netcdf(tmp_path / "own.nc")
+
+    with open_holodec(tmp_path / "own.nc") as ds:
+        assert ds.sizes["particle"] == 0
+        assert particle_table(ds).empty and list(particle_table(ds).columns) == list(PARTICLE_VARS)
+        store = write_zarr(ds, tmp_path / "own.zarr")
+    with open_holodec(store) as reopened:
+        assert reopened.sizes["particle"] == 0 and reopened.sizes["xsize"] == NX
 
 
 def test_write_zarr_leaves_nothing_when_writing_fails(tmp_path):

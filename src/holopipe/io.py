@@ -228,9 +228,9 @@ def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
 
     Images are chunked one hologram per chunk (``chunks`` overrides per dimension); an exception
     leaves nothing at ``path``. An existing store at ``path`` is replaced. A float ``image`` is checked
-    finite in the same pass as it is written (each chunk computed once): a non-finite one fails, naming
-    ``path``; a finite one is marked :data:`FINITE_MARK`, so that readers need not read it again (the
-    store appears only after the check passed).
+    finite chunk by chunk on its way to the store (no second pass): a non-finite one fails, naming
+    ``path`` and the hologram; a finite one is marked :data:`FINITE_MARK`, so that readers need not read
+    it again (the store appears only after every chunk passed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,21 +239,20 @@ def write_zarr(ds: xr.Dataset, path, *, chunks: dict | None = None) -> Path:
     for variable in ds.variables.values():
         variable.encoding.pop("chunks", None)
         variable.encoding.pop("preferred_chunks", None)
-    check = "image" in ds.variables and ds["image"].dtype.kind == "f"
     if "image" in ds.variables:
-        attrs = {key: value for key, value in ds.variables["image"].attrs.items() if key != FINITE_MARK}
-        ds.variables["image"].attrs = {**attrs, FINITE_MARK: 1} if check else attrs
+        image = ds["image"].copy(deep=False)
+        image.attrs = {key: value for key, value in image.attrs.items() if key != FINITE_MARK}
+        if image.dtype.kind == "f":  # each chunk is checked on its way to the store
+            image = image.copy(data=image.data.map_blocks(_finite_chunk, os.fspath(path), dtype=image.dtype))
+            image.attrs[FINITE_MARK] = 1
+        ds = ds.assign(image=image)
 
     def write(tmp: Path) -> None:
         writes = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
-        finite = da.isfinite(ds["image"].data).all(axis=(1, 2)) if check else None
         # Our own pool: leaving it waits for every chunk write in flight, so when one chunk fails no
         # thread recreates files in the temporary store after it has been removed.
         with ThreadPoolExecutor(max_workers=cpu_threads()) as pool:
-            _, finite = dask.compute(writes, finite, scheduler="threads", pool=pool)
-        problem = _non_finite(finite) if check else None
-        if problem:
-            raise HolodecFormatError(f"{path}: {problem}")
+            dask.compute(writes, scheduler="threads", pool=pool)
 
     return write_atomically(path, write)
 
@@ -402,6 +401,15 @@ def _non_finite(finite_per_hologram: np.ndarray) -> str | None:
     if bad.size:
         return f"variable 'image' has non-finite values in {bad.size} hologram(s), first at hologram index {bad[0]}"
     return None
+
+
+def _finite_chunk(block: np.ndarray, path: str, block_info=None) -> np.ndarray:
+    """``block`` of the images being written to ``path``, once checked finite (else the write fails)."""
+    finite = np.isfinite(block).all(axis=tuple(range(1, block.ndim)))
+    if not finite.all():
+        first = block_info[0]["array-location"][0][0] + int(np.flatnonzero(~finite)[0])
+        raise HolodecFormatError(f"{path}: variable 'image' has non-finite values, first at hologram index {first}")
+    return block
 
 
 def _check_image_values(image: xr.DataArray) -> None:
