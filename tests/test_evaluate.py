@@ -154,6 +154,7 @@ def test_evaluate_files_writes_both_methods_and_the_plots_and_counts_only_withou
     assert (unet_m["tp"], unet_m["fp"], unet_m["fn"], unet_m["recall"]) == (3, 0, 0, 1.0)
     assert (base_m["tp"], base_m["fp"], base_m["fn"]) == (1, 1, 2)
     assert base_m["splits_without_truth"]["real"]["n_predicted"] == 1
+    assert base_m["splits_without_truth"]["real"]["predicted_by_hologram"] == [1, 0]
     real_only = unet_m["splits"]["real"]
     assert real_only["truth"] is False and "precision" not in real_only and "note" in real_only
     assert (real_only["n_predicted"], real_only["predicted_per_hologram"]) == (3, 1.5)
@@ -186,3 +187,32 @@ def test_missing_prediction_split_or_columns_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="bad.csv.*missing particle column"):
         evaluate_files(config, {"test": truth_store}, {"unet": {"test": bad}}, tmp_path / "m.json", tmp_path / "p")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_split_without_truth_gets_counts_per_hologram_and_a_size_histogram(tmp_path):
+    config = load_config({
+        "splits": {"test": {"source": "simulate", "n_holograms": 3, "seed": 1}},
+        "optics": {"wavelength": 3.55e-7, "dx": 10e-6, "dy": 10e-6, "nx": 16, "ny": 16, "z_min": 2e-3,
+                   "z_max": 10e-3},
+        "evaluate": {"diameter_bins": [10e-6, 20e-6, 40e-6]},
+    })
+    # A user's file without a particle table: no particle variables at all.
+    own = write_zarr(xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), np.ones((3, 16, 16), np.float32))},
+                                attrs={"Nx": 16, "Ny": 16, "dx": 10e-6, "dy": 10e-6, "lambda": 3.55e-7,
+                                       "zMin": 2e-3, "zMax": 10e-3}), tmp_path / "own.zarr")
+    found = table((1, 0.0, 0.0, 4000.0, 15.0), (1, 5.0, 0.0, 5000.0, 25.0), (3, 0.0, 0.0, 6000.0, 35.0),
+                  (3, 1.0, 0.0, 7000.0, 5.0), (3, 2.0, 0.0, 7000.0, 50.0))
+    predictions = {"unet": {"own": write_csv(tmp_path / "own_unet.csv", found, "prob")},
+                   "baseline": {"own": write_csv(tmp_path / "own_baseline.csv", found.iloc[:1], "score")}}
+
+    metrics = json.loads(evaluate_files(config, {"own": own}, predictions, tmp_path / "metrics.json",
+                                        tmp_path / "plots").read_text())
+
+    unet, baseline = metrics["unet"], metrics["baseline"]
+    assert unet["truth"] is False and "f1" not in unet and "precision" not in unet
+    assert unet["predicted_by_hologram"] == [2, 0, 3] and baseline["predicted_by_hologram"] == [1, 0, 0]
+    assert unet["counts_per_hologram"]["median"] == 2.0 and unet["predicted_per_hologram"] == pytest.approx(5 / 3)
+    assert unet["d_histogram_um"] == {"edges": [10.0, 20.0, 40.0], "counts": [1, 2], "below": 1, "above": 1}
+    assert baseline["d_histogram_um"]["counts"] == [1, 0]
+    for name in PLOT_NAMES:
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -123,13 +123,29 @@ def _distribution(values) -> dict:
     return {"mean": float(values.mean()), "median": float(median), "p05": float(p05), "p95": float(p95)}
 
 
-def _counts_only(predicted: pd.DataFrame, n_holograms: int) -> dict:
-    """What can be said without truth: how many particles, and how their d and z are distributed."""
+def _histogram(values, edges) -> dict:
+    """Counts of ``values`` in the bins ``[low, high)`` of ``edges`` (the last one closed), and outside them."""
+    values, edges = np.asarray(values, dtype=np.float64), np.asarray(edges, dtype=np.float64)
+    return {"edges": edges.tolist(), "counts": np.histogram(values, bins=edges)[0].tolist(),
+            "below": int((values < edges[0]).sum()), "above": int((values > edges[-1]).sum())}
+
+
+def _counts_only(predicted: pd.DataFrame, holograms, diameter_bins) -> dict:
+    """What can be said without truth: particles per hologram, and how their d and z are distributed.
+
+    ``holograms`` are the hid keys of every evaluated hologram (those with no prediction count 0);
+    ``d_histogram`` bins d with ``diameter_bins`` (metres; its edges in µm).
+    """
+    holograms = np.asarray(holograms, dtype=np.int64)
+    per_hologram = pd.Series(predicted["hid"]).value_counts().reindex(holograms, fill_value=0).to_numpy()
+    n_holograms = int(holograms.size)
     return {"truth": False,
             "note": "no truth particles in the evaluated split(s): precision, recall and errors not computed",
             "n_holograms": n_holograms, "n_predicted": len(predicted),
             "predicted_per_hologram": float(len(predicted) / n_holograms) if n_holograms else None,
-            "d_um": _distribution(predicted["d"]), "z_um": _distribution(predicted["z"])}
+            "counts_per_hologram": _distribution(per_hologram), "predicted_by_hologram": per_hologram.tolist(),
+            "d_um": _distribution(predicted["d"]), "z_um": _distribution(predicted["z"]),
+            "d_histogram_um": _histogram(predicted["d"], np.asarray(diameter_bins, dtype=np.float64) * 1e6)}
 
 
 def read_predictions(path) -> pd.DataFrame:
@@ -142,9 +158,13 @@ def read_predictions(path) -> pd.DataFrame:
     return table.astype({"hid": np.int64, **{c: np.float64 for c in COORDINATES}})
 
 
+SPLIT_KEY = 10**9
+"""(split, hid) -> hid + SPLIT_KEY x the split's position: one integer key per hologram across splits."""
+
+
 def _keyed(tables: dict[str, pd.DataFrame], order: list[str]) -> pd.DataFrame:
     """One table for several splits: (split, hid) becomes one integer key so matching stays per hologram."""
-    return pd.concat([table.assign(split=split, hid=table["hid"] + order.index(split) * 10**9)
+    return pd.concat([table.assign(split=split, hid=table["hid"] + order.index(split) * SPLIT_KEY)
                       for split, table in tables.items()], ignore_index=True)
 
 
@@ -154,10 +174,12 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     ``truth_store_paths`` maps split -> store (netCDF or zarr, the truth particles in µm);
     ``predictions`` maps method -> split -> particle CSV. ``metrics.json`` is ``{method: {metric:
     value}}``: the detection metrics pooled over the splits that have truth particles (matching per
-    hologram), with ``truth: true`` and ``splits_evaluated``; where no split has any (real data), only
-    counts and d, z distributions, with ``truth: false`` and a note. With more than one split, each
-    split's own metrics are nested under ``splits``. Plots go to ``plots_dir`` under
-    :data:`PLOT_NAMES`; every file is written atomically.
+    hologram), with ``truth: true`` and ``splits_evaluated``; where no split has any (real data of
+    one's own, without a particle table), counts per hologram and d, z distributions with a d
+    histogram, ``truth: false`` and a note (also under ``splits_without_truth`` beside the metrics of
+    the splits with truth). With more than one split, each split's own metrics are nested under
+    ``splits``. Plots go to ``plots_dir`` under :data:`PLOT_NAMES` (``diameters.png`` one panel per
+    split; without truth, ``f1_bars.png`` shows particles per hologram); every file is written atomically.
     """
     evaluate = config["evaluate"]
     tol_xy, tol_z, bins = float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"]), evaluate["diameter_bins"]
@@ -177,11 +199,14 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     with_truth = [split for split in truths if len(truths[split])]
     order = list(truths)
 
+    def holograms(splits: list[str]) -> np.ndarray:
+        return np.concatenate([np.arange(1, n_holograms[s] + 1) + order.index(s) * SPLIT_KEY for s in splits])
+
     def evaluate_splits(method: str, splits: list[str]) -> tuple[dict, pd.DataFrame]:
         preds = _keyed({s: predicted[method][s] for s in splits}, order)
         truth_splits = [s for s in splits if s in with_truth]
         if not truth_splits:
-            return _counts_only(preds, sum(n_holograms[s] for s in splits)), pd.DataFrame()
+            return _counts_only(preds, holograms(splits), bins), pd.DataFrame()
         truth = _keyed({s: truths[s] for s in truth_splits}, order)
         preds_t = preds[preds["split"].isin(truth_splits)]
         matches = match(truth, preds_t, tol_xy, tol_z)
@@ -190,7 +215,8 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
                    "tolerance_xy_um": tol_xy * 1e6, "tolerance_z_um": tol_z * 1e6}
         without = [s for s in splits if s not in truth_splits]
         if without:
-            metrics["splits_without_truth"] = {s: _counts_only(predicted[method][s], n_holograms[s]) for s in without}
+            metrics["splits_without_truth"] = {s: _counts_only(predicted[method][s], np.arange(1, n_holograms[s] + 1),
+                                                               bins) for s in without}
         return metrics, matches
 
     results, all_matches = {}, {}
@@ -201,7 +227,7 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     out_json = Path(out_json)
     text = json.dumps(results, indent=2, sort_keys=True)
     write_atomically(out_json, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-    _plot_all(Path(plots_dir), truths, with_truth, predicted, results, all_matches)
+    _plot_all(Path(plots_dir), truths, n_holograms, with_truth, predicted, results, all_matches)
     return out_json
 
 
@@ -215,7 +241,7 @@ def _no_truth(ax) -> None:
     ax.set_axis_off()
 
 
-def _plot_all(plots_dir: Path, truths: dict, with_truth: list, predicted: dict, results: dict,
+def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list, predicted: dict, results: dict,
               matches: dict) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
 
@@ -240,17 +266,22 @@ def _plot_all(plots_dir: Path, truths: dict, with_truth: list, predicted: dict, 
     ax.legend()
     _save(figure, plots_dir / "scatter3d.png")
 
-    figure = Figure(figsize=(6, 4))
-    ax = figure.add_subplot()
-    series = {"truth": pd.concat([truths[s]["d"] for s in with_truth]) if with_truth else pd.Series(dtype=float)}
-    series.update({m: pd.concat([predicted[m][s]["d"] for s in splits]) for m in methods})
-    values = np.concatenate([v.to_numpy(np.float64) for v in series.values()])
+    # Diameters, one panel per split: truth and every method where the split has truth, methods alone where not.
+    figure = Figure(figsize=(6, 3.2 * len(splits)))
+    values = np.concatenate([np.empty(0), *(truths[s]["d"].to_numpy(np.float64) for s in with_truth),
+                             *(predicted[m][s]["d"].to_numpy(np.float64) for m in methods for s in splits)])
     edges = np.histogram_bin_edges(values if values.size else [0.0, 1.0], bins=30)
-    for i, (name, d) in enumerate(series.items()):
-        if len(d):
-            ax.hist(d, bins=edges, histtype="step", linewidth=1.5, color=f"C{i}", label=name)
-    ax.set(xlabel="diameter d (µm)", ylabel="particles", title="Diameters")
-    ax.legend()
+    for i, s in enumerate(splits):
+        ax = figure.add_subplot(len(splits), 1, i + 1)
+        series = {"truth": truths[s]["d"]} if s in with_truth else {}
+        series.update({m: predicted[m][s]["d"] for m in methods})
+        for name, d in series.items():
+            if len(d):
+                ax.hist(d, bins=edges, histtype="step", linewidth=1.5, color=colours.get(name, "C0"), label=name)
+        truth_note = "" if s in with_truth else ", no truth"
+        ax.set(xlabel="diameter d (µm)", ylabel="particles",
+               title=f"Diameters: {s} ({n_holograms[s]} holograms{truth_note})")
+        ax.legend()
     _save(figure, plots_dir / "diameters.png")
 
     figure = Figure(figsize=(8, 6))
@@ -284,13 +315,18 @@ def _plot_all(plots_dir: Path, truths: dict, with_truth: list, predicted: dict, 
 
     figure = Figure(figsize=(6, 4))
     ax = figure.add_subplot()
+    width = 0.8 / max(len(methods), 1)
     if with_truth:
-        names, width = ("precision", "recall", "f1"), 0.8 / max(len(methods), 1)
+        names = ("precision", "recall", "f1")
         for j, m in enumerate(methods):
             ax.bar(np.arange(3) + j * width, [results[m][n] for n in names], width, color=colours[m], label=m)
         ax.set_xticks(np.arange(3) + width * (len(methods) - 1) / 2, names)
         ax.set(ylim=(0, 1.05), title="Detection")
-        ax.legend()
-    else:
-        _no_truth(ax)
+    else:  # what can be said without truth: how many particles each method finds per hologram
+        for j, m in enumerate(methods):
+            counts = results[m]["predicted_by_hologram"]
+            ax.bar(np.arange(len(counts)) + j * width, counts, width, color=colours[m], label=m)
+        ax.set(xlabel="hologram (in split order)", ylabel="particles found",
+               title="Particles per hologram, no truth")
+    ax.legend()
     _save(figure, plots_dir / "f1_bars.png")
