@@ -34,8 +34,11 @@ diameter of the half-contrast dark region holding the darkest point, in the wind
 ``particles.distance``): a cluster beside its droplet, e.g. where the frame edge cuts the fringes, still
 takes the droplet's centre. Clusters of one droplet (such a ghost, or a column split across z) then
 refine to the same place and are merged (:func:`merge_duplicates`, within ``particles.distance`` as in
-clustering), keeping the largest prob. Planes are reconstructed in batches and only the windows' scores
-are kept, so memory is one batch of planes even for full 4872 x 3248 frames. ``none`` keeps the in-focus
+clustering), keeping the largest prob. Planes are reconstructed in batches on ``particles.device`` and
+every particle of a batch is scored at once there (its windows gathered in one indexing op,
+:func:`holopipe.focus.window_scores`); only the scores and the best planes' measuring windows reach the
+host, so memory is one batch of planes even for full 4872 x 3248 frames. Each hologram's result is kept
+as it finishes, so a killed job resumes (:func:`particles_file`). ``none`` keeps the in-focus
 detection's plane, x, y and d, and needs no store.
 """
 
