@@ -236,6 +236,12 @@ def _save(figure, path: Path) -> None:
     write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
 
 
+def _legend(ax) -> None:
+    """A legend where something was drawn (an empty one only warns)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def _no_truth(ax) -> None:
     ax.text(0.5, 0.5, "no truth particles:\nnot computed", ha="center", va="center", transform=ax.transAxes)
     ax.set_axis_off()
@@ -263,7 +269,7 @@ def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list
         pred_h = predicted[m][split][predicted[m][split]["hid"] == hid]
         ax.scatter(pred_h["x"], pred_h["y"], pred_h["z"] / 1e3, marker=marker, color=colours[m], label=m)
     ax.set(xlabel="x (µm)", ylabel="y (µm)", zlabel="z (mm)", title=f"{split}, hologram {hid}")
-    ax.legend()
+    _legend(ax)
     _save(figure, plots_dir / "scatter3d.png")
 
     # Diameters, one panel per split: truth and every method where the split has truth, methods alone where not.
@@ -281,7 +287,7 @@ def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list
         truth_note = "" if s in with_truth else ", no truth"
         ax.set(xlabel="diameter d (µm)", ylabel="particles",
                title=f"Diameters: {s} ({n_holograms[s]} holograms{truth_note})")
-        ax.legend()
+        _legend(ax)
     _save(figure, plots_dir / "diameters.png")
 
     figure = Figure(figsize=(8, 6))
@@ -296,7 +302,7 @@ def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list
         for m, values in errors.items():
             ax.hist(values, bins=edges, histtype="step", linewidth=1.5, color=colours[m], label=m)
         ax.set(xlabel=f"{c} error (µm), predicted - true", ylabel="matches")
-        ax.legend()
+        _legend(ax)
     _save(figure, plots_dir / "errors.png")
 
     figure = Figure(figsize=(6, 4))
@@ -308,7 +314,7 @@ def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list
             recall = [np.nan if r["recall"] is None else r["recall"] for r in rows]
             ax.plot(centres, recall, marker="o", color=colours[m], label=m)
         ax.set(xlabel="true diameter (µm, bin centre)", ylabel="recall", ylim=(0, 1.05), title="Recall by diameter")
-        ax.legend()
+        _legend(ax)
     else:
         _no_truth(ax)
     _save(figure, plots_dir / "recall_by_diameter.png")
@@ -328,5 +334,5 @@ def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list
             ax.bar(np.arange(len(counts)) + j * width, counts, width, color=colours[m], label=m)
         ax.set(xlabel="hologram (in split order)", ylabel="particles found",
                title="Particles per hologram, no truth")
-    ax.legend()
+    _legend(ax)
     _save(figure, plots_dir / "f1_bars.png")
