@@ -232,3 +232,24 @@ def test_stats_of_a_training_split_background_image_are_refused(tmp_path):
     old.write_text(json.dumps({"contrast_std": 0.2, "background_file": "stats_background.npy"}))
     with pytest.raises(ValueError, match="stats.json.*per hologram.*standardize fit"):
         read_stats(old)
+
+
+def test_the_baseline_finds_the_same_droplets_in_the_beamed_and_the_flat_file(tmp_path):
+    from holopipe.baseline import baseline_file
+    from holopipe.evaluate import evaluate_files
+
+    config = load_config({
+        "splits": {"train": {"source": "simulate", "n_holograms": 1, "seed": 0}},
+        "optics": {"wavelength": WAVELENGTH, "dx": DX, "dy": DY, "nx": 768, "ny": 640, "z_min": Z_MIN, "z_max": Z_MAX},
+        "reconstruction": {"z_bins": 40},
+    })
+    paths = simulated_pair(tmp_path)
+    stats_path = write_stats(fit_stats(paths["flat"], config), tmp_path / "stats.json")
+    f1 = {}
+    for name, path in paths.items():
+        store = apply_stats(path, tmp_path / f"{name}.zarr", stats_path)
+        found = baseline_file(config, store, tmp_path / f"{name}.csv", progress=False)
+        metrics = evaluate_files(config, {name: store}, {"baseline": {name: found}}, tmp_path / f"{name}.json",
+                                 tmp_path / f"plots_{name}")
+        f1[name] = json.loads(metrics.read_text())["baseline"]["f1"]
+    assert f1["flat"] > 0.7 and abs(f1["beam"] - f1["flat"]) < 0.05, f1
