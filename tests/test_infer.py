@@ -1,5 +1,11 @@
 """Inference and particles: an oracle finds simulated particles, sharding is exact, merging, probability volumes."""
 
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +13,7 @@ import scipy.cluster.hierarchy
 import scipy.ndimage
 import torch
 import xarray as xr
+import yaml
 import zarr
 
 from holopipe.config import load_config, with_overrides
@@ -321,3 +328,97 @@ def test_probability_volume_round_trip(store, tmp_path, dtype, tolerance):
     decoded = xr.open_zarr(volume_path, consolidated=False)["probability"].values[1]
     assert np.abs(decoded - expected).max() <= tolerance + 1e-6
     assert expected.max() > 0.9 and expected.min() < 0.01  # the test sees both ends of the scale
+
+
+# ---- resuming after a kill ----
+
+class FailingOracle:
+    """:func:`oracle`, counting its calls (plane batches) and failing from call ``fail_at`` on: a job that dies
+    part-way through a split."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, amplitude, phase):
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise RuntimeError("killed")
+        return oracle(amplitude, phase)
+
+
+def test_a_rerun_sweeps_only_the_holograms_not_finished(store, unsharded, tmp_path):
+    config = with_overrides(make_config(), {"infer.batch_planes": 20})  # 3 batches per hologram
+    segment, out = FailingOracle(fail_at=5), tmp_path / "d.csv"
+    with pytest.raises(RuntimeError, match="killed"):  # during hologram 2
+        infer_chunk(config, None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
+    assert not out.exists() and sorted(p.name for p in (tmp_path / "d.csv.parts").glob("hologram_*")) == [
+        "hologram_000001.csv"]
+    segment.calls, segment.fail_at = 0, None
+    # Another plane batch changes no result, so the finished hologram is kept.
+    infer_chunk(with_overrides(config, {"infer.batch_planes": 30}), None, store, out, chunk=0, n_chunks=1,
+                progress=False, segment=segment)
+    assert segment.calls == 2  # hologram 2's 60 planes only
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(unsharded))
+    assert not (tmp_path / "d.csv.parts").exists()
+
+
+def test_finished_holograms_of_another_config_are_not_reused(store, unsharded, tmp_path):
+    segment, out = FailingOracle(fail_at=16), tmp_path / "d.csv"  # 15 batches of 4: hologram 1
+    with pytest.raises(RuntimeError):
+        infer_chunk(make_config(), None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
+    segment.calls, segment.fail_at = 0, None
+    stricter = with_overrides(make_config(), {"infer.threshold": 0.9})
+    infer_chunk(stricter, None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
+    assert segment.calls == 30  # both holograms again
+
+
+@pytest.fixture(scope="module")
+def six_hologram_store(tmp_path_factory):
+    return write_zarr(hologram_dataset(PARTICLES * 3), tmp_path_factory.mktemp("six") / "six.zarr")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A trained (1 epoch) plain U-Net, width 4, and the config it runs with, as a YAML file."""
+    directory = tmp_path_factory.mktemp("model")
+    examples = write_synthetic_examples(directory / "ex.zarr", 8, 32, contrast_std=0.2, seed=1)
+    stats = write_stats({"contrast_mean": 1.0, "contrast_std": 0.2}, directory / "stats.json")
+    sections = {"model": {"architecture": "plain_unet", "width": 4, "depth": 2},
+                "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu"},
+                "infer": {"device": "cpu", "threshold": 0.3, "batch_planes": 5}}
+    config = make_config(**sections)
+    result = train_model(config, examples, examples, directory / "model", stats_path=stats, progress=False)
+    config_file = directory / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    return result.model_path, config, config_file
+
+
+def test_infer_killed_mid_split_resumes_and_gives_the_uninterrupted_result(six_hologram_store, tiny_model,
+                                                                           tmp_path):
+    model, config, config_file = tiny_model
+    out, volume = tmp_path / "killed" / "d.csv", tmp_path / "killed" / "p.zarr"
+    command = [str(Path(sys.executable).with_name("holopipe")), "--threads", "1", "infer", "--model", str(model),
+               "--in", str(six_hologram_store), "--out", str(out), "--probabilities", str(volume),
+               "--config", str(config_file)]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed" / "d.csv.parts"
+    deadline = time.monotonic() + 120
+    while not any(parts.glob("hologram_*.csv")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    finished = sorted(parts.glob("hologram_*.csv"))
+    assert 1 <= len(finished) < 6, "the job was to be killed mid-split"
+    assert not out.exists() and not volume.exists()  # nothing half-written in place
+    rerun = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert f"{6 - len(finished)} of 6 holograms to sweep ({len(finished)} finished before" in rerun.stderr
+    assert rerun.stderr.count("planes/s") == 6 - len(finished)  # one timing line per hologram swept
+
+    whole = infer_chunk(config, model, six_hologram_store, tmp_path / "whole" / "d.csv", chunk=0, n_chunks=1,
+                        probabilities_path=tmp_path / "whole" / "p.zarr", progress=False)
+    detections = pd.read_csv(whole)
+    assert detections["hid"].nunique() >= 2  # the test compares real tables
+    pd.testing.assert_frame_equal(pd.read_csv(out), detections)
+    resumed, uninterrupted = (zarr.open_group(path, mode="r")["probability"][:]
+                              for path in (volume, whole.with_name("p.zarr")))
+    assert np.array_equal(resumed, uninterrupted) and resumed.max() > 0

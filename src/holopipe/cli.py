@@ -255,12 +255,6 @@ def _add_training_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="examples store of the training split")
     parser.add_argument("--valid", required=True, help="examples store of the validation split")
     parser.add_argument("--stats", required=True, help="stats.json of the standardization")
-    _add_stage_threads(parser)
-
-
-def _add_stage_threads(parser: argparse.ArgumentParser) -> None:
-    """``<stage> --threads N``, the form the Snakemake rules of train, tune and infer pass: the global option."""
-    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="same as holopipe --threads")
 
 
 def _add_config_source(parser: argparse.ArgumentParser) -> None:
@@ -368,7 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--chunk", type=int, default=0, help="which z chunk (0-based)")
     infer.add_argument("--chunks", type=int, default=1, help="how many z chunks the planes are split into")
     infer.add_argument("--probabilities", help="also write the probability volume to this zarr store")
-    _add_stage_threads(infer)
     _add_config_source(infer)
     infer.set_defaults(func=cmd_infer, reads=_paths("model", "input"), writes=_paths("out", "probabilities"))
 

@@ -19,6 +19,9 @@ computes the next batch. Components of at least ``infer.min_area`` pixels become
 A split's planes are sharded into ``n_chunks`` contiguous chunks (``numpy.array_split``), each a separate
 job; :mod:`holopipe.particles` gathers them. Every plane is computed the same way whichever chunk holds it.
 
+A killed job resumes: every finished hologram's detections (and its slices of the probability volume) are
+kept beside the output until the chunk is complete, and a rerun sweeps only the others (:func:`infer_chunk`).
+
 The optional probability volume is a zarr (v3) group with ``probability (hologram_number, plane, y, x)``
 (uint8 ``round(255 p)`` with attribute ``scale_factor`` 1/255, which xarray decodes, or float16), one
 plane per chunk, compressed with zarr's default codec, and the coordinates ``plane`` (global index) and
@@ -47,7 +50,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.dataset import normalize_channels
 from holopipe.focus import smoothed_amplitude
-from holopipe.io import equivalent_diameter, pixel_position, remove_path, write_atomically
+from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, remove_path
 from holopipe.optics import Propagator, hologram_field
 from holopipe.reconstruction import open_standardized, z_bin_centres
 from holopipe.device import autocast, autocast_dtype, resolve_device
@@ -64,6 +67,7 @@ __all__ = [
     "infer_chunk",
     "model_segmenter",
     "pixel_components",
+    "resume_fingerprint",
     "sweep_hologram",
 ]
 
@@ -327,6 +331,33 @@ def _create_volume(path: Path, shape: tuple[int, int, int, int], dtype: str, pla
     return probability
 
 
+RESUME_IGNORES = ("batch_planes", "splits")
+"""``infer`` keys that change no chunk's result: a rerun with another plane batch (after running out of
+memory, say) keeps the holograms finished before."""
+
+
+def resume_fingerprint(config: dict, model_path, store_path, *, chunk: int, n_chunks: int, probabilities_path,
+                       segment: Segmenter | None = None) -> dict:
+    """What a chunk's finished holograms depend on: the stage's config, the chunk, the model and store files
+    (:func:`holopipe.io.input_identity`) and whether a probability volume is written. A ``segment`` given in
+    place of the model counts by identity (it cannot be fingerprinted), so it resumes only in its process."""
+    infer = {key: value for key, value in config["infer"].items() if key not in RESUME_IGNORES}
+    return {"stage": "infer", "holopipe_version": __version__, "reconstruction": config["reconstruction"],
+            "infer": infer, "chunk": int(chunk), "n_chunks": int(n_chunks),
+            "inputs": input_identity(*[path for path in (model_path, store_path) if path is not None]),
+            "segment": None if segment is None else repr(segment),
+            "probabilities": None if probabilities_path is None else os.fspath(probabilities_path)}
+
+
+def _detection_table(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """One table of :data:`DETECTION_COLUMNS` sorted by (hid, plane); headers only when there is none."""
+    columns = list(DETECTION_COLUMNS)
+    tables = [table for table in tables if len(table)]
+    table = (pd.concat(tables, ignore_index=True)[columns] if tables
+             else pd.DataFrame({column: pd.Series(dtype=float) for column in columns}))
+    return table.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
+
+
 def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_chunks: int,
                 probabilities_path=None, progress=True, segment: Segmenter | None = None) -> Path:
     """Detections of chunk ``chunk`` of ``n_chunks`` of the planes, for every hologram of a standardized store.
@@ -335,14 +366,17 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
     ``probabilities_path`` is given or ``infer.save_probabilities`` is true (then next to ``out_csv`` as
     ``<stem>.probabilities.zarr``), the probability volume of this chunk's planes; both atomically.
     ``segment`` replaces the model (tests: an oracle); ``model_path`` may then be None.
+
+    Resumes after a kill: each finished hologram's detections are kept in ``<out_csv>.parts/``
+    (:class:`holopipe.io.HologramParts`, keyed by :func:`resume_fingerprint`) and the volume being written
+    lives there too, so a rerun sweeps only the holograms not yet done. A hologram counts as done only once
+    its volume slices are written; the volume is renamed into place, then the CSV written, at the very end.
     """
     infer, reconstruction = config["infer"], config["reconstruction"]
     name, out_csv = os.fspath(store_path), Path(out_csv)
     device = resolve_device(infer["device"], "infer.device")
-    if segment is None:
-        if model_path is None:
-            raise ValueError("infer_chunk: give model_path (a model.pt written by holopipe train) or segment")
-        segment = _load_segmenter(model_path, device, infer["precision"])
+    if segment is None and model_path is None:
+        raise ValueError("infer_chunk: give model_path (a model.pt written by holopipe train) or segment")
     if probabilities_path is None and infer["save_probabilities"]:
         probabilities_path = out_csv.with_name(f"{out_csv.stem}.probabilities.zarr")
     ds = open_standardized(name, config)
@@ -353,54 +387,67 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
         z_m = planes[indices]
         n_holograms, ny, nx = ds.sizes["hologram_number"], ds.sizes["ysize"], ds.sizes["xsize"]
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
-        volume, tmp_volume, quantize = None, None, None
+        fingerprint = resume_fingerprint(config, model_path, store_path, chunk=chunk, n_chunks=n_chunks,
+                                         probabilities_path=probabilities_path, segment=segment)
+        parts = HologramParts(out_csv, fingerprint)
+        done = parts.done() & set(range(1, n_holograms + 1))
+        volume, quantize = None, None
         if probabilities_path is not None:
             probabilities_path = Path(probabilities_path)
-            probabilities_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp_volume = probabilities_path.with_name(f".{probabilities_path.name}.tmp-{os.getpid()}")
-            remove_path(tmp_volume)
+            partial_volume = parts.directory / "probabilities.zarr"
+            if done and not partial_volume.is_dir():  # renamed into place, then killed before the CSV
+                remove_path(parts.directory)
+                parts, done = HologramParts(out_csv, fingerprint), set()
             dtype = infer["probability_dtype"]
-            volume = _create_volume(tmp_volume, (n_holograms, indices.size, ny, nx), dtype, indices, z_m, {
-                "source": name, "chunk": int(chunk), "n_chunks": int(n_chunks), "dx": dx, "dy": dy,
-                "threshold": float(infer["threshold"]), "holopipe_version": __version__})
+            if done:
+                volume = zarr.open_group(partial_volume, mode="r+")["probability"]
+            else:
+                volume = _create_volume(partial_volume, (n_holograms, indices.size, ny, nx), dtype, indices, z_m, {
+                    "source": name, "chunk": int(chunk), "n_chunks": int(n_chunks), "dx": dx, "dy": dy,
+                    "threshold": float(infer["threshold"]), "holopipe_version": __version__})
             quantize = _quantizer(dtype)
-        found: list[pd.DataFrame] = []
-        try:
-            with ThreadPoolExecutor(1) as pool, cudnn_autotune(device):
-                for h in tqdm(range(n_holograms), desc=f"infer chunk {chunk + 1}/{n_chunks}", unit="hologram",
-                              disable=not progress):
+        todo = [h for h in range(n_holograms) if h + 1 not in done]
+        log.info("%s chunk %d/%d: %d of %d holograms to sweep (%d finished before, kept in %s)", name, chunk + 1,
+                 n_chunks, len(todo), n_holograms, len(done), parts.directory)
+        batch_planes = int(infer["batch_planes"])
+        if segment is None:
+            segment = _load_segmenter(model_path, device, infer["precision"])
+        # A full-size hologram takes minutes: the bar counts planes, not holograms.
+        with ThreadPoolExecutor(1) as pool, cudnn_autotune(device), \
+                tqdm(total=len(todo) * indices.size, desc=f"infer chunk {chunk + 1}/{n_chunks}", unit="plane",
+                     disable=not progress) as bar:
+            for h in todo:
+                bar.set_postfix_str(f"hologram {h + 1}/{n_holograms}")
+                found: list[pd.DataFrame] = []
 
-                    def consume(first, rows_cols, values, probability, h=h):
-                        if probability is not None:
-                            volume[h, first:first + probability.shape[0]] = probability
-                        for slot, table in batch_detections(rows_cols, values, shape=(ny, nx),
-                                                            min_area=int(infer["min_area"]), dx=dx, dy=dy):
-                            found.append(table.assign(hid=h + 1, plane=int(indices[first + slot]),
-                                                      z=z_m[first + slot] * 1e6))
+                def consume(first, rows_cols, values, probability, h=h, found=found):
+                    if probability is not None:
+                        volume[h, first:first + probability.shape[0]] = probability
+                    for slot, table in batch_detections(rows_cols, values, shape=(ny, nx),
+                                                        min_area=int(infer["min_area"]), dx=dx, dy=dy):
+                        found.append(table.assign(hid=h + 1, plane=int(indices[first + slot]),
+                                                  z=z_m[first + slot] * 1e6))
+                    bar.update(min(batch_planes, z_m.size - first))
 
-                    image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
-                    timing = sweep_hologram(
-                        image.T, z_m, segment, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
-                        pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]),
-                        batch_planes=int(infer["batch_planes"]), threshold=float(infer["threshold"]),
-                        device=device, pool=pool, consume=consume, quantize=quantize)
-                    shares = timing.shares()
-                    log.info("%s hologram %d, planes %d-%d: %.2f s, %.1f planes/s (propagation %.0f%%, model "
-                             "%.0f%%, post-processing %.0f%%)", name, h + 1, indices[0] if indices.size else 0,
-                             indices[-1] if indices.size else -1, timing.seconds, timing.planes_per_second,
-                             100 * shares["propagation"], 100 * shares["model"], 100 * shares["postprocess"])
-            columns = list(DETECTION_COLUMNS)
-            table = (pd.concat(found, ignore_index=True)[columns] if found
-                     else pd.DataFrame({column: pd.Series(dtype=float) for column in columns}))
-            table = table.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
-            if tmp_volume is not None:
-                remove_path(probabilities_path)
-                os.replace(tmp_volume, probabilities_path)
-            # Last: a CSV on disk means the chunk is complete.
-            write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
-        finally:
-            if tmp_volume is not None:
-                remove_path(tmp_volume)
+                image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
+                timing = sweep_hologram(
+                    image.T, z_m, segment, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
+                    pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]),
+                    batch_planes=batch_planes, threshold=float(infer["threshold"]),
+                    device=device, pool=pool, consume=consume, quantize=quantize)
+                # Every batch's volume slices are written (sweep_hologram waited for them): now it is done.
+                parts.save(h + 1, _detection_table(found))
+                shares = timing.shares()
+                log.info("%s hologram %d, planes %d-%d: %.2f s, %.1f planes/s (propagation %.0f%%, model "
+                         "%.0f%%, post-processing %.0f%%)", name, h + 1, indices[0] if indices.size else 0,
+                         indices[-1] if indices.size else -1, timing.seconds, timing.planes_per_second,
+                         100 * shares["propagation"], 100 * shares["model"], 100 * shares["postprocess"])
+        table = _detection_table(parts.load(range(1, n_holograms + 1)))
+        if probabilities_path is not None:
+            probabilities_path.parent.mkdir(parents=True, exist_ok=True)
+            remove_path(probabilities_path)
+            os.replace(partial_volume, probabilities_path)
+        # Last: a CSV on disk means the chunk is complete.
+        return parts.finish(lambda tmp: table.to_csv(tmp, index=False))
     finally:
         ds.close()
-    return out_csv
