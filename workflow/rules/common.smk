@@ -173,12 +173,15 @@ TORCH_LIBRARIES_MB = 1536
 embedded default peaks at 1.4 GB (measured with /usr/bin/time -v)."""
 
 INFER_BYTES_PER_PIXEL_PLANE = 80
-"""ESTIMATE, to be replaced by the measured figure (benchmarks/bench_infer.py): host bytes that inference
-holds per padded pixel for each plane of a batch (field, amplitude and phase inputs, on a CPU also the
-model's activations). From issue 10's full-size run: the CPU infer job peaked at 7.5 GB with batch_planes 4
-on a 5632 × 4096 padded frame, (7.5 GB - 1.5 GB) / (4 × 23.1 Mpx) = 65 B."""
-INFER_BYTES_PER_PIXEL = 32
-"""Bytes per padded pixel that inference holds once per hologram (its spectrum and the frame itself)."""
+"""ESTIMATE, to be replaced by the measured figure (benchmarks/bench_infer_memory.py): host bytes that
+inference holds per padded pixel for each plane of a batch (field, amplitude and phase inputs, on a CPU
+also the model's activations). Fitted, with INFER_LIBRARIES_MB and INFER_BYTES_PER_PIXEL, to two CPU
+runs: issue 10's full-size infer job (5632 × 4096 padded, batch_planes 4: 7.5 GB) and the reduced smoke
+run (2048 × 1536 padded, batch_planes 2, plain_unet depth 5: 2.5 GB), which give about 53 B."""
+INFER_BYTES_PER_PIXEL = 64
+"""Bytes per padded pixel that inference holds once per hologram (its spectrum, transfer function, frame)."""
+INFER_LIBRARIES_MB = 2048
+"""An infer job before its frames: torch, the model and the CPU kernels' workspaces (2.1 GB in that fit)."""
 
 URL_HOLOGRAMS_BOUND = 600
 """Holograms assumed for a url split without max_holograms, whose count is known only once downloaded:
@@ -406,7 +409,7 @@ def get_tune_worker_runtime(wildcards, attempt):
 def get_infer_mem_mb(wildcards, attempt):
     """Torch, a hologram's spectrum and infer.batch_planes planes (INFER_BYTES_PER_PIXEL_PLANE each)."""
     per_pixel = INFER_BYTES_PER_PIXEL + INFER_BYTES_PER_PIXEL_PLANE * config["infer"]["batch_planes"]
-    return memory_mb(per_pixel * padded_pixels(wildcards.split), attempt, TORCH_LIBRARIES_MB)
+    return memory_mb(per_pixel * padded_pixels(wildcards.split), attempt, INFER_LIBRARIES_MB)
 
 
 def get_infer_runtime(wildcards, attempt):
