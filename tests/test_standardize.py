@@ -150,11 +150,12 @@ def bytes_read() -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux I/O counters")
-def test_fit_reads_the_training_store_once(tmp_path):
+@pytest.mark.parametrize("background", ["smooth", "running_median"])
+def test_fit_reads_the_training_store_once(tmp_path, background):
     images = np.random.default_rng(6).normal(128, 8, (16, 384, 320)).astype(np.float32)
     train = write_store(tmp_path / "train.zarr", images)
     store_bytes = sum(f.stat().st_size for f in train.rglob("*") if f.is_file())
-    config = make_config()
+    config = make_config(background, window=5)
     fit_stats(train, config)  # warm up imports and caches, so that only the reads of the data are counted
 
     before = bytes_read()
