@@ -111,9 +111,10 @@ def _dark_pixels(amplitude, threshold: float):
     """(slot, row, column) int64 and amplitude float64 of the pixels of a batch (planes, ny, nx) darker
     than ``threshold``, in raster order, on the host: the only part of the planes that leaves the device."""
     xp = array_api_compat.array_namespace(amplitude)
-    dark = amplitude < threshold
-    slots, rows, cols = (host_array(index, np.int64) for index in xp.nonzero(dark))
-    return slots, rows, cols, host_array(amplitude[dark])
+    flat = xp.reshape(amplitude, (-1,))
+    (dark,) = xp.nonzero(flat < threshold)  # 1-D: cheaper than the 3-D indices, unravelled on the host
+    slots, rows, cols = np.unravel_index(host_array(dark, np.int64), tuple(amplitude.shape))
+    return slots, rows, cols, host_array(xp.take(flat, dark))
 
 
 def _region_stats(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, labels: np.ndarray, n: int,
