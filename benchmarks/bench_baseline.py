@@ -1,6 +1,7 @@
 """Baseline and depth refinement per plane on a full-size HOLODEC frame, on the CPU (or a GPU).
 
     python benchmarks/bench_baseline.py [--planes 8 16] [--particles 500] [--device cpu] [--before]
+    python benchmarks/bench_baseline.py --compare-default 10
 
 The frame is config/holodec.yaml's as the workflow reconstructs it: 4872 x 3248 regridded to
 5120 x 3584 (``regrid.frame: pad``), padded by ``reconstruction.pad`` (256) on each side, band-limited.
@@ -15,6 +16,11 @@ less) of: the bare reconstruction (amplitude of one plane, no phase: the floor o
 plane counts for the marginal cost), and ``refine_depths`` with every particle searched on every plane (the worst case: 500
 particles per plane). ``--before`` also times the modules of ``--before-commit`` (checked out from git
 into a temporary package), the code before the baseline and refinement were batched on the device.
+
+``--compare-default N`` instead runs the baseline before and after on the first N holograms of the
+embedded default's test split (config/config.yaml, seed 13: its 2 test holograms and more from the same
+stream), flat-fielded by the simulated beam, and prints both tables' F1 against the truth and how many
+particles are identical.
 """
 
 import argparse
@@ -29,10 +35,13 @@ import numpy as np
 import pandas as pd
 
 from holopipe.config import load_config
+from holopipe.evaluate import match
 from holopipe.focus import reconstructed_amplitude
+from holopipe.io import open_holodec, write_zarr
 from holopipe.particles import array_mover
 from holopipe.reconstruction import hologram_propagator, z_bin_centres
-from holopipe.simulate import Camera, Optics, SimulationSettings, camera_image, opaque_disks_field, sample_particles
+from holopipe.simulate import (Camera, Optics, SimulationSettings, beam_profile, camera_image, opaque_disks_field,
+                               sample_particles, simulate_file)
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = (3584, 5120)  # (ny, nx) after regrid.frame: pad
@@ -82,6 +91,34 @@ def timed(run) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def compare_on_default(n_holograms: int, before_commit: str) -> None:
+    """Baseline tables before and after on the default config's test-split holograms."""
+    config = load_config(REPO / "config" / "config.yaml")
+    settings = SimulationSettings.from_config(config)
+    work = Path(tempfile.mkdtemp())
+    ds = open_holodec(str(simulate_file(work / "test.nc", n_holograms=n_holograms, seed=config["splits"]["test"]["seed"],
+                                        settings=settings, progress=False)))
+    images = ds["image"].values / beam_profile(settings.optics, settings.camera.beam_waist).T[None]
+    store = write_zarr(ds.assign(image=(ds["image"].dims, (images / images.mean(axis=(1, 2), keepdims=True))
+                                        .astype(np.float32))), work / "test.zarr")
+    truth = pd.DataFrame({c: ds[c].values for c in ("hid", "x", "y", "z", "d")})
+    old_baseline, _ = before_modules(before_commit, work / "before")
+    import holopipe.baseline as baseline
+
+    tolerance = config["evaluate"]["tolerance_xy"], config["evaluate"]["tolerance_z"]
+    tables = {}
+    for name, module in (("before", old_baseline), ("after", baseline)):
+        tables[name] = table = pd.read_csv(module.baseline_file(config, store, work / f"{name}.csv", progress=False))
+        pairs = match(truth, table, *tolerance)
+        rmse = {c: float(np.sqrt(np.mean(pairs[f"error_{c}"] ** 2))) for c in "xyzd"}
+        print(f"{name:<7}{len(table)} particles of {len(truth)}, matched {len(pairs)}, "
+              f"F1 {2 * len(pairs) / (len(table) + len(truth)):.3f}, RMSE (µm) "
+              + ", ".join(f"{c} {v:.1f}" for c, v in rmse.items()))
+    same = match(tables["before"], tables["after"], 1e-9, 1e-9)  # within 1e-3 µm
+    print(f"identical particles (within 1e-3 µm): {len(same)} of {len(tables['before'])} before, "
+          f"{len(tables['after'])} after")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--planes", type=int, nargs="+", default=[8, 16])
@@ -89,7 +126,12 @@ def main():
     parser.add_argument("--device", default="cpu", help="baseline.device / particles.device (cpu: numpy)")
     parser.add_argument("--before", action="store_true", help="also time the code of --before-commit")
     parser.add_argument("--before-commit", default=BEFORE_COMMIT)
+    parser.add_argument("--compare-default", type=int, metavar="N",
+                        help="compare the tables before and after on N default test-split holograms instead")
     args = parser.parse_args()
+    if args.compare_default:
+        compare_on_default(args.compare_default, args.before_commit)
+        return
 
     config = full_size_config()
     reconstruction = config["reconstruction"]
