@@ -220,12 +220,37 @@ def test_log_transform_keeps_dead_pixels_finite(tmp_path):
     assert read_stats(stats_path)[0]["log_transform"] is True
 
 
-def test_a_hologram_without_light_fails_naming_the_file(tmp_path):
+def test_a_hologram_mostly_without_light_fails_naming_the_file_and_a_blank_one_is_empty(tmp_path, caplog):
     images = camera_images(3, seed=11)
-    images[1] = 0
-    train = write_store(tmp_path / "dark.zarr", images)
+    images[1, 20:80] = 0  # most of the frame dark: its background reaches 0
     with pytest.raises(ValueError, match=r"dark\.zarr: hologram index 1 has no light"):
-        fit_stats(train, make_config())
+        fit_stats(write_store(tmp_path / "dark.zarr", images), make_config(block_pixels=16))
+    images[1] = 0  # nothing but one value: no data at all, contrast 1 (an empty field)
+    blank = write_store(tmp_path / "blank.zarr", images)
+    out = open_holodec(apply_stats(blank, tmp_path / "out.zarr", write_stats(fit_stats(blank, make_config()),
+                                                                                 tmp_path / "stats.json")))
+    assert (out["image"].values[1] == 1).all() and "hologram index 1 is one constant value" in caplog.text
+
+
+def test_regrids_padding_is_not_data_a_beamed_hologram_stays_flat_up_to_the_pad(tmp_path):
+    from holopipe.regrid import regrid_file
+
+    raw = write_store(tmp_path / "raw.zarr", camera_images(1, seed=12, nx=200, ny=168, beam_waist=4e-4,
+                                                            dark_spots=False))
+    config = load_config({**make_config(block_pixels=32), "examples": {"tile_size": 64}})
+    padded = regrid_file(raw, tmp_path / "padded.zarr", config)  # 200 x 168 -> 256 x 192, pad at the median
+    stats_path = write_stats(fit_stats(raw, config), tmp_path / "stats.json")
+
+    out = open_holodec(apply_stats(padded, tmp_path / "out.zarr", stats_path))["image"].values[0]
+
+    assert out.shape == (256, 192)
+    assert (out[:28] == 1).all() and (out[228:] == 1).all() and (out[:, :12] == 1).all() and (out[:, 180:] == 1).all()
+    data = out[28:228, 12:180]
+    # Flat to the pad's edge: the beam (edges at 45 % of the centre) removed, strips 4 pixels wide along each
+    # side averaged (noise ~0.5 %) within 2 %.
+    for strip in (data[:4], data[-4:], data[:, :4], data[:, -4:]):
+        assert strip.mean(axis=min(strip.shape.index(4), 1)).mean() == pytest.approx(1.0, abs=0.02)
+    assert np.abs(data.reshape(25, 8, 21, 8).mean(axis=(1, 3)) - 1).max() < 0.02
 
 
 def test_stats_of_a_training_split_background_image_are_refused(tmp_path):
@@ -238,17 +263,20 @@ def test_stats_of_a_training_split_background_image_are_refused(tmp_path):
 def test_the_baseline_finds_the_same_droplets_in_the_beamed_and_the_flat_file(tmp_path):
     from holopipe.baseline import baseline_file
     from holopipe.evaluate import evaluate_files
+    from holopipe.regrid import regrid_file
 
     config = load_config({
         "splits": {"train": {"source": "simulate", "n_holograms": 1, "seed": 0}},
         "optics": {"wavelength": WAVELENGTH, "dx": DX, "dy": DY, "nx": 768, "ny": 640, "z_min": Z_MIN, "z_max": Z_MAX},
         "reconstruction": {"z_bins": 40},
+        "examples": {"tile_size": 256},  # regrid pads 640 to 768 with the median: the beam's edge is a step
     })
     paths = simulated_pair(tmp_path)
     stats_path = write_stats(fit_stats(paths["flat"], config), tmp_path / "stats.json")
     f1 = {}
     for name, path in paths.items():
-        store = apply_stats(path, tmp_path / f"{name}.zarr", stats_path)
+        regridded = regrid_file(path, tmp_path / f"{name}_regridded.zarr", config)
+        store = apply_stats(regridded, tmp_path / f"{name}.zarr", stats_path)
         found = baseline_file(config, store, tmp_path / f"{name}.csv", progress=False)
         metrics = evaluate_files(config, {name: store}, {"baseline": {name: found}}, tmp_path / f"{name}.json",
                                  tmp_path / f"plots_{name}")

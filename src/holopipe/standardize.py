@@ -117,9 +117,9 @@ def _spline_basis(knots: np.ndarray, at: np.ndarray) -> np.ndarray:
 
 
 def _axis_bases(n: int, cell: int, block_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Along an axis of n pixels, k knots about one block apart from edge to edge: the spline basis at every
-    pixel (n, k) and at the centres of the n // cell cells (m, k)."""
-    knots = np.linspace(0, n - 1, max(1, round(n / block_pixels)) + 1)
+    """Along an axis of n pixels, k knots about one block apart from edge to edge (one for a single pixel):
+    the spline basis at every pixel (n, k) and at the centres of the n // cell cells (m, k)."""
+    knots = np.linspace(0, n - 1, max(1, round(n / block_pixels)) + 1 if n > 1 else 1)
     return _spline_basis(knots, np.arange(n, dtype=np.float64)), _spline_basis(knots, np.arange(n // cell) * cell
                                                                                  + (cell - 1) / 2)
 
@@ -209,12 +209,41 @@ def _window(h: int, n: int, window: int) -> range:
     return range(start, min(start + window, n))
 
 
+def _constant_edges(image: np.ndarray) -> tuple[slice, slice]:
+    """The frame without its constant edge rows and columns (regrid's pad, a dead or saturated edge).
+
+    An edge line is constant when all its pixels equal the frame's corner value on that side; a line of
+    real data never is (noise). The whole frame comes back when nothing is constant, an empty slice when
+    everything is.
+    """
+    def run(lines: np.ndarray) -> int:  # constant leading lines (axis 0), all with the first one's value
+        constant = (lines == lines[:1, :1]).all(axis=1)
+        return int(np.cumprod(constant).sum())
+
+    n0, n1 = image.shape
+    start0, start1 = run(image), run(image.T)
+    stop0, stop1 = n0 - run(image[::-1]), n1 - run(image.T[::-1])
+    return slice(start0, max(start0, stop0)), slice(start1, max(start1, stop1))
+
+
 def _contrast_block(*blocks, settings: dict, where: str, position: int = 0, hologram: int | None = None,
                     block_info=None):
     """One hologram's standardized image (1, nx, ny) from its chunk, or from its window's chunks (the
-    hologram at ``position``); ``hologram`` (else the chunk's location) names it in errors."""
+    hologram at ``position``); ``hologram`` (else the chunk's location) names it in errors.
+
+    Constant edge lines (regrid pads a frame to whole tiles with one value, :func:`_constant_edges`) are
+    not data: the background is fitted without them and their contrast is 1, the background's level (a
+    pad at the median intensity is a step that no smooth background of a beamed hologram follows).
+    """
     images = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
+    rows, cols = _constant_edges(images[position])
+    images = images[:, rows, cols]
     image = images[position]
+    contrast = np.ones((1, *blocks[0].shape[1:]), np.float32)
+    if image.size == 0:
+        hologram = block_info[0]["array-location"][0][0] if hologram is None else hologram
+        log.warning("%s: hologram index %d is one constant value (no light?); standardized to 1", where, hologram)
+        return contrast
     method = settings["background"]
     if method == "smooth":
         background = smooth_background(image, int(settings["block_pixels"]))
@@ -230,7 +259,8 @@ def _contrast_block(*blocks, settings: dict, where: str, position: int = 0, holo
         hologram = block_info[0]["array-location"][0][0] if hologram is None else hologram
         raise ValueError(f"{where}: hologram index {hologram} has no light (its background reaches {darkest:g}); "
                          "cannot divide it by its background")
-    return standardize_image(image, background, bool(settings["log_transform"]))[None]
+    contrast[0, rows, cols] = standardize_image(image, background, bool(settings["log_transform"]))
+    return contrast
 
 
 def contrast_images(image: da.Array, settings: dict, where: str = "<image>") -> da.Array:
