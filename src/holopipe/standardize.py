@@ -26,7 +26,10 @@ field ``I / I0`` and reconstructs physically (``hologram_field(h, background=1.0
 ``mean``
     The hologram's own mean intensity, one scalar: for flat illumination.
 
-The background is floored at ``DEAD_BACKGROUND_FRACTION`` of the hologram's median level, so dead
+Constant edge rows and columns are not data (regrid pads a frame to whole tiles with the hologram's median,
+a step no smooth background of a beamed hologram follows): the background is fitted without them and their
+contrast is 1, the background's level. The background is floored at ``DEAD_BACKGROUND_FRACTION`` of the
+hologram's median level, so dead
 pixels of the running median (or a spline undershoot in a dark corner) never divide by ~0; a dead
 pixel of the image itself gives contrast 0, which the log floor keeps finite. A hologram without light
 (a background that reaches 0) fails, naming the file and the hologram. With ``log_transform`` the stored value is
