@@ -267,3 +267,22 @@ def test_forcerun_of_a_stage_name(tmp_path):
     # Stages without wildcards are their job's rule: forcing one plans it and what follows it.
     jobs = plan(tmp_path, TINY, "--forcerun", "train")
     assert {"train", "infer_chunk", "evaluate"} <= {rule for rule, _ in jobs}
+
+
+def test_a_file_split_is_sized_from_its_own_header(tmp_path):
+    # A user's file of 3 holograms on another frame than optics (1024 × 768 against 64 × 64).
+    made = {**TINY, "optics": {**TINY["optics"], "nx": 1024, "ny": 768},
+            "splits": {"valid": {"source": "simulate", "n_holograms": 3, "seed": 2}}}
+    source = acquire_split(load_config(made), "valid", tmp_path / "campaign" / "real.nc")
+    jobs = {}
+    for kept in (1, 2, None):
+        split = {"source": "file", "path": str(source), **({"max_holograms": kept} if kept else {})}
+        config = {**TINY, "splits": {**TINY["splits"], "valid": split}, "reconstruction": {"z_bins": 4000, "pad": 0}}
+        jobs[kept] = plan(tmp_path, config, "regrid", "infer")
+    # Regridding holds two holograms of 40 B per pixel: 60 MB of the file's frame, nothing of the configured one.
+    regrid = {split: jobs[1]["regrid_split", f"split={split}"]["mem_mb"] for split in ("train", "valid")}
+    assert regrid["valid"] - regrid["train"] == pytest.approx(2 * 40 * 1024 * 768 / 2**20, abs=2)
+    # Inference walltime (less its 5-minute start-up allowance) follows the holograms kept: max_holograms,
+    # else all three in the file.
+    work = [jobs[kept]["infer_chunk", "split=valid, chunk=0"]["runtime"] - 5 for kept in (1, 2, None)]
+    assert work[1] / work[0] == pytest.approx(2, rel=0.2) and work[2] / work[0] == pytest.approx(3, rel=0.2)
