@@ -46,7 +46,7 @@ def overrides(args) -> dict:
         "model": {"architecture": "plain_unet", "depth": 5, "width": 16},
         "train": {"epochs": 1, "num_workers": 1, "warmup_epochs": 0, "device": "cpu"},
         "tune": {"n_trials": 1, "workers": 1, "epochs": 1, "startup_trials": 1},
-        "infer": {"device": "cpu", "chunks": 2, "batch_planes": 2},
+        "infer": {"device": "cpu", "chunks": 2, "batch_planes": 1},  # a CPU holds 9.3 GB per full-size plane
         "particles": {"device": "cpu"},
         "baseline": {"device": "cpu"},
     }

@@ -172,16 +172,18 @@ TORCH_LIBRARIES_MB = 1536
 """The same for a job that imports torch: `import torch` alone is 650 MB, and `holopipe infer` on the
 embedded default peaks at 1.4 GB (measured with /usr/bin/time -v)."""
 
-INFER_BYTES_PER_PIXEL_PLANE = 80
-"""ESTIMATE, to be replaced by the measured figure (benchmarks/bench_infer_memory.py): host bytes that
-inference holds per padded pixel for each plane of a batch (field, amplitude and phase inputs, on a CPU
-also the model's activations). Fitted, with INFER_LIBRARIES_MB and INFER_BYTES_PER_PIXEL, to two CPU
-runs: issue 10's full-size infer job (5632 × 4096 padded, batch_planes 4: 7.5 GB) and the reduced smoke
-run (2048 × 1536 padded, batch_planes 2, plain_unet depth 5: 2.5 GB), which give about 53 B."""
-INFER_BYTES_PER_PIXEL = 64
-"""Bytes per padded pixel that inference holds once per hologram (its spectrum, transfer function, frame)."""
-INFER_LIBRARIES_MB = 2048
-"""An infer job before its frames: torch, the model and the CPU kernels' workspaces (2.1 GB in that fit)."""
+# Inference's host memory, measured on a CPU by benchmarks/bench_infer_memory.py (fp32, plain_unet width 16
+# and LinkNet/ResNet-18): C + a·P + batch_planes·(p·P + m·N), P the padded pixels, N the frame's.
+INFER_LIBRARIES_MB = 1100
+"""C: torch and the model."""
+INFER_BYTES_PER_PADDED_PIXEL = 40
+"""a: the hologram's spectrum and transfer function, once."""
+INFER_BYTES_PER_PADDED_PIXEL_PLANE = 30
+"""p: per plane of a batch, the propagated field and its amplitude and phase."""
+INFER_BYTES_PER_PIXEL_PLANE = {"cpu": 470, "gpu": 8}
+"""m: per frame pixel per plane of a batch: on a CPU the model's activations (470 B measured; a full
+HOLODEC frame needs 9.3 GB per plane); on a GPU they stay in the GPU's memory and the host receives the
+plane's probability and amplitude (8 B, assumed)."""
 
 URL_HOLOGRAMS_BOUND = 600
 """Holograms assumed for a url split without max_holograms, whose count is known only once downloaded:
@@ -407,9 +409,11 @@ def get_tune_worker_runtime(wildcards, attempt):
 
 
 def get_infer_mem_mb(wildcards, attempt):
-    """Torch, a hologram's spectrum and infer.batch_planes planes (INFER_BYTES_PER_PIXEL_PLANE each)."""
-    per_pixel = INFER_BYTES_PER_PIXEL + INFER_BYTES_PER_PIXEL_PLANE * config["infer"]["batch_planes"]
-    return memory_mb(per_pixel * padded_pixels(wildcards.split), attempt, INFER_LIBRARIES_MB)
+    """Torch and the model, a hologram's spectrum and infer.batch_planes planes, on infer.device's host."""
+    padded, frame = padded_pixels(wildcards.split), frame_pixels(wildcards.split)
+    per_plane = INFER_BYTES_PER_PADDED_PIXEL_PLANE * padded + INFER_BYTES_PER_PIXEL_PLANE[device_kind("infer")] * frame
+    held = INFER_BYTES_PER_PADDED_PIXEL * padded + config["infer"]["batch_planes"] * per_plane
+    return memory_mb(held, attempt, INFER_LIBRARIES_MB)
 
 
 def get_infer_runtime(wildcards, attempt):
