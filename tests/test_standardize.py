@@ -132,9 +132,9 @@ def test_stats_hold_only_the_contrast_scale_of_the_standardized_training_split(t
     config = make_config(log_transform=True, block_pixels=32)
 
     path = write_stats(fit_stats(train, config), tmp_path / "out" / "stats.json")
-    stats, background = read_stats(path)
+    stats = read_stats(path)
 
-    assert background is None and sorted(p.name for p in path.parent.iterdir()) == ["stats.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["stats.json"]
     numbers = {key for key, value in stats.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
     assert numbers == {"contrast_mean", "contrast_std", "n_holograms"}
     assert stats["standardize"] == {"background": "smooth", "block_pixels": 32, "window": 9, "log_transform": True}
@@ -217,7 +217,7 @@ def test_log_transform_keeps_dead_pixels_finite(tmp_path):
     assert np.isfinite(out).all() and out[0, 5, 7] == pytest.approx(1 + np.log(LOG_EPS))
     np.testing.assert_allclose(out, 1 + np.log(np.maximum(linear, LOG_EPS)), rtol=1e-5, atol=1e-6)
     assert np.median(out) == pytest.approx(1.0, abs=0.01)
-    assert read_stats(stats_path)[0]["log_transform"] is True
+    assert read_stats(stats_path)["log_transform"] is True
 
 
 def test_a_hologram_mostly_without_light_fails_naming_the_file_and_a_blank_one_is_empty(tmp_path, caplog):

@@ -334,14 +334,14 @@ def write_stats(stats: dict, path) -> Path:
     return path
 
 
-def read_stats(path) -> tuple[dict, None]:
-    """(stats dict, None). The second item is kept for callers of the former per-pixel median image."""
+def read_stats(path) -> dict:
+    """The stats that :func:`write_stats` wrote; a file of the former training-split background image is refused."""
     path = Path(path)
     stats = json.loads(path.read_text(encoding="utf-8"))
     if "background_file" in stats:
         raise ValueError(f"{path}: fitted with a training-split background image ({stats['background_file']}); "
                          "backgrounds are now per hologram: rerun `holopipe standardize fit`")
-    return stats, None
+    return stats
 
 
 def apply_stats(in_path, out_path, stats_path) -> Path:
@@ -352,7 +352,7 @@ def apply_stats(in_path, out_path, stats_path) -> Path:
     ``standardize_block_pixels`` or ``standardize_window`` (the estimator's setting),
     ``standardize_log_transform`` (0/1), ``standardize_source`` and ``standardize_contrast_mean``/``_std``.
     """
-    stats, _ = read_stats(stats_path)
+    stats = read_stats(stats_path)
     settings = stats["standardize"]
     name = os.fspath(in_path)
     ds = open_holodec(name)

@@ -252,7 +252,7 @@ def train_model(config: dict, train_store, valid_store, out_dir, *, stats_path=N
     train, model_config = config["train"], config["model"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = read_stats(stats_path)[0] if stats_path is not None else {}
+    stats = read_stats(stats_path) if stats_path is not None else {}
     device = resolve_device(train["device"])
     amp_dtype = autocast_dtype(train["precision"], device)
     channels_last = train["channels_last"] and device.type == "cuda"
