@@ -78,12 +78,9 @@ DETECTION_COLUMNS = ("hid", "plane", "x", "y", "z", "d", "area", "prob_max", "pr
 """Columns of an inference CSV: hid (1-based), plane (0-based global index), x, y, z, d (µm), area
 (pixels), prob_max and prob_mean (probability over the detection's pixels), logit_mean (the model's mean
 logit there: unlike the probability it does not saturate, so it peaks at the focus), amplitude_min (the lowest
-reconstructed amplitude over the detection, smoothed over FOCUS_BOX pixels: how dark, so how sharply in
+reconstructed amplitude over the detection, box-averaged over :data:`holopipe.focus.SMOOTHING_PIXELS` pixels
+by :func:`holopipe.focus.smoothed_amplitude`, since a single pixel's minimum is speckle: how dark, so how sharply in
 focus, the particle is on that plane)."""
-
-FOCUS_BOX = 5
-"""Side (pixels) of the box average of the amplitude before its minimum is taken: a single pixel's
-minimum is speckle and would place the focus planes away."""
 
 _FORWARD_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
 """Half of the 8-neighbourhood: linking each pixel to these links every neighbouring pair once."""
