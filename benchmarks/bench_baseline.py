@@ -38,7 +38,7 @@ from holopipe.config import load_config
 from holopipe.evaluate import match
 from holopipe.focus import reconstructed_amplitude
 from holopipe.io import open_holodec, write_zarr
-from holopipe.particles import array_mover
+from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, z_bin_centres
 from holopipe.simulate import (Camera, Optics, SimulationSettings, beam_profile, camera_image, opaque_disks_field,
                                sample_particles, simulate_file)

@@ -66,7 +66,7 @@ from holopipe.focus import host_array, pixel_values, reconstructed_amplitude, wi
 from holopipe.infer import pixel_components
 from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position
 from holopipe.optics import Propagator
-from holopipe.particles import array_mover
+from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "find_particles"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["autocast", "autocast_dtype", "cpu_threads", "job_threads", "resolve_device", "use_threads"]
+__all__ = ["array_mover", "autocast", "autocast_dtype", "cpu_threads", "job_threads", "resolve_device", "use_threads"]
 
 ALLOCATION_VARIABLES = ("OMP_NUM_THREADS", "NCPUS")
 """Environment variables stating a job's CPU allocation, first found wins: Snakemake sets OMP_NUM_THREADS to
@@ -39,6 +39,20 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key} is {name!r} but CUDA is not available")
     return device
+
+
+def array_mover(name: str, key: str):
+    """numpy -> the array a plane sweep reconstructs in, for the device ``name`` of config key ``key``
+    (named in errors): numpy on the CPU (scipy's multithreaded FFT, twice torch's speed on a CPU), a
+    torch tensor on a GPU. ``auto`` takes CUDA when torch sees one."""
+    if name == "cpu":
+        return lambda array: array
+    device = resolve_device(name, key)
+    if device.type == "cpu":
+        return lambda array: array
+    import torch
+
+    return lambda array: torch.from_numpy(array).to(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -55,13 +55,14 @@ import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
+from holopipe.device import array_mover
 from holopipe.focus import (gather_windows, host_array, reconstructed_amplitude, smoothed_amplitude, window_buckets,
                             window_scores)
 from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, write_atomically
 from holopipe.optics import Propagator
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
-__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "array_mover", "cluster_detections", "cluster_labels",
+__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels",
            "focus_windows", "host_windows", "label_detections", "measure_dark_disk", "merge_detections",
            "merge_duplicates", "particles_file", "read_detections", "refine_depths"]
 
@@ -350,22 +351,6 @@ def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
         labels = cluster_labels(_linking_points(group, settings), float(settings["distance"]))
         kept.append(group.iloc[_best_per_label(labels, group["focus"].to_numpy(), group["prob"].to_numpy())])
     return pd.concat(kept) if kept else particles
-
-
-def array_mover(name: str, key: str):
-    """numpy -> the array a plane sweep reconstructs in, for the device ``name`` of config key ``key``
-    (named in errors): numpy on the CPU (scipy's multithreaded FFT, twice torch's speed on a CPU), a
-    torch tensor on a GPU. ``auto`` takes CUDA when torch sees one."""
-    if name == "cpu":
-        return lambda array: array
-    from holopipe.device import resolve_device
-
-    device = resolve_device(name, key)
-    if device.type == "cpu":
-        return lambda array: array
-    import torch
-
-    return lambda array: torch.from_numpy(array).to(device)
 
 
 def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramParts, *,
