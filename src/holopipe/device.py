@@ -1,22 +1,61 @@
 """Device, precision and CPU-thread choice, one policy for every stage: which device a config key names,
 the autocast dtype of a precision on it, and how many CPU threads a job may use.
 
+No silent slow path: a job to which the scheduler allocated a GPU (``CUDA_VISIBLE_DEVICES`` names one, as
+PBS and Snakemake's GPU profiles set it) but in which torch finds none fails with :class:`GPUNotFoundError`
+rather than running for hours on the CPU; ``auto`` without such an allocation (a laptop, ``make run``) runs on
+the CPU. Where one job sees several GPUs (a workstation or an interactive node, ``--resources gpu=N``), each
+GPU job takes a free one for its lifetime (:func:`gpu_slot`), so N jobs use N GPUs.
+
 torch is imported only by the functions that need it, so the numpy stages (simulate, regrid, standardize)
 can follow the thread policy without loading torch.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import socket
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from contextlib import nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["array_mover", "autocast", "autocast_dtype", "cpu_threads", "job_threads", "resolve_device", "use_threads"]
+__all__ = [
+    "CUDA_MAJOR",
+    "GPUNotFoundError",
+    "allocated_gpus",
+    "array_mover",
+    "autocast",
+    "autocast_dtype",
+    "cpu_threads",
+    "describe_device",
+    "gpu_slot",
+    "job_threads",
+    "resolve_device",
+    "use_threads",
+]
+
+log = logging.getLogger("holopipe")
+
+CUDA_MAJOR = 13
+"""The CUDA major version of holopipe's one GPU stack: the pinned torch wheel (``torch==2.14.1`` is built for
+CUDA 13.0), ``envs/gpu.yaml``'s ``cuda-version`` and the ``gpu`` extra's CuPy wheel (``cupy-cuda13x``). CUDA 13
+needs an NVIDIA driver of the R580 series or newer (``nvidia-smi`` shows 580.65 or higher)."""
+
+NO_GPU_VALUES = ("", "-1", "none", "nodevfiles", "void")
+"""``CUDA_VISIBLE_DEVICES`` values that allocate no GPU (``NoDevFiles`` is what some schedulers set)."""
+
+GPU_LOCK_DIRECTORY_VARIABLE = "HOLOPIPE_GPU_LOCKS"
+"""Folder of the per-GPU lock files of :func:`gpu_slot`; default a node-local folder under the system's
+temporary directory (never a shared file system: the locks are per node)."""
 
 ALLOCATION_VARIABLES = ("OMP_NUM_THREADS", "NCPUS")
 """Environment variables stating a job's CPU allocation, first found wins: Snakemake sets OMP_NUM_THREADS to
@@ -26,47 +65,156 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 """Set by :func:`use_threads` for the libraries that read them when they load (torch among them)."""
 
 _threads: int | None = None  # set once per process by use_threads (the CLI's main)
+_slot_lock = None  # the open lock file of this process's GPU slot, held until the process exits
 
 
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device (``key`` names the config key
-    in the error when CUDA is asked for and missing)."""
+class GPUNotFoundError(RuntimeError):
+    """A job was allocated a GPU (or asked for CUDA) and torch cannot use one."""
+
+
+def allocated_gpus(environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """The GPUs the scheduler allocated to this job: the entries of ``CUDA_VISIBLE_DEVICES`` (indices or
+    UUIDs); ``[]`` when it is set to allocate none; None when it is unset (no scheduler said anything)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    if value.strip().lower() in NO_GPU_VALUES:
+        return []
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def _why_no_cuda() -> str:
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{key} is {name!r} but CUDA is not available")
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build; install the CUDA one (envs/gpu.yaml)"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} and finds no usable GPU: is the "
+            f"NVIDIA driver at least R580 (CUDA {CUDA_MAJOR}), and does `nvidia-smi` see the device?")
+
+
+def resolve_device(name: str, key: str = "train.device", environ: Mapping[str, str] | None = None) -> torch.device:
+    """The torch device config key ``key`` names (``name``): ``auto`` -> a GPU when torch sees one, else the
+    CPU, unless the scheduler allocated a GPU (:func:`allocated_gpus`): then a missing GPU is an error, not a
+    slow CPU run. ``cuda`` without an index takes a free GPU of several (:func:`gpu_slot`).
+
+    Raises :class:`GPUNotFoundError` (naming ``key``) when CUDA is asked for, or allocated, and missing.
+    """
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    available = torch.cuda.is_available()
+    if name == "auto" and not available:
+        allocated = allocated_gpus(environ)
+        if allocated:
+            raise GPUNotFoundError(
+                f"{key} is 'auto' and this job was allocated GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{','.join(allocated)}), but {_why_no_cuda()}. Refusing to run on the CPU instead; to run on "
+                f"the CPU on purpose, set {key}: cpu")
+        return torch.device("cpu")
+    device = torch.device("cuda" if name == "auto" else name)
+    if device.type == "cuda" and not available:
+        raise GPUNotFoundError(f"{key} is {name!r} but {_why_no_cuda()}")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", gpu_slot(torch.cuda.device_count(), environ))
+        torch.cuda.set_device(device)
     return device
+
+
+def _lock_directory(environ: Mapping[str, str]) -> Path:
+    stated = environ.get(GPU_LOCK_DIRECTORY_VARIABLE)
+    folder = Path(stated) if stated else Path(tempfile.gettempdir()) / f"holopipe-gpu-slots-{os.getuid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def gpu_slot(n_devices: int, environ: Mapping[str, str] | None = None, *, poll_seconds: float = 5.0) -> int:
+    """The index of the GPU this process takes, of the ``n_devices`` it sees: 0 when it sees one (a scheduler
+    gave the job its own GPU); else the first whose node-local lock file no other holopipe job holds, kept
+    for the process's lifetime, so that local GPU jobs (``snakemake --resources gpu=N``) spread over the N
+    GPUs. Waits, saying so, while every GPU is taken."""
+    global _slot_lock
+    if n_devices <= 1:
+        return 0
+    if _slot_lock is not None:
+        return _slot_lock[1]
+    environ = os.environ if environ is None else environ
+    names = allocated_gpus(environ) or [str(index) for index in range(n_devices)]
+    folder = _lock_directory(environ)
+    host = socket.gethostname()
+    waited = False
+    while True:
+        for index, name in enumerate(names[:n_devices]):
+            handle = open(folder / f"{host}-gpu-{name}.lock", "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            _slot_lock = (handle, index)
+            log.info("GPU slot: cuda:%d (CUDA_VISIBLE_DEVICES entry %s) of %d, lock %s", index, name, n_devices,
+                     handle.name)
+            return index
+        if not waited:
+            log.warning("all %d GPUs are taken by other holopipe jobs (locks in %s); waiting for one", n_devices,
+                        folder)
+            waited = True
+        time.sleep(poll_seconds)
+
+
+def describe_device(device: torch.device, amp_dtype: torch.dtype | None = None) -> str:
+    """What a job runs on, for its log: the device, the GPU model and its compute capability and memory, the
+    CUDA of torch's build, and the precision (``amp_dtype`` from :func:`autocast_dtype`)."""
+    import torch
+
+    precision = "fp32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    if device.type != "cuda":
+        return f"CPU ({torch.get_num_threads()} threads), {precision}"
+    properties = torch.cuda.get_device_properties(device)
+    return (f"{device} ({properties.name}, compute capability {properties.major}.{properties.minor}, "
+            f"{properties.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}), "
+            f"{precision}")
 
 
 def array_mover(name: str, key: str):
     """numpy -> the array a plane sweep reconstructs in, for the device ``name`` of config key ``key``
-    (named in errors): numpy on the CPU (scipy's multithreaded FFT, twice torch's speed on a CPU), a
-    torch tensor on a GPU. ``auto`` takes CUDA when torch sees one."""
+    (named in errors and in the log line saying where the stage runs): numpy on the CPU (scipy's
+    multithreaded FFT, twice torch's speed on a CPU), a torch tensor on a GPU. ``auto`` takes CUDA when torch
+    sees one, and fails where a GPU was allocated but none is found (:func:`resolve_device`)."""
     if name == "cpu":
+        log.info("%s: CPU (numpy, %d threads)", key, cpu_threads())
         return lambda array: array
     device = resolve_device(name, key)
     if device.type == "cpu":
+        log.info("%s: CPU (numpy, %d threads; torch sees no GPU)", key, cpu_threads())
         return lambda array: array
     import torch
 
+    log.info("%s: %s", key, describe_device(device))
     return lambda array: torch.from_numpy(array).to(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` on ``device``; None runs in fp32 without autocast.
+    """The autocast dtype for a ``precision`` key on ``device``; None runs in fp32 without autocast.
 
-    ``auto`` picks bf16 (same range as fp32, no scaler needed) where the GPU supports it, fp16 otherwise,
-    and fp32 on CPU, where autocast is slower than fp32 for convolutions.
+    ``auto`` picks bf16 (same range as fp32, no scaler needed) only on GPUs with native bf16 (compute
+    capability 8.0 and up: A100, H100), fp16 on older ones (V100, T4; training then needs a gradient scaler),
+    and fp32 on the CPU, where autocast is slower than fp32 for convolutions. (``torch.cuda.is_bf16_supported``
+    says yes to emulated bf16 too, which runs far slower than fp16 on a V100.)
     """
     import torch
 
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
