@@ -138,6 +138,12 @@ def test_file_split_needs_a_path():
     assert "splits.real: 'path' is a required property" in message
 
 
+def test_coarse_to_fine_cannot_save_a_probability_volume():
+    message = error_of(with_change(lambda c: c.update(infer={"coarse_stride": 4, "save_probabilities": True})))
+    assert "infer.coarse_stride (4)" in message and "infer.save_probabilities" in message
+    assert load_config(with_change(lambda c: c.update(infer={"coarse_stride": 4})))["infer"]["coarse_stride"] == 4
+
+
 def test_file_split_with_path_is_valid():
     config = load_config(with_change(lambda c: c["splits"].update(real={"source": "file", "path": "r.nc"})))
     assert config["splits"]["real"] == {"source": "file", "path": "r.nc"}

@@ -111,6 +111,11 @@ def _cross_field_problems(config: dict) -> list[str]:
             if key in corruption and corruption[key][0] > corruption[key][1]:
                 problems.append(f"augment.corruptions.{index}.{key}: minimum {corruption[key][0]} "
                                 f"exceeds maximum {corruption[key][1]}")
+    infer = config["infer"]
+    if infer["coarse_stride"] > 1 and infer["save_probabilities"]:
+        problems.append(f"infer.coarse_stride ({infer['coarse_stride']}) > 1 segments only windows of most planes, "
+                        "so there is no whole probability volume to save: set infer.save_probabilities to false "
+                        "or infer.coarse_stride to 1")
     return problems
 
 
