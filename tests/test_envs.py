@@ -224,3 +224,57 @@ def test_post_deploy_fails_clearly_without_pyproject(fake_repo, venv, tmp_path):
     assert installed_from(venv, tmp_path) == ""
     wrong = run_script(fake_repo / "envs" / "cpu.post-deploy.sh", venv, tmp_path, HOLOPIPE_REPO=str(tmp_path))
     assert wrong.returncode != 0 and f"HOLOPIPE_REPO={tmp_path}" in wrong.stderr
+
+
+# --- One CUDA stack: the pinned torch wheel, envs/gpu.yaml and the gpu extra's CuPy name one CUDA major.
+
+def gpu_extra_cuda_majors() -> set[int]:
+    """CUDA majors the pyproject ``gpu`` extra's CuPy wheels are built for (``cupy-cuda13x`` -> 13)."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    names = [Requirement(entry).name.lower() for entry in extras["gpu"]]
+    cupy_wheels = [name for name in names if name.startswith("cupy")]
+    assert cupy_wheels, f"pyproject.toml: the gpu extra {extras['gpu']} names no CuPy wheel"
+    majors = set()
+    for name in cupy_wheels:
+        match = re.fullmatch(r"cupy-cuda(\d+)x", name)
+        assert match, f"pyproject.toml: gpu extra names {name}, not a CUDA-major CuPy wheel (cupy-cudaNNx)"
+        majors.add(int(match.group(1)))
+    return majors
+
+
+def test_one_cuda_major_across_pyproject_gpu_env_and_torch():
+    from holopipe.device import CUDA_MAJOR
+
+    assert gpu_extra_cuda_majors() == {CUDA_MAJOR}, "pyproject.toml's gpu extra"
+    specs = conda_specs("gpu")
+    assert "cuda-version" in specs, f"{ENVS['gpu']}: no cuda-version pin"
+    assert specs["cuda-version"].contains(f"{CUDA_MAJOR}.0"), f"{ENVS['gpu']}: cuda-version {specs['cuda-version']}"
+    assert not specs["cuda-version"].contains(f"{CUDA_MAJOR - 1}.8"), f"{ENVS['gpu']}: admits CUDA {CUDA_MAJOR - 1}"
+    # CuPy 14 is the first release built for CUDA 13; an older floor would let conda pick a CUDA 12 stack.
+    assert specs["cupy"].contains("14.0.0") and not specs["cupy"].contains("13.6.0"), f"{ENVS['gpu']}: cupy"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert all(Requirement(entry).specifier.contains("14.0.0") and not Requirement(entry).specifier.contains("13.6.0")
+               for entry in extras["gpu"]), f"pyproject.toml: gpu extra {extras['gpu']}"
+
+    import torch
+
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a CPU build: no CUDA major to compare")
+    assert int(torch.version.cuda.split(".")[0]) == CUDA_MAJOR, (
+        f"the installed torch {torch.__version__} is built for CUDA {torch.version.cuda}, "
+        f"holopipe's stack is CUDA {CUDA_MAJOR} (holopipe.device.CUDA_MAJOR)")
+
+
+@pytest.mark.gpu
+def test_cupy_and_torch_load_the_same_cuda_runtime_major():
+    cupy = pytest.importorskip("cupy")
+    import torch
+
+    from holopipe.device import CUDA_MAJOR
+
+    cupy_major = cupy.cuda.runtime.runtimeGetVersion() // 1000  # e.g. 13000 for CUDA 13.0
+    torch_major = int(torch.version.cuda.split(".")[0])
+    assert cupy_major == torch_major == CUDA_MAJOR, (
+        f"cupy {cupy.__version__} runs CUDA runtime {cupy_major}, torch {torch.__version__} CUDA {torch.version.cuda}")
+    # Both libraries work on the GPU in one process (one driver serves both runtimes).
+    assert float(cupy.asarray([1.0, 2.0]).sum()) == float(torch.tensor([1.0, 2.0], device="cuda").sum()) == 3.0
