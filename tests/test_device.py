@@ -224,3 +224,56 @@ def test_array_mover_refuses_the_cpu_where_a_gpu_was_allocated(no_gpu):
     no_gpu.setenv("CUDA_VISIBLE_DEVICES", "0")
     with pytest.raises(GPUNotFoundError, match="particles.device is 'auto'.*CUDA_VISIBLE_DEVICES=0"):
         array_mover("auto", "particles.device")
+
+
+# ---- every torch stage says where it runs ----
+
+def tiny_config(**sections):
+    from holopipe.config import load_config
+
+    return load_config({
+        "splits": {"test": {"source": "simulate", "n_holograms": 1, "seed": 1}},
+        "optics": {"wavelength": 3.55e-7, "dx": 2.96e-6, "dy": 3.6e-6, "nx": 48, "ny": 32,
+                   "z_min": 2e-3, "z_max": 6e-3},
+        "reconstruction": {"z_bins": 4, "pad": 8},
+        "model": {"architecture": "plain_unet", "width": 4, "depth": 2},
+        **sections,
+    })
+
+
+@pytest.mark.parametrize("precision, scaler", [("fp32", False), ("fp16", True)])
+def test_training_logs_its_device_precision_and_scaler(tmp_path, caplog, no_gpu, precision, scaler):
+    from holopipe.dataset import write_synthetic_examples
+    from holopipe.standardize import write_stats
+    from holopipe.train import train_model
+
+    stores = [write_synthetic_examples(tmp_path / f"{name}.zarr", 8, 16, seed=seed)
+              for name, seed in (("train", 1), ("valid", 2))]
+    stats = write_stats({"contrast_mean": 1.0, "contrast_std": 0.2}, tmp_path / "stats.json")
+    config = tiny_config(train={"epochs": 1, "batch_size": 8, "num_workers": 0, "device": "auto",
+                                "precision": precision})
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        train_model(config, *stores, tmp_path / "run", stats_path=stats, progress=False)
+    amp = None if precision == "fp32" else torch.float16
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("train.device: ")]
+    assert lines == [f"train.device: {describe_device(torch.device('cpu'), amp)}"
+                     + (", gradients through a GradScaler" if scaler else "")]  # once per run
+
+
+def test_inference_logs_its_device_and_precision(tmp_path, caplog, no_gpu):
+    import xarray as xr
+
+    from holopipe.infer import infer_chunk
+    from holopipe.io import write_zarr
+
+    flat = xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), np.ones((1, 48, 32), np.float32))},
+                      attrs={"Nx": 48, "Ny": 32, "dx": 2.96e-6, "dy": 3.6e-6, "lambda": 3.55e-7,
+                             "zMin": 2e-3, "zMax": 6e-3})
+    store = write_zarr(flat, tmp_path / "test.zarr")
+    config = tiny_config(infer={"device": "auto", "precision": "auto"})
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        infer_chunk(config, None, store, tmp_path / "chunk.csv", chunk=0, n_chunks=1, progress=False,
+                    segment=lambda amplitude, phase: torch.full_like(amplitude, -20.0))
+    described = describe_device(torch.device("cpu"), None)
+    assert [record for record in caplog.records if "infer" in record.getMessage()
+            and described in record.getMessage()], f"no infer log line says {described!r}:\n{caplog.text}"

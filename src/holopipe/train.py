@@ -31,7 +31,7 @@ from tqdm import tqdm  # not tqdm.auto: its constructor calls iter(), starting a
 
 from holopipe import __version__
 from holopipe.dataset import TileDataset
-from holopipe.device import autocast, autocast_dtype, resolve_device
+from holopipe.device import autocast, autocast_dtype, describe_device, resolve_device
 from holopipe.io import write_atomically
 from holopipe.losses import PixelCounts, build_loss
 from holopipe.models import build_model, model_stride
@@ -286,6 +286,8 @@ def train_model(config: dict, train_store, valid_store, out_dir, *, stats_path=N
     forward = torch.compile(model) if train["compile"] else model  # the uncompiled `model` is saved
     optimizer = _build_optimizer(model, train)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # only fp16 needs it
+    log.info("train.device: %s%s", describe_device(device, amp_dtype),
+             ", gradients through a GradScaler" if scaler.is_enabled() else "")
     loss_fn = build_loss(train["loss"])
 
     fingerprint = _fingerprint(config, train_set, valid_set, stats)
