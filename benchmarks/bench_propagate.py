@@ -1,12 +1,19 @@
-"""Propagation speed on a full HOLODEC frame against the bare FFT round trip of the same library.
+"""The workflow's propagation against a warmed bare FFT of the same padded grid, per array library.
 
-    python benchmarks/bench_propagate.py [--planes 6] [--batch 2]
+    python benchmarks/bench_propagate.py                          # config/holodec.yaml's frame (full on a GPU)
+    python benchmarks/bench_propagate.py --frame 1024x1024 --threads 2
 
-Prints, per library and device, milliseconds per plane for: the bare round trip fft2 + ifft2 of the
-frame (the reference), a reconstruction sweep with ``Propagator`` (hologram FFT once, planes in
-batches), and a single ``propagate`` call (forward FFT + transfer function + inverse FFT), with the
-ratio reference / candidate (>= 0.8 is the target; > 1 means faster than the bare round trip).
+The frame is what the config's ``regrid`` makes of its ``optics`` camera frame (:func:`holopipe.regrid.plan_axis`:
+4872 x 3248 -> 5120 x 3584 for ``config/holodec.yaml``), padded by ``reconstruction.pad`` with its band limit;
+``--frame`` crops it (CPU figures). The workflow's path is a :class:`holopipe.optics.Propagator` of a contrast
+hologram (one forward FFT) and ``reconstruct`` (transfer function, inverse FFT, amplitude and phase) over the
+plane grid in batches of ``infer.batch_planes``; the references are the same library's bare FFTs
+(:func:`holopipe.optics.fft2` / ``ifft2``) of a batch of the padded grid, warmed: the inverse FFT alone (what a
+plane costs at the least) and the fft2 + ifft2 round trip. Prints ms/plane per library (numpy, torch CPU, torch
+CUDA and cupy where present) and the ratios reference / workflow (1 means as fast as the bare FFT).
 """
+
+from __future__ import annotations
 
 import argparse
 import importlib.util
@@ -14,14 +21,26 @@ import time
 
 import numpy as np
 
-from holopipe.optics import Propagator, fft2, ifft2, propagate
+from holopipe.config import load_config
+from holopipe.device import cpu_threads, use_threads
+from holopipe.optics import Propagator, fft2, hologram_field, ifft2
+from holopipe.reconstruction import z_bin_centres
+from holopipe.regrid import plan_axis
 
-NY, NX = 3248, 4872
-OPTICS = dict(wavelength=3.55e-7, dx=2.96e-6)
+from bench_infer import CPU_FRAME, REPO, parse_frame  # this folder is the script's first sys.path entry
+
+def regridded_frame(config: dict) -> tuple[int, int, float, float]:
+    """(nx, ny, dx, dy) of the frame the config's ``regrid`` makes of its ``optics`` camera frame."""
+    optics, regrid = config["optics"], config["regrid"]
+    plans = [plan_axis(optics[f"n{axis}"], optics[f"d{axis}"], regrid["pixel_pitch"], method=regrid["method"],
+                       frame=regrid["frame"], tile=config["examples"]["tile_size"], where=f"config ({axis} axis)")
+             for axis in ("x", "y")]
+    return plans[0].n_out, plans[1].n_out, plans[0].pitch_out, plans[1].pitch_out
 
 
-def timed(run, synchronize, repeats: int) -> float:
-    run()  # warm-up: plans, caches, allocator
+def seconds_per_call(run, synchronize, repeats: int) -> float:
+    """Mean wall time of ``run()`` after one warm-up call (FFT plans, caches, the allocator)."""
+    run()
     synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -30,47 +49,87 @@ def timed(run, synchronize, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def bench(name, field, planes, batch, synchronize, to_z):
-    repeats = max(1, len(planes) // batch)
-    bare = timed(lambda: ifft2(fft2(field)), synchronize, repeats)
-    propagator = Propagator(field, **OPTICS)
-    batches = [to_z(planes[i:i + batch]) for i in range(0, len(planes), batch)]
-    sweep_start = time.perf_counter()
-    for z in batches:
-        propagator(z)
+def bench(name: str, image, planes_m: np.ndarray, batch: int, optics: dict, synchronize) -> None:
+    """Print the workflow's ms/plane over ``planes_m`` and the bare FFTs' of a ``batch`` of the padded grid."""
+    propagator = Propagator(hologram_field(image, background=1.0), **optics)
+    batches = [planes_m[i:i + batch] for i in range(0, planes_m.size, batch)]
+    propagator.reconstruct(batches[0])  # warm-up: FFT plans, the transfer function's cache, the allocator
     synchronize()
-    sweep = (time.perf_counter() - sweep_start) / len(planes)
-    single = timed(lambda: propagate(field, float(planes[0]), **OPTICS), synchronize, repeats)
-    print(f"{name:<14} bare fft2+ifft2 {bare * 1e3:8.2f} ms | sweep {sweep * 1e3:8.2f} ms/plane "
-          f"(ratio {bare / sweep:4.2f}) | single propagate {single * 1e3:8.2f} ms (ratio {bare / single:4.2f})")
+    start = time.perf_counter()
+    for z in batches:
+        propagator.reconstruct(z)
+    synchronize()
+    workflow = (time.perf_counter() - start) / planes_m.size
+    size = len(batches[0])  # the workflow's batch (fewer where fewer planes are timed)
+    stack = _batch_of(propagator.spectrum, size)
+    repeats = max(1, len(batches))
+    inverse = seconds_per_call(lambda: ifft2(stack), synchronize, repeats) / size
+    round_trip = seconds_per_call(lambda: ifft2(fft2(stack)), synchronize, repeats) / size
+    py, px = propagator.spectrum.shape[-2:]
+    print(f"{name:<28} {px} x {py} padded: workflow {workflow * 1e3:8.2f} ms/plane | bare ifft2 "
+          f"{inverse * 1e3:8.2f} ms (ratio {inverse / workflow:4.2f}) | bare fft2+ifft2 {round_trip * 1e3:8.2f} ms "
+          f"(ratio {round_trip / workflow:4.2f})", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--planes", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=2)
+def _batch_of(spectrum, batch: int):
+    """A (batch, py, px) stack of copies of ``spectrum``, in its library and device."""
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(spectrum)
+    return xp.stack([spectrum] * batch, axis=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "config" / "holodec.yaml"))
+    parser.add_argument("--frame", type=parse_frame, default="auto",
+                        help=f"NXxNY crop of the regridded frame, full, or auto (full with a GPU, else "
+                             f"{CPU_FRAME[0]}x{CPU_FRAME[1]})")
+    parser.add_argument("--planes", type=int, default=None,
+                        help="planes per library, spread over the grid (default: 64 for a GPU library, 8 for a "
+                             "CPU one)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch, scipy FFT)")
     args = parser.parse_args()
-    planes = np.linspace(0.014, 0.158, args.planes)
-    hologram = np.random.default_rng(0).random((NY, NX)).astype(np.complex64)
-    print(f"frame {NX}x{NY} complex64, {args.planes} planes in batches of {args.batch}")
-    bench("numpy (CPU)", hologram, planes, args.batch, lambda: None, np.asarray)
-
+    if args.threads is not None:
+        use_threads(args.threads)
     import torch
 
-    bench("torch (CPU)", torch.from_numpy(hologram), planes, args.batch, lambda: None,
-          torch.from_numpy)
-    if torch.cuda.is_available():
-        gpu_batch = max(args.batch, 8)
-        gpu_planes = np.linspace(0.014, 0.158, max(args.planes, 64))
-        bench(f"torch ({torch.cuda.get_device_name()})", torch.from_numpy(hologram).cuda(),
-              gpu_planes, gpu_batch, torch.cuda.synchronize, lambda z: torch.from_numpy(z).cuda())
+    config = load_config(args.config)
+    reconstruction, optics = config["reconstruction"], config["optics"]
+    gpu = torch.cuda.is_available()
+    nx, ny, dx, dy = regridded_frame(config)
+    frame = (None if gpu else CPU_FRAME) if args.frame == "auto" else args.frame
+    if frame is not None:
+        nx, ny = min(frame[0], nx), min(frame[1], ny)
+    grid = z_bin_centres(optics["z_min"], optics["z_max"], reconstruction["z_bins"])
+
+    def spread(default: int) -> np.ndarray:
+        n_planes = min(args.planes or default, grid.size)
+        return grid[np.linspace(0, grid.size - 1, n_planes).round().astype(int)]
+
+    cpu_planes, gpu_planes = spread(8), spread(64)
+    batch = int(config["infer"]["batch_planes"])
+    settings = dict(wavelength=optics["wavelength"], dx=dx, dy=dy, pad=int(reconstruction["pad"]),
+                    band_limit=bool(reconstruction["band_limit"]))
+    image = (1 + 0.05 * np.random.default_rng(0).standard_normal((ny, nx))).astype(np.float32)  # contrast I/B
+    print(f"{args.config}: frame {nx} x {ny} (dx {dx * 1e6:.2f} µm, dy {dy * 1e6:.2f} µm), pad {settings['pad']}, "
+          f"band limit {settings['band_limit']}; {cpu_planes.size} (CPU) / {gpu_planes.size} (GPU) of {grid.size} "
+          f"planes in batches of {batch}; "
+          f"CPU threads {cpu_threads()} (torch {torch.get_num_threads()})", flush=True)
+    bench("numpy/scipy (CPU)", image, cpu_planes, batch, settings, lambda: None)
+    bench("torch (CPU)", torch.from_numpy(image), cpu_planes, batch, settings, lambda: None)
+    if gpu:
+        bench(f"torch ({torch.cuda.get_device_name()})", torch.from_numpy(image).cuda(), gpu_planes, batch, settings,
+              torch.cuda.synchronize)
     if importlib.util.find_spec("cupy") is not None:
         import cupy
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            gpu_planes = np.linspace(0.014, 0.158, max(args.planes, 64))
-            bench("cupy (GPU)", cupy.asarray(hologram), gpu_planes, max(args.batch, 8),
-                  cupy.cuda.Device().synchronize, cupy.asarray)
+        try:
+            devices = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError:  # cupy installed, no driver or GPU
+            devices = 0
+        if devices:
+            bench("cupy (GPU)", cupy.asarray(image), gpu_planes, batch, settings, cupy.cuda.Device().synchronize)
 
 
 if __name__ == "__main__":
