@@ -8,10 +8,16 @@ and segmented on WHOLE planes (the model is fully convolutional), under autocast
 padded at the bottom and right with the normalised background (0, i.e. amplitude 1 and phase 0) and the
 probabilities cropped back.
 
-Detections: pixels with probability > ``infer.threshold`` are found on the device and only they (row,
-column, probability) travel to the host, where a worker thread groups them into 8-connected components
-(a sparse pixel graph, so the cost is that of the bright pixels, not of the frame) while the device
-computes the next batch. Components of at least ``infer.min_area`` pixels become detections: hid
+The model is loaded for inference with its batch norms folded into the convolutions
+(:func:`holopipe.models.fold_batchnorm`), channels-last on a GPU, and ``torch.compile``-d for the one plane
+shape with ``infer.compile``. The plane loop never waits for the device (:func:`sweep_hologram`): the depths
+go to the device once per hologram, stages are timed with CUDA events read after the hologram, and results
+come to the host in pinned, asynchronous copies on which a worker thread waits.
+
+Detections: pixels with probability > ``infer.threshold`` are found on the device (into fixed-size slots,
+:func:`sparse_pixels`) and only they (row, column, probability, logit, smoothed amplitude) travel to the
+host, where a worker thread groups them into 8-connected components (a sparse pixel graph, so the cost is
+that of the bright pixels, not of the frame) while the device computes the next batch. Components of at least ``infer.min_area`` pixels become detections: hid
 (1-based), plane (global index), probability-weighted centroid x, y and plane z, equivalent diameter
 ``d = 2 sqrt(area dx dy / π)`` (all µm; x, y from the frame centre with the contract's pixel centres
 ``(i + 0.5 - n/2) · pitch``), area (pixels), prob_max, prob_mean.
@@ -25,7 +31,7 @@ kept beside the output until the chunk is complete, and a rerun sweeps only the 
 The optional probability volume is a zarr (v3) group with ``probability (hologram_number, plane, y, x)``
 (uint8 ``round(255 p)`` with attribute ``scale_factor`` 1/255, which xarray decodes, or float16), one
 plane per chunk, compressed with zarr's default codec, and the coordinates ``plane`` (global index) and
-``z`` (m).
+``z`` (m). It is quantised on the device and written by ``infer.writers`` threads (:class:`VolumeWriter`).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -53,21 +61,28 @@ from holopipe.focus import smoothed_amplitude
 from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, remove_path
 from holopipe.optics import Propagator, hologram_field
 from holopipe.reconstruction import open_standardized, z_bin_centres
-from holopipe.device import autocast, autocast_dtype, resolve_device
+from holopipe.device import autocast, autocast_dtype, describe_device, resolve_device
+from holopipe.models import fold_batchnorm
 from holopipe.train import load_model
 
 __all__ = [
+    "BATCHES_IN_FLIGHT",
     "DETECTION_COLUMNS",
+    "SparsePixels",
     "Timing",
+    "VolumeWriter",
     "batch_detections",
     "chunk_planes",
     "cudnn_autotune",
     "detections_from_pixels",
     "detections_in_plane",
     "infer_chunk",
+    "load_segmenter",
     "model_segmenter",
+    "pixel_capacity",
     "pixel_components",
     "resume_fingerprint",
+    "sparse_pixels",
     "sweep_hologram",
 ]
 
@@ -95,9 +110,11 @@ PIXEL_VALUES = ("probability", "logit", "amplitude")
 class Timing(NamedTuple):
     """Seconds one hologram took, in total and per part.
 
-    ``model`` includes the sigmoid; ``postprocess`` is the device-side thresholding and copy plus the
-    worker thread's component analysis and probability writing, which overlap the next batch on the
-    device, so the parts may add up to more than ``seconds``.
+    ``propagation``, ``model`` (the segmenter: normalisation and network) and the device part of
+    ``postprocess`` (sigmoid, thresholding, quantisation, copies) are device time: CUDA events on a GPU,
+    wall time on the CPU. ``postprocess`` adds the worker thread's waiting, component analysis and hand-over
+    to the volume writers, which overlap the next batches on the device, so the parts may add up to more
+    than ``seconds``.
     """
 
     seconds: float
@@ -210,25 +227,28 @@ def detections_in_plane(logits: np.ndarray, amplitude: np.ndarray, *, threshold:
 
 
 def model_segmenter(model: torch.nn.Module, channels, stats: dict, stride: int, *,
-                    amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> Segmenter:
+                    amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                    batch_planes: int | None = None) -> Segmenter:
     """Segmenter running ``model`` (logits out) on whole planes, normalised as in training.
 
     Sides that are not multiples of ``stride`` are padded at the bottom and right with the normalised
-    background (0) and the probabilities cropped back to the frame.
+    background (0) and the probabilities cropped back to the frame. With ``batch_planes`` a short batch (a
+    chunk's last) is padded with background planes to that many, so a compiled model sees one shape only.
     """
     channels = list(channels)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def segment(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         inputs = normalize_channels(amplitude, phase, channels, stats)  # (B, C, ny, nx)
-        ny, nx = inputs.shape[-2:]
+        n_planes, (ny, nx) = inputs.shape[0], inputs.shape[-2:]
         pad_rows, pad_cols = -ny % stride, -nx % stride
-        if pad_rows or pad_cols:
-            inputs = torch.nn.functional.pad(inputs, (0, pad_cols, 0, pad_rows))
+        pad_planes = max(0, batch_planes - n_planes) if batch_planes else 0
+        if pad_rows or pad_cols or pad_planes:
+            inputs = torch.nn.functional.pad(inputs, (0, pad_cols, 0, pad_rows, 0, 0, 0, pad_planes))
         inputs = inputs.contiguous(memory_format=memory_format)
         with torch.inference_mode(), autocast(inputs.device, amp_dtype):
-            logits = model(inputs)  # (B, 1, ny + pad_rows, nx + pad_cols)
-        return logits[:, 0, :ny, :nx].float()
+            logits = model(inputs)  # (B + pad_planes, 1, ny + pad_rows, nx + pad_cols)
+        return logits[:n_planes, 0, :ny, :nx].float()
 
     return segment
 
@@ -244,65 +264,195 @@ def cudnn_autotune(device: torch.device):
         torch.backends.cudnn.benchmark = previous
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+BATCHES_IN_FLIGHT = 2
+"""Plane batches whose detections (and volume slices) may wait for the host at once: the worker groups one
+while another's copies land and the device computes the next, so neither side waits on the other, and memory
+stays a few batches."""
+
+MIN_PIXEL_CAPACITY = 2**16
+PIXEL_CAPACITY_SHARE = 64
+"""A batch hands at most 1/64 of its pixels (at least :data:`MIN_PIXEL_CAPACITY`) above the threshold to the
+host without a wait (:func:`sparse_pixels`): 0.3 B per pixel of device memory. A model that marks more (random
+weights, say) costs one exact, waiting pass for that batch, and the capacity grows for the next ones."""
+
+
+class SparsePixels(NamedTuple):
+    """The pixels of a batch above the threshold, in fixed-size device tensors (no host wait to size them).
+
+    ``count`` () int64: how many pixels are above; ``flat`` (capacity,) int64: the first ``min(count,
+    capacity)`` of them as flat indices into (B, ny, nx) in raster order (the rest padding); ``values``
+    (capacity, 3) float32: their :data:`PIXEL_VALUES`. ``count > capacity`` means some were left out.
+    """
+
+    count: torch.Tensor
+    flat: torch.Tensor
+    values: torch.Tensor
+
+
+def sparse_pixels(logits: torch.Tensor, smoothed: torch.Tensor, threshold: float, capacity: int) -> SparsePixels:
+    """:class:`SparsePixels` of the logits (B, ny, nx) whose probability exceeds ``threshold``, with the
+    smoothed amplitude (B, ny, nx) of the same planes, on their device.
+
+    ``torch.nonzero`` would wait for the device to learn its size; ``torch.nonzero_static`` fills ``capacity``
+    slots instead, in the same raster order, so the pixels equal ``torch.nonzero``'s whenever they fit.
+    """
+    probability = torch.sigmoid(logits).reshape(-1)
+    above = probability > threshold
+    flat = torch.nonzero_static(above, size=int(capacity), fill_value=0)[:, 0]
+    values = torch.stack([probability.index_select(0, flat), logits.reshape(-1).index_select(0, flat),
+                          smoothed.reshape(-1).index_select(0, flat)], dim=1).float()
+    return SparsePixels(above.sum(), flat, values)
+
+
+def pixel_capacity(batch_pixels: int) -> int:
+    """Slots of :func:`sparse_pixels` for a batch of ``batch_pixels`` pixels (:data:`PIXEL_CAPACITY_SHARE`)."""
+    return max(MIN_PIXEL_CAPACITY, batch_pixels // PIXEL_CAPACITY_SHARE)
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host: a CPU tensor as it is; a device tensor copied without waiting into pinned
+    memory (valid once the next event recorded on the stream has completed)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+class _Clock:
+    """Stage boundaries of the plane loop: CUDA events on a GPU (recorded without waiting, read once after the
+    hologram), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, begin, end) -> float:
+        return begin.elapsed_time(end) / 1000.0 if self.cuda else end - begin
+
+
+@dataclass
+class _BatchOnHost:
+    """One batch on its way to the host: pinned copies that have landed once ``ready`` (an event; None on the
+    CPU) has, and the device tensors an overflow of the pixel capacity recomputes from (dropped as soon as
+    the count is known, so device memory is not held while the worker groups components)."""
+
+    first: int
+    count: torch.Tensor
+    flat: torch.Tensor
+    values: torch.Tensor
+    volume: torch.Tensor | None
+    ready: object
+    logits: torch.Tensor | None
+    smoothed: torch.Tensor | None
+
+    def pixels(self, threshold: float) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(count, flat, values) on the host, all of them (waits for the copies: call it in the worker)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        count, flat, values = int(self.count), self.flat, self.values
+        if count > flat.numel():  # more pixels above the threshold than slots: recompute them all, exactly
+            exact = sparse_pixels(self.logits, self.smoothed, threshold, count)
+            flat, values = exact.flat.cpu(), exact.values.cpu()
+        self.logits = self.smoothed = None
+        return count, flat[:count], values[:count]
 
 
 def sweep_hologram(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmenter, *, wavelength: float,
                    dx: float, dy: float, pad: int, band_limit: bool, batch_planes: int, threshold: float,
-                   device: torch.device, pool: ThreadPoolExecutor, consume, quantize=None) -> Timing:
+                   device: torch.device, pool: ThreadPoolExecutor, consume, quantize=None,
+                   capacity: int | None = None) -> Timing:
     """Reconstruct and segment one contrast hologram (ny, nx) at ``planes_m`` (metres); returns its timing.
 
     For each batch, ``consume(first, rows_cols, values, probability)`` runs in ``pool`` while the device
-    works on the next batch: ``first`` is the batch's first index into ``planes_m``, ``rows_cols`` an
+    works on the next batches: ``first`` is the batch's first index into ``planes_m``, ``rows_cols`` an
     int64 array (k, 3) of (slot in batch, row, column) of the pixels above ``threshold`` in raster order,
     ``values`` (k, 3) float32 their :data:`PIXEL_VALUES`, and ``probability`` the batch's planes as
     ``quantize(probability)`` on the host (None without ``quantize``).
+
+    The loop never waits for the device: the plane depths go to the device once, the pixels above the
+    threshold are gathered into ``capacity`` slots (default :func:`pixel_capacity`; :func:`sparse_pixels`)
+    and they, the quantised planes and their count come over in pinned, asynchronous copies on which the
+    worker, not the loop, waits. Only when :data:`BATCHES_IN_FLIGHT` batches are still with the worker does
+    the loop wait for the oldest: bounded memory, and a worker's error surfaces here.
     """
+    clock = _Clock(device)
     start = time.perf_counter()
-    propagation = model = postprocess = 0.0
     hologram = torch.from_numpy(np.ascontiguousarray(image_yx, dtype=np.float32)).to(device)
+    z_m = torch.as_tensor(np.asarray(planes_m, dtype=np.float64)).to(device)  # once, not per batch
     propagator = Propagator(hologram_field(hologram, background=1.0), wavelength=wavelength, dx=dx,  # standardized
                             dy=dy, pad=pad, band_limit=band_limit)
+    ny, nx = hologram.shape
+    slots = [int(capacity or pixel_capacity(min(batch_planes, z_m.numel()) * ny * nx))]  # grows on overflow
     busy = [0.0]  # seconds the worker spent on this hologram
 
-    def timed_consume(*args):
+    def hand_over(batch: _BatchOnHost) -> None:
         begin = time.perf_counter()
-        consume(*args)
+        count, flat, values = batch.pixels(threshold)
+        if count > slots[0]:
+            slots[0] = 2 * count  # later batches fit without the exact pass
+        rest, cols = np.divmod(flat.numpy(), nx)
+        rows_cols = np.stack([*np.divmod(rest, ny), cols], axis=1)
+        volume = batch.volume.numpy() if batch.volume is not None else None
+        consume(batch.first, rows_cols, values.numpy(), volume)
         busy[0] += time.perf_counter() - begin
 
-    pending = None
-    for first in range(0, len(planes_m), batch_planes):
-        t0 = time.perf_counter()
-        amplitude, phase = propagator.reconstruct(planes_m[first:first + batch_planes])  # (B, ny, nx)
-        _synchronize(device)
-        t1 = time.perf_counter()
+    marks, in_flight = [], deque()
+    for first in range(0, z_m.numel(), batch_planes):
+        t0 = clock.mark()
+        amplitude, phase = propagator.reconstruct(z_m[first:first + batch_planes])  # (B, ny, nx)
+        t1 = clock.mark()
         logits = segment(amplitude, phase)  # (B, ny, nx)
-        _synchronize(device)
-        t2 = time.perf_counter()
-        probability = torch.sigmoid(logits)
-        above = probability > threshold
-        rows_cols = torch.nonzero(above).cpu().numpy()
-        values = torch.stack([probability[above], logits[above], smoothed_amplitude(amplitude.float())[above]],
-                             dim=1).float().cpu().numpy()
-        del amplitude, phase, logits
-        volume = quantize(probability).cpu().numpy() if quantize is not None else None
-        t3 = time.perf_counter()
-        if pending is not None:
-            pending.result()  # at most one batch waits on the host: bounded memory, errors surface here
-        pending = pool.submit(timed_consume, first, rows_cols, values, volume)
-        propagation, model, postprocess = propagation + t1 - t0, model + t2 - t1, postprocess + t3 - t2
-    if pending is not None:
-        pending.result()
-    return Timing(time.perf_counter() - start, propagation, model, postprocess + busy[0], len(planes_m))
+        t2 = clock.mark()
+        smoothed = smoothed_amplitude(amplitude.float())
+        pixels = sparse_pixels(logits, smoothed, threshold, slots[0])
+        volume = quantize(torch.sigmoid(logits)) if quantize is not None else None
+        del amplitude, phase
+        host = [_host_copy(tensor) for tensor in (pixels.count, pixels.flat, pixels.values)]
+        volume = _host_copy(volume) if volume is not None else None
+        t3 = clock.mark()  # also the event the worker waits on: every copy above precedes it
+        marks.append((t0, t1, t2, t3))
+        if len(in_flight) >= BATCHES_IN_FLIGHT:
+            in_flight.popleft().result()
+        in_flight.append(pool.submit(hand_over, _BatchOnHost(first, *host, volume, t3 if clock.cuda else None,
+                                                             logits, smoothed)))
+        del logits, smoothed, pixels
+    while in_flight:
+        in_flight.popleft().result()
+    if clock.cuda and marks:
+        marks[-1][3].synchronize()  # every event has completed: read them, once per hologram
+    propagation = sum(clock.seconds(t0, t1) for t0, t1, _, _ in marks)
+    model = sum(clock.seconds(t1, t2) for _, t1, t2, _ in marks)
+    postprocess = sum(clock.seconds(t2, t3) for _, _, t2, t3 in marks)
+    return Timing(time.perf_counter() - start, propagation, model, postprocess + busy[0], z_m.numel())
 
 
-def _load_segmenter(model_path, device: torch.device, precision: str) -> Segmenter:
-    model, info = load_model(model_path, device)
-    return model_segmenter(model.to(memory_format=torch.channels_last) if device.type == "cuda" else model,
-                           info["channel_names"], info["stats"], int(info["stride"]),
-                           amp_dtype=autocast_dtype(precision, device), channels_last=device.type == "cuda")
+def load_segmenter(model_path, device: torch.device, precision: str, *, compile: bool = False,
+                   batch_planes: int | None = None) -> Segmenter:
+    """The segmenter of a model file for inference on ``device``: batch norms folded into the convolutions
+    (:func:`holopipe.models.fold_batchnorm`, on the CPU, probed on one stride-sized random frame),
+    channels-last on a GPU, autocast to ``precision`` (:func:`holopipe.device.autocast_dtype`), and with
+    ``compile`` ``torch.compile`` for the one plane shape: batches padded to ``batch_planes``, no dynamic
+    shapes."""
+    model, info = load_model(model_path, "cpu")
+    stride = int(info["stride"])
+    probe = torch.randn(1, int(info["in_channels"]), stride, stride, generator=torch.Generator().manual_seed(0))
+    model = fold_batchnorm(model, probe).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model, dynamic=False)
+    log.info("infer model: %s, batch norms folded%s", info["model"]["architecture"],
+             f", torch.compile for batches of {batch_planes} planes" if compile else "")
+    return model_segmenter(model, info["channel_names"], info["stats"], stride,
+                           amp_dtype=autocast_dtype(precision, device), channels_last=cuda,
+                           batch_planes=batch_planes if compile else None)
 
 
 def _quantizer(dtype: str):
@@ -328,9 +478,45 @@ def _create_volume(path: Path, shape: tuple[int, int, int, int], dtype: str, pla
     return probability
 
 
-RESUME_IGNORES = ("batch_planes", "splits")
+class VolumeWriter:
+    """Writes probability planes into a zarr array (one plane per chunk) from a pool of ``threads``, so the
+    compression and the file system do not hold up the plane loop.
+
+    At most ``max_planes`` planes wait to be written: :meth:`write` blocks beyond that, so memory stays a
+    few batches and a slow disk slows the sweep instead of filling the host. A write's error is raised by
+    the :meth:`write` or :meth:`flush` that next collects it.
+    """
+
+    def __init__(self, array, threads: int, max_planes: int):
+        self.array, self.max_planes = array, max(1, int(max_planes))
+        self._pool = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="holopipe-volume")
+        self._pending: deque = deque()
+
+    def write(self, hologram: int, first: int, planes: np.ndarray) -> None:
+        """Queue ``planes`` (B, ny, nx) as planes ``first``.. of hologram ``hologram`` (0-based indices)."""
+        for offset in range(planes.shape[0]):
+            while len(self._pending) >= self.max_planes:
+                self._pending.popleft().result()
+            self._pending.append(self._pool.submit(self._write_plane, hologram, first + offset, planes[offset]))
+
+    def _write_plane(self, hologram: int, plane: int, values: np.ndarray) -> None:
+        self.array[hologram, plane] = values
+
+    def flush(self) -> None:
+        """Wait until every queued plane is written; raises the first write's error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._pool.shutdown(wait=True, cancel_futures=exc_info[0] is not None)
+
+
+RESUME_IGNORES = ("batch_planes", "splits", "compile", "writers")
 """``infer`` keys that change no chunk's result: a rerun with another plane batch (after running out of
-memory, say) keeps the holograms finished before."""
+memory, say), compiled or not, with more or fewer volume writers, keeps the holograms finished before."""
 
 
 def resume_fingerprint(config: dict, model_path, store_path, *, chunk: int, n_chunks: int, probabilities_path,
@@ -407,10 +593,18 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
         log.info("%s chunk %d/%d: %d of %d holograms to sweep (%d finished before, kept in %s)", name, chunk + 1,
                  n_chunks, len(todo), n_holograms, len(done), parts.directory)
         batch_planes = int(infer["batch_planes"])
+        amp_dtype = autocast_dtype(infer["precision"], device)
+        log.info("infer.device: %s%s", describe_device(device, amp_dtype),
+                 "" if segment is None else " (propagation; the segmenter is given)")
         if segment is None:
-            segment = _load_segmenter(model_path, device, infer["precision"])
-        # A full-size hologram takes minutes: the bar counts planes, not holograms.
-        with ThreadPoolExecutor(1) as pool, cudnn_autotune(device), \
+            segment = load_segmenter(model_path, device, infer["precision"], compile=bool(infer["compile"]),
+                                     batch_planes=batch_planes)
+        writers = int(infer["writers"])
+        # The writers' queue holds two batches (or two planes per writer): bounded host memory.
+        writer = VolumeWriter(volume, writers, 2 * max(batch_planes, writers)) if volume is not None else None
+        # A full-size hologram takes minutes: the bar counts planes, not holograms. The writers close last:
+        # the detection worker, which feeds them, has finished by then.
+        with writer or nullcontext(), ThreadPoolExecutor(1) as pool, cudnn_autotune(device), \
                 tqdm(total=len(todo) * indices.size, desc=f"infer chunk {chunk + 1}/{n_chunks}", unit="plane",
                      disable=not progress) as bar:
             for h in todo:
@@ -419,7 +613,7 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
 
                 def consume(first, rows_cols, values, probability, h=h, found=found):
                     if probability is not None:
-                        volume[h, first:first + probability.shape[0]] = probability
+                        writer.write(h, first, probability)
                     for slot, table in batch_detections(rows_cols, values, shape=(ny, nx),
                                                         min_area=int(infer["min_area"]), dx=dx, dy=dy):
                         found.append(table.assign(hid=h + 1, plane=int(indices[first + slot]),
@@ -432,7 +626,8 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
                     pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]),
                     batch_planes=batch_planes, threshold=float(infer["threshold"]),
                     device=device, pool=pool, consume=consume, quantize=quantize)
-                # Every batch's volume slices are written (sweep_hologram waited for them): now it is done.
+                if writer is not None:
+                    writer.flush()  # every slice of this hologram's volume is written: now it is done
                 parts.save(h + 1, _detection_table(found))
                 shares = timing.shares()
                 log.info("%s hologram %d, planes %d-%d: %.2f s, %.1f planes/s (propagation %.0f%%, model "

@@ -11,12 +11,16 @@ supported depth (smp's defaults assume depth 5).
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger("holopipe")
 
 ARCHITECTURES = {
     "unet": "Unet",
@@ -263,3 +267,99 @@ def build_model(model_config: dict, in_channels: int) -> nn.Module:
             f"offline ({type(error).__name__}: {error}). Set model.encoder_weights to a local .pth/.pt/"
             f".safetensors file of the encoder's state dict, or to null to train from scratch."
         ) from error
+
+
+_FOLDABLE_CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
+_FOLD_TOLERANCE = 1e-4
+"""Largest difference of the folded model's logits from the original's on the probe, relative to their largest
+magnitude (float32 folding differs by rounding only, ~1e-6)."""
+
+
+def _conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(convolution, batch norm) names where the batch norm's input IS the convolution's output, unmodified.
+
+    Observed on one forward pass of ``example`` rather than guessed from module names: a convolution's output
+    tensor is remembered with its version counter, and a batch norm called on that very tensor, not changed in
+    place since (an in-place ReLU in between bumps the version), follows it directly. Modules called more than
+    once are left alone (one folding could not serve several uses).
+    """
+    produced: dict[int, tuple[str, torch.Tensor, int]] = {}
+    calls: dict[str, int] = {}
+    followers: dict[str, str] = {}
+    handles = []
+
+    def after_conv(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            produced[id(output)] = (name, output, output._version)  # the tensor is kept: its id stays unique
+        return hook
+
+    def before_norm(name):
+        def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
+            entry = produced.get(id(args[0]))
+            if entry is not None and entry[1] is args[0] and args[0]._version == entry[2]:
+                followers[name] = entry[0]
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, _FOLDABLE_CONVOLUTIONS):
+            handles.append(module.register_forward_hook(after_conv(name)))
+        elif isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
+            handles.append(module.register_forward_pre_hook(before_norm(name)))
+    try:
+        with torch.no_grad():  # not inference_mode: its tensors keep no version counter
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(conv, norm) for norm, conv in followers.items() if calls[norm] == 1 and calls[conv] == 1]
+
+
+def _fold_into(conv: nn.Module, norm: nn.BatchNorm2d) -> None:
+    """conv <- norm(conv(.)) in eval mode: each output channel's weights scaled, the shift into the bias
+    (computed in float64)."""
+    scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+    shift = -norm.running_mean.double() * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+    weight = conv.weight.double()
+    if isinstance(conv, nn.ConvTranspose2d):  # weight (in, out / groups, kh, kw)
+        groups = conv.groups
+        grouped = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        weight = (grouped * scale.reshape(groups, 1, -1, 1, 1)).reshape(weight.shape)
+    else:  # weight (out, in / groups, kh, kw)
+        weight = weight * scale.reshape(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    conv.weight.data = weight.to(conv.weight.dtype)
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` in eval mode with every BatchNorm2d that directly follows a convolution (Conv2d or
+    ConvTranspose2d) folded into it and replaced by ``nn.Identity``: one kernel less per stage at inference.
+
+    ``example`` (N, C, H, W; sides multiples of the model's stride) is one probe input: the pairs are found on
+    its forward pass (:func:`_conv_batchnorm_pairs`, any architecture: plain_unet, smp encoders and
+    decoders), and the folded model's logits are checked against the original's on it. Should they differ
+    (a convolution's output also used elsewhere, which the probe cannot see), the model is returned unfolded
+    with a warning: slower, never wrong.
+    """
+    original = model.eval()
+    folded = copy.deepcopy(original)
+    example = example.to(next(original.parameters()).device)
+    pairs = _conv_batchnorm_pairs(folded, example)
+    for conv_name, norm_name in pairs:
+        _fold_into(folded.get_submodule(conv_name), folded.get_submodule(norm_name))
+        parent_name, _, child = norm_name.rpartition(".")
+        setattr(folded.get_submodule(parent_name), child, nn.Identity())
+    with torch.no_grad():
+        expected, actual = original(example), folded(example)
+    difference = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    if difference > _FOLD_TOLERANCE:
+        warnings.warn(f"fold_batchnorm: {type(model).__name__} with its batch norms folded differs from the "
+                      f"original by {difference:.2g} (relative) on the probe; keeping the batch norms",
+                      stacklevel=2)
+        return copy.deepcopy(original)
+    log.debug("fold_batchnorm: %d batch norms folded into their convolutions", len(pairs))
+    return folded
