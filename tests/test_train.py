@@ -230,3 +230,79 @@ def test_trial_is_reported_then_pruned(data, tmp_path):
     table = pd.read_csv(tmp_path / "metrics.csv")
     assert trial.reports == [(table["valid_loss"].iloc[0], 1)]
     assert not (tmp_path / "model.pt").exists()
+
+
+# ---- on a CUDA GPU (skipped without one) ----
+
+def recording_first_convolution(monkeypatch) -> list:
+    """Patch the model builder so the first convolution records (dtype, device type, channels-last) per call."""
+    seen, real = [], train_module.build_model
+
+    def build(model_config, in_channels):
+        model = real(model_config, in_channels)
+        conv = next(module for module in model.modules() if isinstance(module, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, inputs, output: seen.append(
+            (output.dtype, output.device.type, module.weight.is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build)
+    return seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
+def test_precision_on_cuda_runs_reduced_and_fp16_scales_gradients(data, tmp_path, monkeypatch, caplog, precision):
+    from holopipe.device import autocast_dtype
+
+    expected = autocast_dtype(precision, torch.device("cuda"))  # auto: bf16 from compute capability 8.0
+    seen = recording_first_convolution(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        run(make_config(epochs=2, precision=precision, device="cuda"), data, tmp_path)
+    assert seen and set(seen) == {(expected, "cuda", True)}  # every step autocast, channels-last, on the GPU
+    table = pd.read_csv(tmp_path / "metrics.csv")
+    assert np.isfinite(table["train_loss"]).all() and table["train_loss"].iloc[-1] < table["train_loss"].iloc[0]
+    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
+    assert bool(scaler) == (expected == torch.float16)
+    if scaler:
+        assert 0 < scaler["scale"] < float("inf")
+    line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("train.device"))
+    assert torch.cuda.get_device_name() in line and str(expected).removeprefix("torch.") in line
+    assert ("GradScaler" in line) == (expected == torch.float16)
+
+
+@pytest.mark.gpu
+def test_cuda_resume_restores_the_cuda_random_state(data, tmp_path, monkeypatch):
+    """Killed and resumed on a GPU, with dropout drawing from the CUDA generator, training ends with the
+    uninterrupted run's CUDA random state and weights. Deterministic kernels are switched on for the GPU too
+    (training leaves them off there for speed), so the weights can be compared."""
+    real_build, real_deterministic = train_module.build_model, train_module._deterministic
+    monkeypatch.setattr(train_module, "build_model",
+                        lambda model_config, in_channels: torch.nn.Sequential(
+                            torch.nn.Dropout(0.2), real_build(model_config, in_channels)))
+    monkeypatch.setattr(train_module, "_deterministic", lambda enabled: real_deterministic(True))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    config = make_config(epochs=3, device="cuda", precision="fp32")
+    run(config, data, tmp_path / "a")
+
+    def killed_in_epoch_3(epoch, train):
+        if epoch >= 2.5:
+            raise KeyboardInterrupt
+        return learning_rate(epoch, train)
+
+    monkeypatch.setattr(train_module, "learning_rate", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, data, tmp_path / "b")
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
+    run(config, data, tmp_path / "b")  # reseeds, so the CUDA state after 2 epochs comes only from the checkpoint
+
+    checkpoints = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in "ab"]
+    states = [[state.cpu() for state in checkpoint["rng"]["cuda"]] for checkpoint in checkpoints]
+    torch.manual_seed(config["train"]["seed"])
+    seeded = torch.cuda.get_rng_state_all()
+    assert not all(torch.equal(a, b) for a, b in zip(states[0], seeded))  # dropout did draw from the GPU
+    assert len(states[0]) == len(states[1]) and all(torch.equal(a, b) for a, b in zip(*states))
+    weights = [checkpoint["model"] for checkpoint in checkpoints]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6,
+                                   msg=lambda text: f"{key}: {text}")
