@@ -12,7 +12,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,6 +182,27 @@ def test_slots_follow_the_allocated_gpu_names(tmp_path):
     finally:
         for job in jobs:
             finish(job)
+
+
+def test_threads_of_one_job_share_its_slot(tmp_path, monkeypatch):
+    """Tuning runs tune.trials_per_gpu trials in threads of one process: they share one GPU, and one lock."""
+    monkeypatch.setattr(device_module, "_slot_lock", None)
+    monkeypatch.setenv("HOLOPIPE_GPU_LOCKS", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    start = threading.Barrier(6)
+
+    def trial():
+        start.wait()
+        return gpu_slot(2, poll_seconds=0.05)
+
+    with ThreadPoolExecutor(6) as pool:
+        slots = list(pool.map(lambda _: trial(), range(6)))
+    assert slots == [slots[0]] * 6
+    other = start_job(tmp_path)  # the other GPU is still free for another job
+    try:
+        assert slot_of(other, timeout=10.0) == 1 - slots[0]
+    finally:
+        finish(other)
 
 
 def test_one_gpu_is_slot_0_without_a_lock(tmp_path, monkeypatch):

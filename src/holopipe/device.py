@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -66,6 +67,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 
 _threads: int | None = None  # set once per process by use_threads (the CLI's main)
 _slot_lock = None  # the open lock file of this process's GPU slot, held until the process exits
+_slot_taking = threading.Lock()  # trials in threads of one tuning worker take one slot, not one each
 
 
 class GPUNotFoundError(RuntimeError):
@@ -134,13 +136,17 @@ def gpu_slot(n_devices: int, environ: Mapping[str, str] | None = None, *, poll_s
     """The index of the GPU this process takes, of the ``n_devices`` it sees: 0 when it sees one (a scheduler
     gave the job its own GPU); else the first whose node-local lock file no other holopipe job holds, kept
     for the process's lifetime, so that local GPU jobs (``snakemake --resources gpu=N``) spread over the N
-    GPUs. Waits, saying so, while every GPU is taken."""
-    global _slot_lock
+    GPUs. Waits, saying so, while every GPU is taken. Threads of one process share its slot."""
     if n_devices <= 1:
         return 0
+    with _slot_taking:
+        return _take_slot(n_devices, os.environ if environ is None else environ, poll_seconds)
+
+
+def _take_slot(n_devices: int, environ: Mapping[str, str], poll_seconds: float) -> int:
+    global _slot_lock
     if _slot_lock is not None:
         return _slot_lock[1]
-    environ = os.environ if environ is None else environ
     names = allocated_gpus(environ) or [str(index) for index in range(n_devices)]
     folder = _lock_directory(environ)
     host = socket.gethostname()
