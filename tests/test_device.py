@@ -78,6 +78,40 @@ def test_the_cpu_is_the_cpu_even_where_a_gpu_was_allocated(no_gpu):
     assert resolve_device("cpu", "baseline.device") == torch.device("cpu")
 
 
+CU130_ARCHES = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14.1+cu130's list
+
+
+@pytest.mark.parametrize("capability, arches, runs", [
+    ((7, 0), CU130_ARCHES, False),  # V100: CUDA 13 dropped it
+    ((6, 1), CU130_ARCHES, False),
+    ((7, 5), CU130_ARCHES, True),  # T4
+    ((8, 9), CU130_ARCHES, True),  # L40S runs sm_86 code (same major, later minor)
+    ((9, 0), CU130_ARCHES, True),  # H100, H200
+    ((11, 0), CU130_ARCHES, False),  # a major without a cubin and no PTX
+    ((11, 0), [*CU130_ARCHES, "compute_120"], False),  # PTX runs only on its own capability and later
+    ((13, 0), [*CU130_ARCHES, "compute_120"], True),
+    ((7, 0), [], True),  # torch cannot tell: let it try
+])
+def test_a_gpu_this_torch_has_no_kernels_for_fails_before_the_job_starts(monkeypatch, capability, arches, runs):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arches)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    if runs:
+        assert resolve_device("auto", "infer.device") == torch.device("cuda", 0) and chosen
+        return
+    with pytest.raises(GPUNotFoundError) as error:
+        resolve_device("auto", "infer.device")
+    message = str(error.value)
+    for part in ("infer.device", "Tesla V100-SXM2-32GB", f"compute capability {capability[0]}.{capability[1]}",
+                 "sm_75", "infer.device: cpu"):
+        assert part in message, f"{part!r} not in {message!r}"
+    assert not chosen
+
+
 # ---- precision auto: bf16 only from compute capability 8.0 ----
 
 @pytest.mark.parametrize("capability, expected", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
@@ -220,6 +254,7 @@ def test_resolve_device_takes_the_free_gpu_of_several(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
         monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         monkeypatch.setattr(device_module, "_slot_lock", None)  # this process holds no slot yet (restored after)
         monkeypatch.setenv("HOLOPIPE_GPU_LOCKS", str(tmp_path))
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

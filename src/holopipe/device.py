@@ -100,7 +100,8 @@ def resolve_device(name: str, key: str = "train.device", environ: Mapping[str, s
     CPU, unless the scheduler allocated a GPU (:func:`allocated_gpus`): then a missing GPU is an error, not a
     slow CPU run. ``cuda`` without an index takes a free GPU of several (:func:`gpu_slot`).
 
-    Raises :class:`GPUNotFoundError` (naming ``key``) when CUDA is asked for, or allocated, and missing.
+    Raises :class:`GPUNotFoundError` (naming ``key``) when CUDA is asked for, or allocated, and missing, and
+    when this torch has no kernels for the GPU (a V100 under the CUDA 13 stack).
     """
     import torch
 
@@ -121,8 +122,31 @@ def resolve_device(name: str, key: str = "train.device", environ: Mapping[str, s
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", gpu_slot(torch.cuda.device_count(), environ))
+        unsupported = _unsupported_gpu(device)
+        if unsupported:
+            raise GPUNotFoundError(f"{key} is {name!r}: {unsupported}; use a GPU of compute capability 7.5 or "
+                                   f"newer (gpu_type a100 or h100 on Casper) or set {key}: cpu")
         torch.cuda.set_device(device)
     return device
+
+
+def _unsupported_gpu(device: torch.device) -> str | None:
+    """Why this torch has no kernels for the GPU ``device`` (None when it has): CUDA 13 builds drop compute
+    capabilities below 7.5 (V100 is 7.0), and torch would fail at its first kernel with "no kernel image".
+    A cubin for sm_XY runs on X.Y and later minors of major X; PTX (compute_XY) on any X.Y and later."""
+    import torch
+
+    arches = torch.cuda.get_arch_list()  # e.g. ['sm_75', 'sm_80', ..., 'sm_120']; [] if torch cannot tell
+    if not arches:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    capability = major * 10 + minor
+    built = [(kind, int(number)) for kind, number in (arch.split("_", 1) for arch in arches) if number.isdigit()]
+    if any((kind == "sm" and number // 10 == major and number <= capability)
+           or (kind == "compute" and number <= capability) for kind, number in built):
+        return None
+    return (f"{device} is a {torch.cuda.get_device_name(device)} of compute capability {major}.{minor}, and "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) has kernels for {', '.join(arches)} only")
 
 
 def _lock_directory(environ: Mapping[str, str]) -> Path:
@@ -210,9 +234,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a ``precision`` key on ``device``; None runs in fp32 without autocast.
 
     ``auto`` picks bf16 (same range as fp32, no scaler needed) only on GPUs with native bf16 (compute
-    capability 8.0 and up: A100, H100), fp16 on older ones (V100, T4; training then needs a gradient scaler),
-    and fp32 on the CPU, where autocast is slower than fp32 for convolutions. (``torch.cuda.is_bf16_supported``
-    says yes to emulated bf16 too, which runs far slower than fp16 on a V100.)
+    capability 8.0 and up: A100, H100), fp16 on older ones (T4, and a V100 under a CUDA 12 build of torch;
+    training then needs a gradient scaler), and fp32 on the CPU, where autocast is slower than fp32 for
+    convolutions. (``torch.cuda.is_bf16_supported`` says yes to emulated bf16 too, which runs far slower than
+    fp16 on those GPUs.)
     """
     import torch
 
