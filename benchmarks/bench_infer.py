@@ -5,13 +5,15 @@
     python benchmarks/bench_infer.py --frame 2048x1536 --planes 16 --model results/model/model.pt
 
 Everything comes from the config (default ``config/holodec.yaml``): the model's architecture, encoder and
-depth (random weights, ``encoder_weights`` forced to null so nothing downloads; ``--model`` takes a trained
-``model.pt`` instead), the hologram of ``optics`` and ``simulate`` (500 particles; simulated once and cached
-under ``--cache``, since it costs minutes on a CPU), the regridded and standardized frame the workflow makes
-of it (:func:`holopipe.regrid.regrid_dataset`, :func:`holopipe.standardize.contrast_images`), its
-``reconstruction`` padding, band limit and plane grid (:func:`holopipe.reconstruction.z_bin_centres`),
-``infer.batch_planes``, ``precision`` and ``threshold``. ``--frame`` crops the standardized frame about its
-centre (the truth particles inside it are kept), for CPU figures.
+depth (random weights, ``encoder_weights`` forced to null so nothing downloads, written to a temporary
+``model.pt``; ``--model`` takes a trained one instead), loaded as ``holopipe infer`` loads it
+(:func:`holopipe.infer.load_segmenter`: batch norms folded, channels-last, ``infer.compile``); the hologram
+of ``optics`` and ``simulate`` (500 particles; simulated once and cached under ``--cache``, since it costs
+minutes on a CPU), regridded and standardized as the workflow does (:func:`holopipe.regrid.regrid_dataset`,
+:func:`holopipe.standardize.contrast_images`); its ``reconstruction`` padding, band limit and plane grid
+(:func:`holopipe.reconstruction.z_bin_centres`); ``infer.batch_planes``, ``precision`` and ``threshold``.
+The sweep is :func:`holopipe.infer.sweep_hologram`, as ``holopipe infer`` calls it. ``--frame`` crops the
+standardized frame about its centre (the truth particles inside it are kept), for CPU figures.
 
 Prints seconds per hologram (the inference sweep extrapolated to every plane when ``--planes`` is less, saying
 so, plus the refinement), planes/s, the shares of propagation, model, post-processing and refinement, and the
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +50,7 @@ from holopipe.reconstruction import hologram_propagator, z_bin_centres
 from holopipe.regrid import regrid_dataset
 from holopipe.simulate import SimulationSettings, simulate_hologram
 from holopipe.standardize import contrast_images
-from holopipe.train import load_model
+from holopipe.train import MODEL_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_FRAME = (1024, 1024)
@@ -104,18 +107,23 @@ def centre_crop(ds: xr.Dataset, frame: tuple[int, int] | None) -> xr.Dataset:
     return cropped.isel(particle=np.flatnonzero(inside)).assign_attrs(Nx=width, Ny=height)
 
 
-def benchmark_model(config: dict, model_path: str | None, device: torch.device):
-    """(model, channels, stats or None, stride, description): a trained ``model.pt``, or the config's model with
-    random weights (``encoder_weights`` null: nothing downloads)."""
-    if model_path is not None:
-        model, info = load_model(model_path, device)
-        return model, info["channel_names"], info["stats"], int(info["stride"]), str(model_path)
+def random_model_file(config: dict, path: Path, device: torch.device, first_batch, amp_dtype, threshold: float,
+                      fraction: float, contrast_std: float) -> str:
+    """Write the config's model with random weights (``encoder_weights`` null: nothing downloads) to ``path``
+    as a ``model.pt`` (:func:`holopipe.train.load_model`'s format), its output bias calibrated on
+    ``first_batch`` (amplitude, phase) by :func:`calibrate_output_bias`; returns its description."""
     model_config = {**config["model"], "encoder_weights": None}
-    channels = config["examples"]["channels"]
+    channels = list(config["examples"]["channels"])
     model = build_model(model_config, len(channels)).to(device).eval()
-    description = (f"{model_config['architecture']}/{model_config.get('encoder')} depth {model_config.get('depth')} "
-                   "(random weights)")
-    return model, channels, None, model_stride(model_config), description
+    stride, stats = model_stride(model_config), {"contrast_std": contrast_std}
+    shift = calibrate_output_bias(model, infer.model_segmenter(model, channels, stats, stride, amp_dtype=amp_dtype),
+                                  *first_batch, threshold, fraction)
+    torch.save({"format": MODEL_FORMAT, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                "model": model_config, "in_channels": len(channels), "channel_names": channels, "stride": stride,
+                "stats": stats}, path)
+    return (f"{model_config['architecture']}/{model_config.get('encoder')} depth {model_config.get('depth')}, random "
+            f"weights, output bias shifted by {shift:+.2f} so that {fraction:g} of the first batch's pixels exceed "
+            "the threshold")
 
 
 def calibrate_output_bias(model: torch.nn.Module, segment, amplitude: torch.Tensor, phase: torch.Tensor,
@@ -180,6 +188,8 @@ def main() -> None:
     parser.add_argument("--positive-fraction", type=float, default=1e-4,
                         help="random weights: the share of pixels made to exceed the threshold (default 1e-4, "
                              "about what 500 droplets marked over their depth of focus cover)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: the config's infer.compile)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline's timing")
     args = parser.parse_args()
     if args.threads is not None:
@@ -203,25 +213,24 @@ def main() -> None:
     planes = all_planes[chosen]
     batch = int(infer_settings["batch_planes"])
     amp = autocast_dtype(infer_settings["precision"], device)
-    model, channels, stats, stride, what = benchmark_model(config, args.model, device)
-    stats = stats or {"contrast_std": float(image_yx.std())}  # the training split's statistic, from this one
-    cuda_layout = dict(amp_dtype=amp, channels_last=cuda)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
     threshold = float(infer_settings["threshold"])
-    if args.model is None:
-        first = hologram_propagator(image_yx.T, attrs, reconstruction,
-                                    to_device=lambda a: torch.from_numpy(a).to(device)).reconstruct(planes[:batch])
-        shift = calibrate_output_bias(model, infer.model_segmenter(model, channels, stats, stride, **cuda_layout),
-                                      *first, threshold, args.positive_fraction)
-        del first
-        what += (f", output bias shifted by {shift:+.2f} so that {args.positive_fraction:g} of the first batch's "
-                 f"pixels exceed the threshold")
-    segment = infer.model_segmenter(model, channels, stats, stride, **cuda_layout)
-    print(f"device: {describe_device(device, amp)}\nmodel: {what}\nhologram: simulated, {len(truth)} particles in "
-          f"{nx} x {ny} (regridded frame {attrs['Nx']} x {attrs['Ny']}), pad {reconstruction['pad']}, band limit "
-          f"{reconstruction['band_limit']}; {n_planes} of {all_planes.size} planes in batches of {batch}, threshold "
-          f"{threshold}", flush=True)
+    compile_model = bool(infer_settings["compile"]) if args.compile is None else args.compile
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, what = args.model, str(args.model)
+        if model_path is None:
+            first = hologram_propagator(image_yx.T, attrs, reconstruction,
+                                        to_device=lambda a: torch.from_numpy(a).to(device)).reconstruct(planes[:batch])
+            model_path = Path(tmp) / "model.pt"
+            what = random_model_file(config, model_path, device, first, amp, threshold, args.positive_fraction,
+                                     float(image_yx.std()))  # the training split's contrast_std, from this one
+            del first
+        # As holopipe infer loads it: batch norms folded, channels-last on a GPU, autocast, optionally compiled.
+        segment = infer.load_segmenter(model_path, device, infer_settings["precision"], compile=compile_model,
+                                       batch_planes=batch)
+    print(f"device: {describe_device(device, amp)}\nmodel: {what}{', torch.compile' if compile_model else ''}\n"
+          f"hologram: simulated, {len(truth)} particles in {nx} x {ny} (regridded frame {attrs['Nx']} x "
+          f"{attrs['Ny']}), pad {reconstruction['pad']}, band limit {reconstruction['band_limit']}; {n_planes} of "
+          f"{all_planes.size} planes in batches of {batch}, threshold {threshold}", flush=True)
 
     found: list[pd.DataFrame] = []
 
