@@ -86,7 +86,7 @@ def main() -> None:
                         help=f"NXxNY crop of the regridded frame, full, or auto (full with a GPU, else "
                              f"{CPU_FRAME[0]}x{CPU_FRAME[1]})")
     parser.add_argument("--planes", type=int, default=None,
-                        help="planes per library, spread over the grid (default: 64 for a GPU library, 8 for a "
+                        help="planes per library, spread over the grid (default: 64 for a GPU library, 4 for a "
                              "CPU one)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch, scipy FFT)")
     args = parser.parse_args()
@@ -107,7 +107,7 @@ def main() -> None:
         n_planes = min(args.planes or default, grid.size)
         return grid[np.linspace(0, grid.size - 1, n_planes).round().astype(int)]
 
-    cpu_planes, gpu_planes = spread(8), spread(64)
+    cpu_planes, gpu_planes = spread(4), spread(64)
     batch = int(config["infer"]["batch_planes"])
     settings = dict(wavelength=optics["wavelength"], dx=dx, dy=dy, pad=int(reconstruction["pad"]),
                     band_limit=bool(reconstruction["band_limit"]))
