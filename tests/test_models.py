@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import segmentation_models_pytorch as smp
 from holopipe.config import load_config
-from holopipe.models import ARCHITECTURES, PlainUNet, build_model, model_stride
+from holopipe.models import ARCHITECTURES, PlainUNet, build_model, fold_batchnorm, model_stride
 
 IN_CHANNELS = 2  # amplitude and phase
 
@@ -157,3 +158,95 @@ def test_unknown_encoder_suggests_close_names():
 def test_depth_outside_the_decoder_range_is_rejected():
     with pytest.raises(ValueError, match="fpn takes depth 3 to 5"):
         build_model({"architecture": "fpn", "depth": 2}, IN_CHANNELS)
+
+
+# ---- BatchNorm folded for inference ----
+
+def trained_looking(model: nn.Module) -> nn.Module:
+    """``model`` with batch-norm statistics and affine parameters far from the identity they start at, so a
+    wrong fold shows."""
+    generator = torch.Generator().manual_seed(2)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.rand(size, generator=generator) - 0.5)
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(size, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(size, generator=generator))
+            module.bias.data.copy_(0.4 * torch.rand(size, generator=generator) - 0.2)
+    return model.eval()
+
+
+def batch_norms_run(model: nn.Module, inputs: torch.Tensor) -> list[str]:
+    """Names of the BatchNorm2d modules called in ``model``'s forward pass on ``inputs``."""
+    called, handles = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(lambda module, args, name=name: called.append(name)))
+    with torch.no_grad():
+        model(inputs)
+    for handle in handles:
+        handle.remove()
+    return called
+
+
+@pytest.mark.parametrize("config", [
+    {"architecture": "plain_unet", "width": 4, "depth": 3},
+    {"architecture": "linknet", "encoder": "resnet18", "encoder_weights": None, "depth": 5},
+    {"architecture": "unet", "encoder": "resnet18", "encoder_weights": None, "depth": 3},
+], ids=["plain_unet", "linknet", "unet"])
+def test_folded_batch_norms_leave_the_logits_and_no_batch_norm_runs(config):
+    torch.manual_seed(0)
+    model = trained_looking(build_model(config, IN_CHANNELS))
+    stride = model_stride(config)
+    frame = torch.randn(2, IN_CHANNELS, 2 * stride, 3 * stride)  # non-square, larger than the probe
+    norms = len(batch_norms_run(model, frame))
+    assert norms >= 10
+    folded = fold_batchnorm(model, torch.randn(1, IN_CHANNELS, stride, stride))
+    assert not folded.training and batch_norms_run(folded, frame) == []
+    with torch.no_grad():
+        expected, actual = model(frame), folded(frame)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert len(batch_norms_run(model, frame)) == norms  # the original is left as it was
+    if config["depth"] == 5:  # every encoder stage runs: not one BatchNorm2d is left in the model
+        assert not any(isinstance(module, nn.BatchNorm2d) for module in folded.modules())
+
+
+def test_transposed_and_grouped_convolutions_fold_and_a_modified_output_does_not():
+    torch.manual_seed(0)
+    model = trained_looking(nn.Sequential(
+        nn.Conv2d(IN_CHANNELS, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2),
+        nn.BatchNorm2d(6),
+        nn.Conv2d(6, 6, 1, bias=False),
+        nn.ReLU(inplace=True),  # changes the convolution's output in place: this batch norm must stay
+        nn.BatchNorm2d(6),
+    ))
+    frame = torch.randn(2, IN_CHANNELS, 6, 10)
+    folded = fold_batchnorm(model, torch.randn(1, IN_CHANNELS, 4, 4))
+    assert [type(module).__name__ for module in folded] == ["Conv2d", "Identity", "ConvTranspose2d", "Identity",
+                                                             "Conv2d", "ReLU", "BatchNorm2d"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(frame), model(frame), rtol=1e-5, atol=1e-5)
+
+
+class SharedOutput(nn.Module):
+    """A convolution whose output feeds its batch norm AND a skip connection: folding would change the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(IN_CHANNELS, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.norm(y) + y
+
+
+def test_a_fold_that_would_change_the_output_is_refused_with_a_warning():
+    model = trained_looking(SharedOutput())
+    with pytest.warns(UserWarning, match="SharedOutput.*keeping the batch norms"):
+        folded = fold_batchnorm(model, torch.randn(1, IN_CHANNELS, 8, 8))
+    assert isinstance(folded.norm, nn.BatchNorm2d) and folded is not model
+    frame = torch.randn(2, IN_CHANNELS, 8, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(frame), model(frame))

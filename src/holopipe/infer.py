@@ -496,16 +496,20 @@ class VolumeWriter:
         """Queue ``planes`` (B, ny, nx) as planes ``first``.. of hologram ``hologram`` (0-based indices)."""
         for offset in range(planes.shape[0]):
             while len(self._pending) >= self.max_planes:
-                self._pending.popleft().result()
+                self._collect_oldest()
             self._pending.append(self._pool.submit(self._write_plane, hologram, first + offset, planes[offset]))
 
     def _write_plane(self, hologram: int, plane: int, values: np.ndarray) -> None:
         self.array[hologram, plane] = values
 
+    def _collect_oldest(self) -> None:
+        self._pending[0].result()  # counted as queued until written
+        self._pending.popleft()
+
     def flush(self) -> None:
         """Wait until every queued plane is written; raises the first write's error."""
         while self._pending:
-            self._pending.popleft().result()
+            self._collect_oldest()
 
     def __enter__(self):
         return self
