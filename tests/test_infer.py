@@ -1,9 +1,14 @@
 """Inference and particles: an oracle finds simulated particles, sharding is exact, merging, probability volumes."""
 
+import copy
+import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +24,12 @@ import zarr
 from holopipe.config import load_config, with_overrides
 from holopipe.dataset import TileDataset, normalize_channels, write_synthetic_examples
 from holopipe.reconstruction import z_bin_centres
-from holopipe.infer import (DETECTION_COLUMNS, chunk_planes, detections_in_plane, infer_chunk, model_segmenter,
-                            pixel_components)
+from holopipe.focus import smoothed_amplitude
+from holopipe.infer import (BATCHES_IN_FLIGHT, DETECTION_COLUMNS, VolumeWriter, batch_detections, chunk_planes,
+                            detections_in_plane, infer_chunk, model_segmenter, pixel_components, resume_fingerprint,
+                            sparse_pixels, sweep_hologram)
 from holopipe.io import open_holodec, particle_table, um_to_pixel, write_zarr
-from holopipe.models import PlainUNet
+from holopipe.models import PlainUNet, fold_batchnorm
 from holopipe.optics import Propagator, hologram_field
 from holopipe.particles import PARTICLE_COLUMNS, cluster_labels, merge_detections, particles_file
 from holopipe.simulate import Camera, Optics, ParticleSet, camera_image, opaque_disks_field
@@ -424,3 +431,350 @@ def test_infer_killed_mid_split_resumes_and_gives_the_uninterrupted_result(six_h
     resumed, uninterrupted = (zarr.open_group(path, mode="r")["probability"][:]
                               for path in (volume, whole.with_name("p.zarr")))
     assert np.array_equal(resumed, uninterrupted) and resumed.max() > 0
+
+
+# ---- the hot path: no host waits in the plane loop, the same pixels as before ----
+
+# 160 x 96 pixels of 2.96 x 3.6 µm (wider than tall, pixels taller than wide), as in test_axes.
+FRAME = Optics(wavelength=WAVELENGTH, dx=2.96e-6, dy=3.6e-6, nx=160, ny=96, z_min=Z_MIN, z_max=Z_MAX)
+FRAME_PARTICLES = ParticleSet(x=np.array([-150e-6, 140e-6, 0.0]), y=np.array([-70e-6, -40e-6, 80e-6]),
+                              z=np.array([3.5e-3, 6.2e-3, 8.5e-3]), d=np.array([25e-6, 32e-6, 40e-6]))
+FRAME_PLANES = z_bin_centres(Z_MIN, Z_MAX, 24)
+
+
+@pytest.fixture(scope="module")
+def frame_image():
+    """A noise-free standardized hologram (ny, nx) = (96, 160) with dx != dy."""
+    field = opaque_disks_field(FRAME_PARTICLES, FRAME, pad=32)
+    image = camera_image(field, np.random.default_rng(0), FRAME, Camera(noise=False, beam_waist=None))
+    image = image.astype(np.float32)
+    return image / image.mean()
+
+
+def frame_sweep(image, segment, *, device="cpu", batch_planes=5, consume, planes=FRAME_PLANES, **options):
+    with ThreadPoolExecutor(1) as pool:
+        return sweep_hologram(image, planes, segment, wavelength=WAVELENGTH, dx=FRAME.dx, dy=FRAME.dy, pad=32,
+                              band_limit=True, batch_planes=batch_planes, threshold=0.5, device=torch.device(device),
+                              pool=pool, consume=consume, **options)
+
+
+def handed_over(image, segment, **options):
+    """Every batch's (first, rows_cols, values, probability) as :func:`sweep_hologram` hands them over."""
+    batches = []
+    frame_sweep(image, segment, consume=lambda *batch: batches.append(batch), **options)
+    return sorted(batches, key=lambda batch: batch[0])
+
+
+def former_hand_over(image, segment, batch_planes=5):
+    """The pixels as the loop found them before it stopped waiting: torch.nonzero and boolean masks."""
+    propagator = Propagator(hologram_field(torch.from_numpy(image), background=1.0), wavelength=WAVELENGTH,
+                            dx=FRAME.dx, dy=FRAME.dy, pad=32, band_limit=True)
+    batches = []
+    for first in range(0, FRAME_PLANES.size, batch_planes):
+        amplitude, phase = propagator.reconstruct(FRAME_PLANES[first:first + batch_planes])
+        logits = segment(amplitude, phase)
+        probability = torch.sigmoid(logits)
+        above = probability > 0.5
+        values = torch.stack([probability[above], logits[above], smoothed_amplitude(amplitude.float())[above]],
+                             dim=1).float()
+        batches.append((first, torch.nonzero(above).numpy(), values.numpy()))
+    return batches
+
+
+def test_sparse_pixels_are_torch_nonzero_in_fixed_slots_and_say_when_they_overflow():
+    logits = 4 * torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(0)) - 6  # ~7 % above 0.5
+    smoothed = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(1))
+    above = torch.sigmoid(logits) > 0.5
+    expected_flat = torch.nonzero(above.reshape(-1))[:, 0]
+    expected_values = torch.stack([torch.sigmoid(logits)[above], logits[above], smoothed[above]], dim=1)
+    n = expected_flat.numel()
+    assert 100 < n < 3 * 40 * 56 // 4
+    roomy = sparse_pixels(logits, smoothed, 0.5, n + 50)
+    assert int(roomy.count) == n and roomy.flat.shape == (n + 50,) and roomy.values.shape == (n + 50, 3)
+    assert torch.equal(roomy.flat[:n], expected_flat) and torch.equal(roomy.values[:n], expected_values)
+    tight = sparse_pixels(logits, smoothed, 0.5, 30)
+    assert int(tight.count) == n > tight.flat.numel() == 30  # the overflow shows in the count
+    assert torch.equal(tight.flat, expected_flat[:30]) and torch.equal(tight.values, expected_values[:30])
+    cropped = torch.nn.functional.pad(logits, (0, 8, 0, 8))[:, :40, :56]  # as a segmenter crops its padding
+    assert torch.equal(sparse_pixels(cropped, smoothed, 0.5, n).flat, expected_flat)
+
+
+@pytest.mark.parametrize("capacity", [None, 1, 40])
+def test_sweep_hands_over_exactly_the_former_pixels_whatever_the_capacity(frame_image, capacity):
+    # capacity 1 overflows every batch with a droplet (the exact pass), 40 only some, the default none.
+    former = former_hand_over(frame_image, oracle)
+    assert sum(len(rows_cols) for _, rows_cols, _ in former) > 40 * len(former)  # overflows do happen
+    now = handed_over(frame_image, oracle, capacity=capacity)
+    assert [batch[0] for batch in now] == [batch[0] for batch in former]
+    for (_, rows_cols, values, probability), (_, former_rows_cols, former_values) in zip(now, former):
+        assert rows_cols.dtype == np.int64 and values.dtype == np.float32 and probability is None
+        assert np.array_equal(rows_cols, former_rows_cols) and np.array_equal(values, former_values)
+
+
+def test_sweep_quantizes_the_volume_and_times_its_parts(frame_image):
+    batches = []
+    timing = frame_sweep(frame_image, soft_oracle, consume=lambda *batch: batches.append(batch),
+                         quantize=lambda probability: torch.round(probability * 255).to(torch.uint8))
+    volume = np.concatenate([batch[3] for batch in sorted(batches, key=lambda batch: batch[0])])
+    propagator = Propagator(hologram_field(torch.from_numpy(frame_image), background=1.0), wavelength=WAVELENGTH,
+                            dx=FRAME.dx, dy=FRAME.dy, pad=32, band_limit=True)
+    expected = torch.round(torch.sigmoid(soft_oracle(*propagator.reconstruct(FRAME_PLANES))) * 255).to(torch.uint8)
+    assert volume.dtype == np.uint8 and np.array_equal(volume, expected.numpy()) and 0 < volume.mean() < 255
+    assert timing.planes == FRAME_PLANES.size
+    assert min(timing.propagation, timing.model, timing.postprocess) > 0 and timing.seconds > timing.model
+
+
+def test_at_most_two_batches_wait_for_the_worker_and_its_errors_surface(frame_image):
+    assert BATCHES_IN_FLIGHT == 2
+    calls, seen = [], []
+
+    def counting_oracle(amplitude, phase):
+        calls.append(amplitude.shape[0])
+        return oracle(amplitude, phase)
+
+    def slow_consume(first, *rest):
+        if first == 0:  # the first batch holds the worker: the loop may run ahead only so far
+            deadline = time.monotonic() + 10
+            while len(calls) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)
+            seen.append(len(calls))
+
+    frame_sweep(frame_image, counting_oracle, consume=slow_consume)  # 5 batches of 5 planes
+    # Batch 0 with the worker, batch 1 queued, batch 2 computed: its hand-over waits for batch 0.
+    assert seen == [3] and len(calls) == 5
+
+    def failing_consume(first, *rest):
+        if first == 10:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        frame_sweep(frame_image, oracle, consume=failing_consume)
+
+
+def test_compiled_segmenter_sees_one_batch_shape_and_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = PlainUNet(2, width=4, depth=2).eval()
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    stats, channels = {"contrast_std": 0.2}, ["amplitude", "phase"]
+    amplitude, phase = 1 + 0.2 * torch.randn(3, 30, 45), 0.2 * torch.randn(3, 30, 45)
+    padded = model_segmenter(model, channels, stats, 4, batch_planes=5)(amplitude, phase)
+    assert shapes == [(5, 2, 32, 48)] and padded.shape == (3, 30, 45)
+    torch.testing.assert_close(padded, model_segmenter(model, channels, stats, 4)(amplitude, phase))
+
+
+class Plane:
+    """Stands in for a zarr array in the writer tests: records writes, can fail or hold them."""
+
+    def __init__(self, fail_at=None, hold=None):
+        self.written, self.fail_at, self.hold = {}, fail_at, hold
+
+    def __setitem__(self, key, values):
+        if self.hold is not None:
+            self.hold.wait(10)
+        if key[1] == self.fail_at:
+            raise OSError(f"cannot write plane {key[1]}")
+        self.written[key] = values.copy()
+
+
+def test_volume_writer_writes_every_plane_and_raises_a_failed_write():
+    planes = np.arange(2 * 5 * 4 * 6, dtype=np.uint8).reshape(2, 5, 4, 6)
+    target = Plane()
+    with VolumeWriter(target, 3, 4) as writer:
+        writer.write(1, 0, planes[1, :3])
+        writer.write(1, 3, planes[1, 3:])
+        writer.flush()
+    assert sorted(target.written) == [(1, plane) for plane in range(5)]
+    assert all(np.array_equal(target.written[1, plane], planes[1, plane]) for plane in range(5))
+    with VolumeWriter(Plane(fail_at=3), 2, 8) as writer:
+        writer.write(0, 0, planes[0])
+        with pytest.raises(OSError, match="plane 3"):
+            writer.flush()
+
+
+def test_volume_writer_blocks_rather_than_queue_more_than_its_planes():
+    hold = threading.Event()
+    target = Plane(hold=hold)
+    with VolumeWriter(target, 2, 3) as writer:
+        producer = threading.Thread(target=writer.write, args=(0, 0, np.zeros((6, 4, 4), np.uint8)))
+        producer.start()
+        time.sleep(0.3)
+        assert producer.is_alive() and len(writer._pending) == 3 and not target.written  # held, bounded
+        hold.set()
+        producer.join(10)
+        writer.flush()
+    assert not producer.is_alive() and len(target.written) == 6
+
+
+def test_compile_and_writers_change_no_fingerprint(store):
+    config = make_config()
+    fingerprint = resume_fingerprint(config, None, store, chunk=0, n_chunks=1, probabilities_path=None)
+    other = with_overrides(config, {"infer.compile": True, "infer.writers": 5})
+    assert resume_fingerprint(other, None, store, chunk=0, n_chunks=1, probabilities_path=None) == fingerprint
+    stricter = with_overrides(config, {"infer.threshold": 0.9})
+    assert resume_fingerprint(stricter, None, store, chunk=0, n_chunks=1, probabilities_path=None) != fingerprint
+
+
+def test_infer_compile_compiles_the_folded_model_for_one_batch_shape(tiny_model, store, tmp_path, monkeypatch,
+                                                                     caplog):
+    model_path, config, _ = tiny_model
+    compiled, shapes = [], []
+
+    def fake_compile(model, **options):  # what torch.compile is handed; no inductor run here
+        compiled.append((model, options))
+        model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = with_overrides(config, {"infer.batch_planes": 7})
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        with_compile = infer_chunk(with_overrides(config, {"infer.compile": True}), model_path, store,
+                                   tmp_path / "compiled.csv", chunk=0, n_chunks=1, progress=False)
+    assert len(compiled) == 1 and compiled[0][1] == {"dynamic": False}
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in compiled[0][0].modules())
+    assert set(shapes) == {(7, 2, N, N)} and len(shapes) == 2 * 9  # 60 planes: 8 batches of 7, 4 padded to 7
+    assert "infer.device: CPU" in caplog.text and "torch.compile for batches of 7 planes" in caplog.text
+    plain = infer_chunk(config, model_path, store, tmp_path / "plain.csv", chunk=0, n_chunks=1, progress=False)
+    assert len(compiled) == 1  # infer.compile false: not compiled
+    expected = pd.read_csv(plain)
+    assert len(expected) > 0
+    pd.testing.assert_frame_equal(pd.read_csv(with_compile), expected, rtol=1e-4)
+
+
+# ---- on a GPU (skipped without CUDA) ----
+
+def oracle_network() -> torch.nn.Module:
+    """A network computing about :func:`oracle`'s logits, ``-20 (a - 0.5)``, from the normalised amplitude
+    ``(a - 1) / 0.2``: a 1x1 convolution, a batch norm to fold (an identity in effect) and a 3x3 box."""
+    network = torch.nn.Sequential(torch.nn.Conv2d(2, 1, 1), torch.nn.BatchNorm2d(1),
+                                  torch.nn.Conv2d(1, 1, 3, padding=1, bias=False))
+    with torch.no_grad():
+        network[0].weight.copy_(torch.tensor([-4.0, 0.0]).reshape(1, 2, 1, 1))
+        network[0].bias.fill_(-10.0)
+        network[1].running_mean.fill_(1.0)
+        network[1].running_var.fill_(4.0)
+        network[1].weight.fill_(2.0)
+        network[1].bias.fill_(1.0)
+        network[2].weight.fill_(1.0 / 9.0)
+    return network.eval()
+
+
+def frame_detections(image, segment, **options) -> pd.DataFrame:
+    """Detections (with their plane) of :func:`frame_sweep`, at least 4 pixels each."""
+    tables = []
+
+    def consume(first, rows_cols, values, probability):
+        for slot, table in batch_detections(rows_cols, values, shape=(FRAME.ny, FRAME.nx), min_area=4, dx=FRAME.dx,
+                                            dy=FRAME.dy):
+            tables.append(table.assign(plane=first + slot))
+
+    frame_sweep(image, segment, consume=consume, **options)
+    assert tables, "no detections to compare"
+    return pd.concat(tables, ignore_index=True)
+
+
+def assert_same_detections(first: pd.DataFrame, second: pd.DataFrame) -> None:
+    """Every detection of 10 pixels or more in either table has one in the other on its plane within a pixel."""
+    pixel_um = max(FRAME.dx, FRAME.dy) * 1e6
+    assert first["plane"].nunique() >= 3
+    for one, other in ((first, second), (second, first)):
+        for _, detection in one[one["area"] >= 10].iterrows():
+            same_plane = other[other["plane"] == detection["plane"]]
+            assert len(same_plane), f"plane {detection['plane']}: a detection at {detection['x']:.1f}, " \
+                                    f"{detection['y']:.1f} µm has no counterpart"
+            assert np.hypot(same_plane["x"] - detection["x"], same_plane["y"] - detection["y"]).min() <= pixel_um
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_finds_the_fp32_detections_within_a_pixel(frame_image, dtype):
+    network = fold_batchnorm(oracle_network(), torch.randn(1, 2, 4, 4)).cuda().to(memory_format=torch.channels_last)
+
+    def segmenter(amp_dtype):
+        return model_segmenter(network, ["amplitude", "phase"], {"contrast_std": 0.2}, 1, amp_dtype=amp_dtype,
+                               channels_last=True)
+
+    reference = frame_detections(frame_image, segmenter(None), device="cuda")
+    assert_same_detections(reference, frame_detections(frame_image, segmenter(dtype), device="cuda"))
+
+
+@pytest.mark.gpu
+def test_channels_last_on_cuda_gives_the_cpu_logits(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare fp32 with fp32
+    torch.manual_seed(0)
+    model = PlainUNet(2, width=4, depth=2).eval()
+    on_gpu = copy.deepcopy(model).cuda().to(memory_format=torch.channels_last)
+    layouts = []
+    on_gpu.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    stats, channels = {"contrast_std": 0.2}, ["amplitude", "phase"]
+    amplitude, phase = 1 + 0.2 * torch.randn(3, 30, 45), 0.2 * torch.randn(3, 30, 45)
+    expected = model_segmenter(model, channels, stats, 4)(amplitude, phase)
+    logits = model_segmenter(on_gpu, channels, stats, 4, channels_last=True)(amplitude.cuda(), phase.cuda())
+    assert layouts == [True] and logits.is_cuda
+    torch.testing.assert_close(logits.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_device_hand_over_gives_the_cpu_detections_and_overflows_exactly(frame_image):
+    from holopipe.infer import _host_copy
+
+    assert _host_copy(torch.ones(3, device="cuda")).is_pinned()
+    roomy = handed_over(frame_image, oracle, device="cuda")
+    tight = handed_over(frame_image, oracle, device="cuda", capacity=1)  # the exact pass after an overflow
+    assert len(roomy) == len(tight) == 5
+    for (first, rows_cols, values, _), (tight_first, tight_rows_cols, tight_values, _) in zip(roomy, tight):
+        assert first == tight_first and np.array_equal(rows_cols, tight_rows_cols)
+        assert np.array_equal(values, tight_values)
+    # cuFFT and pocketfft round differently, so pixels at the threshold may differ: compare detections.
+    assert_same_detections(frame_detections(frame_image, oracle, device="cuda"), frame_detections(frame_image, oracle))
+
+
+@pytest.mark.gpu
+def test_the_plane_loop_does_not_wait_for_the_gpu(frame_image):
+    """torch's sync debug mode flags every synchronising call; the loop's count must not grow with batches
+    (the hologram's upload before the loop and the timing read after it are once per hologram)."""
+
+    def main_thread_syncs(n_planes: int) -> list[str]:
+        main, where = threading.get_ident(), []
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if threading.get_ident() == main and "synchroniz" in str(message):
+                where.append(f"{filename}:{lineno}")
+
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                frame_sweep(frame_image, oracle, device="cuda", batch_planes=2, planes=FRAME_PLANES[:n_planes],
+                            consume=lambda *batch: None,
+                            quantize=lambda probability: torch.round(probability * 255).to(torch.uint8))
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        return where
+
+    main_thread_syncs(4)  # warm-up: FFT plans, caching allocators (device and pinned host)
+    few, many = main_thread_syncs(4), main_thread_syncs(16)
+    assert len(many) == len(few), f"synchronising calls in the plane loop (2 vs 8 batches): {many}"
+
+
+@pytest.mark.gpu
+def test_infer_on_cuda_in_bf16_says_so_and_finds_what_fp32_finds(tiny_model, store, tmp_path, caplog):
+    model_path, config, _ = tiny_model
+    on_gpu = with_overrides(config, {"infer.device": "cuda", "infer.precision": "fp32"})
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        half = infer_chunk(with_overrides(on_gpu, {"infer.precision": "bf16"}), model_path, store,
+                           tmp_path / "bf16.csv", chunk=0, n_chunks=1, progress=False)
+    assert "infer.device: cuda:" in caplog.text and "bfloat16 autocast" in caplog.text
+    full = pd.read_csv(infer_chunk(on_gpu, model_path, store, tmp_path / "fp32.csv", chunk=0, n_chunks=1,
+                                   progress=False))
+    half = pd.read_csv(half)
+    assert list(half.columns) == list(DETECTION_COLUMNS) and len(full) > 0
+    # A one-epoch model is unsure near its threshold: most of its surer half of detections survive bf16.
+    confident = full[full["prob_max"] >= full["prob_max"].median()]
+    kept = confident.merge(half, on=["hid", "plane"], suffixes=("", "_half"))
+    kept = kept[np.hypot(kept["x"] - kept["x_half"], kept["y"] - kept["y_half"]) <= DX * 1e6]
+    assert len(kept.drop_duplicates(["hid", "plane", "x", "y"])) >= 0.8 * len(confident)
