@@ -22,6 +22,9 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = {name: REPO / "envs" / f"{name}.yaml" for name in ("cpu", "gpu")}
+# Test ids as file names: an id "gpu" would be a keyword that conftest's gpu skip matches, hiding the gpu env's
+# checks on every machine without a GPU.
+ENV_IDS = [f"envs/{name}.yaml" for name in ENVS]
 
 # pyproject.toml dependencies that are not imported by the stages a rule env runs.
 NOT_IN_ENVS = {"snakemake", "snakemake-executor-plugin-cluster-generic", "pygments"}
@@ -53,7 +56,7 @@ def conda_specs(name: str) -> dict[str, SpecifierSet]:
     return specs
 
 
-@pytest.mark.parametrize("name", ENVS)
+@pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
 def test_env_parses_and_uses_conda_forge(name):
     env = yaml.safe_load(ENVS[name].read_text(encoding="utf-8"))
     assert env["channels"][0] == "conda-forge"
@@ -61,7 +64,7 @@ def test_env_parses_and_uses_conda_forge(name):
     assert "python" in conda_specs(name)
 
 
-@pytest.mark.parametrize("name", ENVS)
+@pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
 def test_env_has_every_runtime_dependency_with_pyproject_floors(name):
     specs = conda_specs(name)
     for req in runtime_requirements():
@@ -105,7 +108,7 @@ def test_every_shell_rule_names_an_existing_env():
     assert checked >= 10
 
 
-@pytest.mark.parametrize("name", ENVS)
+@pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
 def test_each_env_has_an_executable_post_deploy_script(name):
     script = ENVS[name].with_suffix(".post-deploy.sh")
     assert script.is_file() and os.access(script, os.X_OK), f"{script} missing or not executable"
