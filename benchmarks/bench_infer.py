@@ -121,9 +121,11 @@ def random_model_file(config: dict, path: Path, device: torch.device, first_batc
     torch.save({"format": MODEL_FORMAT, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "model": model_config, "in_channels": len(channels), "channel_names": channels, "stride": stride,
                 "stats": stats}, path)
-    return (f"{model_config['architecture']}/{model_config.get('encoder')} depth {model_config.get('depth')}, random "
-            f"weights, output bias shifted by {shift:+.2f} so that {fraction:g} of the first batch's pixels exceed "
-            "the threshold")
+    name = model_config["architecture"]
+    if name != "plain_unet":  # the one architecture without an encoder
+        name += f"/{model_config.get('encoder')}"
+    return (f"{name} depth {model_config.get('depth')}, random weights, output bias shifted by {shift:+.2f} so that "
+            f"{fraction:g} of the first batch's pixels exceed the threshold")
 
 
 def calibrate_output_bias(model: torch.nn.Module, segment, amplitude: torch.Tensor, phase: torch.Tensor,
