@@ -501,7 +501,7 @@ def test_sparse_pixels_are_torch_nonzero_in_fixed_slots_and_say_when_they_overfl
 
 @pytest.mark.parametrize("capacity", [None, 1, 40])
 def test_sweep_hands_over_exactly_the_former_pixels_whatever_the_capacity(frame_image, capacity):
-    # capacity 1 overflows every batch with a droplet (the exact pass), 40 only some, the default none.
+    # capacity 1 and 40 overflow (the exact pass in the worker; then the capacity grows), the default does not.
     former = former_hand_over(frame_image, oracle)
     assert sum(len(rows_cols) for _, rows_cols, _ in former) > 40 * len(former)  # overflows do happen
     now = handed_over(frame_image, oracle, capacity=capacity)

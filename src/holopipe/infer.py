@@ -270,10 +270,11 @@ while another's copies land and the device computes the next, so neither side wa
 stays a few batches."""
 
 MIN_PIXEL_CAPACITY = 2**16
-PIXEL_CAPACITY_SHARE = 64
-"""A batch hands at most 1/64 of its pixels (at least :data:`MIN_PIXEL_CAPACITY`) above the threshold to the
-host without a wait (:func:`sparse_pixels`): 0.3 B per pixel of device memory. A model that marks more (random
-weights, say) costs one exact, waiting pass for that batch, and the capacity grows for the next ones."""
+PIXEL_CAPACITY_SHARE = 1024
+"""A batch hands at most 1/1024 of its pixels (at least :data:`MIN_PIXEL_CAPACITY`) above the threshold to the
+host without a wait (:func:`sparse_pixels`): 20 B per slot, 2.5 MB per batch of 8 full-size planes, copied
+whatever the count (500 droplets of 40-900 pixels each mark far fewer). A batch that marks more (random
+weights, say) costs one exact, waiting pass in the worker, and the capacity grows for the next ones."""
 
 
 class SparsePixels(NamedTuple):
