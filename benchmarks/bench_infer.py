@@ -249,7 +249,12 @@ def main() -> None:
         infer.sweep_hologram(image_yx, planes[:batch], segment, pool=pool, consume=lambda *_: None, **settings)
         peak_memory(device)
         timing = infer.sweep_hologram(image_yx, planes, segment, pool=pool, consume=consume, **settings)
-    inference_memory = peak_memory(device)
+    scale = all_planes.size / timing.planes
+    extrapolated = f" (extrapolated from {timing.planes} planes)" if timing.planes < all_planes.size else ""
+    sweep = timing.seconds * scale
+    print(f"inference: {timing.seconds:.2f} s for {timing.planes} planes, {timing.planes_per_second:.3g} planes/s; "
+          f"{sweep:.1f} s for all {all_planes.size} planes{extrapolated}{peak_memory(device)}; "
+          f"{sum(map(len, found))} detections on {len(found)} plane(s)", flush=True)
 
     # Refinement, as holopipe particles runs it, over the whole plane grid: of the particles clustered from the
     # detections, or of the simulated ones (random weights detect noise, not droplets).
@@ -257,7 +262,7 @@ def main() -> None:
     clusters = cluster_detections(detections, config) if len(detections) else pd.DataFrame()
     refine_on = args.refine_on if args.refine_on != "auto" else ("detections" if args.model else "truth")
     if refine_on == "detections" and len(clusters):
-        refined_what = f"{len(clusters)} particles clustered from {len(detections)} detections"
+        refined_what = f"{len(clusters)} particles clustered from the detections"
         to_refine = clusters[["x", "y", "d_max", "z_first", "z_last"]].rename(columns={"d_max": "d"}) * 1e-6
     else:
         refined_what = (f"the {len(truth)} simulated particles, each searched about its true z"
@@ -269,28 +274,21 @@ def main() -> None:
     refine_depths(propagator, all_planes, to_refine, config["particles"], dx=dx, dy=dy)
     refine_seconds = time.perf_counter() - start
     del propagator
-    refine_memory = peak_memory(device)
+    print(f"refinement: {refine_seconds:.2f} s for {refined_what}, over the {all_planes.size} planes"
+          f"{peak_memory(device)}")
 
-    scale = all_planes.size / timing.planes
-    extrapolated = f" (extrapolated from {timing.planes} planes)" if timing.planes < all_planes.size else ""
-    sweep = timing.seconds * scale
     total = sweep + refine_seconds
     parts = {"propagation": timing.propagation * scale, "model": timing.model * scale,
              "post-processing": timing.postprocess * scale, "refinement": refine_seconds}
-    print(f"inference: {timing.seconds:.2f} s for {timing.planes} planes, {timing.planes_per_second:.3g} planes/s; "
-          f"{sweep:.1f} s for all {all_planes.size} planes{extrapolated}{inference_memory}")
-    print(f"refinement: {refine_seconds:.2f} s for {refined_what}, over the {all_planes.size} planes"
-          f"{refine_memory}")
     print(f"seconds per hologram: {total:.1f}{extrapolated} = inference {sweep:.1f} + refinement "
           f"{refine_seconds:.1f}")
     print("shares: " + ", ".join(f"{name} {100 * seconds / total:.0f} %" for name, seconds in parts.items())
-          + " (post-processing overlaps the next batch on the device: the shares may add up to more than 100 %)")
-    print(f"detections: {len(detections)} on {len(found)} plane(s)")
+          + " (post-processing overlaps the next batch on the device: the shares may add up to more than 100 %)",
+          flush=True)
 
     if not args.no_baseline:
         start = time.perf_counter()
-        propagator = hologram_propagator(image_yx.T, attrs, reconstruction, to_device=array_mover(args.device,
-                                                                                                   "--device"))
+        propagator = hologram_propagator(image_yx.T, attrs, reconstruction, to_device=mover)
         baseline = find_particles(propagator, planes, config["baseline"], dx=dx, dy=dy)
         seconds = time.perf_counter() - start
         del propagator
