@@ -1,10 +1,11 @@
-"""Tests marked ``gpu`` run only where torch sees a CUDA GPU; elsewhere they are skipped, saying why."""
+"""Tests marked ``gpu`` run only where torch sees a CUDA GPU; elsewhere they are skipped, saying why. (The marker,
+not the keyword: a parametrize id "gpu" is a keyword too.)"""
 
 import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_tests:
         return
     import torch

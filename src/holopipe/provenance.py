@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 PACKAGES = ("holopipe", "numpy", "scipy", "xarray", "zarr", "dask", "netCDF4", "pandas", "torch", "torchvision",
-            "segmentation-models-pytorch", "optuna", "cupy-cuda12x", "cupy", "snakemake", "matplotlib")
+            "segmentation-models-pytorch", "optuna", "cupy-cuda13x", "cupy", "snakemake", "matplotlib")
 """Distributions whose versions can change results; those installed are recorded."""
 
 _READ_BYTES = 2**24
