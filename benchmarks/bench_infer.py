@@ -108,10 +108,12 @@ def centre_crop(ds: xr.Dataset, frame: tuple[int, int] | None) -> xr.Dataset:
 
 
 def random_model_file(config: dict, path: Path, device: torch.device, first_batch, amp_dtype, threshold: float,
-                      fraction: float, contrast_std: float) -> str:
+                      fraction: float, contrast_std: float, seed: int) -> str:
     """Write the config's model with random weights (``encoder_weights`` null: nothing downloads) to ``path``
     as a ``model.pt`` (:func:`holopipe.train.load_model`'s format), its output bias calibrated on
-    ``first_batch`` (amplitude, phase) by :func:`calibrate_output_bias`; returns its description."""
+    ``first_batch`` (amplitude, phase) by :func:`calibrate_output_bias`; returns its description. ``seed`` seeds
+    the weights."""
+    torch.manual_seed(seed)
     model_config = {**config["model"], "encoder_weights": None}
     channels = list(config["examples"]["channels"])
     model = build_model(model_config, len(channels)).to(device).eval()
@@ -182,7 +184,7 @@ def main() -> None:
                         help=f"planes to infer, spread over the range (default: all on a GPU, {CPU_PLANES} on a CPU)")
     parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "out" / "cache",
                         help="folder of the cached simulated hologram")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the simulated hologram and the random weights")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch, scipy FFT)")
     parser.add_argument("--refine-on", choices=["auto", "detections", "truth"], default="auto",
                         help="particles to refine: those clustered from the detections, or the simulated ones "
@@ -224,7 +226,7 @@ def main() -> None:
                                         to_device=lambda a: torch.from_numpy(a).to(device)).reconstruct(planes[:batch])
             model_path = Path(tmp) / "model.pt"
             what = random_model_file(config, model_path, device, first, amp, threshold, args.positive_fraction,
-                                     float(image_yx.std()))  # the training split's contrast_std, from this one
+                                     float(image_yx.std()), args.seed)  # contrast_std: this hologram's
             del first
         # As holopipe infer loads it: batch norms folded, channels-last on a GPU, autocast, optionally compiled.
         segment = infer.load_segmenter(model_path, device, infer_settings["precision"], compile=compile_model,
