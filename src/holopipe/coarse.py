@@ -1,7 +1,7 @@
 """Coarse-to-fine depth search: the model sees whole planes only every ``k``-th plane, and elsewhere only
 windows around what those planes showed.
 
-A droplet stays visible over its depth of focus (about D²/λ: 1 mm, seven 144 µm planes, for a 20 µm droplet,
+A droplet stays visible over its depth of focus (about D²/λ: 1.1 mm, eight 144 µm planes, for a 20 µm droplet,
 and far more for larger ones), so a sparse hologram needs the model's full attention on few planes:
 
 1. **Coarse pass.** Every ``k``-th plane (:func:`coarse_planes`, centred so no plane is more than ``k // 2``
@@ -11,14 +11,14 @@ and far more for larger ones), so a sparse hologram needs the model's full atten
    boxes, widened by ``coarse_margin`` pixels (the model's context), are the windows (:func:`component_boxes`).
 2. **Fine pass.** Every other plane within ``k`` planes of a coarse plane with windows is reconstructed whole
    (one inverse FFT: cheap next to the model) and swept again by :func:`~holopipe.infer.sweep_hologram`,
-   whose segmenter (:func:`window_segmenter`) runs the model only on that plane's windows (those of its
+   whose segmenter (:class:`WindowSegmenter`) runs the model only on that plane's windows (those of its
    coarse neighbours, merged where they overlap: :func:`fine_windows`) and writes their logits into a
    plane-sized canvas of :data:`FILL_LOGIT` (probability 0); thresholding and the detections are then
    exactly the full sweep's. Planes without a window are skipped.
 
 Windows grow to a few fixed sides (:func:`window_side`: multiples of the model's stride, at most 50 % longer
-than needed) centred on their box and kept inside the frame, so windows of one plane batch batch together
-and the model sees few shapes (cuDNN autotuning and ``torch.compile`` specialise per shape). Where windows
+than needed) centred on their box and kept inside the frame, so windows of one size batch together and
+the model sees few shapes (cuDNN autotuning and ``torch.compile`` specialise per shape). Where windows
 of a plane overlap after growing, the canvas keeps the larger logit.
 
 With ``k = 1`` the search is the full sweep itself. A chunk chooses its coarse planes among its own
