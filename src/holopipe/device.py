@@ -205,7 +205,8 @@ def describe_device(device: torch.device, amp_dtype: torch.dtype | None = None) 
 
     precision = "fp32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
     if device.type != "cuda":
-        return f"CPU ({torch.get_num_threads()} threads), {precision}"
+        threads = torch.get_num_threads()
+        return f"CPU ({threads} thread{'s' if threads != 1 else ''}), {precision}"
     properties = torch.cuda.get_device_properties(device)
     return (f"{device} ({properties.name}, compute capability {properties.major}.{properties.minor}, "
             f"{properties.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}), "

@@ -70,9 +70,10 @@ def _edge_padded(amplitude, margin: int):
     """``amplitude`` with its edge pixels repeated ``margin`` times outward on the last two axes."""
     xp = _namespace(amplitude)
     ny, nx = amplitude.shape[-2:]
-    rows = np.clip(np.arange(-margin, ny + margin), 0, ny - 1)
-    cols = np.clip(np.arange(-margin, nx + margin), 0, nx - 1)
-    return amplitude[..., _on(xp, amplitude, rows)[:, None], _on(xp, amplitude, cols)[None, :]]
+    device = array_api_compat.device(amplitude)  # indices made on the device: a host copy would wait for its queue
+    rows = xp.clip(xp.arange(-margin, ny + margin, device=device), 0, ny - 1)
+    cols = xp.clip(xp.arange(-margin, nx + margin, device=device), 0, nx - 1)
+    return amplitude[..., rows[:, None], cols[None, :]]
 
 
 def smoothed_amplitude(amplitude):
