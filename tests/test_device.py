@@ -142,7 +142,14 @@ def test_describe_device_names_the_gpu_its_capability_memory_cuda_and_precision(
     for part in ("cuda:1", "NVIDIA H100 80GB HBM3", "compute capability 9.0", "80 GiB", f"torch {torch.__version__}",
                  f"CUDA {torch.version.cuda}", "bfloat16 autocast"):
         assert part in text, f"{part!r} not in {text!r}"
-    assert describe_device(torch.device("cpu")) == f"CPU ({torch.get_num_threads()} threads), fp32"
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert describe_device(torch.device("cpu")) == "CPU (1 thread), fp32"
+        torch.set_num_threads(2)
+        assert describe_device(torch.device("cpu")) == "CPU (2 threads), fp32"
+    finally:
+        torch.set_num_threads(previous)
     assert "float16 autocast" in describe_device(torch.device("cpu"), torch.float16)
 
 
