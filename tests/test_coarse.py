@@ -167,7 +167,7 @@ def test_the_model_sees_a_fraction_of_the_pixels(hologram):
     sweep(hologram, coarse, coarse_stride=4)
     assert full.pixels == Z_BINS * plane_pixels and full.calls == Z_BINS // 4
     coarse_pixels = coarse_planes(Z_BINS, 4).size * plane_pixels
-    assert coarse_pixels < coarse.pixels < 0.6 * full.pixels  # 15 whole planes + windows on the others
+    assert coarse_pixels < coarse.pixels < 0.45 * full.pixels  # 15 whole planes (25 %) + windows on the others
 
 
 def test_a_blank_hologram_sweeps_only_the_coarse_planes():
@@ -300,10 +300,13 @@ def test_a_sweep_that_skips_planes_is_caught():
 
 @pytest.mark.gpu
 def test_coarse_to_fine_on_cuda_finds_what_it_finds_on_the_cpu(hologram, config):
-    cpu = sweep(hologram, oracle, coarse_stride=4)
-    gpu = sweep(hologram, oracle, coarse_stride=4, device="cuda")  # windows padded to power-of-two counts
-    pd.testing.assert_frame_equal(merge_detections(gpu, config), merge_detections(cpu, config), atol=1e-3)
-    assert abs(len(gpu) - len(cpu)) <= 0.02 * len(cpu)  # cuFFT and the CPU FFT round differently at the threshold
+    cpu = merge_detections(sweep(hologram, oracle, coarse_stride=4), config)
+    # On CUDA the windows are batched in power-of-two counts; cuFFT rounds unlike the CPU FFT, so a pixel at the
+    # threshold may flip: the same particles within a pixel and a plane.
+    gpu = merge_detections(sweep(hologram, oracle, coarse_stride=4, device="cuda"), config)
+    assert len(gpu) == len(cpu)
+    for name, tolerance in (("x", OPTICS.dx), ("y", OPTICS.dy), ("z", PLANES[1] - PLANES[0]), ("d", 2 * OPTICS.dy)):
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=tolerance * 1e6 + 1e-6)
 
 
 @pytest.mark.gpu
