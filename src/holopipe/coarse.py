@@ -240,7 +240,7 @@ def _forward(consume, indices: np.ndarray, threshold: float):
 def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmenter, *, wavelength: float,
                          dx: float, dy: float, pad: int, band_limit: bool, batch_planes: int, threshold: float,
                          device: torch.device, pool: ThreadPoolExecutor, consume, quantize=None,
-                         coarse_stride: int, coarse_threshold: float, coarse_margin: int, stride: int,
+                         capacity: int | None = None, coarse_stride: int, coarse_threshold: float, coarse_margin: int, stride: int,
                          pad_window_counts: bool | None = None) -> Timing:
     """:func:`holopipe.infer.sweep_hologram` (same arguments, same ``consume`` calls and :class:`Timing`)
     searching depth coarse to fine (module docstring); ``coarse_stride`` 1 is the full sweep itself.
@@ -252,7 +252,7 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: Se
     (:class:`WindowSegmenter`). The timing's ``planes`` is ``len(planes_m)``: planes searched, not swept.
     """
     common = dict(wavelength=wavelength, dx=dx, dy=dy, pad=pad, band_limit=band_limit, batch_planes=batch_planes,
-                  device=device, pool=pool)
+                  device=device, pool=pool, capacity=capacity)
     if coarse_stride == 1:
         return sweep_hologram(image_yx, planes_m, segment, threshold=threshold, consume=consume, quantize=quantize,
                               **common)
