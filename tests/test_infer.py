@@ -149,6 +149,26 @@ def test_sharded_inference_equals_unsharded_exactly(store, unsharded, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(particles_from_chunks), pd.read_csv(particles_whole))
 
 
+def test_coarse_to_fine_chunk_finds_the_particles_of_the_full_sweep(store, unsharded, tmp_path, caplog):
+    config = with_overrides(make_config(), {"infer.coarse_stride": 4})
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        coarse = infer_chunk(config, None, store, tmp_path / "coarse.csv", chunk=0, n_chunks=1, progress=False,
+                             segment=oracle)
+    assert "coarse-to-fine depth search, every 4-th plane" in caplog.text
+    detections, whole = pd.read_csv(coarse), pd.read_csv(unsharded)
+    assert 0 < len(detections) <= len(whole)
+    # Every plane the fine pass segments is segmented as in the full sweep, inside its windows.
+    merged = detections.merge(whole, on=["hid", "plane", "x", "y"], how="left", indicator=True)
+    assert (merged["_merge"] == "both").mean() > 0.9
+    found, reference = (pd.read_csv(particles_file([path], tmp_path / f"{path.stem}.particles.csv", config,
+                                                   store_path=store, progress=False))
+                        for path in (Path(coarse), Path(unsharded)))
+    assert len(found) == len(reference) == sum(len(p.x) for p in PARTICLES)
+    for column, tolerance in (("x", 1e-6), ("y", 1e-6), ("z", 1e-6), ("d", 1e-6)):
+        assert np.allclose(found.sort_values(["hid", "x"])[column], reference.sort_values(["hid", "x"])[column],
+                           atol=tolerance), column
+
+
 def test_chunks_are_contiguous_and_cover_every_plane_once():
     chunks = [chunk_planes(10, chunk, 3) for chunk in range(3)]
     assert np.array_equal(np.concatenate(chunks), np.arange(10))

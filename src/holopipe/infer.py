@@ -36,6 +36,7 @@ plane per chunk, compressed with zarr's default codec, and the coordinates ``pla
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -234,6 +235,7 @@ def model_segmenter(model: torch.nn.Module, channels, stats: dict, stride: int, 
     Sides that are not multiples of ``stride`` are padded at the bottom and right with the normalised
     background (0) and the probabilities cropped back to the frame. With ``batch_planes`` a short batch (a
     chunk's last) is padded with background planes to that many, so a compiled model sees one shape only.
+    The segmenter carries ``stride`` as its attribute ``stride``.
     """
     channels = list(channels)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -250,6 +252,7 @@ def model_segmenter(model: torch.nn.Module, channels, stats: dict, stride: int, 
             logits = model(inputs)  # (B + pad_planes, 1, ny + pad_rows, nx + pad_cols)
         return logits[:n_planes, 0, :ny, :nx].float()
 
+    segment.stride = stride  # the coarse-to-fine search sizes its windows in multiples of it
     return segment
 
 
@@ -604,6 +607,15 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
         if segment is None:
             segment = load_segmenter(model_path, device, infer["precision"], compile=bool(infer["compile"]),
                                      batch_planes=batch_planes)
+        coarse_stride = int(infer["coarse_stride"])
+        sweep = sweep_hologram
+        if coarse_stride > 1:
+            from holopipe.coarse import coarse_to_fine_sweep  # here: holopipe.coarse builds on this module
+
+            sweep = functools.partial(coarse_to_fine_sweep, coarse_stride=coarse_stride,
+                                      coarse_threshold=float(infer["coarse_threshold"]),
+                                      coarse_margin=int(infer["coarse_margin"]), stride=getattr(segment, "stride", 1))
+            log.info("infer: coarse-to-fine depth search, every %d-th plane whole, windows elsewhere", coarse_stride)
         writers = int(infer["writers"])
         # The writers' queue holds two batches (or two planes per writer): bounded host memory.
         writer = VolumeWriter(volume, writers, 2 * max(batch_planes, writers)) if volume is not None else None
@@ -623,14 +635,17 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
                                                         min_area=int(infer["min_area"]), dx=dx, dy=dy):
                         found.append(table.assign(hid=h + 1, plane=int(indices[first + slot]),
                                                   z=z_m[first + slot] * 1e6))
-                    bar.update(min(batch_planes, z_m.size - first))
+                    if coarse_stride == 1:
+                        bar.update(min(batch_planes, z_m.size - first))
 
                 image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
-                timing = sweep_hologram(
+                timing = sweep(
                     image.T, z_m, segment, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
                     pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]),
                     batch_planes=batch_planes, threshold=float(infer["threshold"]),
                     device=device, pool=pool, consume=consume, quantize=quantize)
+                if coarse_stride > 1:  # the fine pass skips planes without windows: the bar counts planes searched
+                    bar.update(z_m.size)
                 if writer is not None:
                     writer.flush()  # every slice of this hologram's volume is written: now it is done
                 parts.save(h + 1, _detection_table(found))
