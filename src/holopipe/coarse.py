@@ -37,7 +37,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
-from holopipe.infer import Segmenter, Timing, pixel_components, sweep_hologram
+from holopipe import infer  # the module, not its names: infer_chunk may import this module at its top
 
 __all__ = ["FILL_LOGIT", "WindowSegmenter", "coarse_planes", "coarse_to_fine_sweep", "component_boxes",
            "fine_windows", "merge_boxes", "place_windows", "window_side"]
@@ -68,7 +68,7 @@ def coarse_planes(n_planes: int, coarse_stride: int) -> np.ndarray:
 def component_boxes(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], margin: int) -> np.ndarray:
     """Boxes (m, 4) ``row0, row1, col0, col1`` (half-open, pixels) of the 8-connected components of the listed
     pixels (raster order), each widened by ``margin`` on every side and clipped to the frame ``shape``."""
-    count, labels = pixel_components(rows, cols, shape)
+    count, labels = infer.pixel_components(rows, cols, shape)
     if count == 0:
         return np.zeros((0, 4), np.int64)
     boxes = np.tile(np.array([np.iinfo(np.int64).max, -1, np.iinfo(np.int64).max, -1], np.int64), (count, 1))
@@ -166,7 +166,7 @@ class WindowSegmenter:
     autotuning and ``torch.compile`` on a GPU. ``pixels`` counts the pixels the model saw.
     """
 
-    def __init__(self, segment: Segmenter, windows: np.ndarray, shape: tuple[int, int], *, n_planes: int,
+    def __init__(self, segment: infer.Segmenter, windows: np.ndarray, shape: tuple[int, int], *, n_planes: int,
                  batch_pixels: int, device: torch.device, pad_counts: bool):
         windows = np.asarray(windows, np.int64).reshape(-1, 5)
         self.segment, self.shape, self.n_planes, self.pad_counts = segment, tuple(shape), int(n_planes), pad_counts
@@ -237,12 +237,12 @@ def _forward(consume, indices: np.ndarray, threshold: float):
     return forward
 
 
-def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmenter, *, wavelength: float,
+def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: infer.Segmenter, *, wavelength: float,
                          dx: float, dy: float, pad: int, band_limit: bool, batch_planes: int, threshold: float,
                          device: torch.device, pool: ThreadPoolExecutor, consume, quantize=None,
                          capacity: int | None = None, coarse_stride: int, coarse_threshold: float, coarse_margin: int, stride: int,
-                         pad_window_counts: bool | None = None) -> Timing:
-    """:func:`holopipe.infer.sweep_hologram` (same arguments, same ``consume`` calls and :class:`Timing`)
+                         pad_window_counts: bool | None = None) -> infer.Timing:
+    """:func:`holopipe.infer.sweep_hologram` (same arguments, same ``consume`` calls and :class:`~holopipe.infer.Timing`)
     searching depth coarse to fine (module docstring); ``coarse_stride`` 1 is the full sweep itself.
 
     ``coarse_threshold`` starts windows, ``coarse_margin`` pixels widen them, ``stride`` is the model's
@@ -254,7 +254,7 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: Se
     common = dict(wavelength=wavelength, dx=dx, dy=dy, pad=pad, band_limit=band_limit, batch_planes=batch_planes,
                   device=device, pool=pool, capacity=capacity)
     if coarse_stride == 1:
-        return sweep_hologram(image_yx, planes_m, segment, threshold=threshold, consume=consume, quantize=quantize,
+        return infer.sweep_hologram(image_yx, planes_m, segment, threshold=threshold, consume=consume, quantize=quantize,
                               **common)
     if quantize is not None:
         raise ValueError(f"coarse_to_fine_sweep: coarse_stride {coarse_stride} segments only windows of most planes, "
@@ -275,7 +275,7 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: Se
             coarse_boxes[first + slot] = component_boxes(rows[lo:hi], cols[lo:hi], shape, coarse_margin)
         forward_coarse(first, rows_cols, values, probability)
 
-    coarse_timing = sweep_hologram(image_yx, planes_m[coarse], segment, threshold=min(threshold, coarse_threshold),
+    coarse_timing = infer.sweep_hologram(image_yx, planes_m[coarse], segment, threshold=min(threshold, coarse_threshold),
                                    consume=consume_coarse, **common)
     begin = time.perf_counter()
     windows = fine_windows(coarse, coarse_boxes, len(planes_m), coarse_stride)
@@ -290,7 +290,7 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: Se
         segmenter = WindowSegmenter(segment, table, shape, n_planes=fine.size,
                                     batch_pixels=batch_planes * shape[0] * shape[1], device=device,
                                     pad_counts=device.type == "cuda" if pad_window_counts is None else pad_window_counts)
-        parts.append(sweep_hologram(image_yx, planes_m[fine], segmenter, threshold=threshold,
+        parts.append(infer.sweep_hologram(image_yx, planes_m[fine], segmenter, threshold=threshold,
                                     consume=_forward(consume, fine, threshold), **common))
         segmenter.check_finished()
         model_pixels += segmenter.pixels
