@@ -57,6 +57,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from holopipe import __version__
+from holopipe import coarse  # the module: it builds on this one
 from holopipe.dataset import normalize_channels
 from holopipe.focus import smoothed_amplitude
 from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, remove_path
@@ -610,9 +611,7 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
         coarse_stride = int(infer["coarse_stride"])
         sweep = sweep_hologram
         if coarse_stride > 1:
-            from holopipe.coarse import coarse_to_fine_sweep  # here: holopipe.coarse builds on this module
-
-            sweep = functools.partial(coarse_to_fine_sweep, coarse_stride=coarse_stride,
+            sweep = functools.partial(coarse.coarse_to_fine_sweep, coarse_stride=coarse_stride,
                                       coarse_threshold=float(infer["coarse_threshold"]),
                                       coarse_margin=int(infer["coarse_margin"]), stride=getattr(segment, "stride", 1))
             log.info("infer: coarse-to-fine depth search, every %d-th plane whole, windows elsewhere", coarse_stride)
