@@ -142,6 +142,8 @@ def test_coarse_to_fine_cannot_save_a_probability_volume():
     message = error_of(with_change(lambda c: c.update(infer={"coarse_stride": 4, "save_probabilities": True})))
     assert "infer.coarse_stride (4)" in message and "infer.save_probabilities" in message
     assert load_config(with_change(lambda c: c.update(infer={"coarse_stride": 4})))["infer"]["coarse_stride"] == 4
+    message = error_of(with_change(lambda c: c.update(infer={"coarse_stride": 2, "compile": True})))
+    assert "infer.coarse_stride (2)" in message and "infer.compile" in message
 
 
 def test_file_split_with_path_is_valid():

@@ -116,6 +116,10 @@ def _cross_field_problems(config: dict) -> list[str]:
         problems.append(f"infer.coarse_stride ({infer['coarse_stride']}) > 1 segments only windows of most planes, "
                         "so there is no whole probability volume to save: set infer.save_probabilities to false "
                         "or infer.coarse_stride to 1")
+    if infer["coarse_stride"] > 1 and infer["compile"]:
+        problems.append(f"infer.coarse_stride ({infer['coarse_stride']}) > 1 segments windows of many shapes, and "
+                        "infer.compile compiles the model for one: set one of them off (infer.compile: false or "
+                        "infer.coarse_stride: 1)")
     return problems
 
 
