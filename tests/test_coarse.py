@@ -52,12 +52,7 @@ class Counting:
         return self.segment(amplitude, phase)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def contrast_hologram(particles: ParticleSet) -> np.ndarray:

@@ -85,13 +85,7 @@ def hologram_dataset(particle_sets, n=N):
         attrs={"Nx": n, "Ny": n, "dx": DX, "dy": DX, "lambda": WAVELENGTH, "zMin": Z_MIN, "zMax": Z_MAX})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two torch threads on a shared 2-core machine spin against each other; one is faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -134,21 +134,26 @@ def test_load_model_rejects_other_files(tmp_path):
             load_model(tmp_path / name)
 
 
-def test_resume_after_kill_equals_uninterrupted_run(data, tmp_path, monkeypatch, caplog):
-    config = make_config(epochs=3)
-    run(config, data, tmp_path / "a")
+def kill_in_epoch_3(config, data, out, monkeypatch) -> None:
+    """Train into ``out`` until a walltime kill (KeyboardInterrupt) in the middle of the third epoch."""
 
-    def killed_in_epoch_3(epoch, train):  # a walltime kill in the middle of the third epoch
+    def killed_in_epoch_3(epoch, train):
         if epoch >= 2.5:
             raise KeyboardInterrupt
         return learning_rate(epoch, train)
 
     monkeypatch.setattr(train_module, "learning_rate", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        run(config, data, tmp_path / "b")
+        run(config, data, out)
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(data, tmp_path, monkeypatch, caplog):
+    config = make_config(epochs=3)
+    run(config, data, tmp_path / "a")
+    kill_in_epoch_3(config, data, tmp_path / "b", monkeypatch)
     assert len(pd.read_csv(tmp_path / "b" / "metrics.csv")) == 2
     assert not (tmp_path / "b" / "model.pt").exists()
-    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
 
     # Resumed with a DataLoader worker: execution-only keys keep the checkpoint, and the tile order and
     # augmentations do not depend on the worker count.
@@ -283,16 +288,7 @@ def test_cuda_resume_restores_the_cuda_random_state(data, tmp_path, monkeypatch)
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     config = make_config(epochs=3, device="cuda", precision="fp32")
     run(config, data, tmp_path / "a")
-
-    def killed_in_epoch_3(epoch, train):
-        if epoch >= 2.5:
-            raise KeyboardInterrupt
-        return learning_rate(epoch, train)
-
-    monkeypatch.setattr(train_module, "learning_rate", killed_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, data, tmp_path / "b")
-    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
+    kill_in_epoch_3(config, data, tmp_path / "b", monkeypatch)
     run(config, data, tmp_path / "b")  # reseeds, so the CUDA state after 2 epochs comes only from the checkpoint
 
     checkpoints = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in "ab"]
