@@ -158,6 +158,20 @@ def cmd_baseline(args) -> None:
     baseline_file(_load_config(args), args.input, args.out)
 
 
+def cmd_label_candidates(args) -> None:
+    from holopipe.labels import write_candidates
+
+    write_candidates(_load_config(args), args.split, args.store, args.unet, args.baseline, args.out)
+
+
+def cmd_label(args) -> None:
+    from holopipe.label_app import serve
+
+    candidates = args.candidates or Path("results") / "labels" / args.split / "candidates"
+    labels = args.labels or Path("labels") / args.split
+    serve(candidates, labels, labeller=args.labeller, host=args.host, port=args.port)
+
+
 def _key_values(pairs: list[str], flag: str) -> dict:
     """['test=a.csv', ...] -> {'test': 'a.csv'}; a malformed pair is an error naming the flag."""
     parsed = {}
@@ -387,6 +401,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plots", required=True, help="directory for the evaluation plots")
     _add_config_source(evaluate)
     evaluate.set_defaults(func=cmd_evaluate, reads=_evaluation_inputs, writes=_paths("out", "plots"))
+
+    candidates = stages.add_parser("label-candidates",
+                                   help="the union of both methods' particles of a split, with crops, to label by hand")
+    candidates.add_argument("--split", required=True, help="the split's name (recorded with the candidates)")
+    candidates.add_argument("--store", required=True, help="standardized zarr store of the split (the crops)")
+    candidates.add_argument("--unet", required=True, help="the U-Net's particle CSV of the split")
+    candidates.add_argument("--baseline", required=True, help="the baseline's particle CSV of the split")
+    candidates.add_argument("--out", required=True, help="candidates directory (candidates.csv, crops.zarr, "
+                                                         "manifest.json)")
+    _add_config_source(candidates)
+    candidates.set_defaults(func=cmd_label_candidates, reads=_paths("store", "unet", "baseline"), writes=_out)
+
+    label = stages.add_parser("label", help="a page on localhost to label a split's candidates by hand")
+    label.add_argument("--split", required=True, help="the split whose candidates to label")
+    label.add_argument("--labeller", default="anonymous", help="your name: labels go to labels/<split>/<labeller>.csv")
+    label.add_argument("--port", type=int, default=8050, help="port on localhost (default 8050)")
+    label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    label.add_argument("--candidates", type=Path,
+                       help="candidates directory (default results/labels/<split>/candidates)")
+    label.add_argument("--labels", type=Path, help="folder of the label files (default labels/<split>)")
+    label.set_defaults(func=cmd_label, reads=_paths("candidates"), writes=_paths("labels"))
 
     provenance = stages.add_parser("provenance", help="tables of the jobs' provenance records, for the report")
     provenance.add_argument("--records", nargs="+", required=True, help="the jobs' provenance JSON records")
