@@ -1,0 +1,320 @@
+"""The labelling page (``holopipe label``): one candidate at a time, blind, on localhost.
+
+A person labels each candidate of a split (the union of both methods' particles, written by
+:func:`holopipe.labels.write_candidates`) as a particle in focus, not a particle, or unsure, with a confidence
+from 1 to 5. The page never learns which method found a candidate: the server sends only the candidate's id,
+x, y, z, d and its crops. Each label is written to ``labels/<split>/<labeller>.csv`` through
+:class:`holopipe.labels.LabelFile` (an atomic rewrite) before the answer goes back, so a killed server or a
+closed browser loses nothing given, and a restart resumes at the first candidate of the seeded order that this
+labeller has not labelled.
+
+Flow on the page: press a label key (``p``, ``n``, ``u``) and a confidence key (``1``-``5``), in either order;
+the label is saved as soon as it has both. ``z`` or Backspace undoes the last label, the arrow keys move the
+z slider, ``a`` toggles amplitude and phase. The buttons do the same.
+
+JSON API: ``GET /api/state``; ``POST /api/label`` ``{"candidate", "label", "confidence"}``;
+``POST /api/undo``; crops as PNG at ``/crop/<candidate>/<plane>.png?channel=amplitude|phase``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+from flask import Flask, Response, abort, jsonify, request
+from PIL import Image
+
+from holopipe import labels
+
+__all__ = ["GRAY_RANGES", "create_app", "crop_png", "serve"]
+
+log = logging.getLogger(__name__)
+
+# Fixed gray scales (black, white) per channel, the same for every candidate, so labellers compare crops by eye:
+# the standardized field's background amplitude is 1 (mid gray); a droplet in focus is dark.
+GRAY_RANGES = {"amplitude": (0.0, 2.0), "phase": (-np.pi, np.pi)}
+
+
+def crop_png(plane_yx: np.ndarray, channel: str) -> bytes:
+    """One crop plane (y, x) as an 8-bit gray PNG on the channel's fixed scale (values outside it clip)."""
+    low, high = GRAY_RANGES[channel]
+    gray = np.clip((np.asarray(plane_yx, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    gray = np.nan_to_num(gray, nan=0.0)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(gray * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _Session:
+    """The state one labeller's page works on: the candidates, their order and the label file."""
+
+    def __init__(self, candidates_dir, labels_dir, labeller: str):
+        if not labels.LABELLER_NAME.fullmatch(labeller or ""):  # before it becomes a path ("a/../b" would pass)
+            raise ValueError(f"labeller name {labeller!r}: use letters, digits, '-', '_' and '.' only")
+        self.candidates = labels.open_candidates(Path(candidates_dir))
+        self.label_file = labels.LabelFile(Path(labels_dir) / f"{labeller}.csv", self.candidates)
+        self.labeller = labeller
+        self.order = labels.label_order(self.candidates)
+        self.known = set(self.order)
+        self.lock = threading.Lock()  # one change of the label file at a time (the server is threaded)
+
+    def labelled(self) -> set[str]:
+        return set(self.label_file.labels()["candidate"])
+
+    def current(self) -> str | None:
+        """The first candidate of the order without a current label, None when all are done."""
+        labelled = self.labelled()
+        return next((candidate for candidate in self.order if candidate not in labelled), None)
+
+    def state(self, message: str = "") -> dict:
+        """What the page shows, and nothing about the methods (no unet/baseline column leaves the server)."""
+        manifest = self.candidates.manifest
+        current = self.current()
+        state = {"labeller": self.labeller, "done": len(self.labelled()), "total": len(self.order),
+                 "dx_um": manifest["dx_um"], "dy_um": manifest["dy_um"], "message": message, "candidate": None}
+        if current is not None:
+            row = self.candidates.table.iloc[self.candidates.row(current)]
+            _, _, z_um = self.candidates.crops(current)
+            state["candidate"] = {"id": current, "x_um": float(row["x"]), "y_um": float(row["y"]),
+                                  "z_um": float(row["z"]), "d_um": float(row["d"]), "hid": int(row["hid"]),
+                                  "plane_z_mm": [float(z) / 1000.0 for z in z_um],
+                                  "focus_plane": int(manifest["focus_plane"])}
+        return state
+
+
+def create_app(candidates_dir, labels_dir, labeller: str) -> Flask:
+    """The Flask app of the page. Opening fails here (ValueError naming the file) for a stale or bad label file,
+    an unknown candidate in it or a bad labeller name, so the server never starts on them."""
+    session = _Session(candidates_dir, labels_dir, labeller)
+    app = Flask(__name__)
+
+    @app.get("/")
+    def page():
+        return Response(PAGE, mimetype="text/html")
+
+    @app.get("/api/state")
+    def state():
+        return jsonify(session.state())
+
+    @app.post("/api/label")
+    def label():
+        given = request.get_json(silent=True) or {}
+        with session.lock:
+            current = session.current()
+            if given.get("candidate") != current:
+                # A repeated key press or a second tab: never label a candidate the page is not showing.
+                return jsonify(session.state(f"not saved: {given.get('candidate')!r} is not the current "
+                                             f"candidate ({current!r})")), 409
+            try:
+                session.label_file.add(current, given.get("label"), given.get("confidence"))
+            except ValueError as error:
+                return jsonify(session.state(f"not saved: {error}")), 400
+            return jsonify(session.state(f"saved {current}: {given['label']}, confidence {given['confidence']}"))
+
+    @app.post("/api/undo")
+    def undo():
+        with session.lock:
+            undone = session.label_file.undo()
+            return jsonify(session.state(f"undid {undone}" if undone else "nothing to undo"))
+
+    @app.get("/crop/<candidate>/<int:plane>.png")
+    def crop(candidate: str, plane: int):
+        channel = request.args.get("channel", "amplitude")
+        if candidate not in session.known or channel not in GRAY_RANGES:
+            abort(404)
+        amplitude, phase, _ = session.candidates.crops(candidate)
+        if not 0 <= plane < amplitude.shape[0]:
+            abort(404)
+        stack = amplitude if channel == "amplitude" else phase
+        return Response(crop_png(stack[plane], channel), mimetype="image/png")
+
+    return app
+
+
+def serve(candidates_dir, labels_dir, *, labeller: str, host: str = "127.0.0.1", port: int = 8050) -> None:
+    """Serve the page until interrupted; logs its URL. A port in use is a ValueError naming it."""
+    from werkzeug.serving import make_server
+
+    app = create_app(candidates_dir, labels_dir, labeller)
+    try:
+        server = make_server(host, port, app, threaded=True)
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port} ({error}); pass another --port") from error
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no log line per crop image
+    log.info("labelling %s as %s: open http://%s:%d/ (labels go to %s; Ctrl-C stops)", candidates_dir,
+             labeller, host, server.server_port, Path(labels_dir) / f"{labeller}.csv")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopped; every label given is in %s", Path(labels_dir) / f"{labeller}.csv")
+    finally:
+        server.server_close()
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>holopipe labels</title>
+<style>
+ body { font-family: system-ui, sans-serif; margin: 1.5em; background: #f4f4f4; color: #222; }
+ main { display: flex; gap: 2em; align-items: flex-start; }
+ #view { position: relative; background: #000; }
+ #crop { display: block; image-rendering: pixelated; }
+ #bar { position: absolute; left: 12px; bottom: 12px; color: #fff; font-size: 13px; text-shadow: 0 0 3px #000; }
+ #bar div { height: 5px; background: #fff; border: 1px solid #000; margin-top: 2px; }
+ #panel { min-width: 22em; }
+ #progress { font-size: 1.3em; font-weight: 600; }
+ button { font-size: 1em; margin: 0.15em; padding: 0.35em 0.7em; border: 1px solid #888; border-radius: 4px;
+          background: #fff; cursor: pointer; }
+ button.chosen { background: #2a6fdb; color: #fff; border-color: #2a6fdb; }
+ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 0.3em; background: #fff; font-size: 0.85em; }
+ table td { padding: 0.1em 0.8em 0.1em 0; }
+ #zslider { width: 100%; }
+ #message { min-height: 1.4em; color: #555; }
+ .help { color: #555; font-size: 0.9em; line-height: 1.5; }
+</style></head>
+<body>
+<div id="progress">…</div>
+<div id="message"></div>
+<main id="work">
+ <div id="view"><img id="crop" alt="crop of the reconstructed field">
+  <div id="bar"><span id="barlabel"></span><div id="barline"></div></div></div>
+ <div id="panel">
+  <table>
+   <tr><td>x</td><td id="x"></td></tr><tr><td>y</td><td id="y"></td></tr>
+   <tr><td>z</td><td id="z"></td></tr><tr><td>d</td><td id="d"></td></tr>
+  </table>
+  <p>plane z = <b id="planez"></b> <span id="focusnote"></span><br>
+   <input type="range" id="zslider" min="0" step="1" tabindex="-1"></p>
+  <p><button id="channel" tabindex="-1">show phase <kbd>a</kbd></button></p>
+  <p>Is this a particle in focus?<br>
+   <button data-label="particle" tabindex="-1">particle <kbd>p</kbd></button>
+   <button data-label="not_particle" tabindex="-1">not a particle <kbd>n</kbd></button>
+   <button data-label="unsure" tabindex="-1">unsure <kbd>u</kbd></button></p>
+  <p>Confidence<br>
+   <button data-confidence="1" tabindex="-1">1</button><button data-confidence="2" tabindex="-1">2</button>
+   <button data-confidence="3" tabindex="-1">3</button><button data-confidence="4" tabindex="-1">4</button>
+   <button data-confidence="5" tabindex="-1">5</button></p>
+  <p><button id="undo" tabindex="-1">undo <kbd>z</kbd> / <kbd>Backspace</kbd></button></p>
+  <p class="help">Give a label and a confidence, in either order: the label is saved when it has both.
+   <kbd>&larr;</kbd><kbd>&rarr;</kbd> (or <kbd>&darr;</kbd><kbd>&uarr;</kbd>) move through the planes;
+   the candidate's own plane is marked. Every label is on disk before the next candidate shows.</p>
+ </div>
+</main>
+<p id="finished" hidden>All candidates are labelled. Thank you! (<kbd>z</kbd> undoes the last label.)</p>
+<script>
+"use strict";
+const DISPLAY_PX = 480, BAR_UM = [10, 20, 50, 100, 200, 500];
+let state = null, plane = 0, channel = "amplitude", pending = {label: null, confidence: null}, busy = false;
+const $ = (id) => document.getElementById(id);
+
+function cropUrl(p) {
+  return `/crop/${encodeURIComponent(state.candidate.id)}/${p}.png?channel=${channel}`;
+}
+function preload() {
+  state.candidate.plane_z_mm.forEach((_, p) => { new Image().src = cropUrl(p); });
+}
+function showPlane() {
+  const c = state.candidate;
+  $("crop").src = cropUrl(plane);
+  $("zslider").value = plane;
+  $("planez").textContent = c.plane_z_mm[plane].toFixed(3) + " mm";
+  $("focusnote").textContent = plane === c.focus_plane ? "(the candidate's plane)"
+      : `(${plane > c.focus_plane ? "+" : ""}${plane - c.focus_plane} from its plane)`;
+}
+function showChoice() {
+  document.querySelectorAll("[data-label]").forEach(
+      (b) => b.classList.toggle("chosen", b.dataset.label === pending.label));
+  document.querySelectorAll("[data-confidence]").forEach(
+      (b) => b.classList.toggle("chosen", Number(b.dataset.confidence) === pending.confidence));
+}
+function show(next) {
+  const previous = state && state.candidate ? state.candidate.id : null;
+  state = next;
+  $("progress").textContent = `${state.done} / ${state.total} labelled (${state.labeller})`;
+  $("message").textContent = state.message || "";
+  const c = state.candidate;
+  $("work").hidden = c === null;
+  $("finished").hidden = c !== null;
+  if (c === null) return;
+  if (c.id !== previous) {
+    pending = {label: null, confidence: null};
+    plane = c.focus_plane;
+    preload();
+  }
+  // The crop is square in pixels; pixels are dx by dy, so the page keeps the physical aspect.
+  const n = c.plane_z_mm.length, width = DISPLAY_PX, height = Math.round(DISPLAY_PX * state.dy_um / state.dx_um);
+  $("crop").width = width; $("crop").height = height;
+  $("zslider").max = n - 1;
+  $("x").textContent = `${c.x_um.toFixed(1)} µm`;
+  $("y").textContent = `${c.y_um.toFixed(1)} µm`;
+  $("z").textContent = `${(c.z_um / 1000).toFixed(3)} mm`;
+  $("d").textContent = `${c.d_um.toFixed(1)} µm`;
+  showPlane(); showChoice(); scaleBar();
+}
+function scaleBar() {
+  const img = $("crop"), cropPixels = img.naturalWidth;
+  if (!cropPixels) return;
+  const umPerDisplayPx = cropPixels * state.dx_um / img.width;
+  const um = BAR_UM.filter((u) => u / umPerDisplayPx <= img.width / 3).pop() || BAR_UM[0];
+  $("barline").style.width = `${Math.round(um / umPerDisplayPx)}px`;
+  $("barlabel").textContent = `${um} µm`;
+}
+async function call(method, url, body) {
+  if (busy) return;
+  busy = true;
+  try {
+    const response = await fetch(url, {method, headers: {"Content-Type": "application/json"},
+                                       body: body === undefined ? undefined : JSON.stringify(body)});
+    show(await response.json());
+  } catch (error) {
+    $("message").textContent = `the server did not answer (${error}); nothing was lost, restart it and reload`;
+  } finally {
+    busy = false;
+  }
+}
+function choose(kind, value) {
+  if (!state || !state.candidate) return;
+  pending[kind] = value;
+  showChoice();
+  if (pending.label !== null && pending.confidence !== null) {
+    call("POST", "/api/label", {candidate: state.candidate.id, label: pending.label,
+                                confidence: pending.confidence});
+  }
+}
+function movePlane(step) {
+  if (!state || !state.candidate) return;
+  plane = Math.min(Math.max(plane + step, 0), state.candidate.plane_z_mm.length - 1);
+  showPlane();
+}
+function toggleChannel() {
+  if (!state || !state.candidate) return;
+  channel = channel === "amplitude" ? "phase" : "amplitude";
+  $("channel").firstChild.textContent = channel === "amplitude" ? "show phase " : "show amplitude ";
+  preload(); showPlane();
+}
+const KEYS = {p: ["label", "particle"], n: ["label", "not_particle"], u: ["label", "unsure"]};
+document.addEventListener("keydown", (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  const key = event.key;
+  if (KEYS[key]) choose(...KEYS[key]);
+  else if ("12345".includes(key) && key.length === 1) choose("confidence", Number(key));
+  else if (key === "z" || key === "Backspace") call("POST", "/api/undo");
+  else if (key === "ArrowLeft" || key === "ArrowDown") movePlane(-1);
+  else if (key === "ArrowRight" || key === "ArrowUp") movePlane(1);
+  else if (key === "a") toggleChannel();
+  else return;
+  event.preventDefault();
+});
+document.querySelectorAll("[data-label]").forEach((b) => b.onclick = () => choose("label", b.dataset.label));
+document.querySelectorAll("[data-confidence]").forEach(
+    (b) => b.onclick = () => choose("confidence", Number(b.dataset.confidence)));
+$("undo").onclick = () => call("POST", "/api/undo");
+$("channel").onclick = toggleChannel;
+$("zslider").oninput = () => { plane = Number($("zslider").value); showPlane(); };
+$("crop").onload = scaleBar;
+call("GET", "/api/state");
+</script>
+</body></html>
+"""
