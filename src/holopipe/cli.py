@@ -192,7 +192,14 @@ def cmd_evaluate(args) -> None:
         if not sep:
             raise ValueError(f"--prediction expects METHOD:SPLIT=PATH, got {key}={path}")
         predictions.setdefault(method, {})[split] = path
-    evaluate_files(_load_config(args), _key_values(args.truth, "--truth"), predictions, args.out, args.plots)
+    labels = {split: (path, []) for split, path in _key_values(args.candidates, "--candidates").items()}
+    for pair in args.labels:  # several label files per split: not a dict of pairs
+        split, _, path = pair.partition("=")
+        if not path or split not in labels:
+            raise ValueError(f"--labels expects SPLIT=CSV for a split given in --candidates, got {pair!r}")
+        labels[split][1].append(path)
+    evaluate_files(_load_config(args), _key_values(args.truth, "--truth"), predictions, args.out, args.plots,
+                   labels=labels)
 
 
 def _paths(*dests: str):
@@ -228,7 +235,7 @@ def _stats_out(args) -> list:
 
 
 def _evaluation_inputs(args) -> list:
-    return [pair.partition("=")[2] for pair in [*args.truth, *args.prediction]]
+    return [pair.partition("=")[2] for pair in [*args.truth, *args.prediction, *args.candidates, *args.labels]]
 
 
 def cmd_provenance(args) -> None:
@@ -399,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="particle CSV of each method and split")
     evaluate.add_argument("--out", required=True, help="metrics.json")
     evaluate.add_argument("--plots", required=True, help="directory for the evaluation plots")
+    evaluate.add_argument("--candidates", nargs="*", default=[], metavar="SPLIT=DIR",
+                          help="candidates directory of each split with hand labels (holopipe label-candidates)")
+    evaluate.add_argument("--labels", nargs="*", default=[], metavar="SPLIT=CSV",
+                          help="label files (labels/<split>/<labeller>.csv), any number per split")
     _add_config_source(evaluate)
     evaluate.set_defaults(func=cmd_evaluate, reads=_evaluation_inputs, writes=_paths("out", "plots"))
 

@@ -11,6 +11,17 @@ nothing was predicted (no false detections); ``recall = tp / n_true`` and is 1 w
 to find; ``f1`` is their harmonic mean, 0 when both are 0. Errors are predicted minus true, in µm;
 their rms and bias are null (None) without matches. Recall by diameter bins the *true* diameters,
 each bin ``[low, high)`` (the last one closed), recall null for an empty bin.
+
+**Hand labels** (real data, no truth; :mod:`holopipe.labels`): where a split has label files, each
+method's entry gets ``labels: {split: ...}`` (:func:`label_metrics`): precision on real data, the share
+of the method's labelled candidates that are labelled ``particle`` (``unsure`` ones left out and counted
+as ``n_unsure``), and recall relative to the union, the share of all candidates labelled ``particle``
+that the method found; each at every confidence ``>= k`` (k = 1..5) and per diameter bin (the
+candidate's d), with the labellers' pairwise Cohen's kappa. Intervals are 95 % Wilson score intervals:
+closed-form, not random, and well behaved for the few dozen labels and shares near 0 or 1 a labelling
+session gives (the Wald interval collapses to zero width at 0 and 1; a bootstrap over holograms needs
+many holograms with labels). They treat candidates as independent, which droplets of one hologram
+nearly are.
 """
 
 from __future__ import annotations
@@ -24,9 +35,15 @@ from scipy.optimize import linear_sum_assignment
 
 from holopipe.io import open_holodec, particle_table, write_atomically
 
-__all__ = ["PLOT_NAMES", "detection_metrics", "evaluate_files", "match", "read_predictions"]
+__all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "cohen_kappa", "combined_labels", "detection_metrics", "evaluate_files",
+           "label_metrics", "match", "read_predictions", "wilson_interval"]
 
 PLOT_NAMES = ("scatter3d.png", "diameters.png", "errors.png", "recall_by_diameter.png", "f1_bars.png")
+LABEL_PLOT_NAMES = ("labels_table.png", "labels_gallery.png")
+"""Written on every run: with labels the head-to-head table and the gallery, without them a note saying so."""
+WILSON_Z = 1.959963984540054
+"""Normal quantile of a two-sided 95 % interval."""
+GALLERY_SIZE = 24
 COORDINATES = ("x", "y", "z", "d")
 MATCH_COLUMNS = ("hid", "true_index", "pred_index",
                  *(f"{c}_{side}" for side in ("true", "pred") for c in COORDINATES),
@@ -158,6 +175,108 @@ def read_predictions(path) -> pd.DataFrame:
     return table.astype({"hid": np.int64, **{c: np.float64 for c in COORDINATES}})
 
 
+def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> tuple[float | None, float | None]:
+    """The Wilson score interval of a share ``successes / n`` (95 % by default); (None, None) when n is 0."""
+    if n == 0:
+        return None, None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _share(hits: int, n: int) -> dict:
+    low, high = wilson_interval(hits, n)
+    return {"value": float(hits / n) if n else None, "low": low, "high": high, "hits": int(hits), "n": int(n)}
+
+
+def cohen_kappa(first, second) -> float | None:
+    """Cohen's kappa of two labellers' labels of the same candidates (particle / not_particle / unsure as
+    three classes): ``(p_o - p_e) / (1 - p_e)``; None without candidates or when chance agreement is 1
+    (both gave one and the same class throughout: kappa is undefined)."""
+    from holopipe.labels import LABELS
+
+    first, second = np.asarray(first, dtype=object), np.asarray(second, dtype=object)
+    if first.size == 0:
+        return None
+    observed = float(np.mean(first == second))
+    chance = float(sum(np.mean(first == c) * np.mean(second == c) for c in LABELS))
+    return None if chance == 1.0 else (observed - chance) / (1.0 - chance)
+
+
+def combined_labels(labels: pd.DataFrame) -> pd.DataFrame:
+    """One label per candidate from every labeller's current labels (:func:`holopipe.labels.read_labels`).
+
+    With several labellers a candidate's label is the majority's; a tie (two labellers who disagree) is
+    ``unsure``. Its confidence is the lowest given for the winning label (for a tie, the lowest given),
+    so that "confidence >= k" means every labeller behind the label was at least that sure. Columns
+    candidate, label, confidence, n_labellers.
+    """
+    rows = []
+    for candidate, group in labels.groupby("candidate", sort=True):
+        votes = group["label"].value_counts()
+        tie = (votes == votes.max()).sum() > 1
+        label = "unsure" if tie else str(votes.idxmax())
+        voters = group if tie else group[group["label"] == label]
+        rows.append({"candidate": candidate, "label": label, "confidence": int(voters["confidence"].min()),
+                     "n_labellers": len(group)})
+    return pd.DataFrame(rows, columns=["candidate", "label", "confidence", "n_labellers"])
+
+
+def _label_shares(flags: np.ndarray, label: np.ndarray, keep: np.ndarray) -> dict:
+    """Precision and recall of one method among the candidates ``keep`` (boolean masks over candidates)."""
+    particle, rejected = keep & (label == "particle"), keep & (label == "not_particle")
+    mine = flags & (particle | rejected)
+    return {"precision": _share(int((flags & particle).sum()), int(mine.sum())),
+            "recall": _share(int((flags & particle).sum()), int(particle.sum())),
+            "n_unsure": int((keep & flags & (label == "unsure")).sum())}
+
+
+def label_metrics(candidates: pd.DataFrame, labels: pd.DataFrame, methods, diameter_bins) -> dict:
+    """Each method's metrics from hand labels of one split's candidates: ``{method: {...}}``.
+
+    ``candidates`` is candidates.csv (a 0/1 column per method), ``labels`` every labeller's current
+    labels (:func:`holopipe.labels.read_labels`); see the module docstring. Per method: ``precision`` and
+    ``recall`` (value, 95 % Wilson ``low``/``high``, ``hits``, ``n``) over every label, ``n_candidates``,
+    ``n_labelled``, ``n_unsure`` (its labelled ``unsure`` candidates), ``by_confidence`` (k = 1..5:
+    labels of confidence >= k), ``by_diameter`` (``diameter_bins`` in metres, the candidate's d), and,
+    the same for every method, ``labellers``, ``n_labelled_candidates`` and ``agreement``: Cohen's kappa
+    per pair of labellers on the candidates both labelled, with ``n``.
+    """
+    from holopipe.labels import CONFIDENCES
+
+    combined = combined_labels(labels).set_index("candidate")
+    label = combined["label"].reindex(candidates["candidate"]).to_numpy(dtype=object)
+    confidence = combined["confidence"].reindex(candidates["candidate"]).fillna(0).to_numpy(np.int64)
+    labelled = confidence > 0
+    d_um = candidates["d"].to_numpy(np.float64)
+    edges = np.asarray(diameter_bins, dtype=np.float64) * 1e6
+    labellers = sorted(labels["labeller"].unique())
+    by_labeller = {name: group.set_index("candidate")["label"] for name, group in labels.groupby("labeller")}
+    agreement = []
+    for i, first in enumerate(labellers):
+        for second in labellers[i + 1:]:
+            both = by_labeller[first].index.intersection(by_labeller[second].index)
+            agreement.append({"labellers": [first, second], "n": len(both),
+                              "kappa": cohen_kappa(by_labeller[first][both], by_labeller[second][both])})
+    results = {}
+    for method in methods:
+        flags = candidates[method].to_numpy(np.int64) == 1
+        by_diameter = []
+        for j, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+            inside = (d_um >= low) & ((d_um <= high) if j == edges.size - 2 else (d_um < high))
+            by_diameter.append({"low_um": float(low), "high_um": float(high),
+                                **_label_shares(flags, label, labelled & inside)})
+        results[method] = {
+            **_label_shares(flags, label, labelled), "n_candidates": int(flags.sum()),
+            "n_labelled": int((flags & labelled).sum()),
+            "by_confidence": [{"min_confidence": k, **_label_shares(flags, label, confidence >= k)}
+                              for k in CONFIDENCES],
+            "by_diameter": by_diameter, "labellers": labellers, "n_labelled_candidates": int(labelled.sum()),
+            "agreement": agreement, "interval": "Wilson score, 95 %"}
+    return results
+
+
 SPLIT_KEY = 10**9
 """(split, hid) -> hid + SPLIT_KEY x the split's position: one integer key per hologram across splits."""
 
@@ -168,8 +287,9 @@ def _keyed(tables: dict[str, pd.DataFrame], order: list[str]) -> pd.DataFrame:
                       for split, table in tables.items()], ignore_index=True)
 
 
-def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out_json, plots_dir) -> Path:
-    """Evaluate every method on every split; write ``metrics.json`` and the five plots; returns out_json.
+def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out_json, plots_dir,
+                   labels: dict | None = None) -> Path:
+    """Evaluate every method on every split; write ``metrics.json`` and the plots; returns out_json.
 
     ``truth_store_paths`` maps split -> store (netCDF or zarr, the truth particles in µm);
     ``predictions`` maps method -> split -> particle CSV. ``metrics.json`` is ``{method: {metric:
@@ -180,6 +300,12 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     the splits with truth). With more than one split, each split's own metrics are nested under
     ``splits``. Plots go to ``plots_dir`` under :data:`PLOT_NAMES` (``diameters.png`` one panel per
     split; without truth, ``f1_bars.png`` shows particles per hologram); every file is written atomically.
+
+    ``labels`` maps split -> (candidates directory, label CSVs): where a split's label files hold any
+    label, each method's entry gets ``labels: {split: label_metrics}`` (:func:`label_metrics`); without
+    any, metrics.json is as without ``labels``. :data:`LABEL_PLOT_NAMES` are always written: the
+    head-to-head table and the gallery of candidates where the methods disagree, or a note that there
+    are no labels yet.
     """
     evaluate = config["evaluate"]
     tol_xy, tol_z, bins = float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"]), evaluate["diameter_bins"]
@@ -224,11 +350,39 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
         results[method], all_matches[method] = evaluate_splits(method, list(truths))
         if len(truths) > 1:
             results[method]["splits"] = {s: evaluate_splits(method, [s])[0] for s in truths}
+    labelled = _labelled_splits(labels or {}, list(truths), list(predicted), bins)
+    for split, (_, _, by_method) in labelled.items():
+        for method, metrics in by_method.items():
+            results[method].setdefault("labels", {})[split] = metrics
     out_json = Path(out_json)
     text = json.dumps(results, indent=2, sort_keys=True)
     write_atomically(out_json, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     _plot_all(Path(plots_dir), truths, n_holograms, with_truth, predicted, results, all_matches)
+    _plot_labels(Path(plots_dir), labelled, list(labels or truths))
     return out_json
+
+
+def _labelled_splits(labels: dict, splits: list[str], methods: list[str], diameter_bins) -> dict:
+    """split -> (Candidates, combined labels, label_metrics) of the splits whose label files hold labels.
+
+    A method without a column in candidates.csv has no candidates there: a ValueError naming the file.
+    """
+    from holopipe.labels import open_candidates, read_labels
+
+    unknown = sorted(set(labels) - set(splits))
+    if unknown:
+        raise ValueError(f"labels given for split(s) {unknown}, which are not evaluated ({', '.join(splits)})")
+    found = {}
+    for split, (candidates_dir, label_files) in labels.items():
+        candidates = open_candidates(candidates_dir)
+        missing = [m for m in methods if m not in candidates.table.columns]
+        if missing:
+            raise ValueError(f"{candidates.path / 'candidates.csv'}: no column for method(s) {missing}")
+        given = read_labels(list(label_files), candidates)
+        if len(given):
+            found[split] = (candidates, combined_labels(given),
+                            label_metrics(candidates.table, given, methods, diameter_bins))
+    return found
 
 
 def _save(figure, path: Path) -> None:
@@ -336,3 +490,79 @@ def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list
                title="Particles per hologram, no truth")
     _legend(ax)
     _save(figure, plots_dir / "f1_bars.png")
+
+
+def _interval_text(share: dict) -> str:
+    if share["value"] is None:
+        return "-"
+    return f"{share['value']:.0%} [{share['low']:.0%}, {share['high']:.0%}]"
+
+
+def _no_labels(path: Path, splits: list[str]) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 1.6))
+    ax = figure.add_subplot()
+    commands = "\n".join(f"holopipe label --split {s}" for s in splits) or "holopipe label --split SPLIT"
+    ax.text(0.5, 0.5, f"no labels yet:\n{commands}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    _save(figure, path)
+
+
+def _plot_labels(plots_dir: Path, labelled: dict, splits: list[str]) -> None:
+    """The talk's head-to-head table and the gallery of disagreements, or a note where nothing is labelled."""
+    from matplotlib.figure import Figure
+
+    if not labelled:
+        for name in LABEL_PLOT_NAMES:
+            _no_labels(plots_dir / name, splits)
+        return
+    header = ["split", "method", "precision [95 % CI]", "recall [95 % CI]", "n labelled", "unsure"]
+    rows = [[split, method, _interval_text(m["precision"]), _interval_text(m["recall"]),
+             f"{m['precision']['n']} of {m['n_candidates']}", str(m["n_unsure"])]
+            for split, (_, _, by_method) in labelled.items() for method, m in by_method.items()]
+    figure = Figure(figsize=(9, 1.0 + 0.4 * len(rows)))
+    ax = figure.add_subplot()
+    ax.set_axis_off()
+    cells = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(10)
+    cells.scale(1.0, 1.5)
+    notes = [f"{split}: {len(combined)} of {len(candidates.table)} candidates labelled by "
+             f"{', '.join(next(iter(by_method.values()))['labellers'])}"
+             for split, (candidates, combined, by_method) in labelled.items()]
+    ax.set_title("Hand labels: precision = share of a method's candidates labelled particle; recall = share of "
+                 "all labelled particles it found\n" + "; ".join(notes), fontsize=9)
+    _save(figure, plots_dir / "labels_table.png")
+
+    shown = []  # candidates that one method found and the other did not, with their label
+    for split, (candidates, combined, by_method) in labelled.items():
+        methods = list(by_method)
+        table = candidates.table.merge(combined, on="candidate")
+        disagree = table[table[methods].sum(axis=1) == 1] if len(methods) == 2 else table.iloc[:0]
+        for row in disagree.itertuples():
+            if len(shown) < GALLERY_SIZE:
+                found_by = next(m for m in methods if getattr(row, m) == 1)
+                shown.append((candidates, row, found_by, split))
+    if not shown:
+        figure = Figure(figsize=(6, 1.6))
+        ax = figure.add_subplot()
+        ax.text(0.5, 0.5, "no labelled candidate that only one method found", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        _save(figure, plots_dir / "labels_gallery.png")
+        return
+    columns = min(6, len(shown))
+    n_rows = -(-len(shown) // columns)
+    figure = Figure(figsize=(2.2 * columns, 2.5 * n_rows))
+    for i, (candidates, row, found_by, split) in enumerate(shown):
+        ax = figure.add_subplot(n_rows, columns, i + 1)
+        amplitude = candidates.crops(row.candidate)[0][candidates.manifest["focus_plane"]]
+        ny, nx = amplitude.shape
+        extent = (0, nx * candidates.manifest["dx_um"], 0, ny * candidates.manifest["dy_um"])
+        ax.imshow(amplitude, cmap="gray", vmin=0.0, vmax=1.5, extent=extent, origin="lower")
+        ax.set_title(f"{split} {row.candidate}: {found_by} only\n{row.label} ({row.confidence}), d {row.d:.0f} µm",
+                     fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _save(figure, plots_dir / "labels_gallery.png")
