@@ -326,6 +326,9 @@ def test_a_browser_labels_by_keys_and_a_killed_server_loses_nothing(candidates_d
         press(driver, "p")  # a label chosen but no confidence yet: nothing is saved
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=WAIT_S)
+        press(driver, "4")  # completed while the server is dead: the page says it was not saved
+        wait_for(driver, lambda d: "did not answer" in page_text(d, "message"), "the page to say the server is gone")
+        wait_progress(driver, 3)
 
         on_disk = given_labels(labels_dir, candidates_dir)
         assert on_disk[["candidate", "label", "confidence"]].values.tolist() == [

@@ -135,14 +135,11 @@ def create_app(candidates_dir, labels_dir, labeller: str) -> Flask:
 
 
 def serve(candidates_dir, labels_dir, *, labeller: str, host: str = "127.0.0.1", port: int = 8050) -> None:
-    """Serve the page until interrupted; logs its URL. A port in use is a ValueError naming it."""
+    """Serve the page until interrupted; logs its URL. (A port in use: werkzeug says so and exits 1.)"""
     from werkzeug.serving import make_server
 
     app = create_app(candidates_dir, labels_dir, labeller)
-    try:
-        server = make_server(host, port, app, threaded=True)
-    except OSError as error:
-        raise ValueError(f"cannot listen on {host}:{port} ({error}); pass another --port") from error
+    server = make_server(host, port, app, threaded=True)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no log line per crop image
     log.info("labelling %s as %s: open http://%s:%d/ (labels go to %s; Ctrl-C stops)", candidates_dir,
              labeller, host, server.server_port, Path(labels_dir) / f"{labeller}.csv")
@@ -168,6 +165,7 @@ PAGE = """<!doctype html>
  button { font-size: 1em; margin: 0.15em; padding: 0.35em 0.7em; border: 1px solid #888; border-radius: 4px;
           background: #fff; cursor: pointer; }
  button.chosen { background: #2a6fdb; color: #fff; border-color: #2a6fdb; }
+ button.chosen kbd { color: #222; }
  kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 0.3em; background: #fff; font-size: 0.85em; }
  table td { padding: 0.1em 0.8em 0.1em 0; }
  #zslider { width: 100%; }
@@ -184,6 +182,7 @@ PAGE = """<!doctype html>
   <table>
    <tr><td>x</td><td id="x"></td></tr><tr><td>y</td><td id="y"></td></tr>
    <tr><td>z</td><td id="z"></td></tr><tr><td>d</td><td id="d"></td></tr>
+   <tr><td>hologram</td><td id="hid"></td></tr>
   </table>
   <p>plane z = <b id="planez"></b> <span id="focusnote"></span><br>
    <input type="range" id="zslider" min="0" step="1" tabindex="-1"></p>
@@ -205,7 +204,7 @@ PAGE = """<!doctype html>
 <p id="finished" hidden>All candidates are labelled. Thank you! (<kbd>z</kbd> undoes the last label.)</p>
 <script>
 "use strict";
-const DISPLAY_PX = 480, BAR_UM = [10, 20, 50, 100, 200, 500];
+const DISPLAY_PX = 440, BAR_UM = [10, 20, 50, 100, 200, 500];
 let state = null, plane = 0, channel = "amplitude", pending = {label: null, confidence: null}, busy = false;
 const $ = (id) => document.getElementById(id);
 
@@ -243,10 +242,12 @@ function show(next) {
     plane = c.focus_plane;
     preload();
   }
-  // The crop is square in pixels; pixels are dx by dy, so the page keeps the physical aspect.
-  const n = c.plane_z_mm.length, width = DISPLAY_PX, height = Math.round(DISPLAY_PX * state.dy_um / state.dx_um);
-  $("crop").width = width; $("crop").height = height;
-  $("zslider").max = n - 1;
+  // The crop is square in pixels; pixels are dx by dy, so the page keeps the physical aspect (longer side DISPLAY_PX).
+  const longer = Math.max(state.dx_um, state.dy_um);
+  $("crop").width = Math.round(DISPLAY_PX * state.dx_um / longer);
+  $("crop").height = Math.round(DISPLAY_PX * state.dy_um / longer);
+  $("zslider").max = c.plane_z_mm.length - 1;
+  $("hid").textContent = c.hid;
   $("x").textContent = `${c.x_um.toFixed(1)} µm`;
   $("y").textContent = `${c.y_um.toFixed(1)} µm`;
   $("z").textContent = `${(c.z_um / 1000).toFixed(3)} mm`;
@@ -267,9 +268,11 @@ async function call(method, url, body) {
   try {
     const response = await fetch(url, {method, headers: {"Content-Type": "application/json"},
                                        body: body === undefined ? undefined : JSON.stringify(body)});
-    show(await response.json());
+    if (response.headers.get("Content-Type") === "application/json") show(await response.json());
+    else $("message").textContent = `the server failed (HTTP ${response.status}): see its log; nothing saved`;
   } catch (error) {
-    $("message").textContent = `the server did not answer (${error}); nothing was lost, restart it and reload`;
+    $("message").textContent = `the server did not answer (${error}); every label shown as saved is on disk: `
+        + "restart it and reload";
   } finally {
     busy = false;
   }
