@@ -18,6 +18,7 @@ JSON API: ``GET /api/state``; ``POST /api/label`` ``{"candidate", "label", "conf
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
@@ -59,25 +60,27 @@ class _Session:
         self.labeller = labeller
         self.order = labels.label_order(self.candidates)
         self.known = set(self.order)
+        # The page asks for each of a candidate's planes, in both channels: read its crops from zarr once.
+        self.crops = functools.lru_cache(maxsize=8)(self.candidates.crops)
         self.lock = threading.Lock()  # one change of the label file at a time (the server is threaded)
 
     def labelled(self) -> set[str]:
         return set(self.label_file.labels()["candidate"])
 
-    def current(self) -> str | None:
+    def current(self, labelled: set[str] | None = None) -> str | None:
         """The first candidate of the order without a current label, None when all are done."""
-        labelled = self.labelled()
+        labelled = self.labelled() if labelled is None else labelled
         return next((candidate for candidate in self.order if candidate not in labelled), None)
 
     def state(self, message: str = "") -> dict:
         """What the page shows, and nothing about the methods (no unet/baseline column leaves the server)."""
-        manifest = self.candidates.manifest
-        current = self.current()
-        state = {"labeller": self.labeller, "done": len(self.labelled()), "total": len(self.order),
+        manifest, labelled = self.candidates.manifest, self.labelled()
+        current = self.current(labelled)
+        state = {"labeller": self.labeller, "done": len(labelled), "total": len(self.order),
                  "dx_um": manifest["dx_um"], "dy_um": manifest["dy_um"], "message": message, "candidate": None}
         if current is not None:
             row = self.candidates.table.iloc[self.candidates.row(current)]
-            _, _, z_um = self.candidates.crops(current)
+            _, _, z_um = self.crops(current)
             state["candidate"] = {"id": current, "x_um": float(row["x"]), "y_um": float(row["y"]),
                                   "z_um": float(row["z"]), "d_um": float(row["d"]), "hid": int(row["hid"]),
                                   "plane_z_mm": [float(z) / 1000.0 for z in z_um],
@@ -97,7 +100,8 @@ def create_app(candidates_dir, labels_dir, labeller: str) -> Flask:
 
     @app.get("/api/state")
     def state():
-        return jsonify(session.state())
+        with session.lock:
+            return jsonify(session.state())
 
     @app.post("/api/label")
     def label():
@@ -125,7 +129,7 @@ def create_app(candidates_dir, labels_dir, labeller: str) -> Flask:
         channel = request.args.get("channel", "amplitude")
         if candidate not in session.known or channel not in GRAY_RANGES:
             abort(404)
-        amplitude, phase, _ = session.candidates.crops(candidate)
+        amplitude, phase, _ = session.crops(candidate)
         if not 0 <= plane < amplitude.shape[0]:
             abort(404)
         stack = amplitude if channel == "amplitude" else phase
