@@ -21,6 +21,7 @@ rule all:
     input:
         EXAMPLE_STORES,
         "results/evaluation/metrics.json",
+        expand("results/labels/{split}/candidates", split=config["infer"]["splits"]),
         "results/report.html",
 
 
@@ -34,5 +35,6 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/particles.smk"
 include: "workflow/rules/baseline.smk"
+include: "workflow/rules/labels.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

@@ -296,3 +296,46 @@ def test_evaluate_writes_the_label_plots_and_without_labels_is_unchanged(config,
     assert all(labelled_size > note_size for labelled_size, note_size in sizes.values()), sizes
     with pytest.raises(ValueError, match="labels given for split.*'real'.*not evaluated"):
         evaluated(config, split, split["tmp"] / "bad", {"real": (split["candidates"], [label_file])})
+
+
+@pytest.mark.workflow
+def test_the_workflow_writes_candidates_and_evaluate_takes_the_label_files_present(tmp_path):
+    from test_workflow import TINY, snakemake
+
+    plain = snakemake(tmp_path, "-n", "-p", "--cores", "1")
+    assert plain.returncode == 0, plain.stderr
+    assert "rule label_candidates" in plain.stdout and "--out results/labels/valid/candidates" in plain.stdout
+    assert "--candidates valid=results/labels/valid/candidates --out" in plain.stdout, "no label files: no --labels"
+    (tmp_path / "labels" / "valid").mkdir(parents=True)
+    for name in ("ana", "bob"):
+        (tmp_path / "labels" / "valid" / f"{name}.csv").write_text("candidates_id,candidate,label,confidence\n")
+    labelled = snakemake(tmp_path, "-n", "-p", "--cores", "1", "results/evaluation/metrics.json")
+    assert labelled.returncode == 0, labelled.stderr
+    assert ("--labels valid=labels/valid/ana.csv valid=labels/valid/bob.csv --out" in labelled.stdout)
+    assert TINY["infer"]["splits"] == ["valid"]
+
+
+def test_the_commands_write_empty_candidates_and_evaluate_with_label_files(config, split, tmp_path):
+    from holopipe.cli import main
+
+    settings = json.dumps(config)
+    empty_unet, empty_baseline = tmp_path / "unet.csv", tmp_path / "baseline.csv"
+    table().assign(prob=0.5).to_csv(empty_unet, index=False)
+    table().assign(score=0.5).to_csv(empty_baseline, index=False)
+    assert main(["label-candidates", "--split", "test", "--store", str(split["store"]), "--unet", str(empty_unet),
+                 "--baseline", str(empty_baseline), "--out", str(tmp_path / "none"), "--config-json", settings]) == 0
+    none = open_candidates(tmp_path / "none")
+    assert none.table.empty and none.manifest["n_candidates"] == 0 and label_order(none) == []
+
+    candidates = open_candidates(split["candidates"])
+    label_file = label_from_truth(candidates, tmp_path / "labels" / "oracle.csv")
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--truth", f"test={split['store']}", "--prediction", f"unet:test={split['unet']}",
+                 f"baseline:test={split['baseline']}", "--candidates", f"test={split['candidates']}",
+                 "--labels", f"test={label_file}", "--out", str(out / "metrics.json"), "--plots", str(out),
+                 "--config-json", settings]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["baseline"]["labels"]["test"]["precision"]["value"] == metrics["baseline"]["precision"]
+    assert main(["evaluate", "--truth", f"test={split['store']}", "--prediction", f"unet:test={split['unet']}",
+                 f"baseline:test={split['baseline']}", "--labels", f"test={label_file}", "--out",
+                 str(out / "m.json"), "--plots", str(out), "--config-json", settings]) == 1, "labels need candidates"

@@ -1,9 +1,11 @@
 """Parse-time setup: validate the config, so a bad one fails before any job; input and params functions."""
 
 import functools
+import glob
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -120,6 +122,18 @@ def evaluation_pairs(pattern, methods=None):
     )
 
 
+def get_label_files(wildcards):
+    """The label files in labels/<split>/ of every evaluated split, listed when the DAG is built, so that a
+    new one (or one changed since the evaluation) reruns evaluate."""
+    return sorted(path for split in config["infer"]["splits"] for path in glob.glob(f"labels/{split}/*.csv"))
+
+
+def label_flags(wildcards, input):
+    """` --labels SPLIT=CSV ...` for the label files evaluate takes (the split is the file's folder); none without."""
+    pairs = [shlex.quote(f"{os.path.basename(os.path.dirname(path))}={path}") for path in input.labels]
+    return " --labels " + " ".join(pairs) if pairs else ""
+
+
 def get_standardize_input(wildcards):
     """The training split is standardized after augmentation; the others straight from regridding."""
     if wildcards.split == TRAIN_SPLIT:
@@ -156,7 +170,7 @@ def provenance_records(wildcards):
     if config["tune"]["n_trials"] > 0:
         records += expand(rules.tune_worker.output.provenance, worker=range(config["tune"]["workers"]))
     records += expand(rules.infer_chunk.output.provenance, split=infer_splits, chunk=chunks)
-    for per_split in (rules.particles_split, rules.baseline_split):
+    for per_split in (rules.particles_split, rules.baseline_split, rules.label_candidates):
         records += expand(per_split.output.provenance, split=infer_splits)
     return records
 
@@ -442,6 +456,23 @@ def get_baseline_runtime(wildcards, attempt):
     """Every plane of every hologram, reconstructed and thresholded on baseline.device."""
     work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
     return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE[device_kind("baseline")], attempt)
+
+
+LABEL_CANDIDATES_BATCH_BYTES = 2**24 * 16
+"""A batch of planes as holopipe.optics.PLANE_BATCH_PIXELS complex64 pixels, with their amplitude and phase."""
+
+
+def get_label_candidates_mem_mb(wildcards, attempt):
+    """A hologram's padded spectrum and transfer function (40 B per padded pixel) and one batch of planes on
+    numpy; the crops of one hologram's candidates are small (130 kB each)."""
+    return memory_mb(40 * padded_pixels(wildcards.split) + LABEL_CANDIDATES_BATCH_BYTES, attempt)
+
+
+def get_label_candidates_runtime(wildcards, attempt):
+    """At most every plane of every hologram (only those within 3 planes of a candidate are reconstructed),
+    on the CPU."""
+    work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
+    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"], attempt)
 
 
 def pbs_account_problem():

@@ -3,6 +3,8 @@ rule evaluate:
         truth=expand("data/standardized/{split}.zarr", split=config["infer"]["splits"]),
         unet=expand("results/particles/{split}_unet.csv", split=config["infer"]["splits"]),
         baseline=expand("results/particles/{split}_baseline.csv", split=config["infer"]["splits"]),
+        candidates=expand("results/labels/{split}/candidates", split=config["infer"]["splits"]),
+        labels=get_label_files,
     output:
         metrics="results/evaluation/metrics.json",
         provenance="results/provenance/jobs/evaluate.json",
@@ -18,12 +20,19 @@ rule evaluate:
             caption="../report/evaluation.rst",
             category="Evaluation",
         ),
+        label_plots=report(
+            multiext("results/evaluation/", "labels_table.png", "labels_gallery.png"),
+            caption="../report/labels.rst",
+            category="Hand labels",
+        ),
     log:
         "logs/evaluate/evaluate.log",
     params:
         config=lambda w: stage_config("evaluate"),
         truth=evaluation_pairs("data/standardized/{split}.zarr"),
         predictions=evaluation_pairs("results/particles/{split}_{method}.csv", methods=("unet", "baseline")),
+        candidates=evaluation_pairs("results/labels/{split}/candidates"),
+        labels=label_flags,
     threads: 1
     resources:
         mem_mb=2000,
@@ -31,6 +40,6 @@ rule evaluate:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} evaluate --truth {params.truth} --prediction {params.predictions} --out {output.metrics}"
-        " --plots results/evaluation --config-json {params.config:q} > {log} 2>&1"
-
+        "holopipe --provenance {output.provenance} --threads {threads} evaluate --truth {params.truth} --prediction {params.predictions}"
+        " --candidates {params.candidates}{params.labels} --out {output.metrics} --plots results/evaluation"
+        " --config-json {params.config:q} > {log} 2>&1"

@@ -1,0 +1,22 @@
+rule label_candidates:
+    input:
+        store="data/standardized/{split}.zarr",
+        unet="results/particles/{split}_unet.csv",
+        baseline="results/particles/{split}_baseline.csv",
+    output:
+        candidates=directory("results/labels/{split}/candidates"),
+        provenance="results/provenance/jobs/label_candidates_{split}.json",
+    log:
+        "logs/labels/{split}_candidates.log",
+    params:
+        config=lambda w: stage_config("reconstruction", "evaluate", split=w.split),
+    wildcard_constraints:
+        split="|".join(SPLITS),
+    threads: 2
+    resources:
+        mem_mb=get_label_candidates_mem_mb,
+        runtime=get_label_candidates_runtime,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe --provenance {output.provenance} --threads {threads} label-candidates --split {wildcards.split} --store {input.store} --unet {input.unet} --baseline {input.baseline} --out {output.candidates} --config-json {params.config:q} > {log} 2>&1"
