@@ -175,9 +175,10 @@ def write_candidates(config: dict, split: str, store_path, unet_csv, baseline_cs
             (tmp / "candidates.csv").write_bytes(csv_bytes)
             group = zarr.open_group(tmp / "crops.zarr", mode="w", zarr_format=3)
             shape = (len(table), 2 * PLANES_EACH_SIDE + 1, CROP_PIXELS, CROP_PIXELS)
-            chunks = (max(1, min(16, len(table))), *shape[1:])  # 16 candidates (2 MB) a chunk: few files
-            arrays = {name: group.create_array(name, shape=shape, chunks=chunks, dtype="float16", fill_value=0)
-                      for name in ("amplitude", "phase")}
+            # One chunk per candidate (the page reads one at a time), 64 of them a shard (file): few files.
+            shards = (max(1, min(64, len(table))), *shape[1:])
+            arrays = {name: group.create_array(name, shape=shape, chunks=(1, *shape[1:]), shards=shards,
+                                               dtype="float16", fill_value=0) for name in ("amplitude", "phase")}
             group.create_array("z", data=planes_m[plane_index] * 1e6 if len(table)
                                else np.zeros((0, shape[1])), chunks=(max(1, len(table)), shape[1]))
             # Candidates are sorted by hid: each hologram's rows are one contiguous slice.
@@ -202,7 +203,7 @@ class Candidates:
     path: Path
     table: pd.DataFrame
     manifest: dict
-    _group: object = dataclasses.field(default=None, repr=False)
+    _arrays: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def candidates_id(self) -> str:
@@ -223,11 +224,13 @@ class Candidates:
         row = self.row(index) if isinstance(index, str) else int(index)
         if not 0 <= row < len(self.table):
             raise IndexError(f"{self.path}: candidate row {row} out of range 0..{len(self.table) - 1}")
-        if self._group is None:
-            self._group = zarr.open_group(self.path / "crops.zarr", mode="r")
-        group = self._group
-        return (np.asarray(group["amplitude"][row], np.float32), np.asarray(group["phase"][row], np.float32),
-                np.asarray(group["z"][row], np.float64))
+        if not self._arrays:  # opened once: each lookup reads and parses the array's metadata
+            group = zarr.open_group(self.path / "crops.zarr", mode="r")
+            self._arrays.update(amplitude=group["amplitude"], phase=group["phase"],
+                                z=np.asarray(group["z"][:], np.float64))
+        arrays = self._arrays
+        return (np.asarray(arrays["amplitude"][row], np.float32), np.asarray(arrays["phase"][row], np.float32),
+                arrays["z"][row].copy())
 
 
 def open_candidates(path) -> Candidates:
