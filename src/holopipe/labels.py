@@ -253,9 +253,9 @@ def open_candidates(path) -> Candidates:
     return Candidates(path=path, table=table, manifest=manifest)
 
 
-def _check_labeller(name: str) -> str:
+def _check_labeller(name: str, path: Path) -> str:
     if not LABELLER_NAME.fullmatch(name or ""):
-        raise ValueError(f"labeller name {name!r}: use letters, digits, '-', '_' and '.' only")
+        raise ValueError(f"{path}: labeller name {name!r}: use letters, digits, '-', '_' and '.' only")
     return name
 
 
@@ -287,7 +287,7 @@ class LabelFile:
     def __init__(self, path, candidates: Candidates):
         self.path = Path(path)
         self.candidates = candidates
-        self.labeller = _check_labeller(self.path.stem)
+        self.labeller = _check_labeller(self.path.stem, self.path)
         self._known = set(candidates.table["candidate"])
         self.rows: list[dict] = self._read() if self.path.exists() else []
 
