@@ -37,7 +37,7 @@ from holopipe.reconstruction import hologram_propagator, open_standardized, z_bi
 
 __all__ = ["CANDIDATE_COLUMNS", "CONFIDENCES", "CROP_PIXELS", "LABELS", "LABEL_COLUMNS", "ORDER_SEED",
            "PLANES_EACH_SIDE", "Candidates", "LabelFile", "crop_indices", "label_order", "open_candidates",
-           "read_label_files", "union_candidates", "write_candidates"]
+           "read_label_files", "read_labels", "union_candidates", "write_candidates"]
 
 CROP_PIXELS = 96
 """Side (pixels) of a candidate's square crop: 284 µm at HOLODEC's 2.96 µm, several diameters of a large droplet."""
