@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
+import holopipe.labels
+
 from holopipe.config import load_config
 from holopipe.evaluate import LABEL_PLOT_NAMES, PLOT_NAMES, cohen_kappa, evaluate_files, match
 from holopipe.io import write_zarr
@@ -173,6 +175,24 @@ def test_label_file_adds_undoes_resumes_and_rewrites_atomically(split):
     # Undoing the second label of c0001 brings its first one back.
     assert list(by_folder["candidate"]) == ["c0001", "c0003", "c0002"] and set(by_folder["labeller"]) == {"ana"}
     assert list(by_folder["label"]) == ["particle", "not_particle", "particle"]
+
+
+def test_a_failed_write_keeps_file_and_labels_as_they_were(split, monkeypatch):
+    candidates = open_candidates(split["candidates"])
+    labels = LabelFile(split["tmp"] / "labels_full_disk" / "ana.csv", candidates)
+    labels.add("c0001", "particle", 5)
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(holopipe.labels, "_replace_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        labels.add("c0002", "particle", 4)
+    with pytest.raises(OSError, match="No space left"):
+        labels.undo()
+    assert list(labels.labels()["candidate"]) == ["c0001"]
+    monkeypatch.undo()
+    assert list(LabelFile(labels.path, candidates).labels()["candidate"]) == ["c0001"]
 
 
 def test_stale_unknown_and_bad_label_files_are_refused(split, tmp_path):

@@ -324,22 +324,24 @@ class LabelFile:
     def add(self, candidate: str, label: str, confidence: int) -> None:
         """Append one label (now, UTC) and rewrite the file."""
         self._check(candidate, label, confidence)
-        self.rows.append({"candidates_id": self.candidates.candidates_id, "candidate": candidate, "label": label,
-                          "confidence": int(confidence), "labeller": self.labeller,
-                          "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        self._write()
+        self._write(self.rows + [{"candidates_id": self.candidates.candidates_id, "candidate": candidate,
+                                  "label": label, "confidence": int(confidence), "labeller": self.labeller,
+                                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}])
 
     def undo(self) -> str | None:
         """Remove the last row given and rewrite the file; its candidate, or None when there was none."""
         if not self.rows:
             return None
-        candidate = self.rows.pop()["candidate"]
-        self._write()
+        candidate = self.rows[-1]["candidate"]
+        self._write(self.rows[:-1])
         return candidate
 
-    def _write(self) -> None:
+    def _write(self, rows: list[dict]) -> None:
+        """Make ``rows`` the file's content, and only then this object's: a failed write (a full disk) leaves
+        both as they were, so the page never counts a label that is not on disk."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _replace_text(self.path, pd.DataFrame(self.rows, columns=list(LABEL_COLUMNS)).to_csv(index=False))
+        _replace_text(self.path, pd.DataFrame(rows, columns=list(LABEL_COLUMNS)).to_csv(index=False))
+        self.rows = rows
 
 
 def read_label_files(folder, candidates: Candidates) -> pd.DataFrame:
