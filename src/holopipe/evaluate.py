@@ -387,7 +387,8 @@ def _labelled_splits(labels: dict, splits: list[str], methods: list[str], diamet
 
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    # The bounding box of what is drawn: titles above equal-aspect images stay inside the picture.
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
 
 
 def _legend(ax) -> None:

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -260,16 +259,16 @@ def _check_labeller(name: str, path: Path) -> str:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, flush and fsync it, and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
+    """:func:`holopipe.io.write_atomically` of ``text``, flushed and fsynced before the rename, and the folder
+    fsynced after it: a label given survives a crash of the machine, not only of the server."""
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(path, write)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a crash
