@@ -275,8 +275,8 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: in
             coarse_boxes[first + slot] = component_boxes(rows[lo:hi], cols[lo:hi], shape, coarse_margin)
         forward_coarse(first, rows_cols, values, probability)
 
-    coarse_timing = infer.sweep_hologram(image_yx, planes_m[coarse], segment, threshold=min(threshold, coarse_threshold),
-                                   consume=consume_coarse, **common)
+    coarse_timing = infer.sweep_hologram(image_yx, planes_m[coarse], segment,
+                                         threshold=min(threshold, coarse_threshold), consume=consume_coarse, **common)
     begin = time.perf_counter()
     windows = fine_windows(coarse, coarse_boxes, len(planes_m), coarse_stride)
     fine = np.array(sorted(windows), np.int64)
@@ -291,7 +291,7 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: in
                                     batch_pixels=batch_planes * shape[0] * shape[1], device=device,
                                     pad_counts=device.type == "cuda" if pad_window_counts is None else pad_window_counts)
         parts.append(infer.sweep_hologram(image_yx, planes_m[fine], segmenter, threshold=threshold,
-                                    consume=_forward(consume, fine, threshold), **common))
+                                          consume=_forward(consume, fine, threshold), **common))
         segmenter.check_finished()
         model_pixels += segmenter.pixels
     log.info("coarse-to-fine (coarse_stride %d): %d coarse planes, %d windows on %d of the %d other planes; the "
