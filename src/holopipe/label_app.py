@@ -53,8 +53,7 @@ class _Session:
     """The state one labeller's page works on: the candidates, their order and the label file."""
 
     def __init__(self, candidates_dir, labels_dir, labeller: str):
-        if not labels.LABELLER_NAME.fullmatch(labeller or ""):  # before it becomes a path ("a/../b" would pass)
-            raise ValueError(f"labeller name {labeller!r}: use letters, digits, '-', '_' and '.' only")
+        labels.check_labeller(labeller, labels_dir)  # before it becomes a path ("a/../b" would pass as "b")
         self.candidates = labels.open_candidates(Path(candidates_dir))
         self.label_file = labels.LabelFile(Path(labels_dir) / f"{labeller}.csv", self.candidates)
         self.labeller = labeller

@@ -35,7 +35,7 @@ from holopipe.io import um_to_pixel, write_atomically
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["CANDIDATE_COLUMNS", "CONFIDENCES", "CROP_PIXELS", "LABELS", "LABEL_COLUMNS", "ORDER_SEED",
-           "PLANES_EACH_SIDE", "Candidates", "LabelFile", "crop_indices", "label_order", "open_candidates",
+           "PLANES_EACH_SIDE", "Candidates", "LabelFile", "check_labeller", "crop_indices", "label_order", "open_candidates",
            "read_label_files", "read_labels", "union_candidates", "write_candidates"]
 
 CROP_PIXELS = 96
@@ -252,9 +252,10 @@ def open_candidates(path) -> Candidates:
     return Candidates(path=path, table=table, manifest=manifest)
 
 
-def _check_labeller(name: str, path: Path) -> str:
+def check_labeller(name: str, where) -> str:
+    """``name`` if it is a labeller name (:data:`LABELLER_NAME`), else a ValueError naming ``where`` (a path)."""
     if not LABELLER_NAME.fullmatch(name or ""):
-        raise ValueError(f"{path}: labeller name {name!r}: use letters, digits, '-', '_' and '.' only")
+        raise ValueError(f"{where}: labeller name {name!r}: use letters, digits, '-', '_' and '.' only")
     return name
 
 
@@ -286,7 +287,7 @@ class LabelFile:
     def __init__(self, path, candidates: Candidates):
         self.path = Path(path)
         self.candidates = candidates
-        self.labeller = _check_labeller(self.path.stem, self.path)
+        self.labeller = check_labeller(self.path.stem, self.path)
         self._known = set(candidates.table["candidate"])
         self.rows: list[dict] = self._read() if self.path.exists() else []
 
