@@ -300,3 +300,20 @@ def test_downloaded_bad_file_is_discarded_naming_the_url(tmp_path, server, sourc
     with pytest.raises(HolodecFormatError, match=re.escape(f"{server.base}/bad.nc") + ".*looks like metres"):
         acquire_split(url_config(server, "/bad.nc", body), "train", out)
     assert list(out.parent.iterdir()) == []
+
+
+def test_split_simulate_keys_and_the_ideal_sensor(tmp_path):
+    """A split's own simulate keys apply to it alone; the ideal sensor writes float32 noise-free images."""
+    config = load_config({**CONFIG, "splits": {
+        "train": {"source": "simulate", "n_holograms": 2, "seed": 1},
+        "far": {"source": "simulate", "n_holograms": 2, "seed": 1, "simulate": {"method": "fraunhofer"}}}})
+    assert config["simulate"]["method"] == "angular_spectrum"
+    far = open_holodec(acquire_split(config, "far", tmp_path / "far.nc"))
+    near = open_holodec(acquire_split(config, "train", tmp_path / "train.nc"))
+    ideal = open_holodec(acquire_split(config, "train", tmp_path / "ideal.nc", ideal_sensor=True))
+    assert far.attrs["simulation_method"] == "fraunhofer" and near.attrs["simulation_method"] == "angular_spectrum"
+    assert near["image"].dtype == np.uint8 and ideal["image"].dtype == np.float32
+    assert ideal.attrs["sensor"] == "ideal" and near.attrs["sensor"] == "camera"
+    assert np.array_equal(particle_table(ideal).to_numpy(), particle_table(near).to_numpy())
+    noise = (near["image"].astype(np.float32) - ideal["image"]).values
+    assert 0.3 < noise.std() < 3.0  # the camera's noise and rounding, in gray levels, on the recorded one only

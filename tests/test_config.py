@@ -12,6 +12,7 @@ from holopipe.config import (
     config_reference_markdown,
     load_config,
     schema,
+    split_simulation_config,
     update_readme_reference,
     with_overrides,
 )
@@ -57,7 +58,8 @@ def test_defaults_are_filled_without_touching_the_input():
     assert simulate["pad"] == 64
     assert simulate["band_limit"] is True
     assert simulate["camera"] == {"noise": True, "electrons": 20000.0, "read_noise": 12.0,
-                                  "gray_level": 128.0, "beam_waist": 2.0e-3}
+                                  "gray_level": 128.0, "beam_waist": 2.0e-3,
+                                  "fringe_amplitude": 0.0, "fringe_period": 5.0e-4}
 
 
 def test_partial_section_keeps_given_values_and_fills_the_rest():
@@ -383,3 +385,24 @@ def test_update_readme_reference_refuses_bad_markers(tmp_path, body):
     with pytest.raises(ValueError, match="NOTES.md"):
         update_readme_reference(readme)
     assert readme.read_text(encoding="utf-8") == body
+
+
+def test_a_split_simulate_keys_merge_over_simulate_and_are_checked_as_it():
+    config = load_config(with_change(lambda c: c["splits"].update(
+        dim={"source": "simulate", "n_holograms": 1, "seed": 3,
+             "simulate": {"method": "fraunhofer", "camera": {"electrons": 5000.0}}})))
+    merged = split_simulation_config(config, "dim")["simulate"]
+    assert merged["method"] == "fraunhofer" and merged["camera"]["electrons"] == 5000.0
+    assert merged["camera"]["read_noise"] == config["simulate"]["camera"]["read_noise"]
+    assert config["simulate"]["method"] == "angular_spectrum"
+    assert split_simulation_config(config, "train") is config
+    message = error_of(with_change(lambda c: c["splits"].update(
+        dim={"source": "simulate", "n_holograms": 1, "seed": 3,
+             "simulate": {"camera": {"electronz": 1.0}, "particles": [1, 2]}})))
+    assert "splits.dim.simulate.camera.electronz: unknown key" in message
+    message = error_of(with_change(lambda c: c["splits"].update(
+        dim={"source": "simulate", "n_holograms": 1, "seed": 3, "simulate": {"particles": [5, 2]}})))
+    assert "splits.dim.simulate.particles: minimum 5 exceeds maximum 2" in message
+    message = error_of(with_change(lambda c: c["splits"].update(
+        real={"source": "file", "path": "r.nc", "simulate": {"method": "fraunhofer"}})))
+    assert "splits.real.simulate: key not allowed" in message

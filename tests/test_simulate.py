@@ -161,3 +161,44 @@ def test_fraunhofer_method_writes_a_hologram():
     image, particles = simulate_hologram(np.random.default_rng(0), settings)
     assert image.shape == (64, 64) and len(particles) == 2
     assert image.std() > 0
+
+
+def test_ideal_sensor_keeps_the_particles_and_drops_the_camera():
+    """The split that augmentation corrupts gets the camera once: its simulated image has none."""
+    optics = dataclasses.replace(OPTICS, nx=96, ny=64, dy=3.6e-6)
+    settings = SimulationSettings(optics=optics, particles=(2, 3), pad=16,
+                                  camera=Camera(noise=True, gray_level=120.0, beam_waist=1e-4))
+    recorded, particles = simulate_hologram(np.random.default_rng([3, 0]), settings)
+    ideal, same_particles = simulate_hologram(np.random.default_rng([3, 0]), settings, ideal_sensor=True)
+    assert recorded.dtype == np.uint8 and ideal.dtype == np.float32 and ideal.shape == (64, 96)
+    assert np.array_equal(particles.x, same_particles.x) and np.array_equal(particles.d, same_particles.d)
+    field = opaque_disks_field(particles, optics, slab_thickness=settings.slab_thickness, pad=16)
+    assert np.allclose(ideal, np.abs(field) ** 2 * 120.0, rtol=1e-5)
+    assert not np.allclose(ideal, np.rint(ideal))  # not quantised
+    # The narrow beam darkens the recorded corners; the ideal sensor's light is flat.
+    assert recorded[0, 0] < 0.2 * 120 and ideal[0, 0] == pytest.approx(120.0, rel=0.1)
+
+
+def test_camera_fringes_have_the_configured_amplitude_and_period():
+    optics = dataclasses.replace(OPTICS, nx=256, ny=128, dy=3.6e-6)
+    camera = Camera(noise=False, gray_level=100.0, beam_waist=None, fringe_amplitude=0.2, fringe_period=1.0e-4)
+    image = camera_image(np.ones((128, 256), np.complex64), np.random.default_rng(2), optics, camera).astype(float)
+    assert image.max() == pytest.approx(120, abs=1) and image.min() == pytest.approx(80, abs=1)
+    spectrum = np.abs(np.fft.fft2(image - image.mean()))
+    peak_row, peak_col = np.unravel_index(np.argmax(spectrum), spectrum.shape)
+    fy, fx = np.fft.fftfreq(128, optics.dy)[peak_row], np.fft.fftfreq(256, optics.dx)[peak_col]
+    assert 1 / np.hypot(fx, fy) == pytest.approx(1.0e-4, rel=0.25)  # the FFT's bins are 13-22 % apart here
+    # Along the fringes' normal the pattern repeats every 100 µm (34 pixels of 2.96 µm in x, 28 of 3.6 in y).
+    period_x, period_y = 1.0e-4 / abs(np.cos(np.arctan2(fy, fx))), 1.0e-4 / abs(np.sin(np.arctan2(fy, fx)))
+    shift_x, shift_y = period_x / optics.dx, period_y / optics.dy
+    if shift_x < 200:
+        assert np.corrcoef(image[:, :-int(round(shift_x))].ravel(), image[:, int(round(shift_x)):].ravel())[0, 1] > 0.8
+    if shift_y < 100:
+        assert np.corrcoef(image[:-int(round(shift_y))].ravel(), image[int(round(shift_y)):].ravel())[0, 1] > 0.8
+    # Without fringes nothing is drawn: the noise stream, and so the image, is as before fringes existed.
+    plain = Camera(noise=True, beam_waist=None)
+    first = camera_image(np.ones((128, 256), np.complex64), np.random.default_rng(4), optics, plain)
+    rng = np.random.default_rng(4)
+    electrons = rng.poisson(np.full((128, 256), plain.electrons, np.float32)).astype(np.float32)
+    electrons += rng.normal(0.0, plain.read_noise, electrons.shape).astype(np.float32)
+    assert np.array_equal(first, np.clip(np.rint(electrons * plain.gray_level / plain.electrons), 0, 255))

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from holopipe import io, simulate
-from holopipe.config import ConfigError
+from holopipe.config import ConfigError, split_simulation_config
 
 __all__ = ["DownloadError", "acquire_split", "file_sha256"]
 
@@ -48,11 +48,14 @@ class _TransferError(Exception):
     """One download attempt failed in a way that another attempt may fix (retried)."""
 
 
-def acquire_split(config: dict, split: str, out_path) -> Path:
+def acquire_split(config: dict, split: str, out_path, *, ideal_sensor: bool = False) -> Path:
     """Write split `split` of a validated config to `out_path` as HOLODEC netCDF and return the path.
 
+    A simulated split uses ``simulate`` with the split's own ``simulate`` keys merged over it; with
+    ``ideal_sensor`` its images are noise-free float32 (for a split that augmentation gives its camera).
     Sources ``file`` and ``url`` are validated against the contract with the z limits of ``optics``,
-    and cut to their first ``max_holograms`` holograms (and those holograms' particles) when it is set.
+    and cut to their first ``max_holograms`` holograms (and those holograms' particles) when it is set;
+    ``ideal_sensor`` does not apply to them (recorded images have had their camera).
     """
     splits = config["splits"]
     if split not in splits:
@@ -63,12 +66,14 @@ def acquire_split(config: dict, split: str, out_path) -> Path:
     optics = config["optics"]
     z_limits = (optics["z_min"], optics["z_max"])
     if spec["source"] == "simulate":
-        log.info("simulating %d hologram(s) for split %s into %s", spec["n_holograms"], split, out_path)
+        log.info("simulating %d hologram(s) for split %s into %s (%s)", spec["n_holograms"], split, out_path,
+                 "an ideal sensor: no camera noise, flat light, float32" if ideal_sensor else "the camera model")
         simulate.simulate_file(
             out_path,
             n_holograms=spec["n_holograms"],
             seed=spec["seed"],
-            settings=simulate.SimulationSettings.from_config(config),
+            settings=simulate.SimulationSettings.from_config(split_simulation_config(config, split)),
+            ideal_sensor=ideal_sensor,
         )
     elif spec["source"] == "file":
         source = Path(spec["path"])

@@ -78,7 +78,7 @@ def cmd_simulate(args) -> None:
 def cmd_acquire(args) -> None:
     from holopipe.acquire import acquire_split
 
-    acquire_split(_load_config(args), args.split, args.out)
+    acquire_split(_load_config(args), args.split, args.out, ideal_sensor=args.ideal_sensor)
 
 
 def cmd_regrid(args) -> None:
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     acquire = stages.add_parser("acquire", help="bring one split's holograms to data/raw/{split}.nc")
     acquire.add_argument("--split", required=True)
     acquire.add_argument("--out", required=True)
+    acquire.add_argument("--ideal-sensor", action="store_true",
+                         help="simulate without the camera (noise-free float32 images): for the split that "
+                              "augmentation corrupts, so the camera is added once")
     _add_config_source(acquire)
     acquire.set_defaults(func=cmd_acquire, reads=_acquire_source, writes=_out)
 

@@ -81,26 +81,67 @@ def _describe(error: ValidationError) -> Iterator[str]:
         yield f"{'.'.join(keys) or 'config'}: {error.message}"
 
 
+def _merged(base: dict, overrides: Mapping) -> dict:
+    """``base`` with ``overrides`` merged in key by key (nested mappings merged, everything else replaced)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def split_simulation_config(config: dict, split: str) -> dict:
+    """The config a split is simulated with: its ``splits.<split>.simulate`` keys merged over ``simulate``."""
+    overrides = config["splits"][split].get("simulate", {})
+    return {**config, "simulate": _merged(config["simulate"], overrides)} if overrides else config
+
+
+def _simulate_problems(config: dict, where: str) -> list[str]:
+    simulate = config["simulate"]
+    diameter = simulate["diameter"]
+    problems = []
+    low, high = simulate["particles"]
+    if low > high:
+        problems.append(f"{where}.particles: minimum {low} exceeds maximum {high}")
+    if not diameter["min"] < diameter["max"]:
+        problems.append(
+            f"{where}.diameter.min ({diameter['min']}) must be less than "
+            f"{where}.diameter.max ({diameter['max']})"
+        )
+    low, high = diameter["gamma_mu"]
+    if low > high:
+        problems.append(f"{where}.diameter.gamma_mu: minimum {low} exceeds maximum {high}")
+    return problems
+
+
+def _split_simulate_problems(config: dict) -> list[str]:
+    """The schema of the simulate section applied to each split's merged simulate section."""
+    simulate_schema = schema()["properties"]["simulate"]
+    problems = []
+    for split, spec in config["splits"].items():
+        if not spec.get("simulate"):
+            continue
+        where = f"splits.{split}.simulate"
+        merged = split_simulation_config(config, split)
+        errors = sorted(Draft202012Validator(simulate_schema).iter_errors(merged["simulate"]),
+                        key=lambda e: [str(k) for k in e.absolute_path])
+        found = [where + line[len("config"):] if line.startswith("config: ") else f"{where}.{line}"
+                 for error in errors for line in _describe(error)]
+        problems.extend(found or _simulate_problems(merged, where))
+    return problems
+
+
 def _cross_field_problems(config: dict) -> list[str]:
     """Rules between keys, checked once the schema holds (so every key is present and typed)."""
-    optics, simulate = config["optics"], config["simulate"]
-    diameter = simulate["diameter"]
+    optics = config["optics"]
     problems = []
     if not optics["z_min"] < optics["z_max"]:
         problems.append(
             f"optics.z_min ({optics['z_min']}) must be less than optics.z_max ({optics['z_max']})"
         )
-    low, high = simulate["particles"]
-    if low > high:
-        problems.append(f"simulate.particles: minimum {low} exceeds maximum {high}")
-    if not diameter["min"] < diameter["max"]:
-        problems.append(
-            f"simulate.diameter.min ({diameter['min']}) must be less than "
-            f"simulate.diameter.max ({diameter['max']})"
-        )
-    low, high = diameter["gamma_mu"]
-    if low > high:
-        problems.append(f"simulate.diameter.gamma_mu: minimum {low} exceeds maximum {high}")
+    problems += _simulate_problems(config, "simulate") + _split_simulate_problems(config)
     for key in config["tune"]["search_space"]:
         try:
             _lookup(config, key)

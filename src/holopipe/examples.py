@@ -5,8 +5,11 @@ planes batched) and cut into square tiles:
 
 - positives: at the centre of the z bin of a particle, placed so that the particle lies in the tile
   at a random offset (the whole disk where the frame allows);
-- negatives: at planes whose z bin holds no particle, a fraction of them one bin from a particle's bin
-  (the hard case: a particle just out of focus), the rest at random empty bins, at random positions.
+- near negatives (a fraction of the negatives): at a particle's own (x, y), on a plane out of its focus by
+  one to two depths of focus D²/λ (the hard case: a particle just out of focus, which the label calls
+  empty exactly where the physics does; nearer planes, where the particle is still in focus but not in its
+  bin, are never cut);
+- the other negatives: at random planes whose z bin holds no particle, at random positions.
 
 The mask of a tile marks the disks of *all* the hologram's particles whose z falls in the tile's bin.
 The planes are the centres of ``reconstruction.z_bins`` equal bins between the store's ``zMin`` and
@@ -110,24 +113,40 @@ def _origin_range(position: float, radius: float, n: int, tile: int) -> tuple[in
     return low, high
 
 
+NEAR_NEGATIVE_FOCUS_DEPTHS = (1.0, 2.0)
+"""A near negative's plane lies this many depths of focus (D²/λ) from its particle's z: just out of focus."""
+
+
+def near_negative_bins(particle_z_m: float, diameter_m: float, planes_m: np.ndarray, wavelength_m: float
+                       ) -> np.ndarray:
+    """Bins whose plane is out of the particle's focus by one to two depths of focus D²/λ; where the depth
+    range holds none (a large droplet near the ends of a short slice), every bin farther than one."""
+    depth_of_focus = diameter_m**2 / wavelength_m
+    offset = np.abs(planes_m - particle_z_m)
+    low, high = (factor * depth_of_focus for factor in NEAR_NEGATIVE_FOCUS_DEPTHS)
+    chosen = np.flatnonzero((offset > low) & (offset <= high))
+    return chosen if chosen.size else np.flatnonzero(offset > low)
+
+
 def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape: tuple[int, int],
-                  n_bins: int, examples: dict) -> pd.DataFrame:
+                  planes_m: np.ndarray, wavelength_m: float, examples: dict) -> pd.DataFrame:
     """The tiles of one hologram: a table with columns z_bin, row0, col0, positive, near.
 
     ``particles`` are one hologram's particles with pixel positions (columns row, col, radius_row,
-    radius_col, z_bin). Positives go to randomly chosen particles; with fewer particles than
-    ``positives_per_hologram`` particles are reused at new tile positions, and a hologram without
-    particles has no positives. Near negatives go to empty bins next to a particle's bin; where there
-    are none the slots go to random empty bins. A hologram whose every bin holds a particle has no
-    negatives. Tiles of one hologram do not repeat (plane, origin) unless the frame leaves no choice.
+    radius_col, z_bin, and z and d in µm); ``planes_m`` the bin centres. Positives go to randomly chosen
+    particles; with fewer particles than ``positives_per_hologram`` particles are reused at new tile
+    positions, and a hologram without particles has no positives. Near negatives go to randomly chosen
+    particles too, at their (x, y), on a plane of :func:`near_negative_bins`; a particle with no such
+    plane, or a hologram without particles, gives its slots to random empty bins. A hologram whose every
+    bin holds a particle has no other negatives. Tiles of one hologram do not repeat (plane, origin)
+    unless the frame leaves no choice.
     """
     ny, nx = frame_shape
     tile = int(examples["tile_size"])
     occupied = set(particles["z_bin"].tolist())
-    empty = [b for b in range(n_bins) if b not in occupied]
-    near = sorted({b + step for b in occupied for step in (-1, 1)} & set(empty))
+    empty = [b for b in range(len(planes_m)) if b not in occupied]
     n_negatives = int(examples["negatives_per_hologram"])
-    n_near = min(int(round(examples["near_negative_fraction"] * n_negatives)), n_negatives if near else 0)
+    n_near = int(round(examples["near_negative_fraction"] * n_negatives))
 
     rows, seen = [], set()
 
@@ -140,14 +159,22 @@ def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape
         seen.add(key)
         rows.append((*key, positive, is_near))
 
+    def around(p):
+        return (_origin_range(p["row"], p["radius_row"], ny, tile),
+                _origin_range(p["col"], p["radius_col"], nx, tile))
+
     for index in _draw_cycling(rng, range(len(particles)), int(examples["positives_per_hologram"])):
         p = particles.iloc[index]
-        place(int(p["z_bin"]), _origin_range(p["row"], p["radius_row"], ny, tile),
-              _origin_range(p["col"], p["radius_col"], nx, tile), True, False)
+        place(int(p["z_bin"]), *around(p), True, False)
+    placed_near = 0
+    for index in _draw_cycling(rng, range(len(particles)), n_near):
+        p = particles.iloc[index]
+        bins = near_negative_bins(p["z"] * 1e-6, p["d"] * 1e-6, planes_m, wavelength_m)
+        if bins.size:
+            place(int(rng.choice(bins)), *around(p), False, True)
+            placed_near += 1
     frame_range = ((0, ny - tile), (0, nx - tile))
-    for z_bin in _draw_cycling(rng, near, n_near):
-        place(z_bin, *frame_range, False, True)
-    for z_bin in rng.choice(empty, n_negatives - n_near) if empty else []:
+    for z_bin in rng.choice(empty, n_negatives - placed_near) if empty else []:
         place(int(z_bin), *frame_range, False, False)
     plan = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
     return plan.astype({"z_bin": np.int64, "row0": np.int64, "col0": np.int64, "positive": bool,
@@ -207,7 +234,7 @@ def _skeleton(plan: pd.DataFrame, planes: np.ndarray, channels, tile: int, dtype
             "row0": ("example", plan["row0"].to_numpy(np.int32), {"long_name": "tile origin row in (ny, nx)"}),
             "col0": ("example", plan["col0"].to_numpy(np.int32), {"long_name": "tile origin column in (ny, nx)"}),
             "positive": ("example", plan["positive"].to_numpy(bool), {"long_name": "tile at a particle's plane"}),
-            "near": ("example", plan["near"].to_numpy(bool), {"long_name": "negative one bin from a particle"}),
+            "near": ("example", plan["near"].to_numpy(bool), {"long_name": "negative at a particle's (x, y), 1-2 depths of focus from it"}),
         },
         coords={"channel": np.array(channels, dtype=object),
                 "mask_channel": np.array(MASK_CHANNELS, dtype=object)},
@@ -241,7 +268,8 @@ def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, pro
         for h in range(n_holograms):
             rng = np.random.default_rng([int(examples["seed"]), int(seed_offset), h])
             hologram_particles = by_hologram.get(h + 1, particles.iloc[:0])
-            plans.append(plan_hologram(rng, hologram_particles, frame, n_bins, examples).assign(hid=h + 1))
+            plans.append(plan_hologram(rng, hologram_particles, frame, planes, float(attrs["lambda"]),
+                                       examples).assign(hid=h + 1))
         plan = pd.concat(plans, ignore_index=True)
         if plan.empty:
             raise ValueError(f"{in_name}: no examples to cut (no particles for positives and "

@@ -431,8 +431,13 @@ class HolodecWriter:
     error or when a hologram was never written, so readers never see a half-written file.
     """
 
-    def __init__(self, path, *, n_holograms, nx, ny, dx, dy, wavelength, z_min=None, z_max=None, attrs=None):
+    def __init__(self, path, *, n_holograms, nx, ny, dx, dy, wavelength, z_min=None, z_max=None, attrs=None,
+                 image_dtype=np.uint8):
         self.path = Path(path)
+        self.image_dtype = np.dtype(image_dtype)
+        if self.image_dtype not in (np.dtype(np.uint8), np.dtype(np.float32)):
+            raise ValueError(f"{self.path}: image_dtype {self.image_dtype}, expected uint8 (a camera's gray "
+                             "levels) or float32 (an ideal sensor's)")
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         for name, value in (("n_holograms", n_holograms), ("nx", nx), ("ny", ny)):
             if operator.index(value) < 1:
@@ -469,7 +474,8 @@ class HolodecWriter:
         nc.createDimension("xsize", self.nx)
         nc.createDimension("ysize", self.ny)
         nc.createDimension("particle", None)
-        image = nc.createVariable("image", "u1", IMAGE_DIMS, chunksizes=(1, self.nx, self.ny), fill_value=False)
+        image = nc.createVariable("image", self.image_dtype, IMAGE_DIMS, chunksizes=(1, self.nx, self.ny),
+                                  fill_value=False)
         image.long_name = "hologram intensity, x along the first image axis"
         hid = nc.createVariable("hid", "f4", ("particle",))
         hid.long_name = "hologram number of the particle (1-based)"
@@ -506,13 +512,14 @@ class HolodecWriter:
         return self._nc
 
     def write_image(self, index: int, image: np.ndarray) -> None:
-        """Write hologram ``index`` (0-based; ``hid`` is index + 1), a uint8 array of shape (nx, ny)."""
+        """Write hologram ``index`` (0-based; ``hid`` is index + 1), an array of shape (nx, ny) of the
+        writer's ``image_dtype``."""
         nc = self._open_file()
         index = operator.index(index)
         if not 0 <= index < self.n_holograms:
             raise IndexError(f"{self.path}: hologram index {index} out of range 0..{self.n_holograms - 1}")
-        if image.dtype != np.uint8:
-            raise TypeError(f"{self.path}: image dtype {image.dtype}, expected uint8")
+        if image.dtype != self.image_dtype:
+            raise TypeError(f"{self.path}: image dtype {image.dtype}, expected {self.image_dtype}")
         if image.shape != (self.nx, self.ny):
             raise ValueError(
                 f"{self.path}: image shape {image.shape}, expected (nx, ny) = {(self.nx, self.ny)} (x first)"

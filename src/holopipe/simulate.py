@@ -39,6 +39,8 @@ __all__ = [
     "ParticleSet",
     "SimulationSettings",
     "camera_image",
+    "fringe_profile",
+    "ideal_sensor_image",
     "fraunhofer_field",
     "opaque_disks_field",
     "sample_particles",
@@ -98,13 +100,16 @@ class DiameterModel:
 
 @dataclass(frozen=True)
 class Camera:
-    """Sensor model: Gaussian beam, Poisson shot noise, Gaussian read noise, gain, 8-bit clip."""
+    """Sensor model: Gaussian beam with optional straight fringes, Poisson shot noise, Gaussian read noise,
+    gain, 8-bit clip."""
 
     noise: bool = True
     electrons: float = 20000.0
     read_noise: float = 12.0
     gray_level: float = 128.0
     beam_waist: float | None = 2.0e-3
+    fringe_amplitude: float = 0.0
+    fringe_period: float = 5.0e-4
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ class SimulationSettings:
             diameter=DiameterModel(d["distribution"], d["gamma_lambda"], d["gamma_mu"][0],
                                    d["gamma_mu"][1], d["min"], d["max"]),
             camera=Camera(c["noise"], c["electrons"], c["read_noise"], c["gray_level"],
-                          c["beam_waist"]),
+                          c["beam_waist"], c["fringe_amplitude"], c["fringe_period"]),
             method=s["method"],
             slab_thickness=s["slab_thickness"],
             pad=s["pad"],
@@ -279,13 +284,25 @@ def beam_profile(optics: Optics, beam_waist: float | None) -> np.ndarray:
     return (profile_y[:, None] * profile_x[None, :]).astype(np.float32)
 
 
+def fringe_profile(rng: np.random.Generator, optics: Optics, amplitude: float, period: float) -> np.ndarray:
+    """Relative intensity (ny, nx) 1 + a·cos(2π(x cos θ + y sin θ)/period + φ) of straight optics fringes,
+    with θ and φ drawn from ``rng``; 1 (and nothing drawn) when ``amplitude`` is 0."""
+    if amplitude == 0:
+        return np.ones((optics.ny, optics.nx), np.float32)
+    angle, phase = rng.uniform(0.0, np.pi), rng.uniform(0.0, 2 * np.pi)
+    xs, ys = pixel_centres(optics.nx, optics.dx), pixel_centres(optics.ny, optics.dy)
+    along = ys[:, None] * np.sin(angle) + xs[None, :] * np.cos(angle)
+    return (1.0 + amplitude * np.cos(2 * np.pi * along / period + phase)).astype(np.float32)
+
+
 def camera_image(field: np.ndarray, rng: np.random.Generator, optics: Optics,
                  camera: Camera) -> np.ndarray:
-    """uint8 image (ny, nx) the sensor records for ``field``: |U|²·beam → electrons (+ shot and read
-    noise) → gain to ``gray_level`` → round and clip to 0..255."""
-    if field.shape != (optics.ny, optics.nx):
-        raise ValueError(f"field shape {field.shape} is not the frame (ny, nx) = {(optics.ny, optics.nx)}")
-    electrons = (np.abs(field) ** 2) * beam_profile(optics, camera.beam_waist) * camera.electrons
+    """uint8 image (ny, nx) the sensor records for ``field``: |U|²·beam·fringes → electrons (+ shot and
+    read noise) → gain to ``gray_level`` → round and clip to 0..255."""
+    _check_frame(field, optics)
+    light = beam_profile(optics, camera.beam_waist) * fringe_profile(
+        rng, optics, camera.fringe_amplitude, camera.fringe_period)
+    electrons = (np.abs(field) ** 2) * light * camera.electrons
     if camera.noise:
         electrons = rng.poisson(electrons).astype(np.float32)
         electrons += rng.normal(0.0, camera.read_noise, electrons.shape).astype(np.float32)
@@ -293,9 +310,22 @@ def camera_image(field: np.ndarray, rng: np.random.Generator, optics: Optics,
     return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
-def simulate_hologram(rng: np.random.Generator, settings: SimulationSettings
+def ideal_sensor_image(field: np.ndarray, optics: Optics, camera: Camera) -> np.ndarray:
+    """float32 image (ny, nx) of an ideal sensor: |U|² · ``gray_level`` under flat light, without noise or
+    quantisation. For holograms that augmentation corrupts, so that it adds the camera once, not twice."""
+    _check_frame(field, optics)
+    return (np.abs(field) ** 2 * camera.gray_level).astype(np.float32)
+
+
+def _check_frame(field: np.ndarray, optics: Optics) -> None:
+    if field.shape != (optics.ny, optics.nx):
+        raise ValueError(f"field shape {field.shape} is not the frame (ny, nx) = {(optics.ny, optics.nx)}")
+
+
+def simulate_hologram(rng: np.random.Generator, settings: SimulationSettings, *, ideal_sensor: bool = False
                       ) -> tuple[np.ndarray, ParticleSet]:
-    """One hologram: (uint8 image (ny, nx), its particles in metres)."""
+    """One hologram: (image (ny, nx), its particles in metres). The image is the camera's uint8 one, or
+    with ``ideal_sensor`` :func:`ideal_sensor_image`'s float32 one (the particles are the same either way)."""
     particles = sample_particles(rng, settings)
     if settings.method == "fraunhofer":
         field = fraunhofer_field(particles, settings.optics)
@@ -305,25 +335,31 @@ def simulate_hologram(rng: np.random.Generator, settings: SimulationSettings
     else:
         raise ValueError(f"unknown simulation method {settings.method!r}; "
                          "expected 'angular_spectrum' or 'fraunhofer'")
+    if ideal_sensor:
+        return ideal_sensor_image(field, settings.optics, settings.camera), particles
     return camera_image(field, rng, settings.optics, settings.camera), particles
 
 
 def simulate_file(path, *, n_holograms: int, seed: int, settings: SimulationSettings,
-                  progress: bool = True) -> Path:
+                  ideal_sensor: bool = False, progress: bool = True) -> Path:
     """Write ``n_holograms`` synthetic holograms to a contract netCDF file, one at a time.
 
     Hologram ``i`` uses the random stream ``(seed, i)``, so a file is reproducible and any hologram
     can be regenerated alone. Memory stays at one hologram; the file appears only when complete.
+    ``ideal_sensor`` stores float32 noise-free images (:func:`ideal_sensor_image`) instead of the camera's.
     """
     if n_holograms < 1:
         raise ValueError(f"n_holograms must be at least 1, got {n_holograms}")
     o = settings.optics
-    attrs = {"holopipe_version": __version__, "simulation_method": settings.method, "seed": seed}
+    attrs = {"holopipe_version": __version__, "simulation_method": settings.method, "seed": seed,
+             "sensor": "ideal" if ideal_sensor else "camera"}
     with HolodecWriter(path, n_holograms=n_holograms, nx=o.nx, ny=o.ny, dx=o.dx, dy=o.dy,
-                       wavelength=o.wavelength, z_min=o.z_min, z_max=o.z_max, attrs=attrs) as writer:
+                       wavelength=o.wavelength, z_min=o.z_min, z_max=o.z_max, attrs=attrs,
+                       image_dtype=np.float32 if ideal_sensor else np.uint8) as writer:
         for index in tqdm(range(n_holograms), desc=f"simulate {Path(path).name}", unit="hologram",
                           disable=not progress):
-            image, particles = simulate_hologram(np.random.default_rng([seed, index]), settings)
+            image, particles = simulate_hologram(np.random.default_rng([seed, index]), settings,
+                                                 ideal_sensor=ideal_sensor)
             writer.write_image(index, image.T)
             writer.append_particles(np.full(len(particles), index + 1), particles.x * 1e6,
                                     particles.y * 1e6, particles.z * 1e6, particles.d * 1e6)

@@ -8,6 +8,7 @@ rule acquire_split:
         "logs/acquire/{split}.log",
     params:
         config=get_acquire_config,
+        sensor=acquire_sensor_flag,
     wildcard_constraints:
         split="|".join(config["splits"]),
     threads: 1
@@ -17,7 +18,7 @@ rule acquire_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} acquire --split {wildcards.split} --config-json {params.config:q} --out {output.raw}"
+        "holopipe --provenance {output.provenance} --threads {threads} acquire --split {wildcards.split} --config-json {params.config:q} --out {output.raw}{params.sensor}"
         " > {log} 2>&1"
 
 

@@ -154,6 +154,11 @@ def get_acquire_config(wildcards):
     return stage_config(*sections, split=wildcards.split)
 
 
+def acquire_sensor_flag(wildcards):
+    """The training split is simulated with an ideal sensor: augmentation adds the camera (noise, beam, 8 bits)."""
+    return " --ideal-sensor" if wildcards.split == TRAIN_SPLIT else ""
+
+
 def provenance_records(wildcards):
     """The provenance record of every job of the whole workflow, whatever the config's splits and counts."""
     infer_splits, chunks = config["infer"]["splits"], range(config["infer"]["chunks"])
