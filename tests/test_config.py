@@ -38,7 +38,7 @@ def error_of(config) -> str:
     return str(excinfo.value)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "holodec.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "holodec.yaml", "holodec-crop.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(REPO / "config" / name)
     assert set(config) == set(schema()["properties"])  # every section present, defaulted or set
