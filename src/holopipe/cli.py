@@ -184,7 +184,7 @@ def _key_values(pairs: list[str], flag: str) -> dict:
 
 
 def cmd_evaluate(args) -> None:
-    from holopipe.evaluate import evaluate_files
+    from holopipe.evaluate import evaluate_files, summary
 
     predictions: dict = {}
     for key, path in _key_values(args.prediction, "--prediction").items():
@@ -198,8 +198,9 @@ def cmd_evaluate(args) -> None:
         if not path or split not in labels:
             raise ValueError(f"--labels expects SPLIT=CSV for a split given in --candidates, got {pair!r}")
         labels[split][1].append(path)
-    evaluate_files(_load_config(args), _key_values(args.truth, "--truth"), predictions, args.out, args.plots,
-                   labels=labels)
+    truth = _key_values(args.truth, "--truth")
+    evaluate_files(_load_config(args), truth, predictions, args.out, args.plots, labels=labels)
+    print(summary(args.out, list(truth)))
 
 
 def _paths(*dests: str):
@@ -407,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="store holding each split's true particles")
     evaluate.add_argument("--prediction", nargs="+", required=True, metavar="METHOD:SPLIT=CSV",
                           help="particle CSV of each method and split")
-    evaluate.add_argument("--out", required=True, help="metrics.json")
+    evaluate.add_argument("--out", required=True,
+                          help="metrics.json of the primary split (test, else the first); every other split's "
+                               "goes to <its folder>/<split>/metrics.json")
     evaluate.add_argument("--plots", required=True, help="directory for the evaluation plots")
     evaluate.add_argument("--candidates", nargs="*", default=[], metavar="SPLIT=DIR",
                           help="candidates directory of each split with hand labels (holopipe label-candidates)")

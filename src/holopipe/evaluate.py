@@ -1,4 +1,5 @@
-"""Evaluation: predicted particles matched to the truth, detection metrics, and the report's plots.
+"""Evaluation: predicted particles matched to the truth, detection metrics with their uncertainty, and the
+report's plots.
 
 Matching is one-to-one per hologram (Hungarian algorithm): the cost of a pair is the normalised
 distance ``sqrt((dx/tol_xy)² + (dy/tol_xy)² + (dz/tol_z)²)``; a pair farther than the tolerance in
@@ -9,19 +10,37 @@ then minimises their total cost (unlike greedy nearest-first matching, which can
 Conventions of the metrics (``detection_metrics``): ``precision = tp / n_predicted`` and is 1 when
 nothing was predicted (no false detections); ``recall = tp / n_true`` and is 1 when there is nothing
 to find; ``f1`` is their harmonic mean, 0 when both are 0. Errors are predicted minus true, in µm;
-their rms and bias are null (None) without matches. Recall by diameter bins the *true* diameters,
-each bin ``[low, high)`` (the last one closed), recall null for an empty bin.
+their rms and bias are null (None) without matches. Recall by diameter and by depth bin the *true*
+diameter and z, each bin ``[low, high)`` (the last one closed); a bin carries its counts, the recall
+with its 95 % Wilson interval, and the rms and bias of the diameter error of its matched particles
+(null for an empty bin or one without matches).
+
+**Splits are evaluated apart** (:func:`evaluate_files`): each has its own metrics, never pooled, since
+the splits differ on purpose (simulation physics, real data). The primary split (:func:`primary_split`)
+is written to ``metrics.json``, every other beside it (:func:`split_metrics_paths`). A split without
+truth particles gets what can be said without them: counts per hologram and the d and z distributions.
+
+**Bootstrap intervals over holograms** (:func:`bootstrap_intervals`): particles of one hologram share
+its noise, focus and crowding, so holograms, not particles, are the independent units. Each resample
+draws the split's holograms with replacement (every hologram, also one with neither truth nor
+prediction, which then adds zero), sums tp, fp and fn over the draws and computes precision, recall
+and F1 with the conventions above; ``*_ci95`` are the 2.5 and 97.5 percentiles over the resamples.
+Every method sees the same draws, so ``unet_minus_baseline`` (the F1 difference per resample) is a
+paired interval, narrower than two separate intervals suggest. With a single hologram every resample
+is that hologram: the intervals would be zero-wide and say nothing, so they are null. The draws
+depend only on the seed and the split's number of holograms: a split's intervals do not change when
+other splits are added.
 
 **Hand labels** (real data, no truth; :mod:`holopipe.labels`): where a split has label files, each
-method's entry gets ``labels: {split: ...}`` (:func:`label_metrics`): precision on real data, the share
-of the method's labelled candidates that are labelled ``particle`` (``unsure`` ones left out and counted
-as ``n_unsure``), and recall relative to the union, the share of all candidates labelled ``particle``
-that the method found; each at every confidence ``>= k`` (k = 1..5) and per diameter bin (the
-candidate's d), with the labellers' pairwise Cohen's kappa. Intervals are 95 % Wilson score intervals:
-closed-form, not random, and well behaved for the few dozen labels and shares near 0 or 1 a labelling
-session gives (the Wald interval collapses to zero width at 0 and 1; a bootstrap over holograms needs
-many holograms with labels). They treat candidates as independent, which droplets of one hologram
-nearly are.
+method's entry of the primary split gets ``labels: {split: ...}`` (:func:`label_metrics`): precision on
+real data, the share of the method's labelled candidates that are labelled ``particle`` (``unsure``
+ones left out and counted as ``n_unsure``), and recall relative to the union, the share of all
+candidates labelled ``particle`` that the method found; each at every confidence ``>= k`` (k = 1..5)
+and per diameter bin (the candidate's d), with the labellers' pairwise Cohen's kappa. Intervals are
+95 % Wilson score intervals: closed-form, not random, and well behaved for the few dozen labels and
+shares near 0 or 1 a labelling session gives (the Wald interval collapses to zero width at 0 and 1; a
+bootstrap over holograms needs many holograms with labels). They treat candidates as independent,
+which droplets of one hologram nearly are.
 """
 
 from __future__ import annotations
@@ -35,12 +54,19 @@ from scipy.optimize import linear_sum_assignment
 
 from holopipe.io import open_holodec, particle_table, write_atomically
 
-__all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "cohen_kappa", "combined_labels", "detection_metrics", "evaluate_files",
-           "label_metrics", "match", "read_predictions", "wilson_interval"]
+__all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
+           "combined_labels", "detection_metrics", "evaluate_files", "hologram_counts", "label_metrics", "match",
+           "primary_split", "read_predictions", "resample_counts", "split_metrics_paths", "summary",
+           "wilson_interval"]
 
-PLOT_NAMES = ("scatter3d.png", "diameters.png", "errors.png", "recall_by_diameter.png", "f1_bars.png")
+PLOT_NAMES = ("scatter3d.png", "diameters.png", "errors.png", "recall_by_diameter.png", "recall_by_depth.png",
+              "size_error.png", "f1_bars.png")
 LABEL_PLOT_NAMES = ("labels_table.png", "labels_gallery.png")
 """Written on every run: with labels the head-to-head table and the gallery, without them a note saying so."""
+PRIMARY_SPLIT = "test"
+"""The split of ``metrics.json`` where it is evaluated (else the first evaluated split)."""
+DIFFERENCE = ("unet", "baseline")
+"""The paired F1 difference ``unet_minus_baseline`` is reported where both methods are evaluated."""
 WILSON_Z = 1.959963984540054
 """Normal quantile of a two-sided 95 % interval."""
 GALLERY_SIZE = 24
@@ -93,43 +119,133 @@ def match(truth: pd.DataFrame, predicted: pd.DataFrame, tolerance_xy_m: float, t
     return pd.concat(pairs, ignore_index=True)[list(MATCH_COLUMNS)]
 
 
-def _ratio(numerator: int, denominator: int, empty: float) -> float:
-    return float(numerator / denominator) if denominator else empty
+def _scores(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 of counts (scalars or arrays of one shape) with the module's 0/0 conventions."""
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 1.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return precision, recall, f1
 
 
-def _diameter_bins(truth: pd.DataFrame, matches: pd.DataFrame, diameter_bins) -> list[dict]:
-    edges_um = np.asarray(diameter_bins, dtype=np.float64) * 1e6
-    d_true = truth["d"].to_numpy(np.float64)
-    found = np.zeros(len(truth), dtype=bool)
-    found[truth.index.get_indexer(matches["true_index"])] = True
+def _error_stats(errors_um: np.ndarray, name: str) -> dict:
+    """``rms_<name>_um`` and ``bias_<name>_um`` of errors (µm); null without any."""
+    if errors_um.size == 0:
+        return {f"rms_{name}_um": None, f"bias_{name}_um": None}
+    return {f"rms_{name}_um": float(np.sqrt(np.mean(errors_um**2))), f"bias_{name}_um": float(np.mean(errors_um))}
+
+
+def _binned(values_um: np.ndarray, edges_um: np.ndarray, found: np.ndarray, error_d_um: np.ndarray) -> list[dict]:
+    """Per bin ``[low, high)`` of ``edges_um`` (the last one closed) of the true ``values_um``: n_true, tp,
+    recall and its Wilson interval, and the diameter error of the found particles (``error_d_um``, NaN
+    where not found)."""
     rows = []
     for i, (low, high) in enumerate(zip(edges_um[:-1], edges_um[1:])):
         last = i == edges_um.size - 2
-        inside = (d_true >= low) & ((d_true <= high) if last else (d_true < high))
+        inside = (values_um >= low) & ((values_um <= high) if last else (values_um < high))
         n, tp = int(inside.sum()), int((inside & found).sum())
         rows.append({"low_um": float(low), "high_um": float(high), "n_true": n, "tp": tp,
-                     "recall": float(tp / n) if n else None})
+                     "recall": float(tp / n) if n else None,
+                     "recall_ci95": list(wilson_interval(tp, n)) if n else None,
+                     **_error_stats(error_d_um[inside & found], "d")})
     return rows
 
 
-def detection_metrics(truth: pd.DataFrame, predicted: pd.DataFrame, matches: pd.DataFrame, diameter_bins) -> dict:
-    """Counts, precision, recall, F1, rms and bias of the x, y, z, d errors (µm) and recall by diameter.
+def detection_metrics(truth: pd.DataFrame, predicted: pd.DataFrame, matches: pd.DataFrame, diameter_bins,
+                      depth_bins) -> dict:
+    """Counts, precision, recall, F1, rms and bias of the x, y, z, d errors (µm), recall by diameter and by depth.
 
     ``matches`` is :func:`match`'s result for these tables (``truth`` must have a unique index);
-    ``diameter_bins`` are bin edges in metres. See the module docstring for the 0/0 conventions.
+    ``diameter_bins`` and ``depth_bins`` are bin edges in metres of the true d and z. See the module
+    docstring for the 0/0 conventions and the bins.
     """
     n_true, n_predicted, tp = len(truth), len(predicted), len(matches)
-    precision = _ratio(tp, n_predicted, 1.0)
-    recall = _ratio(tp, n_true, 1.0)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision, recall, f1 = (float(v) for v in _scores(tp, n_predicted - tp, n_true - tp))
     metrics = {"n_true": n_true, "n_predicted": n_predicted, "tp": tp, "fp": n_predicted - tp,
                "fn": n_true - tp, "precision": precision, "recall": recall, "f1": f1}
     for c in COORDINATES:
-        errors = matches[f"error_{c}"].to_numpy(np.float64)
-        metrics[f"rms_{c}_um"] = float(np.sqrt(np.mean(errors**2))) if errors.size else None
-        metrics[f"bias_{c}_um"] = float(np.mean(errors)) if errors.size else None
-    metrics["recall_by_diameter"] = _diameter_bins(truth, matches, diameter_bins)
+        metrics.update(_error_stats(matches[f"error_{c}"].to_numpy(np.float64), c))
+    found = np.zeros(n_true, dtype=bool)
+    error_d = np.full(n_true, np.nan)
+    matched = truth.index.get_indexer(matches["true_index"])
+    found[matched] = True
+    error_d[matched] = matches["error_d"].to_numpy(np.float64)
+    for name, column, edges in (("recall_by_diameter", "d", diameter_bins), ("recall_by_depth", "z", depth_bins)):
+        metrics[name] = _binned(truth[column].to_numpy(np.float64), np.asarray(edges, dtype=np.float64) * 1e6,
+                                found, error_d)
     return metrics
+
+
+def hologram_counts(truth: pd.DataFrame, predicted: pd.DataFrame, matches: pd.DataFrame,
+                    n_holograms: int) -> np.ndarray:
+    """tp, fp and fn of each hologram 1..n_holograms, shape (n_holograms, 3), int64; a hologram without
+    particles is a row of zeros (it is still drawn by the bootstrap). hid must lie in 1..n_holograms."""
+    def per_hologram(hid: pd.Series) -> np.ndarray:
+        return np.bincount(hid.to_numpy(np.int64), minlength=n_holograms + 1)[1:]
+
+    tp = per_hologram(matches["hid"])
+    return np.stack([tp, per_hologram(predicted["hid"]) - tp, per_hologram(truth["hid"]) - tp], axis=1)
+
+
+def resample_counts(n_holograms: int, n_resamples: int, seed: int) -> np.ndarray:
+    """How often each hologram is drawn in each bootstrap resample, shape (n_resamples, n_holograms).
+
+    Resample r draws ``n_holograms`` holograms with replacement: ``rng.integers(0, n_holograms,
+    (n_resamples, n_holograms))`` with ``rng = np.random.default_rng(seed)``, counted per row (each row
+    sums to n_holograms), so a sum over the drawn holograms is a matrix product.
+    """
+    draws = np.random.default_rng(seed).integers(0, n_holograms, size=(n_resamples, n_holograms))
+    flat = (draws + n_holograms * np.arange(n_resamples)[:, None]).ravel()  # one bin per (resample, hologram)
+    return np.bincount(flat, minlength=n_resamples * n_holograms).reshape(n_resamples, n_holograms)
+
+
+def bootstrap_scores(counts: dict[str, np.ndarray], n_resamples: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Precision, recall and F1 of every method in every resample: method -> name -> (n_resamples,).
+
+    ``counts`` maps method -> :func:`hologram_counts` (n_holograms, 3), holograms in the same order for
+    every method: each method is scored on the same draws (:func:`resample_counts`), so differences
+    between methods are paired.
+    """
+    shapes = {method: c.shape for method, c in counts.items()}
+    if len(set(shapes.values())) != 1 or next(iter(shapes.values()))[1:] != (3,):
+        raise ValueError(f"counts must be (n_holograms, 3) tp, fp, fn of the same holograms, got shapes {shapes}")
+    n_holograms = next(iter(shapes.values()))[0]
+    weights = resample_counts(n_holograms, n_resamples, seed).astype(np.float64)  # (R, H)
+    scores = {}
+    for method, c in counts.items():
+        tp, fp, fn = (weights @ c.astype(np.float64)).T  # (R, H) @ (H, 3) -> three (R,): exact integer sums
+        scores[method] = dict(zip(("precision", "recall", "f1"), _scores(tp, fp, fn)))
+    return scores
+
+
+def _interval95(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+
+def bootstrap_intervals(counts: dict[str, np.ndarray], n_resamples: int, seed: int) -> tuple[dict, dict | None]:
+    """95 % bootstrap intervals over holograms (see the module docstring) of each method's scores, and
+    the paired F1 difference of :data:`DIFFERENCE`.
+
+    ``counts`` as in :func:`bootstrap_scores`. Returns ``({method: {precision_ci95, recall_ci95,
+    f1_ci95}}, difference)`` with intervals ``[low, high]`` (null with fewer than 2 holograms) and
+    ``difference = {f1: F1(unet) - F1(baseline) on all holograms, f1_ci95}``, None unless both methods
+    are in ``counts``.
+    """
+    names = ("precision", "recall", "f1")
+    n_holograms = len(next(iter(counts.values())))
+    compared = all(method in counts for method in DIFFERENCE)
+    difference = None
+    if compared:
+        point = {m: float(_scores(*counts[m].sum(axis=0))[2]) for m in DIFFERENCE}
+        difference = {"f1": point[DIFFERENCE[0]] - point[DIFFERENCE[1]], "f1_ci95": None}
+    if n_holograms < 2:
+        return {method: {f"{n}_ci95": None for n in names} for method in counts}, difference
+    scores = bootstrap_scores(counts, n_resamples, seed)
+    intervals = {method: {f"{n}_ci95": _interval95(s[n]) for n in names} for method, s in scores.items()}
+    if compared:
+        difference["f1_ci95"] = _interval95(scores[DIFFERENCE[0]]["f1"] - scores[DIFFERENCE[1]]["f1"])
+    return intervals, difference
 
 
 def _distribution(values) -> dict:
@@ -157,7 +273,7 @@ def _counts_only(predicted: pd.DataFrame, holograms, diameter_bins) -> dict:
     per_hologram = pd.Series(predicted["hid"]).value_counts().reindex(holograms, fill_value=0).to_numpy()
     n_holograms = int(holograms.size)
     return {"truth": False,
-            "note": "no truth particles in the evaluated split(s): precision, recall and errors not computed",
+            "note": "no truth particles in this split: precision, recall and errors not computed",
             "n_holograms": n_holograms, "n_predicted": len(predicted),
             "predicted_per_hologram": float(len(predicted) / n_holograms) if n_holograms else None,
             "counts_per_hologram": _distribution(per_hologram), "predicted_by_hologram": per_hologram.tolist(),
@@ -277,38 +393,77 @@ def label_metrics(candidates: pd.DataFrame, labels: pd.DataFrame, methods, diame
     return results
 
 
-SPLIT_KEY = 10**9
-"""(split, hid) -> hid + SPLIT_KEY x the split's position: one integer key per hologram across splits."""
+def primary_split(splits) -> str:
+    """The split whose metrics are ``metrics.json``: :data:`PRIMARY_SPLIT` where evaluated, else the first."""
+    splits = list(splits)
+    return PRIMARY_SPLIT if PRIMARY_SPLIT in splits else splits[0]
 
 
-def _keyed(tables: dict[str, pd.DataFrame], order: list[str]) -> pd.DataFrame:
-    """One table for several splits: (split, hid) becomes one integer key so matching stays per hologram."""
-    return pd.concat([table.assign(split=split, hid=table["hid"] + order.index(split) * SPLIT_KEY)
-                      for split, table in tables.items()], ignore_index=True)
+def split_metrics_paths(out_json, splits) -> dict[str, Path]:
+    """split -> its metrics file: the primary split's is ``out_json``, every other's ``<split>/metrics.json``
+    in out_json's folder."""
+    out_json, primary = Path(out_json), primary_split(splits)
+    return {split: out_json if split == primary else out_json.parent / split / "metrics.json" for split in splits}
+
+
+def _check_holograms(table: pd.DataFrame, n_holograms: int, source) -> None:
+    """Particles only of holograms 1..n_holograms: any other would be silently left out of every count."""
+    outside = np.unique(table["hid"][(table["hid"] < 1) | (table["hid"] > n_holograms)])
+    if outside.size:
+        raise ValueError(f"{source}: particles of hologram(s) {outside[:10].tolist()}, but the split has "
+                         f"{n_holograms} holograms (hid 1..{n_holograms})")
+
+
+def _evaluate_split(split: str, truth: pd.DataFrame, n_holograms: int, predicted: dict, evaluate: dict,
+                    depth_bins) -> tuple[dict, dict]:
+    """One split's ``{method: metrics}`` (+ ``unet_minus_baseline``) and ``{method: matches}`` (empty without truth)."""
+    diameter_bins = evaluate["diameter_bins"]
+    if not len(truth):
+        holograms = np.arange(1, n_holograms + 1)
+        return {method: {"split": split, **_counts_only(table, holograms, diameter_bins)}
+                for method, table in predicted.items()}, {}
+    tol_xy, tol_z = float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"])
+    n_resamples, seed = int(evaluate["bootstrap"]), int(evaluate["seed"])
+    matches = {method: match(truth, table, tol_xy, tol_z) for method, table in predicted.items()}
+    counts = {method: hologram_counts(truth, table, matches[method], n_holograms) for method, table in predicted.items()}
+    intervals, difference = bootstrap_intervals(counts, n_resamples, seed)
+    interval = (f"bootstrap over the {n_holograms} holograms, {n_resamples} resamples (seed {seed}), "
+                "2.5-97.5 percentiles, the same draws for every method")
+    results = {method: {"truth": True, "split": split, "n_holograms": n_holograms,
+                        **detection_metrics(truth, table, matches[method], diameter_bins, depth_bins),
+                        **intervals[method], "interval": interval,
+                        "tolerance_xy_um": tol_xy * 1e6, "tolerance_z_um": tol_z * 1e6}
+               for method, table in predicted.items()}
+    if difference is not None:
+        results["_minus_".join(DIFFERENCE)] = {**difference, "interval": interval}
+    return results, matches
 
 
 def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out_json, plots_dir,
                    labels: dict | None = None) -> Path:
-    """Evaluate every method on every split; write ``metrics.json`` and the plots; returns out_json.
+    """Evaluate every method on every split apart; write each split's metrics and the plots; returns out_json.
 
     ``truth_store_paths`` maps split -> store (netCDF or zarr, the truth particles in µm);
-    ``predictions`` maps method -> split -> particle CSV. ``metrics.json`` is ``{method: {metric:
-    value}}``: the detection metrics pooled over the splits that have truth particles (matching per
-    hologram), with ``truth: true`` and ``splits_evaluated``; where no split has any (real data of
-    one's own, without a particle table), counts per hologram and d, z distributions with a d
-    histogram, ``truth: false`` and a note (also under ``splits_without_truth`` beside the metrics of
-    the splits with truth). With more than one split, each split's own metrics are nested under
-    ``splits``. Plots go to ``plots_dir`` under :data:`PLOT_NAMES` (``diameters.png`` one panel per
-    split; without truth, ``f1_bars.png`` shows particles per hologram); every file is written atomically.
+    ``predictions`` maps method -> split -> particle CSV. The primary split (:func:`primary_split`) goes
+    to ``out_json``, every other split to ``<out_json's folder>/<split>/metrics.json``
+    (:func:`split_metrics_paths`), each ``{method: {metric: value}}``. A split with truth particles
+    gives ``truth: true``, its ``split`` and ``n_holograms``, :func:`detection_metrics` (recall by
+    diameter with ``evaluate.diameter_bins``, by depth with ``evaluate.depth_bins`` equal bins of
+    ``optics.z_min`` to ``optics.z_max``), bootstrap intervals ``precision_ci95``, ``recall_ci95``,
+    ``f1_ci95`` and, beside the methods, ``unet_minus_baseline: {f1, f1_ci95}`` (module docstring).
+    A split without any (real data of one's own) gives counts per hologram and d, z distributions with
+    a d histogram, ``truth: false`` and a note. Plots go to ``plots_dir`` under :data:`PLOT_NAMES`
+    (per split where there is more than one; without truth anywhere, ``f1_bars.png`` shows particles
+    per hologram); every file is written atomically.
 
     ``labels`` maps split -> (candidates directory, label CSVs): where a split's label files hold any
-    label, each method's entry gets ``labels: {split: label_metrics}`` (:func:`label_metrics`); without
-    any, metrics.json is as without ``labels``. :data:`LABEL_PLOT_NAMES` are always written: the
-    head-to-head table and the gallery of candidates where the methods disagree, or a note that there
-    are no labels yet.
+    label, each method's entry of the primary split gets ``labels: {split: label_metrics}``
+    (:func:`label_metrics`); without any, the files are as without ``labels``. :data:`LABEL_PLOT_NAMES`
+    are always written: the head-to-head table and the gallery of candidates where the methods
+    disagree, or a note that there are no labels yet.
     """
-    evaluate = config["evaluate"]
-    tol_xy, tol_z, bins = float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"]), evaluate["diameter_bins"]
+    evaluate, optics = config["evaluate"], config["optics"]
+    depth_bins = np.linspace(float(optics["z_min"]), float(optics["z_max"]), int(evaluate["depth_bins"]) + 1)
     truths, n_holograms = {}, {}
     for split, path in truth_store_paths.items():
         ds = open_holodec(path)
@@ -316,50 +471,68 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
             truths[split], n_holograms[split] = particle_table(ds), int(ds.sizes["hologram_number"])
         finally:
             ds.close()
+        _check_holograms(truths[split], n_holograms[split], path)
     for method, by_split in predictions.items():
         missing = sorted(set(truths) - set(by_split))
         if missing:
             raise ValueError(f"method {method!r} has no predictions for split(s) {missing}")
     predicted = {method: {split: read_predictions(by_split[split]) for split in truths}
                  for method, by_split in predictions.items()}
-    with_truth = [split for split in truths if len(truths[split])]
-    order = list(truths)
-
-    def holograms(splits: list[str]) -> np.ndarray:
-        return np.concatenate([np.arange(1, n_holograms[s] + 1) + order.index(s) * SPLIT_KEY for s in splits])
-
-    def evaluate_splits(method: str, splits: list[str]) -> tuple[dict, pd.DataFrame]:
-        preds = _keyed({s: predicted[method][s] for s in splits}, order)
-        truth_splits = [s for s in splits if s in with_truth]
-        if not truth_splits:
-            return _counts_only(preds, holograms(splits), bins), pd.DataFrame()
-        truth = _keyed({s: truths[s] for s in truth_splits}, order)
-        preds_t = preds[preds["split"].isin(truth_splits)]
-        matches = match(truth, preds_t, tol_xy, tol_z)
-        metrics = {"truth": True, "splits_evaluated": truth_splits,
-                   **detection_metrics(truth, preds_t, matches, bins),
-                   "tolerance_xy_um": tol_xy * 1e6, "tolerance_z_um": tol_z * 1e6}
-        without = [s for s in splits if s not in truth_splits]
-        if without:
-            metrics["splits_without_truth"] = {s: _counts_only(predicted[method][s], np.arange(1, n_holograms[s] + 1),
-                                                               bins) for s in without}
-        return metrics, matches
-
-    results, all_matches = {}, {}
-    for method in predicted:
-        results[method], all_matches[method] = evaluate_splits(method, list(truths))
-        if len(truths) > 1:
-            results[method]["splits"] = {s: evaluate_splits(method, [s])[0] for s in truths}
-    labelled = _labelled_splits(labels or {}, list(truths), list(predicted), bins)
+    for method, by_split in predicted.items():
+        for split, table in by_split.items():
+            _check_holograms(table, n_holograms[split], predictions[method][split])
+    results, matches = {}, {}
+    for split in truths:
+        results[split], matches[split] = _evaluate_split(
+            split, truths[split], n_holograms[split], {m: predicted[m][split] for m in predicted}, evaluate,
+            depth_bins)
+    primary = primary_split(truths)
+    labelled = _labelled_splits(labels or {}, list(truths), list(predicted), evaluate["diameter_bins"])
     for split, (_, _, by_method) in labelled.items():
         for method, metrics in by_method.items():
-            results[method].setdefault("labels", {})[split] = metrics
-    out_json = Path(out_json)
-    text = json.dumps(results, indent=2, sort_keys=True)
-    write_atomically(out_json, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-    _plot_all(Path(plots_dir), truths, n_holograms, with_truth, predicted, results, all_matches)
+            results[primary][method].setdefault("labels", {})[split] = metrics
+    paths = split_metrics_paths(out_json, truths)
+    for split, path in paths.items():
+        text = json.dumps(results[split], indent=2, sort_keys=True)
+        write_atomically(path, lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
+    _plot_all(Path(plots_dir), truths, n_holograms, predicted, results, matches, primary)
     _plot_labels(Path(plots_dir), labelled, list(labels or truths))
-    return out_json
+    return paths[primary]
+
+
+def _interval_or_dash(interval, signed: bool = False) -> str:
+    if interval is None:
+        return "[-]"
+    spec = "+.3f" if signed else ".3f"
+    return f"[{interval[0]:{spec}}, {interval[1]:{spec}}]"
+
+
+def summary(out_json, splits) -> str:
+    """The log's table of each split's metrics file written by :func:`evaluate_files`: per method n truth,
+    tp, fp, fn and F1 with its 95 % interval, and the paired difference; counts alone without truth."""
+    paths, primary = split_metrics_paths(out_json, splits), primary_split(splits)
+    blocks = []
+    for split, path in paths.items():
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        methods = {name: m for name, m in results.items() if "truth" in m}
+        first = next(iter(methods.values()))
+        role = "primary, " if split == primary else ""
+        if not first["truth"]:
+            lines = [f"{split} ({role}{path}): {first['n_holograms']} holograms, no truth particles",
+                     f"{'method':10} {'found':>7} {'per hologram':>12}"]
+            lines += [f"{name:10} {m['n_predicted']:7d} {m['predicted_per_hologram'] or 0.0:12.2f}"
+                      for name, m in methods.items()]
+        else:
+            lines = [f"{split} ({role}{path}): {first['n_holograms']} holograms; {first['interval']}",
+                     f"{'method':10} {'n truth':>7} {'tp':>6} {'fp':>6} {'fn':>6}  F1 [95 %]"]
+            lines += [f"{name:10} {m['n_true']:7d} {m['tp']:6d} {m['fp']:6d} {m['fn']:6d}  {m['f1']:.3f} "
+                      f"{_interval_or_dash(m['f1_ci95'])}" for name, m in methods.items()]
+            difference = results.get("_minus_".join(DIFFERENCE))
+            if difference is not None:
+                lines.append(f"{' - '.join(DIFFERENCE)}: F1 {difference['f1']:+.3f} "
+                             f"{_interval_or_dash(difference['f1_ci95'], signed=True)} (paired)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _labelled_splits(labels: dict, splits: list[str], methods: list[str], diameter_bins) -> dict:
@@ -402,16 +575,18 @@ def _no_truth(ax) -> None:
     ax.set_axis_off()
 
 
-def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list, predicted: dict, results: dict,
-              matches: dict) -> None:
+def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, predicted: dict, results: dict, matches: dict,
+              primary: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
 
     methods = list(predicted)
     colours = {m: f"C{i + 1}" for i, m in enumerate(methods)}
     splits = list(truths)
+    with_truth = [s for s in splits if len(truths[s])]
+    # The one-split plots show the primary split where it has truth, else the first split that has.
+    split = primary if primary in with_truth or not with_truth else with_truth[0]
 
-    # One hologram in 3-D: the one with the most true (else predicted) particles of the first split with truth.
-    split = with_truth[0] if with_truth else splits[0]
+    # One hologram in 3-D: the one with the most true (else predicted) particles.
     counts = pd.concat([truths[split]["hid"], *(predicted[m][split]["hid"] for m in methods)]).value_counts()
     hid = int(truths[split]["hid"].value_counts().idxmax() if len(truths[split]) else
               counts.idxmax() if len(counts) else 1)
@@ -451,41 +626,70 @@ def _plot_all(plots_dir: Path, truths: dict, n_holograms: dict, with_truth: list
         if not with_truth:
             _no_truth(ax)
             continue
-        errors = {m: matches[m][f"error_{c}"].to_numpy(np.float64) for m in methods if len(matches[m])}
+        errors = {m: matches[split][m][f"error_{c}"].to_numpy(np.float64) for m in methods}
         pooled = np.concatenate([np.empty(0), *errors.values()])
         edges = np.histogram_bin_edges(pooled if pooled.size else [-1.0, 1.0], bins=20)
         for m, values in errors.items():
-            ax.hist(values, bins=edges, histtype="step", linewidth=1.5, color=colours[m], label=m)
-        ax.set(xlabel=f"{c} error (µm), predicted - true", ylabel="matches")
+            if values.size:
+                ax.hist(values, bins=edges, histtype="step", linewidth=1.5, color=colours[m], label=m)
+        ax.set(xlabel=f"{c} error (µm), predicted - true", ylabel="matches", title=split)
         _legend(ax)
     _save(figure, plots_dir / "errors.png")
 
-    figure = Figure(figsize=(6, 4))
-    ax = figure.add_subplot()
-    if with_truth:
-        for m in methods:
-            rows = results[m]["recall_by_diameter"]
-            centres = [0.5 * (r["low_um"] + r["high_um"]) for r in rows]
-            recall = [np.nan if r["recall"] is None else r["recall"] for r in rows]
-            ax.plot(centres, recall, marker="o", color=colours[m], label=m)
-        ax.set(xlabel="true diameter (µm, bin centre)", ylabel="recall", ylim=(0, 1.05), title="Recall by diameter")
-        _legend(ax)
-    else:
-        _no_truth(ax)
-    _save(figure, plots_dir / "recall_by_diameter.png")
+    by_bin = {"recall_by_diameter": ("true diameter (µm, bin centre)", 1.0),
+              "recall_by_depth": ("true z (mm, bin centre)", 1e-3)}
+    for key, (xlabel, scale) in by_bin.items():
+        figure = Figure(figsize=(6, 3.4 * max(len(with_truth), 1)))
+        if not with_truth:
+            _no_truth(figure.add_subplot())
+        for i, s in enumerate(with_truth):
+            ax = figure.add_subplot(len(with_truth), 1, i + 1)
+            for m in methods:
+                rows = results[s][m][key]
+                centres = np.array([0.5 * (r["low_um"] + r["high_um"]) for r in rows]) * scale
+                recall = np.array([np.nan if r["recall"] is None else r["recall"] for r in rows])
+                band = np.array([[np.nan, np.nan] if r["recall_ci95"] is None else r["recall_ci95"] for r in rows])
+                ax.fill_between(centres, band[:, 0], band[:, 1], color=colours[m], alpha=0.2, linewidth=0)
+                ax.plot(centres, recall, marker="o", color=colours[m], label=m)
+            ax.set(xlabel=xlabel, ylabel="recall", ylim=(0, 1.05),
+                   title=f"{key.replace('_', ' ').capitalize()}: {s} (band: 95 % Wilson)")
+            _legend(ax)
+        _save(figure, plots_dir / f"{key}.png")
 
-    figure = Figure(figsize=(6, 4))
+    # Size error, bias ± rms of d per bin: by diameter (left) and by depth (right), one row per split.
+    figure = Figure(figsize=(10, 3.4 * max(len(with_truth), 1)))
+    if not with_truth:
+        _no_truth(figure.add_subplot())
+    offsets = (np.arange(len(methods)) - (len(methods) - 1) / 2) * 0.08  # of a bin's width: methods side by side
+    for i, s in enumerate(with_truth):
+        for j, (key, (xlabel, scale)) in enumerate(by_bin.items()):
+            ax = figure.add_subplot(len(with_truth), 2, 2 * i + j + 1)
+            ax.axhline(0.0, color="0.6", linewidth=0.8)
+            for m, offset in zip(methods, offsets):
+                rows = [r for r in results[s][m][key] if r["bias_d_um"] is not None]
+                x = np.array([0.5 * (r["low_um"] + r["high_um"]) + offset * (r["high_um"] - r["low_um"])
+                              for r in rows]) * scale
+                ax.errorbar(x, [r["bias_d_um"] for r in rows], yerr=[r["rms_d_um"] for r in rows], fmt="o",
+                            capsize=3, color=colours[m], label=m)
+            ax.set(xlabel=xlabel, ylabel="d error (µm): bias ± rms", title=f"Size error: {s}")
+            _legend(ax)
+    _save(figure, plots_dir / "size_error.png")
+
+    figure = Figure(figsize=(max(6, 1.6 * len(with_truth) + 3), 4))
     ax = figure.add_subplot()
     width = 0.8 / max(len(methods), 1)
     if with_truth:
-        names = ("precision", "recall", "f1")
         for j, m in enumerate(methods):
-            ax.bar(np.arange(3) + j * width, [results[m][n] for n in names], width, color=colours[m], label=m)
-        ax.set_xticks(np.arange(3) + width * (len(methods) - 1) / 2, names)
-        ax.set(ylim=(0, 1.05), title="Detection")
+            f1 = np.array([results[s][m]["f1"] for s in with_truth])
+            interval = np.array([results[s][m]["f1_ci95"] or [f, f] for s, f in zip(with_truth, f1)])
+            ax.bar(np.arange(len(with_truth)) + j * width, f1, width, color=colours[m], label=m,
+                   yerr=np.stack([f1 - interval[:, 0], interval[:, 1] - f1]), capsize=4)
+        ax.set_xticks(np.arange(len(with_truth)) + width * (len(methods) - 1) / 2,
+                      [f"{s}\n({n_holograms[s]} holograms)" for s in with_truth])
+        ax.set(ylim=(0, 1.05), ylabel="F1", title="F1 per split, 95 % bootstrap interval over holograms")
     else:  # what can be said without truth: how many particles each method finds per hologram
         for j, m in enumerate(methods):
-            counts = results[m]["predicted_by_hologram"]
+            counts = np.concatenate([results[s][m]["predicted_by_hologram"] for s in splits])
             ax.bar(np.arange(len(counts)) + j * width, counts, width, color=colours[m], label=m)
         ax.set(xlabel="hologram (in split order)", ylabel="particles found",
                title="Particles per hologram, no truth")
