@@ -122,6 +122,15 @@ def evaluation_pairs(pattern, methods=None):
     )
 
 
+def evaluation_split_metrics():
+    """The metrics files evaluate writes beside metrics.json: one per evaluated split but the primary one,
+    `test` where evaluated, else the first, as holopipe.evaluate.primary_split chooses (not imported, since
+    that module's pandas and scipy would slow every parse by seconds)."""
+    splits = config["infer"]["splits"]
+    primary = "test" if "test" in splits else splits[0]
+    return [f"results/evaluation/{split}/metrics.json" for split in splits if split != primary]
+
+
 def get_label_files(wildcards):
     """The label files in labels/<split>/ of every evaluated split, listed when the DAG is built, so that a
     new one (or one changed since the evaluation) reruns evaluate."""

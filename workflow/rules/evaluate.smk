@@ -7,6 +7,7 @@ rule evaluate:
         labels=get_label_files,
     output:
         metrics="results/evaluation/metrics.json",
+        split_metrics=evaluation_split_metrics(),
         provenance="results/provenance/jobs/evaluate.json",
         plots=report(
             multiext(
@@ -15,6 +16,8 @@ rule evaluate:
                 "diameters.png",
                 "errors.png",
                 "recall_by_diameter.png",
+                "recall_by_depth.png",
+                "size_error.png",
                 "f1_bars.png",
             ),
             caption="../report/evaluation.rst",
