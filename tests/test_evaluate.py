@@ -392,6 +392,11 @@ def test_missing_prediction_split_or_columns_are_clear_errors(tmp_path):
     pd.DataFrame({"hid": [1], "x": [0.0]}).to_csv(bad, index=False)
     with pytest.raises(ValueError, match="bad.csv.*missing particle column"):
         evaluate_files(config, {"test": truth_store}, {"unet": {"test": bad}}, tmp_path / "m.json", tmp_path / "p")
+    elsewhere = write_csv(tmp_path / "elsewhere.csv", table((1, 0.0, 0.0, 3000.0, 25.0), (2, 0.0, 0.0, 3000.0, 25.0)),
+                          "prob")
+    with pytest.raises(ValueError, match=r"elsewhere.csv: particles of hologram\(s\) \[2\].*1 holograms"):
+        evaluate_files(config, {"test": truth_store}, {"unet": {"test": elsewhere}}, tmp_path / "m.json",
+                       tmp_path / "p")
     assert not (tmp_path / "m.json").exists()
 
 

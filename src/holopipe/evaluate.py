@@ -26,10 +26,12 @@ draws the split's holograms with replacement (every hologram, also one with neit
 prediction, which then adds zero), sums tp, fp and fn over the draws and computes precision, recall
 and F1 with the conventions above; ``*_ci95`` are the 2.5 and 97.5 percentiles over the resamples.
 Every method sees the same draws, so ``unet_minus_baseline`` (the F1 difference per resample) is a
-paired interval, narrower than two separate intervals suggest. With a single hologram every resample
-is that hologram: the intervals would be zero-wide and say nothing, so they are null. The draws
-depend only on the seed and the split's number of holograms: a split's intervals do not change when
-other splits are added.
+paired interval: holograms that are hard for both methods move both scores and cancel. Degenerate
+cases: a split without truth particles has no F1, hence no intervals and no difference; with a single
+hologram every resample is that hologram, the intervals would be zero-wide and say nothing, so they are
+null; a resample that draws only holograms with neither truth nor prediction scores 1 by the
+conventions above (rare unless most holograms are empty). The draws depend only on the seed and the
+split's number of holograms: a split's intervals do not change when other splits are added.
 
 **Hand labels** (real data, no truth; :mod:`holopipe.labels`): where a split has label files, each
 method's entry of the primary split gets ``labels: {split: ...}`` (:func:`label_metrics`): precision on
