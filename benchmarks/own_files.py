@@ -63,14 +63,15 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
                     str(workdir), "--cores", args.cores, "evaluate", "--configfile",
                     str(REPO / "config" / "config.yaml"), str(workdir / "mine.yaml")], check=True, env=env)
-    metrics = json.loads((workdir / "results" / "evaluation" / "metrics.json").read_text())
+    metrics = {split: json.loads((workdir / "results" / "evaluation" / name).read_text())
+               for split, name in (("flat", "metrics.json"), ("beam", "beam/metrics.json"))}
     print(f"\n{args.holograms} holograms of {args.nx} x {args.ny} pixels per file, seed {args.seed}, "
           f"beam waist {args.beam_waist * 1e3:g} mm; model trained on the embedded default (512 x 512)")
     print(f"{'method':10} {'split':6} {'truth':>5} {'found':>5} {'F1':>6} {'P':>6} {'R':>6}")
-    for method, result in metrics.items():
+    for method in ("unet", "baseline"):
         f1 = {}
         for split in files:
-            m = result["splits"][split]
+            m = metrics[split][method]
             f1[split] = m["f1"]
             print(f"{method:10} {split:6} {m['n_true']:5d} {m['n_predicted']:5d} {m['f1']:6.3f} "
                   f"{m['precision']:6.3f} {m['recall']:6.3f}")

@@ -148,10 +148,13 @@ def test_whole_workflow_tunes_trains_infers_and_evaluates(tmp_path):
     planes = [set(chunk["plane"]) for chunk in chunks]
     assert not planes[0] & planes[1]  # the z chunks split the planes between two jobs
     metrics = json.loads((tmp_path / "results" / "evaluation" / "metrics.json").read_text())
-    assert set(metrics) == {"unet", "baseline"}
+    assert set(metrics) == {"unet", "baseline", "unet_minus_baseline"}
     truth = len(particle_table(open_holodec(tmp_path / "data" / "standardized" / "valid.zarr")))
-    for method in metrics.values():
+    for method in (metrics["unet"], metrics["baseline"]):
         assert method["n_true"] == truth and 0.0 <= method["f1"] <= 1.0
+        assert method["f1_ci95"] is None  # one hologram: nothing to resample (tests/test_evaluate.py)
+    difference = metrics["unet_minus_baseline"]
+    assert difference["f1"] == pytest.approx(metrics["unet"]["f1"] - metrics["baseline"]["f1"])
     assert all((tmp_path / "results" / "evaluation" / name).stat().st_size > 0 for name in PLOT_NAMES)
     provenance = tmp_path / "results" / "provenance"
     jobs = pd.read_csv(provenance / "jobs.csv")
