@@ -1,10 +1,16 @@
 """Tuning: worker processes sharing a study reach exactly n_trials, killed workers leave nothing RUNNING,
-pruning and out-of-memory trials, suggestions, the summary files, the study's name."""
+trial processes keep each trial's torch state to themselves, pruning and out-of-memory trials, suggestions,
+the summary files, the study's name and its study file (refused by a worker of other data or config)."""
 
+import json
 import math
 import multiprocessing
 import os
+import re
+import shutil
+import signal
 import socket
+import sys
 import time
 import uuid
 from functools import partial
@@ -16,8 +22,20 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from holopipe import cli
 from holopipe.config import load_config, with_overrides
-from holopipe.tune import _sweep_stale, open_storage, run_worker, study_name, suggest, summarize
+from holopipe.tune import (
+    TrialProcessError,
+    _sweep_stale,
+    data_digests,
+    open_storage,
+    recorded_study,
+    run_worker,
+    start_study,
+    study_name,
+    suggest,
+    summarize,
+)
 
 POSTGRES_ENV = "HOLOPIPE_TEST_POSTGRES_URL"
 SEARCH_SPACE = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
@@ -51,8 +69,47 @@ def fake_objective(config, trial, params, *, delay=0.2, hang_marker=None):
     return quality(params)
 
 
-def load(config, workdir):
-    return optuna.load_study(study_name=study_name(config), storage=open_storage(config, workdir))
+NO_DATA = {"train": None, "valid": None, "stats": None}
+"""The data digests of a study whose objective reads no data (the fake objectives)."""
+
+
+def start(config, directory, train=None, valid=None, stats=None) -> Path:
+    """A new study of ``config`` (and data) in a study file under ``directory``; returns the file."""
+    study_file = Path(directory) / "study.json"
+    start_study(config, study_file, train, valid, stats)
+    return study_file
+
+
+def work(config, study_file, worker=0, objective=None, data=(None, None, None)):
+    run_worker(config, study_file, *data, study_file.parent, worker=worker, objective=objective)
+
+
+def load(config, study_file):
+    return optuna.load_study(study_name=recorded_study(config, study_file)["study"],
+                             storage=open_storage(config, study_file))
+
+
+def write_examples(path, n_tiles, seed):
+    from holopipe.dataset import write_synthetic_examples  # torch: not in every spawned trial process
+
+    return write_synthetic_examples(path, n_tiles, 32, seed=seed)
+
+
+def write_stats(stats, path):
+    from holopipe.standardize import write_stats  # dask: not in every spawned trial process
+
+    return write_stats(stats, path)
+
+
+def digests(data):
+    return data_digests(data["train"], data["valid"], data["stats"])
+
+
+def synthetic_data(directory, seed=1):
+    directory = Path(directory)
+    return {"train": write_examples(directory / "train.zarr", 8, seed),
+            "valid": write_examples(directory / "valid.zarr", 4, seed + 100),
+            "stats": write_stats({"contrast_mean": 1.0, "contrast_std": 0.2}, directory / "stats.json")}
 
 
 def states(study):
@@ -73,17 +130,18 @@ def storage_url(request):
 @pytest.fixture
 def cleanup():
     """Delete the tests' studies from a shared database afterwards."""
-    configs = []
-    yield configs.append
-    for config, workdir in configs:
+    studies = []
+    yield studies.append
+    for config, study_file in studies:
         if config["tune"]["storage"] is not None:
-            optuna.delete_study(study_name=study_name(config), storage=open_storage(config, workdir))
+            optuna.delete_study(study_name=recorded_study(config, study_file)["study"],
+                                storage=open_storage(config, study_file))
 
 
-def spawn_worker(config, workdir, worker, objective):
+def spawn_worker(config, study_file, worker, objective):
+    """A worker job in a process of its own (not a daemon: its trial processes are its children)."""
     process = multiprocessing.get_context("spawn").Process(
-        target=run_worker, args=(config, None, None, None, workdir),
-        kwargs={"worker": worker, "objective": objective}, daemon=True)
+        target=work, args=(config, study_file, worker, objective))
     process.start()
     return process
 
@@ -99,18 +157,20 @@ def join_all(processes, timeout):
 
 
 def test_worker_processes_reach_exactly_n_trials(tmp_path, storage_url, cleanup):
-    config = make_config(storage_url, trials_per_gpu=2)  # 3 processes x 2 loops race for 9 trials
-    cleanup((config, tmp_path))
-    workers = [spawn_worker(config, tmp_path, w, partial(fake_objective, delay=0.3)) for w in range(3)]
-    join_all(workers, timeout=40)
+    config = make_config(storage_url, trials_per_gpu=2)  # 3 workers x 2 trial processes race for 9 trials
+    study_file = start(config, tmp_path)
+    cleanup((config, study_file))
+    workers = [spawn_worker(config, study_file, w, partial(fake_objective, delay=0.5)) for w in range(3)]
+    join_all(workers, timeout=120)
 
     assert [p.exitcode for p in workers] == [0, 0, 0]
-    study = load(config, tmp_path)
+    study = load(config, study_file)
     trials = study.get_trials(deepcopy=False)
     assert sum(t.state == TrialState.COMPLETE for t in trials) == config["tune"]["n_trials"]
     assert TrialState.RUNNING not in states(study)
     assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
-    assert len({t.user_attrs["pid"] for t in trials if t.state == TrialState.COMPLETE}) >= 2
+    pids = {t.user_attrs["pid"] for t in trials if t.state == TrialState.COMPLETE}
+    assert len(pids) >= 2 and not pids & {p.pid for p in workers}  # trial processes, not the workers
     for trial in trials:
         if trial.state == TrialState.COMPLETE:
             assert trial.value == pytest.approx(quality(trial.params))
@@ -119,17 +179,18 @@ def test_worker_processes_reach_exactly_n_trials(tmp_path, storage_url, cleanup)
 def test_killed_worker_leaves_nothing_running_and_the_others_make_up_the_count(tmp_path, storage_url, cleanup):
     config = make_config(storage_url)
     n_trials = config["tune"]["n_trials"]
-    cleanup((config, tmp_path))
+    study_file = start(config, tmp_path)
+    cleanup((config, study_file))
     marker = tmp_path / "hanging"
-    victim = spawn_worker(config, tmp_path, 0, partial(fake_objective, hang_marker=str(marker)))
+    victim = spawn_worker(config, study_file, 0, partial(fake_objective, hang_marker=str(marker)))
     deadline = time.monotonic() + 30
     while not marker.exists():
         assert time.monotonic() < deadline and victim.is_alive(), "the victim never started its trial"
         time.sleep(0.1)
     hung = int(marker.read_text())
-    survivors = [spawn_worker(config, tmp_path, w, partial(fake_objective, delay=0.1)) for w in (1, 2)]
+    survivors = [spawn_worker(config, study_file, w, partial(fake_objective, delay=0.1)) for w in (1, 2)]
     # Survivors run trials while the hung one counts as running, then wait for it instead of leaving.
-    study = load(config, tmp_path)
+    study = load(config, study_file)
     while sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states(study)) < n_trials - 1:
         assert time.monotonic() < deadline + 30, "survivors stalled"
         time.sleep(0.2)
@@ -150,8 +211,8 @@ def test_killed_worker_leaves_nothing_running_and_the_others_make_up_the_count(t
 
 def test_silent_trial_on_another_host_is_failed_and_retried_once(tmp_path):
     config = make_config(heartbeat=1.0)
-    storage = open_storage(config, tmp_path)
-    study = optuna.create_study(study_name=study_name(config), storage=storage, direction="maximize")
+    storage = open_storage(config, tmp_path / "study.json")
+    study = optuna.create_study(study_name="silent", storage=storage, direction="maximize")
     silent, beating, local = study.ask(), study.ask(), study.ask()
     for trial, host, pid, age in ((silent, "elsewhere", 1, 100.0), (beating, "elsewhere", 1, 0.0),
                                   (local, socket.gethostname(), os.getpid(), 0.0)):
@@ -187,9 +248,10 @@ def pruned_after_startup(config, trial, params):
 
 def test_median_pruner_prunes_trials_below_the_median(tmp_path):
     config = make_config(n_trials=5, startup_trials=2, pruner="median")
-    run_worker(config, None, None, None, tmp_path, worker=0, objective=pruned_after_startup)
+    study_file = start(config, tmp_path)
+    work(config, study_file, objective=pruned_after_startup)
 
-    trials = load(config, tmp_path).get_trials(deepcopy=False)
+    trials = load(config, study_file).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED] * 3
     assert all(max(t.intermediate_values) == 1 for t in trials[2:])  # warm-up step 0 never prunes
 
@@ -203,9 +265,10 @@ def test_out_of_memory_prunes_the_trial_and_the_worker_carries_on(tmp_path):
         return quality(params)
 
     config = make_config(n_trials=3, pruner="none")
-    run_worker(config, None, None, None, tmp_path, worker=0, objective=objective)
+    study_file = start(config, tmp_path)
+    work(config, study_file, objective=objective)
 
-    trials = load(config, tmp_path).get_trials(deepcopy=False)
+    trials = load(config, study_file).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
     assert trials[1].user_attrs["oom"] and "oom" not in trials[0].user_attrs
 
@@ -215,9 +278,10 @@ def test_a_bug_in_a_trial_fails_it_and_stops_the_worker(tmp_path):
         raise ZeroDivisionError("a bug")
 
     config = make_config(n_trials=3)
+    study_file = start(config, tmp_path)
     with pytest.raises(ZeroDivisionError):
-        run_worker(config, None, None, None, tmp_path, worker=0, objective=objective)
-    assert states(load(config, tmp_path)) == [TrialState.FAIL]
+        work(config, study_file, objective=objective)
+    assert states(load(config, study_file)) == [TrialState.FAIL]
 
 
 def test_suggest_draws_from_each_distribution():
@@ -246,12 +310,13 @@ def test_suggest_draws_from_each_distribution():
 
 def test_summary_writes_overrides_trials_and_plots(tmp_path):
     config = make_config(n_trials=4, pruner="none")
-    run_worker(config, None, None, None, tmp_path, worker=0, objective=partial(fake_objective, delay=0.0))
+    study_file = start(config, tmp_path)
+    work(config, study_file, objective=partial(fake_objective, delay=0.0))
     out = tmp_path / "out"
-    summarize(config, tmp_path, out / "best.yaml", out / "trials.csv", out / "plots")
+    summarize(config, study_file, out / "best.yaml", out / "trials.csv", out / "plots")
 
     best = yaml.safe_load((out / "best.yaml").read_text())
-    study = load(config, tmp_path)
+    study = load(config, study_file)
     assert best == study.best_trial.params
     assert quality(best) == max(t.value for t in study.trials)
     tuned = with_overrides(config, best)
@@ -266,8 +331,8 @@ def test_summary_writes_overrides_trials_and_plots(tmp_path):
 
 def test_summary_with_tuning_disabled_and_without_complete_trials(tmp_path):
     off = make_config(n_trials=0)
-    run_worker(off, None, None, None, tmp_path / "off", worker=0, objective=None)
-    summarize(off, tmp_path / "off", tmp_path / "off.yaml", tmp_path / "off.csv", tmp_path / "off_plots")
+    run_worker(off, None, None, None, None, tmp_path / "off", worker=0)  # no study file, no data
+    summarize(off, None, tmp_path / "off.yaml", tmp_path / "off.csv", tmp_path / "off_plots")
     assert yaml.safe_load((tmp_path / "off.yaml").read_text()) == {}
     assert with_overrides(off, {}) == off
     assert len(list((tmp_path / "off_plots").glob("*.png"))) == 3
@@ -276,9 +341,10 @@ def test_summary_with_tuning_disabled_and_without_complete_trials(tmp_path):
         raise optuna.TrialPruned()
 
     config = make_config(n_trials=2, pruner="none")
-    run_worker(config, None, None, None, tmp_path, worker=0, objective=always_pruned)
+    study_file = start(config, tmp_path)
+    work(config, study_file, objective=always_pruned)
     with pytest.raises(ValueError, match="no trial completed"):
-        summarize(config, tmp_path, tmp_path / "best.yaml", tmp_path / "t.csv", tmp_path / "plots")
+        summarize(config, study_file, tmp_path / "best.yaml", tmp_path / "t.csv", tmp_path / "plots")
     assert not (tmp_path / "best.yaml").exists()
 
 
@@ -286,16 +352,174 @@ def test_study_name_follows_the_search_not_how_it_is_run():
     config = make_config()
     same = with_overrides(config, {"tune.workers": 5, "tune.trials_per_gpu": 3, "tune.n_trials": 20,
                                    "tune.storage": "postgresql://u@h/db"})
-    assert study_name(same) == study_name(config)
+    assert study_name(same, NO_DATA) == study_name(config, NO_DATA)
     wider = with_overrides(config, {"tune.search_space": {**SEARCH_SPACE, "train.weight_decay": {
         "type": "float", "low": 0.0, "high": 0.1}}})
-    assert study_name(wider) != study_name(config)
-    assert study_name(with_overrides(config, {"train.batch_size": 4})) != study_name(config)
+    assert study_name(wider, NO_DATA) != study_name(config, NO_DATA)
+    assert study_name(with_overrides(config, {"train.batch_size": 4}), NO_DATA) != study_name(config, NO_DATA)
+
+
+def test_study_name_follows_the_content_of_the_examples_and_stats(tmp_path):
+    config = make_config()
+    data = synthetic_data(tmp_path / "a")
+    name = study_name(config, digests(data))
+    # The same bytes elsewhere, with Snakemake's timestamp file in a store, name the same study.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "train.zarr" / ".snakemake_timestamp").touch()
+    copied = {role: tmp_path / "b" / Path(path).name for role, path in data.items()}
+    assert study_name(config, digests(copied)) == name
+    # Re-made examples (other tiles), one changed byte of a chunk, other stats: each a new study.
+    remade = synthetic_data(tmp_path / "c", seed=2)
+    assert study_name(config, digests({**data, "train": remade["train"]})) != name
+    assert study_name(config, digests({**data, "valid": remade["valid"]})) != name
+    chunk = max((p for p in (tmp_path / "b" / "valid.zarr").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    content = bytearray(chunk.read_bytes())
+    content[len(content) // 2] ^= 1
+    chunk.write_bytes(bytes(content))
+    assert study_name(config, digests(copied)) != name
+    stats = write_stats({"contrast_mean": 1.0, "contrast_std": 0.25}, tmp_path / "other_stats.json")
+    assert study_name(config, digests({**data, "stats": stats})) != name
+    with pytest.raises(FileNotFoundError, match="missing.zarr"):
+        data_digests(tmp_path / "missing.zarr", data["valid"], data["stats"])
+
+
+def test_a_worker_refuses_the_study_file_of_other_examples_or_config(tmp_path):
+    config = make_config(n_trials=2, pruner="none")
+    data = synthetic_data(tmp_path / "data")
+    study_file = start(config, tmp_path / "tune", **data)
+    created = recorded_study(config, study_file)["study"]
+    assert created == study_name(config, digests(data))
+    assert (tmp_path / "tune" / "study.journal").is_file()
+    inputs = (data["train"], data["valid"], data["stats"])
+    objective = partial(fake_objective, delay=0.0)
+
+    # The validation examples are re-made: the study file still holds the old study.
+    shutil.rmtree(data["valid"])
+    write_examples(data["valid"], 4, seed=7)
+    with pytest.raises(ValueError) as refused:
+        work(config, study_file, objective=objective, data=inputs)
+    remade = study_name(config, digests(data))
+    message = str(refused.value)
+    assert str(study_file) in message and created in message and remade in message
+    assert "content of valid changed" in message
+    assert states(load(config, study_file)) == []  # no trial ran
+
+    # A new study file for the new data; then a wider search space with the same data.
+    study_file = start(config, tmp_path / "tune", **data)
+    assert recorded_study(config, study_file)["study"] == remade
+    work(config, study_file, objective=objective, data=inputs)
+    assert [s for s in states(load(config, study_file))] == [TrialState.COMPLETE] * 2
+    wider = with_overrides(config, {"tune.search_space": {**SEARCH_SPACE, "train.weight_decay": {
+        "type": "float", "low": 0.0, "high": 0.1}}})
+    with pytest.raises(ValueError, match="tuning, model, training or examples config changed"):
+        work(wider, study_file, objective=objective, data=inputs)
+    with pytest.raises(FileNotFoundError, match="tune study"):
+        work(config, tmp_path / "nowhere" / "study.json", objective=objective, data=inputs)
+    # A journal that is not the study file's (another study's, copied over it) is refused too.
+    other = start(wider, tmp_path / "other", **data)
+    shutil.copy(other.with_suffix(".journal"), study_file.with_suffix(".journal"))
+    with pytest.raises(ValueError, match=f"study.journal: holds {recorded_study(wider, other)['study']}, not"):
+        work(config, study_file, objective=objective, data=inputs)
+
+
+def test_the_study_file_of_a_database_study_records_it_without_the_password(tmp_path, cleanup):
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_ENV} is not set (export {POSTGRES_ENV}=$(.ci/start-postgres))")
+    config = make_config(url, n_trials=2, pruner="none")
+    study_file = start(config, tmp_path)
+    cleanup((config, study_file))
+    record = json.loads(study_file.read_text())
+    assert record["study"] == study_name(config, NO_DATA) and record["data"] == NO_DATA
+    assert not study_file.with_suffix(".journal").exists()
+    from sqlalchemy.engine import make_url
+
+    password = make_url(url).password
+    assert password is None or password not in record["storage"]
+    work(config, study_file, objective=partial(fake_objective, delay=0.0))
+    assert states(load(config, study_file)) == [TrialState.COMPLETE] * 2
+    moved = with_overrides(config, {"tune.storage": "postgresql://someone@elsewhere/db"})
+    with pytest.raises(ValueError, match="lives in postgresql://someone@elsewhere/db"):
+        recorded_study(moved, study_file)
+
+
+def isolation_probe(config, trial, params):
+    """Record the process-wide torch state a trial finds, then change it as a careless trial might, and wait
+    until trials run in two processes, so that the other one reads its state after this one changed it."""
+    import torch
+
+    trial.set_user_attr("found", {"deterministic": torch.are_deterministic_algorithms_enabled(),
+                                  "dtype": str(torch.get_default_dtype()), "seed": torch.initial_seed(),
+                                  "cudnn_benchmark": torch.backends.cudnn.benchmark})
+    torch.use_deterministic_algorithms(True)
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(1000 + trial.number)
+    torch.backends.cudnn.benchmark = True
+    deadline = time.monotonic() + 60
+    while len({t.user_attrs.get("pid") for t in trial.study.get_trials(deepcopy=False)} - {None}) < 2:
+        assert time.monotonic() < deadline, "no trial of a second process"
+        time.sleep(0.1)
+    return quality(params)
+
+
+def test_trials_per_gpu_runs_trials_in_processes_that_keep_their_torch_state_to_themselves(tmp_path):
+    pytest.importorskip("torch")
+    config = make_config(n_trials=4, trials_per_gpu=2, pruner="none")
+    study_file = start(config, tmp_path)
+    work(config, study_file, worker=3, objective=isolation_probe)
+
+    trials = sorted(load(config, study_file).get_trials(deepcopy=False), key=lambda t: t.datetime_start)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    by_pid = {}
+    for trial in trials:
+        by_pid.setdefault(trial.user_attrs["pid"], []).append(trial)
+    assert len(by_pid) == 2 and os.getpid() not in by_pid and {t.user_attrs["worker"] for t in trials} == {3}
+    for own in by_pid.values():
+        first = own[0].user_attrs["found"]  # whatever the other process's trials had set
+        assert first["seed"] not in {1000 + t.number for t in trials}  # a fresh process's own seed
+        assert {**first, "seed": None} == {"deterministic": False, "dtype": "torch.float32", "seed": None,
+                                           "cudnn_benchmark": False}
+        for before, trial in zip(own, own[1:]):  # state does persist within a process
+            assert trial.user_attrs["found"] == {"deterministic": True, "dtype": "torch.float64",
+                                                 "seed": 1000 + before.number, "cudnn_benchmark": True}
+
+
+def killed_in_trial_zero(config, trial, params):
+    if trial.number == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(1.0)
+    return quality(params)
+
+
+def test_a_killed_trial_process_fails_the_worker_with_its_status(tmp_path):
+    config = make_config(n_trials=6, trials_per_gpu=2, pruner="none")
+    study_file = start(config, tmp_path)
+    with pytest.raises(TrialProcessError, match="SIGKILL") as failed:
+        work(config, study_file, objective=killed_in_trial_zero)
+    assert failed.value.exit_status == 128 + signal.SIGKILL
+
+    trials = load(config, study_file).get_trials(deepcopy=False)
+    assert TrialState.RUNNING not in [t.state for t in trials]  # the killed one's trial swept, not left
+    assert trials[0].state == TrialState.FAIL and "gone" in trials[0].user_attrs["stale_reason"]
+    assert [t.user_attrs.get("retry_of") for t in trials if t.state == TrialState.WAITING] == [0]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) < config["tune"]["n_trials"]  # it stopped early
+
+
+def test_the_worker_command_exits_with_the_trial_process_status(tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise TrialProcessError("worker 0: trial process 123 exited with status 137", 137)
+
+    monkeypatch.setattr("holopipe.tune.run_worker", killed)
+    config = json.dumps(make_config())
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tune", "worker", "--worker", "0", "--study", str(tmp_path / "study.json"), "--workdir",
+                  str(tmp_path), "--train", "t.zarr", "--valid", "v.zarr", "--stats", "s.json",
+                  "--config-json", config])
+    assert exited.value.code == 137
 
 
 def test_real_training_trials(tmp_path):
     pytest.importorskip("holopipe.train", reason="holopipe.train (train_model) is missing")
-    from holopipe.standardize import write_stats
     from test_train import examples_store
 
     train = examples_store(tmp_path / "train.zarr", 16, 1)
@@ -305,28 +529,146 @@ def test_real_training_trials(tmp_path):
         "train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}})
     config = with_overrides(config, {"model.width": 4})
 
-    run_worker(config, train, valid, stats, tmp_path / "tune", worker=0)
+    study_file = start(config, tmp_path / "tune", train, valid, stats)
+    run_worker(config, study_file, train, valid, stats, tmp_path / "tune", worker=0)
 
-    trials = load(config, tmp_path / "tune").get_trials(deepcopy=False)
+    study = load(config, study_file)
+    trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     for trial in trials:
         assert 0.0 <= trial.value <= 1.0  # validation dice
-        metrics = pd.read_csv(tmp_path / "tune" / "trials" / str(trial.number) / "metrics.csv")
+        metrics = pd.read_csv(tmp_path / "tune" / "trials" / study.study_name / str(trial.number) / "metrics.csv")
         assert len(metrics) == 1 and metrics["dice"].max() == pytest.approx(trial.value)
-    summarize(config, tmp_path / "tune", tmp_path / "best.yaml", tmp_path / "trials.csv", tmp_path / "plots")
+    summarize(config, study_file, tmp_path / "best.yaml", tmp_path / "trials.csv", tmp_path / "plots")
     assert set(yaml.safe_load((tmp_path / "best.yaml").read_text())) == {"train.learning_rate"}
 
 
 def test_a_trials_parameters_do_not_depend_on_the_worker_that_runs_it(tmp_path):
     """Reruns of one config tune alike whichever worker wins the race for each trial: trial k draws from
-    tune.seed + k. Two studies of one config, run by worker 0 alone and by worker 7 with three trial threads,
+    tune.seed + k. Two studies of one config, run by worker 0 alone and by worker 7 with three trial processes,
     give every startup trial the same parameters."""
     config = make_config(n_trials=3, pruner="none")
-    first, second = tmp_path / "first", tmp_path / "second"
-    run_worker(config, None, None, None, first, worker=0, objective=partial(fake_objective, delay=0.0))
-    threaded = with_overrides(config, {"tune.trials_per_gpu": 3})
-    run_worker(threaded, None, None, None, second, worker=7, objective=partial(fake_objective, delay=0.0))
-    params = [[t.params for t in sorted(load(c, d).get_trials(deepcopy=False), key=lambda t: t.number)]
-              for c, d in ((config, first), (threaded, second))]
+    first, second = start(config, tmp_path / "first"), start(config, tmp_path / "second")
+    work(config, first, worker=0, objective=partial(fake_objective, delay=0.0))
+    parallel = with_overrides(config, {"tune.trials_per_gpu": 3})
+    work(parallel, second, worker=7, objective=partial(fake_objective, delay=0.0))
+    params = [[t.params for t in sorted(load(c, f).get_trials(deepcopy=False), key=lambda t: t.number)]
+              for c, f in ((config, first), (parallel, second))]
     assert len(params[0]) == 3 and params[0] == params[1]
     assert len({p["train.learning_rate"] for p in params[0]}) == 3  # distinct draws, not one repeated
+
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIN = {
+    "splits": {"train": {"source": "simulate", "n_holograms": 2, "seed": 1},
+               "valid": {"source": "simulate", "n_holograms": 1, "seed": 2}},
+    "optics": {"wavelength": 3.55e-7, "dx": 2.96e-6, "dy": 2.2e-6, "nx": 64, "ny": 48,
+               "z_min": 0.001, "z_max": 0.003},
+    "examples": {"tile_size": 16},
+    "model": {"width": 4, "depth": 2},
+    "train": {"device": "cpu", "num_workers": 0},
+    "tune": {"n_trials": 2, "workers": 2, "epochs": 1},
+    "infer": {"splits": ["valid"]},
+}
+
+
+def chain_config(**tune):
+    """CHAIN with these tune keys (a raw config: Snakemake validates it)."""
+    return {**CHAIN, "tune": {**CHAIN["tune"], **tune}}
+FAKE_HOLOPIPE = '''#!{python}
+"""Stands in for holopipe: records its arguments and writes the files they name."""
+import json, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+with open("calls.jsonl", "a") as calls:
+    calls.write(json.dumps(args) + "\\n")
+value = {{flag: args[args.index(flag) + 1] for flag in ("--provenance", "--study", "--best", "--trials", "--plots")
+         if flag in args}}
+for flag in ("--provenance", "--best", "--trials"):
+    if flag in value:
+        Path(value[flag]).parent.mkdir(parents=True, exist_ok=True)
+        Path(value[flag]).write_text("{{}}\\n")
+study = Path(value.get("--study", "results/tune/study.json"))
+if "study" in args:
+    study.parent.mkdir(parents=True, exist_ok=True)
+    study.write_text("{{}}\\n")
+    if json.loads(args[args.index("--config-json") + 1])["tune"]["storage"] is None:
+        study.with_suffix(".journal").write_text("created\\n")
+if "worker" in args and study.with_suffix(".journal").exists():
+    with open(study.with_suffix(".journal"), "a") as journal:  # as the trials append to it
+        journal.write("trial\\n")
+if "--plots" in value:
+    Path(value["--plots"]).mkdir(parents=True, exist_ok=True)
+    for name in ("history", "importances", "intermediate"):
+        Path(value["--plots"], name + ".png").write_bytes(b"png")
+'''
+
+
+def tune_chain(workdir: Path, config: dict, *args: str):
+    """Snakemake on the tuning rules alone (the examples and stats are given files), with FAKE_HOLOPIPE:
+    the jobs it runs (or plans, with -n): {rule: [{"input": [...], "output": [...]}, ...]}."""
+    import subprocess
+
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{workdir / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
+                                 f"{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(configfile), "--cores", "2", "--allowed-rules", "tune_study", "tune_worker", "tune",
+         *args, "--", "results/tune/best.yaml"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = {}
+    for rule, inputs, outputs in re.findall(r"^(?:local)?rule (\w+):\n(?:    input: (.*)\n)?    output: (.*)$",
+                                            result.stdout + result.stderr, re.MULTILINE):
+        jobs.setdefault(rule, []).append({"input": inputs.split(", "), "output": outputs.split(", ")})
+    return jobs
+
+
+@pytest.fixture
+def chain_dir(tmp_path):
+    """A run directory with the examples stores and stats the tuning rules read, and FAKE_HOLOPIPE."""
+    for store in ("train", "valid"):
+        (tmp_path / "data" / "examples" / f"{store}.zarr").mkdir(parents=True)
+        (tmp_path / "data" / "examples" / f"{store}.zarr" / "zarr.json").write_text("{}")
+    (tmp_path / "data" / "standardized").mkdir()
+    (tmp_path / "data" / "standardized" / "stats.json").write_text("{}")
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "holopipe"
+    fake.write_text(FAKE_HOLOPIPE.format(python=sys.executable))
+    fake.chmod(0o755)
+    return tmp_path
+
+
+def test_the_rule_chain_starts_a_fresh_study_when_the_search_or_the_examples_change(chain_dir):
+    ran = tune_chain(chain_dir, CHAIN)
+    assert {rule: len(jobs) for rule, jobs in ran.items()} == {"tune_study": 1, "tune_worker": 2, "tune": 1}
+    assert set(ran["tune_study"][0]["output"]) >= {"results/tune/study.json", "results/tune/study.journal"}
+    calls = [json.loads(line) for line in (chain_dir / "calls.jsonl").read_text().splitlines()]
+    for call in calls[1:]:  # the workers and the summary read the study file tune_study wrote
+        assert call[call.index("--study") + 1] == "results/tune/study.json"
+    # The workers appended to the journal after tune_study: nothing is stale for that.
+    assert tune_chain(chain_dir, CHAIN, "-n") == {}
+
+    def planned(config):
+        return {rule: len(jobs) for rule, jobs in tune_chain(chain_dir, config, "-n").items()}
+
+    # More trials continue the study; a changed search space starts a new one, and every worker and the summary.
+    assert planned(chain_config(n_trials=4, workers=3)) == {"tune_worker": 3, "tune": 1}
+    wider = chain_config(search_space={"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2}})
+    assert planned(wider) == {"tune_study": 1, "tune_worker": 2, "tune": 1}
+    assert planned(chain_config(n_trials=0)) == {"tune": 1}
+    # Re-made examples (newer than the study): a new study.
+    later = time.time() + 5
+    os.utime(chain_dir / "data" / "examples" / "valid.zarr" / "zarr.json", (later, later))
+    os.utime(chain_dir / "data" / "examples" / "valid.zarr", (later, later))
+    assert planned(CHAIN) == {"tune_study": 1, "tune_worker": 2, "tune": 1}
+
+
+def test_a_database_study_has_a_study_file_and_no_journal(chain_dir):
+    jobs = tune_chain(chain_dir, chain_config(storage="postgresql://u:secret@h/db"), "-n")
+    assert {rule: len(planned) for rule, planned in jobs.items()} == {"tune_study": 1, "tune_worker": 2, "tune": 1}
+    assert not [path for job in jobs.values() for planned in job for path in planned["input"] + planned["output"]
+                if path.endswith(".journal")]
+    assert "results/tune/study.json" in jobs["tune_worker"][0]["input"]

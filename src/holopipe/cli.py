@@ -114,16 +114,27 @@ def cmd_examples(args) -> None:
     build_examples(args.input, args.out, config, seed_offset=args.seed_offset)
 
 
-def cmd_tune_worker(args) -> None:
-    from holopipe.tune import run_worker
+def cmd_tune_study(args) -> None:
+    from holopipe.tune import start_study
 
-    run_worker(_load_config(args), args.train, args.valid, args.stats, args.workdir, worker=args.worker)
+    start_study(_load_config(args), args.study, args.train, args.valid, args.stats)
+
+
+def cmd_tune_worker(args) -> None:
+    from holopipe.tune import TrialProcessError, run_worker
+
+    try:
+        run_worker(_load_config(args), args.study, args.train, args.valid, args.stats, args.workdir,
+                   worker=args.worker)
+    except TrialProcessError as error:  # the job fails with the trial process's own exit status
+        log.error("%s", error)
+        raise SystemExit(error.exit_status) from error
 
 
 def cmd_tune_summarize(args) -> None:
     from holopipe.tune import summarize
 
-    summarize(_load_config(args), args.workdir, args.best, args.trials, args.plots)
+    summarize(_load_config(args), args.study, args.best, args.trials, args.plots)
 
 
 def cmd_train(args) -> None:
@@ -358,19 +369,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = stages.add_parser("tune", help="Optuna hyperparameter trials")
     tune_steps = tune.add_subparsers(dest="step", required=True, metavar="STEP")
+    study = tune_steps.add_parser("study", help="create the study of this config and these examples and stats")
+    study.add_argument("--study", required=True,
+                       help="study file to write: a fresh journal, or with tune.storage a record of the database")
+    _add_training_data(study)
+    _add_config_source(study)
+    study.set_defaults(func=cmd_tune_study, reads=_training_data, writes=_paths("study"))
     worker = tune_steps.add_parser("worker", help="run trials until the study has tune.n_trials finished")
-    worker.add_argument("--worker", type=int, required=True, help="worker number (seeds its sampler)")
-    worker.add_argument("--workdir", required=True, help="directory of the study (journal, trial outputs)")
+    worker.add_argument("--worker", type=int, required=True, help="worker number (recorded with its trials)")
+    worker.add_argument("--study", required=True, help="study file from `tune study` (refused if of other data)")
+    worker.add_argument("--workdir", required=True, help="directory of the trials' outputs (trials/<study>/N)")
     _add_training_data(worker)
     _add_config_source(worker)
-    worker.set_defaults(func=cmd_tune_worker, reads=_training_data, writes=_paths())
+    worker.set_defaults(func=cmd_tune_worker, reads=_paths("train", "valid", "stats", "study"), writes=_paths())
     summary = tune_steps.add_parser("summarize", help="best.yaml, trials CSV and plots of the study")
-    summary.add_argument("--workdir", required=True)
+    summary.add_argument("--study", help="study file from `tune study` (not needed when tune.n_trials is 0)")
     summary.add_argument("--best", required=True, help="best.yaml: the winning values by dotted key")
     summary.add_argument("--trials", required=True, help="trials CSV")
     summary.add_argument("--plots", required=True, help="directory for history/importances/intermediate PNGs")
     _add_config_source(summary)
-    summary.set_defaults(func=cmd_tune_summarize, reads=_paths("workdir"),
+    summary.set_defaults(func=cmd_tune_summarize, reads=_paths("study"),
                          writes=_paths("best", "trials", "plots"))
 
     train = stages.add_parser("train", help="train the segmentation model")

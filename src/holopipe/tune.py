@@ -1,8 +1,13 @@
 """Hyperparameter search with Optuna, shared by several worker jobs.
 
-Every worker (a separate job, possibly on another node) opens the same study: a journal file under the
-tuning directory (one node or a shared file system) or a PostgreSQL database (many nodes). Each worker
-runs ask/tell loops until the study holds exactly ``tune.n_trials`` *finished* trials. Finished means
+:func:`start_study` creates the study once and writes its study file (JSON): the study's name, which hashes
+the config the trials depend on and the content of the examples and stats they train on
+(:func:`study_name`), and where it lives: a fresh journal beside the study file (one node or a shared file
+system) or, with ``tune.storage``, a PostgreSQL database (many nodes). Every worker (a separate job,
+possibly on another node) refuses a study file whose study is not the one its own config and data give, so
+re-made examples never continue an old study. Each worker runs ask/tell loops until the study holds exactly
+``tune.n_trials`` *finished* trials, in ``tune.trials_per_gpu`` spawned processes that share the worker's
+GPU, so that the seeds and torch's global settings of one trial never reach another. Finished means
 COMPLETE or PRUNED (an out-of-memory trial is pruned); FAIL trials never count: those are surplus trials
 (asked in a race after enough others had started, marked ``surplus``), trials of killed workers (marked
 ``stale``) and failed ones.
@@ -28,14 +33,17 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -49,7 +57,8 @@ from optuna.trial import FrozenTrial, TrialState
 from holopipe.config import ConfigError, with_overrides
 from holopipe.io import write_atomically
 
-__all__ = ["TrialSeededSampler", "open_storage", "run_worker", "study_name", "suggest", "summarize"]
+__all__ = ["TrialProcessError", "TrialSeededSampler", "check_study", "data_digests", "open_storage",
+           "recorded_study", "run_worker", "start_study", "study_name", "suggest", "summarize"]
 
 log = logging.getLogger("holopipe")
 
@@ -65,38 +74,143 @@ MAX_RETRIES = 1
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "storage", "heartbeat")
+DATA_ROLES = ("train", "valid", "stats")
+"""The trials' inputs whose content names the study: the examples stores and the standardize stats."""
 
 Objective = Callable[[dict, optuna.Trial, dict], float]
 
 
-def study_name(config: dict) -> str:
-    """``holopipe-`` + a hash of everything that shapes the trials' results, so a changed search space,
-    model, training or examples config starts a new study in the same storage.
+class TrialProcessError(RuntimeError):
+    """A trial process of a worker ended with a non-zero exit status (``exit_status``, 128 + N for signal N,
+    as a shell reports it), so the worker fails with that status."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def data_digests(train_store, valid_store, stats_path) -> dict[str, str | None]:
+    """SHA-256 of the content of each input the trials read (:data:`DATA_ROLES`): a store's files in sorted
+    relative order, each its relative path and its bytes (:func:`holopipe.provenance.checksum`); None for an
+    input not given (an objective that reads no data). About 1 s per GB on one core with SHA-NI."""
+    from holopipe.provenance import checksum
+
+    started = time.perf_counter()
+    digests = {role: None if path is None else checksum(path)["sha256"]
+               for role, path in zip(DATA_ROLES, (train_store, valid_store, stats_path))}
+    log.info("content digests of the tuning data in %.1f s: %s", time.perf_counter() - started,
+             ", ".join(f"{role} {digest and digest[:12]}" for role, digest in digests.items()))
+    return digests
+
+
+def study_name(config: dict, data: Mapping[str, str | None]) -> str:
+    """``holopipe-`` + a hash of everything that shapes the trials' results: the search space, the model,
+    training and examples config, and the content ``data`` (:func:`data_digests`) of the examples and stats
+    the trials read, so that a changed config or re-made examples never continue an old study.
 
     Left out: how the search is run (workers, trials_per_gpu, storage, heartbeat) and n_trials, so
     raising n_trials continues the same study.
     """
     tune = {k: v for k, v in config["tune"].items() if k not in _RUNTIME_KEYS}
     sections = {"model", "train", "examples"} | {key.split(".")[0] for key in tune["search_space"]}
-    identity = {"tune": tune, **{name: config[name] for name in sorted(sections - {"tune"})}}
+    identity = {"tune": tune, **{name: config[name] for name in sorted(sections - {"tune"})},
+                "data": {role: data[role] for role in DATA_ROLES}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"holopipe-{digest[:12]}"
 
 
-def _journal_path(workdir) -> Path:
-    return Path(workdir) / "study.journal"
+def _public_url(url: str) -> str:
+    """A storage URL without its password, fit for a file and a log."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
-def open_storage(config: dict, workdir):
-    """The study's storage: a journal file ``workdir/study.journal`` when ``tune.storage`` is null
-    (open-file lock, which works on NFS and Lustre), else an RDB (PostgreSQL) URL with Optuna's heartbeat.
+def _journal_path(study_file) -> Path:
+    return Path(study_file).with_suffix(".journal")
+
+
+def _storage_description(config: dict, study_file) -> str:
+    url = config["tune"]["storage"]
+    return f"journal {_journal_path(study_file).name}" if url is None else _public_url(url)
+
+
+def start_study(config: dict, study_file, train_store, valid_store, stats_path) -> str:
+    """Create the study of this config and data and write its study file (returns the study's name).
+
+    The study file is JSON: the study's name, the data digests it was named from and where the study lives:
+    with ``tune.storage`` null a fresh journal beside it (``study.journal`` for ``study.json``; an existing
+    one is replaced), else the database (its URL without password), where a study of the same name (same
+    config and data) is continued.
+    """
+    digests = data_digests(train_store, valid_store, stats_path)
+    name = study_name(config, digests)
+    if config["tune"]["storage"] is None:
+        write_atomically(_journal_path(study_file),
+                         lambda tmp: _create_study(config, _journal_storage(tmp), name))
+    else:
+        _create_study(config, open_storage(config, study_file), name)
+    record = {"study": name, "storage": _storage_description(config, study_file), "data": digests}
+    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+    write_atomically(study_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    log.info("study %s in %s", name, record["storage"])
+    return name
+
+
+def _create_study(config: dict, storage, name: str) -> None:
+    optuna.create_study(study_name=name, storage=storage, direction=_direction(config), load_if_exists=True)
+
+
+def recorded_study(config: dict, study_file) -> dict:
+    """The study file's record (``study``, ``storage``, ``data``; :func:`start_study`), checked against
+    tune.storage and, for a journal, against the one study the journal holds."""
+    path = Path(study_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no study file; create it first with `holopipe tune study` "
+                                f"(Snakemake's tune_study rule)")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record["storage"] != _storage_description(config, path):
+        raise ValueError(f"{path}: records study {record['study']} in {record['storage']}, but this config's "
+                         f"study lives in {_storage_description(config, path)} (tune.storage); start it anew "
+                         f"with `holopipe tune study`")
+    if config["tune"]["storage"] is None:
+        journal = _journal_path(path)
+        names = optuna.get_all_study_names(_journal_storage(journal)) if journal.is_file() else []
+        if names != [record["study"]]:
+            raise ValueError(f"{journal}: holds {', '.join(names) or 'no study'}, not study {record['study']} "
+                             f"that {path} records; start it anew with `holopipe tune study`")
+    return record
+
+
+def check_study(config: dict, study_file, expected: str, data: Mapping[str, str | None]) -> None:
+    """Refuse a study file whose study is not ``expected`` (this config's and ``data``'s), saying which
+    of the data changed since the study was created, or that the config did."""
+    record = recorded_study(config, study_file)
+    if record["study"] == expected:
+        return
+    changed = [role for role in DATA_ROLES if record["data"].get(role) != data[role]]
+    why = (f"the content of {', '.join(changed)} changed" if changed
+           else "the tuning, model, training or examples config changed")
+    raise ValueError(f"{study_file} holds study {record['study']}, but this config and data give study "
+                     f"{expected} ({why} since the study was created); start a new study with "
+                     f"`holopipe tune study` (Snakemake reruns tune_study itself)")
+
+
+def _journal_storage(path) -> JournalStorage:
+    """A journal file with an open-file lock (which works on NFS and Lustre)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = JournalFileOpenLock(str(path), grace_period=JOURNAL_LOCK_GRACE_SECONDS)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+def open_storage(config: dict, study_file):
+    """The storage of the study of ``study_file``: its journal beside it when ``tune.storage`` is null,
+    else the RDB (PostgreSQL) URL, with Optuna's heartbeat.
     """
     tune = config["tune"]
     if tune["storage"] is None:
-        path = _journal_path(workdir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = JournalFileOpenLock(str(path), grace_period=JOURNAL_LOCK_GRACE_SECONDS)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        return _journal_storage(_journal_path(study_file))
     interval = max(1, math.ceil(tune["heartbeat"]))  # Optuna wants whole seconds
     # Workers start together: creating the tables on an empty database can race, so retry briefly.
     for attempt in range(5):
@@ -167,12 +281,11 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._per_trial.pop(trial.number, None)
 
 
-def _open_study(config: dict, storage) -> optuna.Study:
+def _load_study(config: dict, storage, name: str) -> optuna.Study:
     tune = config["tune"]
     sampler = TrialSeededSampler(tune["seed"], n_startup_trials=tune["startup_trials"], constant_liar=True,
                                  multivariate=True)
-    return optuna.create_study(study_name=study_name(config), storage=storage, sampler=sampler,
-                               pruner=_pruner(tune), direction=_direction(config), load_if_exists=True)
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=_pruner(tune))
 
 
 def suggest(trial: optuna.Trial, search_space: dict) -> dict:
@@ -196,12 +309,12 @@ def suggest(trial: optuna.Trial, search_space: dict) -> dict:
 
 
 def _train_objective(config: dict, trial: optuna.Trial, params: dict, *, train_store, valid_store,
-                     stats_path, workdir) -> float:
+                     stats_path, trials_dir) -> float:
     """Train one trial's model for tune.epochs and return its best validation metric."""
     from holopipe.train import train_model  # torch loads only where trials really train
 
     trial_config = with_overrides(config, {**params, "train.epochs": config["tune"]["epochs"]})
-    out_dir = Path(workdir) / "trials" / f"{trial.number}"
+    out_dir = Path(trials_dir) / f"{trial.number}"
     return train_model(trial_config, train_store, valid_store, out_dir, stats_path=stats_path,
                        trial=trial, progress=False).best_metric
 
@@ -355,10 +468,14 @@ def _run_trial(study, storage, config, objective, trial, identity) -> None:
     _tell(study, trial, **outcome)
 
 
-def _worker_loop(config, storage, objective, worker: int, stop: threading.Event) -> None:
+def _worker_loop(config, study_file, name: str, objective, worker: int, stop) -> None:
+    """Ask, run and tell trials until the study has n_trials finished, or until ``stop`` is set."""
     tune = config["tune"]
     n_trials, heartbeat = tune["n_trials"], tune["heartbeat"]
-    study = _open_study(config, storage)
+    # The RDB heartbeat is meant for study.optimize; with ask/tell we record it ourselves.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    storage = open_storage(config, study_file)
+    study = _load_study(config, storage, name)
     identity = _identity(worker)
     poll = min(heartbeat, 2.0)
     while not stop.is_set():
@@ -384,35 +501,134 @@ def _worker_loop(config, storage, objective, worker: int, stop: threading.Event)
         _run_trial(study, storage, config, objective, trial, identity)
 
 
-def run_worker(config: dict, train_store, valid_store, stats_path, workdir, *, worker: int,
+def run_worker(config: dict, study_file, train_store, valid_store, stats_path, workdir, *, worker: int,
                objective: Objective | None = None) -> None:
-    """Run trials of the shared study until it holds exactly tune.n_trials finished trials.
+    """Run trials of the study in ``study_file`` (:func:`start_study`) until it holds exactly tune.n_trials
+    finished trials; refuses a study file of another config or other data (:func:`check_study`).
 
     ``objective(config, trial, params) -> float`` defaults to training the model for tune.epochs
-    (``holopipe.train.train_model``, outputs under ``workdir/trials/N``). tune.trials_per_gpu loops
-    run in threads of this process and share its device. A CUDA out-of-memory error prunes the trial
-    (``oom=True``) and the worker carries on; any other error fails the trial and stops the worker.
+    (``holopipe.train.train_model``, outputs under ``workdir/trials/<study>/N``). With tune.trials_per_gpu
+    above 1 the trial loops run in as many spawned processes on this worker's GPU (so ``objective`` must be
+    picklable), and one that fails makes the worker fail (:class:`TrialProcessError`). A CUDA
+    out-of-memory error prunes the trial (``oom=True``) and the loop carries on; any other error fails the
+    trial and stops the worker.
     """
     tune = config["tune"]
     if tune["n_trials"] == 0:
         log.info("tuning disabled (tune.n_trials = 0)")
         return
+    data = data_digests(train_store, valid_store, stats_path)
+    name = study_name(config, data)
+    check_study(config, study_file, name, data)
     if objective is None:
         objective = functools.partial(_train_objective, train_store=train_store, valid_store=valid_store,
-                                      stats_path=stats_path, workdir=workdir)
-    # The RDB heartbeat is meant for study.optimize; with ask/tell we record it ourselves.
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-    storage = open_storage(config, workdir)
-    _open_study(config, storage)  # create it once before the threads race to
-    stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=tune["trials_per_gpu"], thread_name_prefix="trials") as pool:
-        futures = [pool.submit(_worker_loop, config, storage, objective, worker, stop)
-                   for _ in range(tune["trials_per_gpu"])]
-        try:
-            for future in futures:
-                future.result()
-        finally:
-            stop.set()  # on a bug in one loop, the others end after their current trial
+                                      stats_path=stats_path, trials_dir=Path(workdir) / "trials" / name)
+    if tune["trials_per_gpu"] == 1:
+        _worker_loop(config, study_file, name, objective, worker, threading.Event())
+    else:
+        _run_trial_processes(config, study_file, name, objective, worker)
+
+
+def _trial_gpu_environment(config: dict) -> dict[str, str]:
+    """``CUDA_VISIBLE_DEVICES`` for a worker's trial processes: the one GPU of the worker's slot
+    (:func:`holopipe.device.gpu_slot`, held by this process for its lifetime), so that they share it and
+    see it as their only one. Empty where the trials run on the CPU or on the GPU train.device names."""
+    if config["train"]["device"] not in ("auto", "cuda"):
+        return {}
+    import torch  # no CUDA context: counting GPUs does not create one
+
+    if not torch.cuda.is_available():
+        return {}  # the trials resolve train.device themselves, and fail where a GPU was allocated
+    from holopipe.device import allocated_gpus, gpu_slot
+
+    count = torch.cuda.device_count()
+    names = allocated_gpus() or [str(index) for index in range(count)]
+    return {"CUDA_VISIBLE_DEVICES": names[gpu_slot(count)]}
+
+
+@contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables while the trial processes start (they inherit them), then restore."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _exit_with(parent: int) -> None:
+    """End this trial process when its worker is gone (killed by the scheduler: its trials must stop too)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.error("worker process %d is gone; trial process %d exits", parent, os.getpid())
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _trial_process(config, study_file, name, objective, worker, stop, parent: int, threads: int,
+                   log_level: int) -> None:
+    """A spawned trial process: a fresh interpreter, so no seed, determinism flag, default dtype or cuDNN
+    setting of another trial's process reaches its trials. Runs the worker loop with ``threads`` CPUs."""
+    from holopipe.device import use_threads
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(processName)s %(message)s")
+    use_threads(threads)
+    _exit_with(parent)
+    _worker_loop(config, study_file, name, objective, worker, stop)
+
+
+def _exit_status(exitcode: int) -> int:
+    return 128 - exitcode if exitcode < 0 else exitcode  # -N: killed by signal N
+
+
+def _run_trial_processes(config, study_file, name, objective, worker: int) -> None:
+    """tune.trials_per_gpu worker loops in spawned processes (CUDA and fork do not mix) on this worker's GPU,
+    with this worker's CPU threads split between them. When one fails the others end after their current
+    trial, the failed one's running trial is swept as stale, and the worker raises
+    :class:`TrialProcessError` with its exit status."""
+    from holopipe.device import cpu_threads
+
+    count = config["tune"]["trials_per_gpu"]
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    args = (config, study_file, name, objective, worker, stop, os.getpid(), max(1, cpu_threads() // count),
+            log.getEffectiveLevel())
+    processes = [context.Process(target=_trial_process, args=args, name=f"trials-{worker}.{index}")
+                 for index in range(count)]
+    with _environment(_trial_gpu_environment(config)):
+        for process in processes:
+            process.start()
+    log.info("worker %d: trial processes %s", worker, ", ".join(str(p.pid) for p in processes))
+    failed = None
+    try:
+        running = list(processes)
+        while running:
+            multiprocessing.connection.wait([process.sentinel for process in running])
+            for process in [p for p in running if p.exitcode is not None]:
+                running.remove(process)
+                if process.exitcode != 0 and failed is None:
+                    failed = process
+                    stop.set()  # the others end after their current trial
+                    log.error("trial process %d exited with status %d; the others end after their current "
+                              "trial", process.pid, _exit_status(process.exitcode))
+    finally:
+        stop.set()
+        for process in processes:
+            process.join()
+    if failed is not None:
+        storage = open_storage(config, study_file)
+        _sweep_stale(_load_study(config, storage, name), storage, config["tune"]["heartbeat"])
+        status = _exit_status(failed.exitcode)
+        signame = f" (killed by {signal.Signals(-failed.exitcode).name})" if failed.exitcode < 0 else ""
+        raise TrialProcessError(f"worker {worker}: trial process {failed.pid} exited with status {status}"
+                                f"{signame}", status)
 
 
 # --- summary ------------------------------------------------------------------------------------------
@@ -467,10 +683,11 @@ def _plots(study: optuna.Study | None, plots_dir: Path, disabled: bool) -> None:
         _save_figure(fig, plots_dir / f"{name}.png")
 
 
-def summarize(config: dict, workdir, best_path, trials_csv, plots_dir) -> None:
-    """Write the best trial's parameters (a flat mapping of dotted keys for ``with_overrides``, with the
-    study's facts as YAML comments), every trial as CSV, and the history, importance and intermediate
-    plots. With tune.n_trials = 0 the mapping is empty and the plots say tuning is disabled.
+def summarize(config: dict, study_file, best_path, trials_csv, plots_dir) -> None:
+    """Write the best trial's parameters of the study in ``study_file`` (a flat mapping of dotted keys for
+    ``with_overrides``, with the study's facts as YAML comments), every trial as CSV, and the history,
+    importance and intermediate plots. With tune.n_trials = 0 (no study file needed) the mapping is empty
+    and the plots say tuning is disabled.
     """
     import pandas as pd
 
@@ -479,11 +696,10 @@ def summarize(config: dict, workdir, best_path, trials_csv, plots_dir) -> None:
         text = "# tuning disabled (tune.n_trials = 0): no overrides\n{}\n"
         frame, study = pd.DataFrame(columns=["number", "value", "state"]), None
     else:
-        storage, name = open_storage(config, workdir), study_name(config)
-        if name not in optuna.get_all_study_names(storage):
-            where = config["tune"]["storage"] or _journal_path(workdir)
-            raise ValueError(f"{where}: no study {name} (run the tune workers with this config first)")
-        study = optuna.load_study(study_name=name, storage=storage)
+        if study_file is None:
+            raise ValueError("tune.n_trials > 0: summarizing needs the study file (--study)")
+        name = recorded_study(config, study_file)["study"]
+        study = optuna.load_study(study_name=name, storage=open_storage(config, study_file))
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if not complete:

@@ -100,6 +100,54 @@ def tune_worker_flags():
     return expand("results/tune/workers/{worker}.done", worker=range(config["tune"]["workers"]))
 
 
+TUNE_RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "heartbeat")
+"""How the search runs, not what it finds: left out of the study's identity (holopipe.tune.study_name)."""
+
+TUNE_STUDY = "results/tune/study.json"
+"""The study file tune_study writes: the study's name, the data digests it was named from, its storage."""
+
+
+def tune_journal():
+    """The study's Optuna journal beside TUNE_STUDY (none with tune.storage: the study is in the database).
+    Declared, so that a new study starts in a fresh one; the workers append to it, so they take it as
+    ancient() and TUNE_STUDY, which nothing rewrites, tells Snakemake when the study was made anew."""
+    return [] if config["tune"]["storage"] is not None else ["results/tune/study.journal"]
+
+
+def tune_study_inputs(wildcards):
+    """A worker's study: the study file, and the journal as ancient (its own appends must not rerun it)."""
+    return {"study": TUNE_STUDY, **{"journal": ancient(path) for path in tune_journal()}}
+
+
+def tune_sections():
+    """Config sections the trials read: the model, training and examples, the tuning, and each section
+    tune.search_space tunes a key of (its study's name hashes them all)."""
+    tuned = {key.split(".")[0] for key in config["tune"]["search_space"]}
+    return sorted({"model", "train", "examples", "tune"} | tuned)
+
+
+def get_tune_config(wildcards):
+    """The config a tuning worker and the summary read, as JSON."""
+    return stage_config(*tune_sections())
+
+
+def get_tune_study_config(wildcards):
+    """The config of tune_study: what names the study, and tune.storage. Not how the search runs
+    (TUNE_RUNTIME_KEYS), so raising n_trials or adding workers continues the study instead of starting one."""
+    tune_keys = [key for key in config["tune"] if key not in TUNE_RUNTIME_KEYS]
+    return stage_config(*(section for section in tune_sections() if section != "tune"), tune=tune_keys)
+
+
+def get_tune_summary_study():
+    """The summary reads the study file and journal, unless tuning is off (tune.n_trials 0: no study)."""
+    return [] if config["tune"]["n_trials"] == 0 else [TUNE_STUDY, *tune_journal()]
+
+
+def tune_study_flag(wildcards):
+    """` --study FILE` for the summary; none with tuning off."""
+    return f" --study {TUNE_STUDY}" if config["tune"]["n_trials"] > 0 else ""
+
+
 def infer_outputs():
     """A chunk's detections, and its probability volume when infer.save_probabilities asks for it."""
     outputs = {"detections": "results/inference/{split}/chunk_{chunk}.csv"}

@@ -1,13 +1,37 @@
+rule tune_study:
+    input:
+        unpack(training_inputs),
+    output:
+        *tune_journal(),
+        study=TUNE_STUDY,
+        provenance="results/provenance/jobs/tune_study.json",
+    log:
+        "logs/tune/study.log",
+    params:
+        config=get_tune_study_config,
+    localrule: True
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "holopipe --provenance {output.provenance} --threads {threads} tune study --study {output.study} --train {input.train}"
+        " --valid {input.valid} --stats {input.stats} --config-json {params.config:q} > {log} 2>&1"
+
+
 rule tune_worker:
     input:
         unpack(training_inputs),
+        unpack(tune_study_inputs),
     output:
         flag=touch("results/tune/workers/{worker}.done"),
         provenance="results/provenance/jobs/tune_worker_{worker}.json",
     log:
         "logs/tune/worker_{worker}.log",
     params:
-        config=lambda w: stage_config("model", "train", "tune", "examples"),
+        config=get_tune_config,
     wildcard_constraints:
         worker=r"\d+",
     threads: TRAIN_THREADS * config["tune"]["trials_per_gpu"]
@@ -18,14 +42,15 @@ rule tune_worker:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} tune worker --worker {wildcards.worker} --workdir results/tune --train {input.train}"
-        " --valid {input.valid} --stats {input.stats}"
+        "holopipe --provenance {output.provenance} --threads {threads} tune worker --worker {wildcards.worker} --study {input.study}"
+        " --workdir results/tune --train {input.train} --valid {input.valid} --stats {input.stats}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 
 rule tune:
     input:
-        tune_worker_flags(),
+        workers=tune_worker_flags(),
+        study=get_tune_summary_study(),
     output:
         best="results/tune/best.yaml",
         provenance="results/provenance/jobs/tune_summary.json",
@@ -40,7 +65,8 @@ rule tune:
     log:
         "logs/tune/summary.log",
     params:
-        config=lambda w: stage_config("model", "train", "tune", "examples"),
+        config=get_tune_config,
+        study=tune_study_flag,
     localrule: True
     threads: 1
     resources:
@@ -49,6 +75,5 @@ rule tune:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} tune summarize --workdir results/tune --best {output.best} --trials {output.trials}"
-        " --plots results/tune/plots --config-json {params.config:q} > {log} 2>&1"
-
+        "holopipe --provenance {output.provenance} --threads {threads} tune summarize{params.study} --best {output.best}"
+        " --trials {output.trials} --plots results/tune/plots --config-json {params.config:q} > {log} 2>&1"
