@@ -226,10 +226,12 @@ def provenance_records(wildcards):
         rules.train.output.provenance,
         rules.evaluate.output.provenance,
     ]
+    used_splits = list(dict.fromkeys([TRAIN_SPLIT, VALID_SPLIT, *infer_splits]))  # not splits nothing reads
     for per_split in (rules.acquire_split, rules.regrid_split, rules.standardize_split):
-        records += expand(per_split.output.provenance, split=SPLITS)
+        records += expand(per_split.output.provenance, split=used_splits)
     records += expand(rules.examples_split.output.provenance, split=(TRAIN_SPLIT, VALID_SPLIT))
     if config["tune"]["n_trials"] > 0:
+        records.append(rules.tune_study.output.provenance)
         records += expand(rules.tune_worker.output.provenance, worker=range(config["tune"]["workers"]))
     records += expand(rules.infer_chunk.output.provenance, split=infer_splits, chunk=chunks)
     for per_split in (rules.particles_split, rules.baseline_split, rules.label_candidates):
