@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 import holopipe.baseline
-from holopipe.baseline import CSV_COLUMNS, auto_threshold, baseline_file, find_particles, suppress_ghosts
+from holopipe.baseline import CSV_COLUMNS, auto_threshold, baseline_file, find_particles
 from holopipe.config import load_config
 from holopipe.evaluate import match
 from holopipe.reconstruction import z_bin_centres
@@ -229,21 +229,3 @@ def test_a_killed_baseline_run_resumes_without_redoing_finished_holograms(tmp_pa
     uninterrupted = pd.read_csv(baseline_file(load_config(config), path, tmp_path / "whole.csv", progress=False))
     assert set(uninterrupted["hid"]) == set(range(1, n_holograms + 1))
     pd.testing.assert_frame_equal(resumed, uninterrupted)
-
-
-def test_ghost_removal_keeps_the_darkest_and_drops_dim_spots_near_it_only():
-    """A 60 µm droplet in focus (contrast 0.95) with two dim ghosts of its rings: 40 µm off its axis 5 mm
-    behind (within 2 depths of focus, 2 x 10.1 mm, and 1.5 diameters) and 100 µm off (beyond 1.5 D);
-    and a 20 µm droplet 30 µm from the big one's axis but 25 mm away (beyond the big one's 2 D²/λ, 20 mm)."""
-    wavelength = 3.55e-7
-    particles = pd.DataFrame({
-        "x": [0.0, 40e-6, 100e-6, 30e-6], "y": [0.0, 0.0, 0.0, 0.0], "z": [20e-3, 25e-3, 21e-3, 45e-3],
-        "d": [60e-6, 8e-6, 8e-6, 20e-6], "score": [0.95, 0.55, 0.55, 0.9]})
-    kept = suppress_ghosts(particles, wavelength, 2.0, 1.5)
-    assert kept.index.tolist() == [0, 2, 3]
-    assert suppress_ghosts(particles, wavelength, 0.0, 1.5).index.tolist() == [0, 1, 2, 3]
-    # Order is by darkness: the ghost listed first is still the one dropped.
-    flipped = particles.iloc[::-1]
-    assert sorted(suppress_ghosts(flipped, wavelength, 2.0, 1.5).index.tolist()) == [0, 2, 3]
-    # A reach of a quarter depth of focus (2.5 mm) keeps the ghost 5 mm behind.
-    assert suppress_ghosts(particles, wavelength, 0.25, 1.5).index.tolist() == [0, 1, 2, 3]

@@ -13,7 +13,7 @@ from holopipe.focus import gradient_magnitude, smoothed_amplitude
 from holopipe.io import write_zarr
 from holopipe.optics import Propagator, hologram_field
 from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
-                                merge_duplicates, particles_file, refine_depths)
+                                merge_duplicates, particles_file, refine_depths, suppress_ghosts)
 from holopipe.reconstruction import z_bin_centres
 from holopipe.simulate import ParticleSet
 from test_baseline import OPTICS, PAD, PARTICLES, Z_BINS, contrast_hologram, scene_config
@@ -324,3 +324,21 @@ def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram
                                        store_path=path, progress=False))
     assert len(whole) == 2 and abs(whole["x"].iloc[1] - whole["x"].iloc[0]) == pytest.approx(6 * OPTICS.dx * 1e6, abs=1)
     pd.testing.assert_frame_equal(resumed, whole)
+
+
+def test_ghost_removal_keeps_the_best_ranked_and_drops_dim_spots_near_it_only():
+    """A 60 µm droplet in focus (contrast 0.95) with two dim ghosts of its rings: 40 µm off its axis 5 mm
+    behind (within 2 depths of focus, 2 x 10.1 mm, and 1.5 diameters) and 100 µm off (beyond 1.5 D);
+    and a 20 µm droplet 30 µm from the big one's axis but 25 mm away (beyond the big one's 2 D²/λ, 20 mm)."""
+    wavelength = 3.55e-7
+    particles = pd.DataFrame({
+        "x": [0.0, 40e-6, 100e-6, 30e-6], "y": [0.0, 0.0, 0.0, 0.0], "z": [20e-3, 25e-3, 21e-3, 45e-3],
+        "d": [60e-6, 8e-6, 8e-6, 20e-6], "score": [0.95, 0.55, 0.55, 0.9]})
+    kept = suppress_ghosts(particles, "score", wavelength, 2.0, 1.5)
+    assert kept.index.tolist() == [0, 2, 3]
+    assert suppress_ghosts(particles, "score", wavelength, 0.0, 1.5).index.tolist() == [0, 1, 2, 3]
+    # Order is by darkness: the ghost listed first is still the one dropped.
+    flipped = particles.iloc[::-1]
+    assert sorted(suppress_ghosts(flipped, "score", wavelength, 2.0, 1.5).index.tolist()) == [0, 2, 3]
+    # A reach of a quarter depth of focus (2.5 mm) keeps the ghost 5 mm behind.
+    assert suppress_ghosts(particles, "score", wavelength, 0.25, 1.5).index.tolist() == [0, 1, 2, 3]

@@ -34,7 +34,10 @@ diameter of the half-contrast dark region holding the darkest point, in the wind
 ``particles.distance``): a cluster beside its droplet, e.g. where the frame edge cuts the fringes, still
 takes the droplet's centre. Clusters of one droplet (such a ghost, or a column split across z) then
 refine to the same place and are merged (:func:`merge_duplicates`, within ``particles.distance`` as in
-clustering), keeping the largest prob. Planes are reconstructed in batches on ``particles.device`` and
+clustering), keeping the largest prob. Clusters of one large droplet can also refine to different planes
+of its long depth of focus D²/λ; :func:`without_ghosts` keeps the sharpest focus of those within
+``particles.ghost_diameters`` diameters in x, y and ``particles.ghost_depths_of_focus`` depths of focus
+in z (the ghost removal the baseline applies to its own groups, :func:`suppress_ghosts`). Planes are reconstructed in batches on ``particles.device`` and
 every particle of a batch is scored at once there (its windows gathered in one indexing op,
 :func:`holopipe.focus.window_scores`); only the scores and the best planes' measuring windows reach the
 host, so memory is one batch of planes even for full 4872 x 3248 frames. Each hologram's result is kept
@@ -64,7 +67,8 @@ from holopipe.reconstruction import hologram_propagator, open_standardized, z_bi
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels",
            "focus_windows", "host_windows", "label_detections", "measure_dark_disk", "merge_detections",
-           "merge_duplicates", "particles_file", "read_detections", "refine_depths"]
+           "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
+           "without_ghosts"]
 
 PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
@@ -332,12 +336,39 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
         "inputs": input_identity(*chunk_csvs, store_path)})
     refined = _refined(clusters, config, store_path, parts, progress=progress)
     refined_clusters = clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus")})
-    table = _particle_table(merge_duplicates(refined_clusters, settings))
+    table = _particle_table(without_ghosts(merge_duplicates(refined_clusters, settings), settings,
+                                           float(config["optics"]["wavelength"])))
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))
 
 
 def _particle_table(particles: pd.DataFrame) -> pd.DataFrame:
     return particles[list(PARTICLE_COLUMNS)].sort_values(["hid", "z"], kind="stable", ignore_index=True)
+
+
+def suppress_ghosts(particles: pd.DataFrame, rank: str, wavelength_m: float, depths_of_focus: float,
+                    diameters: float) -> pd.DataFrame:
+    """``particles`` (one hologram, x, y, z, d in metres) without the ghosts of others.
+
+    A droplet's depth of focus is D²/λ (10 mm at 60 µm), and whatever marks it along that column can
+    report it more than once: dim spots of its defocused rings (the baseline's 3-D groups), or clusters
+    that refine to different planes (the U-Net path). Best first by the column ``rank`` (the baseline's
+    darkness contrast, the refinement's focus peak), a particle of diameter D removes every remaining
+    one within ``diameters`` · D of it in x, y and ``depths_of_focus`` · D²/λ in z (the standard
+    processing's ghost removal). ``depths_of_focus`` 0 keeps every particle.
+    """
+    if depths_of_focus == 0 or len(particles) < 2:
+        return particles
+    order = np.argsort(-particles[rank].to_numpy(), kind="stable")
+    x, y, z, d = (particles[c].to_numpy(np.float64)[order] for c in "xyzd")
+    kept = np.ones(len(order), dtype=bool)
+    for i in range(len(order)):
+        if not kept[i]:
+            continue
+        later = np.arange(i + 1, len(order))
+        ghost = ((np.hypot(x[later] - x[i], y[later] - y[i]) <= diameters * d[i])
+                 & (np.abs(z[later] - z[i]) <= depths_of_focus * d[i] ** 2 / wavelength_m))
+        kept[later[ghost]] = False
+    return particles.iloc[np.sort(order[kept])]
 
 
 def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
@@ -350,6 +381,17 @@ def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
     for _, group in particles.groupby("hid", sort=True):
         labels = cluster_labels(_linking_points(group, settings), float(settings["distance"]))
         kept.append(group.iloc[_best_per_label(labels, group["focus"].to_numpy(), group["prob"].to_numpy())])
+    return pd.concat(kept) if kept else particles
+
+
+def without_ghosts(particles: pd.DataFrame, settings: dict, wavelength_m: float) -> pd.DataFrame:
+    """Refined particles (µm) of every hologram without the ghosts of others (:func:`suppress_ghosts`,
+    sharpest ``focus`` first, ``particles.ghost_depths_of_focus`` and ``ghost_diameters``)."""
+    kept = []
+    for _, group in particles.groupby("hid", sort=True):
+        metres = group.assign(**{c: group[c] * 1e-6 for c in "xyzd"})
+        kept.append(group.loc[suppress_ghosts(metres, "focus", wavelength_m, settings["ghost_depths_of_focus"],
+                                              settings["ghost_diameters"]).index])
     return pd.concat(kept) if kept else particles
 
 
