@@ -110,8 +110,9 @@ class Tally:
     def add(self, truth: pd.DataFrame, predicted: pd.DataFrame, reference: pd.DataFrame, config: dict) -> None:
         """Pool one store's particles against its truth; ``agree``: particles of ``reference`` (k = 1) found again."""
         tol_xy, tol_z = float(config["evaluate"]["tolerance_xy"]), float(config["evaluate"]["tolerance_z"])
+        depth_bins = np.linspace(config["optics"]["z_min"], config["optics"]["z_max"], config["evaluate"]["depth_bins"] + 1)
         metrics = detection_metrics(truth, predicted, match(truth, predicted, tol_xy, tol_z),
-                                    config["evaluate"]["diameter_bins"])
+                                    config["evaluate"]["diameter_bins"], depth_bins)
         for key in ("n_true", "n_predicted", "tp"):
             self.counts[key] += metrics[key]
         self.counts["agree"] += len(match(reference, predicted, tol_xy, tol_z))
