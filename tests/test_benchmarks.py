@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from holopipe.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = load_config(REPO / "config" / "config.yaml")
 
 
 def run_benchmark(script: str, *args: str) -> str:
@@ -28,7 +31,7 @@ def seconds_of(line_start: str, text: str) -> float:
 def test_bench_infer_times_inference_refinement_and_the_baseline(tmp_path):
     text = run_benchmark("bench_infer.py", "--planes", "2", "--cache", str(tmp_path))
     assert "device: CPU (1 thread), fp32" in text
-    assert "2 of 100 planes in batches of 4" in text  # the config's plane grid and batches
+    assert f"2 of {CONFIG['reconstruction']['z_bins']} planes in batches of 4" in text  # the config's grid and batches
     for stage in ("inference:", "refinement:", "baseline:"):
         assert seconds_of(stage, text) > 0, stage
     shares = re.search(r"shares: propagation (\d+) %, model (\d+) %, post-processing (\d+) %, refinement (\d+) %",
@@ -40,9 +43,10 @@ def test_bench_infer_times_inference_refinement_and_the_baseline(tmp_path):
 @pytest.mark.slow
 def test_bench_propagate_compares_the_workflow_sweep_with_a_bare_fft_of_the_padded_grid():
     text = run_benchmark("bench_propagate.py")
-    assert "frame 512 x 512" in text and "pad 64" in text
+    pad = CONFIG["reconstruction"]["pad"]
+    assert "frame 512 x 512" in text and f"pad {pad}" in text
     for library in ("numpy/scipy (CPU)", "torch (CPU)"):
         line = next(line for line in text.splitlines() if line.startswith(library))
-        assert "640 x 640 padded" in line  # 512 + 2 · 64
+        assert f"{512 + 2 * pad} x {512 + 2 * pad} padded" in line
         ratios = [float(value) for value in re.findall(r"ratio ([0-9.]+)", line)]
         assert len(ratios) == 2 and all(ratio > 0 for ratio in ratios), line
