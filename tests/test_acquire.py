@@ -232,6 +232,14 @@ def test_file_source_is_copied(tmp_path, source):
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.nc"]
 
 
+def test_a_recorded_training_file_keeps_its_camera_and_says_so(tmp_path, source, caplog):
+    with caplog.at_level("INFO", logger="holopipe"):
+        out = acquire_split(config_with(source="file", path=str(source)), "train", tmp_path / "train.nc",
+                            ideal_sensor=True)
+    assert out.read_bytes() == source.read_bytes()
+    assert "its images keep their camera" in caplog.text
+
+
 @pytest.mark.parametrize("keep", [1, 2, 5])
 def test_max_holograms_keeps_the_first_holograms_and_their_particles(tmp_path, source, keep):
     config = config_with(source="file", path=str(source), max_holograms=keep)

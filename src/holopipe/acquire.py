@@ -65,6 +65,9 @@ def acquire_split(config: dict, split: str, out_path, *, ideal_sensor: bool = Fa
     out_path.parent.mkdir(parents=True, exist_ok=True)
     optics = config["optics"]
     z_limits = (optics["z_min"], optics["z_max"])
+    if ideal_sensor and spec["source"] != "simulate":
+        log.info("split %s is recorded (source %s): its images keep their camera, and augmentation adds another "
+                 "on top (an ideal sensor applies to simulated splits only)", split, spec["source"])
     if spec["source"] == "simulate":
         log.info("simulating %d hologram(s) for split %s into %s (%s)", spec["n_holograms"], split, out_path,
                  "an ideal sensor: no camera noise, flat light, float32" if ideal_sensor else "the camera model")
