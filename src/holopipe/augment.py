@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.config import ConfigError, load_config
 from holopipe.io import IMAGE_DIMS, open_holodec, pixel_centres, write_atomically, write_zarr
-from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
+from holopipe.simulate import Optics, ParticleSet, fringe_pattern, opaque_disks_field
 
 __all__ = [
     "CORRUPTIONS",
@@ -280,8 +280,7 @@ class Illumination(Corruption):
             centre_y = rng.uniform(-ny * dy / 2, ny * dy / 2)
             profile = np.exp(-2 * ((x - centre_x) ** 2 + (y - centre_y) ** 2) / self.beam_waist**2)
         angle, phase = rng.uniform(0, 2 * np.pi, 2)
-        along = (np.cos(angle) * x + np.sin(angle) * y) / self.fringe_period  # cycles
-        return profile * (1 + self.fringe_amplitude * np.sin(2 * np.pi * along + phase))
+        return profile * fringe_pattern(x, y, self.fringe_amplitude, self.fringe_period, angle, phase)
 
     def apply(self, image, rng):
         return image * _to_like(self.profile(image.shape, rng), image)

@@ -37,8 +37,8 @@ refine to the same place and are merged (:func:`merge_duplicates`, within ``part
 clustering), keeping the largest prob. Clusters of one large droplet can also refine to different planes
 of its long depth of focus D²/λ; :func:`without_ghosts` keeps the sharpest focus of those within
 ``particles.ghost_diameters`` diameters in x, y and ``particles.ghost_depths_of_focus`` depths of focus
-in z (the ghost removal the baseline applies to its own groups, :func:`suppress_ghosts`). Planes are reconstructed in batches on ``particles.device`` and
-every particle of a batch is scored at once there (its windows gathered in one indexing op,
+in z (the ghost removal the baseline applies to its own groups, :func:`suppress_ghosts`). Planes are
+reconstructed in batches on ``particles.device`` and every particle of a batch is scored at once there (its windows gathered in one indexing op,
 :func:`holopipe.focus.window_scores`); only the scores and the best planes' measuring windows reach the
 host, so memory is one batch of planes even for full 4872 x 3248 frames. Each hologram's result is kept
 as it finishes, so a killed job resumes (:func:`particles_file`). ``none`` keeps the in-focus

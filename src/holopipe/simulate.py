@@ -39,6 +39,7 @@ __all__ = [
     "ParticleSet",
     "SimulationSettings",
     "camera_image",
+    "fringe_pattern",
     "fringe_profile",
     "ideal_sensor_image",
     "fraunhofer_field",
@@ -284,15 +285,23 @@ def beam_profile(optics: Optics, beam_waist: float | None) -> np.ndarray:
     return (profile_y[:, None] * profile_x[None, :]).astype(np.float32)
 
 
+def fringe_pattern(x_m: np.ndarray, y_m: np.ndarray, amplitude: float, period_m: float, angle: float,
+                   phase: float) -> np.ndarray:
+    """Relative intensity 1 + a·sin(2π(x cos θ + y sin θ)/period + φ) of straight optics fringes at pixel
+    centres ``x_m`` (1, nx) and ``y_m`` (ny, 1), in metres; the camera model and the augmentation share it."""
+    along = (np.cos(angle) * x_m + np.sin(angle) * y_m) / period_m  # cycles
+    return 1 + amplitude * np.sin(2 * np.pi * along + phase)
+
+
 def fringe_profile(rng: np.random.Generator, optics: Optics, amplitude: float, period: float) -> np.ndarray:
-    """Relative intensity (ny, nx) 1 + a·cos(2π(x cos θ + y sin θ)/period + φ) of straight optics fringes,
-    with θ and φ drawn from ``rng``; 1 (and nothing drawn) when ``amplitude`` is 0."""
+    """Relative intensity (ny, nx) of the camera's straight optics fringes (:func:`fringe_pattern`), with the
+    angle θ ∈ [0, π) and phase φ drawn from ``rng`` and the cosine form cos(...) = sin(... + π/2); 1 (and
+    nothing drawn) when ``amplitude`` is 0."""
     if amplitude == 0:
         return np.ones((optics.ny, optics.nx), np.float32)
     angle, phase = rng.uniform(0.0, np.pi), rng.uniform(0.0, 2 * np.pi)
-    xs, ys = pixel_centres(optics.nx, optics.dx), pixel_centres(optics.ny, optics.dy)
-    along = ys[:, None] * np.sin(angle) + xs[None, :] * np.cos(angle)
-    return (1.0 + amplitude * np.cos(2 * np.pi * along / period + phase)).astype(np.float32)
+    x, y = pixel_centres(optics.nx, optics.dx)[None, :], pixel_centres(optics.ny, optics.dy)[:, None]
+    return fringe_pattern(x, y, amplitude, period, angle, phase + np.pi / 2).astype(np.float32)
 
 
 def camera_image(field: np.ndarray, rng: np.random.Generator, optics: Optics,
