@@ -81,6 +81,18 @@ def _describe(error: ValidationError) -> Iterator[str]:
         yield f"{'.'.join(keys) or 'config'}: {error.message}"
 
 
+PRIMARY_SPLIT = "test"
+"""The evaluated split whose metrics are results/evaluation/metrics.json (else the first evaluated split)."""
+
+
+def primary_split(splits) -> str:
+    """The split of ``infer.splits`` whose metrics are ``metrics.json``: :data:`PRIMARY_SPLIT` where
+    evaluated, else the first; every other's go to ``<split>/metrics.json`` beside it. Here, not in
+    holopipe.evaluate, so that the workflow's parse (which imports this module) names the same files."""
+    splits = list(splits)
+    return PRIMARY_SPLIT if PRIMARY_SPLIT in splits else splits[0]
+
+
 def _merged(base: dict, overrides: Mapping) -> dict:
     """``base`` with ``overrides`` merged in key by key (nested mappings merged, everything else replaced)."""
     merged = copy.deepcopy(base)

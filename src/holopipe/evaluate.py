@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from holopipe.config import primary_split
 from holopipe.io import open_holodec, particle_table, write_atomically
 
 __all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
@@ -65,8 +66,6 @@ PLOT_NAMES = ("scatter3d.png", "diameters.png", "errors.png", "recall_by_diamete
               "size_error.png", "f1_bars.png")
 LABEL_PLOT_NAMES = ("labels_table.png", "labels_gallery.png")
 """Written on every run: with labels the head-to-head table and the gallery, without them a note saying so."""
-PRIMARY_SPLIT = "test"
-"""The split of ``metrics.json`` where it is evaluated (else the first evaluated split)."""
 DIFFERENCE = ("unet", "baseline")
 """The paired F1 difference ``unet_minus_baseline`` is reported where both methods are evaluated."""
 WILSON_Z = 1.959963984540054
@@ -393,12 +392,6 @@ def label_metrics(candidates: pd.DataFrame, labels: pd.DataFrame, methods, diame
             "by_diameter": by_diameter, "labellers": labellers, "n_labelled_candidates": int(labelled.sum()),
             "agreement": agreement, "interval": "Wilson score, 95 %"}
     return results
-
-
-def primary_split(splits) -> str:
-    """The split whose metrics are ``metrics.json``: :data:`PRIMARY_SPLIT` where evaluated, else the first."""
-    splits = list(splits)
-    return PRIMARY_SPLIT if PRIMARY_SPLIT in splits else splits[0]
 
 
 def split_metrics_paths(out_json, splits) -> dict[str, Path]:

@@ -12,7 +12,7 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from holopipe.config import ConfigError, check_tiles_fit, load_config
+from holopipe.config import ConfigError, check_tiles_fit, load_config, primary_split
 
 # The conda envs' post-deploy script installs holopipe from this checkout, wherever the working directory is.
 os.environ.setdefault("HOLOPIPE_REPO", workflow.basedir)
@@ -171,12 +171,9 @@ def evaluation_pairs(pattern, methods=None):
 
 
 def evaluation_split_metrics():
-    """The metrics files evaluate writes beside metrics.json: one per evaluated split but the primary one,
-    `test` where evaluated, else the first, as holopipe.evaluate.primary_split chooses (not imported, since
-    that module's pandas and scipy would slow every parse by seconds)."""
+    """The metrics files evaluate writes beside metrics.json: one per evaluated split but the primary one."""
     splits = config["infer"]["splits"]
-    primary = "test" if "test" in splits else splits[0]
-    return [f"results/evaluation/{split}/metrics.json" for split in splits if split != primary]
+    return [f"results/evaluation/{split}/metrics.json" for split in splits if split != primary_split(splits)]
 
 
 def get_label_files(wildcards):
