@@ -5,6 +5,7 @@ An x/y swap anywhere (the contract's (xsize, ysize) image against the optics' (n
 other axis, a centroid's row taken for x) moves the found droplets away from the truth and fails this test.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -38,8 +39,7 @@ def oracle(amplitude, phase):
 def config():
     return load_config({
         "splits": {"test": {"source": "simulate", "n_holograms": 1, "seed": 1}},
-        "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
-                   "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
+        "optics": dataclasses.asdict(OPTICS),
         "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
         "infer": {"device": "cpu"}, "particles": {"device": "cpu"}, "baseline": {"device": "cpu"},
     })

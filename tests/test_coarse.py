@@ -2,6 +2,7 @@
 is the full sweep, a droplet between coarse planes is found through the lower coarse threshold, and the model
 sees a fraction of the pixels."""
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -97,8 +98,7 @@ def sweep(image, segment, *, coarse_stride=None, coarse_threshold=0.2, coarse_ma
 def config():
     return load_config({
         "splits": {"test": {"source": "simulate", "n_holograms": 1, "seed": 1}},
-        "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
-                   "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
+        "optics": dataclasses.asdict(OPTICS),
         "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
         "particles": {"focus": "logit"},
     })

@@ -1,5 +1,6 @@
 """Training examples: tiles and masks against the physics, counts, splits, the torch Dataset."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -27,8 +28,7 @@ N_HOLOGRAMS, POSITIVES, NEGATIVES, Z_BINS, TILE = 3, 3, 4, 20, 64
 def make_config(**examples):
     return load_config({
         "splits": {"train": {"source": "simulate", "n_holograms": N_HOLOGRAMS, "seed": 1}},
-        "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
-                   "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
+        "optics": dataclasses.asdict(OPTICS),
         "reconstruction": {"z_bins": Z_BINS, "pad": 32},
         "examples": {"tile_size": TILE, "positives_per_hologram": POSITIVES,
                      "negatives_per_hologram": NEGATIVES, "near_negative_fraction": 0.5, **examples},

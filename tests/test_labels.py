@@ -1,6 +1,7 @@
 """Hand labels: candidates of a simulated split (union, crops, manifest), label files (add, undo, resume,
 atomic, refusals), the page order, and the evaluation with labels (against the truth, kappa, files)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -40,8 +41,7 @@ def truth_table() -> pd.DataFrame:
 def config():
     return load_config({
         "splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
-        "optics": {"wavelength": OPTICS.wavelength, "dx": OPTICS.dx, "dy": OPTICS.dy, "nx": OPTICS.nx,
-                   "ny": OPTICS.ny, "z_min": OPTICS.z_min, "z_max": OPTICS.z_max},
+        "optics": dataclasses.asdict(OPTICS),
         "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
         "evaluate": {"diameter_bins": [0.0, 30e-6, 100e-6]},
     })
