@@ -33,7 +33,7 @@ def bench(name: str, config: dict, n_holograms: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = standardized_store(config, n_holograms, Path(tmp))
         start = time.perf_counter()
-        out = build_examples(store, Path(tmp) / "examples.zarr", config, progress=False)
+        out = build_examples(store, Path(tmp) / "examples.zarr", config, split="train", progress=False)
         seconds = time.perf_counter() - start
         with open_holodec_examples(out) as examples:
             count = examples.sizes["example"]

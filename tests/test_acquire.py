@@ -325,3 +325,50 @@ def test_split_simulate_keys_and_the_ideal_sensor(tmp_path):
     assert np.array_equal(particle_table(ideal).to_numpy(), particle_table(near).to_numpy())
     noise = (near["image"].astype(np.float32) - ideal["image"]).values
     assert 0.3 < noise.std() < 3.0  # the camera's noise and rounding, in gray levels, on the recorded one only
+
+
+def rewritten(source, path, **attrs):
+    """`source` written to `path` with some global attributes replaced."""
+    with xr.open_dataset(source) as ds:
+        ds.load().assign_attrs(attrs).to_netcdf(path)
+    return path
+
+
+@pytest.mark.parametrize("max_holograms", [None, 1])
+def test_a_file_of_another_laser_fails_naming_both_wavelengths_and_the_config_key(tmp_path, source, max_holograms):
+    green = rewritten(source, tmp_path / "green.nc", **{"lambda": 5.32e-7})
+    out = tmp_path / "raw" / "train.nc"
+    split = {"source": "file", "path": str(green)} | ({} if max_holograms is None else {"max_holograms": 1})
+    with pytest.raises(HolodecFormatError) as raised:
+        acquire_split(config_with(**split), "train", out)
+    message = str(raised.value)
+    assert message.startswith(f"{green}: attribute 'lambda' = 5.32e-07 m (532 nm)")
+    assert "optics.wavelength = 3.55e-07 m (355 nm)" in message
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_wavelength_within_the_tolerance_is_accepted(tmp_path, source):
+    close = rewritten(source, tmp_path / "close.nc", **{"lambda": 3.55e-7 * (1 + acquire.WAVELENGTH_TOLERANCE / 2)})
+    out = acquire_split(config_with(source="file", path=str(close)), "train", tmp_path / "train.nc")
+    assert out.read_bytes() == close.read_bytes()
+
+
+def test_a_downloaded_file_of_another_laser_names_the_url_once(tmp_path, server, source):
+    body = rewritten(source, tmp_path / "green.nc", **{"lambda": 5.32e-7}).read_bytes()
+    server.site.routes["/green.nc"] = Route(body)
+    out = tmp_path / "raw" / "train.nc"
+    with pytest.raises(HolodecFormatError) as raised:
+        acquire_split(url_config(server, "/green.nc", body), "train", out)
+    url = f"{server.base}/green.nc"
+    assert str(raised.value).startswith(f"{url}: attribute 'lambda'") and str(raised.value).count(url) == 1
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_file_without_holograms_fails_at_acquire(tmp_path, source):
+    empty = tmp_path / "empty.nc"
+    with xr.open_dataset(source) as ds:
+        ds.load().isel(hologram_number=slice(0, 0), particle=slice(0, 0)).to_netcdf(empty)
+    out = tmp_path / "raw" / "train.nc"
+    with pytest.raises(HolodecFormatError, match=re.escape(f"{empty}: no holograms")):
+        acquire_split(config_with(source="file", path=str(empty)), "train", out)
+    assert list(out.parent.iterdir()) == []

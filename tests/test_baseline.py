@@ -23,6 +23,7 @@ from holopipe.evaluate import match
 from holopipe.reconstruction import z_bin_centres
 from holopipe.io import HolodecFormatError, write_zarr
 from holopipe.optics import Propagator, hologram_field
+from holopipe.provenance import code_identity
 from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
 
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=128, ny=128, z_min=2e-3, z_max=10e-3)
@@ -229,3 +230,28 @@ def test_a_killed_baseline_run_resumes_without_redoing_finished_holograms(tmp_pa
     uninterrupted = pd.read_csv(baseline_file(load_config(config), path, tmp_path / "whole.csv", progress=False))
     assert set(uninterrupted["hid"]) == set(range(1, n_holograms + 1))
     pd.testing.assert_frame_equal(resumed, uninterrupted)
+
+
+def test_a_rerun_after_a_code_change_recomputes_the_holograms_of_the_old_code(tmp_path, hologram, monkeypatch):
+    """A `git pull` between a kill and the rerun (another source digest, same version): no hologram of the
+    old code is kept, so the CSV never mixes the two."""
+    path = split_store(tmp_path / "split.zarr", [hologram, np.roll(hologram, 5, axis=1)])
+    config, out, calls = make_config(), tmp_path / "b.csv", []
+    original = holopipe.baseline.find_particles
+
+    def dies_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(holopipe.baseline, "find_particles", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        baseline_file(config, path, out, progress=False)
+    assert (tmp_path / "b.csv.parts" / "hologram_000001.csv").is_file()
+    calls.clear()
+    pulled = {**code_identity(), "source_sha256": "pulled"}
+    monkeypatch.setattr(holopipe.baseline, "code_identity", lambda: pulled)
+    monkeypatch.setattr(holopipe.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
+    baseline_file(config, path, out, progress=False)
+    assert len(calls) == 2, "hologram 1 of the old code is computed again"

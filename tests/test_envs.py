@@ -1,18 +1,23 @@
-"""The conda environments of the Snakemake rules: complete against pyproject.toml, named by every rule that runs
-a command, and able to install holopipe itself through their post-deploy script."""
+"""The conda environments of the Snakemake rules: pinned as pyproject.toml pins (one source of truth), each holding
+what its rules' commands import, and able to install holopipe itself through their post-deploy script."""
 
+import ast
+import importlib.metadata
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 try:
@@ -21,33 +26,44 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "src" / "holopipe"
+WORKFLOW_FILES = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 ENVS = {name: REPO / "envs" / f"{name}.yaml" for name in ("cpu", "gpu")}
 # Test ids as file names: an id "gpu" would be a keyword that conftest's gpu skip matches, hiding the gpu env's
 # checks on every machine without a GPU.
 ENV_IDS = [f"envs/{name}.yaml" for name in ENVS]
 
-# pyproject.toml dependencies that are not imported by the stages a rule env runs.
-NOT_IN_ENVS = {"snakemake", "snakemake-executor-plugin-cluster-generic", "pygments"}
-# pip name -> the conda-forge names that provide it (any one will do).
+# In no env: the executor plugin submits jobs, which only the Snakemake that runs the workflow does.
+NOT_IN_ENVS = {"snakemake-executor-plugin-cluster-generic"}
+# Only in the cpu env: the graphs and report rules run Snakemake again on the workflow (--dag, --report).
+REPORT_ONLY = {"snakemake", "pygments"}
+# PyPI name -> conda name, where they differ (torch: the CPU or CUDA build, checked below).
 CONDA_NAMES = {
-    "torch": {"pytorch", "pytorch-cpu", "pytorch-gpu"},
-    "netcdf4": {"netcdf4"},
+    "snakemake": {"snakemake-minimal"},  # bioconda; without the optional extras of the full `snakemake` package
+    "torch": {"pytorch-cpu", "pytorch-gpu"},
     "psycopg2-binary": {"psycopg2"},
-    "matplotlib": {"matplotlib-base", "matplotlib"},
+    "matplotlib": {"matplotlib-base"},
+    "cupy-cuda13x": {"cupy"},
 }
+PYPI_NAMES = {conda: pypi for pypi, condas in CONDA_NAMES.items() for conda in condas}
 
 
-def runtime_requirements() -> list[Requirement]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    return [req for req in map(Requirement, project["dependencies"]) if req.name.lower() not in NOT_IN_ENVS]
+def env_requirements(name: str) -> list[Requirement]:
+    """What envs/<name>.yaml must hold: pyproject.toml's dependencies less the executor plugin; for the gpu env
+    also less what only the report rules need, plus the gpu extra."""
+    project = PYPROJECT["project"]
+    entries = project["dependencies"] + (project["optional-dependencies"]["gpu"] if name == "gpu" else [])
+    left_out = NOT_IN_ENVS | (REPORT_ONLY if name == "gpu" else set())
+    return [req for req in map(Requirement, entries) if canonicalize_name(req.name) not in left_out]
 
 
-def conda_specs(name: str) -> dict[str, SpecifierSet]:
+def conda_specs(path: Path) -> dict[str, SpecifierSet]:
     """Package name -> version specifier of an env file's conda dependencies (`numpy>=1.26`, `python=3.11`)."""
-    env = yaml.safe_load(ENVS[name].read_text(encoding="utf-8"))
+    env = yaml.safe_load(path.read_text(encoding="utf-8"))
     specs = {}
     for entry in env["dependencies"]:
-        assert isinstance(entry, str), f"{ENVS[name]}: unexpected entry {entry!r} (a pip: section?)"
+        assert isinstance(entry, str), f"{path}: unexpected entry {entry!r} (a pip: section?)"
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", entry)
         package, spec = match.group(1).lower(), match.group(2).replace(" ", "")
         if re.fullmatch(r"=[^=<>!].*", spec):  # conda's `=3.11` means 3.11.*
@@ -56,36 +72,63 @@ def conda_specs(name: str) -> dict[str, SpecifierSet]:
     return specs
 
 
+def conda_name(req: Requirement, specs: dict[str, SpecifierSet]) -> str:
+    candidates = CONDA_NAMES.get(canonicalize_name(req.name), {canonicalize_name(req.name)})
+    present = candidates & set(specs)
+    assert len(present) == 1, f"{req.name} (pyproject.toml) is missing, conda-forge name {sorted(candidates)}"
+    return present.pop()
+
+
 @pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
 def test_env_parses_and_uses_conda_forge(name):
     env = yaml.safe_load(ENVS[name].read_text(encoding="utf-8"))
     assert env["channels"][0] == "conda-forge"
-    assert "defaults" not in env["channels"]
-    assert "python" in conda_specs(name)
+    assert set(env["channels"]) <= {"conda-forge", "bioconda", "nodefaults"}, f"{ENVS[name]}: {env['channels']}"
+    python = re.fullmatch(r"==(\d+\.\d+)\.\*", str(conda_specs(ENVS[name])["python"]))
+    assert python, f"{ENVS[name]}: pin python to one minor version (python=3.X)"
+    assert Version(python.group(1)) in SpecifierSet(PYPROJECT["project"]["requires-python"]), ENVS[name]
 
 
 @pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
-def test_env_has_every_runtime_dependency_with_pyproject_floors(name):
-    specs = conda_specs(name)
-    for req in runtime_requirements():
-        candidates = CONDA_NAMES.get(req.name.lower(), {req.name.lower()})
-        present = candidates & set(specs)
-        assert present, f"{ENVS[name]}: {req.name} (pyproject.toml) is missing; conda-forge name {sorted(candidates)}"
-        conda_spec = specs[present.pop()]
-        floors = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")]
-        for floor in floors:
-            # The env accepts pyproject's lowest version and nothing below it.
-            assert conda_spec.contains(floor), f"{ENVS[name]}: {req} but the env says {conda_spec}"
-            below = [Version(s.version) for s in conda_spec if s.operator in (">=", "==")]
-            assert below and max(below) >= floor, f"{ENVS[name]}: {req} but the env says {conda_spec or 'any'}"
+def test_env_pins_each_dependency_as_pyproject_does(name):
+    specs = conda_specs(ENVS[name])
+    for req in env_requirements(name):
+        package = conda_name(req, specs)
+        assert specs[package] == req.specifier, (
+            f"{ENVS[name]}: {package}{specs[package] or ' (any version)'}, but pyproject.toml says {req}")
+
+
+@pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
+def test_env_lists_nothing_pyproject_does_not(name):
+    """Beyond pyproject's dependencies an env holds only the interpreter and the post-deploy build's tools (as
+    pyproject's build-system pins them), and the gpu env the CUDA major."""
+    specs = conda_specs(ENVS[name])
+    build_tools = {canonicalize_name(req.name): req.specifier
+                   for req in map(Requirement, PYPROJECT["build-system"]["requires"])}
+    for tool, specifier in build_tools.items():
+        assert specs.get(tool) == specifier, f"{ENVS[name]}: {tool}{specs.get(tool, ' missing')}, build-system {specifier}"
+    allowed = {"python", "pip", *build_tools, *(["cuda-version"] if name == "gpu" else [])}
+    allowed |= {conda_name(req, specs) for req in env_requirements(name)}
+    assert set(specs) <= allowed, f"{ENVS[name]}: {sorted(set(specs) - allowed)} not in pyproject.toml"
 
 
 def test_only_the_gpu_env_has_cupy_and_both_build_holopipe():
-    assert "cupy" in conda_specs("gpu") and "cupy" not in conda_specs("cpu")
-    assert "pytorch-gpu" in conda_specs("gpu") and "pytorch-cpu" in conda_specs("cpu")
-    for name in ENVS:
-        assert {"pip", "setuptools"} <= set(conda_specs(name)), f"{ENVS[name]}: post-deploy needs pip and setuptools"
+    cpu, gpu = conda_specs(ENVS["cpu"]), conda_specs(ENVS["gpu"])
+    assert "cupy" in gpu and "cupy" not in cpu
+    assert "pytorch-gpu" in gpu and "pytorch-cpu" in cpu
+    for name, specs in (("cpu", cpu), ("gpu", gpu)):
+        assert {"pip", "setuptools"} <= set(specs), f"{ENVS[name]}: post-deploy needs pip and setuptools"
 
+
+@pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
+def test_each_env_has_an_executable_post_deploy_script(name):
+    script = ENVS[name].with_suffix(".post-deploy.sh")
+    assert script.is_file() and os.access(script, os.X_OK), f"{script} missing or not executable"
+    assert script.read_text(encoding="utf-8").startswith("#!/usr/bin/env bash\n")
+
+
+# --- Each rule runs where what its command imports is installed: read statically from the rules and holopipe's
+# source (importing the stages would take torch's import time per stage).
 
 def rule_blocks(path: Path) -> dict[str, str]:
     """Rule name -> text of that rule in a .smk file (each `rule x:` runs until the next top-level line)."""
@@ -94,25 +137,154 @@ def rule_blocks(path: Path) -> dict[str, str]:
             for name, body in zip(blocks[1::2], blocks[2::2])}
 
 
-def test_every_shell_rule_names_an_existing_env():
-    checked = 0
-    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+@cache
+def shell_rules() -> dict[str, tuple[str, Path | None]]:
+    """Rule name -> (shell command, conda env file or None) of every rule that runs a shell command."""
+    rules = {}
+    for smk in WORKFLOW_FILES[1:]:
         for rule, body in rule_blocks(smk).items():
-            if not re.search(r"^\s+shell:", body, flags=re.MULTILINE):
+            shell = re.search(r"^(\s+)shell:\n((?:\1\s+\S.*\n?)+)", body, flags=re.MULTILINE)
+            if shell is None:
                 continue
             conda = re.search(r"^\s+conda:\s*\n?\s*\"([^\"]+)\"", body, flags=re.MULTILINE)
-            assert conda, f"{smk.name}: rule {rule} runs a shell command without a conda: env"
-            env = (smk.parent / conda.group(1)).resolve()
-            assert env in {path.resolve() for path in ENVS.values()}, f"{smk.name}: rule {rule} names {env}"
-            checked += 1
-    assert checked >= 10
+            env = (smk.parent / conda.group(1)).resolve() if conda else None
+            rules[rule] = (ast.literal_eval(f"({shell.group(2)})"), env)  # adjacent literals join as in Python
+    return rules
 
 
-@pytest.mark.parametrize("name", ENVS, ids=ENV_IDS)
-def test_each_env_has_an_executable_post_deploy_script(name):
-    script = ENVS[name].with_suffix(".post-deploy.sh")
-    assert script.is_file() and os.access(script, os.X_OK), f"{script} missing or not executable"
-    assert script.read_text(encoding="utf-8").startswith("#!/usr/bin/env bash\n")
+def cli_function(command: str) -> str:
+    """The holopipe.cli function that `holopipe [options] STAGE [STEP] ...` calls: cmd_STAGE or cmd_STAGE_STEP."""
+    words = shlex.split(re.sub(r"\{[^{}]*\}", "", command.split(">")[0]))  # placeholders: Snakemake fills them
+    assert words[0] == "holopipe", f"`{command}` does not run holopipe: the rules run a holopipe stage each"
+    tree = ast.parse((SOURCE / "cli.py").read_text(encoding="utf-8"))
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    for word, following in zip(words[1:], [*words[2:], ""]):
+        stage, step = (f"cmd_{part.replace('-', '_')}" for part in (word, f"{word}_{following}"))
+        for name in (step, stage):
+            if name in functions:
+                return name
+    raise AssertionError(f"`{command}`: no stage of holopipe.cli (cmd_* function) in it")
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    caught = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(name, ast.Name) and name.id in ("ImportError", "ModuleNotFoundError") for name in caught)
+
+
+def imports_in(node: ast.AST) -> set[str]:
+    """Dotted names of the modules that code imports anywhere below `node`, function bodies included, and of those
+    it runs as `python -m NAME`; not those imported in a `try` that catches ImportError (optional extras)."""
+    found = set()
+
+    def visit(node):
+        if isinstance(node, ast.Try) and any(map(_catches_import_error, node.handlers)):
+            children = [*node.handlers, *node.orelse, *node.finalbody]
+        else:
+            children = list(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import of {node.module}: holopipe imports absolutely"
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from holopipe import io`
+        elif isinstance(node, (ast.List, ast.Tuple)):
+            words = [element.value if isinstance(element, ast.Constant) else None for element in node.elts]
+            found.update(module for flag, module in zip(words, words[1:]) if flag == "-m" and isinstance(module, str))
+        for child in children:
+            visit(child)
+
+    visit(node)
+    return found
+
+
+def holopipe_closure(modules: set[str]) -> set[str]:
+    """`modules` and everything the holopipe modules among them import, transitively. A used module counts
+    whole (a stage may reach any of its functions), lazy imports included."""
+    modules, pending = set(modules), sorted(modules)
+    seen = set()
+    while pending:
+        module = pending.pop()
+        if module.split(".")[0] != "holopipe" or module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")[1:]
+        path = SOURCE.joinpath(*parts).with_suffix(".py") if parts else SOURCE / "__init__.py"
+        if not path.is_file():
+            continue  # `from holopipe.config import X` also names holopipe.config.X, not a module
+        found = imports_in(ast.parse(path.read_text(encoding="utf-8"))) | {"holopipe"}
+        pending.extend(found - modules)
+        modules |= found
+    return modules
+
+
+def workflow_imports() -> set[str]:
+    """What parsing the workflow imports: the `import`/`from` lines of the Snakefile and the .smk files."""
+    pattern = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", flags=re.MULTILINE)
+    return {"snakemake"} | {a or b for path in WORKFLOW_FILES for a, b in pattern.findall(path.read_text(encoding="utf-8"))}
+
+
+@cache
+def command_modules(function: str) -> frozenset[str]:
+    """Top-level names of the modules `holopipe ... STAGE` imports or runs: holopipe.cli's own imports and its
+    helpers' (main, config loading, provenance), the stage function's, and what the holopipe modules among them
+    import. A command that runs Snakemake (the graphs, the report) also imports what parsing the workflow does."""
+    tree = ast.parse((SOURCE / "cli.py").read_text(encoding="utf-8"))
+    shared = [node for node in tree.body if not (isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_"))]
+    stage = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
+    modules = holopipe_closure(imports_in(ast.Module(body=shared, type_ignores=[])) | imports_in(stage))
+    if "snakemake" in {module.split(".")[0] for module in modules}:
+        modules |= holopipe_closure(workflow_imports())
+    return frozenset(module.split(".")[0] for module in modules)
+
+
+@cache
+def providers() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def distributions(top_level: frozenset[str]) -> set[str]:
+    """Canonical PyPI names of the distributions that provide these top-level modules (none for the standard
+    library and holopipe itself). Snakemake, when run, writes its --report: that takes its `reports` extra."""
+    names = set()
+    for module in sorted(top_level - set(sys.stdlib_module_names) - {"__future__", "holopipe"}):
+        assert module in providers(), f"holopipe imports {module!r}, which no installed distribution provides"
+        names.update(canonicalize_name(name) for name in providers()[module])
+    if "snakemake" in names:
+        names.update(canonicalize_name(req.name) for req in map(Requirement, importlib.metadata.requires("snakemake"))
+                     if req.marker and "extra" in str(req.marker) and req.marker.evaluate({"extra": "reports"}))
+    return names
+
+
+def env_distributions(env: Path) -> set[str]:
+    """Canonical PyPI names of a conda env file's packages."""
+    return {canonicalize_name(PYPI_NAMES.get(package, package)) for package in conda_specs(env)}
+
+
+def test_every_shell_rule_names_an_existing_env():
+    envs = {path.resolve() for path in ENVS.values()}
+    for rule, (command, env) in shell_rules().items():
+        assert env in envs, f"rule {rule} runs `{command.split(' >')[0]}` in conda env {env}, not one of envs/"
+    assert len(shell_rules()) >= 15
+
+
+@pytest.mark.parametrize("rule", sorted(shell_rules()))
+def test_rule_env_holds_what_its_command_imports(rule):
+    command, env = shell_rules()[rule]
+    assert env is not None, f"rule {rule}: no conda: env"
+    missing = distributions(command_modules(cli_function(command))) - env_distributions(env)
+    assert not missing, (f"rule {rule}: `{command.split(' >')[0]}` imports {sorted(missing)}, "
+                         f"not in {env.relative_to(REPO)}")
+
+
+def test_pyproject_lists_every_distribution_holopipe_imports():
+    """Every module of holopipe, the stages no rule runs included (`holopipe label`): a package it imports without
+    declaring it installs today only because some dependency happens to pull it in."""
+    everything = holopipe_closure({f"holopipe.{path.stem}" for path in SOURCE.glob("*.py")})
+    project = PYPROJECT["project"]
+    declared = {canonicalize_name(Requirement(entry).name)
+                for entry in project["dependencies"] + project["optional-dependencies"]["gpu"]}
+    undeclared = distributions(frozenset(module.split(".")[0] for module in everything)) - declared
+    assert not undeclared, f"holopipe imports {sorted(undeclared)}, which pyproject.toml's dependencies leave out"
 
 
 # --- Running the post-deploy script for real, against a throwaway venv and a fake repository.
@@ -249,7 +421,7 @@ def test_one_cuda_major_across_pyproject_gpu_env_and_torch():
     from holopipe.device import CUDA_MAJOR
 
     assert gpu_extra_cuda_majors() == {CUDA_MAJOR}, "pyproject.toml's gpu extra"
-    specs = conda_specs("gpu")
+    specs = conda_specs(ENVS["gpu"])
     assert "cuda-version" in specs, f"{ENVS['gpu']}: no cuda-version pin"
     assert specs["cuda-version"].contains(f"{CUDA_MAJOR}.0"), f"{ENVS['gpu']}: cuda-version {specs['cuda-version']}"
     assert not specs["cuda-version"].contains(f"{CUDA_MAJOR - 1}.8"), f"{ENVS['gpu']}: admits CUDA {CUDA_MAJOR - 1}"

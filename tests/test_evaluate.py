@@ -2,6 +2,7 @@
 recall and size error by diameter and depth, and the per-split evaluation files."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -427,3 +428,71 @@ def test_a_split_without_truth_gets_counts_per_hologram_and_a_size_histogram(tmp
     assert baseline["d_histogram_um"]["counts"] == [1, 0]
     for name in PLOT_NAMES:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_skipped_holograms_are_listed_and_left_out_of_every_count_with_their_truth(tmp_path, capsys):
+    # Non-square frames with dx != dy; hologram 2 of 4 had no data (standardization skipped it).
+    config = load_config({
+        "splits": {"test": {"source": "simulate", "n_holograms": 4, "seed": 1}},
+        "optics": {"wavelength": 3.55e-7, "dx": 10e-6, "dy": 12e-6, "nx": 24, "ny": 16, "z_min": 2e-3,
+                   "z_max": 10e-3},
+        "evaluate": {"bootstrap": 200, "seed": 3},
+    })
+    frame = {"nx": 24, "ny": 16, "dx": 10e-6, "dy": 12e-6}
+    truth = table((1, 0.0, 0.0, 3000.0, 25.0), (2, 40.0, 10.0, 8000.0, 15.0), (2, -40.0, 10.0, 5000.0, 35.0),
+                  (3, 10.0, -20.0, 6000.0, 30.0), (4, 0.0, 30.0, 4000.0, 20.0))
+    path = store(tmp_path / "test.zarr", truth, n_holograms=4, **frame)
+    reference = store(tmp_path / "reference.zarr", truth[truth["hid"] != 2], n_holograms=4, **frame)
+    import zarr
+    zarr.open_group(path, mode="r+").attrs.update(skipped_holograms=[2],
+                                                  skipped_reasons=["dark: 100.0% of its pixels at 0"])
+    found = table((1, 1.0, 0.0, 3050.0, 26.0), (3, 10.0, -20.0, 6100.0, 31.0), (4, 200.0, 30.0, 4000.0, 20.0))
+    predictions = {"unet": {"test": write_csv(tmp_path / "unet.csv", found, "prob")},
+                   "baseline": {"test": write_csv(tmp_path / "baseline.csv", found.iloc[:1], "score")}}
+
+    metrics = json.loads(evaluate_files(config, {"test": path}, predictions, tmp_path / "metrics.json",
+                                        tmp_path / "plots").read_text())
+    main(["evaluate", "--truth", f"test={path}", "--prediction", f"unet:test={predictions['unet']['test']}",
+          f"baseline:test={predictions['baseline']['test']}", "--out", str(tmp_path / "cli.json"),
+          "--plots", str(tmp_path / "cli_plots"), "--config-json", json.dumps(config)])
+    # Without the skipped hologram's truth, the counts are those of a store that never had it, but for the
+    # number of holograms drawn: 3, not 4.
+    expected = json.loads(evaluate_files(config, {"test": reference}, predictions, tmp_path / "ref.json",
+                                         tmp_path / "ref_plots").read_text())
+
+    unet = metrics["unet"]
+    assert unet["skipped_holograms"] == [{"hid": 2, "reason": "dark: 100.0% of its pixels at 0"}]
+    assert unet["n_true_skipped"] == 2 and "with their 2 true particle(s)" in unet["skipped_note"]
+    assert (unet["n_true"], unet["tp"], unet["fp"], unet["fn"], unet["n_holograms"]) == (3, 2, 1, 1, 3)
+    assert "bootstrap over the 3 holograms" in unet["interval"]
+    for name in ("n_true", "tp", "fp", "fn", "precision", "recall", "f1"):
+        assert unet[name] == expected["unet"][name] and metrics["baseline"][name] == expected["baseline"][name]
+    assert expected["unet"]["skipped_holograms"] == [] and expected["unet"]["skipped_note"] is None
+    assert "skipped, no data: hologram 2 (dark: 100.0% of its pixels at 0); their 2 true particle(s) are not " \
+           "counted" in capsys.readouterr().out
+
+    stale = write_csv(tmp_path / "stale.csv", table((2, 40.0, 10.0, 8000.0, 15.0)), "prob")
+    with pytest.raises(ValueError, match=r"stale\.csv: particles of hologram\(s\) \[2\], which .*test\.zarr lists "
+                                         r"as skipped \(no data\)"):
+        evaluate_files(config, {"test": path}, {"unet": {"test": stale}}, tmp_path / "m.json", tmp_path / "p")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("1,0,0,3000,25\n1,5,0,,25\n", r"column 'z' is not a finite number in 1 row\(s\): line 3 \(z = nan\)"),
+    ("1,0,0,3000,-4\n2,0,0,3000,25\n1,0,0,3000,0\n",
+     r"column 'd' is not positive \(µm\) in 2 row\(s\): line 2 \(d = -4\), line 4 \(d = 0\)"),
+    (",0,0,3000,25\n", r"column 'hid' is not a finite number in 1 row\(s\): line 2 \(hid = nan\)"),
+    ("1.5,0,0,3000,25\n", r"column 'hid' is not a hologram number \(a whole number >= 1\) in 1 row\(s\): line 2"),
+])
+def test_a_bad_prediction_csv_fails_naming_the_file_the_column_and_the_rows(tmp_path, rows, message):
+    config = load_config({
+        "splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
+        "optics": {"wavelength": 3.55e-7, "dx": 10e-6, "dy": 12e-6, "nx": 24, "ny": 16, "z_min": 2e-3,
+                   "z_max": 10e-3},
+    })
+    path = store(tmp_path / "test.zarr", table((1, 0.0, 0.0, 3000.0, 25.0)), nx=24, ny=16, dy=12e-6)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("hid,x,y,z,d\n" + rows)
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ": " + message):
+        evaluate_files(config, {"test": path}, {"unet": {"test": bad}}, tmp_path / "m.json", tmp_path / "p")
+    assert not (tmp_path / "m.json").exists()

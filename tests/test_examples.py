@@ -13,7 +13,7 @@ import zarr
 
 from holopipe.config import ConfigError, load_config
 from holopipe.dataset import Augmentation, TileDataset, apply_augmentation, draw_augmentation
-from holopipe.examples import build_examples, plan_hologram, rasterize_disks
+from holopipe.examples import build_examples, plan_hologram, rasterize_disks, split_stream
 from holopipe.reconstruction import z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.io import open_holodec, particle_table, write_zarr
 from holopipe.simulate import Camera, DiameterModel, Optics, SimulationSettings, simulate_file
@@ -51,8 +51,8 @@ def stores(tmp_path_factory):
     config = make_config()
     return {
         "dir": directory, "train_in": train, "valid_in": valid,
-        "train": build_examples(train, directory / "ex_train.zarr", config, seed_offset=0, progress=False),
-        "valid": build_examples(valid, directory / "ex_valid.zarr", config, seed_offset=1, progress=False),
+        "train": build_examples(train, directory / "ex_train.zarr", config, split="train", progress=False),
+        "valid": build_examples(valid, directory / "ex_valid.zarr", config, split="valid", progress=False),
     }
 
 
@@ -181,17 +181,25 @@ def test_splits_share_no_example_and_a_seed_reproduces_its_store(stores):
     train = keys(stores["train"])
     assert len(train) == N_HOLOGRAMS * (POSITIVES + NEGATIVES)
     assert not train & keys(stores["valid"])
-    again = build_examples(stores["train_in"], stores["dir"] / "again.zarr", make_config(), progress=False)
+    again = build_examples(stores["train_in"], stores["dir"] / "again.zarr", make_config(), split="train",
+                           progress=False)
     xr.testing.assert_identical(xr.open_zarr(stores["train"], consolidated=False).load(),
                                 xr.open_zarr(again, consolidated=False).load())
-    other = build_examples(stores["train_in"], stores["dir"] / "other.zarr", make_config(), seed_offset=5,
+    # The same holograms under another split's name draw other tiles.
+    other = build_examples(stores["train_in"], stores["dir"] / "other.zarr", make_config(), split="test",
                            progress=False)
     assert keys(other) != train
 
 
+def test_a_splits_random_stream_is_a_digest_of_its_name():
+    # hashlib.sha256(b"train").digest()[:8], big-endian: the same in every process, unlike Python's hash().
+    assert split_stream("train") == 0x116F54C41D0405DB
+    assert len({split_stream(name) for name in ("train", "valid", "test", "Train", "train ")}) == 5
+
+
 def test_float16_option_stores_the_same_tiles_in_half_precision(stores):
     half = build_examples(stores["train_in"], stores["dir"] / "half.zarr", make_config(dtype="float16"),
-                          progress=False)
+                          split="train", progress=False)
     ds16, ds32 = (xr.open_zarr(p, consolidated=False).load() for p in (half, stores["train"]))
     assert ds16["inputs"].dtype == np.float16
     assert np.allclose(ds16["inputs"].astype(np.float32), ds32["inputs"], atol=4e-3)
@@ -201,7 +209,7 @@ def test_float16_option_stores_the_same_tiles_in_half_precision(stores):
 def test_tile_larger_than_the_frame_is_refused_and_writes_nothing(stores):
     out = stores["dir"] / "too_big.zarr"
     with pytest.raises(ConfigError, match=r"tile_size \(256\).*train\.zarr.*ny=128, nx=128"):
-        build_examples(stores["train_in"], out, make_config(tile_size=256), progress=False)
+        build_examples(stores["train_in"], out, make_config(tile_size=256), split="train", progress=False)
     assert not out.exists()
 
 
@@ -210,7 +218,7 @@ def test_empty_split_is_refused(stores):
     empty = stores["dir"] / "empty.zarr"
     ds.to_zarr(empty, mode="w", zarr_format=3, consolidated=False)
     with pytest.raises(ValueError, match="no holograms"):
-        build_examples(empty, stores["dir"] / "empty_ex.zarr", make_config(), progress=False)
+        build_examples(empty, stores["dir"] / "empty_ex.zarr", make_config(), split="train", progress=False)
 
 
 def test_dataset_normalises_channels_and_reads_masks(stores):

@@ -21,6 +21,7 @@ import xarray as xr
 import yaml
 import zarr
 
+import holopipe.infer
 from holopipe.config import load_config, with_overrides
 from holopipe.dataset import TileDataset, normalize_channels, write_synthetic_examples
 from holopipe.reconstruction import z_bin_centres
@@ -32,6 +33,7 @@ from holopipe.io import open_holodec, particle_table, um_to_pixel, write_zarr
 from holopipe.models import PlainUNet, fold_batchnorm
 from holopipe.optics import Propagator, hologram_field
 from holopipe.particles import PARTICLE_COLUMNS, cluster_labels, merge_detections, particles_file
+from holopipe.provenance import code_identity
 from holopipe.simulate import Camera, Optics, ParticleSet, camera_image, opaque_disks_field
 from holopipe.standardize import write_stats
 from holopipe.train import train_model
@@ -391,6 +393,19 @@ def test_finished_holograms_of_another_config_are_not_reused(store, unsharded, t
     stricter = with_overrides(make_config(), {"infer.threshold": 0.9})
     infer_chunk(stricter, None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
     assert segment.calls == 30  # both holograms again
+
+
+def test_finished_holograms_of_other_code_are_not_reused(store, unsharded, tmp_path, monkeypatch):
+    """A `git pull` between a kill and the rerun (another source digest, same version) sweeps hologram 1 again."""
+    segment, out = FailingOracle(fail_at=16), tmp_path / "d.csv"  # 15 batches of 4: hologram 1
+    with pytest.raises(RuntimeError):
+        infer_chunk(make_config(), None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
+    assert (tmp_path / "d.csv.parts" / "hologram_000001.csv").is_file()
+    segment.calls, segment.fail_at = 0, None
+    monkeypatch.setattr(holopipe.infer, "code_identity", lambda: {**code_identity(), "source_sha256": "pulled"})
+    infer_chunk(make_config(), None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
+    assert segment.calls == 30  # both holograms again
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(unsharded))
 
 
 @pytest.fixture(scope="module")

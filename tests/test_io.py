@@ -1,5 +1,14 @@
 """Tests for holopipe.io: the HOLODEC netCDF contract, its validation and the atomic writer."""
 
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +25,7 @@ from holopipe.io import (
     open_holodec,
     particle_table,
     pixel_centres,
+    remove_stale_temporaries,
     um_to_pixel,
     validate_holodec,
     write_atomically,
@@ -396,13 +406,13 @@ def test_write_atomically_replaces_a_directory_and_a_failed_write_leaves_the_old
 
 def test_hologram_parts_resume_and_finish(tmp_path):
     out = tmp_path / "table.csv"
-    parts = HologramParts(out, {"config": 1})
+    parts = HologramParts(out, {"config": 1, "code": "a"})
     assert parts.done() == set()
     parts.save(2, pd.DataFrame({"hid": [2], "x": [1.5]}))
     parts.save(1, pd.DataFrame({"hid": [1, 1], "x": [0.5, 0.25]}))
     assert not out.exists()
     # A rerun with the same fingerprint (a resumed job) sees both holograms done.
-    again = HologramParts(out, {"config": 1})
+    again = HologramParts(out, {"config": 1, "code": "a"})
     assert again.done() == {1, 2}
     tables = again.load([1, 2])
     assert [list(t["x"]) for t in tables] == [[0.5, 0.25], [1.5]]
@@ -413,8 +423,86 @@ def test_hologram_parts_resume_and_finish(tmp_path):
 
 def test_hologram_parts_of_another_fingerprint_are_dropped(tmp_path):
     out = tmp_path / "table.csv"
-    HologramParts(out, {"config": 1}).save(1, pd.DataFrame({"hid": [1]}))
-    assert HologramParts(out, {"config": 2}).done() == set()
+    HologramParts(out, {"config": 1, "code": "a"}).save(1, pd.DataFrame({"hid": [1]}))
+    assert HologramParts(out, {"config": 2, "code": "a"}).done() == set()
+    HologramParts(out, {"config": 2, "code": "a"}).save(1, pd.DataFrame({"hid": [1]}))
+    assert HologramParts(out, {"config": 2, "code": "b"}).done() == set(), "parts of other code are dropped"
+
+
+def test_hologram_parts_refuse_a_fingerprint_without_the_code(tmp_path):
+    with pytest.raises(ValueError, match=r"table\.csv\.parts: the resume fingerprint has no 'code' entry"):
+        HologramParts(tmp_path / "table.csv", {"config": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_ZARR_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import dask.array as da, numpy as np, xarray as xr
+    from holopipe.io import write_zarr
+
+    out, started = sys.argv[1], Path(sys.argv[2])
+
+    def stalls(block):  # every chunk write hangs, the metadata being written: killed mid-write
+        if block.size:
+            started.touch()
+            time.sleep(600)
+        return block
+
+    image = da.zeros((3, 40, 24), chunks=(1, 40, 24), dtype=np.uint8).map_blocks(stalls, dtype=np.uint8)
+    write_zarr(xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), image)}), out)
+""")
+
+
+def test_a_sigkilled_zarr_write_leaves_a_temporary_that_the_rerun_removes(tmp_path):
+    out, started = tmp_path / "split.zarr", tmp_path / "started"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_ZARR_WRITER, str(out), str(started)])
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert writer.poll() is None, f"the writer ended ({writer.returncode}) before it could be killed"
+        assert time.monotonic() < deadline, "the writer never reached its chunks"
+        time.sleep(0.01)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".split.zarr.tmp-")]
+    assert len(left) == 1 and (left[0] / "zarr.json").is_file() and not out.exists(), "killed mid-write"
+
+    image = np.arange(3 * 40 * 24, dtype=np.uint8).reshape(3, 40, 24)  # non-square: x (40) before y (24)
+    write_zarr(xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), image)}), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split.zarr", "started"], "no temporary left"
+    with xr.open_zarr(out, consolidated=False) as written:
+        np.testing.assert_array_equal(written["image"].values, image)
+
+
+def test_only_the_temporaries_of_live_writers_on_this_host_are_kept(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()  # its pid names a dead writer
+    host, out = socket.gethostname(), tmp_path / "out.zarr"
+    siblings = {
+        "live": f".out.zarr.tmp-{host}-{os.getpid()}-7",
+        "dead": f".out.zarr.tmp-{host}-{ended.pid}-7",
+        "other host": f".out.zarr.tmp-{host}x-{os.getpid()}-7",  # a killed PBS job's, rerun on another node
+        "older holopipe": f".out.zarr.tmp-{ended.pid}",
+        "report": f".out.zarr.tmp-{host}-{ended.pid}-7.html",
+        "another output": f".out.zarr2.tmp-{host}-{ended.pid}-7",
+        "parts": "out.zarr.parts",
+    }
+    for name in siblings.values():
+        (tmp_path / name / "c").mkdir(parents=True)
+    removed = remove_stale_temporaries(out)
+    stale = ("dead", "other host", "older holopipe", "report")
+    assert sorted(p.name for p in removed) == sorted(siblings[key] for key in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in siblings.items() if k not in stale)
+
+
+def test_every_writer_removes_what_a_killed_one_left(tmp_path):
+    stale = [tmp_path / f".{name}.tmp-{socket.gethostname()}x-1-1" for name in ("a.nc", "b.csv")]
+    for path in stale:
+        path.write_text("left by a killed job")
+    with small_writer(tmp_path / "a.nc", n_holograms=1) as writer:
+        writer.write_image(0, np.zeros((NX, NY), np.uint8))
+    write_atomically(tmp_path / "b.csv", lambda tmp: tmp.write_text("hid\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nc", "b.csv"]
 
 
 def test_input_identity_changes_when_a_file_is_replaced(tmp_path):
@@ -423,3 +511,48 @@ def test_input_identity_changes_when_a_file_is_replaced(tmp_path):
     before = input_identity(path)
     write_atomically(path, lambda tmp: tmp.write_text("b"))
     assert input_identity(path) != before
+
+
+# --- Bad input: particle CSVs and the holograms that standardization skipped (issue 20, item 9) ---
+
+
+def test_a_particle_csv_is_read_with_integer_hid_and_keeps_its_further_columns(tmp_path):
+    from holopipe.io import read_particle_csv
+
+    path = tmp_path / "found.csv"
+    path.write_text("hid,x,y,z,d,prob\n2,-10.5,3,4000,25,0.9\n1,0,-7,150000.5,8,0.6\n")
+    table = read_particle_csv(path)
+    assert table["hid"].dtype == np.int64 and table["hid"].tolist() == [2, 1]
+    assert table["x"].dtype == np.float64 and table["z"].tolist() == [4000.0, 150000.5]
+    assert table["prob"].tolist() == [0.9, 0.6]
+    path.write_text("hid,x,y,z,d\n")  # a method that found nothing: a header alone
+    assert read_particle_csv(path).empty
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hid,x,y,z\n1,0,0,3000\n", r"missing particle column\(s\) \['d'\]"),
+    ("", r"not a readable particle CSV"),
+    ("hid,x,y,z,d\n1,0,0,3000,25\n1,abc,0,3000,25\n", r"column 'x' is not a finite number in 1 row\(s\): line 3 \(x = abc\)"),
+    ("hid,x,y,z,d\n0,0,0,3000,25\n", r"column 'hid' is not a hologram number \(a whole number >= 1\) in 1 row\(s\): line 2 \(hid = 0\)"),
+    ("hid,x,y,z,d\n1,0,0,-3000,25\n", r"column 'z' is not positive \(µm\) in 1 row\(s\): line 2 \(z = -3000\)"),
+    ("hid,x,y,z,d\n" + "1,0,0,3000,inf\n" * 7, r"column 'd' is not a finite number in 7 row\(s\): line 2 .*line 6 \(d = inf\), and 2 more"),
+])
+def test_a_bad_particle_csv_names_the_file_the_column_and_the_first_bad_lines(tmp_path, text, message):
+    from holopipe.io import read_particle_csv
+
+    path = tmp_path / "found.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {message}"):
+        read_particle_csv(path)
+
+
+def test_skipped_and_usable_holograms_come_from_the_store_attributes():
+    from holopipe.io import skipped_holograms, usable_holograms
+
+    ds = xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), np.ones((4, 6, 5), np.float32))})
+    assert skipped_holograms(ds) == {} and usable_holograms(ds) == [1, 2, 3, 4]
+    ds.attrs.update(skipped_holograms=[2, 4], skipped_reasons=["dark: 100.0% of its pixels at 0", "constant"])
+    assert skipped_holograms(ds) == {2: "dark: 100.0% of its pixels at 0", 4: "constant"}
+    assert usable_holograms(ds) == [1, 3]
+    ds.attrs.update(skipped_holograms=3, skipped_reasons="saturated")  # one value, as a netCDF reader gives it
+    assert usable_holograms(ds) == [1, 2, 4] and skipped_holograms(ds) == {3: "saturated"}

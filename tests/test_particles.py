@@ -12,6 +12,7 @@ from holopipe.device import GPUNotFoundError
 from holopipe.focus import gradient_magnitude, smoothed_amplitude
 from holopipe.io import write_zarr
 from holopipe.optics import Propagator, hologram_field
+from holopipe.provenance import code_identity
 from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
                                 merge_duplicates, particles_file, refine_depths, suppress_ghosts)
 from holopipe.reconstruction import z_bin_centres
@@ -324,6 +325,18 @@ def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram
                                        store_path=path, progress=False))
     assert len(whole) == 2 and abs(whole["x"].iloc[1] - whole["x"].iloc[0]) == pytest.approx(6 * OPTICS.dx * 1e6, abs=1)
     pd.testing.assert_frame_equal(resumed, whole)
+
+    # Killed again, then a `git pull` (another source digest): hologram 1 of the old code is refined afresh.
+    calls.clear()
+    monkeypatch.setattr(holopipe.particles, "refine_depths", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
+    calls.clear()
+    pulled = {**code_identity(), "source_sha256": "pulled"}
+    monkeypatch.setattr(holopipe.particles, "code_identity", lambda: pulled)
+    monkeypatch.setattr(holopipe.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
+    particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
+    assert len(calls) == 2, "both holograms refined by the new code"
 
 
 def test_ghost_removal_keeps_the_best_ranked_and_drops_dim_spots_near_it_only():

@@ -2,13 +2,16 @@
 
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
+import holopipe
 from holopipe.cli import main
-from holopipe.provenance import (checksum, config_sha256, job_record, read_records, summarize_records,
-                                 write_record, write_summary)
+from holopipe.provenance import (checksum, code_identity, config_sha256, job_record, read_records,
+                                 summarize_records, write_record, write_summary)
 
 
 def test_file_checksum_is_the_sha256_of_its_bytes(tmp_path):
@@ -114,3 +117,18 @@ def test_a_file_that_is_not_a_record_is_named(tmp_path):
     bogus.write_text("{not json")
     with pytest.raises(ValueError, match="bogus.json"):
         read_records([bogus])
+
+
+def test_the_code_identity_follows_the_package_source_only(tmp_path):
+    """Copies of holopipe's source digest alike; an edit to one module (a git pull) changes the digest, a
+    file that is not Python does not."""
+    source = Path(holopipe.__file__).parent
+    same, edited = tmp_path / "same", tmp_path / "edited"
+    for copy in (same, edited):
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (same / "notes.txt").write_text("not code")
+    with open(edited / "particles.py", "a", encoding="utf-8") as module:
+        module.write("\n# pulled\n")
+    identity = code_identity(same)
+    assert identity["holopipe_version"] == holopipe.__version__ and code_identity() == identity
+    assert code_identity(edited)["source_sha256"] != identity["source_sha256"]

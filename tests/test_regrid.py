@@ -26,13 +26,14 @@ def make_config(pixel_pitch=None, method="antialias", frame="pad", tile=16) -> d
     })
 
 
-def write_store(path, images, particles: dict, pitch=PITCH):
-    """A contract zarr store: images (H, xsize, ysize), particles as µm columns with 1-based hid."""
+def write_store(path, images, particles: dict, pitch=PITCH, pitch_y=None):
+    """A contract zarr store: images (H, xsize, ysize), particles as µm columns with 1-based hid; pixels
+    ``pitch`` wide along x and ``pitch_y`` (default ``pitch``) along y."""
     n, nx, ny = images.shape
     ds = xr.Dataset(
         {"image": (("hologram_number", "xsize", "ysize"), images),
          **{name: ("particle", np.asarray(particles[name], np.float32)) for name in PARTICLE_VARS}},
-        attrs={"Nx": nx, "Ny": ny, "dx": pitch, "dy": pitch, "lambda": WAVELENGTH, "zMin": Z_MIN,
+        attrs={"Nx": nx, "Ny": ny, "dx": pitch, "dy": pitch_y or pitch, "lambda": WAVELENGTH, "zMin": Z_MIN,
                "zMax": Z_MAX},
     )
     return write_zarr(ds, path)
@@ -206,3 +207,35 @@ def test_netcdf_input_regrids_to_a_valid_store(tmp_path):
     assert out.sizes["particle"] + out.attrs["regrid_dropped_particles"] == raw.sizes["particle"]
     assert out.attrs["regrid_source"] == "raw.nc"
     assert (out.attrs["regrid_source_Nx"], out.attrs["regrid_source_dx"]) == (70, PITCH)
+
+
+# 150 x 120 at pitch (dx, dy) -> target 2 * dx along both axes: 75 x (120 dy / 2 dx) pixels before the frame step.
+@pytest.mark.parametrize("frame, pitch_y, data_x, data_y", [
+    ("pad", PITCH, [2, 77], [2, 62]),                # 75 x 60 -> 80 x 64
+    ("pad", 1.5 * PITCH, [2, 77], [3, 93]),          # dy != dx: 75 x 90 -> 80 x 96
+    ("crop", PITCH, [0, 64], [0, 48]),               # nothing padded
+])
+def test_the_data_area_is_recorded_for_the_stages_after_regrid(tmp_path, frame, pitch_y, data_x, data_y):
+    from holopipe.regrid import data_area
+
+    images = np.random.default_rng(3).integers(90, 111, (1, 150, 120), dtype=np.uint8)
+    images[0, :, -6:] = 255  # a saturated band at the sensor's edge: data, whatever the pad looks like
+    source = write_store(tmp_path / "in.zarr", images, particles_um(0.0, 0.0), pitch_y=pitch_y)
+
+    out = open_holodec(regrid_file(source, tmp_path / "out.zarr", make_config(2 * PITCH, frame=frame)))
+
+    assert (out.attrs["regrid_data_x"], out.attrs["regrid_data_y"]) == (data_x, data_y)
+    rows, cols = data_area(out.attrs, out.sizes["xsize"], out.sizes["ysize"])
+    assert (rows, cols) == (slice(*data_x), slice(*data_y))
+    pad = np.ones(out["image"].shape[1:], bool)
+    pad[rows, cols] = False
+    assert len(np.unique(out["image"].values[0][pad])) <= 1  # the pad is one value; the data area is the rest
+
+
+def test_a_data_area_that_does_not_fit_the_frame_fails_naming_the_store():
+    from holopipe.regrid import data_area
+
+    assert data_area({}, 70, 40) == (slice(0, 70), slice(0, 40))  # not regridded: all of it is data
+    with pytest.raises(ValueError, match=r"s\.zarr: attribute 'regrid_data_y' = \[4, 48\] is not a part of the "
+                                         r"frame's 40 pixels along y"):
+        data_area({"regrid_data_x": [0, 70], "regrid_data_y": [4, 48]}, 70, 40, "s.zarr")

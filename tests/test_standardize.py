@@ -4,14 +4,15 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
 from holopipe.config import load_config
-from holopipe.io import PARTICLE_VARS, open_holodec, write_zarr
+from holopipe.io import PARTICLE_VARS, open_holodec, skipped_holograms, write_zarr
 from holopipe.simulate import Camera, Optics, SimulationSettings, beam_profile, camera_image, simulate_file
-from holopipe.standardize import (LOG_EPS, _window, apply_stats, fit_stats, read_stats, running_median_background,
-                                  smooth_background, write_stats)
+from holopipe.standardize import (BLANK_SHARE, LOG_EPS, _window, apply_stats, blank_reason, fit_stats, read_stats,
+                                  running_median_background, smooth_background, write_stats)
 
 # Non-square frames with dx != dy: an x/y swap anywhere changes the beam's shape on the frame.
 DX, DY, WAVELENGTH, Z_MIN, Z_MAX = 2.96e-6, 2.5e-6, 3.55e-7, 2e-3, 12e-3
@@ -220,16 +221,17 @@ def test_log_transform_keeps_dead_pixels_finite(tmp_path):
     assert read_stats(stats_path)["log_transform"] is True
 
 
-def test_a_hologram_mostly_without_light_fails_naming_the_file_and_a_blank_one_is_empty(tmp_path, caplog):
+def test_a_hologram_mostly_without_light_fails_naming_the_file_and_a_blank_one_is_skipped(tmp_path, caplog):
     images = camera_images(3, seed=11)
     images[1, 20:80] = 0  # most of the frame dark: its background reaches 0
     with pytest.raises(ValueError, match=r"dark\.zarr: hologram index 1 has no light"):
         fit_stats(write_store(tmp_path / "dark.zarr", images), make_config(block_pixels=16))
-    images[1] = 0  # nothing but one value: no data at all, contrast 1 (an empty field)
+    images[1] = 0  # nothing but one value: no data at all, contrast 1 (an empty field), and listed
     blank = write_store(tmp_path / "blank.zarr", images)
     out = open_holodec(apply_stats(blank, tmp_path / "out.zarr", write_stats(fit_stats(blank, make_config()),
                                                                                  tmp_path / "stats.json")))
-    assert (out["image"].values[1] == 1).all() and "hologram index 1 is one constant value" in caplog.text
+    assert (out["image"].values[1] == 1).all() and "hologram 2 (index 1) skipped, no data: dark" in caplog.text
+    assert skipped_holograms(out) == {2: "dark: 100.0% of its pixels at 0"}
 
 
 def test_regrids_padding_is_not_data_a_beamed_hologram_stays_flat_up_to_the_pad(tmp_path):
@@ -282,3 +284,117 @@ def test_the_baseline_finds_the_same_droplets_in_the_beamed_and_the_flat_file(tm
                                  tmp_path / f"plots_{name}")
         f1[name] = json.loads(metrics.read_text())["baseline"]["f1"]
     assert f1["flat"] > 0.7 and abs(f1["beam"] - f1["flat"]) < 0.05, f1
+
+
+def test_blank_reason_names_dark_saturated_and_constant_frames_and_passes_a_hologram():
+    hologram = camera_images(1, seed=20, nx=90, ny=70)[0]
+    assert blank_reason(hologram) is None
+    assert blank_reason(np.zeros((90, 70), np.uint8)) == "dark: 100.0% of its pixels at 0"
+    saturated = np.full((90, 70), 255, np.uint8)
+    saturated[:5, :5] = 200  # 25 of 6300 pixels below the maximum: 99.6 % saturated
+    assert blank_reason(saturated) == "saturated: 99.6% of its pixels at its maximum 255"
+    assert blank_reason(np.full((90, 70), 37.5, np.float32)) == "constant: every pixel 37.5 (zero variance)"
+    # At the threshold, not beyond it: still a hologram (a huge shadow), standardized as one.
+    mostly_dark = hologram.copy()
+    mostly_dark.flat[:int(BLANK_SHARE * mostly_dark.size)] = 0
+    assert blank_reason(mostly_dark) is None
+
+
+@pytest.mark.parametrize("background", ["smooth", "running_median", "mean"])
+def test_dark_and_saturated_holograms_are_skipped_listed_and_left_out_of_the_statistics(tmp_path, caplog, background):
+    images = camera_images(5, seed=21, nx=96, ny=80)
+    good = write_store(tmp_path / "good.zarr", images[[0, 2, 4]])
+    images[1] = 0
+    images[3] = 255
+    images[3, :4, :3] = 90  # a few live pixels: 99.8 % saturated
+    bad = write_store(tmp_path / "bad.zarr", images)
+    config = make_config(background, window=5, block_pixels=32)
+
+    stats = fit_stats(bad, config)
+    out = open_holodec(apply_stats(bad, tmp_path / "out.zarr", write_stats(stats, tmp_path / "stats.json")))
+
+    assert stats["skipped_holograms"] == [2, 4] and stats["n_holograms"] == 3
+    if background != "running_median":  # whose windows differ: a skipped neighbour leaves one hologram fewer
+        reference = fit_stats(good, config)
+        assert stats["contrast_mean"] == pytest.approx(reference["contrast_mean"], rel=1e-6)
+        assert stats["contrast_std"] == pytest.approx(reference["contrast_std"], rel=1e-6)
+    # No window took a dark or saturated frame for light: every hologram with data sits at ~1.
+    assert np.median(out["image"].values[[0, 2, 4]], axis=(1, 2)) == pytest.approx([1, 1, 1], abs=0.02)
+    assert skipped_holograms(out) == {2: "dark: 100.0% of its pixels at 0",
+                                      4: "saturated: 99.8% of its pixels at its maximum 255"}
+    assert (out["image"].values[[1, 3]] == 1).all() and (out["image"].values[[0, 2, 4]] != 1).any(axis=(1, 2)).all()
+    assert "bad.zarr: hologram 4 (index 3) skipped, no data: saturated" in caplog.text
+
+
+def test_a_running_median_window_left_without_enough_holograms_fails_naming_the_file(tmp_path):
+    images = camera_images(5, seed=23)
+    images[[1, 3]] = 0  # hologram index 2's window of 3 keeps itself alone: its median would be the hologram
+    bad = write_store(tmp_path / "bad.zarr", images)
+    # Index 2 keeps 1 of its 3, indices 0 and 4 keep 2 of 3: whichever the threads reach first fails.
+    with pytest.raises(ValueError, match=r"bad\.zarr: the running-median window of hologram index [024] holds [12] "
+                                         r"hologram\(s\) with data of 3; widen standardize.window"):
+        fit_stats(bad, make_config("running_median", window=3))
+
+
+def test_a_split_without_any_hologram_of_data_fails_naming_the_file(tmp_path):
+    images = np.zeros((2, 96, 80), np.uint8)
+    images[1] = 255
+    blank = write_store(tmp_path / "blank.zarr", images)
+    with pytest.raises(ValueError, match=r"blank\.zarr: none of its 2 hologram\(s\) holds data \(hologram 1: dark"):
+        fit_stats(blank, make_config())
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_saturated_edge_band_is_data_not_regrids_pad(tmp_path):
+    """A sensor's saturated edge rows look as constant as a pad: only regrid's record says which is which."""
+    from holopipe.regrid import regrid_file
+
+    images = camera_images(1, seed=22, nx=200, ny=168, dark_spots=False)
+    images[0, :, 160:] = 255  # the last 8 columns along y saturated
+    raw = write_store(tmp_path / "raw.zarr", images)
+    config = load_config({**make_config(block_pixels=32), "examples": {"tile_size": 64}})
+    padded = regrid_file(raw, tmp_path / "padded.zarr", config)  # 200 x 168 -> 256 x 192: pad 28 | 12 pixels
+    assert open_holodec(padded).attrs["regrid_data_x"] == [28, 228]
+    assert open_holodec(padded).attrs["regrid_data_y"] == [12, 180]
+    stats_path = write_stats(fit_stats(raw, config), tmp_path / "stats.json")
+
+    out = open_holodec(apply_stats(padded, tmp_path / "out.zarr", stats_path))["image"].values[0]
+
+    assert (out[:28] == 1).all() and (out[:, :12] == 1).all() and (out[:, 180:] == 1).all()  # the pad
+    band = out[28:228, 172:180]
+    assert band.min() > 1.5  # 255 against a background of ~128: bright, as the sensor saw it, not an empty sky
+    assert np.abs(out[28:228, 12:172].reshape(25, 8, 20, 8).mean(axis=(1, 3)) - 1).max() < 0.03
+
+
+def test_a_dark_hologram_in_a_good_file_is_skipped_by_the_baseline_and_listed_by_the_evaluation(tmp_path):
+    """Raw file -> regrid -> standardize -> baseline -> evaluate, with hologram 2 of 3 all dark (a closed shutter)."""
+    from holopipe.baseline import baseline_file
+    from holopipe.evaluate import evaluate_files
+    from holopipe.regrid import regrid_file
+
+    config = load_config({
+        "splits": {"test": {"source": "simulate", "n_holograms": 3, "seed": 0}},
+        "optics": {"wavelength": WAVELENGTH, "dx": DX, "dy": DY, "nx": 320, "ny": 256, "z_min": Z_MIN,
+                   "z_max": Z_MAX},
+        "reconstruction": {"z_bins": 20},
+        "examples": {"tile_size": 128},  # 320 x 256 -> 384 x 256: a pad along x only
+    })
+    settings = SimulationSettings(optics=Optics(WAVELENGTH, DX, DY, 320, 256, Z_MIN, Z_MAX), particles=(3, 3))
+    raw = simulate_file(tmp_path / "raw.nc", n_holograms=3, seed=6, settings=settings, progress=False)
+    with xr.open_dataset(raw) as ds:
+        ds = ds.load()
+    ds["image"][1] = 0
+    ds.to_netcdf(tmp_path / "shutter.nc")
+    regridded = regrid_file(tmp_path / "shutter.nc", tmp_path / "regridded.zarr", config)
+    stats = write_stats(fit_stats(regridded, config), tmp_path / "stats.json")
+    store = apply_stats(regridded, tmp_path / "test.zarr", stats)
+
+    found = baseline_file(config, store, tmp_path / "baseline.csv", progress=False)
+    metrics = json.loads(evaluate_files(config, {"test": store}, {"baseline": {"test": found}},
+                                        tmp_path / "metrics.json", tmp_path / "plots").read_text())["baseline"]
+
+    assert json.loads(stats.read_text())["skipped_holograms"] == [2]
+    assert 2 not in set(pd.read_csv(found)["hid"])
+    assert metrics["skipped_holograms"] == [{"hid": 2, "reason": "dark: 100.0% of its pixels at 0"}]
+    assert metrics["n_true_skipped"] == 3 and metrics["n_true"] == 6 and metrics["n_holograms"] == 2
+    assert metrics["recall"] > 0.6  # the two holograms with data are found as usual; the dark one costs nothing

@@ -29,9 +29,13 @@ from tqdm.auto import tqdm
 from holopipe import io, simulate
 from holopipe.config import ConfigError, split_simulation_config
 
-__all__ = ["DownloadError", "acquire_split", "file_sha256"]
+__all__ = ["DownloadError", "acquire_split", "check_against_optics", "file_sha256"]
 
 log = logging.getLogger("holopipe")
+
+WAVELENGTH_TOLERANCE = 0.01
+"""Relative difference between a file's ``lambda`` and ``optics.wavelength`` beyond which acquire refuses the
+file as recorded with another laser (532 against 355 nm is 50 %); float32 rounding of the attribute is ~1e-7."""
 
 CHUNK_BYTES = 1 << 20
 """Bytes read and written per step of a download: memory stays at one chunk whatever the file size."""
@@ -64,7 +68,6 @@ def acquire_split(config: dict, split: str, out_path, *, ideal_sensor: bool = Fa
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     optics = config["optics"]
-    z_limits = (optics["z_min"], optics["z_max"])
     if ideal_sensor and spec["source"] != "simulate":
         log.info("split %s is recorded (source %s): its images keep their camera, and augmentation adds another "
                  "on top (an ideal sensor applies to simulated splits only)", split, spec["source"])
@@ -81,14 +84,14 @@ def acquire_split(config: dict, split: str, out_path, *, ideal_sensor: bool = Fa
     elif spec["source"] == "file":
         source = Path(spec["path"])
         log.info("acquiring split %s from %s", split, source)
-        _publish_holodec(source, out_path, z_limits=z_limits, max_holograms=spec.get("max_holograms"))
+        _publish_holodec(source, out_path, optics=optics, max_holograms=spec.get("max_holograms"))
     else:
-        _acquire_url(spec, out_path, z_limits=z_limits, settings=config["acquire"])
+        _acquire_url(spec, out_path, optics=optics, settings=config["acquire"])
     log.info("split %s written to %s", split, out_path)
     return out_path
 
 
-def _acquire_url(spec: dict, out_path: Path, *, z_limits, settings: dict) -> None:
+def _acquire_url(spec: dict, out_path: Path, *, optics: dict, settings: dict) -> None:
     """Download, verify, validate and publish; the partial file goes once it is published or proven bad.
 
     A transfer that fails after every retry keeps its partial file so the next run resumes it.
@@ -107,11 +110,12 @@ def _acquire_url(spec: dict, out_path: Path, *, z_limits, settings: dict) -> Non
         raise DownloadError(f"{url}: SHA-256 mismatch: expected {expected}, got {actual}{hint}")
     log.info("%s: SHA-256 verified (%s)", url, actual)
     try:
-        _publish_holodec(part, out_path, z_limits=z_limits, max_holograms=spec.get("max_holograms"),
+        _publish_holodec(part, out_path, optics=optics, max_holograms=spec.get("max_holograms"),
                          label=url, move=True)
     except io.HolodecFormatError as exc:
         part.unlink(missing_ok=True)
-        raise io.HolodecFormatError(f"{url}: {exc}") from None
+        named = str(exc) if str(exc).startswith(f"{url}: ") else f"{url}: {exc}"  # contract errors name the part
+        raise io.HolodecFormatError(named) from None
     part.unlink(missing_ok=True)
 
 
@@ -248,9 +252,10 @@ def _fetch_s3(url: str, part: Path, *, timeout: float) -> None:
     _check_complete(part, total)
 
 
-def _publish_holodec(source: Path, out_path: Path, *, z_limits, max_holograms=None, label=None,
+def _publish_holodec(source: Path, out_path: Path, *, optics: dict, max_holograms=None, label=None,
                      move=False) -> None:
-    """Validate a HOLODEC file, then publish it (or its first `max_holograms` holograms) at `out_path`.
+    """Validate a HOLODEC file against the contract and the config's `optics`, then publish it (or its
+    first `max_holograms` holograms) at `out_path`.
 
     Validating first makes a bad file fail here, naming the file, rather than in a later stage. A full
     file is renamed (`move`) or copied byte for byte; a subset is written afresh with the source's
@@ -258,11 +263,13 @@ def _publish_holodec(source: Path, out_path: Path, *, z_limits, max_holograms=No
     rename stays on one file system.
     """
     label = label or str(source)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    z_limits = (optics["z_min"], optics["z_max"])
+    tmp = io.temporary_sibling(out_path)
     try:
         with io.open_holodec(source) as ds:
             # Validated with the configured z limits, published with the file's own attributes.
             io.open_holodec(ds, z_limits=z_limits)
+            check_against_optics(ds, optics, label)
             n_holograms = ds.sizes["hologram_number"]
             keep = n_holograms if max_holograms is None else min(max_holograms, n_holograms)
             if keep < n_holograms:
@@ -278,6 +285,22 @@ def _publish_holodec(source: Path, out_path: Path, *, z_limits, max_holograms=No
             os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_against_optics(ds, optics: dict, label: str) -> None:
+    """Refuse a file that this config cannot process: one without holograms (every later count would divide
+    by zero), or one recorded at another wavelength than ``optics.wavelength`` (beyond
+    :data:`WAVELENGTH_TOLERANCE`): the model is trained on holograms of the configured laser, and a fringe's
+    spacing, hence its focus, scales with the wavelength. Pixel pitch and frame size may differ from the
+    config's: regrid brings them to the model's grid."""
+    if ds.sizes["hologram_number"] == 0:
+        raise io.HolodecFormatError(f"{label}: no holograms (dimension 'hologram_number' has size 0)")
+    recorded, configured = float(ds.attrs["lambda"]), float(optics["wavelength"])
+    if abs(recorded - configured) > WAVELENGTH_TOLERANCE * configured:
+        raise io.HolodecFormatError(
+            f"{label}: attribute 'lambda' = {recorded:g} m ({recorded * 1e9:.4g} nm) differs from the config's "
+            f"optics.wavelength = {configured:g} m ({configured * 1e9:.4g} nm) by more than "
+            f"{WAVELENGTH_TOLERANCE:.0%}; set optics.wavelength to the file's laser, or use a file of this one")
 
 
 def _first_holograms(ds, n: int):

@@ -72,8 +72,9 @@ from tqdm.auto import tqdm
 
 from holopipe.focus import host_array, pixel_values, reconstructed_amplitude, window_scores
 from holopipe.infer import pixel_components
-from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position
+from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, usable_holograms
 from holopipe.optics import Propagator
+from holopipe.provenance import code_identity
 from holopipe.particles import suppress_ghosts
 from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
@@ -255,8 +256,8 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     number (1-based), position and diameter in µm, and the darkness contrast at focus. zMin and zMax
     come from the store, or from ``optics`` where the store lacks them (real data). Each hologram's
     particles are kept beside ``out_csv`` as it finishes (:class:`holopipe.io.HologramParts`,
-    fingerprinted by the ``baseline`` (but its device), ``reconstruction`` and ``optics`` sections and the
-    store's identity): a rerun after a kill skips the finished holograms.
+    fingerprinted by the code, the ``baseline`` (but its device), ``reconstruction`` and ``optics`` sections
+    and the store's identity): a rerun after a kill skips the finished holograms.
     """
     name, out_csv = os.fspath(store_path), Path(out_csv)
     reconstruction, settings = config["reconstruction"], config["baseline"]
@@ -264,12 +265,13 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     ds = open_standardized(name, config)
     try:
         parts = HologramParts(out_csv, {
-            "stage": "baseline", "baseline": {k: v for k, v in settings.items() if k != "device"},
+            "stage": "baseline", "code": code_identity(),
+            "baseline": {k: v for k, v in settings.items() if k != "device"},
             "reconstruction": reconstruction, "optics": config["optics"], "inputs": input_identity(store_path)})
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
         planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
-        hids = range(1, ds.sizes["hologram_number"] + 1)
+        hids = usable_holograms(ds)  # standardization's skipped holograms (no data) are not searched
         done = parts.done()
         for hid in tqdm(hids, desc=f"baseline {Path(name).name}", unit="hologram", disable=not progress):
             if hid in done:

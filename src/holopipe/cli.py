@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from holopipe import __version__
+from holopipe.credentials import mask_secrets
 
 log = logging.getLogger("holopipe")
 
@@ -111,7 +112,7 @@ def cmd_examples(args) -> None:
 
     config = _load_config(args)
     check_tiles_fit(config)
-    build_examples(args.input, args.out, config, seed_offset=args.seed_offset)
+    build_examples(args.input, args.out, config, split=args.split)
 
 
 def cmd_tune_study(args) -> None:
@@ -170,9 +171,12 @@ def cmd_baseline(args) -> None:
 
 
 def cmd_label_candidates(args) -> None:
+    from holopipe.device import array_mover
     from holopipe.labels import write_candidates
 
-    write_candidates(_load_config(args), args.split, args.store, args.unet, args.baseline, args.out)
+    config = _load_config(args)
+    write_candidates(config, args.split, args.store, args.unet, args.baseline, args.out,
+                     to_device=array_mover(config["labels"]["device"], "labels.device"))
 
 
 def cmd_label(args) -> None:
@@ -362,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     examples = stages.add_parser("examples", help="cut training tiles and masks from reconstructed planes")
     examples.add_argument("--in", dest="input", required=True, help="standardized zarr store")
     examples.add_argument("--out", required=True, help="output zarr store")
-    examples.add_argument("--seed-offset", type=int, default=0,
-                          help="distinct per split, so splits never share tile draws")
+    examples.add_argument("--split", required=True,
+                          help="the split's name: it picks the random stream, so splits never share tile draws")
     _add_config_source(examples)
     examples.set_defaults(func=cmd_examples, reads=_input, writes=_out)
 
@@ -448,11 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_source(candidates)
     candidates.set_defaults(func=cmd_label_candidates, reads=_paths("store", "unet", "baseline"), writes=_out)
 
-    label = stages.add_parser("label", help="a page on localhost to label a split's candidates by hand")
+    label = stages.add_parser("label", help="a page on localhost to label a split's candidates by hand (open the "
+                                            "URL with ?token= that it prints)")
     label.add_argument("--split", required=True, help="the split whose candidates to label")
     label.add_argument("--labeller", default="anonymous", help="your name: labels go to labels/<split>/<labeller>.csv")
-    label.add_argument("--port", type=int, default=8050, help="port on localhost (default 8050)")
-    label.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    label.add_argument("--port", type=int, default=8050,
+                       help="port (default 8050); through ssh -L, forward the same port number")
+    label.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; any other warns)")
     label.add_argument("--candidates", type=Path,
                        help="candidates directory (default results/labels/<split>/candidates)")
     label.add_argument("--labels", type=Path, help="folder of the label files (default labels/<split>)")
@@ -495,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.info("holopipe %s: %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
+    # Masked: this line is the job's log, and a hand-typed --config-json may hold a storage password.
+    log.info("holopipe %s: %s", __version__, mask_secrets(" ".join(sys.argv[1:] if argv is None else argv)))
     started = time.time()
     try:
         from holopipe.device import job_threads, use_threads
@@ -505,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.provenance:
             _write_provenance(args, sys.argv[1:] if argv is None else argv, started)
     except (ValueError, FileNotFoundError) as error:
-        log.error("%s", error)
+        log.error("%s", mask_secrets(str(error)))
         return 1
     log.info("%s finished in %.1f s", args.stage, time.time() - started)
     return 0

@@ -18,6 +18,8 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
+from holopipe.credentials import mask_secrets
+
 __all__ = [
     "ConfigError", "check_tiles_fit", "config_reference_markdown", "load_config", "schema",
     "update_readme_reference", "with_overrides",
@@ -173,7 +175,21 @@ def _cross_field_problems(config: dict) -> list[str]:
         problems.append(f"infer.coarse_stride ({infer['coarse_stride']}) > 1 segments windows of many shapes, and "
                         "infer.compile compiles the model for one: set one of them off (infer.compile: false or "
                         "infer.coarse_stride: 1)")
-    return problems
+    return problems + _storage_secret_problems(config["tune"])
+
+
+def _storage_secret_problems(tune: dict) -> list[str]:
+    """A password in tune.storage would ride on every job's command line (printed, visible in `ps`) and
+    into logs, provenance and the report: refused, with where the password goes instead."""
+    storage = tune["storage"]
+    if storage is not None and mask_secrets(storage) != storage:
+        return [f"tune.storage ({mask_secrets(storage)}) holds a password, which would show on every job's "
+                "command line and in logs and provenance: remove it from the URL and put it in a file only you "
+                "can read (chmod 600) named by tune.storage_password_file, or for PostgreSQL in ~/.pgpass or "
+                "PGPASSWORD, which libpq reads by itself"]
+    if storage is None and tune["storage_password_file"] is not None:
+        return ["tune.storage_password_file is set, but tune.storage is null: a journal file has no password"]
+    return []
 
 
 def _lookup(config, dotted_key: str):
@@ -247,7 +263,7 @@ def load_config(source: str | PathLike | Mapping) -> dict:
         try:
             config = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+            raise ConfigError(mask_secrets(f"{origin}: not valid YAML: {exc}")) from None
     if not isinstance(config, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {type(config).__name__}")
     errors = sorted(
@@ -255,7 +271,9 @@ def load_config(source: str | PathLike | Mapping) -> dict:
     )
     problems = [line for error in errors for line in _describe(error)] or _cross_field_problems(config)
     if problems:
-        raise ConfigError(f"invalid configuration ({origin}):\n" + "\n".join(f"  {p}" for p in problems))
+        # Masked: a problem may quote a value, and a value may hold a password (tune.storage).
+        listed = "\n".join(f"  {p}" for p in problems)
+        raise ConfigError(mask_secrets(f"invalid configuration ({origin}):\n{listed}"))
     return config
 
 

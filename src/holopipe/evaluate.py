@@ -55,7 +55,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from holopipe.config import primary_split
-from holopipe.io import open_holodec, particle_table, write_atomically
+from holopipe.io import open_holodec, particle_table, read_particle_csv, skipped_holograms, write_atomically
 
 __all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
            "combined_labels", "detection_metrics", "evaluate_files", "hologram_counts", "label_metrics", "match",
@@ -283,13 +283,8 @@ def _counts_only(predicted: pd.DataFrame, holograms, diameter_bins) -> dict:
 
 
 def read_predictions(path) -> pd.DataFrame:
-    """A particle CSV (hid, x, y, z, d in µm, + prob or score); a clear error names a bad file."""
-    path = Path(path)
-    table = pd.read_csv(path)
-    missing = [c for c in ("hid", *COORDINATES) if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing particle column(s) {missing}; expected hid, x, y, z, d (µm)")
-    return table.astype({"hid": np.int64, **{c: np.float64 for c in COORDINATES}})
+    """A particle CSV (hid, x, y, z, d in µm, + prob or score), checked by :func:`holopipe.io.read_particle_csv`."""
+    return read_particle_csv(path)
 
 
 def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> tuple[float | None, float | None]:
@@ -409,18 +404,39 @@ def _check_holograms(table: pd.DataFrame, n_holograms: int, source) -> None:
                          f"{n_holograms} holograms (hid 1..{n_holograms})")
 
 
-def _evaluate_split(split: str, truth: pd.DataFrame, n_holograms: int, predicted: dict, evaluate: dict,
+def _check_not_skipped(table: pd.DataFrame, skipped: dict, source, store) -> None:
+    """No particles of a hologram that standardization skipped: the method cannot have seen it (a stale CSV)."""
+    found = np.unique(table["hid"][table["hid"].isin(list(skipped))])
+    if found.size:
+        raise ValueError(f"{source}: particles of hologram(s) {found[:10].tolist()}, which {store} lists as "
+                         "skipped (no data): the file predates the store; rerun the method")
+
+
+def _note_skipped(results: dict, skipped: dict, n_true_skipped: int) -> None:
+    """Say in every method's metrics which holograms were left out and how many true particles went with them."""
+    listed = [{"hid": hid, "reason": reason} for hid, reason in sorted(skipped.items())]
+    note = (f"{len(skipped)} hologram(s) without data left out (standardization skipped them), with their "
+            f"{n_true_skipped} true particle(s), of every count above" if skipped else None)
+    for name, metrics in results.items():
+        if name != "_minus_".join(DIFFERENCE):
+            metrics.update(skipped_holograms=listed, n_true_skipped=n_true_skipped, skipped_note=note)
+
+
+def _evaluate_split(split: str, truth: pd.DataFrame, holograms: np.ndarray, predicted: dict, evaluate: dict,
                     depth_bins) -> tuple[dict, dict]:
-    """One split's ``{method: metrics}`` (+ ``unet_minus_baseline``) and ``{method: matches}`` (empty without truth)."""
+    """One split's ``{method: metrics}`` (+ ``unet_minus_baseline``) and ``{method: matches}`` (empty without
+    truth) over ``holograms``, the hids evaluated (those standardization did not skip)."""
     diameter_bins = evaluate["diameter_bins"]
+    n_holograms = int(holograms.size)
     if not len(truth):
-        holograms = np.arange(1, n_holograms + 1)
         return {method: {"split": split, **_counts_only(table, holograms, diameter_bins)}
                 for method, table in predicted.items()}, {}
     tol_xy, tol_z = float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"])
     n_resamples, seed = int(evaluate["bootstrap"]), int(evaluate["seed"])
     matches = {method: match(truth, table, tol_xy, tol_z) for method, table in predicted.items()}
-    counts = {method: hologram_counts(truth, table, matches[method], n_holograms) for method, table in predicted.items()}
+    # Rows of the evaluated holograms only: a skipped one is not drawn by the bootstrap.
+    counts = {method: hologram_counts(truth, table, matches[method], int(holograms.max()))[holograms - 1]
+              for method, table in predicted.items()}
     intervals, difference = bootstrap_intervals(counts, n_resamples, seed)
     interval = (f"bootstrap over the {n_holograms} holograms, {n_resamples} resamples (seed {seed}), "
                 "2.5-97.5 percentiles, the same draws for every method")
@@ -451,6 +467,11 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     (per split where there is more than one; without truth anywhere, ``f1_bars.png`` shows particles
     per hologram); every file is written atomically.
 
+    Holograms that standardization skipped (no data: :func:`holopipe.io.skipped_holograms`) are left out of
+    every count and of the bootstrap, with their true particles; every method's entry lists them
+    (``skipped_holograms``: hid and reason), with ``n_true_skipped`` and ``skipped_note``. A prediction in a
+    skipped hologram is refused (its CSV predates the store).
+
     ``labels`` maps split -> (candidates directory, label CSVs): where a split's label files hold any
     label, each method's entry of the primary split gets ``labels: {split: label_metrics}``
     (:func:`label_metrics`); without any, the files are as without ``labels``. :data:`LABEL_PLOT_NAMES`
@@ -459,14 +480,18 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     """
     evaluate, optics = config["evaluate"], config["optics"]
     depth_bins = np.linspace(float(optics["z_min"]), float(optics["z_max"]), int(evaluate["depth_bins"]) + 1)
-    truths, n_holograms = {}, {}
+    truths, n_holograms, skipped = {}, {}, {}
     for split, path in truth_store_paths.items():
         ds = open_holodec(path)
         try:
             truths[split], n_holograms[split] = particle_table(ds), int(ds.sizes["hologram_number"])
+            skipped[split] = skipped_holograms(ds)
         finally:
             ds.close()
         _check_holograms(truths[split], n_holograms[split], path)
+    holograms = {split: np.setdiff1d(np.arange(1, n + 1), list(skipped[split])) for split, n in n_holograms.items()}
+    skipped_truth = {split: truths[split]["hid"].isin(list(skipped[split])) for split in truths}
+    truths = {split: truth[~skipped_truth[split]] for split, truth in truths.items()}
     for method, by_split in predictions.items():
         missing = sorted(set(truths) - set(by_split))
         if missing:
@@ -476,11 +501,13 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     for method, by_split in predicted.items():
         for split, table in by_split.items():
             _check_holograms(table, n_holograms[split], predictions[method][split])
+            _check_not_skipped(table, skipped[split], predictions[method][split], truth_store_paths[split])
     results, matches = {}, {}
     for split in truths:
         results[split], matches[split] = _evaluate_split(
-            split, truths[split], n_holograms[split], {m: predicted[m][split] for m in predicted}, evaluate,
+            split, truths[split], holograms[split], {m: predicted[m][split] for m in predicted}, evaluate,
             depth_bins)
+        _note_skipped(results[split], skipped[split], int(skipped_truth[split].sum()))
     primary = primary_split(truths)
     labelled = _labelled_splits(labels or {}, list(truths), list(predicted), evaluate["diameter_bins"])
     for split, (_, _, by_method) in labelled.items():
@@ -490,7 +517,8 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     for split, path in paths.items():
         text = json.dumps(results[split], indent=2, sort_keys=True)
         write_atomically(path, lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
-    _plot_all(Path(plots_dir), truths, n_holograms, predicted, results, matches, primary)
+    _plot_all(Path(plots_dir), truths, {s: int(h.size) for s, h in holograms.items()}, predicted, results, matches,
+              primary)
     _plot_labels(Path(plots_dir), labelled, list(labels or truths))
     return paths[primary]
 
@@ -526,6 +554,10 @@ def summary(out_json, splits) -> str:
             if difference is not None:
                 lines.append(f"{' - '.join(DIFFERENCE)}: F1 {difference['f1']:+.3f} "
                              f"{_interval_or_dash(difference['f1_ci95'], signed=True)} (paired)")
+        if first.get("skipped_holograms"):
+            lines.append("skipped, no data: " + "; ".join(f"hologram {s['hid']} ({s['reason']})"
+                                                          for s in first["skipped_holograms"])
+                         + f"; their {first['n_true_skipped']} true particle(s) are not counted")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -16,13 +16,15 @@ The planes are the centres of ``reconstruction.z_bins`` equal bins between the s
 ``zMax``; inference reconstructs the same planes (:func:`z_bin_centres`, :func:`z_bin_of`), so a
 model sees at inference exactly the defocus it was trained on.
 
-Everything random is drawn from ``numpy.random.default_rng([examples.seed, seed_offset, h])`` for
+Everything random is drawn from ``numpy.random.default_rng([examples.seed, split_stream(split), h])`` for
 hologram index ``h``, before any reconstruction: a store is reproducible, whatever the order in which
-holograms finish, and splits with different ``seed_offset`` draw different tiles.
+holograms finish, and splits of different names draw different tiles. The stream derives from what a split
+is (its name), not where it stands in the config, so adding a split never re-cuts the examples of another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -37,13 +39,14 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.config import ConfigError
 from holopipe.device import cpu_threads
-from holopipe.io import particle_table, um_to_pixel, write_atomically
+from holopipe.io import particle_table, skipped_holograms, um_to_pixel, write_atomically
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres, z_bin_of
 
 __all__ = [
     "build_examples",
     "plan_hologram",
     "rasterize_disks",
+    "split_stream",
 ]
 
 MASK_CHANNELS = ("in_focus",)
@@ -51,6 +54,13 @@ PLAN_COLUMNS = ("z_bin", "row0", "col0", "positive", "near")
 
 _PLACEMENT_TRIES = 100
 """Redraws of a tile position before accepting a duplicate (same plane and origin) tile."""
+
+
+def split_stream(split: str) -> int:
+    """The random stream of a split's examples: the first 8 bytes of the SHA-256 of its name, as an integer.
+    A digest of the name, not the split's position in the config (which a user's added split shifts) nor
+    Python's ``hash`` (salted per process), so the examples training reads are cut the same in every run."""
+    return int.from_bytes(hashlib.sha256(split.encode("utf-8")).digest()[:8], "big")
 
 
 def rasterize_disks(rows, cols, radius_rows, radius_cols, frame_shape, window=None) -> np.ndarray:
@@ -243,14 +253,14 @@ def _skeleton(plan: pd.DataFrame, planes: np.ndarray, channels, tile: int, dtype
     )
 
 
-def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, progress=True) -> Path:
+def build_examples(in_path, out_path, config: dict, *, split: str, progress=True) -> Path:
     """Cut the examples of a standardized split store into a zarr store at ``out_path``; returns its path.
 
     ``config`` is a validated config (:func:`holopipe.config.load_config`); its ``examples`` and
-    ``reconstruction`` sections apply, the optics come from the store. ``seed_offset`` separates the
-    random streams of splits. Holograms run in a small thread pool (the FFTs release the GIL), a few at
-    a time, and their tiles are written as they finish, so memory stays at a few holograms. The store
-    is written under a temporary name and renamed when complete.
+    ``reconstruction`` sections apply, the optics come from the store. ``split``, the split's name, picks
+    its random stream (:func:`split_stream`). Holograms run in a small thread pool (the FFTs release the
+    GIL), a few at a time, and their tiles are written as they finish, so memory stays at a few holograms.
+    The store is written under a temporary name and renamed when complete.
     """
     examples, reconstruction = config["examples"], config["reconstruction"]
     in_name, out_path = os.fspath(in_path), Path(out_path)
@@ -265,12 +275,13 @@ def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, pro
         particles = _particles_in_pixels(particle_table(ds), attrs, n_bins)
         by_hologram = {hid: group for hid, group in particles.groupby("hid")}
         n_holograms = ds.sizes["hologram_number"]
-        plans = []
+        plans, skipped = [], skipped_holograms(ds)
         for h in range(n_holograms):
-            rng = np.random.default_rng([int(examples["seed"]), int(seed_offset), h])
+            rng = np.random.default_rng([int(examples["seed"]), split_stream(split), h])
             hologram_particles = by_hologram.get(h + 1, particles.iloc[:0])
-            plans.append(plan_hologram(rng, hologram_particles, frame, planes, float(attrs["lambda"]),
-                                       examples).assign(hid=h + 1))
+            plan = plan_hologram(rng, hologram_particles, frame, planes, float(attrs["lambda"]), examples)
+            # A skipped hologram (no data) has no tiles: its particles' masks would mark an empty image.
+            plans.append((plan.iloc[:0] if h + 1 in skipped else plan).assign(hid=h + 1))
         plan = pd.concat(plans, ignore_index=True)
         if plan.empty:
             raise ValueError(f"{in_name}: no examples to cut (no particles for positives and "
@@ -279,7 +290,7 @@ def build_examples(in_path, out_path, config: dict, *, seed_offset: int = 0, pro
             "source": in_name, "channel_names": channels, "tile_size": tile, "z_bins": n_bins,
             "Nx": int(attrs["Nx"]), "Ny": int(attrs["Ny"]),
             **{key: float(attrs[key]) for key in ("dx", "dy", "lambda", "zMin", "zMax")},
-            "seed_offset": int(seed_offset), "examples_config": json.dumps(examples, sort_keys=True),
+            "split": split, "examples_config": json.dumps(examples, sort_keys=True),
             "reconstruction_config": json.dumps(reconstruction, sort_keys=True),
             "holopipe_version": __version__,
         }

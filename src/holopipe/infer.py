@@ -60,8 +60,10 @@ from holopipe import __version__
 from holopipe import coarse  # the module: it builds on this one
 from holopipe.dataset import normalize_channels
 from holopipe.focus import smoothed_amplitude
-from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, remove_path
+from holopipe.io import (HologramParts, equivalent_diameter, input_identity, pixel_position, remove_path,
+                         usable_holograms)
 from holopipe.optics import Propagator, hologram_field
+from holopipe.provenance import code_identity
 from holopipe.reconstruction import open_standardized, z_bin_centres
 from holopipe.device import autocast, autocast_dtype, describe_device, resolve_device
 from holopipe.models import fold_batchnorm
@@ -530,11 +532,12 @@ memory, say), compiled or not, with more or fewer volume writers, keeps the holo
 
 def resume_fingerprint(config: dict, model_path, store_path, *, chunk: int, n_chunks: int, probabilities_path,
                        segment: Segmenter | None = None) -> dict:
-    """What a chunk's finished holograms depend on: the stage's config, the chunk, the model and store files
-    (:func:`holopipe.io.input_identity`) and whether a probability volume is written. A ``segment`` given in
+    """What a chunk's finished holograms depend on: the code (:func:`holopipe.provenance.code_identity`), the
+    stage's config, the chunk, the model and store files (:func:`holopipe.io.input_identity`) and whether a
+    probability volume is written. A ``segment`` given in
     place of the model counts by identity (it cannot be fingerprinted), so it resumes only in its process."""
     infer = {key: value for key, value in config["infer"].items() if key not in RESUME_IGNORES}
-    return {"stage": "infer", "holopipe_version": __version__, "reconstruction": config["reconstruction"],
+    return {"stage": "infer", "code": code_identity(), "reconstruction": config["reconstruction"],
             "infer": infer, "chunk": int(chunk), "n_chunks": int(n_chunks),
             "inputs": input_identity(*[path for path in (model_path, store_path) if path is not None]),
             "segment": None if segment is None else repr(segment),
@@ -598,7 +601,8 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
                     "source": name, "chunk": int(chunk), "n_chunks": int(n_chunks), "dx": dx, "dy": dy,
                     "threshold": float(infer["threshold"]), "holopipe_version": __version__})
             quantize = _quantizer(dtype)
-        todo = [h for h in range(n_holograms) if h + 1 not in done]
+        usable = usable_holograms(ds)  # standardization's skipped holograms (no data) are not swept
+        todo = [hid - 1 for hid in usable if hid not in done]
         log.info("%s chunk %d/%d: %d of %d holograms to sweep (%d finished before, kept in %s)", name, chunk + 1,
                  n_chunks, len(todo), n_holograms, len(done), parts.directory)
         batch_planes = int(infer["batch_planes"])
@@ -653,7 +657,7 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
                          "%.0f%%, post-processing %.0f%%)", name, h + 1, indices[0] if indices.size else 0,
                          indices[-1] if indices.size else -1, timing.seconds, timing.planes_per_second,
                          100 * shares["propagation"], 100 * shares["model"], 100 * shares["postprocess"])
-        table = _detection_table(parts.load(range(1, n_holograms + 1)))
+        table = _detection_table(parts.load(usable))
         if probabilities_path is not None:
             probabilities_path.parent.mkdir(parents=True, exist_ok=True)
             remove_path(probabilities_path)

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import operator
 import os
+import re
 import shutil
+import socket
 import sys
 import threading
 import warnings
@@ -45,6 +48,10 @@ IN_MEMORY = "<in-memory dataset>"
 FINITE_MARK = "finite_checked"
 """Attribute of a float ``image`` in a zarr store: 1 when :func:`write_zarr` checked every value finite as it
 wrote them, so readers skip re-reading the images (netCDF files and unmarked stores are always checked)."""
+SKIPPED_ATTR = "skipped_holograms"
+"""Attribute of a standardized store: the 1-based hids of holograms without data (dark, saturated, constant)."""
+SKIPPED_REASONS_ATTR = "skipped_reasons"
+"""Attribute beside :data:`SKIPPED_ATTR`: why each of those holograms was skipped, in the same order."""
 
 _PITCH_RANGE_M = (1e-8, 1e-3)
 _WAVELENGTH_RANGE_M = (1e-8, 1e-5)
@@ -146,17 +153,69 @@ def remove_path(path) -> None:
         path.unlink(missing_ok=True)
 
 
+_TEMPORARY_OWNER = re.compile(r"(?P<host>.+)-(?P<pid>\d+)-(?P<thread>\d+)(?:\.\w+)?")
+"""What follows ``.NAME.tmp-`` in a temporary's name: its writer's host, process and thread, and an optional
+suffix (see :func:`temporary_sibling`)."""
+
+
+def temporary_sibling(path, suffix: str = "") -> Path:
+    """The hidden sibling ``.NAME.tmp-HOST-PID-THREAD[suffix]`` of ``path`` to write before renaming it over
+    ``path``, after removing the temporaries of ``path`` that killed writers left (:func:`remove_stale_temporaries`).
+
+    Every writer of an output takes its temporary here, so the next run of a killed job frees its disk.
+    The name says who writes it: concurrent writers never share one, and a later run can tell whether the
+    writer lives. ``suffix`` keeps an extension that a tool reads (Snakemake picks a report's format by it).
+    """
+    path = Path(path)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}{suffix}")
+    remove_path(tmp)  # a dead process whose pid and thread id this one reuses may have left it
+    return tmp
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Remove every ``.NAME.tmp-*`` sibling of ``path`` but those of live processes on this host; return them.
+
+    A SIGKILL (walltime, out of memory) skips every ``finally``, so only a later run can remove what a
+    killed writer left: gigabytes for a zarr store. Another host's temporary is removed too: on PBS the
+    rerun of a killed job lands on any node, and Snakemake never runs two jobs writing one output (nor two
+    Snakemake runs on one directory, by its lock), so it can only be a dead job's. A live process of this
+    host keeps its own, which makes two writers of one output by hand on one node safe. An unparseable
+    name (an older holopipe's) counts as stale.
+    """
+    path = Path(path)
+    prefix = f".{path.name}.tmp-"
+    removed = []
+    for sibling in path.parent.glob(f"{glob.escape(prefix)}*"):
+        owner = _TEMPORARY_OWNER.fullmatch(sibling.name[len(prefix):])
+        if owner and owner["host"] == socket.gethostname() and _process_alive(int(owner["pid"])):
+            continue
+        remove_path(sibling)
+        removed.append(sibling)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_atomically(path, write) -> Path:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it over ``path``.
+    """Call ``write(tmp)`` on a temporary sibling of ``path`` (:func:`temporary_sibling`), then rename it
+    over ``path``.
 
     ``write`` may create a file or a directory (a zarr store); what is at ``path`` already is replaced.
-    A reader never sees a half-written output, and a failing ``write`` leaves nothing behind. The
-    temporary name carries the process and thread, so concurrent writers never share one.
+    A reader never sees a half-written output, and a failing ``write`` leaves nothing behind; what a
+    killed one left is removed by the next write of ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    remove_path(tmp)
+    tmp = temporary_sibling(path)
     try:
         write(tmp)
         if path.is_dir():
@@ -172,8 +231,10 @@ class HologramParts:
 
     A job killed at its walltime (or by the out-of-memory killer) keeps every hologram it finished: each
     is one CSV under ``<out>.parts/``, written atomically, so a part on disk is always complete. The
-    parts hold a ``fingerprint`` (JSON-serialisable: the stage's config, its inputs' identity): a rerun
-    with another fingerprint starts afresh instead of mixing results of two configs. :meth:`finish`
+    parts hold a ``fingerprint`` (JSON-serialisable: the stage's config, its inputs' identity, and under
+    ``"code"`` the code's, :func:`holopipe.provenance.code_identity`): a rerun with another fingerprint
+    starts afresh instead of mixing results of two configs or of the code before and after a ``git pull``
+    (a fingerprint without ``"code"`` is refused, so no stage can forget it). :meth:`finish`
     writes the output atomically from all parts and only then removes them: the output is never half
     written, and a kill during :meth:`finish` loses nothing.
     """
@@ -183,6 +244,9 @@ class HologramParts:
     def __init__(self, out_path, fingerprint: dict):
         self.out_path = Path(out_path)
         self.directory = self.out_path.with_name(self.out_path.name + ".parts")
+        if "code" not in fingerprint:
+            raise ValueError(f"{self.directory}: the resume fingerprint has no 'code' entry (keys "
+                             f"{sorted(fingerprint)}): parts of other code would be reused")
         text = json.dumps(fingerprint, sort_keys=True, default=str)
         marker = self.directory / self.FINGERPRINT
         if self.directory.is_dir() and not (marker.is_file() and marker.read_text(encoding="utf-8") == text):
@@ -262,6 +326,53 @@ def particle_table(ds: xr.Dataset) -> pd.DataFrame:
     table = pd.DataFrame({name: np.asarray(ds[name].values, dtype=np.float64) for name in PARTICLE_VARS})
     table["hid"] = table["hid"].astype(np.int64)
     return table
+
+
+def skipped_holograms(ds: xr.Dataset) -> dict[int, str]:
+    """Holograms (1-based hid -> why) that standardization found without data (:data:`SKIPPED_ATTR`);
+    every later stage leaves them out, and evaluation lists them. Empty for a store that records none."""
+    hids = np.atleast_1d(np.asarray(ds.attrs.get(SKIPPED_ATTR, []), dtype=np.int64))
+    reasons = np.atleast_1d(np.asarray(ds.attrs.get(SKIPPED_REASONS_ATTR, [""] * hids.size), dtype=str))
+    return dict(zip(hids.tolist(), reasons.tolist()))
+
+
+def usable_holograms(ds: xr.Dataset) -> list[int]:
+    """The 1-based hids of the holograms that the stages after standardization work on: all but the skipped."""
+    skipped = skipped_holograms(ds)
+    return [hid for hid in range(1, ds.sizes["hologram_number"] + 1) if hid not in skipped]
+
+
+def read_particle_csv(path) -> pd.DataFrame:
+    """A particle CSV (hid, x, y, z, d in µm, and any further columns) with hid as int64, x..d as float64.
+
+    A table that a later count would silently get wrong is refused, naming the file, the column and its
+    first bad rows (as lines of the file, the header being line 1): a missing column,
+    a value that is not a finite number, an hid that is not a whole number >= 1, a z or d <= 0.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable particle CSV ({exc})") from exc
+    missing = [name for name in PARTICLE_VARS if name not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing particle column(s) {missing}; expected hid, x, y, z, d (µm)")
+    values = {name: pd.to_numeric(table[name], errors="coerce").to_numpy(np.float64) for name in PARTICLE_VARS}
+    for name, column in values.items():
+        _refuse_rows(path, name, table[name], ~np.isfinite(column), "not a finite number")
+    _refuse_rows(path, "hid", table["hid"], (values["hid"] < 1) | (values["hid"] != np.round(values["hid"])),
+                 "not a hologram number (a whole number >= 1)")
+    for name in ("z", "d"):
+        _refuse_rows(path, name, table[name], values[name] <= 0, "not positive (µm)")
+    return table.assign(hid=values["hid"].astype(np.int64), **{name: values[name] for name in PARTICLE_VARS[1:]})
+
+
+def _refuse_rows(path: Path, name: str, column: pd.Series, bad: np.ndarray, problem: str) -> None:
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        shown = ", ".join(f"line {row + 2} ({name} = {column.iloc[row]})" for row in rows[:5])
+        more = f", and {rows.size - 5} more" if rows.size > 5 else ""
+        raise ValueError(f"{path}: column {name!r} is {problem} in {rows.size} row(s): {shown}{more}")
 
 
 def validate_holodec(ds: xr.Dataset, source: str = IN_MEMORY) -> None:
@@ -438,7 +549,6 @@ class HolodecWriter:
         if self.image_dtype not in (np.dtype(np.uint8), np.dtype(np.float32)):
             raise ValueError(f"{self.path}: image_dtype {self.image_dtype}, expected uint8 (a camera's gray "
                              "levels) or float32 (an ideal sensor's)")
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         for name, value in (("n_holograms", n_holograms), ("nx", nx), ("ny", ny)):
             if operator.index(value) < 1:
                 raise ValueError(f"{self.path}: {name} must be a positive integer, got {value}")
@@ -461,6 +571,7 @@ class HolodecWriter:
 
     def __enter__(self) -> HolodecWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = temporary_sibling(self.path)
         self._nc = netCDF4.Dataset(self._tmp, "w", format="NETCDF4")
         try:
             self._define(self._nc)

@@ -13,16 +13,27 @@ the label is saved as soon as it has both. ``z`` or Backspace undoes the last la
 z slider, ``a`` toggles amplitude and phase. The buttons do the same.
 
 JSON API: ``GET /api/state``; ``POST /api/label`` ``{"candidate", "label", "confidence"}``;
-``POST /api/undo``; crops as PNG at ``/crop/<candidate>/<plane>.png?channel=amplitude|phase``.
+``POST /api/undo`` ``{}``; crops as PNG at ``/crop/<candidate>/<plane>.png?channel=amplitude|phase``.
+
+Who gets in (issue 20): on a shared login node everyone can reach 127.0.0.1, so, as Jupyter does, each run draws
+a random token and prints it once in the page's URL, ``http://127.0.0.1:PORT/?token=...``. That visit sets an
+HttpOnly, SameSite=Strict cookie that the page's requests carry; see :class:`Access` for the checks.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import io
+import ipaddress
+import json
 import logging
+import secrets
+import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from flask import Flask, Response, abort, jsonify, request
@@ -30,7 +41,7 @@ from PIL import Image
 
 from holopipe import labels
 
-__all__ = ["GRAY_RANGES", "create_app", "crop_png", "serve"]
+__all__ = ["GRAY_RANGES", "Access", "create_app", "crop_png", "is_loopback", "json_object", "page_names", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,108 @@ def crop_png(plane_yx: np.ndarray, channel: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.round(gray * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+ANY_ADDRESS = ("", "0.0.0.0", "::")
+SAFE_METHODS = ("GET", "HEAD")  # they only read; every other request is a change and must come from the page
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it appears in a URL and a Host header (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it resolves to an address other machines may reach
+        return False
+
+
+def page_names(host: str) -> frozenset[str]:
+    """The names a browser may reach a server bound to ``host`` by: the loopback names, the address itself and,
+    for the any-address (0.0.0.0), this machine's names. A Host header naming anything else is a foreign name
+    resolved to this machine (DNS rebinding)."""
+    names = {*LOOPBACK_NAMES, _url_host(host)}
+    if host in ANY_ADDRESS:
+        names |= {socket.gethostname(), socket.getfqdn()}
+    return frozenset(name.lower() for name in names if name)
+
+
+def _origin_of(url: str) -> str | None:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else None
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who the page answers: a request through one of this server's own names and port (``Host``: no DNS
+    rebinding) that carries this run's token (the ``?token=`` of the printed URL on the page itself, the cookie
+    after that). A change (any method but GET and HEAD) must also come from the page: its ``Origin`` (or,
+    without one, its ``Referer``) is this server, and its body is ``application/json``, which no cross-site
+    form can send."""
+
+    token: str
+    port: int
+    names: frozenset[str]
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The Host headers of this server."""
+        return frozenset(f"{name}:{self.port}" for name in self.names)
+
+    @property
+    def cookie(self) -> str:
+        """The token's cookie, one per port: browsers share a host's cookies across its ports, and two labellers
+        may serve side by side."""
+        return f"holopipe-label-{self.port}"
+
+    def refusal(self, request) -> tuple[int, str] | None:
+        """Why ``request`` (a Flask request) is refused, as (HTTP status, message); None when it is let in."""
+        host = request.headers.get("Host", "").lower()
+        if host not in self.hosts:
+            return 403, (f"Host {host!r} is not this server: open it as one of {', '.join(sorted(self.hosts))} "
+                         "(through ssh -L, forward the same port number)")
+        from_url = request.path == "/" and "token" in request.args
+        given = request.args["token"] if from_url else request.cookies.get(self.cookie)
+        if given is None:
+            return 403, "no token: open the URL with ?token= that `holopipe label` printed when it started"
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return 403, ("wrong token (was the server restarted?): open the URL with ?token= that `holopipe label` "
+                         "printed when it started")
+        if request.method in SAFE_METHODS:
+            return None
+        sender = request.headers["Origin"] if "Origin" in request.headers else request.headers.get("Referer")
+        origin = _origin_of(sender or "")
+        if origin != f"http://{host}":
+            return 403, (f"a change sent from {sender!r}, not from this page (http://{host}): refused"
+                         if sender else "a change with neither Origin nor Referer: refused")
+        if request.mimetype != "application/json":
+            return 415, f"a change is sent as application/json, not {request.mimetype or 'without a type'}: refused"
+        return None
+
+
+def json_object(body: bytes, fields: tuple[str, ...]) -> dict:
+    """``body`` as a JSON object with exactly ``fields``; a ValueError saying what is wrong (a 400, not a 500)."""
+    expected = "{" + ", ".join(f'"{field}": ...' for field in fields) + "}"
+    try:
+        value = json.loads(body)
+    except ValueError as error:  # also bytes that are not UTF-8
+        raise ValueError(f"the body is not JSON ({error}); send {expected}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"the body is {_JSON_TYPES[type(value)]}, not a JSON object {expected}")
+    missing = [field for field in fields if field not in value]
+    unknown = sorted(set(value) - set(fields))
+    problems = [f"missing {', '.join(missing)}"] * bool(missing) + [f"unknown {', '.join(unknown)}"] * bool(unknown)
+    if problems:
+        raise ValueError(f"the body must be {expected}: {'; '.join(problems)}")
+    return value
 
 
 class _Session:
@@ -87,15 +200,30 @@ class _Session:
         return state
 
 
-def create_app(candidates_dir, labels_dir, labeller: str) -> Flask:
-    """The Flask app of the page. Opening fails here (ValueError naming the file) for a stale or bad label file,
-    an unknown candidate in it or a bad labeller name, so the server never starts on them."""
+def create_app(candidates_dir, labels_dir, labeller: str, *, access: Access) -> Flask:
+    """The Flask app of the page, answering only requests that ``access`` lets in. Opening fails here (ValueError
+    naming the file) for a stale or bad label file, an unknown candidate in it or a bad labeller name, so the
+    server never starts on them."""
     session = _Session(candidates_dir, labels_dir, labeller)
     app = Flask(__name__)
 
+    @app.before_request
+    def admit():
+        refused = access.refusal(request)
+        if refused is None:
+            return None
+        status, message = refused
+        log.warning("refused %s %s: %s", request.method, request.path, message)  # the path: no query, no token
+        if request.path == "/":
+            return Response(message + "\n", status, mimetype="text/plain")
+        return jsonify(error=message), status
+
     @app.get("/")
     def page():
-        return Response(PAGE, mimetype="text/html")
+        answer = Response(PAGE, mimetype="text/html")
+        # From the printed URL on, the token rides in a cookie that scripts cannot read and other sites do not send.
+        answer.set_cookie(access.cookie, access.token, httponly=True, samesite="Strict", path="/")
+        return answer
 
     @app.get("/api/state")
     def state():
@@ -104,21 +232,28 @@ def create_app(candidates_dir, labels_dir, labeller: str) -> Flask:
 
     @app.post("/api/label")
     def label():
-        given = request.get_json(silent=True) or {}
+        try:
+            given = json_object(request.get_data(), ("candidate", "label", "confidence"))
+        except ValueError as error:
+            return jsonify(error=f"not saved: {error}"), 400
         with session.lock:
             current = session.current()
-            if given.get("candidate") != current:
+            if given["candidate"] != current:
                 # A repeated key press or a second tab: never label a candidate the page is not showing.
-                return jsonify(session.state(f"not saved: {given.get('candidate')!r} is not the current "
+                return jsonify(session.state(f"not saved: {given['candidate']!r} is not the current "
                                              f"candidate ({current!r})")), 409
             try:
-                session.label_file.add(current, given.get("label"), given.get("confidence"))
+                session.label_file.add(current, given["label"], given["confidence"])
             except ValueError as error:
                 return jsonify(session.state(f"not saved: {error}")), 400
             return jsonify(session.state(f"saved {current}: {given['label']}, confidence {given['confidence']}"))
 
     @app.post("/api/undo")
     def undo():
+        try:
+            json_object(request.get_data(), ())
+        except ValueError as error:
+            return jsonify(error=f"nothing undone: {error}"), 400
         with session.lock:
             undone = session.label_file.undo()
             return jsonify(session.state(f"undid {undone}" if undone else "nothing to undo"))
@@ -138,14 +273,24 @@ def create_app(candidates_dir, labels_dir, labeller: str) -> Flask:
 
 
 def serve(candidates_dir, labels_dir, *, labeller: str, host: str = "127.0.0.1", port: int = 8050) -> None:
-    """Serve the page until interrupted; logs its URL. (A port in use: werkzeug says so and exits 1.)"""
+    """Serve the page until interrupted; logs its URL with this run's token, the one place the token is written.
+    (A port in use: werkzeug says so and exits 1.)"""
     from werkzeug.serving import make_server
 
-    app = create_app(candidates_dir, labels_dir, labeller)
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: a port is 1..65535 (the printed URL and the Host check need it)")
+    access = Access(token=secrets.token_urlsafe(32), port=port, names=page_names(host))
+    app = create_app(candidates_dir, labels_dir, labeller, access=access)
     server = make_server(host, port, app, threaded=True)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no log line per crop image
-    log.info("labelling %s as %s: open http://%s:%d/ (labels go to %s; Ctrl-C stops)", candidates_dir,
-             labeller, host, server.server_port, Path(labels_dir) / f"{labeller}.csv")
+    # No access log: a line per crop image, and the first request's line would hold the token.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    if not is_loopback(host):
+        log.warning("listening on %s, beyond this machine: anyone who can reach it can try the page, and the token "
+                    "travels unencrypted (plain HTTP); prefer the default --host 127.0.0.1 and, from your own "
+                    "computer, ssh -L %d:localhost:%d", host, port, port)
+    url_host = socket.gethostname() if host in ANY_ADDRESS else _url_host(host)
+    log.info("labelling %s as %s: open http://%s:%d/?token=%s (labels go to %s; Ctrl-C stops)", candidates_dir,
+             labeller, url_host, port, access.token, Path(labels_dir) / f"{labeller}.csv")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -210,6 +355,8 @@ PAGE = """<!doctype html>
 const DISPLAY_PX = 440, BAR_UM = [10, 20, 50, 100, 200, 500];
 let state = null, plane = 0, channel = "amplitude", pending = {label: null, confidence: null}, busy = false;
 const $ = (id) => document.getElementById(id);
+// The token is in the cookie now: take it out of the address bar and the history.
+history.replaceState(null, "", "/");
 
 function cropUrl(p) {
   return `/crop/${encodeURIComponent(state.candidate.id)}/${p}.png?channel=${channel}`;
@@ -269,13 +416,20 @@ async function call(method, url, body) {
   if (busy) return;
   busy = true;
   try {
-    const response = await fetch(url, {method, headers: {"Content-Type": "application/json"},
-                                       body: body === undefined ? undefined : JSON.stringify(body)});
-    if (response.headers.get("Content-Type") === "application/json") show(await response.json());
-    else $("message").textContent = `the server failed (HTTP ${response.status}): see its log; nothing saved`;
+    // A change goes as JSON, which no cross-site form can send; the token goes in the cookie.
+    const response = await fetch(url, method === "GET" ? {method} : {
+      method, headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+    const answer = response.headers.get("Content-Type") === "application/json" ? await response.json() : null;
+    if (answer === null) {
+      $("message").textContent = `the server failed (HTTP ${response.status}): see its log; nothing saved`;
+    } else if ("error" in answer) {
+      $("message").textContent = answer.error;
+    } else {
+      show(answer);
+    }
   } catch (error) {
     $("message").textContent = `the server did not answer (${error}); every label shown as saved is on disk: `
-        + "restart it and reload";
+        + "restart it and open the new URL it prints";
   } finally {
     busy = false;
   }
@@ -306,7 +460,7 @@ document.addEventListener("keydown", (event) => {
   const key = event.key;
   if (KEYS[key]) choose(...KEYS[key]);
   else if ("12345".includes(key) && key.length === 1) choose("confidence", Number(key));
-  else if (key === "z" || key === "Backspace") call("POST", "/api/undo");
+  else if (key === "z" || key === "Backspace") call("POST", "/api/undo", {});
   else if (key === "ArrowLeft" || key === "ArrowDown") movePlane(-1);
   else if (key === "ArrowRight" || key === "ArrowUp") movePlane(1);
   else if (key === "a") toggleChannel();
@@ -316,7 +470,7 @@ document.addEventListener("keydown", (event) => {
 document.querySelectorAll("[data-label]").forEach((b) => b.onclick = () => choose("label", b.dataset.label));
 document.querySelectorAll("[data-confidence]").forEach(
     (b) => b.onclick = () => choose("confidence", Number(b.dataset.confidence)));
-$("undo").onclick = () => call("POST", "/api/undo");
+$("undo").onclick = () => call("POST", "/api/undo", {});
 $("channel").onclick = toggleChannel;
 $("zslider").oninput = () => { plane = Number($("zslider").value); showPlane(); };
 $("crop").onload = scaleBar;

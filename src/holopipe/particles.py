@@ -63,6 +63,7 @@ from holopipe.focus import (gather_windows, host_array, reconstructed_amplitude,
                             window_scores)
 from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, write_atomically
 from holopipe.optics import Propagator
+from holopipe.provenance import code_identity
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels",
@@ -319,8 +320,8 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
     With ``particles.refine`` other than none, each particle is refined on the holograms of the
     standardized split store ``store_path`` (reconstructed as in inference, ``reconstruction`` section):
     see the module docstring. Each hologram's refinement is kept beside ``out_csv`` as it finishes
-    (:class:`holopipe.io.HologramParts`, fingerprinted by the ``particles``, ``reconstruction`` and
-    ``optics`` sections and the inputs' identity), so a killed job's rerun refines only the rest.
+    (:class:`holopipe.io.HologramParts`, fingerprinted by the code, the ``particles``, ``reconstruction``
+    and ``optics`` sections and the inputs' identity), so a killed job's rerun refines only the rest.
     """
     chunk_csvs = list(chunk_csvs)
     clusters = cluster_detections(read_detections(chunk_csvs), config)
@@ -331,7 +332,8 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
         raise ValueError(f"particles.refine is {settings['refine']!r}: it needs the standardized "
                          "split store (--store) to reconstruct the holograms")
     parts = HologramParts(out_csv, {
-        "stage": "particles", "particles": {k: v for k, v in settings.items() if k != "device"},
+        "stage": "particles", "code": code_identity(),
+        "particles": {k: v for k, v in settings.items() if k != "device"},
         "reconstruction": config["reconstruction"], "optics": config["optics"],
         "inputs": input_identity(*chunk_csvs, store_path)})
     refined = _refined(clusters, config, store_path, parts, progress=progress)

@@ -12,6 +12,7 @@ PBS job id), with start time and duration. The Snakemake rules keep one record p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,12 +30,13 @@ import pandas as pd
 import yaml
 
 from holopipe import __version__
+from holopipe.credentials import mask_secrets
 from holopipe.device import cpu_threads
 from holopipe.io import write_atomically
 
 __all__ = [
-    "PACKAGES", "checksum", "config_sha256", "environment", "git_commit", "job_record", "read_records",
-    "summarize_records", "write_record",
+    "PACKAGES", "checksum", "code_identity", "config_sha256", "environment", "git_commit", "job_record",
+    "read_records", "summarize_records", "write_record",
 ]
 
 PACKAGES = ("holopipe", "numpy", "scipy", "xarray", "zarr", "dask", "netCDF4", "pandas", "torch", "torchvision",
@@ -75,6 +77,23 @@ def config_sha256(config: dict | None) -> str | None:
         return None
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.cache
+def code_identity(source_dir=None) -> dict:
+    """``{"holopipe_version", "source_sha256"}`` of the code that runs: the SHA-256 over the relative paths
+    and bytes of every ``*.py`` under the holopipe package (``source_dir``), in sorted order.
+
+    Resume fingerprints hold it, so results computed by the code before a ``git pull`` are never mixed
+    with those of the code after it (the version alone stays 0.1.0 between releases). Every module counts,
+    not only those a stage imports: a needless restart costs time, a missed import would cost correctness.
+    Computed once per process (about 0.6 MB read).
+    """
+    source_dir = Path(source_dir or Path(__file__).resolve().parent)
+    digest = hashlib.sha256()
+    for path in sorted(source_dir.rglob("*.py")):
+        digest.update(f"{path.relative_to(source_dir).as_posix()}\0".encode() + path.read_bytes() + b"\0")
+    return {"holopipe_version": __version__, "source_sha256": digest.hexdigest()}
 
 
 def git_commit(source_dir=None) -> dict:
@@ -161,10 +180,12 @@ def environment() -> dict:
 
 def job_record(*, command: list[str], stage: str, config: dict | None, inputs, outputs, started: float,
                finished: float) -> dict:
-    """The provenance of one finished stage run (``started``/``finished`` from :func:`time.time`)."""
+    """The provenance of one finished stage run (``started``/``finished`` from :func:`time.time`); the
+    command and config with any URL password masked, since records end up in the report."""
+    config = mask_secrets(config)
     return {
         "stage": stage,
-        "command": list(command),
+        "command": mask_secrets(command),
         "config_sha256": config_sha256(config),
         "config": config,
         "inputs": [checksum(path) for path in inputs],
@@ -222,9 +243,10 @@ def summarize_records(records: list[dict]) -> dict[str, pd.DataFrame]:
 
 
 def write_summary(record_paths, config: dict, out_dir) -> dict[str, Path]:
-    """jobs.csv, files.csv, packages.csv and config.yaml (the resolved config, with its hash in a comment)
-    in ``out_dir``, each written atomically; returns their paths by name."""
+    """jobs.csv, files.csv, packages.csv and config.yaml (the resolved config, any URL password masked, with
+    its hash in a comment) in ``out_dir``, each written atomically; returns their paths by name."""
     out_dir = Path(out_dir)
+    config = mask_secrets(config)
     tables = summarize_records(read_records(record_paths))
     written = {name: write_atomically(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
                for name, table in tables.items()}

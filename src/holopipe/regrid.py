@@ -25,6 +25,11 @@ Two steps per image axis, applied to each hologram lazily (one dask chunk per ho
    sky to the propagation and the model. When the size difference is odd, the frame centre moves by
    half a pixel.
 
+The pixels that hold the hologram, the frame less its pad, are recorded as ``regrid_data_x`` and
+``regrid_data_y`` (``[start, stop)`` along each axis; :func:`data_area` reads them): later stages know
+the pad from this record instead of guessing it from the image, where a saturated or dead edge band of
+the sensor looks just as constant as the pad.
+
 Particle coordinates (µm from the frame centre) follow the frame centre, so ``um_to_pixel`` in the new
 file points to the same physical spot; particles whose centre falls outside the new frame are dropped.
 """
@@ -43,7 +48,7 @@ import xarray as xr
 from holopipe import __version__
 from holopipe.io import IMAGE_DIMS, IN_MEMORY, open_holodec, pixel_centres, write_zarr
 
-__all__ = ["AxisPlan", "antialias_matrix", "bin_matrix", "plan_axis", "regrid_dataset", "regrid_file"]
+__all__ = ["AxisPlan", "antialias_matrix", "bin_matrix", "data_area", "plan_axis", "regrid_dataset", "regrid_file"]
 
 log = logging.getLogger("holopipe")
 
@@ -52,6 +57,23 @@ PITCH_TOLERANCE = 1e-6
 
 STALE_PARTICLE_VARS = ("x_pixels", "y_pixels")
 """Real-data columns in the old pixel grid: dropped when the grid changes, rather than left wrong."""
+
+DATA_AREA_ATTRS = {"x": "regrid_data_x", "y": "regrid_data_y"}
+"""Attributes holding ``[start, stop)``, the pixels along x and y that hold the hologram (not regrid's pad)."""
+
+
+def data_area(attrs, nx: int, ny: int, where: str = IN_MEMORY) -> tuple[slice, slice]:
+    """The (x, y) slices of an (nx, ny) frame that hold the hologram: regrid's record, else the whole frame
+    (a store that regrid did not write has no pad). A record that does not fit the frame fails, naming
+    ``where``."""
+    area = []
+    for axis, n in (("x", nx), ("y", ny)):
+        start, stop = (int(v) for v in attrs.get(DATA_AREA_ATTRS[axis], (0, n)))
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"{where}: attribute {DATA_AREA_ATTRS[axis]!r} = [{start}, {stop}] is not a part of "
+                             f"the frame's {n} pixels along {axis}")
+        area.append(slice(start, stop))
+    return area[0], area[1]
 
 
 def antialias_matrix(n_in: int, pitch_in: float, n_out: int, pitch_out: float) -> np.ndarray:
@@ -119,6 +141,11 @@ class AxisPlan:
     @property
     def scale(self) -> float:
         return self.pitch_out / self.pitch_in
+
+    @property
+    def data(self) -> list[int]:
+        """``[start, stop)`` of the new axis's pixels that hold the hologram: all but the pad."""
+        return [self.pad_before, self.pad_before + min(self.n_out, self.n_resampled)]
 
 
 def plan_axis(n_in: int, pitch_in: float, pitch_out: float | None, *, method: str, frame: str,
@@ -242,6 +269,7 @@ def _provenance(plans: dict, settings: dict, source: str, dropped: int, stale=()
         attrs[f"regrid_offset_{axis}_um"] = plan.offset_m * 1e6
         attrs[f"regrid_source_N{axis}"] = plan.n_in
         attrs[f"regrid_source_d{axis}"] = plan.pitch_in
+        attrs[DATA_AREA_ATTRS[axis]] = plan.data
     return attrs
 
 

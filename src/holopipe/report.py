@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from holopipe.io import write_atomically
+from holopipe.io import temporary_sibling, write_atomically
 
 __all__ = ["GRAPHS", "snakemake_output", "write_graphs", "write_report"]
 
@@ -68,7 +68,7 @@ def write_report(snakefile, configfile, targets: list[str], out_html) -> Path:
     """Snakemake's self-contained HTML report of ``targets`` (every ``report()`` output upstream of them),
     written atomically."""
     out_html = Path(out_html)
-    tmp = out_html.with_name(f".{out_html.stem}.tmp.html")  # Snakemake picks the format by the suffix
+    tmp = temporary_sibling(out_html, suffix=".html")  # Snakemake picks the format by the suffix
     try:
         snakemake_output(snakefile, configfile, *targets, "--report", str(tmp))
         if not tmp.is_file():

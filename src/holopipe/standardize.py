@@ -26,13 +26,21 @@ field ``I / I0`` and reconstructs physically (``hologram_field(h, background=1.0
 ``mean``
     The hologram's own mean intensity, one scalar: for flat illumination.
 
-Constant edge rows and columns are not data (regrid pads a frame to whole tiles with the hologram's median,
-a step no smooth background of a beamed hologram follows): the background is fitted without them and their
-contrast is 1, the background's level. The background is floored at ``DEAD_BACKGROUND_FRACTION`` of the
-hologram's median level, so dead
-pixels of the running median (or a spline undershoot in a dark corner) never divide by ~0; a dead
-pixel of the image itself gives contrast 0, which the log floor keeps finite. A hologram without light
-(a background that reaches 0) fails, naming the file and the hologram. With ``log_transform`` the stored value is
+Regrid's pad is not data (regrid pads a frame to whole tiles with the hologram's median, a step no smooth
+background of a beamed hologram follows): the background is fitted on the area that regrid recorded as the
+hologram's (:func:`holopipe.regrid.data_area`; the whole frame of a store without the record) and the pad's
+contrast is 1, the background's level. The record, not the look of the image, says where the pad is: a
+saturated or dead edge band of the sensor is as constant as a pad, but it is data. The background is floored
+at ``DEAD_BACKGROUND_FRACTION`` of the hologram's median level, so dead pixels of the running median (or a
+spline undershoot in a dark corner) never divide by ~0; a dead pixel of the image itself gives contrast 0,
+which the log floor keeps finite.
+
+A hologram without data is skipped (:func:`blank_reason`): more than ``BLANK_SHARE`` of its pixels dark (at
+0) or saturated (at its maximum), or every pixel one value. Its contrast is 1, it is left out of the
+training statistics, logged with a warning, and listed in the store's attributes (``skipped_holograms``,
+``skipped_reasons``: :func:`holopipe.io.skipped_holograms`) so that every later stage leaves it out and
+evaluation lists it. A split whose every hologram is skipped fails, naming the file. A hologram with some
+light but a background that reaches 0 somewhere fails, naming the file and the hologram. With ``log_transform`` the stored value is
 ``1 + log(max(I / B, LOG_EPS))``, which is ~``I / B`` near the background and compresses bright fringes.
 
 The only statistics fitted on the training split are the scale factors of what the model sees: the
@@ -58,9 +66,10 @@ import scipy.interpolate
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.io import IMAGE_DIMS, open_holodec, write_atomically, write_zarr
+from holopipe.io import IMAGE_DIMS, SKIPPED_ATTR, SKIPPED_REASONS_ATTR, open_holodec, write_atomically, write_zarr
+from holopipe.regrid import data_area
 
-__all__ = ["apply_stats", "contrast_images", "fit_stats", "read_stats", "running_median_background",
+__all__ = ["apply_stats", "blank_reason", "contrast_images", "fit_stats", "read_stats", "running_median_background",
            "smooth_background", "standardize_image", "write_stats"]
 
 log = logging.getLogger("holopipe")
@@ -82,6 +91,30 @@ ROUGHNESS = 0.001
 
 DEAD_BACKGROUND_FRACTION = 0.01
 """The background is never below this fraction of the hologram's median level (dead pixels, dark corners)."""
+
+BLANK_SHARE = 0.99
+"""A hologram with more than this share of its pixels dark (at 0) or saturated (at its maximum) holds no
+hologram: a particle's shadow and rings cover well under 1 % of a frame, a closed shutter or a blinded
+sensor nearly all of it."""
+
+
+def blank_reason(image) -> str | None:
+    """Why the hologram ``image`` (its data area, any shape) holds no data, or None when it does: more than
+    :data:`BLANK_SHARE` of its pixels at 0 (dark) or at its maximum (saturated: 255 for 8 bits), or one
+    value throughout (zero variance)."""
+    image = np.asarray(image)
+    if image.size == 0:
+        return "no pixels"
+    lowest, highest = image.min(), image.max()
+    dark = float(np.count_nonzero(image == 0)) / image.size
+    if dark > BLANK_SHARE:
+        return f"dark: {dark:.1%} of its pixels at 0"
+    if lowest == highest:
+        return f"constant: every pixel {highest:g} (zero variance)"
+    saturated = float(np.count_nonzero(image == highest)) / image.size
+    if saturated > BLANK_SHARE:
+        return f"saturated: {saturated:.1%} of its pixels at its maximum {highest:g}"
+    return None
 
 
 def standardize_image(intensity, background, log_transform: bool):
@@ -212,41 +245,30 @@ def _window(h: int, n: int, window: int) -> range:
     return range(start, min(start + window, n))
 
 
-def _constant_edges(image: np.ndarray) -> tuple[slice, slice]:
-    """The frame without its constant edge rows and columns (regrid's pad, a dead or saturated edge).
-
-    An edge line is constant when all its pixels equal the frame's corner value on that side; a line of
-    real data never is (noise). The whole frame comes back when nothing is constant, an empty slice when
-    everything is.
-    """
-    def run(lines: np.ndarray) -> int:  # constant leading lines (axis 0), all with the first one's value
-        constant = (lines == lines[:1, :1]).all(axis=1)
-        return int(np.cumprod(constant).sum())
-
-    n0, n1 = image.shape
-    start0, start1 = run(image), run(image.T)
-    stop0, stop1 = n0 - run(image[::-1]), n1 - run(image.T[::-1])
-    return slice(start0, max(start0, stop0)), slice(start1, max(start1, stop1))
-
-
-def _contrast_block(*blocks, settings: dict, where: str, position: int = 0, hologram: int | None = None,
-                    block_info=None):
+def _contrast_block(*blocks, settings: dict, where: str, area: tuple[slice, slice], position: int = 0,
+                    hologram: int | None = None, block_info=None):
     """One hologram's standardized image (1, nx, ny) from its chunk, or from its window's chunks (the
     hologram at ``position``); ``hologram`` (else the chunk's location) names it in errors.
 
-    Constant edge lines (regrid pads a frame to whole tiles with one value, :func:`_constant_edges`) are
-    not data: the background is fitted without them and their contrast is 1, the background's level (a
-    pad at the median intensity is a step that no smooth background of a beamed hologram follows).
+    Only ``area`` (regrid's record of the hologram's pixels, :func:`holopipe.regrid.data_area`) is data: the
+    background is fitted on it, and the pad around it has contrast 1, the background's level. A hologram
+    without data (:func:`blank_reason`) has contrast 1 throughout (the caller lists it), and is left out of
+    its neighbours' running-median windows (which then hold one hologram fewer).
     """
-    images = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
-    rows, cols = _constant_edges(images[position])
-    images = images[:, rows, cols]
+    images = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)[:, area[0], area[1]]
     image = images[position]
     contrast = np.ones((1, *blocks[0].shape[1:]), np.float32)
-    if image.size == 0:
-        hologram = block_info[0]["array-location"][0][0] if hologram is None else hologram
-        log.warning("%s: hologram index %d is one constant value (no light?); standardized to 1", where, hologram)
+    if blank_reason(image) is not None:
         return contrast
+    # A running median's window: neighbours without data say nothing about this hologram's light, and a
+    # window left with fewer than 3 holograms has no median that rejects a shadow: it would erase the particles.
+    lit = [i for i in range(len(images)) if i == position or blank_reason(images[i]) is None]
+    if len(lit) < min(3, len(images)):
+        hologram = block_info[0]["array-location"][0][0] if hologram is None else hologram
+        raise ValueError(f"{where}: the running-median window of hologram index {hologram} holds {len(lit)} "
+                         f"hologram(s) with data of {len(images)}; widen standardize.window or use "
+                         "standardize.background smooth")
+    images, position = images[lit], lit.index(position)
     method = settings["background"]
     if method == "smooth":
         background = smooth_background(image, int(settings["block_pixels"]))
@@ -262,29 +284,55 @@ def _contrast_block(*blocks, settings: dict, where: str, position: int = 0, holo
         hologram = block_info[0]["array-location"][0][0] if hologram is None else hologram
         raise ValueError(f"{where}: hologram index {hologram} has no light (its background reaches {darkest:g}); "
                          "cannot divide it by its background")
-    contrast[0, rows, cols] = standardize_image(image, background, bool(settings["log_transform"]))
+    contrast[0, area[0], area[1]] = standardize_image(image, background, bool(settings["log_transform"]))
     return contrast
 
 
-def contrast_images(image: da.Array, settings: dict, where: str = "<image>") -> da.Array:
+def contrast_images(image: da.Array, settings: dict, where: str = "<image>",
+                    area: tuple[slice, slice] | None = None) -> da.Array:
     """Lazy standardized images (hologram, xsize, ysize) float32, one hologram per chunk.
 
     ``image`` is a dask array of raw intensities in the contract layout; ``settings`` the ``standardize``
-    section; ``where`` names the file in errors. Each input chunk is read once per computation.
+    section; ``where`` names the file in errors; ``area`` the (x, y) slices that hold the hologram (the
+    whole frame by default). Each input chunk is read once per computation.
     """
     image = image.rechunk({0: 1, 1: -1, 2: -1})
     n, nx, ny = image.shape
+    area = area or (slice(0, nx), slice(0, ny))
     if settings["background"] != "running_median":
-        return image.map_blocks(_contrast_block, settings=settings, where=where, dtype=np.float32,
+        return image.map_blocks(_contrast_block, settings=settings, where=where, area=area, dtype=np.float32,
                                 meta=np.empty((0, 0, 0), np.float32))
     holograms = []
     for h in range(n):
         neighbours = _window(h, n, int(settings["window"]))
         holograms.append(da.map_blocks(_contrast_block, *(image[i:i + 1] for i in neighbours), settings=settings,
-                                       where=where, position=h - neighbours.start, hologram=h,
+                                       where=where, area=area, position=h - neighbours.start, hologram=h,
                                        chunks=((1,), (nx,), (ny,)), dtype=np.float32,
                                        meta=np.empty((0, 0, 0), np.float32)))
     return da.concatenate(holograms, axis=0)
+
+
+def _blank_block(block: np.ndarray, area: tuple[slice, slice]) -> np.ndarray:
+    return np.array([blank_reason(block[0][area]) or ""], dtype=object)
+
+
+def _blank_reasons(image: da.Array, area: tuple[slice, slice]) -> da.Array:
+    """Lazy (hologram,) object array: each hologram's :func:`blank_reason` on ``area``, "" for one with data."""
+    image = image.rechunk({0: 1, 1: -1, 2: -1})
+    return image.map_blocks(_blank_block, area, drop_axis=(1, 2), dtype=object, meta=np.empty((0,), object))
+
+
+def _skipped(reasons, where: str) -> dict[int, str]:
+    """hid (1-based) -> reason of the holograms without data among computed ``reasons``, each logged with a
+    warning; a split without any hologram that holds data fails, naming ``where``."""
+    skipped = {h + 1: str(reason) for h, reason in enumerate(reasons) if reason}
+    for hid, reason in skipped.items():
+        log.warning("%s: hologram %d (index %d) skipped, no data: %s", where, hid, hid - 1, reason)
+    if skipped and len(skipped) == len(reasons):
+        first = next(iter(skipped.items()))
+        raise ValueError(f"{where}: none of its {len(reasons)} hologram(s) holds data (hologram {first[0]}: "
+                         f"{first[1]}); nothing to standardize")
+    return skipped
 
 
 def _moments(block: np.ndarray) -> np.ndarray:
@@ -306,24 +354,28 @@ def _pooled(moments: np.ndarray) -> tuple[float, float]:
 def fit_stats(train_path, config: dict) -> dict:
     """The scale factors of the model's inputs: contrast mean and std of the standardized training split.
 
-    One pass over the training store. Returns a JSON-serialisable dict: ``contrast_mean``,
-    ``contrast_std``, ``n_holograms``, ``source``, the ``standardize`` settings (which ``apply`` uses),
+    One pass over the training store; holograms without data (:func:`blank_reason`) are left out. Returns a
+    JSON-serialisable dict: ``contrast_mean``, ``contrast_std``, ``n_holograms`` (those used),
+    ``skipped_holograms`` (1-based), ``source``, the ``standardize`` settings (which ``apply`` uses),
     ``log_transform`` and ``holopipe_version``.
     """
     settings, optics = dict(config["standardize"]), config["optics"]
     name = os.fspath(train_path)
     ds = open_holodec(name, z_limits=(optics["z_min"], optics["z_max"]))
     try:
-        contrast = contrast_images(ds["image"].data, settings, where=name)
+        area = data_area(ds.attrs, ds.sizes["xsize"], ds.sizes["ysize"], name)
+        contrast = contrast_images(ds["image"].data, settings, where=name, area=area)
         moments = contrast.map_blocks(_moments, chunks=(contrast.chunks[0], (3,)), drop_axis=2, dtype=np.float64)
-        # (n_holograms, 3): small; the images themselves are never held beyond a few holograms.
-        contrast_mean, contrast_std = _pooled(dask.compute(moments)[0])
-        n_holograms = int(ds.sizes["hologram_number"])
+        # (n_holograms, 3) and (n_holograms,): small, and one pass (both share each hologram's read).
+        moments, reasons = dask.compute(moments, _blank_reasons(ds["image"].data, area))
+        skipped = _skipped(reasons, name)
+        used = [h for h in range(len(reasons)) if h + 1 not in skipped]
+        contrast_mean, contrast_std = _pooled(moments[used])
     finally:
         ds.close()
-    return {"contrast_mean": contrast_mean, "contrast_std": contrast_std, "n_holograms": n_holograms,
-            "source": name, "standardize": settings, "log_transform": bool(settings["log_transform"]),
-            "holopipe_version": __version__}
+    return {"contrast_mean": contrast_mean, "contrast_std": contrast_std, "n_holograms": len(used),
+            "skipped_holograms": sorted(skipped), "source": name, "standardize": settings,
+            "log_transform": bool(settings["log_transform"]), "holopipe_version": __version__}
 
 
 def write_stats(stats: dict, path) -> Path:
@@ -348,7 +400,8 @@ def apply_stats(in_path, out_path, stats_path) -> Path:
     """Standardize every hologram of ``in_path`` by its own background and write a float32 zarr store.
 
     The estimator and its settings are those recorded in ``stats_path`` (the training split's). Particles
-    and attrs are kept; attrs gain ``standardize_stats``, ``standardize_background``,
+    and attrs are kept; holograms without data have contrast 1 and are listed in ``skipped_holograms`` and
+    ``skipped_reasons`` (module docstring); attrs also gain ``standardize_stats``, ``standardize_background``,
     ``standardize_block_pixels`` or ``standardize_window`` (the estimator's setting),
     ``standardize_log_transform`` (0/1), ``standardize_source`` and ``standardize_contrast_mean``/``_std``.
     """
@@ -357,7 +410,10 @@ def apply_stats(in_path, out_path, stats_path) -> Path:
     name = os.fspath(in_path)
     ds = open_holodec(name)
     try:
-        standardized = contrast_images(ds["image"].data, settings, where=name)
+        area = data_area(ds.attrs, ds.sizes["xsize"], ds.sizes["ysize"], name)
+        # A pass of its own: the store's attributes, written first, must already list the skipped holograms.
+        skipped = _skipped(_blank_reasons(ds["image"].data, area).compute(scheduler="synchronous"), name)
+        standardized = contrast_images(ds["image"].data, settings, where=name, area=area)
         out = ds.assign(image=xr.DataArray(standardized, dims=IMAGE_DIMS, attrs=ds["image"].attrs))
         setting = {"smooth": "block_pixels", "running_median": "window"}.get(settings["background"])
         out = out.assign_attrs(
@@ -369,6 +425,7 @@ def apply_stats(in_path, out_path, stats_path) -> Path:
             standardize_contrast_mean=stats["contrast_mean"],
             standardize_contrast_std=stats["contrast_std"],
             holopipe_version=__version__,
+            **{SKIPPED_ATTR: sorted(skipped), SKIPPED_REASONS_ATTR: [skipped[hid] for hid in sorted(skipped)]},
         )
         return write_zarr(out, out_path)
     finally:

@@ -55,6 +55,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from holopipe.config import ConfigError, with_overrides
+from holopipe.credentials import MASK, mask_secrets, read_password_file
 from holopipe.io import write_atomically
 
 __all__ = ["TrialProcessError", "TrialSeededSampler", "check_study", "data_digests", "open_storage",
@@ -73,7 +74,7 @@ MAX_RETRIES = 1
 """Times a stale trial's parameters are queued again (a trial that kills its worker must not kill them all)."""
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-_RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "storage", "heartbeat")
+_RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "storage", "storage_password_file", "heartbeat")
 DATA_ROLES = ("train", "valid", "stats")
 """The trials' inputs whose content names the study: the examples stores and the standardize stats."""
 
@@ -108,8 +109,8 @@ def study_name(config: dict, data: Mapping[str, str | None]) -> str:
     training and examples config, and the content ``data`` (:func:`data_digests`) of the examples and stats
     the trials read, so that a changed config or re-made examples never continue an old study.
 
-    Left out: how the search is run (workers, trials_per_gpu, storage, heartbeat) and n_trials, so
-    raising n_trials continues the same study.
+    Left out: how the search is run (workers, trials_per_gpu, storage and its password file, heartbeat)
+    and n_trials, so raising n_trials continues the same study.
     """
     tune = {k: v for k, v in config["tune"].items() if k not in _RUNTIME_KEYS}
     sections = {"model", "train", "examples"} | {key.split(".")[0] for key in tune["search_space"]}
@@ -119,20 +120,13 @@ def study_name(config: dict, data: Mapping[str, str | None]) -> str:
     return f"holopipe-{digest[:12]}"
 
 
-def _public_url(url: str) -> str:
-    """A storage URL without its password, fit for a file and a log."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def _journal_path(study_file) -> Path:
     return Path(study_file).with_suffix(".journal")
 
 
 def _storage_description(config: dict, study_file) -> str:
     url = config["tune"]["storage"]
-    return f"journal {_journal_path(study_file).name}" if url is None else _public_url(url)
+    return f"journal {_journal_path(study_file).name}" if url is None else mask_secrets(url)
 
 
 def start_study(config: dict, study_file, train_store, valid_store, stats_path) -> str:
@@ -207,10 +201,17 @@ def _journal_storage(path) -> JournalStorage:
 def open_storage(config: dict, study_file):
     """The storage of the study of ``study_file``: its journal beside it when ``tune.storage`` is null,
     else the RDB (PostgreSQL) URL, with Optuna's heartbeat.
+
+    The password of tune.storage_password_file goes to the driver as a connection argument, never into
+    the URL, which Optuna and SQLAlchemy keep and may print; without one, libpq reads ~/.pgpass or
+    PGPASSWORD itself. An error opening the database is raised with the URL and password masked.
     """
     tune = config["tune"]
     if tune["storage"] is None:
         return _journal_storage(_journal_path(study_file))
+    password = (None if tune["storage_password_file"] is None
+                else read_password_file(tune["storage_password_file"], "tune.storage_password_file"))
+    engine_kwargs = {"pool_pre_ping": True, **({"connect_args": {"password": password}} if password else {})}
     interval = max(1, math.ceil(tune["heartbeat"]))  # Optuna wants whole seconds
     # Workers start together: creating the tables on an empty database can race, so retry briefly.
     for attempt in range(5):
@@ -219,14 +220,17 @@ def open_storage(config: dict, study_file):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(
                     tune["storage"],
-                    engine_kwargs={"pool_pre_ping": True},
+                    engine_kwargs=engine_kwargs,
                     heartbeat_interval=interval,
                     grace_period=STALE_HEARTBEATS * interval,
                     heartbeat_stale_trial_callback=_retry_stale,
                 )
         except Exception as exc:  # sqlalchemy errors; the last one is raised with the URL named
             if attempt == 4:
-                raise RuntimeError(f"tune.storage {tune['storage']}: cannot open the database: {exc}") from exc
+                # Not chained (from None): a traceback would print the unmasked original beneath.
+                message = mask_secrets(f"tune.storage {tune['storage']}: cannot open the database "
+                                       f"({type(exc).__name__}): {exc}")
+                raise RuntimeError(message.replace(password, MASK) if password else message) from None
             time.sleep(0.5 + attempt)
 
 

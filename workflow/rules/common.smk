@@ -13,6 +13,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from holopipe.config import ConfigError, check_tiles_fit, load_config, primary_split
+from holopipe.credentials import read_password_file
 
 # The conda envs' post-deploy script installs holopipe from this checkout, wherever the working directory is.
 os.environ.setdefault("HOLOPIPE_REPO", workflow.basedir)
@@ -28,6 +29,9 @@ for _split, _role in ((TRAIN_SPLIT, "trains"), (VALID_SPLIT, "validates")):
             f"splits: the workflow {_role} on the split named {_split!r}; configured splits are "
             f"{', '.join(config['splits'])}"
         )
+if config["tune"]["storage_password_file"] is not None:
+    # Read now as well as in the jobs, so that a missing or loose password file fails before any job runs.
+    read_password_file(config["tune"]["storage_password_file"], "tune.storage_password_file")
 SPLITS = list(config["splits"])
 # The workflow graphs come as mermaid always, as SVG too where graphviz is installed.
 GRAPH_FORMATS = ["mmd", "svg"] if shutil.which("dot") else ["mmd"]
@@ -67,11 +71,6 @@ def stage_config(*sections, split=None, **keys):
     chosen.update({section: config[section] for section in sections})
     chosen.update({section: {key: config[section][key] for key in names} for section, names in keys.items()})
     return json.dumps(chosen, sort_keys=True)
-
-
-def split_index(wildcards):
-    """A split's position in the config: distinct random streams for the examples of each split."""
-    return SPLITS.index(wildcards.split)
 
 
 def standardize_stats_files():
@@ -525,15 +524,35 @@ LABEL_CANDIDATES_BATCH_BYTES = 2**24 * 16
 
 def get_label_candidates_mem_mb(wildcards, attempt):
     """A hologram's padded spectrum and transfer function (40 B per padded pixel) and one batch of planes on
-    numpy; the crops of one hologram's candidates are small (130 kB each)."""
-    return memory_mb(40 * padded_pixels(wildcards.split) + LABEL_CANDIDATES_BATCH_BYTES, attempt)
+    numpy (torch's libraries too where labels.device is a GPU); the crops of one hologram's candidates are
+    small (130 kB each)."""
+    libraries_mb = TORCH_LIBRARIES_MB if device_kind("labels") == "gpu" else PYTHON_LIBRARIES_MB
+    return memory_mb(40 * padded_pixels(wildcards.split) + LABEL_CANDIDATES_BATCH_BYTES, attempt, libraries_mb)
 
 
 def get_label_candidates_runtime(wildcards, attempt):
-    """At most every plane of every hologram (only those within 3 planes of a candidate are reconstructed),
-    on the CPU."""
+    """Every plane of every hologram, on labels.device. Only the planes within 3 of a candidate are
+    reconstructed, but candidates are the union of both methods' particles, unknown before they run and not
+    few: with c per hologram spread over Z planes, a fraction 1 - (1 - 7/Z)^c of the planes is needed, 97 %
+    for HOLODEC's 500 droplets in 1000 planes."""
     work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
-    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"], attempt)
+    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE[device_kind("labels")], attempt)
+
+
+def pbs_submit_command():
+    """The profile's submit command as a list when it is profiles/pbs/pbs-submit.py, else None (no PBS)."""
+    submit = (getattr(workflow.executor_settings, "submit_cmd", None) or "").split()
+    return submit if submit and os.path.basename(submit[0]) == "pbs-submit.py" else None
+
+
+def remote_jobs():
+    """The jobs of this run that go to the cluster (not localrules)."""
+    return [job for job in workflow.dag.needrun_jobs() if not job.is_local]
+
+
+def pbs_jobs():
+    """The PBS jobs this run submits: each remote job, the jobs of a group as the one job they share."""
+    return list(dict.fromkeys(workflow.dag.get_job_group(job) or job for job in remote_jobs()))
 
 
 def pbs_account_problem():
@@ -541,19 +560,62 @@ def pbs_account_problem():
     missing one stops the run here, once, before the first submission, rather than inside every job's
     error report. Asks profiles/pbs/pbs-submit.py, the one home of where the account comes from, unless
     each job to submit names its own pbs_account resource."""
-    submit = getattr(workflow.executor_settings, "submit_cmd", None) or ""
-    if not submit.split() or os.path.basename(submit.split()[0]) != "pbs-submit.py":
+    submit = pbs_submit_command()
+    if submit is None or all(job.resources.get("pbs_account") for job in remote_jobs()):
         return None
-    remote = [job for job in workflow.dag.needrun_jobs() if not job.is_local]
-    if all(job.resources.get("pbs_account") for job in remote):
-        return None
-    check = subprocess.run([*submit.split(), "--check-account"], capture_output=True, text=True)
+    check = subprocess.run([*submit, "--check-account"], capture_output=True, text=True)
     if check.returncode == 0:
         return None
-    return check.stderr.strip() or f"{submit} --check-account failed (exit {check.returncode})"
+    return check.stderr.strip() or f"{shlex.join(submit)} --check-account failed (exit {check.returncode})"
+
+
+def runtime_remedy(rule, wildcards):
+    """The config that shortens a job of `rule`, as the walltime check names it."""
+    split = wildcards.get("split", TRAIN_SPLIT)
+    holograms = f"fewer holograms in splits.{split} (n_holograms, or max_holograms of a file or url split)"
+    remedies = {
+        "augment": f"fewer augment.variants (now {config['augment']['variants']}) or {holograms}",
+        "tune_worker": f"more tune.workers (now {config['tune']['workers']}) or fewer tune.epochs "
+        f"(now {config['tune']['epochs']})",
+        "train": f"fewer train.epochs (now {config['train']['epochs']})",
+        "infer_chunk": f"more infer.chunks (now {config['infer']['chunks']})",
+        "label_candidates": f"labels.device on a GPU (now {config['labels']['device']}) or {holograms}",
+    }
+    return remedies.get(rule, holograms)
+
+
+def pbs_walltime_job(job):
+    """What pbs-submit.py --check-walltime reads of one PBS job: its name, the resources that choose its
+    queue and walltime, and what to change to shorten it."""
+    resources = {key: job.resources[key] for key in ("runtime", "gpu", "pbs_queue", "pbs_gpu_queue")
+                 if key in job.resources.keys()}
+    if job.is_group():
+        members = sorted({member.rule.name for member in job.jobs})
+        remedies = sorted({runtime_remedy(member.rule.name, member.wildcards_dict) for member in job.jobs})
+        return {"name": f"group {job.groupid} ({', '.join(members)}, one after another)", "resources": resources,
+                "remedy": "Submit its rules as separate jobs (a copy of profiles/pbs without `groups:`), or "
+                + "; or ".join(remedies)}
+    wildcards = ", ".join(f"{key}={value}" for key, value in job.wildcards_dict.items())
+    return {"name": job.rule.name + (f" ({wildcards})" if wildcards else ""), "resources": resources,
+            "remedy": f"Shorten it with {runtime_remedy(job.rule.name, job.wildcards_dict)}, or, where it runs "
+            f"faster than estimated, --set-resources {job.rule.name}:runtime=MINUTES"}
+
+
+def pbs_walltime_problem():
+    """Why some PBS job of this run would be refused by its queue, or None: qsub refuses a walltime above the
+    queue's limit, and a retry could never ask for more. Asks profiles/pbs/pbs-submit.py, the one home of the
+    queues and their limits (profiles/pbs/queues.yaml), before the first submission, naming every such job."""
+    submit = pbs_submit_command()
+    if submit is None:
+        return None
+    jobs = json.dumps([pbs_walltime_job(job) for job in pbs_jobs()])
+    check = subprocess.run([*submit, "--check-walltime"], input=jobs, capture_output=True, text=True)
+    if check.returncode == 0:
+        return None
+    return check.stderr.strip() or f"{shlex.join(submit)} --check-walltime failed (exit {check.returncode})"
 
 
 onstart:
-    problem = pbs_account_problem()
+    problem = pbs_account_problem() or pbs_walltime_problem()
     if problem:
         sys.exit(problem)

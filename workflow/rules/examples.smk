@@ -8,7 +8,6 @@ rule examples_split:
         "logs/examples/{split}.log",
     params:
         config=lambda w: stage_config("reconstruction", "examples", split=w.split),
-        seed_offset=split_index,
     wildcard_constraints:
         split="|".join(SPLITS),
     threads: 2
@@ -18,7 +17,7 @@ rule examples_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} examples --in {input} --out {output.store} --seed-offset {params.seed_offset}"
+        "holopipe --provenance {output.provenance} --threads {threads} examples --in {input} --out {output.store} --split {wildcards.split}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 

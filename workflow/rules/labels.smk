@@ -9,14 +9,15 @@ rule label_candidates:
     log:
         "logs/labels/{split}_candidates.log",
     params:
-        config=lambda w: stage_config("reconstruction", "evaluate", split=w.split),
+        config=lambda w: stage_config("reconstruction", "evaluate", "labels", split=w.split),
     wildcard_constraints:
         split="|".join(SPLITS),
     threads: 2
     resources:
         mem_mb=get_label_candidates_mem_mb,
         runtime=get_label_candidates_runtime,
+        gpu=gpus("labels"),
     conda:
-        "../../envs/cpu.yaml"
+        "../../envs/gpu.yaml"
     shell:
         "holopipe --provenance {output.provenance} --threads {threads} label-candidates --split {wildcards.split} --store {input.store} --unet {input.unet} --baseline {input.baseline} --out {output.candidates} --config-json {params.config:q} > {log} 2>&1"
