@@ -134,3 +134,19 @@ def test_main_applies_the_threads_to_every_pool(restored_threads, monkeypatch, c
     monkeypatch.setattr(scipy.fft, "ifft2", lambda x, workers, overwrite_x: seen.append(workers) or x)
     ifft2(fft2(np.ones((4, 6), np.complex64)))
     assert seen == [3, 3]
+
+
+def test_a_command_frees_what_a_killed_run_left_beside_its_outputs_even_when_it_fails_early(tmp_path):
+    """The temporaries of a killed run go when the command starts, not only when it reaches its write: here
+    the rerun fails on its input at once, and the killed run's store and provenance temporaries are gone."""
+    import socket
+
+    out, record = tmp_path / "regridded.zarr", tmp_path / "regrid.json"
+    left = [tmp_path / f".{path.name}.tmp-{socket.gethostname()}x-1-1" for path in (out, record)]
+    for path in left:
+        (path / "c").mkdir(parents=True)
+    (tmp_path / ".other.zarr.tmp-elsewhere-1-1").mkdir()  # another output's: not this command's to remove
+    code = main(["--provenance", str(record), "regrid", "--in", str(tmp_path / "missing.nc"), "--out", str(out),
+                 "--config-json", "{}"])
+    assert code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.zarr.tmp-elsewhere-1-1"]

@@ -132,3 +132,17 @@ def test_the_code_identity_follows_the_package_source_only(tmp_path):
     identity = code_identity(same)
     assert identity["holopipe_version"] == holopipe.__version__ and code_identity() == identity
     assert code_identity(edited)["source_sha256"] != identity["source_sha256"]
+
+
+def test_the_report_s_inner_snakemake_ignores_the_user_s_profile(tmp_path, monkeypatch):
+    """A user's SNAKEMAKE_PROFILE (say their cluster profile) must not reach the inner Snakemake that draws the
+    graphs and the report: its executor plugin is not in the report's env, and nothing there is submitted."""
+    from holopipe.report import snakemake_output
+
+    snakefile, configfile = tmp_path / "Snakefile", tmp_path / "config.yaml"
+    snakefile.write_text('rule all:\n    output: "a.txt"\n    shell: "touch {output}"\n')
+    configfile.write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SNAKEMAKE_PROFILE", str(tmp_path / "no-such-profile"))
+    graph = snakemake_output(snakefile, configfile, "--rulegraph", "mermaid-js")
+    assert "all" in graph

@@ -498,6 +498,16 @@ def _write_provenance(args, argv: list[str], started: float) -> None:
     log.info("provenance: %s", args.provenance)
 
 
+def _remove_stale_temporaries(args) -> None:
+    """Free what a killed run of this command left beside its outputs before anything else: a run that fails
+    early would otherwise never reach the write that clears them (:func:`holopipe.io.temporary_sibling`)."""
+    from holopipe.io import remove_stale_temporaries
+
+    for path in [*args.writes(args), *filter(None, [args.provenance])]:
+        for removed in remove_stale_temporaries(path):
+            log.info("removed %s, left by a killed run", removed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -509,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         from holopipe.device import job_threads, use_threads
 
         log.info("CPU threads: %d", use_threads(job_threads(args.threads)))
+        _remove_stale_temporaries(args)
         args.func(args)
         if args.provenance:
             _write_provenance(args, sys.argv[1:] if argv is None else argv, started)

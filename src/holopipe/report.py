@@ -9,6 +9,7 @@ viewers, no tool needed) and, where graphviz's ``dot`` is installed, as SVG.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -24,10 +25,12 @@ GRAPHS = {"dag": "--dag", "rulegraph": "--rulegraph"}
 
 def snakemake_output(snakefile, configfile, *args: str) -> str:
     """Stdout of ``snakemake --nolock`` on ``snakefile`` with ``configfile``; a failure raises with its
-    stderr, so the rule's log says why."""
+    stderr, so the rule's log says why. Without the user's ``SNAKEMAKE_PROFILE``: a cluster profile there
+    would load its executor plugin, which drawing a graph or a report never needs (nor has in its env)."""
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--configfile", str(configfile),
                "--nolock", *args]
-    result = subprocess.run(command, capture_output=True, text=True)
+    environment = {name: value for name, value in os.environ.items() if name != "SNAKEMAKE_PROFILE"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
     if result.returncode != 0:
         raise ValueError(f"{' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return result.stdout
