@@ -150,3 +150,14 @@ def test_a_command_frees_what_a_killed_run_left_beside_its_outputs_even_when_it_
                  "--config-json", "{}"])
     assert code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.zarr.tmp-elsewhere-1-1"]
+
+
+def test_standardize_fit_declares_its_stats_before_they_exist(tmp_path):
+    """Every command's outputs are asked for before it runs (to free a killed run's temporaries), when
+    stats.json does not exist yet: standardize fit then declares stats.json alone, instead of failing."""
+    stats = tmp_path / "stats.json"
+    args = build_parser().parse_args(["standardize", "fit", "--in", str(tmp_path / "train.zarr"), "--out", str(stats),
+                                      "--config-json", "{}"])
+    assert args.writes(args) == [str(stats)]
+    stats.write_text('{"background_file": "background.npy"}')
+    assert args.writes(args) == [str(stats), tmp_path / "background.npy"]

@@ -245,7 +245,10 @@ def _acquire_source(args) -> list:
 
 
 def _stats_out(args) -> list:
-    """stats.json, and the median background image written beside it when there is one."""
+    """stats.json, and the median background image written beside it when there is one (known once stats.json
+    is written: before the stage runs, stats.json alone)."""
+    if not Path(args.out).is_file():
+        return [args.out]
     background = json.loads(Path(args.out).read_text()).get("background_file")
     return [args.out] + ([Path(args.out).parent / background] if background else [])
 
