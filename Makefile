@@ -34,9 +34,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_examples.py
 	$(BIN)/python benchmarks/bench_train.py
 
-# The full-size smoke run: config/holodec.yaml with 2/1/1 holograms of 500 particles and 24 planes, through
-# evaluate (about 30 minutes on 2 cores); prints each job's wall time and peak RSS (GNU time) against its
-# declared runtime and mem_mb. Not part of `make test`: it outlasts CI's budget.
+# The full-size smoke run: config/holodec.yaml with exactly the splits train/valid/test, 2/1/1 holograms of 500
+# particles, 24 planes, test alone evaluated (not holodec.yaml's fraunhofer and realistic), through evaluate
+# (about 30 minutes on 2 cores), every stage on the CPU; a dry run first, and no run when it plans another split,
+# size or a GPU. Prints each job's wall time and peak RSS (GNU time) against its declared runtime and mem_mb.
+# Not part of `make test`: it outlasts CI's budget (tests/test_benchmarks.py checks its plan).
 smoke-fullsize: setup
 	@test -x /usr/bin/time || { echo "smoke-fullsize needs GNU time at /usr/bin/time: apt-get install time" >&2; exit 1; }
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/smoke_fullsize.py --cores $(CORES)

@@ -38,6 +38,7 @@ from holopipe.config import load_config
 from holopipe.evaluate import match
 from holopipe.focus import reconstructed_amplitude
 from holopipe.io import open_holodec, write_zarr
+from holopipe.optics import device_planes_per_batch
 from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, z_bin_centres
 from holopipe.simulate import (Camera, Optics, SimulationSettings, beam_profile, camera_image, opaque_disks_field,
@@ -145,6 +146,7 @@ def main():
     grid = z_bin_centres(config["optics"]["z_min"], config["optics"]["z_max"], int(reconstruction["z_bins"]))
     mover = array_mover(args.device, "particles.device")
     propagator = hologram_propagator(image_yx.T, attrs, reconstruction, to_device=mover)
+    print(f"{args.device}: {device_planes_per_batch(propagator)} planes per batch (device_planes_per_batch)")
     import holopipe.baseline as baseline
     import holopipe.particles as particles
 

@@ -298,3 +298,46 @@ def test_augment_file_with_nothing_applied_copies_every_hologram(regridded, tmp_
     for index in range(6):
         np.testing.assert_array_equal(augmented["image"][index].values,
                                       clean["image"][index // 2].values.astype(np.float32))
+
+
+# --- augment.device: numpy on the CPU, CuPy on a GPU (issue 21) ----------------------------------------------
+
+def test_a_gpu_augment_device_without_a_gpu_fails_naming_the_key(tmp_path, monkeypatch):
+    from holopipe.device import GPUNotFoundError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    config = tiny_config(device="cuda")
+    with pytest.raises(GPUNotFoundError, match=r"augment\.device is 'cuda'"):
+        augment_file(tmp_path / "missing.zarr", tmp_path / "out.zarr", config)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_shot_noise_draws_the_numpy_poisson_law_on_the_host_for_other_arrays():
+    image = rng().uniform(60, 200, (3, 40, 56)).astype(np.float32)
+    on_numpy = ShotNoise(electrons=20000.0)(image, rng(5))
+    on_torch = ShotNoise(electrons=20000.0)(torch.from_numpy(image), rng(5))
+    # The same draws, but for the odd count one electron apart where float rounding of the mean moves a pixel's
+    # Poisson mean across an integer of the sampler (one electron is 1/20000 of the mean gray level).
+    one_electron = image.mean(axis=(-2, -1), keepdims=True) / 20000.0
+    apart = np.abs(on_torch.numpy() - on_numpy) / one_electron
+    assert apart.max() < 1.5 and np.mean(apart > 0.5) < 0.01
+
+
+@pytest.mark.gpu
+def test_cupy_corrupts_as_numpy():
+    """Every corruption but the noise within float tolerance; with the noise, the same level and spread."""
+    pytest.importorskip("cupy")
+    import array_api_compat.cupy as cupy_xp
+
+    clean = rng().uniform(100, 150, (OPTICS.ny, OPTICS.nx)).astype(np.float32)  # non-square
+    exact = [item for item in default_items() if item["type"] not in ("shot_noise", "read_noise", "quantize")]
+    for items, exact_match in ((exact, True), (default_items(), False)):
+        pipeline = build_corruptions(items, OPTICS)
+        on_cpu = augment_hologram(clean, pipeline, seed=3, hologram=1, variants=2)
+        on_gpu = augment_hologram(clean, pipeline, seed=3, hologram=1, variants=2, xp=cupy_xp)
+        assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32 and on_gpu.shape == on_cpu.shape
+        if exact_match:
+            np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-3)
+        else:
+            assert abs(on_gpu.mean() - on_cpu.mean()) < 0.5 and abs(on_gpu.std() - on_cpu.std()) < 0.05 * on_cpu.std()

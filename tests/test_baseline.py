@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -22,7 +24,9 @@ from holopipe.config import load_config
 from holopipe.evaluate import match
 from holopipe.reconstruction import z_bin_centres
 from holopipe.io import HolodecFormatError, write_zarr
-from holopipe.optics import Propagator, hologram_field
+from holopipe.infer import BATCHES_IN_FLIGHT
+from holopipe.optics import (MAX_BATCH_ELEMENTS, SWEEP_BYTES_PER_PIXEL, SWEEP_MEMORY_SHARE, Propagator,
+                             device_planes_per_batch, hologram_field, planes_in_memory)
 from holopipe.provenance import code_identity
 from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
 
@@ -255,3 +259,122 @@ def test_a_rerun_after_a_code_change_recomputes_the_holograms_of_the_old_code(tm
     monkeypatch.setattr(holopipe.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
     baseline_file(config, path, out, progress=False)
     assert len(calls) == 2, "hologram 1 of the old code is computed again"
+
+
+# find_particles on the WIDE scene as it was before the labelling moved to a worker thread and the batches were
+# sized for the device (x, y, z, d in µm, score; commit 5457341): the same particles, the same planes.
+WIDE_BEFORE = {
+    "min_amplitude": {"x": [150.302222, -169.892468], "y": [-44.9714286, 99.9350649], "z": [7666.66667, 3933.33333],
+                      "d": [34.1587045, 29.0033397], "score": [0.954785835, 0.906210542]},
+    "edge_sharpness": {"x": [149.48, -169.892468], "y": [-45.0, 99.9350649], "z": [7400.0, 3933.33333],
+                       "d": [34.3567276, 29.0033397], "score": [0.940664209, 0.906210542]},
+    "tamura": {"x": [149.48, -169.892468], "y": [-45.0, 99.9350649], "z": [7400.0, 3933.33333],
+               "d": [34.3567276, 29.0033397], "score": [0.940664209, 0.906210542]},
+}
+WIDE_PLANES = z_bin_centres(WIDE.z_min, WIDE.z_max, Z_BINS)
+
+
+@pytest.fixture(scope="module")
+def wide_propagator():
+    return propagator_of(contrast_hologram(WIDE_PARTICLES, WIDE), WIDE)
+
+
+@pytest.mark.parametrize("metric", ["min_amplitude", "edge_sharpness", "tamura"])
+def test_the_pipelined_baseline_finds_what_the_sequential_one_found(wide_propagator, metric):
+    baseline = load_config(scene_dict(WIDE, baseline={"focus_metric": metric}))["baseline"]
+    for batch_planes in (None, 1, 7):
+        found = find_particles(wide_propagator, WIDE_PLANES, baseline, dx=WIDE.dx, dy=WIDE.dy,
+                               batch_planes=batch_planes)
+        expected = pd.DataFrame(WIDE_BEFORE[metric])
+        pd.testing.assert_frame_equal(found_um(found)[expected.columns], expected, check_exact=False, rtol=1e-6)
+
+
+def test_labelling_runs_in_a_worker_a_bounded_number_of_batches_behind(wide_propagator, monkeypatch):
+    baseline = load_config(scene_dict(WIDE))["baseline"]
+    labelled_in, outstanding, done = set(), [], []
+    label, add = holopipe.baseline.pixel_components, holopipe.baseline._PlaneGrouper.add
+    reconstruct = holopipe.baseline.reconstructed_amplitude
+
+    def slow_add(grouper, start, *args):
+        time.sleep(0.02)  # a host slower than the device: batches queue up
+        add(grouper, start, *args)
+        done.append(start)
+
+    def counted_reconstruct(propagator, z):
+        outstanding.append(len(started) - len(done))
+        started.append(z[0])
+        return reconstruct(propagator, z)
+
+    started = []
+    monkeypatch.setattr(holopipe.baseline, "pixel_components",
+                        lambda *a: labelled_in.add(threading.current_thread().name) or label(*a))
+    monkeypatch.setattr(holopipe.baseline._PlaneGrouper, "add", slow_add)
+    monkeypatch.setattr(holopipe.baseline, "reconstructed_amplitude", counted_reconstruct)
+    monkeypatch.setattr(holopipe.baseline, "_threshold_sample", lambda *a: np.ones(1000))
+    found = find_particles(wide_propagator, WIDE_PLANES, {**baseline, "threshold": 0.6}, dx=WIDE.dx, dy=WIDE.dy,
+                           batch_planes=4)
+    assert len(found) == 2 and len(done) == WIDE_PLANES.size // 4
+    assert {name.split("_")[0] for name in labelled_in} == {"holopipe-baseline"}, "labelled off the main thread"
+    assert max(outstanding) == BATCHES_IN_FLIGHT, "the device runs ahead of the host, by a bounded number"
+
+    def broken(*args):
+        raise RuntimeError("labelling failed")
+
+    monkeypatch.setattr(holopipe.baseline, "pixel_components", broken)
+    with pytest.raises(RuntimeError, match="labelling failed"):
+        find_particles(wide_propagator, WIDE_PLANES, {**baseline, "threshold": 0.6}, dx=WIDE.dx, dy=WIDE.dy,
+                       batch_planes=4)
+
+
+def full_size_frame():
+    """What plane sizing sees of a full-size HOLODEC hologram's propagator: 3584 x 5120, padded by 256."""
+    frame = SimpleNamespace(shape=(3584, 5120), pad=(256, 256))
+    frame.planes_per_batch = Propagator.planes_per_batch.__get__(frame)
+    return frame
+
+
+def test_plane_batches_fill_the_devices_memory_below_the_32_bit_limit():
+    frame = full_size_frame()
+    pixels = (3584 + 512) * (5120 + 512)
+    for free in (40 * 2**30, 80 * 2**30, 141 * 2**30):
+        planes = planes_in_memory(frame, free)
+        assert planes * pixels * SWEEP_BYTES_PER_PIXEL <= SWEEP_MEMORY_SHARE * free
+        assert (planes + 1) * pixels * SWEEP_BYTES_PER_PIXEL > SWEEP_MEMORY_SHARE * free
+    assert planes_in_memory(frame, 80 * 2**30) == 38, "an H100: 38 full-size planes a batch, not 1"
+    huge = planes_in_memory(frame, 2**50)
+    assert huge * pixels <= MAX_BATCH_ELEMENTS < (huge + 1) * pixels
+    assert planes_in_memory(frame, 2**20) == 1, "never less than one plane"
+
+
+def test_on_the_cpu_batches_stay_todays_size(hologram):
+    for image in (hologram, torch.from_numpy(hologram)):
+        propagator = propagator_of(image)
+        assert device_planes_per_batch(propagator) == propagator.planes_per_batch()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_batches_are_sized_by_its_free_memory():
+    libraries = [torch.zeros((3584, 5120), dtype=torch.float32, device="cuda")]
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+    if cupy is not None:
+        libraries.append(cupy.zeros((3584, 5120), dtype=cupy.float32))
+    for image in libraries:
+        propagator = Propagator(hologram_field(image, background=1.0), wavelength=OPTICS.wavelength, dx=OPTICS.dx,
+                                pad=256, band_limit=True)
+        planes = device_planes_per_batch(propagator)
+        assert planes > 1 and planes * 4096 * 5632 <= MAX_BATCH_ELEMENTS
+        assert planes >= planes_in_memory(propagator, torch.cuda.mem_get_info()[0])
+        del propagator
+
+
+@pytest.mark.gpu
+def test_baseline_on_a_gpu_finds_what_it_finds_on_numpy(hologram):
+    baseline = make_config()["baseline"]
+    on_numpy = find_particles(propagator_of(hologram), PLANES, baseline, dx=OPTICS.dx, dy=OPTICS.dy)
+    on_cuda = find_particles(propagator_of(torch.from_numpy(hologram).cuda()), PLANES, baseline, dx=OPTICS.dx,
+                             dy=OPTICS.dy)
+    assert len(on_numpy) == 3
+    pd.testing.assert_frame_equal(on_cuda, on_numpy, rtol=1e-4)

@@ -130,8 +130,8 @@ def test_main_applies_the_threads_to_every_pool(restored_threads, monkeypatch, c
     assert cpu_threads() == 3 and torch.get_num_threads() == 3
     assert dask.config.get("num_workers") == 3 and os.environ["OMP_NUM_THREADS"] == "3"
     seen = []
-    monkeypatch.setattr(scipy.fft, "fft2", lambda x, workers: seen.append(workers) or x)
-    monkeypatch.setattr(scipy.fft, "ifft2", lambda x, workers, overwrite_x: seen.append(workers) or x)
+    monkeypatch.setattr(scipy.fft, "fft2", lambda x, workers, **options: seen.append(workers) or x)
+    monkeypatch.setattr(scipy.fft, "ifft2", lambda x, workers, **options: seen.append(workers) or x)
     ifft2(fft2(np.ones((4, 6), np.complex64)))
     assert seen == [3, 3]
 

@@ -5,8 +5,9 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from holopipe.focus import (SMOOTHING_PIXELS, gradient_magnitude, pixel_values, smoothed_amplitude,
-                            tamura_coefficient, window_buckets, window_scores)
+import holopipe.focus
+from holopipe.focus import (SMOOTHING_PIXELS, device_indices, gradient_magnitude, host_windows, pixel_values,
+                            smoothed_amplitude, tamura_coefficient, window_buckets, window_scores)
 
 # Non-square planes (rows != columns), so a transposed axis cannot pass.
 STACK = np.random.default_rng(7).uniform(0.2, 1.2, (3, 23, 37)).astype(np.float32)
@@ -92,3 +93,56 @@ def test_tamura_of_a_flat_window_is_zero_and_of_a_ring_is_larger_than_of_noise()
     assert scores[0] > scores[1]
     on_torch = tamura_coefficient(torch.tensor([ring.sum()]), torch.tensor([np.square(ring).sum()]), ring.size)
     assert isinstance(on_torch, torch.Tensor) and float(on_torch[0]) == pytest.approx(scores[0])
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_device_indices_keep_each_arrays_values_and_shape(library):
+    like = torch.zeros(1) if library == "torch" else np.zeros(1)
+    flat, grid, empty = device_indices(like, [3, 1, 2], np.arange(6, dtype=np.int32).reshape(2, 3), [])
+    for found, expected in ((flat, [3, 1, 2]), (grid, np.arange(6).reshape(2, 3)), (empty, np.zeros(0))):
+        assert isinstance(found, torch.Tensor) == (library == "torch") and found.dtype == (
+            torch.int64 if library == "torch" else np.int64)
+        np.testing.assert_array_equal(np.asarray(found), expected)
+
+
+def counting(monkeypatch, name):
+    """Calls of holopipe.focus.``name``, recorded while it still does its work."""
+    calls, original = [], getattr(holopipe.focus, name)
+    monkeypatch.setattr(holopipe.focus, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_windows_of_every_size_group_go_up_in_one_upload_and_come_back_in_one_copy(monkeypatch, library):
+    assert len(window_buckets(WINDOWS["row1"] - WINDOWS["row0"], WINDOWS["col1"] - WINDOWS["col0"])) >= 4
+    stack = torch.from_numpy(STACK) if library == "torch" else STACK
+    uploads, copies = counting(monkeypatch, "device_indices"), counting(monkeypatch, "host_array")
+    window_scores(stack, *WINDOWS.values(), "tamura")
+    assert len(uploads) == 1
+    uploads.clear()
+    windows = host_windows(stack, *WINDOWS.values())
+    assert (len(uploads), len(copies)) == (1, 1)
+    for window, (plane, r0, r1, c0, c1) in zip(windows, zip(*WINDOWS.values())):
+        assert window.dtype == np.float64
+        np.testing.assert_array_equal(window, STACK[plane, r0:r1, c0:c1])
+    uploads.clear()
+    pixel_values(stack, WINDOWS["planes"], WINDOWS["row0"], WINDOWS["col0"], "smoothed", chunk=2)
+    assert len(uploads) == 1, "one upload for all the chunks"
+
+
+@pytest.mark.gpu
+def test_window_metrics_on_cuda_equal_numpys():
+    """The packed, pinned, non-blocking index upload and the one-copy download on a real device."""
+    double = STACK.astype(np.float64)
+    on_cuda = torch.from_numpy(double).cuda()
+    for metric in ("tamura", "min_amplitude"):
+        found = window_scores(on_cuda, *WINDOWS.values(), metric)
+        assert found.is_cuda
+        np.testing.assert_allclose(found.cpu().numpy(), window_scores(double, *WINDOWS.values(), metric),
+                                   rtol=1e-12)
+    for window, expected in zip(host_windows(on_cuda, *WINDOWS.values()), host_windows(double, *WINDOWS.values())):
+        np.testing.assert_array_equal(window, expected)
+    rows, cols = WINDOWS["row0"], WINDOWS["col1"] - 1
+    for measure in ("smoothed", "gradient"):
+        np.testing.assert_allclose(pixel_values(on_cuda, WINDOWS["planes"], rows, cols, measure).cpu().numpy(),
+                                   pixel_values(double, WINDOWS["planes"], rows, cols, measure), rtol=1e-12)

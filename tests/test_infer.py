@@ -1,7 +1,9 @@
 """Inference and particles: an oracle finds simulated particles, sharding is exact, merging, probability volumes."""
 
+import ast
 import copy
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +31,10 @@ from holopipe.focus import smoothed_amplitude
 from holopipe.infer import (BATCHES_IN_FLIGHT, DETECTION_COLUMNS, VolumeWriter, batch_detections, chunk_planes,
                             detections_in_plane, infer_chunk, model_segmenter, pixel_components, resume_fingerprint,
                             sparse_pixels, sweep_hologram)
+from holopipe.infer import (infer_memory, largest_activation, load_segmenter, logit_threshold, plane_batch,
+                            planes_per_run, smoothed_amplitude_at)
+from holopipe.models import build_model
+from helpers import REPO, TINY, snakemake
 from holopipe.io import open_holodec, particle_table, um_to_pixel, write_zarr
 from holopipe.models import PlainUNet, fold_batchnorm
 from holopipe.optics import Propagator, hologram_field
@@ -512,20 +518,21 @@ def former_hand_over(image, segment, batch_planes=5):
 
 def test_sparse_pixels_are_torch_nonzero_in_fixed_slots_and_say_when_they_overflow():
     logits = 4 * torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(0)) - 6  # ~7 % above 0.5
-    smoothed = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(1))
+    amplitude = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(1))
+    smoothed = smoothed_amplitude(amplitude)
     above = torch.sigmoid(logits) > 0.5
     expected_flat = torch.nonzero(above.reshape(-1))[:, 0]
     expected_values = torch.stack([torch.sigmoid(logits)[above], logits[above], smoothed[above]], dim=1)
     n = expected_flat.numel()
     assert 100 < n < 3 * 40 * 56 // 4
-    roomy = sparse_pixels(logits, smoothed, 0.5, n + 50)
+    roomy = sparse_pixels(logits, amplitude, 0.5, n + 50)
     assert int(roomy.count) == n and roomy.flat.shape == (n + 50,) and roomy.values.shape == (n + 50, 3)
     assert torch.equal(roomy.flat[:n], expected_flat) and torch.equal(roomy.values[:n], expected_values)
-    tight = sparse_pixels(logits, smoothed, 0.5, 30)
+    tight = sparse_pixels(logits, amplitude, 0.5, 30)
     assert int(tight.count) == n > tight.flat.numel() == 30  # the overflow shows in the count
     assert torch.equal(tight.flat, expected_flat[:30]) and torch.equal(tight.values, expected_values[:30])
     cropped = torch.nn.functional.pad(logits, (0, 8, 0, 8))[:, :40, :56]  # as a segmenter crops its padding
-    assert torch.equal(sparse_pixels(cropped, smoothed, 0.5, n).flat, expected_flat)
+    assert torch.equal(sparse_pixels(cropped, amplitude, 0.5, n).flat, expected_flat)
 
 
 @pytest.mark.parametrize("capacity", [None, 1, 40])
@@ -584,8 +591,8 @@ def test_at_most_two_batches_wait_for_the_worker_and_its_errors_surface(frame_im
 def test_compiled_segmenter_sees_one_batch_shape_and_gives_the_same_logits():
     torch.manual_seed(0)
     model = PlainUNet(2, width=4, depth=2).eval()
-    shapes = []
-    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    shapes = []  # of real inputs: the segmenter traces the model's activation sizes on the meta device first
+    model.register_forward_pre_hook(lambda module, args: None if args[0].is_meta else shapes.append(tuple(args[0].shape)))
     stats, channels = {"contrast_std": 0.2}, ["amplitude", "phase"]
     amplitude, phase = 1 + 0.2 * torch.randn(3, 30, 45), 0.2 * torch.randn(3, 30, 45)
     padded = model_segmenter(model, channels, stats, 4, batch_planes=5)(amplitude, phase)
@@ -807,3 +814,240 @@ def test_infer_on_cuda_in_bf16_says_so_and_finds_what_fp32_finds(tiny_model, sto
     kept = confident.merge(half, on=["hid", "plane"], suffixes=("", "_half"))
     kept = kept[np.hypot(kept["x"] - kept["x_half"], kept["y"] - kept["y_half"]) <= DX * 1e6]
     assert len(kept.drop_duplicates(["hid", "plane", "x", "y"])) >= 0.8 * len(confident)
+
+
+# ---- a safe plane batch: runs below 2^31 elements, batches within the job's memory ----
+
+HOLODEC_FRAME = (3584, 5120)  # (ny, nx) of a full-size HOLODEC hologram regridded to whole 512 tiles
+GIB = 2**30
+
+
+def stem() -> torch.nn.Module:
+    """A ResNet stem (7x7 convolution to 64 channels at stride 2, max-pool at stride 2) and a 1x1 head."""
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 64, 7, stride=2, padding=3), torch.nn.ReLU(),
+                               torch.nn.MaxPool2d(3, stride=2, padding=1), torch.nn.Conv2d(64, 1, 1),
+                               torch.nn.Upsample(scale_factor=4)).eval()
+
+
+def test_a_full_size_batch_runs_in_pieces_whose_largest_activation_stays_below_2_31():
+    # Traced on the meta device: the full-size frame costs no memory here.
+    stem_output = 64 * (HOLODEC_FRAME[0] // 2) * (HOLODEC_FRAME[1] // 2)
+    assert largest_activation(stem(), (2, *HOLODEC_FRAME)) == stem_output == 293_601_280
+    # The channels-last max-pool's int32 index, batch_id x plane stride, overflows at 9 planes (batch_id 8); a
+    # whole tensor of 8 planes has passed 2^31 elements already, so runs hold 7 at most.
+    assert 7 * stem_output < 2**31 < 8 * stem_output
+    assert planes_per_run(stem_output, 8) == 4  # at most 7 per run: 8 planes in two runs of 4, not 7 + 1
+    assert planes_per_run(stem_output, 9) == 5 and planes_per_run(stem_output, 64) == 7
+    assert all(planes_per_run(stem_output, batch) * stem_output < 2**31 for batch in range(1, 200))
+    # config/holodec.yaml's LinkNet: its last decoder block (32 channels at full resolution) is the largest.
+    linknet = build_model({"architecture": "linknet", "encoder": "resnet18", "depth": 5}, 2).eval()
+    largest = largest_activation(linknet, (2, *HOLODEC_FRAME))
+    assert largest == 32 * HOLODEC_FRAME[0] * HOLODEC_FRAME[1]
+    assert planes_per_run(largest, 8) == 3  # infer.batch_planes 8: runs of 3, 3 and 2
+    with pytest.raises(ValueError, match="not below 2\\^31"):
+        planes_per_run(2**31, 1)
+
+
+def test_the_segmenter_runs_a_batch_that_crosses_the_limit_in_pieces(monkeypatch):
+    torch.manual_seed(0)
+    model = PlainUNet(2, width=4, depth=2).eval()
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: None if args[0].is_meta else shapes.append(tuple(args[0].shape)))
+    stats, channels = {"contrast_std": 0.2}, ["amplitude", "phase"]
+    amplitude, phase = 1 + 0.2 * torch.randn(5, 30, 45), 0.2 * torch.randn(5, 30, 45)
+    whole = model_segmenter(model, channels, stats, 4)(amplitude, phase)
+    assert shapes == [(5, 2, 32, 48)]
+    per_plane = largest_activation(model, (2, 32, 48))  # a 30 x 45 frame padded to the stride 4
+    real = []  # the same on a real input: every module's inputs and outputs
+    hooks = [module.register_forward_hook(lambda module, inputs, output: real.extend(
+        tensor.numel() for tensor in (*inputs, output))) for module in model.modules()]
+    with torch.no_grad():
+        model(torch.zeros(1, 2, 32, 48))
+    for hook in hooks:
+        hook.remove()
+    assert per_plane == max(real) >= 4 * 32 * 48  # at least the full-resolution features
+    monkeypatch.setattr(holopipe.infer, "ACTIVATION_ELEMENT_LIMIT", 2 * per_plane + 1)  # 2 planes per run
+    shapes.clear()
+    pieces = model_segmenter(model, channels, stats, 4)(amplitude, phase)
+    assert shapes == [(2, 2, 32, 48), (2, 2, 32, 48), (1, 2, 32, 48)] and pieces.shape == (5, 30, 45)
+    torch.testing.assert_close(pieces, whole)
+    shapes.clear()  # a fixed batch (torch.compile): every run the same length, the last padded
+    fixed = model_segmenter(model, channels, stats, 4, batch_planes=5)(amplitude[:3], phase[:3])
+    assert shapes == [(2, 2, 32, 48), (2, 2, 32, 48)]
+    torch.testing.assert_close(fixed, whole[:3])
+    monkeypatch.setattr(holopipe.infer, "ACTIVATION_ELEMENT_LIMIT", per_plane)
+    with pytest.raises(ValueError, match="too large for this model"):
+        model_segmenter(model, channels, stats, 4)(amplitude, phase)
+
+
+def test_a_batch_holds_no_more_planes_than_the_job_memory(monkeypatch):
+    cpu = torch.device("cpu")
+    ny, nx = HOLODEC_FRAME
+    frame, padded = ny * nx, (ny + 512) * (nx + 512)  # pad 256
+    monkeypatch.setattr(holopipe.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 512 * GIB}))
+    # The issue's OOM: 8 planes on the CPU against 8380 MB. One plane needs 9.3 GB: a clear error, not a kill.
+    with pytest.raises(MemoryError, match="one plane needs about 10865 MB.*--mem-mb 8380.*GPU"):
+        plane_batch(8, infer_memory(cpu, frame_pixels=frame, padded_pixels=padded, mem_mb=8380),
+                    what="valid: a 5120 x 3584 frame")
+    memory = infer_memory(cpu, frame_pixels=frame, padded_pixels=padded, mem_mb=32_000)
+    assert memory.per_plane == 30 * padded + 470 * frame and memory.per_plane / GIB == pytest.approx(8.67, abs=0.01)
+    assert plane_batch(8, memory, what="") == 3 and "--mem-mb 32000" in memory.source
+    assert plane_batch(2, memory, what="") == 2  # fewer asked: as asked
+    # What the machine has caps it as well: a job that declared more than is free.
+    monkeypatch.setattr(holopipe.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 20 * GIB}))
+    machine = infer_memory(cpu, frame_pixels=frame, padded_pixels=padded, mem_mb=64_000)
+    assert machine.source == "the machine's available memory" and plane_batch(8, machine, what="") == 2
+    # On a GPU: its free memory, a plane's propagation and its largest activations in the autocast dtype.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * GIB, 80 * GIB))
+    gpu = infer_memory(torch.device("cuda"), frame_pixels=frame, padded_pixels=padded,
+                       activation_elements=32 * frame, element_bytes=2)
+    assert gpu.budget == int(0.9 * 40 * GIB) and gpu.per_plane == 30 * padded + 3 * 32 * frame * 2
+    assert plane_batch(64, gpu, what="") == 8
+
+
+def test_infer_sizes_its_batches_to_mem_mb_and_says_so(store, unsharded, tmp_path, caplog):
+    batches = []
+
+    def counting_oracle(amplitude, phase):
+        batches.append(amplitude.shape[0])
+        return oracle(amplitude, phase)
+
+    padded = (N + 2 * 32) ** 2
+    two_planes = (holopipe.infer.INFER_LIBRARIES_BYTES + 40 * padded + 2 * (30 * padded + 470 * N * N)) / 2**20
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        out = infer_chunk(make_config(), None, store, tmp_path / "d.csv", chunk=0, n_chunks=1, progress=False,
+                          segment=counting_oracle, mem_mb=int(two_planes) + 1)
+    assert "batches of 2 planes (infer.batch_planes 4; the job's memory (--mem-mb" in caplog.text
+    assert set(batches) == {2} and len(batches) == 2 * Z_BINS // 2
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(unsharded))  # the same detections
+    with pytest.raises(MemoryError, match="test.zarr: a 128 x 128 frame: one plane needs"):
+        infer_chunk(make_config(), None, store, tmp_path / "e.csv", chunk=0, n_chunks=1, progress=False,
+                    segment=oracle, mem_mb=1100)
+
+
+def test_infer_logs_the_model_runs_of_a_model_file(tiny_model, store, tmp_path, caplog):
+    model_path, config, _ = tiny_model
+    with caplog.at_level(logging.INFO, logger="holopipe"):
+        infer_chunk(with_overrides(config, {"infer.batch_planes": 6}), model_path, store, tmp_path / "d.csv",
+                    chunk=0, n_chunks=1, progress=False)
+    per_plane = largest_activation(holopipe.infer.inference_model(model_path, torch.device("cpu"))[0], (2, N, N))
+    assert (f"the model takes 6 at a time (largest activation {per_plane} elements per plane, below 2^31 per run)"
+            in caplog.text)
+
+
+def rule_constants() -> dict:
+    """The INFER_* figures of workflow/rules/common.smk, by name."""
+    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    return {name: ast.literal_eval(value) for name, value in re.findall(r"^(INFER_\w+) = (.+)$", text, re.MULTILINE)}
+
+
+def test_the_rule_and_the_job_size_memory_by_the_same_figures():
+    rule = rule_constants()
+    assert rule["INFER_LIBRARIES_MB"] * 2**20 == holopipe.infer.INFER_LIBRARIES_BYTES
+    assert rule["INFER_BYTES_PER_PADDED_PIXEL"] == holopipe.infer.INFER_BYTES_PER_PADDED_PIXEL
+    assert rule["INFER_BYTES_PER_PADDED_PIXEL_PLANE"] == holopipe.infer.INFER_BYTES_PER_PADDED_PIXEL_PLANE
+    assert rule["INFER_BYTES_PER_PIXEL_PLANE"]["cpu"] == holopipe.infer.INFER_CPU_BYTES_PER_PIXEL_PLANE
+
+
+@pytest.mark.workflow
+def test_declared_memory_follows_the_device_the_job_will_use(tmp_path):
+    # A 2048 x 1536 frame, 8 planes per batch: on the CPU 8 planes of activations; on a GPU the host's share;
+    # with auto one CPU plane at least (a node without a GPU runs it there), and the job is told its memory.
+    config = {**TINY, "optics": {**TINY["optics"], "nx": 2048, "ny": 1536},
+              "examples": {**TINY["examples"], "tile_size": 64}}
+    declared = {}
+    for device in ("cpu", "auto", "cuda"):
+        result = snakemake(tmp_path, "-n", "-p", "--cores", "2", "infer",
+                           config={**config, "infer": {**TINY["infer"], "device": device, "batch_planes": 8}})
+        assert result.returncode == 0, result.stdout + result.stderr
+        memory = re.findall(r"mem_mb=(\d+)", result.stdout.split("rule infer_chunk:", 1)[1])
+        declared[device] = int(memory[0])
+        assert f"--mem-mb {declared[device]}" in result.stdout
+    frame, padded = 2048 * 1536, (2048 + 32) * (1536 + 32)
+    one_cpu_plane = (1100 * 2**20 + 40 * padded + 30 * padded + 470 * frame) / 2**20
+    assert declared["cuda"] < declared["auto"] < declared["cpu"]
+    assert declared["auto"] == pytest.approx(one_cpu_plane, abs=1)
+    assert declared["cpu"] == pytest.approx(one_cpu_plane + 7 * (30 * padded + 470 * frame) / 2**20, abs=1)
+
+
+# ---- thresholding on logits: the sigmoid and the box average at the selected pixels only ----
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.9, 1e-6, 1 - 1e-6])
+def test_logit_threshold_is_the_boundary_of_the_float32_sigmoid(threshold):
+    boundary = logit_threshold(threshold, torch.device("cpu"))
+    below = np.nextafter(np.float32(boundary), np.float32(-np.inf))
+    assert torch.sigmoid(torch.full((64,), boundary))[0] > threshold >= torch.sigmoid(torch.full((64,), below))[0]
+    if 0.01 < threshold < 0.99:  # near 0 and 1 the float32 sigmoid's steps are coarse next to 1 - t or t
+        assert boundary == pytest.approx(np.log(threshold / (1 - threshold)), rel=1e-5, abs=1e-7)
+    assert logit_threshold(0.5, torch.device("cpu")) > 0  # sigmoid rounds to 0.5 up to about 6e-8
+
+
+def test_the_box_average_at_pixels_is_the_whole_plane_one_bit_for_bit():
+    amplitude = torch.rand(3, 37, 53, generator=torch.Generator().manual_seed(0))  # non-square, odd sides
+    flat = torch.randperm(amplitude.numel(), generator=torch.Generator().manual_seed(1))[:500]
+    corners = torch.tensor([0, 52, 36 * 53, 37 * 53 - 1, 2 * 37 * 53 + 53 * 18 + 1])  # edges repeat outward
+    flat = torch.cat([flat, corners])
+    assert torch.equal(smoothed_amplitude_at(amplitude, flat), smoothed_amplitude(amplitude).reshape(-1)[flat])
+
+
+def whole_plane_pixels(amplitude: torch.Tensor, logits: torch.Tensor, threshold: float):
+    """The former path: the sigmoid and the box average on every pixel, then the probability thresholded;
+    (slot, row, column) and (probability, logit, smoothed amplitude) of the pixels above."""
+    probability = torch.sigmoid(logits)
+    above = probability > threshold
+    smoothed = smoothed_amplitude(amplitude.float())
+    return torch.nonzero(above).numpy(), torch.stack([probability[above], logits[above], smoothed[above]], 1).numpy()
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+@pytest.mark.parametrize("which", ["graded", "trained"])
+def test_thresholding_logits_finds_the_former_pixels_and_detections(frame_image, tiny_model, which, threshold):
+    segment = soft_oracle if which == "graded" else load_segmenter(tiny_model[0], torch.device("cpu"), "auto")
+    seen = []
+
+    def recording(amplitude, phase):  # the sweep's own planes and logits, for the former path to threshold
+        logits = segment(amplitude, phase)
+        seen.append((amplitude.clone(), logits.clone()))
+        return logits
+
+    now = []
+    with ThreadPoolExecutor(1) as pool:
+        sweep_hologram(frame_image, FRAME_PLANES, recording, wavelength=WAVELENGTH, dx=FRAME.dx, dy=FRAME.dy,
+                       pad=32, band_limit=True, batch_planes=5, threshold=threshold, device=torch.device("cpu"),
+                       pool=pool, consume=lambda first, rows_cols, values, _: now.append((first, rows_cols, values)))
+    now.sort(key=lambda batch: batch[0])
+    assert len(now) == len(seen) == 5
+    shape = (FRAME.ny, FRAME.nx)
+    found = 0
+    for (first, rows_cols, values), (amplitude, logits) in zip(now, seen):
+        former_rows_cols, former_values = whole_plane_pixels(amplitude, logits, threshold)
+        assert np.array_equal(rows_cols, former_rows_cols) and np.array_equal(values, former_values)
+        tables = [batch_detections(pixels, pixel_values, shape=shape, min_area=4, dx=FRAME.dx, dy=FRAME.dy)
+                  for pixels, pixel_values in ((rows_cols, values), (former_rows_cols, former_values))]
+        assert [slot for slot, _ in tables[0]] == [slot for slot, _ in tables[1]]
+        for (_, table), (_, former) in zip(*tables):
+            pd.testing.assert_frame_equal(table, former, check_exact=True)
+            found += len(table)
+    assert found >= 3 and sum(len(rows_cols) for _, rows_cols, _ in now) > 200  # real detections compared
+
+
+@pytest.mark.gpu
+def test_on_cuda_logits_select_the_whole_plane_sigmoid_pixels_and_batches_fit_its_memory(monkeypatch):
+    cuda = torch.device("cuda")
+    logits = (4 * torch.randn(3, 96, 160, generator=torch.Generator().manual_seed(0)) - 6).to(cuda)
+    amplitude = torch.rand(3, 96, 160, generator=torch.Generator().manual_seed(1)).to(cuda)
+    for threshold in (0.5, 0.3, 0.9):
+        above = torch.sigmoid(logits) > threshold  # CUDA's own sigmoid decides, as the former path did
+        pixels = sparse_pixels(logits, amplitude, threshold, int(above.sum()))
+        assert torch.equal(pixels.flat, torch.nonzero(above.reshape(-1))[:, 0])
+        assert torch.equal(pixels.values[:, 0], torch.sigmoid(logits)[above])
+        torch.testing.assert_close(pixels.values[:, 2], smoothed_amplitude(amplitude)[above])
+    model = PlainUNet(2, width=4, depth=2).eval().to(cuda)
+    phase = torch.zeros_like(amplitude)
+    whole = model_segmenter(model, ["amplitude", "phase"], {"contrast_std": 0.2}, 4)(amplitude, phase)
+    monkeypatch.setattr(holopipe.infer, "ACTIVATION_ELEMENT_LIMIT", largest_activation(model, (2, 96, 160)) + 1)
+    torch.testing.assert_close(model_segmenter(model, ["amplitude", "phase"], {"contrast_std": 0.2}, 4)(
+        amplitude, phase), whole)  # one plane per run
+    memory = infer_memory(cuda, frame_pixels=HOLODEC_FRAME[0] * HOLODEC_FRAME[1], padded_pixels=23_068_672,
+                          activation_elements=32 * HOLODEC_FRAME[0] * HOLODEC_FRAME[1], element_bytes=2)
+    assert 0 < memory.budget <= torch.cuda.mem_get_info(cuda)[0] and plane_batch(64, memory, what="") >= 1

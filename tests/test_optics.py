@@ -241,3 +241,67 @@ def test_planes_per_batch_fills_the_pixel_budget_of_the_padded_frame():
     assert propagator.planes_per_batch(40 * 60 * 7) == 7  # padded frame 40 x 60
     assert propagator.planes_per_batch(40 * 60 * 7 - 1) == 6
     assert propagator.planes_per_batch(10) == 1  # one plane even when it alone exceeds the budget
+
+
+def exact_transfer(shape, z, *, dx, dy, band_limit):
+    """H(z) on the full FFT grid straight from the formula (complex128), band-limited per axis when asked."""
+    ny, nx = shape
+    fy, fx = np.fft.fftfreq(ny, dy)[:, None], np.fft.fftfreq(nx, dx)[None, :]
+    a = WAVELENGTH**2 * (fx**2 + fy**2)
+    h = np.exp(2j * np.pi * z / WAVELENGTH * (np.sqrt(1 - a) - 1))
+    if band_limit:
+        limit_x = 1 / (WAVELENGTH * np.sqrt((2 * z / (nx * dx)) ** 2 + 1))
+        limit_y = 1 / (WAVELENGTH * np.sqrt((2 * z / (ny * dy)) ** 2 + 1))
+        h = h * ((np.abs(fx) < limit_x) & (np.abs(fy) < limit_y))
+    return h
+
+
+# Odd and even, non-square grids (ny, nx): the mirror images of the quarter grid differ by one row or column.
+@pytest.mark.parametrize("shape", [(96, 160), (45, 64), (64, 51)])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_apply_equals_the_spectrum_times_the_full_grid_formula(shape, library):
+    """Far planes keep a small rectangle of the quarter grid (and its mirrors) and zero the rest."""
+    depths = np.array([0.0005, 0.02, 0.1])
+    dx, dy = 2.96e-6, 3.6e-6
+    rng = np.random.default_rng(9)
+    spectrum = (rng.standard_normal((2, *shape)) + 1j * rng.standard_normal((2, *shape))).astype(np.complex64)
+    transfer = TransferFunction(shape, wavelength=WAVELENGTH, dx=dx, dy=dy, band_limit=True,
+                                xp=torch if library == "torch" else np)
+    extents = [transfer.kept_extent(z) for z in depths]
+    assert extents[0] == (shape[0] // 2 + 1, shape[1] // 2 + 1)  # the nearest plane keeps every frequency
+    assert extents[2][0] < shape[0] // 4 and extents[2][1] < shape[1] // 4
+    product = transfer.apply(torch.from_numpy(spectrum) if library == "torch" else spectrum, depths)
+    product = np.asarray(product)
+    assert product.shape == (2, 3, *shape) and product.dtype == np.complex64
+    for plane, z in enumerate(depths):
+        expected = spectrum * exact_transfer(shape, z, dx=dx, dy=dy, band_limit=True)
+        np.testing.assert_allclose(product[:, plane], expected, rtol=0, atol=2e-6, err_msg=f"z = {z}")
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_reconstruct_sweep_equals_the_field_of_every_plane(library):
+    """The sweep's plane-by-plane path (one buffer, 1/N in the spectrum) against the batched field path, for a
+    stack of two non-square holograms, one plane and many."""
+    holograms = (1 + 0.1 * np.random.default_rng(10).standard_normal((2, 40, 72))).astype(np.float32)
+    field = hologram_field(torch.from_numpy(holograms) if library == "torch" else holograms, background=1.0)
+    propagator = Propagator(field, wavelength=WAVELENGTH, dx=2.96e-6, dy=3.6e-6, pad=(12, 20), band_limit=True)
+    z = np.array([0.014, 0.05, 0.158])
+    sweep = propagator.reconstruct(z)
+    one = propagator.reconstruct(0.05)
+    reference = np.asarray(propagator(-z))
+    assert sweep.amplitude.shape == sweep.phase.shape == (2, 3, 40, 72)
+    assert one.amplitude.shape == (2, 40, 72) and sweep.amplitude.dtype == (torch.float32 if library == "torch"
+                                                                            else np.float32)
+    np.testing.assert_allclose(np.asarray(sweep.amplitude), np.abs(reference), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sweep.phase), np.angle(reference), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(one.amplitude), np.asarray(sweep.amplitude)[:, 1])
+    np.testing.assert_array_equal(np.asarray(propagator.amplitude(z)), np.asarray(sweep.amplitude))
+
+
+def test_depths_on_a_device_array_or_of_two_dimensions():
+    field = np.ones((16, 24), np.complex64)
+    propagator = Propagator(field, wavelength=WAVELENGTH, dx=HOLODEC_PITCH)
+    from_tensor = propagator.reconstruct(torch.tensor([0.01, 0.02], dtype=torch.float64))
+    np.testing.assert_array_equal(from_tensor.amplitude, propagator.reconstruct(np.array([0.01, 0.02])).amplitude)
+    with pytest.raises(ValueError, match=r"z must be a scalar or 1-D .*\(2, 1\)"):
+        propagator.reconstruct(np.zeros((2, 1)))

@@ -8,6 +8,7 @@ import torch
 import xarray as xr
 
 import holopipe.particles
+from holopipe.config import load_config
 from holopipe.device import GPUNotFoundError
 from holopipe.focus import gradient_magnitude, smoothed_amplitude
 from holopipe.io import write_zarr
@@ -17,7 +18,9 @@ from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_wind
                                 merge_duplicates, particles_file, refine_depths, suppress_ghosts)
 from holopipe.reconstruction import z_bin_centres
 from holopipe.simulate import ParticleSet
-from test_baseline import OPTICS, PAD, PARTICLES, Z_BINS, contrast_hologram, scene_config
+from test_baseline import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,
+                           scene_config, scene_dict)
+import test_baseline
 
 # One large droplet (45 µm: depth of focus D²/λ ≈ 5.7 mm), where the darkest plane is not sharp.
 DROPLET = ParticleSet(x=np.array([12e-6]), y=np.array([-20e-6]), z=np.array([5.1e-3]), d=np.array([45e-6]))
@@ -355,3 +358,51 @@ def test_ghost_removal_keeps_the_best_ranked_and_drops_dim_spots_near_it_only():
     assert sorted(suppress_ghosts(flipped, "score", wavelength, 2.0, 1.5).index.tolist()) == [0, 2, 3]
     # A reach of a quarter depth of focus (2.5 mm) keeps the ghost 5 mm behind.
     assert suppress_ghosts(particles, "score", wavelength, 0.25, 1.5).index.tolist() == [0, 1, 2, 3]
+
+
+# refine_depths on the WIDE scene (176 x 112 pixels, dy != dx) before its batches were sized for the device and
+# its windows' indices packed into one upload (commit 5457341), µm; WIDE_EXTENT's last two are a corner droplet
+# and a search box holding no droplet.
+WIDE_EXTENT = pd.DataFrame({"x": [*WIDE_PARTICLES.x, 300e-6, -20e-6], "y": [*WIDE_PARTICLES.y, -190e-6, 10e-6],
+                            "d": [*WIDE_PARTICLES.d, 12e-6, 60e-6], "z_first": [3e-3, 6e-3, 2e-3, 5e-3],
+                            "z_last": [5e-3, 8e-3, 10e-3, 6e-3]})
+WIDE_BEFORE = {
+    "tamura": {"z": [3959.81331, 7465.19275, 5388.78152, 7899.27498],
+               "focus": [1.17429186, 1.17746323, 0.798959744, 0.954316855],
+               "x": [-169.589206, 149.282667, 208.422609, 91.0019512],
+               "y": [99.9142857, -44.96, -133.669565, -43.8585366], "d": [29.236302, 34.9440646, 24.982223, 23.585446]},
+    "min_amplitude": {"z": [3997.59704, 7600.68185, 9933.33333, 9933.33333],
+                      "focus": [-0.193429861, -0.147429767, -0.978375607, -0.933480477],
+                      "x": [-169.589206, 151.580645, 221.842553, -130.175652],
+                      "y": [99.9142857, -45.9677419, -144.153191, 98.2173913],
+                      "d": [29.236302, 35.5216916, 35.7121578, 17.6650993]},
+}
+
+
+@pytest.fixture(scope="module")
+def wide_propagator():
+    return test_baseline.propagator_of(contrast_hologram(WIDE_PARTICLES, WIDE), WIDE)
+
+
+@pytest.mark.parametrize("metric", ["tamura", "min_amplitude"])
+def test_refinement_on_a_non_square_frame_finds_what_it_found_before(wide_propagator, metric):
+    settings = load_config(scene_dict(WIDE, particles={"refine": metric, "refine_interpolate": True}))["particles"]
+    expected = pd.DataFrame(WIDE_BEFORE[metric])
+    for batch_planes in (None, 1, 7):
+        found = refine_depths(wide_propagator, WIDE_PLANES, WIDE_EXTENT, settings, dx=WIDE.dx, dy=WIDE.dy,
+                              batch_planes=batch_planes)
+        found = found.assign(**{c: found[c] * 1e6 for c in "xyzd"})[expected.columns]
+        pd.testing.assert_frame_equal(found, expected, check_exact=False, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_refinement_on_a_gpu_matches_numpy(hologram, propagator):
+    x, y, z = truth_um()
+    detections = ml_cluster(x, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6)
+    extent = cluster_detections(detections, make_config())[["x", "y", "d", "z_first", "z_last"]] * 1e-6
+    settings = make_config()["particles"]
+    on_cuda = Propagator(hologram_field(torch.from_numpy(hologram).cuda(), background=1.0),
+                         wavelength=OPTICS.wavelength, dx=OPTICS.dx, dy=OPTICS.dy, pad=PAD, band_limit=True)
+    expected = refine_depths(propagator, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy)
+    found = refine_depths(on_cuda, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy)
+    pd.testing.assert_frame_equal(found, expected, rtol=1e-3)

@@ -239,3 +239,39 @@ def test_a_data_area_that_does_not_fit_the_frame_fails_naming_the_store():
     with pytest.raises(ValueError, match=r"s\.zarr: attribute 'regrid_data_y' = \[4, 48\] is not a part of the "
                                          r"frame's 40 pixels along y"):
         data_area({"regrid_data_x": [0, 70], "regrid_data_y": [4, 48]}, 70, 40, "s.zarr")
+
+
+# --- regrid.device: numpy on the CPU, CuPy on a GPU (issue 21) -----------------------------------------------
+
+def test_a_gpu_regrid_device_without_a_gpu_fails_naming_the_key(tmp_path, monkeypatch):
+    from holopipe.device import GPUNotFoundError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    images = np.full((1, 100, 70), 120, np.uint8)
+    write_store(tmp_path / "in.zarr", images, particles_um(0.0, 0.0))
+    config = make_config(pixel_pitch=2 * PITCH, method="bin")
+    config["regrid"]["device"] = "cuda"
+    with pytest.raises(GPUNotFoundError, match=r"regrid\.device is 'cuda'"):
+        regrid_file(tmp_path / "in.zarr", tmp_path / "out.zarr", config)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("pixel_pitch", "method", "frame"), [
+    (3.3e-6, "antialias", "pad"), (2.5e-6, "antialias", "crop"), (2 * PITCH, "bin", "pad"), (None, "antialias", "pad"),
+])
+def test_cupy_regrids_as_numpy(pixel_pitch, method, frame):
+    pytest.importorskip("cupy")
+    import array_api_compat.cupy as cupy_xp
+
+    from holopipe.regrid import _regrid_block, plan_axis
+
+    plans = [plan_axis(n, PITCH, pixel_pitch, method=method, frame=frame, tile=16, where=axis)
+             for n, axis in ((150, "x"), (110, "y"))]  # non-square
+    block = np.random.default_rng(0).integers(0, 255, (2, 150, 110)).astype(np.uint8)
+    dtype = np.uint8 if pixel_pitch is None else np.float32
+    on_cpu = _regrid_block(block, *plans, dtype)
+    on_gpu = _regrid_block(block, *plans, dtype, cupy_xp)
+    assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == on_cpu.dtype and on_gpu.shape == on_cpu.shape
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-5, atol=1e-3)

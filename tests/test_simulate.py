@@ -202,3 +202,60 @@ def test_camera_fringes_have_the_configured_amplitude_and_period():
     electrons = rng.poisson(np.full((128, 256), plain.electrons, np.float32)).astype(np.float32)
     electrons += rng.normal(0.0, plain.read_noise, electrons.shape).astype(np.float32)
     assert np.array_equal(first, np.clip(np.rint(electrons * plain.gray_level / plain.electrons), 0, 255))
+
+
+# --- simulate.device: numpy on the CPU, CuPy on a GPU (issue 21) ---------------------------------------------
+
+def test_a_gpu_simulate_device_without_a_gpu_fails_naming_the_key_before_writing(tmp_path, monkeypatch):
+    from holopipe.device import GPUNotFoundError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    settings = SimulationSettings(OPTICS, particles=(1, 2), device="cuda")
+    with pytest.raises(GPUNotFoundError, match=r"simulate\.device is 'cuda'.*set simulate\.device: cpu"):
+        simulate_file(tmp_path / "gpu.nc", n_holograms=1, seed=0, settings=settings, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_auto_runs_on_numpy_without_a_gpu_and_refuses_where_a_gpu_was_allocated(monkeypatch):
+    import array_api_compat
+
+    from holopipe.device import GPUNotFoundError, array_namespace_for
+
+    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    assert array_namespace_for("auto", "simulate.device", environ={}) is array_api_compat.numpy
+    with pytest.raises(GPUNotFoundError, match=r"simulate\.device is 'auto' and this job was allocated GPU"):
+        array_namespace_for("auto", "simulate.device", environ={"CUDA_VISIBLE_DEVICES": "0"})
+
+
+def test_simulate_device_is_read_from_the_split_merged_config():
+    from holopipe.config import load_config, split_simulation_config
+
+    config = load_config({"splits": {"train": {"source": "simulate", "n_holograms": 1, "seed": 0,
+                                               "simulate": {"device": "cuda:1"}}},
+                          "optics": dataclasses.asdict(OPTICS)})
+    assert SimulationSettings.from_config(config).device == "cpu"  # the default: nothing changes
+    assert SimulationSettings.from_config(split_simulation_config(config, "train")).device == "cuda:1"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["angular_spectrum", "fraunhofer"])
+def test_cupy_simulates_the_numpy_hologram(method):
+    """Same particles (drawn on the host), the same noise-free image within float tolerance; the camera's
+    noisy image has the same level (its Poisson stream may drift where rounding moves a mean over a threshold)."""
+    pytest.importorskip("cupy")
+    import array_api_compat.cupy as cupy_xp
+
+    optics = dataclasses.replace(OPTICS, nx=200, ny=136)  # non-square
+    settings = SimulationSettings(optics, particles=(6, 9), method=method, pad=32,
+                                  camera=Camera(beam_waist=4e-4, fringe_amplitude=0.1))
+    for ideal_sensor in (True, False):
+        on_cpu, cpu_particles = simulate_hologram(np.random.default_rng([5, 2]), settings, ideal_sensor=ideal_sensor)
+        on_gpu, gpu_particles = simulate_hologram(np.random.default_rng([5, 2]), settings, ideal_sensor=ideal_sensor,
+                                                  xp=cupy_xp)
+        assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == on_cpu.dtype and on_gpu.shape == (136, 200)
+        np.testing.assert_array_equal(gpu_particles.z, cpu_particles.z)
+        if ideal_sensor:
+            np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-3 * settings.camera.gray_level)
+        else:
+            assert abs(on_gpu.astype(float).mean() - on_cpu.astype(float).mean()) < 0.5

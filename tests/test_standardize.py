@@ -398,3 +398,41 @@ def test_a_dark_hologram_in_a_good_file_is_skipped_by_the_baseline_and_listed_by
     assert metrics["skipped_holograms"] == [{"hid": 2, "reason": "dark: 100.0% of its pixels at 0"}]
     assert metrics["n_true_skipped"] == 3 and metrics["n_true"] == 6 and metrics["n_holograms"] == 2
     assert metrics["recall"] > 0.6  # the two holograms with data are found as usual; the dark one costs nothing
+
+
+# --- standardize.device: numpy on the CPU, CuPy on a GPU (issue 21) ------------------------------------------
+
+def test_stats_do_not_record_the_device_and_apply_refuses_a_missing_gpu(tmp_path, monkeypatch):
+    from holopipe.device import GPUNotFoundError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    store = write_store(tmp_path / "train.zarr", camera_images(2, seed=3))
+    stats = fit_stats(store, make_config(device="cpu"))
+    assert "device" not in stats["standardize"]
+    stats_path = write_stats(stats, tmp_path / "stats.json")
+    with pytest.raises(GPUNotFoundError, match=r"standardize\.device is 'cuda'"):
+        apply_stats(store, tmp_path / "out.zarr", stats_path, device="cuda")
+    assert not (tmp_path / "out.zarr").exists()
+    with pytest.raises(GPUNotFoundError, match=r"standardize\.device is 'cuda:0'"):
+        fit_stats(store, make_config(device="cuda:0"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("background", ["smooth", "running_median", "mean"])
+@pytest.mark.parametrize("log_transform", [False, True])
+def test_cupy_standardizes_as_numpy(background, log_transform):
+    pytest.importorskip("cupy")
+    import array_api_compat.cupy as cupy_xp
+
+    from holopipe.standardize import _contrast_block
+
+    images = camera_images(5, seed=4, nx=150, ny=110, beam_waist=2e-4)  # non-square (xsize, ysize)
+    images[1] = 0  # a blank neighbour, left out of the running median's window
+    settings = {"background": background, "block_pixels": 32, "window": 5, "log_transform": log_transform}
+    area = (slice(2, 148), slice(0, 110))
+    blocks = [images[i:i + 1] for i in range(5)]
+    on_cpu = _contrast_block(*blocks, settings=settings, where="t", area=area, position=2, hologram=2)
+    on_gpu = _contrast_block(*blocks, settings=settings, where="t", area=area, position=2, hologram=2, xp=cupy_xp)
+    assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32 and on_gpu.shape == (1, 150, 110)
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)

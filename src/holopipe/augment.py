@@ -13,10 +13,13 @@ and returns a new array of the same type, dtype and device; one call draws one s
 independent noise per pixel. Every item first draws whether it applies (``probability``), so the random
 stream does not depend on the outcome.
 
-numpy arrays are the reference; torch (or any array-API) tensors work too for every corruption: the
-randomness is drawn on the host with ``rng`` and moved to the tensor's device. On non-numpy arrays
-``shot_noise`` uses the Gaussian limit of the Poisson law (variance = mean, exact to < 1 % above ~100
-electrons) and ``blur`` a direct separable convolution equal to scipy's ``gaussian_filter``.
+numpy arrays are the reference; CuPy arrays (the stage on a GPU, ``augment.device``) and torch (or any
+array-API) tensors work too for every corruption: the randomness is drawn on the host with ``rng`` and moved
+to the array's device (``shot_noise``'s Poisson draws too, so every library gets numpy's law), and ``blur``
+is cupyx.scipy's ``gaussian_filter`` on CuPy and a direct separable convolution equal to scipy's elsewhere.
+A rejection sampler's stream can drift from numpy's once float rounding moves a Poisson mean across one of
+its thresholds, so a GPU's noisy variants equal the CPU's in law, and its noise-free ones within float
+tolerance.
 
 :func:`augment_file` is the workflow stage: ``variants`` corrupted copies of every hologram of a
 regridded store, with the particle table remapped to the new hologram numbers.
@@ -33,13 +36,15 @@ from pathlib import Path
 from typing import ClassVar
 
 import array_api_compat
+import array_api_compat.numpy as numpy_xp
 import numpy as np
-import scipy.ndimage
 import xarray as xr
 from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.config import ConfigError, load_config
+from holopipe.device import array_namespace_for, scipy_for
+from holopipe.focus import host_array
 from holopipe.io import IMAGE_DIMS, open_holodec, pixel_centres, write_atomically, write_zarr
 from holopipe.simulate import Optics, ParticleSet, fringe_pattern, opaque_disks_field
 
@@ -136,9 +141,8 @@ class ShotNoise(Corruption):
         electrons = xp.clip(image * per_gray, 0.0, None)
         if array_api_compat.is_numpy_array(image):
             noisy = rng.poisson(electrons)
-        else:  # the Gaussian limit of the Poisson law, drawn on the host
-            noisy = electrons + xp.sqrt(electrons) * _to_like(
-                rng.standard_normal(image.shape, dtype=np.float32), image)
+        else:  # drawn on the host, as numpy's
+            noisy = _to_like(rng.poisson(host_array(electrons, np.float32)), image)
         return xp.astype(noisy / per_gray, image.dtype)
 
 
@@ -219,7 +223,8 @@ class Blur(Corruption):
     """Gaussian blur of ``sigma`` pixels over the last two axes (defocus, motion, optics).
 
     Multiplies the spectrum by exp(-2π²σ²f²) (f in cycles per pixel), i.e. the power by exp(-(2πσf)²).
-    numpy: scipy.ndimage.gaussian_filter; other arrays: the same kernel as a direct separable convolution.
+    numpy: scipy.ndimage.gaussian_filter; CuPy: cupyx.scipy's; other arrays: the same kernel as a direct
+    separable convolution.
     """
 
     PARAMETERS: ClassVar[tuple[str, ...]] = ("sigma",)
@@ -231,10 +236,10 @@ class Blur(Corruption):
             raise ValueError(f"sigma must be positive, got {self.sigma}")
 
     def apply(self, image, rng):
-        if array_api_compat.is_numpy_array(image):
-            return scipy.ndimage.gaussian_filter(image, self.sigma, mode="reflect", truncate=BLUR_TRUNCATE,
-                                                 axes=(-2, -1))
         xp = _namespace(image)
+        if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_cupy_namespace(xp):
+            sigmas = (0.0,) * (image.ndim - 2) + (self.sigma, self.sigma)  # 0: leading axes left alone
+            return scipy_for(xp, "ndimage").gaussian_filter(image, sigmas, mode="reflect", truncate=BLUR_TRUNCATE)
         weights = _gaussian_weights(self.sigma)
         along_x = _blur_last_axis(image, weights)
         return xp.matrix_transpose(_blur_last_axis(xp.matrix_transpose(along_x), weights))
@@ -347,6 +352,7 @@ class Clutter(Corruption):
     in ``z`` [m], x and y uniform over the frame; their field U at the sensor
     (:func:`holopipe.simulate.opaque_disks_field`) multiplies the intensity by |U|², the first-order
     shadowing of the recorded hologram. ``optics`` gives wavelength and pitch; the frame size is the image's.
+    The field is propagated on the GPU for a CuPy image, on the host otherwise.
     """
 
     PARAMETERS: ClassVar[tuple[str, ...]] = ("count", "diameter", "z")
@@ -374,6 +380,10 @@ class Clutter(Corruption):
                                 y=rng.uniform(-ny * optics.dy / 2, ny * optics.dy / 2, n),
                                 z=rng.uniform(self.z[0], self.z[1], n),
                                 d=rng.uniform(self.diameter[0], self.diameter[1], n))
+        xp = _namespace(image)
+        if array_api_compat.is_cupy_namespace(xp):
+            field = opaque_disks_field(particles, optics, pad=CLUTTER_PAD_PIXELS, band_limit=True, xp=xp)
+            return image * xp.astype(xp.abs(field) ** 2, image.dtype)
         field = opaque_disks_field(particles, optics, pad=CLUTTER_PAD_PIXELS, band_limit=True)
         return image * _to_like(np.abs(field) ** 2, image)
 
@@ -459,15 +469,15 @@ def optics_from_attrs(attrs) -> Optics:
 
 
 def augment_hologram(image: np.ndarray, pipeline: Pipeline, *, seed: int, hologram: int,
-                     variants: int) -> np.ndarray:
-    """``variants`` corrupted copies (variants, ny, nx) float32 of one image (ny, nx) of gray levels.
+                     variants: int, xp=numpy_xp) -> np.ndarray:
+    """``variants`` corrupted copies (variants, ny, nx) float32 on the host of one image (ny, nx) of gray
+    levels, corrupted in the namespace ``xp`` (the image uploaded once).
 
     Variant ``v`` of hologram index ``hologram`` (0-based) uses the stream ``default_rng([seed, hologram, v])``,
     so any variant can be regenerated alone.
     """
-    image = np.asarray(image, dtype=np.float32)
-    return np.stack([np.asarray(pipeline(image, np.random.default_rng([seed, hologram, variant])),
-                                dtype=np.float32)
+    image = xp.asarray(np.asarray(image, dtype=np.float32))
+    return np.stack([host_array(pipeline(image, np.random.default_rng([seed, hologram, variant])), np.float32)
                      for variant in range(variants)])
 
 
@@ -490,11 +500,13 @@ def augment_file(in_path, out_path, config: dict, gallery_path=None) -> Path:
 
     Variant v of hologram index h becomes hologram index ``h * variants + v`` (its particles are copied
     with the new 1-based hid); images are float32 gray levels. Holograms are corrupted a few at a time
-    as the store is written (atomically). Provenance attrs: augment_variants, augment_seed,
-    augment_corruptions (JSON), augment_source. ``gallery_path``: a PNG of clean | corrupted | difference.
+    as the store is written (atomically), on ``augment.device``. Provenance attrs: augment_variants,
+    augment_seed, augment_corruptions (JSON), augment_source. ``gallery_path``: a PNG of clean | corrupted |
+    difference.
     """
     section = load_config(config)["augment"]
     variants, seed = section["variants"], section["seed"]
+    xp = array_namespace_for(section["device"], "augment.device")
     ds = open_holodec(in_path)
     try:
         pipeline = build_corruptions(section["corruptions"], optics_from_attrs(ds.attrs))
@@ -503,7 +515,7 @@ def augment_file(in_path, out_path, config: dict, gallery_path=None) -> Path:
         with tqdm(total=n, desc=f"augment {Path(in_path).name}", unit="hologram") as bar:
             def corrupt_block(block, block_info=None):
                 hologram = block_info[0]["array-location"][0][0]
-                out = augment_hologram(block[0].T, pipeline, seed=seed, hologram=hologram, variants=variants)
+                out = augment_hologram(block[0].T, pipeline, seed=seed, hologram=hologram, variants=variants, xp=xp)
                 bar.update(1)
                 return np.ascontiguousarray(out.transpose(0, 2, 1))  # back to (variant, xsize, ysize)
 

@@ -51,15 +51,18 @@ then, without any learning:
    amplitude`` of the region.
 
 Reconstruction, thresholding and the focus metric run on ``baseline.device`` (torch on a GPU; numpy on
-the CPU, where scipy's FFT is twice torch's speed), planes in batches
-(:meth:`~holopipe.optics.Propagator.planes_per_batch`); labelling and grouping run on the host with cost
-proportional to the dark pixels. :func:`baseline_file` keeps each finished hologram beside its output
-(:class:`holopipe.io.HologramParts`): a killed job's rerun skips them.
+the CPU, where scipy's FFT is twice torch's speed), planes in batches sized for the device's memory
+(:func:`~holopipe.optics.device_planes_per_batch`); labelling and grouping run on the host with cost
+proportional to the dark pixels, in a worker thread while the device reconstructs the next batch.
+:func:`baseline_file` keeps each finished hologram beside its output (:class:`holopipe.io.HologramParts`): a
+killed job's rerun skips them.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import array_api_compat
@@ -71,9 +74,9 @@ import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
 from holopipe.focus import host_array, pixel_values, reconstructed_amplitude, window_scores
-from holopipe.infer import pixel_components
+from holopipe.infer import BATCHES_IN_FLIGHT, pixel_components
 from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, usable_holograms
-from holopipe.optics import Propagator
+from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
 from holopipe.particles import suppress_ghosts
 from holopipe.device import array_mover
@@ -164,49 +167,44 @@ def _sharpness(amplitude, regions: pd.DataFrame, pixels: tuple, metric: str) -> 
     return np.bincount(region, gradient, minlength=len(regions)) / regions["area"].to_numpy()
 
 
-def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,
-                   batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
-    """Particles of one hologram, ``x, y, z, d`` in metres and ``score``, from its propagator.
+class _PlaneGrouper:
+    """Steps 2 and 3 of the method for one hologram, fed plane batches in order: labels each plane's dark
+    pixels into regions, links them to the previous plane's and scores the candidate regions on the device.
 
-    ``planes`` are the reconstruction depths (metres); ``batch_planes`` planes are reconstructed at
-    once (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`) on the propagator's array
-    library and device. See the module docstring for the method; ``progress`` shows a bar over the
-    plane batches.
+    It runs in a worker thread while the device reconstructs the next batch; batches must come in plane
+    order (one worker), since each plane links to the one before it.
     """
-    metric = baseline["focus_metric"]
-    if batch_planes is None:
-        batch_planes = propagator.planes_per_batch()
-    if baseline["threshold"] is None:
-        threshold, background, _ = auto_threshold(_threshold_sample(propagator, planes, batch_planes),
-                                                  float(baseline["threshold_sigmas"]))
-    else:
-        threshold, background = float(baseline["threshold"]), 1.0
-    min_contrast = float(baseline["min_contrast"])
-    ny, nx = propagator.shape
-    areas, candidates, edges = [], [], []
-    previous_pixels, previous_labels, offset = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
-    for start in tqdm(range(0, planes.size, batch_planes), desc="baseline planes", unit="batch", leave=False,
-                      disable=not progress):
-        amplitude = reconstructed_amplitude(propagator, planes[start:start + batch_planes])  # (B, ny, nx)
-        slots, rows, cols, values = _dark_pixels(amplitude, threshold)
+
+    def __init__(self, shape: tuple[int, int], threshold: float, background: float, baseline: dict):
+        self.shape, self.threshold, self.background = shape, threshold, background
+        self.min_contrast, self.metric = float(baseline["min_contrast"]), baseline["focus_metric"]
+        self.areas, self.candidates, self.edges = [], [], []
+        self.previous_pixels, self.previous_labels, self.offset = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+
+    def add(self, start: int, amplitude, slots, rows, cols, values) -> None:
+        """The batch of planes ``start``, ... (``amplitude`` (B, ny, nx) on the device, its dark pixels
+        from :func:`_dark_pixels` on the host)."""
+        ny, nx = self.shape
         batch, pixels, n_batch = [], [], 0
         for slot in range(amplitude.shape[0]):
             lo, hi = np.searchsorted(slots, [slot, slot + 1])
             r, c, v = rows[lo:hi], cols[lo:hi], values[lo:hi]
             n, labels = pixel_components(r, c, (ny, nx))  # labels 0..n-1 in raster order, as ndi.label's
             linear = r * nx + c
-            if n and previous_pixels.size:
+            offset = self.offset
+            if n and self.previous_pixels.size:
                 # One int64 key per (previous, current) global label pair of the pixels both planes share.
-                _, before, now = np.intersect1d(previous_pixels, linear, assume_unique=True, return_indices=True)
-                keys = np.unique(previous_labels[before] * (offset + n) + labels[now] + offset)
-                edges.append(np.stack(np.divmod(keys, offset + n), axis=1))
-            previous_pixels, previous_labels = linear, labels + offset
+                _, before, now = np.intersect1d(self.previous_pixels, linear, assume_unique=True,
+                                                return_indices=True)
+                keys = np.unique(self.previous_labels[before] * (offset + n) + labels[now] + offset)
+                self.edges.append(np.stack(np.divmod(keys, offset + n), axis=1))
+            self.previous_pixels, self.previous_labels = linear, labels + offset
             if n:
-                stats = _region_stats(r, c, v, labels, n, threshold, background)
-                areas.append(stats["area"])
+                stats = _region_stats(r, c, v, labels, n, self.threshold, self.background)
+                self.areas.append(stats["area"])
                 # Candidates for the focus are the regions that are themselves dark enough (a focused
                 # particle is): only they get a focus metric.
-                chosen = np.flatnonzero(1 - stats["minimum"] >= min_contrast)
+                chosen = np.flatnonzero(1 - stats["minimum"] >= self.min_contrast)
                 if chosen.size:
                     batch.append(pd.DataFrame({"region": offset + chosen, "plane": start + slot, "slot": slot,
                                                **{key: value[chosen] for key, value in stats.items()}}))
@@ -215,18 +213,53 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
                     on = row_of[labels] >= 0
                     pixels.append((np.full(int(on.sum()), slot), r[on], c[on], row_of[labels[on]]))
                     n_batch += chosen.size
-            offset += n
+            self.offset += n
         if batch:
             regions = pd.concat(batch, ignore_index=True)
-            candidates.append(regions.assign(sharpness=_sharpness(amplitude, regions, pixels, metric)))
+            self.candidates.append(regions.assign(sharpness=_sharpness(amplitude, regions, pixels, self.metric)))
+
+
+def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,
+                   batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Particles of one hologram, ``x, y, z, d`` in metres and ``score``, from its propagator.
+
+    ``planes`` are the reconstruction depths (metres); ``batch_planes`` planes are reconstructed at
+    once (default: :func:`~holopipe.optics.device_planes_per_batch`, sized for the device) on the
+    propagator's array library and device. See the module docstring for the method. The host's labelling
+    of a batch runs in a worker thread while the device reconstructs the next (at most
+    :data:`holopipe.infer.BATCHES_IN_FLIGHT` batches wait for it: memory stays a few batches, and a
+    worker's error surfaces here); ``progress`` shows a bar over the plane batches.
+    """
+    if batch_planes is None:
+        batch_planes = device_planes_per_batch(propagator)
+    if baseline["threshold"] is None:
+        threshold, background, _ = auto_threshold(_threshold_sample(propagator, planes, batch_planes),
+                                                  float(baseline["threshold_sigmas"]))
+    else:
+        threshold, background = float(baseline["threshold"]), 1.0
+    ny, nx = propagator.shape
+    grouper = _PlaneGrouper((ny, nx), threshold, background, baseline)
+    in_flight = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="holopipe-baseline") as pool:
+        for start in tqdm(range(0, planes.size, batch_planes), desc="baseline planes", unit="batch", leave=False,
+                          disable=not progress):
+            amplitude = reconstructed_amplitude(propagator, planes[start:start + batch_planes])  # (B, ny, nx)
+            dark = _dark_pixels(amplitude, threshold)
+            if len(in_flight) >= BATCHES_IN_FLIGHT:
+                in_flight.popleft().result()
+            in_flight.append(pool.submit(grouper.add, start, amplitude, *dark))
+            del amplitude
+        while in_flight:
+            in_flight.popleft().result()
     columns = ["x", "y", "z", "d", "score"]
-    if not candidates:
+    if not grouper.candidates:
         return pd.DataFrame({name: np.empty(0) for name in columns})
-    table = pd.concat(candidates, ignore_index=True)
-    pairs = np.concatenate([np.empty((0, 2), dtype=np.int64), *edges])
+    table = pd.concat(grouper.candidates, ignore_index=True)
+    offset = grouper.offset
+    pairs = np.concatenate([np.empty((0, 2), dtype=np.int64), *grouper.edges])
     graph = scipy.sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(offset, offset))
     group = scipy.sparse.csgraph.connected_components(graph, directed=False)[1]
-    voxels = np.bincount(group, weights=np.concatenate(areas))
+    voxels = np.bincount(group, weights=np.concatenate(grouper.areas))
     # The particle is the best-focused candidate of its group, so a group whose out-of-focus column
     # touches a neighbour's still reports one region's size and position, not the union of both.
     table = table.assign(group=group[table["region"].to_numpy()])

@@ -103,7 +103,7 @@ def cmd_standardize_fit(args) -> None:
 def cmd_standardize_apply(args) -> None:
     from holopipe.standardize import apply_stats
 
-    apply_stats(args.input, args.out, args.stats)
+    apply_stats(args.input, args.out, args.stats, device=args.device)
 
 
 def cmd_examples(args) -> None:
@@ -155,7 +155,7 @@ def cmd_infer(args) -> None:
     from holopipe.infer import infer_chunk
 
     infer_chunk(_load_config(args), args.model, args.input, args.out, chunk=args.chunk, n_chunks=args.chunks,
-                probabilities_path=args.probabilities)
+                probabilities_path=args.probabilities, mem_mb=args.mem_mb)
 
 
 def cmd_particles(args) -> None:
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--in", dest="input", required=True, help="zarr store of the split")
     apply.add_argument("--stats", required=True, help="stats.json from `standardize fit`")
     apply.add_argument("--out", required=True, help="output zarr store")
+    apply.add_argument("--device", default="cpu",
+                       help="where the holograms are standardized (standardize.device: cpu, auto, cuda, cuda:N)")
     apply.set_defaults(func=cmd_standardize_apply, reads=_paths("input", "stats"), writes=_out)
 
     examples = stages.add_parser("examples", help="cut training tiles and masks from reconstructed planes")
@@ -412,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--chunk", type=int, default=0, help="which z chunk (0-based)")
     infer.add_argument("--chunks", type=int, default=1, help="how many z chunks the planes are split into")
     infer.add_argument("--probabilities", help="also write the probability volume to this zarr store")
+    infer.add_argument("--mem-mb", type=int, help="memory the job was given (MB; the rule's mem_mb): on the CPU a "
+                       "plane batch holds no more planes than fit (default: the machine's available memory)")
     _add_config_source(infer)
     infer.set_defaults(func=cmd_infer, reads=_paths("model", "input"), writes=_paths("out", "probabilities"))
 

@@ -8,7 +8,8 @@ the CPU. Where one job sees several GPUs (a workstation or an interactive node, 
 GPU job takes a free one for its lifetime (:func:`gpu_slot`), so N jobs use N GPUs.
 
 torch is imported only by the functions that need it, so the numpy stages (simulate, regrid, standardize)
-can follow the thread policy without loading torch.
+can follow the thread policy without loading torch; CuPy only where a data-preparation stage's device is a GPU
+(:func:`array_namespace_for`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "GPUNotFoundError",
     "allocated_gpus",
     "array_mover",
+    "array_namespace_for",
     "autocast",
     "autocast_dtype",
     "cpu_threads",
@@ -41,6 +43,7 @@ __all__ = [
     "gpu_slot",
     "job_threads",
     "resolve_device",
+    "scipy_for",
     "use_threads",
 ]
 
@@ -229,6 +232,67 @@ def array_mover(name: str, key: str):
 
     log.info("%s: %s", key, describe_device(device))
     return lambda array: torch.from_numpy(array).to(device)
+
+
+def _cupy_gpus():
+    """(cupy or None, GPUs CuPy sees, why it sees none): CuPy is imported here only, when a GPU is asked for."""
+    try:
+        import cupy
+    except ImportError as exc:
+        return None, 0, (f"CuPy cannot be imported ({exc}); install the gpu extra (pip install -e '.[gpu]', "
+                         f"cupy-cuda{CUDA_MAJOR}x) or envs/gpu.yaml")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        return cupy, 0, f"CuPy {cupy.__version__} finds no usable GPU ({exc}); does `nvidia-smi` see one?"
+    return cupy, count, "" if count else f"CuPy {cupy.__version__} sees no GPU"
+
+
+def array_namespace_for(name: str, key: str, environ: Mapping[str, str] | None = None):
+    """The array namespace a data-preparation stage computes in, for the device ``name`` of config key ``key``:
+    numpy on the CPU, CuPy on a GPU (made CuPy's current device), both as ``array_api_compat`` namespaces.
+    The same rule as :func:`resolve_device`, with CuPy in torch's place: ``auto`` takes a GPU when CuPy sees
+    one and is the CPU otherwise, unless the scheduler allocated a GPU; ``cuda`` (a free GPU, :func:`gpu_slot`)
+    and ``cuda:N`` need one. Raises :class:`GPUNotFoundError` naming ``key`` rather than running on the CPU."""
+    import array_api_compat.numpy
+
+    if name == "cpu":
+        log.info("%s: CPU (numpy, %d threads)", key, cpu_threads())
+        return array_api_compat.numpy
+    cupy, count, why = _cupy_gpus()
+    if count == 0:
+        allocated = allocated_gpus(environ)
+        if name == "auto" and not allocated:
+            log.info("%s: CPU (numpy, %d threads; %s)", key, cpu_threads(), why)
+            return array_api_compat.numpy
+        allocation = f" and this job was allocated GPU(s) (CUDA_VISIBLE_DEVICES={','.join(allocated)})" if (
+            allocated) else ""
+        raise GPUNotFoundError(f"{key} is {name!r}{allocation}, but {why}. Refusing to run on the CPU instead; "
+                               f"to run on the CPU on purpose, set {key}: cpu")
+    index = int(name.split(":", 1)[1]) if ":" in name else gpu_slot(count, environ)
+    if index >= count:
+        raise GPUNotFoundError(f"{key} is {name!r} but CuPy sees {count} GPU(s) (cuda:0 to cuda:{count - 1})")
+    cupy.cuda.Device(index).use()
+    properties = cupy.cuda.runtime.getDeviceProperties(index)
+    log.info("%s: cuda:%d (%s, %.0f GiB; CuPy %s)", key, index, properties["name"].decode(),
+             properties["totalGlobalMem"] / 2**30, cupy.__version__)
+    import array_api_compat.cupy
+
+    return array_api_compat.cupy
+
+
+def scipy_for(xp, submodule: str):
+    """scipy's ``submodule`` (``"special"``, ``"ndimage"``, ``"fft"``) for arrays of the namespace ``xp``:
+    ``cupyx.scipy``'s on CuPy, whose functions take and return CuPy arrays."""
+    import importlib
+
+    import array_api_compat
+
+    if array_api_compat.is_cupy_namespace(xp):
+        return importlib.import_module(f"cupyx.scipy.{submodule}")
+    if array_api_compat.is_numpy_namespace(xp):
+        return importlib.import_module(f"scipy.{submodule}")
+    raise TypeError(f"no scipy.{submodule} for the array namespace {xp.__name__}; expected numpy or CuPy")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 
-__all__ = ["SMOOTHING_PIXELS", "WINDOW_MARGIN", "gather_windows", "gradient_magnitude", "host_array",
-           "pixel_values", "reconstructed_amplitude", "smoothed_amplitude", "tamura_coefficient", "window_buckets",
+__all__ = ["SMOOTHING_PIXELS", "WINDOW_MARGIN", "device_indices", "gather_windows", "gradient_magnitude",
+           "host_array", "host_windows", "pixel_values", "reconstructed_amplitude", "smoothed_amplitude", "tamura_coefficient", "window_buckets",
            "window_scores"]
 
 SMOOTHING_PIXELS = 5
@@ -40,9 +40,27 @@ def _namespace(array):
     return array_api_compat.array_namespace(array)
 
 
-def _on(xp, like, values):
-    """Host integer ``values`` as an index array of ``like``'s library and device."""
-    return xp.asarray(np.ascontiguousarray(values, dtype=np.int64), device=array_api_compat.device(like))
+def device_indices(like, *arrays) -> tuple:
+    """Host integer arrays as int64 arrays (same shapes) of ``like``'s library and device, in one upload.
+
+    Every host-to-device copy costs a launch and, from pageable memory, a wait for the copy engine: so the index
+    arrays of a set of windows are packed into one contiguous buffer, pinned and copied without blocking for a
+    CUDA tensor, and split on the device into views. On the host (numpy, a CPU tensor) nothing is copied twice.
+    """
+    xp = _namespace(like)
+    host = [np.asarray(values, dtype=np.int64) for values in arrays]
+    offsets = np.cumsum([0, *(values.size for values in host)])
+    packed = np.concatenate([values.ravel() for values in host]) if host else np.zeros(0, np.int64)
+    if array_api_compat.is_torch_array(like):
+        import torch
+
+        packed = torch.from_numpy(packed)
+        if like.device.type != "cpu":
+            packed = packed.pin_memory().to(like.device, non_blocking=True)
+    else:
+        packed = xp.asarray(packed, device=array_api_compat.device(like))
+    return tuple(xp.reshape(packed[int(offsets[i]):int(offsets[i + 1])], values.shape)
+                 for i, values in enumerate(host))
 
 
 def _box_mean_valid(padded, size: int):
@@ -131,14 +149,46 @@ def window_buckets(heights, widths) -> list[np.ndarray]:
 
 def gather_windows(stack, planes, row0, col0, height: int, width: int):
     """Windows (k, height, width) of a stack (planes, ny, nx): window i is plane ``planes[i]`` from pixel
-    ``(row0[i], col0[i])``, indices clamped to the frame (edges repeated); one indexing op, on the device.
-    The index arrays are host integers (k,)."""
+    ``(row0[i], col0[i])``, indices clamped to the frame (edges repeated); one upload of the host integer
+    index arrays (k,) and one indexing op, on the device."""
+    return _gather(stack, *device_indices(stack, planes, row0, col0), height, width)
+
+
+def _gather(stack, planes, row0, col0, height: int, width: int):
+    """:func:`gather_windows` with its index arrays already on the stack's device: the pixel indices of
+    each window are made there, not uploaded."""
     xp = _namespace(stack)
     ny, nx = stack.shape[-2:]
-    rows = np.clip(np.asarray(row0, np.int64)[:, None] + np.arange(height), 0, ny - 1)  # (k, height)
-    cols = np.clip(np.asarray(col0, np.int64)[:, None] + np.arange(width), 0, nx - 1)  # (k, width)
-    return stack[_on(xp, stack, planes)[:, None, None], _on(xp, stack, rows)[:, :, None],
-                 _on(xp, stack, cols)[:, None, :]]
+    device = array_api_compat.device(stack)
+    rows = xp.clip(row0[:, None] + xp.arange(height, dtype=xp.int64, device=device), 0, ny - 1)  # (k, height)
+    cols = xp.clip(col0[:, None] + xp.arange(width, dtype=xp.int64, device=device), 0, nx - 1)  # (k, width)
+    return stack[planes[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def host_windows(stack, planes, row0, row1, col0, col1) -> list[np.ndarray]:
+    """Windows ``[row0, row1) x [col0, col1)`` of planes ``planes`` of a stack (planes, ny, nx) of any library
+    (host int arrays (k,)), as float64 numpy arrays: gathered on the device in groups of similar size
+    (:func:`window_buckets`), their indices uploaded once and the groups copied to the host in one transfer."""
+    xp = _namespace(stack)
+    planes, row0, row1, col0, col1 = (np.asarray(v, np.int64) for v in (planes, row0, row1, col0, col1))
+    heights, widths = row1 - row0, col1 - col0
+    buckets = window_buckets(heights, widths)
+    order = np.concatenate([np.zeros(0, np.int64), *buckets])
+    on_device = device_indices(stack, planes[order], row0[order], col0[order])
+    sizes = [(int(heights[bucket].max()), int(widths[bucket].max())) for bucket in buckets]
+    gathered, first = [], 0
+    for bucket, (height, width) in zip(buckets, sizes):
+        part = (values[first:first + bucket.size] for values in on_device)
+        gathered.append(xp.reshape(_gather(stack, *part, height, width), (-1,)))
+        first += bucket.size
+    flat = host_array(xp.concat(gathered)) if gathered else np.zeros(0)
+    windows, first = [None] * planes.size, 0
+    for bucket, (height, width) in zip(buckets, sizes):
+        padded = flat[first:first + bucket.size * height * width].reshape(bucket.size, height, width)
+        for i, k in enumerate(bucket):
+            windows[k] = padded[i, :heights[k], :widths[k]]
+        first += bucket.size * height * width
+    return windows
 
 
 def window_scores(stack, planes, row0, row1, col0, col1, metric: str):
@@ -148,25 +198,33 @@ def window_scores(stack, planes, row0, row1, col0, col1, metric: str):
     ``tamura``: the Tamura coefficient of :func:`gradient_magnitude` over the window; ``min_amplitude``:
     minus the darkest :func:`smoothed_amplitude` in it. Both equal the whole-plane functions cut to the
     window. Windows are evaluated in groups of similar size (:func:`window_buckets`), padded to the
-    group's largest with a validity mask, at most :data:`WINDOW_ELEMENTS` window pixels at once.
+    group's largest with a validity mask, at most :data:`WINDOW_ELEMENTS` window pixels at once; their index
+    arrays reach the device in one upload (:func:`device_indices`), ordered by group so that each group's
+    are a slice of it.
     """
     if metric not in ("tamura", "min_amplitude"):
         raise ValueError(f"window_scores: unknown metric {metric!r} (tamura or min_amplitude)")
     xp = _namespace(stack)
     planes, row0, row1, col0, col1 = (np.asarray(v, np.int64) for v in (planes, row0, row1, col0, col1))
     heights, widths = row1 - row0, col1 - col0
-    scores = xp.zeros(planes.size, dtype=xp.float64, device=array_api_compat.device(stack))
+    device = array_api_compat.device(stack)
+    scores = xp.zeros(planes.size, dtype=xp.float64, device=device)
     m = WINDOW_MARGIN
-    for bucket in window_buckets(heights, widths):
+    buckets = window_buckets(heights, widths)
+    order = np.concatenate([np.zeros(0, np.int64), *buckets])  # the windows, group by group
+    on_device = device_indices(stack, planes[order], row0[order] - m, col0[order] - m, heights[order],
+                               widths[order], order)
+    first = 0
+    for bucket in buckets:
         height, width = int(heights[bucket].max()), int(widths[bucket].max())
         step = max(1, WINDOW_ELEMENTS // ((height + 2 * m) * (width + 2 * m)))
-        for start in range(0, bucket.size, step):
-            chosen = bucket[start:start + step]
-            windows = gather_windows(stack, planes[chosen], row0[chosen] - m, col0[chosen] - m, height + 2 * m,
-                                     width + 2 * m)
+        for start in range(first, first + bucket.size, step):
+            chosen_planes, chosen_row0, chosen_col0, chosen_heights, chosen_widths, chosen = (
+                values[start:min(start + step, first + bucket.size)] for values in on_device)
+            windows = _gather(stack, chosen_planes, chosen_row0, chosen_col0, height + 2 * m, width + 2 * m)
             windows = xp.astype(windows, xp.float64)  # (k, height + 2m, width + 2m)
-            valid = ((_on(xp, stack, np.arange(height))[None, :, None] < _on(xp, stack, heights[chosen])[:, None, None])
-                     & (_on(xp, stack, np.arange(width))[None, None, :] < _on(xp, stack, widths[chosen])[:, None, None]))
+            valid = ((xp.arange(height, dtype=xp.int64, device=device)[None, :, None] < chosen_heights[:, None, None])
+                     & (xp.arange(width, dtype=xp.int64, device=device)[None, None, :] < chosen_widths[:, None, None]))
             if metric == "tamura":
                 gradient = _gradient_valid(windows[:, m - 1:m + height + 1, m - 1:m + width + 1])  # (k, h, w)
                 gradient = xp.where(valid, gradient, xp.zeros_like(gradient))
@@ -176,24 +234,27 @@ def window_scores(stack, planes, row0, row1, col0, col1, metric: str):
             else:
                 smooth = _box_mean_valid(windows, SMOOTHING_PIXELS)  # (k, h, w): margin m = SMOOTHING // 2
                 score = -xp.min(xp.where(valid, smooth, xp.full_like(smooth, np.inf)), axis=(-2, -1))
-            scores[_on(xp, stack, chosen)] = score
+            scores[chosen] = score
+        first += bucket.size
     return scores
 
 
 def pixel_values(stack, planes, rows, cols, measure: str, *, chunk: int = 2**18):
     """:func:`smoothed_amplitude` (``measure`` ``smoothed``) or :func:`gradient_magnitude` (``gradient``)
     of a stack (planes, ny, nx) at the listed pixels (host int arrays (k,)), in float64 and the stack's
-    library; only each pixel's neighbourhood is gathered, ``chunk`` pixels at a time."""
+    library; only each pixel's neighbourhood is gathered, ``chunk`` pixels at a time, their indices
+    uploaded once."""
     if measure not in ("smoothed", "gradient"):
         raise ValueError(f"pixel_values: unknown measure {measure!r} (smoothed or gradient)")
     xp = _namespace(stack)
     planes, rows, cols = (np.asarray(v, np.int64) for v in (planes, rows, cols))
     reach = SMOOTHING_PIXELS // 2 if measure == "smoothed" else 1
+    on_device = device_indices(stack, planes, rows - reach, cols - reach)
     parts = []
     for start in range(0, planes.size, chunk):
-        part = slice(start, start + chunk)
-        patches = xp.astype(gather_windows(stack, planes[part], rows[part] - reach, cols[part] - reach,
-                                           2 * reach + 1, 2 * reach + 1), xp.float64)
+        part_planes, part_row0, part_col0 = (values[start:start + chunk] for values in on_device)
+        patches = xp.astype(_gather(stack, part_planes, part_row0, part_col0, 2 * reach + 1, 2 * reach + 1),
+                            xp.float64)
         value = _box_mean_valid(patches, SMOOTHING_PIXELS) if measure == "smoothed" else _gradient_valid(patches)
         parts.append(value[:, 0, 0])
     if not parts:

@@ -4,18 +4,24 @@ Per hologram the intensity is moved to the device once and Fourier-transformed o
 (:class:`holopipe.optics.Propagator`); planes are then reconstructed in batches of
 ``infer.batch_planes``, normalised exactly as in training (:func:`holopipe.dataset.normalize_channels`)
 and segmented on WHOLE planes (the model is fully convolutional), under autocast (bf16 on a GPU with
-``infer.precision`` auto, fp32 on CPU). Frames whose sides are not multiples of the model's stride are
+``infer.precision`` auto, fp32 on CPU). Any ``infer.batch_planes`` is safe: a batch holds no more planes than
+the job's memory does (:func:`plane_batch`: on the CPU what the rule declared, ``--mem-mb``, or the machine
+has; on a GPU its free memory), and the model takes a batch in runs whose largest activation, traced from the
+model and the frame (:func:`largest_activation`), stays below 2³¹ elements (:func:`planes_per_run`: some
+kernels index in 32 bits). A log line says what was used. Frames whose sides are not multiples of the model's stride are
 padded at the bottom and right with the normalised background (0, i.e. amplitude 1 and phase 0) and the
 probabilities cropped back.
 
 The model is loaded for inference with its batch norms folded into the convolutions
 (:func:`holopipe.models.fold_batchnorm`), channels-last on a GPU, and ``torch.compile``-d for the one plane
 shape with ``infer.compile``. The plane loop never waits for the device (:func:`sweep_hologram`): the depths
-go to the device once per hologram, stages are timed with CUDA events read after the hologram, and results
-come to the host in pinned, asynchronous copies on which a worker thread waits.
+stay on the host (each plane's is a kernel argument of its transfer function), stages are timed with CUDA
+events read after the hologram, and results come to the host in pinned, asynchronous copies on which a worker
+thread waits.
 
-Detections: pixels with probability > ``infer.threshold`` are found on the device (into fixed-size slots,
-:func:`sparse_pixels`) and only they (row, column, probability, logit, smoothed amplitude) travel to the
+Detections: pixels with probability > ``infer.threshold`` are found on the device by comparing the logits
+with the threshold's logit (:func:`logit_threshold`), into fixed-size slots (:func:`sparse_pixels`), and only
+at them are the sigmoid and the box-averaged amplitude computed; only they (row, column, probability, logit, smoothed amplitude) travel to the
 host, where a worker thread groups them into 8-connected components (a sparse pixel graph, so the cost is
 that of the bright pixels, not of the frame) while the device computes the next batch. Components of at least ``infer.min_area`` pixels become detections: hid
 (1-based), plane (global index), probability-weighted centroid x, y and plane z, equivalent diameter
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -49,6 +56,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
+import psutil
 import scipy.ndimage
 import scipy.sparse
 import scipy.sparse.csgraph
@@ -59,7 +67,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe import coarse  # the module: it builds on this one
 from holopipe.dataset import normalize_channels
-from holopipe.focus import smoothed_amplitude
+from holopipe.focus import SMOOTHING_PIXELS
 from holopipe.io import (HologramParts, equivalent_diameter, input_identity, pixel_position, remove_path,
                          usable_holograms)
 from holopipe.optics import Propagator, hologram_field
@@ -70,22 +78,32 @@ from holopipe.models import fold_batchnorm
 from holopipe.train import load_model
 
 __all__ = [
+    "ACTIVATION_ELEMENT_LIMIT",
     "BATCHES_IN_FLIGHT",
     "DETECTION_COLUMNS",
+    "InferMemory",
     "SparsePixels",
     "Timing",
     "VolumeWriter",
+    "activation_counter",
     "batch_detections",
     "chunk_planes",
     "cudnn_autotune",
     "detections_from_pixels",
     "detections_in_plane",
     "infer_chunk",
+    "infer_memory",
+    "inference_model",
+    "largest_activation",
     "load_segmenter",
+    "logit_threshold",
     "model_segmenter",
     "pixel_capacity",
     "pixel_components",
+    "plane_batch",
+    "planes_per_run",
     "resume_fingerprint",
+    "smoothed_amplitude_at",
     "sparse_pixels",
     "sweep_hologram",
 ]
@@ -221,41 +239,113 @@ def batch_detections(rows_cols: np.ndarray, values: np.ndarray, *, shape: tuple[
 def detections_in_plane(logits: np.ndarray, amplitude: np.ndarray, *, threshold: float, min_area: int,
                         dx: float, dy: float) -> pd.DataFrame:
     """:func:`detections_from_pixels` of a whole plane of logits (ny, nx) whose probability exceeds
-    ``threshold``, with the plane's reconstructed amplitude (ny, nx)."""
+    ``threshold``, with the plane's reconstructed amplitude (ny, nx); the pixels and their values are
+    :func:`sparse_pixels`'."""
     logits = torch.as_tensor(np.asarray(logits, np.float32))
-    probability = torch.sigmoid(logits).numpy()
-    smoothed = smoothed_amplitude(torch.as_tensor(np.asarray(amplitude, np.float32))[None])[0].numpy()
-    rows, cols = np.nonzero(probability > threshold)
-    values = np.column_stack([probability[rows, cols], logits.numpy()[rows, cols], smoothed[rows, cols]])
-    return detections_from_pixels(rows, cols, values, shape=probability.shape, min_area=min_area, dx=dx, dy=dy)
+    amplitude = torch.as_tensor(np.asarray(amplitude, np.float32))
+    count = int((logits >= logit_threshold(threshold, logits.device)).sum())
+    pixels = sparse_pixels(logits[None], amplitude[None], threshold, count)
+    rows, cols = np.divmod(pixels.flat.numpy(), logits.shape[1])
+    return detections_from_pixels(rows, cols, pixels.values.numpy(), shape=tuple(logits.shape), min_area=min_area,
+                                  dx=dx, dy=dy)
+
+
+ACTIVATION_ELEMENT_LIMIT = 2**31
+"""A model run's largest activation stays below this many elements: some of PyTorch's kernels index in 32-bit
+integers (the channels-last max-pool computes ``batch_id * in_stride_n`` in int32), and a ResNet stem's output is
+293.6 M elements per full-size HOLODEC plane, so 8 such planes are the most, and a U-Net's full-resolution
+decoder features are larger still. Past the limit such a kernel crashes or writes the wrong memory."""
+
+
+def largest_activation(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Elements of the largest tensor that enters or leaves any module of ``model`` for one input of
+    ``input_shape`` (channels, ny, nx), traced on the meta device: shapes only, no memory and no arithmetic, so a
+    full-size frame costs milliseconds. Activations computed between modules (a decoder's concatenation) are
+    seen as the next module's input. The model's own forward hooks see the meta tensors too."""
+    sizes = [math.prod(input_shape)]
+
+    def record(module, inputs, output):
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        sizes.extend(tensor.numel() for tensor in (*inputs, *outputs) if isinstance(tensor, torch.Tensor))
+
+    hooks = [module.register_forward_hook(record) for module in model.modules()]
+    try:
+        meta = {name: torch.empty_like(tensor, device="meta")
+                for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+        with torch.no_grad():
+            torch.func.functional_call(model, meta, (torch.empty((1, *input_shape), device="meta"),))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(sizes)
+
+
+def activation_counter(model: torch.nn.Module, channels: int, stride: int) -> Callable[[int, int], int]:
+    """``(ny, nx) -> ``:func:`largest_activation` of one plane of ``channels`` channels padded to ``stride``,
+    traced once per frame shape."""
+
+    @functools.cache
+    def activation_elements(ny: int, nx: int) -> int:
+        return largest_activation(model, (channels, ny + -ny % stride, nx + -nx % stride))
+
+    return activation_elements
+
+
+def planes_per_run(activation_elements: int, planes: int) -> int:
+    """Planes the model takes at once out of ``planes``: the fewest runs whose largest activation
+    (``activation_elements`` per plane) stays below :data:`ACTIVATION_ELEMENT_LIMIT`, the planes shared evenly
+    among them (12 planes at most 5 per run: 3 runs of 4, not 5 + 5 + 2)."""
+    most = (ACTIVATION_ELEMENT_LIMIT - 1) // int(activation_elements)
+    if most < 1:
+        raise ValueError(f"infer: one plane's largest activation has {activation_elements} elements, not below "
+                         f"2^31 = {ACTIVATION_ELEMENT_LIMIT}: the frame is too large for this model; infer it "
+                         "in smaller pieces (a smaller regrid frame) or choose a model with fewer full-resolution "
+                         "channels")
+    runs = -(-int(planes) // most)
+    return -(-int(planes) // runs)
 
 
 def model_segmenter(model: torch.nn.Module, channels, stats: dict, stride: int, *,
                     amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                    batch_planes: int | None = None) -> Segmenter:
+                    batch_planes: int | None = None, compile: bool = False,
+                    activation_elements: Callable[[int, int], int] | None = None) -> Segmenter:
     """Segmenter running ``model`` (logits out) on whole planes, normalised as in training.
 
     Sides that are not multiples of ``stride`` are padded at the bottom and right with the normalised
-    background (0) and the probabilities cropped back to the frame. With ``batch_planes`` a short batch (a
-    chunk's last) is padded with background planes to that many, so a compiled model sees one shape only.
-    The segmenter carries ``stride`` as its attribute ``stride``.
+    background (0) and the probabilities cropped back to the frame. The model takes a batch in runs of
+    :func:`planes_per_run` planes, the largest activation traced once per frame shape
+    (:func:`activation_counter`, or the given ``activation_elements``). With ``batch_planes`` every run of a batch of up to ``batch_planes`` planes
+    has the same length, a short one (a chunk's last) padded with background planes, so a compiled model
+    (``compile``: ``torch.compile`` without dynamic shapes; the eager model is what is traced) sees one shape
+    only. The segmenter carries ``stride`` and ``activation_elements(ny, nx)``, the largest activation of one
+    plane of a frame, as attributes.
     """
     channels = list(channels)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network = torch.compile(model, dynamic=False) if compile else model
+    activation_elements = activation_elements or activation_counter(model, len(channels), stride)
 
     def segment(amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         inputs = normalize_channels(amplitude, phase, channels, stats)  # (B, C, ny, nx)
         n_planes, (ny, nx) = inputs.shape[0], inputs.shape[-2:]
         pad_rows, pad_cols = -ny % stride, -nx % stride
-        pad_planes = max(0, batch_planes - n_planes) if batch_planes else 0
-        if pad_rows or pad_cols or pad_planes:
-            inputs = torch.nn.functional.pad(inputs, (0, pad_cols, 0, pad_rows, 0, 0, 0, pad_planes))
-        inputs = inputs.contiguous(memory_format=memory_format)
-        with torch.inference_mode(), autocast(inputs.device, amp_dtype):
-            logits = model(inputs)  # (B + pad_planes, 1, ny + pad_rows, nx + pad_cols)
-        return logits[:n_planes, 0, :ny, :nx].float()
+        if pad_rows or pad_cols:
+            inputs = torch.nn.functional.pad(inputs, (0, pad_cols, 0, pad_rows))
+        fixed = batch_planes is not None and n_planes <= batch_planes
+        run = planes_per_run(activation_elements(ny, nx), batch_planes if fixed else n_planes)
+        logits = []
+        for first in range(0, n_planes, run):
+            part = inputs[first:first + run]
+            count = part.shape[0]
+            if fixed and count < run:
+                part = torch.nn.functional.pad(part, (0, 0, 0, 0, 0, 0, 0, run - count))
+            with torch.inference_mode(), autocast(inputs.device, amp_dtype):
+                out = network(part.contiguous(memory_format=memory_format))  # (run, 1, ny + pad_rows, nx + pad_cols)
+            logits.append(out[:count, 0, :ny, :nx])
+        return (logits[0] if len(logits) == 1 else torch.cat(logits)).float()
 
     segment.stride = stride  # the coarse-to-fine search sizes its windows in multiples of it
+    segment.activation_elements = activation_elements
     return segment
 
 
@@ -296,18 +386,85 @@ class SparsePixels(NamedTuple):
     values: torch.Tensor
 
 
-def sparse_pixels(logits: torch.Tensor, smoothed: torch.Tensor, threshold: float, capacity: int) -> SparsePixels:
-    """:class:`SparsePixels` of the logits (B, ny, nx) whose probability exceeds ``threshold``, with the
-    smoothed amplitude (B, ny, nx) of the same planes, on their device.
+_SIGMOID_LANES = 64
+"""Values :func:`_sigmoid` pads to a multiple of: on the CPU torch's vectorised sigmoid and its scalar loop for
+a tensor's tail round differently in the last bit, so every value goes through the vectorised one, as nearly
+every pixel of a whole plane did."""
 
-    ``torch.nonzero`` would wait for the device to learn its size; ``torch.nonzero_static`` fills ``capacity``
-    slots instead, in the same raster order, so the pixels equal ``torch.nonzero``'s whenever they fit.
+
+def _sigmoid(values: torch.Tensor) -> torch.Tensor:
+    """``torch.sigmoid`` of a 1-D float32 tensor, each value rounded as within a whole plane (:data:`_SIGMOID_LANES`)."""
+    pad = -values.numel() % _SIGMOID_LANES
+    return torch.sigmoid(torch.nn.functional.pad(values, (0, pad)))[:values.numel()]
+
+
+def _float32_order(keys: np.ndarray) -> np.ndarray:
+    """float32 values of integer ``keys`` that order them as the keys do (sign and magnitude bits unfolded)."""
+    keys = np.asarray(keys, np.int64)
+    bits = np.where(keys < 0, -keys | 0x80000000, keys).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+@functools.cache
+def logit_threshold(threshold: float, device: torch.device) -> float:
+    """The smallest float32 logit whose probability, ``torch.sigmoid`` on ``device``, exceeds ``threshold``:
+    ``logits >= logit_threshold`` selects exactly the pixels ``sigmoid(logits) > threshold`` does (the sigmoid
+    is monotonic) without a sigmoid per pixel. Not ``log(t / (1 - t))`` itself: float32 rounding of the sigmoid
+    moves the boundary (for t = 0.5 from 0 to 6e-8), so it is found by bisection over the float32 values in
+    order, once per threshold and device; -inf or inf when every or no logit passes."""
+    lowest, highest = -0x7F800000, 0x7F800000  # the keys of -inf and inf
+
+    def passes(key: int) -> bool:
+        value = torch.full((_SIGMOID_LANES,), float(_float32_order(key)), dtype=torch.float32, device=device)
+        return bool(torch.sigmoid(value)[0] > threshold)
+
+    if passes(lowest):
+        return float("-inf")
+    if not passes(highest):
+        return float("inf")
+    while highest - lowest > 1:  # passes(highest), not passes(lowest)
+        middle = (lowest + highest) // 2
+        lowest, highest = (lowest, middle) if passes(middle) else (middle, highest)
+    return float(_float32_order(highest))
+
+
+def smoothed_amplitude_at(amplitude: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """:func:`holopipe.focus.smoothed_amplitude` of planes (B, ny, nx) at the pixels ``flat`` (k,), flat indices
+    into them, on their device: each pixel's :data:`~holopipe.focus.SMOOTHING_PIXELS`-wide box is gathered (edges
+    repeated) and summed in the whole-plane function's order (rows first, then columns), so the values are its,
+    bit for bit, at the cost of the selected pixels only."""
+    ny, nx = amplitude.shape[-2:]
+    rest, cols = torch.div(flat, nx, rounding_mode="floor"), flat % nx
+    planes, rows = torch.div(rest, ny, rounding_mode="floor"), rest % ny
+    reach = torch.arange(-(SMOOTHING_PIXELS // 2), SMOOTHING_PIXELS // 2 + 1, device=flat.device)
+    box_rows = (rows[:, None] + reach).clamp_(0, ny - 1)  # (k, SMOOTHING_PIXELS)
+    box_cols = (cols[:, None] + reach).clamp_(0, nx - 1)
+    index = (planes[:, None, None] * ny + box_rows[:, :, None]) * nx + box_cols[:, None, :]
+    box = amplitude.reshape(-1)[index].float()  # (k, rows, columns)
+    across = box[:, 0]
+    for k in range(1, SMOOTHING_PIXELS):
+        across = across + box[:, k]
+    total = across[:, 0]
+    for k in range(1, SMOOTHING_PIXELS):
+        total = total + across[:, k]
+    return total / (SMOOTHING_PIXELS * SMOOTHING_PIXELS)
+
+
+def sparse_pixels(logits: torch.Tensor, amplitude: torch.Tensor, threshold: float, capacity: int) -> SparsePixels:
+    """:class:`SparsePixels` of the float32 logits (B, ny, nx) whose probability exceeds ``threshold``, with the
+    smoothed amplitude of the same planes' amplitude (B, ny, nx), on their device.
+
+    The logits are compared with :func:`logit_threshold` (the same pixels as comparing probabilities); the
+    sigmoid and the box average (:func:`smoothed_amplitude_at`) are computed at the slots only, not on every
+    pixel of every plane. ``torch.nonzero`` would wait for the device to learn its size;
+    ``torch.nonzero_static`` fills ``capacity`` slots instead, in the same raster order, so the pixels equal
+    ``torch.nonzero``'s whenever they fit.
     """
-    probability = torch.sigmoid(logits).reshape(-1)
-    above = probability > threshold
+    flat_logits = logits.reshape(-1)
+    above = flat_logits >= logit_threshold(float(threshold), flat_logits.device)
     flat = torch.nonzero_static(above, size=int(capacity), fill_value=0)[:, 0]
-    values = torch.stack([probability.index_select(0, flat), logits.reshape(-1).index_select(0, flat),
-                          smoothed.reshape(-1).index_select(0, flat)], dim=1).float()
+    selected = flat_logits.index_select(0, flat).float()
+    values = torch.stack([_sigmoid(selected), selected, smoothed_amplitude_at(amplitude, flat)], dim=1)
     return SparsePixels(above.sum(), flat, values)
 
 
@@ -346,8 +503,8 @@ class _Clock:
 @dataclass
 class _BatchOnHost:
     """One batch on its way to the host: pinned copies that have landed once ``ready`` (an event; None on the
-    CPU) has, and the device tensors an overflow of the pixel capacity recomputes from (dropped as soon as
-    the count is known, so device memory is not held while the worker groups components)."""
+    CPU) has, and the device tensors (logits, amplitude) an overflow of the pixel capacity recomputes from
+    (dropped as soon as the count is known, so device memory is not held while the worker groups components)."""
 
     first: int
     count: torch.Tensor
@@ -356,7 +513,7 @@ class _BatchOnHost:
     volume: torch.Tensor | None
     ready: object
     logits: torch.Tensor | None
-    smoothed: torch.Tensor | None
+    amplitude: torch.Tensor | None
 
     def pixels(self, threshold: float) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(count, flat, values) on the host, all of them (waits for the copies: call it in the worker)."""
@@ -364,9 +521,9 @@ class _BatchOnHost:
             self.ready.synchronize()
         count, flat, values = int(self.count), self.flat, self.values
         if count > flat.numel():  # more pixels above the threshold than slots: recompute them all, exactly
-            exact = sparse_pixels(self.logits, self.smoothed, threshold, count)
+            exact = sparse_pixels(self.logits, self.amplitude, threshold, count)
             flat, values = exact.flat.cpu(), exact.values.cpu()
-        self.logits = self.smoothed = None
+        self.logits = self.amplitude = None
         return count, flat[:count], values[:count]
 
 
@@ -382,7 +539,7 @@ def sweep_hologram(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmente
     ``values`` (k, 3) float32 their :data:`PIXEL_VALUES`, and ``probability`` the batch's planes as
     ``quantize(probability)`` on the host (None without ``quantize``).
 
-    The loop never waits for the device: the plane depths go to the device once, the pixels above the
+    The loop never waits for the device: the plane depths stay on the host, the pixels above the
     threshold are gathered into ``capacity`` slots (default :func:`pixel_capacity`; :func:`sparse_pixels`)
     and they, the quantised planes and their count come over in pinned, asynchronous copies on which the
     worker, not the loop, waits. Only when :data:`BATCHES_IN_FLIGHT` batches are still with the worker does
@@ -391,7 +548,7 @@ def sweep_hologram(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmente
     clock = _Clock(device)
     start = time.perf_counter()
     hologram = torch.from_numpy(np.ascontiguousarray(image_yx, dtype=np.float32)).to(device)
-    z_m = torch.as_tensor(np.asarray(planes_m, dtype=np.float64)).to(device)  # once, not per batch
+    z_m = torch.as_tensor(np.asarray(planes_m, dtype=np.float64))  # host: reconstruct reads depths there
     propagator = Propagator(hologram_field(hologram, background=1.0), wavelength=wavelength, dx=dx,  # standardized
                             dy=dy, pad=pad, band_limit=band_limit)
     ny, nx = hologram.shape
@@ -416,10 +573,9 @@ def sweep_hologram(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmente
         t1 = clock.mark()
         logits = segment(amplitude, phase)  # (B, ny, nx)
         t2 = clock.mark()
-        smoothed = smoothed_amplitude(amplitude.float())
-        pixels = sparse_pixels(logits, smoothed, threshold, slots[0])
+        pixels = sparse_pixels(logits, amplitude, threshold, slots[0])
         volume = quantize(torch.sigmoid(logits)) if quantize is not None else None
-        del amplitude, phase
+        del phase
         host = [_host_copy(tensor) for tensor in (pixels.count, pixels.flat, pixels.values)]
         volume = _host_copy(volume) if volume is not None else None
         t3 = clock.mark()  # also the event the worker waits on: every copy above precedes it
@@ -427,8 +583,8 @@ def sweep_hologram(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmente
         if len(in_flight) >= BATCHES_IN_FLIGHT:
             in_flight.popleft().result()
         in_flight.append(pool.submit(hand_over, _BatchOnHost(first, *host, volume, t3 if clock.cuda else None,
-                                                             logits, smoothed)))
-        del logits, smoothed, pixels
+                                                             logits, amplitude)))
+        del logits, amplitude, pixels
     while in_flight:
         in_flight.popleft().result()
     if clock.cuda and marks:
@@ -439,27 +595,37 @@ def sweep_hologram(image_yx: np.ndarray, planes_m: np.ndarray, segment: Segmente
     return Timing(time.perf_counter() - start, propagation, model, postprocess + busy[0], z_m.numel())
 
 
-def load_segmenter(model_path, device: torch.device, precision: str, *, compile: bool = False,
-                   batch_planes: int | None = None) -> Segmenter:
-    """The segmenter of a model file for inference on ``device``: batch norms folded into the convolutions
-    (:func:`holopipe.models.fold_batchnorm`, on the CPU, probed on one stride-sized random frame),
-    channels-last on a GPU, autocast to ``precision`` (:func:`holopipe.device.autocast_dtype`), and with
-    ``compile`` ``torch.compile`` for the one plane shape: batches padded to ``batch_planes``, no dynamic
-    shapes."""
+def inference_model(model_path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A model file's network for inference on ``device``, with its info: batch norms folded into the
+    convolutions (:func:`holopipe.models.fold_batchnorm`, on the CPU, probed on one stride-sized random
+    frame), channels-last on a GPU."""
     model, info = load_model(model_path, "cpu")
     stride = int(info["stride"])
     probe = torch.randn(1, int(info["in_channels"]), stride, stride, generator=torch.Generator().manual_seed(0))
     model = fold_batchnorm(model, probe).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model = torch.compile(model, dynamic=False)
+    return model, info
+
+
+def _file_segmenter(model: torch.nn.Module, info: dict, device: torch.device, precision: str, *, compile: bool,
+                    batch_planes: int | None, activation_elements=None) -> Segmenter:
+    """:func:`model_segmenter` of an :func:`inference_model`."""
     log.info("infer model: %s, batch norms folded%s", info["model"]["architecture"],
              f", torch.compile for batches of {batch_planes} planes" if compile else "")
-    return model_segmenter(model, info["channel_names"], info["stats"], stride,
-                           amp_dtype=autocast_dtype(precision, device), channels_last=cuda,
-                           batch_planes=batch_planes if compile else None)
+    return model_segmenter(model, info["channel_names"], info["stats"], int(info["stride"]),
+                           amp_dtype=autocast_dtype(precision, device), channels_last=device.type == "cuda",
+                           batch_planes=batch_planes if compile else None, compile=compile,
+                           activation_elements=activation_elements)
+
+
+def load_segmenter(model_path, device: torch.device, precision: str, *, compile: bool = False,
+                   batch_planes: int | None = None) -> Segmenter:
+    """The segmenter of a model file for inference on ``device`` (:func:`inference_model`), autocast to
+    ``precision`` (:func:`holopipe.device.autocast_dtype`), and with ``compile`` ``torch.compile`` for the one
+    plane shape: batches padded to ``batch_planes``, no dynamic shapes."""
+    model, info = inference_model(model_path, device)
+    return _file_segmenter(model, info, device, precision, compile=compile, batch_planes=batch_planes)
 
 
 def _quantizer(dtype: str):
@@ -544,6 +710,70 @@ def resume_fingerprint(config: dict, model_path, store_path, *, chunk: int, n_ch
             "probabilities": None if probabilities_path is None else os.fspath(probabilities_path)}
 
 
+INFER_LIBRARIES_BYTES = 1100 * 2**20
+"""Host memory of torch and the model (workflow/rules/common.smk's INFER_LIBRARIES_MB: the rule declares memory
+by the same figures, measured by benchmarks/bench_infer_memory.py; tests/test_infer.py keeps the two equal)."""
+INFER_BYTES_PER_PADDED_PIXEL = 40
+"""The hologram's spectrum and transfer function, once, per padded pixel (common.smk's, as above)."""
+INFER_BYTES_PER_PADDED_PIXEL_PLANE = 30
+"""Per plane of a batch, the propagated field, its amplitude and phase, per padded pixel (common.smk's)."""
+INFER_CPU_BYTES_PER_PIXEL_PLANE = 470
+"""Per plane of a batch on the CPU, the model's activations per frame pixel (common.smk's
+INFER_BYTES_PER_PIXEL_PLANE["cpu"]: 9.3 GB for a full-size HOLODEC plane)."""
+DEVICE_ACTIVATIONS_HELD = 3
+"""On a GPU, a plane's model memory is taken as this many copies of its largest activation (the largest
+layer's input and output and a skip connection) in the autocast dtype: an assumption until
+benchmarks/device_checks.sh measures it."""
+DEVICE_MEMORY_SHARE = 0.9
+"""Share of the GPU's free memory (once the model is loaded) a batch may fill: the rest for cuDNN's
+workspaces and the caching allocator's fragmentation."""
+
+
+class InferMemory(NamedTuple):
+    """Memory a plane batch must fit in: ``budget`` bytes, of which ``fixed`` are taken before any plane and
+    ``per_plane`` by each plane of a batch; ``source`` says where the budget comes from."""
+
+    budget: int
+    fixed: int
+    per_plane: int
+    source: str
+
+
+def infer_memory(device: torch.device, *, frame_pixels: int, padded_pixels: int, mem_mb: int | None = None,
+                 activation_elements: int = 0, element_bytes: int = 4) -> InferMemory:
+    """The memory an infer job's plane batches may use on ``device``. On the CPU: the job's declared memory
+    ``mem_mb`` or the machine's (this process's resident memory plus what is available), whichever is less,
+    with the rule's own cost model (:data:`INFER_LIBRARIES_BYTES`, ...), so a job computes the planes its rule
+    declared memory for. On CUDA: :data:`DEVICE_MEMORY_SHARE` of the free device memory, a plane costing
+    its propagation and :data:`DEVICE_ACTIVATIONS_HELD` of its largest activation (``activation_elements``
+    of ``element_bytes``)."""
+    spectrum = INFER_BYTES_PER_PADDED_PIXEL * padded_pixels
+    propagation = INFER_BYTES_PER_PADDED_PIXEL_PLANE * padded_pixels
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return InferMemory(int(DEVICE_MEMORY_SHARE * free), spectrum,
+                           propagation + DEVICE_ACTIVATIONS_HELD * activation_elements * element_bytes,
+                           f"{DEVICE_MEMORY_SHARE:.0%} of the free memory of {device}")
+    machine = psutil.Process().memory_info().rss + psutil.virtual_memory().available
+    budget, source = machine, "the machine's available memory"
+    if mem_mb is not None and int(mem_mb) * 2**20 < machine:
+        budget, source = int(mem_mb) * 2**20, f"the job's memory (--mem-mb {int(mem_mb)})"
+    return InferMemory(budget, INFER_LIBRARIES_BYTES + spectrum,
+                       propagation + INFER_CPU_BYTES_PER_PIXEL_PLANE * frame_pixels, source)
+
+
+def plane_batch(requested: int, memory: InferMemory, *, what: str) -> int:
+    """Planes per batch: ``requested`` (``infer.batch_planes``), or as many as ``memory`` holds if fewer. Raises
+    MemoryError naming ``what`` (the store and frame) when not even one plane fits."""
+    fits = (memory.budget - memory.fixed) // memory.per_plane
+    if fits < 1:
+        raise MemoryError(f"infer: {what}: one plane needs about {(memory.fixed + memory.per_plane) / 2**20:.0f} MB "
+                          f"({memory.fixed / 2**20:.0f} MB before the planes, {memory.per_plane / 2**20:.0f} MB per "
+                          f"plane) but {memory.source} is {memory.budget / 2**20:.0f} MB: give the job more memory "
+                          "or run it on a GPU (infer.device)")
+    return int(min(requested, fits))
+
+
 def _detection_table(tables: list[pd.DataFrame]) -> pd.DataFrame:
     """One table of :data:`DETECTION_COLUMNS` sorted by (hid, plane); headers only when there is none."""
     columns = list(DETECTION_COLUMNS)
@@ -554,13 +784,16 @@ def _detection_table(tables: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_chunks: int,
-                probabilities_path=None, progress=True, segment: Segmenter | None = None) -> Path:
+                probabilities_path=None, progress=True, segment: Segmenter | None = None,
+                mem_mb: int | None = None) -> Path:
     """Detections of chunk ``chunk`` of ``n_chunks`` of the planes, for every hologram of a standardized store.
 
     Writes the CSV ``out_csv`` (:data:`DETECTION_COLUMNS`, header only when nothing is found) and, when
     ``probabilities_path`` is given or ``infer.save_probabilities`` is true (then next to ``out_csv`` as
     ``<stem>.probabilities.zarr``), the probability volume of this chunk's planes; both atomically.
-    ``segment`` replaces the model (tests: an oracle); ``model_path`` may then be None.
+    ``segment`` replaces the model (tests: an oracle); ``model_path`` may then be None. ``mem_mb`` is the memory
+    the job was given (the rule's declared ``mem_mb``): on the CPU a batch holds no more planes than fit in it
+    (:func:`plane_batch`), nor than the machine has available.
 
     Resumes after a kill: each finished hologram's detections are kept in ``<out_csv>.parts/``
     (:class:`holopipe.io.HologramParts`, keyed by :func:`resume_fingerprint`) and the volume being written
@@ -605,13 +838,29 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
         todo = [hid - 1 for hid in usable if hid not in done]
         log.info("%s chunk %d/%d: %d of %d holograms to sweep (%d finished before, kept in %s)", name, chunk + 1,
                  n_chunks, len(todo), n_holograms, len(done), parts.directory)
-        batch_planes = int(infer["batch_planes"])
         amp_dtype = autocast_dtype(infer["precision"], device)
         log.info("infer.device: %s%s", describe_device(device, amp_dtype),
                  "" if segment is None else " (propagation; the segmenter is given)")
         if segment is None:
-            segment = load_segmenter(model_path, device, infer["precision"], compile=bool(infer["compile"]),
-                                     batch_planes=batch_planes)
+            model, info = inference_model(model_path, device)
+            activation_elements = activation_counter(model, int(info["in_channels"]), int(info["stride"]))
+        else:
+            activation_elements = getattr(segment, "activation_elements", None)
+        plane_activation = activation_elements(ny, nx) if activation_elements is not None else 0
+        pad = int(reconstruction["pad"])
+        memory = infer_memory(device, frame_pixels=ny * nx, padded_pixels=(ny + 2 * pad) * (nx + 2 * pad),
+                              mem_mb=mem_mb, activation_elements=plane_activation,
+                              element_bytes=torch.finfo(amp_dtype or torch.float32).bits // 8)
+        batch_planes = plane_batch(int(infer["batch_planes"]), memory, what=f"{name}: a {nx} x {ny} frame")
+        log.info("infer: batches of %d planes (infer.batch_planes %d; %s holds %d: %.0f MB, %.0f MB before the "
+                 "planes and %.0f MB per plane)%s", batch_planes, infer["batch_planes"], memory.source,
+                 (memory.budget - memory.fixed) // memory.per_plane, memory.budget / 2**20, memory.fixed / 2**20,
+                 memory.per_plane / 2**20,
+                 f"; the model takes {planes_per_run(plane_activation, batch_planes)} at a time (largest activation "
+                 f"{plane_activation} elements per plane, below 2^31 per run)" if plane_activation else "")
+        if segment is None:
+            segment = _file_segmenter(model, info, device, infer["precision"], compile=bool(infer["compile"]),
+                                      batch_planes=batch_planes, activation_elements=activation_elements)
         coarse_stride = int(infer["coarse_stride"])
         sweep = sweep_hologram
         if coarse_stride > 1:

@@ -38,9 +38,12 @@ clustering), keeping the largest prob. Clusters of one large droplet can also re
 of its long depth of focus D²/λ; :func:`without_ghosts` keeps the sharpest focus of those within
 ``particles.ghost_diameters`` diameters in x, y and ``particles.ghost_depths_of_focus`` depths of focus
 in z (the ghost removal the baseline applies to its own groups, :func:`suppress_ghosts`). Planes are
-reconstructed in batches on ``particles.device`` and every particle of a batch is scored at once there (its windows gathered in one indexing op,
-:func:`holopipe.focus.window_scores`); only the scores and the best planes' measuring windows reach the
-host, so memory is one batch of planes even for full 4872 x 3248 frames. Each hologram's result is kept
+reconstructed on ``particles.device`` in batches sized for its memory
+(:func:`holopipe.optics.device_planes_per_batch`: dozens of full-size planes on a GPU) and every particle of
+a batch is scored at once there (its windows' indices uploaded in one packed copy and gathered in one
+indexing op per size group, :func:`holopipe.focus.window_scores`); only the scores and the best planes'
+measuring windows (one copy, :func:`holopipe.focus.host_windows`) reach the host, so memory is one batch of
+planes even for full 4872 x 3248 frames. Each hologram's result is kept
 as it finishes, so a killed job resumes (:func:`particles_file`). ``none`` keeps the in-focus
 detection's plane, x, y and d, and needs no store.
 """
@@ -59,15 +62,14 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from holopipe.device import array_mover
-from holopipe.focus import (gather_windows, host_array, reconstructed_amplitude, smoothed_amplitude, window_buckets,
-                            window_scores)
+from holopipe.focus import host_array, host_windows, reconstructed_amplitude, smoothed_amplitude, window_scores
 from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, write_atomically
-from holopipe.optics import Propagator
+from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels",
-           "focus_windows", "host_windows", "label_detections", "measure_dark_disk", "merge_detections",
+           "focus_windows", "label_detections", "measure_dark_disk", "merge_detections",
            "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
            "without_ghosts"]
 
@@ -196,7 +198,7 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     ``refine_margin``, ``refine_window``, ``refine_interpolate``, ``distance``). Each particle's planes
     between ``z_first - refine_margin`` and ``z_last + refine_margin`` are scored over its fixed window
     (:func:`focus_windows`); only the union of those planes is reconstructed, ``batch_planes`` at a time
-    (default: :meth:`~holopipe.optics.Propagator.planes_per_batch`). Per batch, every (particle, plane)
+    (default: :func:`~holopipe.optics.device_planes_per_batch`, sized for the device). Per batch, every (particle, plane)
     pair in range is scored at once on the propagator's device (:func:`holopipe.focus.window_scores`) and
     only the scores come back, with the measuring windows of the particles whose best plane so far is in
     the batch: memory is one batch whatever the frame, and no copy is made per particle and plane. With
@@ -221,7 +223,7 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
         needed[a:b + 1] = True
     indices = np.flatnonzero(needed)
     if batch_planes is None:
-        batch_planes = propagator.planes_per_batch()
+        batch_planes = device_planes_per_batch(propagator)
     # x, y, d are measured on the peak's plane over the window widened by the clustering distance, so that
     # a cluster that sat beside the droplet (fringes cut by the frame edge) still takes the droplet's centre.
     # That window of the best plane so far is kept during the sweep: no plane is reconstructed twice.
@@ -265,19 +267,6 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
                          for k in range(n)]).reshape(n, 3)
     return pd.DataFrame({"z": z, "focus": peak, "x": measured[:, 0], "y": measured[:, 1], "d": measured[:, 2]},
                         index=particles.index)
-
-
-def host_windows(stack, planes, row0, row1, col0, col1) -> list[np.ndarray]:
-    """Windows ``[row0, row1) x [col0, col1)`` of planes ``planes`` of a stack (planes, ny, nx) of any
-    library, as float64 numpy arrays: gathered on the device in groups of similar size, one copy per group."""
-    heights, widths = row1 - row0, col1 - col0
-    windows = [None] * len(planes)
-    for bucket in window_buckets(heights, widths):
-        height, width = int(heights[bucket].max()), int(widths[bucket].max())
-        padded = host_array(gather_windows(stack, planes[bucket], row0[bucket], col0[bucket], height, width))
-        for i, k in enumerate(bucket):
-            windows[k] = padded[i, :heights[k], :widths[k]]
-    return windows
 
 
 def measure_dark_disk(window: np.ndarray, row0: int, col0: int, shape: tuple[int, int], *, dx: float,

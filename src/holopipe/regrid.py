@@ -32,6 +32,11 @@ the sensor looks just as constant as the pad.
 
 Particle coordinates (µm from the frame centre) follow the frame centre, so ``um_to_pixel`` in the new
 file points to the same physical spot; particles whose centre falls outside the new frame are dropped.
+
+The images' array work (resampling products, crop, median and pad) runs in one array namespace: numpy on the
+CPU, CuPy on a GPU (``regrid.device``, :func:`holopipe.device.array_namespace_for`), each hologram uploaded
+with its axes' operators and its result brought back to be written; results equal the CPU's within float
+tolerance.
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import array_api_compat
+import array_api_compat.numpy as numpy_xp
 import numpy as np
 import xarray as xr
 
 from holopipe import __version__
+from holopipe.device import array_namespace_for
+from holopipe.focus import host_array
 from holopipe.io import IMAGE_DIMS, IN_MEMORY, open_holodec, pixel_centres, write_zarr
 
 __all__ = ["AxisPlan", "antialias_matrix", "bin_matrix", "data_area", "plan_axis", "regrid_dataset", "regrid_file"]
@@ -189,33 +198,38 @@ def plan_axis(n_in: int, pitch_in: float, pitch_out: float | None, *, method: st
                     offset)
 
 
-def _regrid_image(image: np.ndarray, plan_x: AxisPlan, plan_y: AxisPlan) -> np.ndarray:
-    """One contract image (xsize, ysize): resample (float32), crop, pad with its median."""
+def _regrid_image(image, plan_x: AxisPlan, plan_y: AxisPlan):
+    """One contract image (xsize, ysize), numpy or CuPy: resample (float32), crop, pad with its median; the
+    result in the image's namespace."""
+    xp = array_api_compat.array_namespace(image)
     if plan_x.matrix is not None or plan_y.matrix is not None:
-        image = image.astype(np.float32)
+        image = xp.astype(image, xp.float32)
     if plan_x.matrix is not None:
-        image = plan_x.matrix @ image
+        image = xp.asarray(plan_x.matrix) @ image
     if plan_y.matrix is not None:
-        image = image @ plan_y.matrix.T
+        image = image @ xp.asarray(plan_y.matrix).T
     image = image[plan_x.crop_start:plan_x.crop_start + min(plan_x.n_out, plan_x.n_resampled),
                   plan_y.crop_start:plan_y.crop_start + min(plan_y.n_out, plan_y.n_resampled)]
     if image.shape == (plan_x.n_out, plan_y.n_out):
         return image
-    background = np.median(image)
-    if image.dtype.kind in "iu":
-        background = np.rint(background)
-    padded = np.full((plan_x.n_out, plan_y.n_out), background, dtype=image.dtype)
+    background = float(xp.median(image))
+    if xp.isdtype(image.dtype, "integral"):
+        background = round(background)  # half to even, as numpy's rint
+    padded = xp.full((plan_x.n_out, plan_y.n_out), background, dtype=image.dtype)
     padded[plan_x.pad_before:plan_x.pad_before + image.shape[0],
            plan_y.pad_before:plan_y.pad_before + image.shape[1]] = image
     return padded
 
 
-def _regrid_block(block: np.ndarray, plan_x: AxisPlan, plan_y: AxisPlan, dtype) -> np.ndarray:
-    return np.stack([_regrid_image(image, plan_x, plan_y) for image in block]).astype(dtype, copy=False)
+def _regrid_block(block: np.ndarray, plan_x: AxisPlan, plan_y: AxisPlan, dtype, xp=numpy_xp) -> np.ndarray:
+    """A chunk of holograms regridded in the namespace ``xp``, on the host."""
+    regridded = xp.stack([_regrid_image(xp.asarray(image), plan_x, plan_y) for image in block])
+    return host_array(regridded, dtype)
 
 
 def regrid_dataset(ds: xr.Dataset, config: dict, source: str = IN_MEMORY) -> xr.Dataset:
-    """The regridded dataset, images still lazy (one hologram per chunk), particles moved and filtered."""
+    """The regridded dataset, images still lazy (one hologram per chunk), particles moved and filtered; the
+    images are computed on ``regrid.device``."""
     settings, tile = config["regrid"], config["examples"]["tile_size"]
     plans = {
         axis: plan_axis(ds.sizes[f"{axis}size"], float(ds.attrs[f"d{axis}"]), settings["pixel_pitch"],
@@ -232,7 +246,8 @@ def regrid_dataset(ds: xr.Dataset, config: dict, source: str = IN_MEMORY) -> xr.
     image = ds["image"].data.rechunk({0: 1, 1: -1, 2: -1})
     resampled = plan_x.matrix is not None or plan_y.matrix is not None
     dtype = np.dtype(np.float32) if resampled else image.dtype
-    new_image = image.map_blocks(_regrid_block, plan_x, plan_y, dtype,
+    xp = array_namespace_for(settings["device"], "regrid.device")
+    new_image = image.map_blocks(_regrid_block, plan_x, plan_y, dtype, xp,
                                  chunks=(image.chunks[0], (plan_x.n_out,), (plan_y.n_out,)),
                                  dtype=dtype)
 

@@ -15,6 +15,11 @@ Two optical models:
 ``fraunhofer`` (fast closed form, no shading)
     ``U = 1 + Σ i C e^{iΦ} 2J1(u)/u`` per particle, evaluated only where the term exceeds
     ``FRAUNHOFER_CUTOFF``; valid in the far field ``z >> D²/λ``.
+
+The frame-sized array work runs in one array namespace ``xp``: numpy on the CPU, CuPy on a GPU
+(``simulate.device``, :func:`holopipe.device.array_namespace_for`). Random numbers are drawn on the host from
+the numpy Generator and uploaded, and the small per-particle windows are computed on the host, so a GPU gives
+the CPU's holograms within float tolerance (the camera's draws stay on the host: its image is the host's).
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import array_api_compat
+import array_api_compat.numpy as numpy_xp
 import numpy as np
 import scipy.fft
-import scipy.special
 from tqdm.auto import tqdm
 
 from holopipe import __version__
+from holopipe.device import array_namespace_for, scipy_for
+from holopipe.focus import host_array
 from holopipe.io import HolodecWriter, pixel_centres
 from holopipe.optics import TransferFunction, fft2, ifft2
 
@@ -123,6 +131,8 @@ class SimulationSettings:
     slab_thickness: float = 1.0e-3
     pad: int = 64
     band_limit: bool = True
+    device: str = "cpu"
+    """Where the frame-sized array work runs (``simulate.device``): cpu, auto, cuda or cuda:N."""
 
     @classmethod
     def from_config(cls, config: dict) -> "SimulationSettings":
@@ -140,6 +150,7 @@ class SimulationSettings:
             slab_thickness=s["slab_thickness"],
             pad=s["pad"],
             band_limit=s["band_limit"],
+            device=s["device"],
         )
 
 
@@ -171,7 +182,8 @@ def sample_particles(rng: np.random.Generator, settings: SimulationSettings) -> 
 
 def _airy(u):
     """The Airy amplitude 2 J1(u) / u of a disk (1 at u = 0), in its far field and its spectrum alike."""
-    return np.where(u > 0, 2.0 * scipy.special.j1(u) / np.where(u > 0, u, 1.0), 1.0)
+    xp = array_api_compat.array_namespace(u)
+    return xp.where(u > 0, 2.0 * scipy_for(xp, "special").j1(u) / xp.where(u > 0, u, 1.0), 1.0)
 
 
 def _disk_window(particle_x: float, particle_y: float, diameter: float, dz: float, optics: Optics,
@@ -207,7 +219,7 @@ def _disk_window(particle_x: float, particle_y: float, diameter: float, dz: floa
     return window.astype(np.complex64), centre_row - width_y // 2, centre_col - width_x // 2
 
 
-def _add_clipped(frame: np.ndarray, window: np.ndarray, row0: int, col0: int) -> None:
+def _add_clipped(frame, window, row0: int, col0: int) -> None:
     """frame[row0:, col0:] += window, dropping what falls outside the frame."""
     rows = slice(max(row0, 0), min(row0 + window.shape[0], frame.shape[0]))
     cols = slice(max(col0, 0), min(col0 + window.shape[1], frame.shape[1]))
@@ -216,20 +228,21 @@ def _add_clipped(frame: np.ndarray, window: np.ndarray, row0: int, col0: int) ->
 
 
 def opaque_disks_field(particles: ParticleSet, optics: Optics, *, slab_thickness: float = 1.0e-3,
-                       pad: int = 0, band_limit: bool = True) -> np.ndarray:
-    """Complex field (ny, nx) at the sensor behind opaque disks lit by a unit plane wave.
+                       pad: int = 0, band_limit: bool = True, xp=numpy_xp):
+    """Complex field (ny, nx) at the sensor behind opaque disks lit by a unit plane wave, an ``xp`` array.
 
     Angular spectrum through z slabs, far to near, with shading (see the module docstring). Cost:
-    one full-frame FFT pair per occupied slab, plus one small FFT per particle.
+    one full-frame FFT pair per occupied slab (in ``xp``), plus one small FFT per particle (on the host,
+    its window uploaded).
     """
     ny, nx = optics.ny + 2 * pad, optics.nx + 2 * pad
-    field = np.ones((ny, nx), np.complex64)
+    field = xp.ones((ny, nx), dtype=xp.complex64)
     if len(particles) == 0:
         return field[pad:pad + optics.ny, pad:pad + optics.nx]
     origin_x = (pixel_centres(optics.nx, optics.dx)[0] - pad * optics.dx)
     origin_y = (pixel_centres(optics.ny, optics.dy)[0] - pad * optics.dy)
     transfer = TransferFunction((ny, nx), wavelength=optics.wavelength, dx=optics.dx, dy=optics.dy,
-                                band_limit=band_limit)
+                                band_limit=band_limit, xp=xp)
     window_transfers: dict = {}
     slab_index = np.floor((particles.z - optics.z_min) / slab_thickness).astype(int)
     plane = None
@@ -238,26 +251,28 @@ def opaque_disks_field(particles: ParticleSet, optics: Optics, *, slab_thickness
         slab_z = 0.5 * (members.z.min() + members.z.max())
         if plane is not None:
             field = ifft2(transfer.apply(fft2(field), plane - slab_z), overwrite=True)
-        screen = np.zeros((ny, nx), np.complex64)
+        screen = xp.zeros((ny, nx), dtype=xp.complex64)
         for x, y, z, d in zip(members.x, members.y, members.z, members.d):
             window, row0, col0 = _disk_window(x, y, d, z - slab_z, optics, origin_x, origin_y,
                                               window_transfers)
-            _add_clipped(screen, window, row0, col0)
+            _add_clipped(screen, xp.asarray(window), row0, col0)
         field *= 1 - screen
         plane = slab_z
     field = ifft2(transfer.apply(fft2(field), plane), overwrite=True)
     return field[pad:pad + optics.ny, pad:pad + optics.nx]
 
 
-def fraunhofer_field(particles: ParticleSet, optics: Optics) -> np.ndarray:
-    """Complex field (ny, nx) at the sensor from the far-field closed form, summed over particles.
+def fraunhofer_field(particles: ParticleSet, optics: Optics, xp=numpy_xp):
+    """Complex field (ny, nx) at the sensor from the far-field closed form, summed over particles (an ``xp``
+    array; each particle's rows and columns are chosen on the host).
 
     Each term ``i C e^{iΦ} 2J1(u)/u`` (C = πD²/4λz, Φ = πr²/λz, u = πDr/λz) is evaluated out to the
     radius where its envelope ``1.6 C u^-1.5`` drops below ``FRAUNHOFER_CUTOFF``, and no further than
     where its fringes pass the pixel Nyquist frequency (r = λz/2dx), beyond which pixels average them.
     """
-    field = np.ones((optics.ny, optics.nx), np.complex64)
+    field = xp.ones((optics.ny, optics.nx), dtype=xp.complex64)
     xs, ys = pixel_centres(optics.nx, optics.dx), pixel_centres(optics.ny, optics.dy)
+    xs_on_device, ys_on_device = xp.asarray(xs), xp.asarray(ys)
     for x, y, z, d in zip(particles.x, particles.y, particles.z, particles.d):
         c = np.pi * d**2 / (4 * optics.wavelength * z)
         u_max = (1.6 * c / FRAUNHOFER_CUTOFF) ** (2 / 3)
@@ -267,80 +282,87 @@ def fraunhofer_field(particles: ParticleSet, optics: Optics) -> np.ndarray:
         rows = np.flatnonzero(np.abs(ys - y) <= radius)
         if cols.size == 0 or rows.size == 0:
             continue
-        r2 = (ys[rows, None] - y) ** 2 + (xs[None, cols] - x) ** 2
-        u = np.pi * d * np.sqrt(r2) / (optics.wavelength * z)
+        rows, cols = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)  # the pixels within radius
+        r2 = (ys_on_device[rows, None] - y) ** 2 + (xs_on_device[None, cols] - x) ** 2
+        u = np.pi * d * xp.sqrt(r2) / (optics.wavelength * z)
         airy = _airy(u)
-        term = 1j * c * np.exp(1j * np.pi * r2 / (optics.wavelength * z)) * airy
-        field[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] += term.astype(np.complex64)
+        term = 1j * c * xp.exp(1j * np.pi * r2 / (optics.wavelength * z)) * airy
+        field[rows, cols] += xp.astype(term, xp.complex64)
     return field
 
 
-def beam_profile(optics: Optics, beam_waist: float | None) -> np.ndarray:
+def beam_profile(optics: Optics, beam_waist: float | None, xp=numpy_xp):
     """Relative intensity (ny, nx) of a Gaussian beam exp(-2r²/w²) centred on the frame; 1 if flat."""
     if beam_waist is None:
-        return np.ones((optics.ny, optics.nx), np.float32)
+        return xp.ones((optics.ny, optics.nx), dtype=xp.float32)
     xs, ys = pixel_centres(optics.nx, optics.dx), pixel_centres(optics.ny, optics.dy)
-    profile_x = np.exp(-2 * xs**2 / beam_waist**2)
-    profile_y = np.exp(-2 * ys**2 / beam_waist**2)
-    return (profile_y[:, None] * profile_x[None, :]).astype(np.float32)
+    profile_x = xp.asarray(np.exp(-2 * xs**2 / beam_waist**2))
+    profile_y = xp.asarray(np.exp(-2 * ys**2 / beam_waist**2))
+    return xp.astype(profile_y[:, None] * profile_x[None, :], xp.float32)
 
 
-def fringe_pattern(x_m: np.ndarray, y_m: np.ndarray, amplitude: float, period_m: float, angle: float,
-                   phase: float) -> np.ndarray:
+def fringe_pattern(x_m, y_m, amplitude: float, period_m: float, angle: float, phase: float):
     """Relative intensity 1 + a·sin(2π(x cos θ + y sin θ)/period + φ) of straight optics fringes at pixel
-    centres ``x_m`` (1, nx) and ``y_m`` (ny, 1), in metres; the camera model and the augmentation share it."""
+    centres ``x_m`` (1, nx) and ``y_m`` (ny, 1), in metres, arrays of any namespace; the camera model and the
+    augmentation share it."""
     along = (np.cos(angle) * x_m + np.sin(angle) * y_m) / period_m  # cycles
-    return 1 + amplitude * np.sin(2 * np.pi * along + phase)
+    return 1 + amplitude * array_api_compat.array_namespace(along).sin(2 * np.pi * along + phase)
 
 
-def fringe_profile(rng: np.random.Generator, optics: Optics, amplitude: float, period: float) -> np.ndarray:
+def fringe_profile(rng: np.random.Generator, optics: Optics, amplitude: float, period: float, xp=numpy_xp):
     """Relative intensity (ny, nx) of the camera's straight optics fringes (:func:`fringe_pattern`), with the
     angle θ ∈ [0, π) and phase φ drawn from ``rng`` and the cosine form cos(...) = sin(... + π/2); 1 (and
     nothing drawn) when ``amplitude`` is 0."""
     if amplitude == 0:
-        return np.ones((optics.ny, optics.nx), np.float32)
+        return xp.ones((optics.ny, optics.nx), dtype=xp.float32)
     angle, phase = rng.uniform(0.0, np.pi), rng.uniform(0.0, 2 * np.pi)
-    x, y = pixel_centres(optics.nx, optics.dx)[None, :], pixel_centres(optics.ny, optics.dy)[:, None]
-    return fringe_pattern(x, y, amplitude, period, angle, phase + np.pi / 2).astype(np.float32)
+    x = xp.asarray(pixel_centres(optics.nx, optics.dx)[None, :])
+    y = xp.asarray(pixel_centres(optics.ny, optics.dy)[:, None])
+    return xp.astype(fringe_pattern(x, y, amplitude, period, angle, phase + np.pi / 2), xp.float32)
 
 
-def camera_image(field: np.ndarray, rng: np.random.Generator, optics: Optics,
-                 camera: Camera) -> np.ndarray:
-    """uint8 image (ny, nx) the sensor records for ``field``: |U|²·beam·fringes → electrons (+ shot and
-    read noise) → gain to ``gray_level`` → round and clip to 0..255."""
+def camera_image(field, rng: np.random.Generator, optics: Optics, camera: Camera) -> np.ndarray:
+    """uint8 image (ny, nx) on the host that the sensor records for ``field`` (any namespace): |U|²·beam·fringes
+    → electrons (+ shot and read noise, drawn on the host from ``rng``) → gain to ``gray_level`` → round and
+    clip to 0..255."""
     _check_frame(field, optics)
-    light = beam_profile(optics, camera.beam_waist) * fringe_profile(
-        rng, optics, camera.fringe_amplitude, camera.fringe_period)
-    electrons = (np.abs(field) ** 2) * light * camera.electrons
+    xp = array_api_compat.array_namespace(field)
+    light = beam_profile(optics, camera.beam_waist, xp) * fringe_profile(
+        rng, optics, camera.fringe_amplitude, camera.fringe_period, xp)
+    electrons = (xp.abs(field) ** 2) * light * camera.electrons
     if camera.noise:
-        electrons = rng.poisson(electrons).astype(np.float32)
+        electrons = rng.poisson(host_array(electrons, np.float32)).astype(np.float32)
         electrons += rng.normal(0.0, camera.read_noise, electrons.shape).astype(np.float32)
+        xp = numpy_xp  # the noisy electrons are on the host, with the draws
     gray = electrons * (camera.gray_level / camera.electrons)
-    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return host_array(xp.astype(xp.clip(xp.round(gray), 0, 255), xp.uint8), np.uint8)
 
 
-def ideal_sensor_image(field: np.ndarray, optics: Optics, camera: Camera) -> np.ndarray:
-    """float32 image (ny, nx) of an ideal sensor: |U|² · ``gray_level`` under flat light, without noise or
-    quantisation. For holograms that augmentation corrupts, so that it adds the camera once, not twice."""
+def ideal_sensor_image(field, optics: Optics, camera: Camera) -> np.ndarray:
+    """float32 image (ny, nx) on the host of an ideal sensor for ``field`` (any namespace): |U|² ·
+    ``gray_level`` under flat light, without noise or quantisation. For holograms that augmentation
+    corrupts, so that it adds the camera once, not twice."""
     _check_frame(field, optics)
-    return (np.abs(field) ** 2 * camera.gray_level).astype(np.float32)
+    xp = array_api_compat.array_namespace(field)
+    return host_array(xp.astype(xp.abs(field) ** 2 * camera.gray_level, xp.float32), np.float32)
 
 
-def _check_frame(field: np.ndarray, optics: Optics) -> None:
+def _check_frame(field, optics: Optics) -> None:
     if field.shape != (optics.ny, optics.nx):
         raise ValueError(f"field shape {field.shape} is not the frame (ny, nx) = {(optics.ny, optics.nx)}")
 
 
-def simulate_hologram(rng: np.random.Generator, settings: SimulationSettings, *, ideal_sensor: bool = False
-                      ) -> tuple[np.ndarray, ParticleSet]:
-    """One hologram: (image (ny, nx), its particles in metres). The image is the camera's uint8 one, or
-    with ``ideal_sensor`` :func:`ideal_sensor_image`'s float32 one (the particles are the same either way)."""
+def simulate_hologram(rng: np.random.Generator, settings: SimulationSettings, *, ideal_sensor: bool = False,
+                      xp=numpy_xp) -> tuple[np.ndarray, ParticleSet]:
+    """One hologram: (image (ny, nx) on the host, its particles in metres), its field computed in ``xp``. The
+    image is the camera's uint8 one, or with ``ideal_sensor`` :func:`ideal_sensor_image`'s float32 one (the
+    particles are the same either way)."""
     particles = sample_particles(rng, settings)
     if settings.method == "fraunhofer":
-        field = fraunhofer_field(particles, settings.optics)
+        field = fraunhofer_field(particles, settings.optics, xp)
     elif settings.method == "angular_spectrum":
         field = opaque_disks_field(particles, settings.optics, slab_thickness=settings.slab_thickness,
-                                   pad=settings.pad, band_limit=settings.band_limit)
+                                   pad=settings.pad, band_limit=settings.band_limit, xp=xp)
     else:
         raise ValueError(f"unknown simulation method {settings.method!r}; "
                          "expected 'angular_spectrum' or 'fraunhofer'")
@@ -356,9 +378,11 @@ def simulate_file(path, *, n_holograms: int, seed: int, settings: SimulationSett
     Hologram ``i`` uses the random stream ``(seed, i)``, so a file is reproducible and any hologram
     can be regenerated alone. Memory stays at one hologram; the file appears only when complete.
     ``ideal_sensor`` stores float32 noise-free images (:func:`ideal_sensor_image`) instead of the camera's.
+    The fields are computed on ``settings.device`` (a GPU fails here, before any file is written, if missing).
     """
     if n_holograms < 1:
         raise ValueError(f"n_holograms must be at least 1, got {n_holograms}")
+    xp = array_namespace_for(settings.device, "simulate.device")
     o = settings.optics
     attrs = {"holopipe_version": __version__, "simulation_method": settings.method, "seed": seed,
              "sensor": "ideal" if ideal_sensor else "camera"}
@@ -368,7 +392,7 @@ def simulate_file(path, *, n_holograms: int, seed: int, settings: SimulationSett
         for index in tqdm(range(n_holograms), desc=f"simulate {Path(path).name}", unit="hologram",
                           disable=not progress):
             image, particles = simulate_hologram(np.random.default_rng([seed, index]), settings,
-                                                 ideal_sensor=ideal_sensor)
+                                                 ideal_sensor=ideal_sensor, xp=xp)
             writer.write_image(index, image.T)
             writer.append_particles(np.full(len(particles), index + 1), particles.x * 1e6,
                                     particles.y * 1e6, particles.z * 1e6, particles.d * 1e6)

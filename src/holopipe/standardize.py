@@ -48,6 +48,11 @@ contrast mean and std of the standardized training holograms (``stats.json``), c
 over the training store (one-hologram chunks, per-hologram moments pooled exactly). ``stats.json`` also
 records the ``standardize`` settings, and ``standardize apply`` uses those, so every split is
 standardized as the training split was.
+
+The per-hologram array work (blank check, background, division) runs in one array namespace: numpy on the
+CPU, CuPy on a GPU (``standardize.device``, :func:`holopipe.device.array_namespace_for`), with the CPU's
+results within float tolerance. The device is where the job runs, not part of the standardization: it is not
+recorded in ``stats.json``, and ``apply`` takes it from its caller.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ import os
 from pathlib import Path
 
 import array_api_compat
+import array_api_compat.numpy as numpy_xp
 import dask
 import dask.array as da
 import numpy as np
@@ -66,6 +72,8 @@ import scipy.interpolate
 import xarray as xr
 
 from holopipe import __version__
+from holopipe.device import array_namespace_for
+from holopipe.focus import host_array
 from holopipe.io import IMAGE_DIMS, SKIPPED_ATTR, SKIPPED_REASONS_ATTR, open_holodec, write_atomically, write_zarr
 from holopipe.regrid import data_area
 
@@ -99,30 +107,32 @@ sensor nearly all of it."""
 
 
 def blank_reason(image) -> str | None:
-    """Why the hologram ``image`` (its data area, any shape) holds no data, or None when it does: more than
-    :data:`BLANK_SHARE` of its pixels at 0 (dark) or at its maximum (saturated: 255 for 8 bits), or one
-    value throughout (zero variance)."""
-    image = np.asarray(image)
+    """Why the hologram ``image`` (its data area, any shape; numpy or CuPy) holds no data, or None when it
+    does: more than :data:`BLANK_SHARE` of its pixels at 0 (dark) or at its maximum (saturated: 255 for 8
+    bits), or one value throughout (zero variance)."""
+    xp = array_api_compat.array_namespace(image)
     if image.size == 0:
         return "no pixels"
-    lowest, highest = image.min(), image.max()
-    dark = float(np.count_nonzero(image == 0)) / image.size
+    lowest, highest = float(xp.min(image)), float(xp.max(image))
+    dark = float(xp.count_nonzero(image == 0)) / image.size
     if dark > BLANK_SHARE:
         return f"dark: {dark:.1%} of its pixels at 0"
     if lowest == highest:
         return f"constant: every pixel {highest:g} (zero variance)"
-    saturated = float(np.count_nonzero(image == highest)) / image.size
+    saturated = float(xp.count_nonzero(image == highest)) / image.size
     if saturated > BLANK_SHARE:
         return f"saturated: {saturated:.1%} of its pixels at its maximum {highest:g}"
     return None
 
 
 def standardize_image(intensity, background, log_transform: bool):
-    """Standardized float32 hologram(s): I / B, or 1 + log(max(I / B, LOG_EPS)); B broadcasts."""
-    ratio = np.asarray(intensity, np.float32) / np.asarray(background, np.float32)
+    """Standardized float32 hologram(s): I / B, or 1 + log(max(I / B, LOG_EPS)); B broadcasts. Arrays of one
+    namespace (numpy or CuPy), the result in it."""
+    xp = array_api_compat.array_namespace(intensity, background)
+    ratio = xp.astype(intensity, xp.float32, copy=False) / xp.astype(background, xp.float32, copy=False)
     if log_transform:
-        ratio = 1 + np.log(np.maximum(ratio, np.float32(LOG_EPS)))
-    return ratio.astype(np.float32, copy=False)
+        ratio = 1 + xp.log(xp.maximum(ratio, np.float32(LOG_EPS)))
+    return xp.astype(ratio, xp.float32, copy=False)
 
 
 def _median_last_axis(x, xp):
@@ -228,15 +238,16 @@ def smooth_background(intensity, block_pixels: int):
 def running_median_background(window_images, position: int):
     """Background (float32, frame shape) of ``window_images[position]`` from its window of holograms.
 
-    ``window_images`` is (w, n0, n1), the hologram and its neighbours of the same split: their per-pixel
-    median, scaled by the ratio of the hologram's median level to the median's, floored as in the module
-    docstring.
+    ``window_images`` is (w, n0, n1), the hologram and its neighbours of the same split (numpy or CuPy): their
+    per-pixel median, scaled by the ratio of the hologram's median level to the median's, floored as in the
+    module docstring.
     """
-    images = np.asarray(window_images, np.float32)
-    median = np.median(images, axis=0)
-    level, median_level = np.median(images[position]), np.median(median)
-    scaled = median * np.float32(level / median_level) if median_level > 0 else median
-    return np.maximum(scaled, np.float32(level * DEAD_BACKGROUND_FRACTION))
+    xp = array_api_compat.array_namespace(window_images)
+    images = xp.astype(window_images, xp.float32, copy=False)
+    median = xp.median(images, axis=0)
+    level, median_level = xp.median(images[position]), xp.median(median)
+    scaled = median * xp.astype(level / median_level, xp.float32) if median_level > 0 else median
+    return xp.maximum(scaled, xp.astype(level * DEAD_BACKGROUND_FRACTION, xp.float32))
 
 
 def _window(h: int, n: int, window: int) -> range:
@@ -246,20 +257,21 @@ def _window(h: int, n: int, window: int) -> range:
 
 
 def _contrast_block(*blocks, settings: dict, where: str, area: tuple[slice, slice], position: int = 0,
-                    hologram: int | None = None, block_info=None):
+                    hologram: int | None = None, xp=numpy_xp, block_info=None):
     """One hologram's standardized image (1, nx, ny) from its chunk, or from its window's chunks (the
-    hologram at ``position``); ``hologram`` (else the chunk's location) names it in errors.
+    hologram at ``position``), computed in the namespace ``xp`` and returned on the host; ``hologram`` (else
+    the chunk's location) names it in errors.
 
     Only ``area`` (regrid's record of the hologram's pixels, :func:`holopipe.regrid.data_area`) is data: the
     background is fitted on it, and the pad around it has contrast 1, the background's level. A hologram
     without data (:func:`blank_reason`) has contrast 1 throughout (the caller lists it), and is left out of
     its neighbours' running-median windows (which then hold one hologram fewer).
     """
-    images = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)[:, area[0], area[1]]
+    images = xp.astype(xp.asarray(np.concatenate(blocks, axis=0)), xp.float32, copy=False)[:, area[0], area[1]]
     image = images[position]
-    contrast = np.ones((1, *blocks[0].shape[1:]), np.float32)
+    contrast = xp.ones((1, *blocks[0].shape[1:]), dtype=xp.float32)
     if blank_reason(image) is not None:
-        return contrast
+        return host_array(contrast, np.float32)
     # A running median's window: neighbours without data say nothing about this hologram's light, and a
     # window left with fewer than 3 holograms has no median that rejects a shadow: it would erase the particles.
     lit = [i for i in range(len(images)) if i == position or blank_reason(images[i]) is None]
@@ -268,45 +280,46 @@ def _contrast_block(*blocks, settings: dict, where: str, area: tuple[slice, slic
         raise ValueError(f"{where}: the running-median window of hologram index {hologram} holds {len(lit)} "
                          f"hologram(s) with data of {len(images)}; widen standardize.window or use "
                          "standardize.background smooth")
-    images, position = images[lit], lit.index(position)
+    images, position = images[xp.asarray(lit)], lit.index(position)
     method = settings["background"]
     if method == "smooth":
         background = smooth_background(image, int(settings["block_pixels"]))
     elif method == "running_median":
         background = running_median_background(images, position)
     elif method == "mean":
-        background = np.float32(image.mean(dtype=np.float64))
+        background = xp.astype(image.mean(dtype=xp.float64), xp.float32)
     else:
         raise ValueError(f"{where}: unknown standardize.background {method!r}; expected smooth, running_median "
                          "or mean")
-    darkest = float(np.min(background))
+    darkest = float(xp.min(background))
     if not darkest > 0:
         hologram = block_info[0]["array-location"][0][0] if hologram is None else hologram
         raise ValueError(f"{where}: hologram index {hologram} has no light (its background reaches {darkest:g}); "
                          "cannot divide it by its background")
     contrast[0, area[0], area[1]] = standardize_image(image, background, bool(settings["log_transform"]))
-    return contrast
+    return host_array(contrast, np.float32)
 
 
 def contrast_images(image: da.Array, settings: dict, where: str = "<image>",
-                    area: tuple[slice, slice] | None = None) -> da.Array:
+                    area: tuple[slice, slice] | None = None, xp=numpy_xp) -> da.Array:
     """Lazy standardized images (hologram, xsize, ysize) float32, one hologram per chunk.
 
     ``image`` is a dask array of raw intensities in the contract layout; ``settings`` the ``standardize``
     section; ``where`` names the file in errors; ``area`` the (x, y) slices that hold the hologram (the
-    whole frame by default). Each input chunk is read once per computation.
+    whole frame by default); ``xp`` the namespace each hologram is computed in (its chunk stays a host
+    array). Each input chunk is read once per computation.
     """
     image = image.rechunk({0: 1, 1: -1, 2: -1})
     n, nx, ny = image.shape
     area = area or (slice(0, nx), slice(0, ny))
     if settings["background"] != "running_median":
-        return image.map_blocks(_contrast_block, settings=settings, where=where, area=area, dtype=np.float32,
-                                meta=np.empty((0, 0, 0), np.float32))
+        return image.map_blocks(_contrast_block, settings=settings, where=where, area=area, xp=xp,
+                                dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
     holograms = []
     for h in range(n):
         neighbours = _window(h, n, int(settings["window"]))
         holograms.append(da.map_blocks(_contrast_block, *(image[i:i + 1] for i in neighbours), settings=settings,
-                                       where=where, area=area, position=h - neighbours.start, hologram=h,
+                                       where=where, area=area, position=h - neighbours.start, hologram=h, xp=xp,
                                        chunks=((1,), (nx,), (ny,)), dtype=np.float32,
                                        meta=np.empty((0, 0, 0), np.float32)))
     return da.concatenate(holograms, axis=0)
@@ -357,14 +370,16 @@ def fit_stats(train_path, config: dict) -> dict:
     One pass over the training store; holograms without data (:func:`blank_reason`) are left out. Returns a
     JSON-serialisable dict: ``contrast_mean``, ``contrast_std``, ``n_holograms`` (those used),
     ``skipped_holograms`` (1-based), ``source``, the ``standardize`` settings (which ``apply`` uses),
-    ``log_transform`` and ``holopipe_version``.
+    ``log_transform`` and ``holopipe_version``. The holograms are standardized on ``standardize.device``.
     """
-    settings, optics = dict(config["standardize"]), config["optics"]
+    settings = {key: value for key, value in config["standardize"].items() if key != "device"}
+    optics = config["optics"]
+    xp = array_namespace_for(config["standardize"]["device"], "standardize.device")
     name = os.fspath(train_path)
     ds = open_holodec(name, z_limits=(optics["z_min"], optics["z_max"]))
     try:
         area = data_area(ds.attrs, ds.sizes["xsize"], ds.sizes["ysize"], name)
-        contrast = contrast_images(ds["image"].data, settings, where=name, area=area)
+        contrast = contrast_images(ds["image"].data, settings, where=name, area=area, xp=xp)
         moments = contrast.map_blocks(_moments, chunks=(contrast.chunks[0], (3,)), drop_axis=2, dtype=np.float64)
         # (n_holograms, 3) and (n_holograms,): small, and one pass (both share each hologram's read).
         moments, reasons = dask.compute(moments, _blank_reasons(ds["image"].data, area))
@@ -396,7 +411,7 @@ def read_stats(path) -> dict:
     return stats
 
 
-def apply_stats(in_path, out_path, stats_path) -> Path:
+def apply_stats(in_path, out_path, stats_path, device: str = "cpu") -> Path:
     """Standardize every hologram of ``in_path`` by its own background and write a float32 zarr store.
 
     The estimator and its settings are those recorded in ``stats_path`` (the training split's). Particles
@@ -404,16 +419,18 @@ def apply_stats(in_path, out_path, stats_path) -> Path:
     ``skipped_reasons`` (module docstring); attrs also gain ``standardize_stats``, ``standardize_background``,
     ``standardize_block_pixels`` or ``standardize_window`` (the estimator's setting),
     ``standardize_log_transform`` (0/1), ``standardize_source`` and ``standardize_contrast_mean``/``_std``.
+    ``device`` (``standardize.device``) is where the holograms are standardized.
     """
     stats = read_stats(stats_path)
     settings = stats["standardize"]
+    xp = array_namespace_for(device, "standardize.device")
     name = os.fspath(in_path)
     ds = open_holodec(name)
     try:
         area = data_area(ds.attrs, ds.sizes["xsize"], ds.sizes["ysize"], name)
         # A pass of its own: the store's attributes, written first, must already list the skipped holograms.
         skipped = _skipped(_blank_reasons(ds["image"].data, area).compute(scheduler="synchronous"), name)
-        standardized = contrast_images(ds["image"].data, settings, where=name, area=area)
+        standardized = contrast_images(ds["image"].data, settings, where=name, area=area, xp=xp)
         out = ds.assign(image=xr.DataArray(standardized, dims=IMAGE_DIMS, attrs=ds["image"].attrs))
         setting = {"smooth": "block_pixels", "running_median": "window"}.get(settings["background"])
         out = out.assign_attrs(

@@ -15,6 +15,7 @@ rule acquire_split:
     resources:
         mem_mb=get_acquire_mem_mb,
         runtime=get_acquire_runtime,
+        gpu=get_acquire_gpus,
     conda:
         "../../envs/cpu.yaml"
     shell:

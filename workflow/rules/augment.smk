@@ -17,6 +17,7 @@ rule augment:
     resources:
         mem_mb=get_augment_mem_mb,
         runtime=get_augment_runtime,
+        gpu=gpus("augment"),
     conda:
         "../../envs/cpu.yaml"
     shell:

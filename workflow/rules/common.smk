@@ -12,7 +12,7 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from holopipe.config import ConfigError, check_tiles_fit, load_config, primary_split
+from holopipe.config import ConfigError, check_tiles_fit, load_config, primary_split, split_simulation_config
 from holopipe.credentials import read_password_file
 
 # The conda envs' post-deploy script installs holopipe from this checkout, wherever the working directory is.
@@ -247,7 +247,8 @@ TORCH_LIBRARIES_MB = 1536
 embedded default peaks at 1.4 GB (measured with /usr/bin/time -v)."""
 
 # Inference's host memory, measured on a CPU by benchmarks/bench_infer_memory.py (fp32, plain_unet width 16
-# and LinkNet/ResNet-18): C + a·P + batch_planes·(p·P + m·N), P the padded pixels, N the frame's.
+# and LinkNet/ResNet-18): C + a·P + batch_planes·(p·P + m·N), P the padded pixels, N the frame's. holopipe.infer
+# sizes its plane batches to the job's --mem-mb by the same figures (its INFER_* constants; a test keeps them equal).
 INFER_LIBRARIES_MB = 1100
 """C: torch and the model."""
 INFER_BYTES_PER_PADDED_PIXEL = 40
@@ -367,8 +368,17 @@ def device_kind(section):
 
 
 def gpus(section):
-    """GPUs a torch stage's job asks for: one, unless `<section>.device` pins the stage to the CPU."""
+    """GPUs a stage's job asks for (torch, or CuPy for data preparation): one, unless `<section>.device` pins
+    the stage to the CPU."""
     return int(device_kind(section) == "gpu")
+
+
+def get_acquire_gpus(wildcards):
+    """A simulated split's job asks for one GPU unless its simulate.device (the split's own where it sets one)
+    is cpu; a copied or downloaded split asks for none."""
+    if config["splits"][wildcards.split]["source"] != "simulate":
+        return 0
+    return int(split_simulation_config(config, wildcards.split)["simulate"]["device"] != "cpu")
 
 
 def planes_per_chunk():
@@ -482,11 +492,22 @@ def get_tune_worker_runtime(wildcards, attempt):
     return runtime_min(300 + work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt)
 
 
+def infer_host_bytes(split, kind, planes):
+    """Host bytes of an infer job on a `kind` ('cpu' or 'gpu') device with `planes` planes per batch, beyond C."""
+    padded, frame = padded_pixels(split), frame_pixels(split)
+    per_plane = INFER_BYTES_PER_PADDED_PIXEL_PLANE * padded + INFER_BYTES_PER_PIXEL_PLANE[kind] * frame
+    return INFER_BYTES_PER_PADDED_PIXEL * padded + planes * per_plane
+
+
 def get_infer_mem_mb(wildcards, attempt):
-    """Torch and the model, a hologram's spectrum and infer.batch_planes planes, on infer.device's host."""
-    padded, frame = padded_pixels(wildcards.split), frame_pixels(wildcards.split)
-    per_plane = INFER_BYTES_PER_PADDED_PIXEL_PLANE * padded + INFER_BYTES_PER_PIXEL_PLANE[device_kind("infer")] * frame
-    held = INFER_BYTES_PER_PADDED_PIXEL * padded + config["infer"]["batch_planes"] * per_plane
+    """Torch and the model, a hologram's spectrum and infer.batch_planes planes, on the host of the device the
+    job will use: infer.device cpu or cuda says which. With auto a job on a node without a GPU runs on the CPU,
+    so it asks for the larger of the GPU figure and one plane on the CPU: `holopipe infer --mem-mb` then runs as
+    many planes per batch as that memory holds."""
+    planes, split = config["infer"]["batch_planes"], wildcards.split
+    held = infer_host_bytes(split, device_kind("infer"), planes)
+    if config["infer"]["device"] == "auto":
+        held = max(held, infer_host_bytes(split, "cpu", 1))
     return memory_mb(held, attempt, INFER_LIBRARIES_MB)
 
 

@@ -23,7 +23,7 @@ rule infer_chunk:
         "../../envs/gpu.yaml"
     shell:
         "holopipe --provenance {output.provenance} --threads {threads} infer --model {input.model} --in {input.store} --out {output.detections}"
-        " --chunk {wildcards.chunk} --chunks {params.chunks} {params.probabilities}"
+        " --chunk {wildcards.chunk} --chunks {params.chunks} {params.probabilities} --mem-mb {resources.mem_mb}"
         " --config-json {params.config:q} > {log} 2>&1"
 
 

@@ -14,6 +14,7 @@ rule regrid_split:
     resources:
         mem_mb=get_regrid_mem_mb,
         runtime=get_regrid_runtime,
+        gpu=gpus("regrid"),
     conda:
         "../../envs/cpu.yaml"
     shell:

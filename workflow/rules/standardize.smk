@@ -18,6 +18,7 @@ rule standardize_fit:
     resources:
         mem_mb=frame_mem_mb(4 * STANDARDIZE_WINDOW + 24, holograms_in_memory=2),
         runtime=get_standardize_runtime,
+        gpu=gpus("standardize"),
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -32,16 +33,19 @@ rule standardize_split:
         provenance="results/provenance/jobs/standardize_{split}.json",
     log:
         "logs/standardize/{split}.log",
+    params:
+        device=config["standardize"]["device"],
     wildcard_constraints:
         split="|".join(SPLITS),
     threads: 1
     resources:
         mem_mb=frame_mem_mb(4 * STANDARDIZE_WINDOW + 24, holograms_in_memory=2),
         runtime=get_standardize_runtime,
+        gpu=gpus("standardize"),
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} standardize apply --in {input.store} --stats {input.stats} --out {output.store} > {log} 2>&1"
+        "holopipe --provenance {output.provenance} --threads {threads} standardize apply --in {input.store} --stats {input.stats} --device {params.device} --out {output.store} > {log} 2>&1"
 
 
 rule standardize:

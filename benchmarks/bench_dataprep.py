@@ -1,0 +1,96 @@
+"""Data preparation per full-size hologram (config/holodec.yaml): simulate, regrid, standardize, augment, timed
+on numpy and, where CuPy sees a GPU, on CuPy (issue 21; targets on a GPU: simulation <= 1 s, regrid +
+standardize <= 0.2 s per hologram).
+
+    python benchmarks/bench_dataprep.py [--config config/holodec.yaml] [--frame 4872x3248] [--repeats 2]
+
+Each stage runs the library function the workflow's job runs per hologram (simulate_hologram, regrid's and
+standardize's per-hologram blocks, augment_hologram with one variant) on the same hologram; the first CuPy
+call of each stage is a warm-up (kernel compilation) and is not timed. ``--frame`` shrinks the frame for a
+quick check; a smaller frame keeps the particle density of the config's.
+"""
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from holopipe.augment import augment_hologram, build_corruptions
+from holopipe.config import load_config
+from holopipe.device import array_namespace_for
+from holopipe.regrid import _regrid_block, plan_axis
+from holopipe.simulate import SimulationSettings, simulate_hologram
+from holopipe.standardize import _contrast_block
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stages(config: dict, settings: SimulationSettings):
+    """name -> function(xp) running that stage on one hologram, all on the same simulated hologram."""
+    optics, regrid, tile = settings.optics, config["regrid"], config["examples"]["tile_size"]
+    image, _ = simulate_hologram(np.random.default_rng([1, 0]), settings)
+    plans = [plan_axis(n, pitch, regrid["pixel_pitch"], method=regrid["method"], frame=regrid["frame"], tile=tile,
+                       where=axis) for n, pitch, axis in ((optics.nx, optics.dx, "x"), (optics.ny, optics.dy, "y"))]
+    block = image.T[None]  # (1, xsize, ysize), as a store's chunk
+    regridded = _regrid_block(block, *plans, np.float32)
+    area = (slice(plans[0].data[0], plans[0].data[1]), slice(plans[1].data[0], plans[1].data[1]))
+    standardize = {key: value for key, value in config["standardize"].items() if key != "device"}
+    pipeline = build_corruptions(config["augment"]["corruptions"], optics)
+    return {
+        "simulate": lambda xp: simulate_hologram(np.random.default_rng([1, 0]), settings, xp=xp),
+        "regrid": lambda xp: _regrid_block(block, *plans, np.float32, xp),
+        "standardize": lambda xp: _contrast_block(regridded, settings=standardize, where="bench", area=area, xp=xp),
+        "augment": lambda xp: augment_hologram(image.astype(np.float32), pipeline, seed=0, hologram=0, variants=1,
+                                               xp=xp),
+    }
+
+
+def seconds(run, xp, repeats: int, synchronize) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(xp)
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "config" / "holodec.yaml"))
+    parser.add_argument("--frame", help="NXxNY instead of the config's frame (a quick check)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    settings = SimulationSettings.from_config(config)
+    if args.frame:
+        nx, ny = (int(v) for v in args.frame.lower().split("x"))
+        scale = nx * ny / (settings.optics.nx * settings.optics.ny)
+        low, high = settings.particles
+        settings = dataclasses.replace(settings, optics=dataclasses.replace(settings.optics, nx=nx, ny=ny),
+                                       particles=(max(1, round(low * scale)), max(1, round(high * scale))))
+    o = settings.optics
+    print(f"{o.nx}x{o.ny} frame, {settings.particles[0]}-{settings.particles[1]} particles, "
+          f"{settings.method}, pad {settings.pad}; best of {args.repeats}")
+    runs = stages(config, settings)
+    namespaces = [("numpy (CPU)", array_namespace_for("cpu", "bench"), lambda: None)]
+    try:
+        xp = array_namespace_for("cuda", "bench")
+        import cupy
+
+        namespaces.append(("CuPy (GPU)", xp, lambda: cupy.cuda.Device().synchronize()))
+    except RuntimeError as exc:
+        print(f"no CuPy run: {exc}")
+    for label, xp, synchronize in namespaces:
+        if label.startswith("CuPy"):
+            for run in runs.values():
+                run(xp)  # warm-up: CuPy compiles its kernels on first use
+        timings = {name: seconds(run, xp, args.repeats, synchronize) for name, run in runs.items()}
+        print(f"{label}: " + ", ".join(f"{name} {value:.3f} s" for name, value in timings.items())
+              + f"; regrid + standardize {timings['regrid'] + timings['standardize']:.3f} s per hologram")
+
+
+if __name__ == "__main__":
+    main()
