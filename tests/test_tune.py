@@ -49,8 +49,10 @@ def make_config(storage=None, **tune):
                    "z_min": 2e-3, "z_max": 6e-3},
         "model": {"architecture": "plain_unet", "width": 4, "depth": 2},
         "train": {"epochs": 3, "batch_size": 8, "num_workers": 0, "device": "cpu", "optimizer": "adam"},
-        # A seed of its own per config: each test gets a fresh study, also in a shared database.
-        "tune": {"n_trials": 9, "heartbeat": 0.5, "startup_trials": 3, "storage": storage,
+        # A seed of its own per config: each test gets a fresh study, also in a shared database. A heartbeat
+        # that a loaded 2-core machine keeps (4 missed = 20 s): at 0.5 s, spawned trial processes importing
+        # torch starved a live trial's heartbeat thread, which was failed as stale and retried.
+        "tune": {"n_trials": 9, "heartbeat": 5.0, "startup_trials": 3, "storage": storage,
                  "seed": uuid.uuid4().int % 10**9, "search_space": SEARCH_SPACE, **tune},
     })
 
