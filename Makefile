@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.holopipe-installed
 CORES ?= all
 
-.PHONY: setup run test bench smoke-fullsize lint docs report clean
+.PHONY: setup run test bench accuracy smoke-fullsize lint docs report clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_simulate.py
 	$(BIN)/python benchmarks/bench_examples.py
 	$(BIN)/python benchmarks/bench_train.py
+
+# The accuracy benchmark the README quotes: 5 training runs of the embedded default, each evaluated on 30 new
+# holograms of test, fraunhofer and realistic (config/accuracy.yaml), with the physics baseline and the ablation;
+# intervals over runs and holograms. About an hour on 2 cores; resumable (benchmarks/out/accuracy).
+accuracy: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/accuracy.py --runs 5 --cores $(CORES)
 
 # The full-size smoke run: config/holodec.yaml with exactly the splits train/valid/test, 2/1/1 holograms of 500
 # particles, 24 planes, test alone evaluated (not holodec.yaml's fraunhofer and realistic), through evaluate

@@ -19,14 +19,15 @@ import torch
 import xarray as xr
 
 import holopipe.baseline
-from holopipe.baseline import CSV_COLUMNS, auto_threshold, baseline_file, find_particles
+from holopipe.baseline import CSV_COLUMNS, auto_threshold, baseline_file, detections_file, find_particles
 from holopipe.config import load_config
 from holopipe.evaluate import match
 from holopipe.reconstruction import z_bin_centres
 from holopipe.io import HolodecFormatError, write_zarr
-from holopipe.infer import BATCHES_IN_FLIGHT
+from holopipe.infer import BATCHES_IN_FLIGHT, DETECTION_COLUMNS
 from holopipe.optics import (MAX_BATCH_ELEMENTS, SWEEP_BYTES_PER_PIXEL, SWEEP_MEMORY_SHARE, Propagator,
                              device_planes_per_batch, hologram_field, planes_in_memory)
+from holopipe.particles import particles_file
 from holopipe.provenance import code_identity
 from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
 
@@ -189,6 +190,27 @@ def test_a_non_square_frame_with_unequal_pitches_finds_the_particles_where_they_
     assert len(pairs) == 2 and len(found) == 2
     assert np.all(np.abs(pairs["error_x"]) <= WIDE.dx * 1e6) and np.all(np.abs(pairs["error_y"]) <= WIDE.dy * 1e6)
     swapped = truth_table(WIDE_PARTICLES).rename(columns={"x": "y", "y": "x"})
+    assert match(swapped, found, *tolerance).empty, "x and y swapped must not match"
+
+
+def test_the_physics_detections_through_the_particles_stage_find_the_particles_where_they_are(tmp_path):
+    """The ablation's path: the physics detector's per-plane regions, as inference writes the U-Net's, merged
+    by the particles stage (`holopipe baseline --detections`, then `holopipe particles`)."""
+    hologram = contrast_hologram(WIDE_PARTICLES, WIDE)
+    path = split_store(tmp_path / "wide.zarr", [np.ones_like(hologram), hologram], WIDE, truth_table(WIDE_PARTICLES, 2))
+    config = load_config(scene_dict(WIDE))
+    detections = pd.read_csv(detections_file(config, path, tmp_path / "physics.csv", progress=False))
+    assert tuple(detections.columns) == DETECTION_COLUMNS and set(detections["hid"]) == {2}
+    # Each droplet's dark column spans many planes; the smoothed minimum is darkest near its focus.
+    assert detections.groupby("plane").size().size > 4
+    assert detections["prob_max"].between(0, 1).all() and np.isfinite(detections["logit_mean"]).all()
+    found = pd.read_csv(particles_file([tmp_path / "physics.csv"], tmp_path / "ablation.csv", config,
+                                       store_path=path, progress=False))
+    tolerance = config["evaluate"]["tolerance_xy"], config["evaluate"]["tolerance_z"]
+    pairs = match(truth_table(WIDE_PARTICLES, 2), found, *tolerance)
+    assert len(pairs) == 2 and len(found) == 2
+    assert np.all(np.abs(pairs["error_x"]) <= 2 * WIDE.dx * 1e6) and np.all(np.abs(pairs["error_y"]) <= 2 * WIDE.dy * 1e6)
+    swapped = truth_table(WIDE_PARTICLES, 2).rename(columns={"x": "y", "y": "x"})
     assert match(swapped, found, *tolerance).empty, "x and y swapped must not match"
 
 

@@ -13,7 +13,8 @@ import xarray as xr
 from holopipe.cli import main
 from holopipe.config import load_config
 from holopipe.evaluate import (PLOT_NAMES, bootstrap_intervals, bootstrap_scores, detection_metrics, evaluate_files,
-                               hologram_counts, match, resample_counts, wilson_interval)
+                               hologram_counts, match, recall_grid, resample_counts, runs_and_holograms_intervals,
+                               runs_and_holograms_scores, wilson_interval)
 from holopipe.io import write_zarr
 
 TOL_XY, TOL_Z = 50e-6, 360e-6  # metres, the defaults
@@ -229,6 +230,55 @@ def test_holograms_without_particles_are_drawn_too_and_one_hologram_has_no_inter
     single, difference = bootstrap_intervals({"unet": counts[:1], "baseline": counts[1:2]}, 2000, seed=0)
     assert single["unet"] == {"precision_ci95": None, "recall_ci95": None, "f1_ci95": None}
     assert difference == {"f1": pytest.approx(point_f1(counts[:1]) - point_f1(counts[1:2])), "f1_ci95": None}
+
+
+def test_runs_and_holograms_resampling_matches_the_brute_force_draws():
+    runs = np.stack([synthetic_counts(12, seed=s, recall=r) for s, r in ((1, 0.7), (2, 0.8), (3, 0.9))])
+    scores = runs_and_holograms_scores({"unet": runs}, 200, seed=5)["unet"]["f1"]
+    holograms, picked = resample_counts(12, 200, seed=5), resample_counts(3, 200, seed=6)
+    expected = []
+    for h, r in zip(holograms, picked):
+        tp, fp, fn = sum(r[s] * h[i] * runs[s, i] for s in range(3) for i in range(12))
+        expected.append(2 * tp / (2 * tp + fp + fn))
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-12)
+
+
+def test_training_runs_that_disagree_widen_the_interval_and_identical_ones_do_not():
+    holograms = synthetic_counts(30, seed=7)
+    same = np.stack([holograms] * 3)
+    alone = bootstrap_scores({"unet": holograms}, 2000, seed=0)["unet"]["f1"]
+    np.testing.assert_allclose(runs_and_holograms_scores({"unet": same}, 2000, seed=0)["unet"]["f1"], alone)
+    # Three models that find 60, 75 and 90 % of the same droplets: their spread belongs in the interval.
+    n_true = holograms[:, 0] + holograms[:, 2]
+    runs = np.stack([np.stack([t, holograms[:, 1], n_true - t], axis=1)
+                     for t in (np.round(n_true * r).astype(np.int64) for r in (0.6, 0.75, 0.9))])
+    results, _ = runs_and_holograms_intervals({"unet": runs, "baseline": holograms[None]}, 2000, seed=0,
+                                              differences=())
+    pooled, _ = bootstrap_intervals({"unet": runs.sum(axis=0)}, 2000, seed=0)
+    width = np.diff(results["unet"]["f1_ci95"])[0]
+    assert width > 2 * np.diff(pooled["unet"]["f1_ci95"])[0], "one training's interval leaves the runs out"
+    assert results["unet"]["f1"] == pytest.approx(point_f1(runs.reshape(-1, 3)))
+    assert results["baseline"]["f1_ci95"] == bootstrap_intervals({"b": holograms}, 2000, seed=0)[0]["b"]["f1_ci95"]
+
+
+def test_the_paired_difference_over_runs_is_zero_for_a_copy_and_excludes_zero_for_a_clear_gain():
+    baseline = synthetic_counts(30, seed=8, recall=0.6)
+    copies = np.stack([baseline] * 3)
+    _, same = runs_and_holograms_intervals({"unet": copies, "baseline": baseline[None]}, 1000, seed=0)
+    assert same == {"unet_minus_baseline": {"f1": 0.0, "f1_ci95": [0.0, 0.0]}}
+    better = np.stack([synthetic_counts(30, seed=8 + s, recall=0.95, false_per_hologram=0.2) for s in range(3)])
+    _, gain = runs_and_holograms_intervals({"unet": better, "baseline": baseline[None]}, 1000, seed=0)
+    assert 0 < gain["unet_minus_baseline"]["f1_ci95"][0] < gain["unet_minus_baseline"]["f1"]
+    with pytest.raises(ValueError, match="same holograms and runs"):
+        runs_and_holograms_scores({"unet": better, "other": better[:2]}, 10, seed=0)
+
+
+def test_recall_grid_bins_true_diameter_by_depth_with_the_last_bin_closed():
+    truth = pd.DataFrame({"hid": 1, "d": [10.0, 15.0, 20.0, 20.0, 35.0], "z": [1000.0, 3000.0, 1000.0, 4000.0, 1000.0]},
+                         index=[10, 11, 12, 13, 14])
+    matches = pd.DataFrame({"true_index": [11, 13]})
+    n_true, tp = recall_grid(truth, matches, [10e-6, 15e-6, 20e-6], [1e-3, 2.5e-3, 4e-3])
+    assert n_true.tolist() == [[1, 0], [1, 2]] and tp.tolist() == [[0, 0], [0, 2]]  # d 35 µm: outside
 
 
 def test_bootstrap_of_2000_resamples_of_100_holograms_takes_well_under_a_second():

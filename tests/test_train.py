@@ -117,6 +117,17 @@ def test_model_file_rebuilds_the_best_model(data, tmp_path):
     assert counts.metrics()["dice"] == pytest.approx(result.best_metric, abs=1e-6)
 
 
+def test_training_twice_from_the_same_examples_is_bit_identical_and_the_seed_alone_changes_it(data, tmp_path):
+    """The accuracy benchmark's training runs differ by their seeds and by nothing else: a rerun of one seed
+    gives the same weights to the bit (with a DataLoader worker and augmentation on), another seed others."""
+    config = make_config(epochs=2, num_workers=1, augment=True)
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        run(with_overrides(config, {"train.seed": seed}), data, tmp_path / name)
+    weights = {name: torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"] for name in "abc"}
+    assert all(torch.equal(weights["a"][key], weights["b"][key]) for key in weights["a"])
+    assert not all(torch.equal(weights["a"][key], weights["c"][key]) for key in weights["a"])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_reduced_precision_and_the_scaler(data, tmp_path, precision):
     result = run(make_config(epochs=1, precision=precision), data, tmp_path)

@@ -74,15 +74,16 @@ import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
 from holopipe.focus import host_array, pixel_values, reconstructed_amplitude, window_scores
-from holopipe.infer import BATCHES_IN_FLIGHT, pixel_components
-from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, usable_holograms
+from holopipe.infer import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
+from holopipe.io import (HologramParts, equivalent_diameter, input_identity, pixel_position, usable_holograms,
+                         write_atomically)
 from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
 from holopipe.particles import suppress_ghosts
 from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
-__all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "find_particles"]
+__all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "detections_file", "find_particles", "plane_detections"]
 
 CSV_COLUMNS = ("hid", "x", "y", "z", "d", "score")
 
@@ -91,6 +92,9 @@ THRESHOLD_PLANES = 8
 
 THRESHOLD_SAMPLES = 2**20
 """About this many amplitudes (a regular pixel subsample of those planes) go into the histogram."""
+
+LOGIT_FLOOR = 1e-6
+"""The physics detections' contrast, as a probability, is kept this far from 0 and 1 so its logit is finite."""
 
 MIN_SIGMA = 0.01
 """Floor of the robust amplitude spread (background ~1), so that a flat hologram is all background."""
@@ -175,8 +179,10 @@ class _PlaneGrouper:
     order (one worker), since each plane links to the one before it.
     """
 
-    def __init__(self, shape: tuple[int, int], threshold: float, background: float, baseline: dict):
+    def __init__(self, shape: tuple[int, int], threshold: float, background: float, baseline: dict, *,
+                 smoothed_minimum: bool = False):
         self.shape, self.threshold, self.background = shape, threshold, background
+        self.smoothed_minimum = smoothed_minimum
         self.min_contrast, self.metric = float(baseline["min_contrast"]), baseline["focus_metric"]
         self.areas, self.candidates, self.edges = [], [], []
         self.previous_pixels, self.previous_labels, self.offset = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
@@ -216,19 +222,24 @@ class _PlaneGrouper:
             self.offset += n
         if batch:
             regions = pd.concat(batch, ignore_index=True)
-            self.candidates.append(regions.assign(sharpness=_sharpness(amplitude, regions, pixels, self.metric)))
+            regions = regions.assign(sharpness=_sharpness(amplitude, regions, pixels, self.metric))
+            if self.smoothed_minimum:  # as inference measures its detections' amplitude_min
+                slots, rows, cols, region = (np.concatenate(part) for part in zip(*pixels))
+                darkest = np.full(len(regions), np.inf)
+                np.minimum.at(darkest, region, host_array(pixel_values(amplitude, slots, rows, cols, "smoothed")))
+                regions = regions.assign(smoothed_minimum=darkest)
+            self.candidates.append(regions)
 
 
-def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,
-                   batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
-    """Particles of one hologram, ``x, y, z, d`` in metres and ``score``, from its propagator.
+def _grouped_planes(propagator: Propagator, planes: np.ndarray, baseline: dict, batch_planes: int | None,
+                    progress: bool, smoothed_minimum: bool = False) -> _PlaneGrouper:
+    """Steps 1-3's per-plane work on every plane: the grouper holding the candidate regions and their links.
 
-    ``planes`` are the reconstruction depths (metres); ``batch_planes`` planes are reconstructed at
-    once (default: :func:`~holopipe.optics.device_planes_per_batch`, sized for the device) on the
-    propagator's array library and device. See the module docstring for the method. The host's labelling
-    of a batch runs in a worker thread while the device reconstructs the next (at most
-    :data:`holopipe.infer.BATCHES_IN_FLIGHT` batches wait for it: memory stays a few batches, and a
-    worker's error surfaces here); ``progress`` shows a bar over the plane batches.
+    ``batch_planes`` planes are reconstructed at once (default: :func:`~holopipe.optics.device_planes_per_batch`,
+    sized for the device) on the propagator's array library and device. The host's labelling of a batch runs
+    in a worker thread while the device reconstructs the next (at most :data:`holopipe.infer.BATCHES_IN_FLIGHT`
+    batches wait for it: memory stays a few batches, and a worker's error surfaces here); ``progress`` shows a
+    bar over the plane batches.
     """
     if batch_planes is None:
         batch_planes = device_planes_per_batch(propagator)
@@ -237,8 +248,7 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
                                                   float(baseline["threshold_sigmas"]))
     else:
         threshold, background = float(baseline["threshold"]), 1.0
-    ny, nx = propagator.shape
-    grouper = _PlaneGrouper((ny, nx), threshold, background, baseline)
+    grouper = _PlaneGrouper(propagator.shape, threshold, background, baseline, smoothed_minimum=smoothed_minimum)
     in_flight = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="holopipe-baseline") as pool:
         for start in tqdm(range(0, planes.size, batch_planes), desc="baseline planes", unit="batch", leave=False,
@@ -251,6 +261,18 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
             del amplitude
         while in_flight:
             in_flight.popleft().result()
+    return grouper
+
+
+def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,
+                   batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Particles of one hologram, ``x, y, z, d`` in metres and ``score``, from its propagator.
+
+    ``planes`` are the reconstruction depths (metres), reconstructed ``batch_planes`` at once on the
+    propagator's array library and device (:func:`_grouped_planes`). See the module docstring for the method.
+    """
+    grouper = _grouped_planes(propagator, planes, baseline, batch_planes, progress)
+    ny, nx = propagator.shape
     columns = ["x", "y", "z", "d", "score"]
     if not grouper.candidates:
         return pd.DataFrame({name: np.empty(0) for name in columns})
@@ -274,6 +296,59 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
         "d": equivalent_diameter(sizing_area, dx, dy),
         "score": (1 - focus["minimum"]).to_numpy(),
     })
+
+
+def plane_detections(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,
+                     hid: int, batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """The physics detector alone, as inference reports the U-Net's: every dark candidate region of every
+    plane (steps 1-3 before grouping: below the threshold, contrast at least ``baseline.min_contrast``) as a
+    row of :data:`holopipe.infer.DETECTION_COLUMNS` (µm), for the particles stage to merge across z.
+
+    The ablation that tells the detector from what follows it. x, y: the region's centroid; d: its
+    equivalent diameter; amplitude_min: box-averaged as inference's; the probabilities are the darkness
+    contrast ``1 - amplitude_min`` (the physics' confidence), logit_mean its logit.
+    """
+    grouper = _grouped_planes(propagator, planes, baseline, batch_planes, progress, smoothed_minimum=True)
+    columns = list(DETECTION_COLUMNS)
+    if not grouper.candidates:
+        return pd.DataFrame({name: np.empty(0, np.int64 if name in ("hid", "plane") else np.float64)
+                             for name in columns})
+    regions = pd.concat(grouper.candidates, ignore_index=True)
+    ny, nx = propagator.shape
+    darkest = regions["smoothed_minimum"].to_numpy(np.float64)
+    contrast = np.clip(1 - darkest, LOGIT_FLOOR, 1 - LOGIT_FLOOR)
+    plane = regions["plane"].to_numpy(np.int64)
+    table = pd.DataFrame({
+        "hid": np.full(plane.size, hid, np.int64), "plane": plane,
+        "x": pixel_position(regions["sum_col"] / regions["area"], nx, dx) * 1e6,
+        "y": pixel_position(regions["sum_row"] / regions["area"], ny, dy) * 1e6,
+        "z": planes[plane] * 1e6,
+        "d": equivalent_diameter(regions["area"].to_numpy(np.float64), dx, dy) * 1e6,
+        "area": regions["area"].to_numpy(np.float64), "prob_max": contrast, "prob_mean": contrast,
+        "logit_mean": np.log(contrast / (1 - contrast)), "amplitude_min": darkest})
+    return table[columns]
+
+
+def detections_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
+    """:func:`plane_detections` of every hologram of a standardized split store, written atomically as one
+    inference-style detections CSV (``holopipe particles --in`` reads it)."""
+    name, reconstruction, settings = os.fspath(store_path), config["reconstruction"], config["baseline"]
+    on_device = array_mover(settings["device"], "baseline.device")
+    ds = open_standardized(name, config)
+    try:
+        attrs = ds.attrs
+        dx, dy = float(attrs["dx"]), float(attrs["dy"])
+        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
+        tables = []
+        for hid in tqdm(usable_holograms(ds), desc=f"physics detections {Path(name).name}", unit="hologram",
+                        disable=not progress):
+            image = ds["image"].isel(hologram_number=hid - 1).compute(scheduler="synchronous").values
+            propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
+            tables.append(plane_detections(propagator, planes, settings, dx=dx, dy=dy, hid=hid, progress=progress))
+    finally:
+        ds.close()
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(DETECTION_COLUMNS))
+    return write_atomically(out_csv, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def _micrometre_table(particles: pd.DataFrame, hid: int) -> pd.DataFrame:

@@ -165,9 +165,9 @@ def cmd_particles(args) -> None:
 
 
 def cmd_baseline(args) -> None:
-    from holopipe.baseline import baseline_file
+    from holopipe.baseline import baseline_file, detections_file
 
-    baseline_file(_load_config(args), args.input, args.out)
+    (detections_file if args.detections else baseline_file)(_load_config(args), args.input, args.out)
 
 
 def cmd_label_candidates(args) -> None:
@@ -429,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     baseline = stages.add_parser("baseline", help="physics-only particle finding on the same planes")
     baseline.add_argument("--in", dest="input", required=True, help="standardized zarr store of the split")
     baseline.add_argument("--out", required=True, help="particle CSV (hid, x, y, z, d in µm, score)")
+    baseline.add_argument("--detections", action="store_true",
+                          help="write the physics detector's per-plane detections instead (inference's CSV "
+                               "columns, for `holopipe particles`: the ablation that runs physics through the "
+                               "U-Net's particles stage)")
     _add_config_source(baseline)
     baseline.set_defaults(func=cmd_baseline, reads=_input, writes=_out)
 

@@ -59,8 +59,8 @@ from holopipe.io import open_holodec, particle_table, read_particle_csv, skipped
 
 __all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
            "combined_labels", "detection_metrics", "evaluate_files", "hologram_counts", "label_metrics", "match",
-           "primary_split", "read_predictions", "resample_counts", "split_metrics_paths", "summary",
-           "wilson_interval"]
+           "primary_split", "read_predictions", "recall_grid", "resample_counts", "runs_and_holograms_intervals",
+           "runs_and_holograms_scores", "split_metrics_paths", "summary", "wilson_interval"]
 
 PLOT_NAMES = ("scatter3d.png", "diameters.png", "errors.png", "recall_by_diameter.png", "recall_by_depth.png",
               "size_error.png", "f1_bars.png")
@@ -247,6 +247,81 @@ def bootstrap_intervals(counts: dict[str, np.ndarray], n_resamples: int, seed: i
     if compared:
         difference["f1_ci95"] = _interval95(scores[DIFFERENCE[0]]["f1"] - scores[DIFFERENCE[1]]["f1"])
     return intervals, difference
+
+
+def runs_and_holograms_scores(counts: dict[str, np.ndarray], n_resamples: int,
+                              seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Precision, recall and F1 of every method in every resample of training runs *and* holograms:
+    method -> name -> (n_resamples,).
+
+    ``counts`` maps method -> (n_runs, n_holograms, 3) tp, fp, fn (:func:`hologram_counts` of each run's
+    model), the same holograms in the same order everywhere; a method that no training changes (the physics
+    baseline) gives one run, (1, n_holograms, 3), and is resampled over holograms only. Each resample draws
+    the runs with replacement (:func:`resample_counts`, ``seed + 1``) and, independently, the holograms
+    (``seed``), and sums the counts of every drawn (run, hologram) pair: the two factors are crossed (every
+    model sees every hologram), and resampling both is the conservative choice for a crossed design (it counts
+    the interaction twice, so intervals come out slightly wide, never narrow). Every method sees the same
+    draws, so differences are paired. With n runs, the run level's spread is underestimated by (n-1)/n.
+    """
+    shapes = {method: c.shape for method, c in counts.items()}
+    runs = {shape[0] for shape in shapes.values()} - {1}
+    if len(runs) > 1 or len({shape[1:] for shape in shapes.values()}) != 1 or next(iter(shapes.values()))[2:] != (3,):
+        raise ValueError("counts must be (n_runs or 1, n_holograms, 3) tp, fp, fn of the same holograms and runs, "
+                         f"got shapes {shapes}")
+    n_runs, n_holograms = (runs.pop() if runs else 1), next(iter(shapes.values()))[1]
+    hologram_weights = resample_counts(n_holograms, n_resamples, seed).astype(np.float64)  # (R, H)
+    run_weights = resample_counts(n_runs, n_resamples, seed + 1).astype(np.float64)  # (R, S)
+    scores = {}
+    for method, c in counts.items():
+        c = c.astype(np.float64)
+        if c.shape[0] == 1:
+            totals = hologram_weights @ c[0]  # (R, 3)
+        else:
+            totals = np.einsum("rs,rh,shk->rk", run_weights, hologram_weights, c)
+        scores[method] = dict(zip(("precision", "recall", "f1"), _scores(*totals.T)))
+    return scores
+
+
+def runs_and_holograms_intervals(counts: dict[str, np.ndarray], n_resamples: int, seed: int,
+                                 differences=(DIFFERENCE,)) -> tuple[dict, dict]:
+    """Point scores (counts pooled over runs and holograms) and 95 % intervals of
+    :func:`runs_and_holograms_scores`, and each paired F1 difference ``(a, b)`` of ``differences``.
+
+    Returns ``({method: {precision, recall, f1, *_ci95}}, {"a_minus_b": {f1, f1_ci95}})``.
+    """
+    names = ("precision", "recall", "f1")
+    scores = runs_and_holograms_scores(counts, n_resamples, seed)
+    results = {}
+    for method, c in counts.items():
+        point = dict(zip(names, (float(v) for v in _scores(*c.reshape(-1, 3).sum(axis=0)))))
+        results[method] = {**point, **{f"{n}_ci95": _interval95(scores[method][n]) for n in names}}
+    compared = {f"{a}_minus_{b}": {"f1": results[a]["f1"] - results[b]["f1"],
+                                   "f1_ci95": _interval95(scores[a]["f1"] - scores[b]["f1"])}
+                for a, b in differences}
+    return results, compared
+
+
+def recall_grid(truth: pd.DataFrame, matches: pd.DataFrame, diameter_edges_m, depth_edges_m) -> tuple[np.ndarray, np.ndarray]:
+    """(n_true, tp) per (diameter bin, depth bin) of the true d and z, each (n_diameters, n_depths), with
+    :func:`detection_metrics`' bins (``[low, high)``, the last one closed); particles outside are left out."""
+    found = np.zeros(len(truth), dtype=bool)
+    found[truth.index.get_indexer(matches["true_index"])] = True
+
+    def bin_of(values_um, edges_m):
+        edges = np.asarray(edges_m, np.float64) * 1e6
+        index = np.searchsorted(edges, values_um, side="right") - 1
+        index[values_um == edges[-1]] = edges.size - 2
+        return np.where((values_um >= edges[0]) & (values_um <= edges[-1]), index, -1)
+
+    d_bin = bin_of(truth["d"].to_numpy(np.float64), diameter_edges_m)
+    z_bin = bin_of(truth["z"].to_numpy(np.float64), depth_edges_m)
+    shape = (len(diameter_edges_m) - 1, len(depth_edges_m) - 1)
+    inside = (d_bin >= 0) & (z_bin >= 0)
+    flat = np.ravel_multi_index((d_bin[inside], z_bin[inside]), shape)
+    size = shape[0] * shape[1]
+    n_true = np.bincount(flat, minlength=size).reshape(shape)
+    tp = np.bincount(flat, weights=found[inside], minlength=size).astype(np.int64).reshape(shape)
+    return n_true, tp
 
 
 def _distribution(values) -> dict:

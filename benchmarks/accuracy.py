@@ -1,0 +1,307 @@
+"""The accuracy benchmark: is the U-Net better than physics, by more than training runs and holograms move it?
+
+    python benchmarks/accuracy.py                 # make accuracy: the embedded default, 3 training runs
+    python benchmarks/accuracy.py --runs 5
+    python benchmarks/accuracy.py --configfile config/config.yaml config/holodec-crop.yaml \\
+        config/accuracy-crop.yaml --runs 2 --out benchmarks/out/accuracy-crop
+
+The config files merge in order as Snakemake merges ``--configfile`` (nested keys, lists replaced). The
+default's last one, config/accuracy.yaml, replaces the evaluated splits by 30 holograms each on seeds drawn for
+this benchmark and never looked at while designing. Each **training run** k = 1..--runs is the whole workflow
+in its own directory (``OUT/run_k``, resumable: Snakemake's) with ``augment.seed``, ``examples.seed``,
+``train.seed`` and ``tune.seed`` set to k: a new draw of the example tiles, of the corruptions, of the
+initialisation and tile order, and of the tuning study. Splits' seeds stay, so every run sees the same
+holograms (checked: their truth must be identical). Run 1 also runs the physics baseline, and the ablation
+``physics+particles``: the baseline's detector (threshold, contrast) alone, its per-plane regions merged by
+the U-Net's particles stage (``holopipe baseline --detections``, then ``holopipe particles``), which tells
+the detector's share of a difference from the particles stage's.
+
+Per split and method: F1, precision and recall with counts pooled over runs and holograms, and 95 % intervals
+from a bootstrap that resamples **training runs and holograms** (crossed: every model sees every hologram;
+:func:`holopipe.evaluate.runs_and_holograms_intervals`). Not a sign-flip test on per-hologram differences:
+F1 is a ratio of pooled counts, not a mean of per-hologram F1s (a 25-droplet hologram's F1 is coarse), and a
+test over holograms alone, with the runs averaged, takes the few trained models as the only ones there could
+be. The paired differences are unet - baseline, unet - physics+particles (the detector) and
+physics+particles - baseline (the particles stage); a difference is established only when its interval
+excludes zero. Beside them: each run's F1 and its one-training interval over holograms (the interval
+``make run`` reports), the spread between runs (sd, range), and recall by true diameter x depth.
+
+Writes ``OUT/accuracy.json`` and ``OUT/accuracy.md`` (the table the README quotes, with the command and the
+commit) and prints the table. OUT keeps the code identity it was computed with; another code refuses it
+(a run directory's Snakemake would not rerun for a changed package): start a fresh --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from holopipe.baseline import detections_file
+from holopipe.config import load_config
+from holopipe.evaluate import (bootstrap_intervals, hologram_counts, match, read_predictions, recall_grid,
+                               runs_and_holograms_intervals)
+from holopipe.io import open_holodec, particle_table, skipped_holograms
+from holopipe.particles import particles_file
+from holopipe.provenance import code_identity
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = ("config/config.yaml", "config/accuracy.yaml")
+RUN_SEEDED = ("augment", "examples", "train", "tune")
+"""Sections whose ``seed`` a training run sets: everything random between the data and the model."""
+METHODS = ("unet", "baseline", "physics+particles")
+DIFFERENCES = (("unet", "baseline"), ("unet", "physics+particles"), ("physics+particles", "baseline"))
+
+
+def merged(base: dict, override: dict) -> dict:
+    """Snakemake's merge of --configfile files: nested mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_configs(paths) -> dict:
+    config = {}
+    for path in paths:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file holds a mapping of sections, not {type(loaded).__name__}")
+        config = merged(config, loaded)
+    return config
+
+
+def run_overrides(run: int) -> dict:
+    return {section: {"seed": run} for section in RUN_SEEDED}
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}{' (uncommitted changes)' if dirty else ''}"
+
+
+def claim(out: Path, identity: dict) -> None:
+    """OUT belongs to one code: record it on first use, refuse another's."""
+    record = out / "code.json"
+    if record.exists():
+        found = json.loads(record.read_text())
+        if found != identity:
+            raise SystemExit(f"accuracy.py: {out} was computed by other code ({found['source_sha256'][:12]}, now "
+                             f"{identity['source_sha256'][:12]}); its runs would not be recomputed. Use a fresh --out.")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def run_workflow(workdir: Path, configfiles: list[Path], targets: list[str], cores: str) -> float | None:
+    """Snakemake up to ``targets`` in ``workdir``; the wall seconds when it had work to do, else None."""
+    if all((workdir / target).exists() for target in targets):
+        return None
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--cores", cores, "--configfile", *map(str, configfiles), "--", *targets]
+    print(f"[accuracy] {workdir.name}: {shlex.join(command[2:])}", flush=True)
+    start = time.perf_counter()
+    with open(workdir / "snakemake.log", "a") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"accuracy.py: the workflow failed in {workdir} (exit {done.returncode}); its log: "
+                         f"{workdir / 'snakemake.log'}")
+    return time.perf_counter() - start
+
+
+def truth_of(store: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The store's true particles and the holograms evaluated (those standardization did not skip)."""
+    ds = open_holodec(store)
+    try:
+        truth, n, skipped = particle_table(ds), int(ds.sizes["hologram_number"]), skipped_holograms(ds)
+    finally:
+        ds.close()
+    holograms = np.setdiff1d(np.arange(1, n + 1), list(skipped))
+    return truth[truth["hid"].isin(holograms)].reset_index(drop=True), holograms
+
+
+def split_counts(truth: pd.DataFrame, holograms: np.ndarray, csv: Path, evaluate: dict, bins) -> dict:
+    predicted = read_predictions(csv)
+    predicted = predicted[predicted["hid"].isin(holograms)]
+    pairs = match(truth, predicted, float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"]))
+    counts = hologram_counts(truth, predicted, pairs, int(holograms.max()))[holograms - 1]
+    return {"counts": counts, "grid": recall_grid(truth, pairs, *bins)}
+
+
+def evaluate_split(split: str, runs: list[Path], ablation: Path, config: dict) -> dict:
+    evaluate = config["evaluate"]
+    bins = (evaluate["diameter_bins"],
+            np.linspace(float(config["optics"]["z_min"]), float(config["optics"]["z_max"]),
+                        int(evaluate["depth_bins"]) + 1))
+    store = runs[0] / "data" / "standardized" / f"{split}.zarr"
+    truth, holograms = truth_of(store)
+    for other in runs[1:]:
+        if not truth.equals(truth_of(other / "data" / "standardized" / f"{split}.zarr")[0]):
+            raise SystemExit(f"accuracy.py: {split}'s truth differs between {runs[0]} and {other}: the runs did "
+                             "not see the same holograms")
+    unet = [split_counts(truth, holograms, run / "results" / "particles" / f"{split}_unet.csv", evaluate, bins)
+            for run in runs]
+    single = {"baseline": split_counts(truth, holograms, runs[0] / "results" / "particles" / f"{split}_baseline.csv",
+                                       evaluate, bins),
+              "physics+particles": split_counts(truth, holograms, ablation / f"{split}_particles.csv", evaluate, bins)}
+    counts = {"unet": np.stack([u["counts"] for u in unet]),
+              **{method: found["counts"][None] for method, found in single.items()}}
+    n_resamples, seed = int(evaluate["bootstrap"]), int(evaluate["seed"])
+    methods, differences = runs_and_holograms_intervals(counts, n_resamples, seed, DIFFERENCES)
+    per_run = []
+    for index, found in enumerate(unet):
+        intervals, difference = bootstrap_intervals({"unet": found["counts"], "baseline": single["baseline"]["counts"]},
+                                                    n_resamples, seed)
+        tp, fp, fn = found["counts"].sum(axis=0)
+        per_run.append({"run": index + 1, "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+                        "f1_ci95": intervals["unet"]["f1_ci95"], "unet_minus_baseline": difference})
+    f1s = np.array([r["f1"] for r in per_run])
+    grids = {"unet": [sum(u["grid"][0] for u in unet), sum(u["grid"][1] for u in unet)],
+             **{method: list(found["grid"]) for method, found in single.items()}}
+    return {"n_holograms": int(holograms.size), "n_true": len(truth), "methods": methods, "differences": differences,
+            "runs": per_run, "run_spread": {"sd": float(f1s.std(ddof=1)) if f1s.size > 1 else None,
+                                            "range": float(np.ptp(f1s))},
+            "recall_grid": {method: {"n_true": g[0].tolist(), "tp": g[1].tolist()} for method, g in grids.items()},
+            "diameter_bins_um": [float(v) * 1e6 for v in bins[0]], "depth_bins_mm": [float(v) * 1e3 for v in bins[1]]}
+
+
+def interval(values, signed=False) -> str:
+    spec = "+.3f" if signed else ".3f"
+    return f"[{values[0]:{spec}}, {values[1]:{spec}}]"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Accuracy benchmark, commit {result['commit']}: `{result['command']}`", "",
+             f"{result['runs']} training runs (seeds {', '.join(map(str, range(1, result['runs'] + 1)))} of "
+             f"{', '.join(RUN_SEEDED)}); intervals: 95 %, bootstrap over training runs and holograms "
+             f"({result['resamples']} resamples); wall time {result['wall_minutes']:.0f} min on {result['machine']}.",
+             "", "| split | holograms (droplets) | method | F1 [95 %] | precision | recall | F1 per run | run sd |",
+             "|---|---|---|---|---|---|---|---|"]
+    for split, s in result["splits"].items():
+        for method in METHODS:
+            m = s["methods"][method]
+            runs = " / ".join(f"{r['f1']:.3f}" for r in s["runs"]) if method == "unet" else "-"
+            sd = f"{s['run_spread']['sd']:.3f}" if method == "unet" and s["run_spread"]["sd"] is not None else "-"
+            lines.append(f"| {split} | {s['n_holograms']} ({s['n_true']}) | {method} | {m['f1']:.3f} "
+                         f"{interval(m['f1_ci95'])} | {m['precision']:.3f} | {m['recall']:.3f} | {runs} | {sd} |")
+    lines += ["", "| split | difference (F1) | estimate [95 %] | established | one training's interval, per run |",
+              "|---|---|---|---|---|"]
+    for split, s in result["splits"].items():
+        for name, d in s["differences"].items():
+            shown = name.replace("_minus_", " - ")
+            established = "yes" if d["f1_ci95"][0] > 0 or d["f1_ci95"][1] < 0 else "no"
+            single = (" ".join(interval(r["unet_minus_baseline"]["f1_ci95"], True) for r in s["runs"])
+                      if name == "unet_minus_baseline" else "-")
+            lines.append(f"| {split} | {shown} | {d['f1']:+.3f} {interval(d['f1_ci95'], True)} | {established} | "
+                         f"{single} |")
+    for split, s in result["splits"].items():
+        depth = s["depth_bins_mm"]
+        lines += ["", f"Recall by true diameter (rows, µm) x depth (columns, mm), {split}: unet / baseline / "
+                  "physics+particles (droplets)", "",
+                  "| d \\ z | " + " | ".join(f"{a:.1f}-{b:.1f}" for a, b in zip(depth[:-1], depth[1:])) + " |",
+                  "|---" * len(depth) + "|"]
+        edges = s["diameter_bins_um"]
+        for i, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+            cells = []
+            for j in range(len(depth) - 1):
+                n = s["recall_grid"]["baseline"]["n_true"][i][j]
+                if not n:
+                    cells.append("-")
+                    continue
+                shares = []
+                for method in METHODS:
+                    grid = s["recall_grid"][method]
+                    shares.append(f"{grid['tp'][i][j] / grid['n_true'][i][j]:.2f}")
+                cells.append(f"{' / '.join(shares)} ({n})")
+            lines.append(f"| {low:.0f}-{high:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configfile", nargs="+", type=Path, default=[REPO / p for p in DEFAULT_CONFIGS],
+                        help="config files merged in order (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="training runs (seeds 1..RUNS; at least 2)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "accuracy")
+    parser.add_argument("--cores", default="all")
+    args = parser.parse_args(argv)
+    if args.runs < 2:
+        parser.error("--runs: at least 2 training runs, or the interval leaves the training out")
+    configfiles = [path.resolve() for path in args.configfile]
+    missing = [str(path) for path in configfiles if not path.is_file()]
+    if missing:
+        parser.error(f"--configfile: no such file: {', '.join(missing)}")
+    out = args.out.resolve()
+    claim(out, code_identity())
+    walls = {}
+    runs = []
+    for run in range(1, args.runs + 1):
+        workdir = out / f"run_{run}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        seeds = workdir / "run.yaml"
+        seeds.write_text(yaml.safe_dump(run_overrides(run)))
+        config = load_config(merged(read_configs(configfiles), run_overrides(run)))
+        splits = list(config["infer"]["splits"])
+        targets = [f"results/particles/{split}_unet.csv" for split in splits]
+        if run == 1:
+            targets += [f"results/particles/{split}_baseline.csv" for split in splits]
+        seconds = run_workflow(workdir, [*configfiles, seeds], targets, args.cores)
+        wall_file = workdir / "wall_seconds.json"
+        if seconds is not None:
+            wall_file.write_text(json.dumps(seconds))
+        walls[workdir.name] = json.loads(wall_file.read_text()) if wall_file.exists() else None
+        runs.append(workdir)
+    config = load_config(merged(read_configs(configfiles), run_overrides(1)))
+    splits = list(config["infer"]["splits"])
+    ablation = out / "ablation"
+    read = json.dumps({key: config[key] for key in ("splits", "optics", "reconstruction", "baseline", "particles")},
+                      sort_keys=True)
+    if not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
+        for stale in ablation.glob("*.csv"):  # computed with other settings
+            stale.unlink()
+        ablation.mkdir(parents=True, exist_ok=True)
+        (ablation / "config.json").write_text(read)
+    start = time.perf_counter()
+    for split in splits:
+        store = runs[0] / "data" / "standardized" / f"{split}.zarr"
+        detections, particles = ablation / f"{split}_detections.csv", ablation / f"{split}_particles.csv"
+        if not detections.exists():
+            detections_file(config, store, detections, progress=False)
+        if not particles.exists():
+            particles_file([detections], particles, config, store_path=store, progress=False)
+    if time.perf_counter() - start > 1:
+        (ablation / "wall_seconds.json").write_text(json.dumps(time.perf_counter() - start))
+    if (ablation / "wall_seconds.json").exists():
+        walls["ablation"] = json.loads((ablation / "wall_seconds.json").read_text())
+    command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    result = {"command": command, "commit": git_commit(), "configfiles": [str(p) for p in configfiles],
+              "runs": args.runs, "resamples": int(config["evaluate"]["bootstrap"]),
+              "machine": f"{os.cpu_count()} CPU cores", "wall_seconds": walls,
+              "wall_minutes": sum(v for v in walls.values() if v) / 60,
+              "splits": {split: evaluate_split(split, runs, ablation, config) for split in splits}}
+    (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / "accuracy.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""benchmarks/accuracy.py on a tiny config: two training runs of the whole workflow, the baseline and the
+ablation, a table whose intervals cover runs and holograms, the same numbers when run again, and an output
+folder that another code cannot reuse."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import REPO, TINY
+
+CONFIG = {**TINY, "splits": {**TINY["splits"], "test": {"source": "simulate", "n_holograms": 3, "seed": 3}},
+          "tune": {"n_trials": 1, "workers": 1, "epochs": 1}, "infer": {"splits": ["test"], "chunks": 1},
+          "evaluate": {"bootstrap": 200}}
+
+
+def accuracy(out, configfile, *args):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--configfile", str(configfile),
+                           "--out", str(out), "--cores", "2", *args], capture_output=True, text=True, timeout=900)
+
+
+def comparable(path):
+    """The result without what may differ between two invocations: wall times and the command line."""
+    result = json.loads(path.read_text())
+    return {key: value for key, value in result.items() if key not in ("wall_seconds", "wall_minutes", "command")}
+
+
+@pytest.mark.slow
+def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms(tmp_path):
+    configfile = tmp_path / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
+    out = tmp_path / "accuracy"
+    first = accuracy(out, configfile, "--runs", "2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    result = json.loads((out / "accuracy.json").read_text())
+    for run in (1, 2):
+        seeds = yaml.safe_load((out / f"run_{run}" / "run.yaml").read_text())
+        assert seeds == {section: {"seed": run} for section in ("augment", "examples", "train", "tune")}
+        assert (out / f"run_{run}" / "results" / "particles" / "test_unet.csv").is_file()
+    assert not (out / "run_2" / "results" / "particles" / "test_baseline.csv").exists(), "physics runs once"
+    test = result["splits"]["test"]
+    assert test["n_holograms"] == 3 and set(test["methods"]) == {"unet", "baseline", "physics+particles"}
+    assert set(test["differences"]) == {"unet_minus_baseline", "unet_minus_physics+particles",
+                                        "physics+particles_minus_baseline"}
+    for method in test["methods"].values():
+        low, high = method["f1_ci95"]
+        assert low <= method["f1"] <= high
+    assert [r["run"] for r in test["runs"]] == [1, 2] and test["run_spread"]["range"] >= 0
+    per_run = [r["f1"] for r in test["runs"]]
+    assert min(per_run) - 1e-9 <= test["methods"]["unet"]["f1"] <= max(per_run) + 1e-9, "pooled over the runs"
+    grid = test["recall_grid"]
+    assert sum(map(sum, grid["baseline"]["n_true"])) <= test["n_true"]
+    assert sum(map(sum, grid["unet"]["n_true"])) == 2 * sum(map(sum, grid["baseline"]["n_true"])), "pooled runs"
+    table = (out / "accuracy.md").read_text()
+    assert "python benchmarks/accuracy.py --configfile" in table and "| test | unet - baseline |" in table
+    assert table in first.stdout
+
+    again = accuracy(out, configfile, "--runs", "2")
+    assert again.returncode == 0 and "snakemake" not in again.stdout, "a finished benchmark only re-evaluates"
+    assert comparable(out / "accuracy.json") == {k: v for k, v in result.items()
+                                                 if k not in ("wall_seconds", "wall_minutes", "command")}
+
+    record = json.loads((out / "code.json").read_text())
+    (out / "code.json").write_text(json.dumps({**record, "source_sha256": "0" * 64}))
+    refused = accuracy(out, configfile, "--runs", "2")
+    assert refused.returncode != 0 and "computed by other code" in refused.stderr and "fresh --out" in refused.stderr
+
+
+def test_one_training_run_is_refused_before_anything_runs(tmp_path):
+    done = accuracy(tmp_path / "out", REPO / "config" / "config.yaml", "--runs", "1")
+    assert done.returncode == 2 and "at least 2 training runs" in done.stderr
+    assert not (tmp_path / "out").exists()
