@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.holopipe-installed
 CORES ?= all
 
-.PHONY: setup run test bench accuracy smoke-fullsize lint docs report clean
+.PHONY: setup run test bench accuracy tune-postprocessing smoke-fullsize lint docs report clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ bench: setup
 # intervals over runs and holograms. About an hour on 2 cores; resumable (benchmarks/out/accuracy).
 accuracy: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/accuracy.py --runs 5 --cores $(CORES)
+
+# Settings are chosen on `valid` only: the particles stage's and the baseline's, 40 trials each (the same
+# budget), today's settings the first trial, written into config/config.yaml in place of its particles: and
+# baseline: blocks (make run then reruns both methods' particles). The U-Net's detections of valid come first.
+tune-postprocessing: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) valid_detections
+	$(BIN)/holopipe tune-postprocessing --config config/config.yaml --store data/standardized/valid.zarr \
+		--detections $$(ls results/inference/valid/chunk_*.csv) --write config/config.yaml
 
 # The full-size smoke run: config/holodec.yaml with exactly the splits train/valid/test, 2/1/1 holograms of 500
 # particles, 24 planes, test alone evaluated (not holodec.yaml's fraunhofer and realistic), through evaluate

@@ -170,6 +170,17 @@ def cmd_baseline(args) -> None:
     (detections_file if args.detections else baseline_file)(_load_config(args), args.input, args.out)
 
 
+def cmd_tune_postprocessing(args) -> None:
+    from holopipe.postprocessing import tune_postprocessing, write_settings
+
+    result = tune_postprocessing(_load_config(args), args.detections, args.store, trials=args.trials, seed=args.seed)
+    for section in ("particles", "baseline"):
+        found = result[section]
+        print(f"{section}: F1 on {result['split']} {found['f1_before']:.3f} -> {found['f1']:.3f} with {found['settings']}")
+    if args.write:
+        print(f"written into {write_settings(args.write, result)}")
+
+
 def cmd_label_candidates(args) -> None:
     from holopipe.device import array_mover
     from holopipe.labels import write_candidates
@@ -451,6 +462,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="label files (labels/<split>/<labeller>.csv), any number per split")
     _add_config_source(evaluate)
     evaluate.set_defaults(func=cmd_evaluate, reads=_evaluation_inputs, writes=_paths("out", "plots"))
+
+    postprocessing = stages.add_parser(
+        "tune-postprocessing", help="choose the particles stage's and the baseline's settings on valid, the same "
+                                    "budget for both")
+    postprocessing.add_argument("--detections", nargs="+", required=True,
+                                help="the U-Net's detection CSVs of the split (its inference chunks)")
+    postprocessing.add_argument("--store", required=True, help="standardized zarr store of the split (with truth)")
+    postprocessing.add_argument("--trials", type=int, default=40, help="trials per method (default: %(default)s)")
+    postprocessing.add_argument("--seed", type=int, default=0, help="seed of the search (default: %(default)s)")
+    postprocessing.add_argument("--write", metavar="CONFIG_YAML",
+                                help="write the choice into this config file, in place of its particles: and "
+                                     "baseline: blocks")
+    _add_config_source(postprocessing)
+    postprocessing.set_defaults(func=cmd_tune_postprocessing, reads=_paths("detections", "store"),
+                                writes=_paths("write"))
 
     candidates = stages.add_parser("label-candidates",
                                    help="the union of both methods' particles of a split, with crops, to label by hand")

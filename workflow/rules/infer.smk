@@ -39,3 +39,12 @@ rule infer:
                 chunk=range(config["infer"]["chunks"]),
             ),
         ),
+
+
+rule valid_detections:
+    localrule: True
+    input:
+        detections=expand(
+            "results/inference/{split}/chunk_{chunk}.csv", split=VALID_SPLIT, chunk=range(config["infer"]["chunks"])
+        ),
+        store=f"data/standardized/{VALID_SPLIT}.zarr",
