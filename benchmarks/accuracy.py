@@ -27,8 +27,9 @@ excludes zero. Beside them: each run's F1 and its one-training interval over hol
 ``make run`` reports), the spread between runs (sd, range), and recall by true diameter x depth.
 
 Writes ``OUT/accuracy.json`` and ``OUT/accuracy.md`` (the table the README quotes, with the command and the
-commit) and prints the table. OUT keeps the code identity it was computed with; another code refuses it
-(a run directory's Snakemake would not rerun for a changed package): start a fresh --out.
+commit) and prints the table. OUT keeps the code identity and commit its runs were computed with (code.json);
+another code may not add to it (a run directory's Snakemake would not rerun for a changed package): start a
+fresh --out, or re-evaluate what is there with --evaluate-only (the table then names both commits).
 """
 
 from __future__ import annotations
@@ -95,23 +96,33 @@ def git_commit() -> str:
     return f"{commit}{' (uncommitted changes)' if dirty else ''}"
 
 
-def claim(out: Path, identity: dict) -> None:
-    """OUT belongs to one code: record it on first use, refuse another's."""
-    record = out / "code.json"
-    if record.exists():
-        found = json.loads(record.read_text())
-        if found != identity:
-            raise SystemExit(f"accuracy.py: {out} was computed by other code ({found['source_sha256'][:12]}, now "
-                             f"{identity['source_sha256'][:12]}); its runs would not be recomputed. Use a fresh --out.")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(identity, indent=2) + "\n")
+def claim(out: Path, identity: dict, *, evaluate_only: bool) -> dict:
+    """OUT belongs to the code that computes its runs: recorded on first use with its commit
+    (``{"code", "commit"}``), and another code may only evaluate what is there (``evaluate_only``)."""
+    path = out / "code.json"
+    if not path.exists():
+        if evaluate_only:
+            raise SystemExit(f"accuracy.py: --evaluate-only, but nothing was computed in {out} yet")
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"code": identity, "commit": git_commit()}
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return record
+    record = json.loads(path.read_text())
+    if record["code"] != identity and not evaluate_only:
+        raise SystemExit(f"accuracy.py: {out} was computed by other code ({record['code']['source_sha256'][:12]} "
+                         f"at commit {record['commit']}, now {identity['source_sha256'][:12]}); its runs would not "
+                         "be recomputed. Use a fresh --out, or --evaluate-only to evaluate what is there.")
+    return record
 
 
-def run_workflow(workdir: Path, configfiles: list[Path], targets: list[str], cores: str) -> float | None:
+def run_workflow(workdir: Path, configfiles: list[Path], targets: list[str], cores: str, *,
+                 evaluate_only: bool) -> float | None:
     """Snakemake up to ``targets`` in ``workdir``; the wall seconds when it had work to do, else None."""
-    if all((workdir / target).exists() for target in targets):
+    missing = [str(workdir / target) for target in targets if not (workdir / target).exists()]
+    if not missing:
         return None
+    if evaluate_only:
+        raise SystemExit(f"accuracy.py: --evaluate-only, but {missing[0]} is missing: nothing is computed in this mode")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
                str(workdir), "--cores", cores, "--configfile", *map(str, configfiles), "--", *targets]
@@ -164,6 +175,11 @@ def evaluate_split(split: str, runs: list[Path], ablation: Path, config: dict) -
               **{method: found["counts"][None] for method, found in single.items()}}
     n_resamples, seed = int(evaluate["bootstrap"]), int(evaluate["seed"])
     methods, differences = runs_and_holograms_intervals(counts, n_resamples, seed, DIFFERENCES)
+    # The same pooled counts with the runs held fixed: what the run level adds to the interval.
+    _, fixed = runs_and_holograms_intervals({m: c.sum(axis=0)[None] for m, c in counts.items()}, n_resamples, seed,
+                                            DIFFERENCES)
+    for name, difference in differences.items():
+        difference["f1_ci95_runs_fixed"] = fixed[name]["f1_ci95"]
     per_run = []
     for index, found in enumerate(unet):
         intervals, difference = bootstrap_intervals({"unet": found["counts"], "baseline": single["baseline"]["counts"]},
@@ -187,7 +203,9 @@ def interval(values, signed=False) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Accuracy benchmark, commit {result['commit']}: `{result['command']}`", "",
+    evaluated = ("" if result["evaluated_commit"] == result["commit"] else
+                 f", evaluated at commit {result['evaluated_commit']}")
+    lines = [f"Accuracy benchmark, runs computed at commit {result['commit']}{evaluated}: `{result['command']}`", "",
              f"{result['runs']} training runs (seeds {', '.join(map(str, range(1, result['runs'] + 1)))} of "
              f"{', '.join(RUN_SEEDED)}); intervals: 95 %, bootstrap over training runs and holograms "
              f"({result['resamples']} resamples); wall time {result['wall_minutes']:.0f} min on {result['machine']}.",
@@ -200,8 +218,8 @@ def markdown(result: dict) -> str:
             sd = f"{s['run_spread']['sd']:.3f}" if method == "unet" and s["run_spread"]["sd"] is not None else "-"
             lines.append(f"| {split} | {s['n_holograms']} ({s['n_true']}) | {method} | {m['f1']:.3f} "
                          f"{interval(m['f1_ci95'])} | {m['precision']:.3f} | {m['recall']:.3f} | {runs} | {sd} |")
-    lines += ["", "| split | difference (F1) | estimate [95 %] | established | one training's interval, per run |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| split | difference (F1) | estimate [95 %] | established | [95 %] runs held fixed | "
+                  "one training's interval, per run |", "|---|---|---|---|---|---|"]
     for split, s in result["splits"].items():
         for name, d in s["differences"].items():
             shown = name.replace("_minus_", " - ")
@@ -209,7 +227,7 @@ def markdown(result: dict) -> str:
             single = (" ".join(interval(r["unet_minus_baseline"]["f1_ci95"], True) for r in s["runs"])
                       if name == "unet_minus_baseline" else "-")
             lines.append(f"| {split} | {shown} | {d['f1']:+.3f} {interval(d['f1_ci95'], True)} | {established} | "
-                         f"{single} |")
+                         f"{interval(d['f1_ci95_runs_fixed'], True)} | {single} |")
     for split, s in result["splits"].items():
         depth = s["depth_bins_mm"]
         lines += ["", f"Recall by true diameter (rows, µm) x depth (columns, mm), {split}: unet / baseline / "
@@ -241,6 +259,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="training runs (seeds 1..RUNS; at least 2)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "accuracy")
     parser.add_argument("--cores", default="all")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="compute nothing: evaluate the runs and ablation already in --out (also when they were "
+                             "computed by other code; the table names both commits)")
     args = parser.parse_args(argv)
     if args.runs < 2:
         parser.error("--runs: at least 2 training runs, or the interval leaves the training out")
@@ -249,20 +270,21 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--configfile: no such file: {', '.join(missing)}")
     out = args.out.resolve()
-    claim(out, code_identity())
+    record = claim(out, code_identity(), evaluate_only=args.evaluate_only)
     walls = {}
     runs = []
     for run in range(1, args.runs + 1):
         workdir = out / f"run_{run}"
-        workdir.mkdir(parents=True, exist_ok=True)
         seeds = workdir / "run.yaml"
-        seeds.write_text(yaml.safe_dump(run_overrides(run)))
+        if not args.evaluate_only:
+            workdir.mkdir(parents=True, exist_ok=True)
+            seeds.write_text(yaml.safe_dump(run_overrides(run)))
         config = load_config(merged(read_configs(configfiles), run_overrides(run)))
         splits = list(config["infer"]["splits"])
         targets = [f"results/particles/{split}_unet.csv" for split in splits]
         if run == 1:
             targets += [f"results/particles/{split}_baseline.csv" for split in splits]
-        seconds = run_workflow(workdir, [*configfiles, seeds], targets, args.cores)
+        seconds = run_workflow(workdir, [*configfiles, seeds], targets, args.cores, evaluate_only=args.evaluate_only)
         wall_file = workdir / "wall_seconds.json"
         if seconds is not None:
             wall_file.write_text(json.dumps(seconds))
@@ -273,7 +295,10 @@ def main(argv=None) -> int:
     ablation = out / "ablation"
     read = json.dumps({key: config[key] for key in ("splits", "optics", "reconstruction", "baseline", "particles")},
                       sort_keys=True)
-    if not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
+    if args.evaluate_only:
+        if not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
+            raise SystemExit(f"accuracy.py: --evaluate-only, but {ablation} holds no ablation of these settings")
+    elif not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
         for stale in ablation.glob("*.csv"):  # computed with other settings
             stale.unlink()
         ablation.mkdir(parents=True, exist_ok=True)
@@ -282,7 +307,9 @@ def main(argv=None) -> int:
     for split in splits:
         store = runs[0] / "data" / "standardized" / f"{split}.zarr"
         detections, particles = ablation / f"{split}_detections.csv", ablation / f"{split}_particles.csv"
-        if not detections.exists():
+        if args.evaluate_only and not particles.exists():
+            raise SystemExit(f"accuracy.py: --evaluate-only, but {particles} is missing")
+        if not detections.exists() and not particles.exists():
             detections_file(config, store, detections, progress=False)
         if not particles.exists():
             particles_file([detections], particles, config, store_path=store, progress=False)
@@ -291,7 +318,8 @@ def main(argv=None) -> int:
     if (ablation / "wall_seconds.json").exists():
         walls["ablation"] = json.loads((ablation / "wall_seconds.json").read_text())
     command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
-    result = {"command": command, "commit": git_commit(), "configfiles": [str(p) for p in configfiles],
+    result = {"command": command, "commit": record["commit"], "evaluated_commit": git_commit(),
+              "code": record["code"], "configfiles": [str(p) for p in configfiles],
               "runs": args.runs, "resamples": int(config["evaluate"]["bootstrap"]),
               "machine": f"{os.cpu_count()} CPU cores", "wall_seconds": walls,
               "wall_minutes": sum(v for v in walls.values() if v) / 60,

@@ -63,9 +63,16 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
                                                  if k not in ("wall_seconds", "wall_minutes", "command")}
 
     record = json.loads((out / "code.json").read_text())
-    (out / "code.json").write_text(json.dumps({**record, "source_sha256": "0" * 64}))
-    refused = accuracy(out, configfile, "--runs", "2")
+    assert set(record) == {"code", "commit"} and record["commit"] == result["commit"]
+    (out / "code.json").write_text(json.dumps({**record, "code": {**record["code"], "source_sha256": "0" * 64}}))
+    refused = accuracy(out, configfile, "--runs", "3")
     assert refused.returncode != 0 and "computed by other code" in refused.stderr and "fresh --out" in refused.stderr
+    assert not (out / "run_3").exists(), "other code adds no run"
+    evaluated = accuracy(out, configfile, "--runs", "2", "--evaluate-only")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert comparable(out / "accuracy.json")["splits"] == result["splits"]
+    missing = accuracy(out, configfile, "--runs", "3", "--evaluate-only")
+    assert missing.returncode != 0 and "run_3" in missing.stderr and "nothing is computed" in missing.stderr
 
 
 def test_one_training_run_is_refused_before_anything_runs(tmp_path):

@@ -514,7 +514,8 @@ def _evaluate_split(split: str, truth: pd.DataFrame, holograms: np.ndarray, pred
               for method, table in predicted.items()}
     intervals, difference = bootstrap_intervals(counts, n_resamples, seed)
     interval = (f"bootstrap over the {n_holograms} holograms, {n_resamples} resamples (seed {seed}), "
-                "2.5-97.5 percentiles, the same draws for every method")
+                "2.5-97.5 percentiles, the same draws for every method; one trained model: another training "
+                "run moves the U-Net by more (make accuracy's intervals cover both)")
     results = {method: {"truth": True, "split": split, "n_holograms": n_holograms,
                         **detection_metrics(truth, table, matches[method], diameter_bins, depth_bins),
                         **intervals[method], "interval": interval,
