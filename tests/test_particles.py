@@ -216,8 +216,8 @@ def test_batched_refinement_gives_the_per_particle_references_depths(metric):
 
 
 class ParabolaPropagator:
-    """A stand-in Propagator (what the sweeps use of one) whose field is uniform per plane, 0.2 + (z - z0)²
-    / mm² at the reconstruction depth z (the field at -z): min_amplitude peaks at z0."""
+    """A stand-in Propagator (what the sweeps use of one) whose amplitude is uniform per plane, 0.2 + (z - z0)²
+    / mm² at the reconstruction depth z: min_amplitude peaks at z0."""
 
     shape, pad, xp, spectrum = (32, 32), (0, 0), array_api_compat.numpy, np.zeros(0)
 
@@ -227,8 +227,8 @@ class ParabolaPropagator:
     def planes_per_batch(self):
         return 16
 
-    def __call__(self, z):
-        level = 0.2 + ((-np.asarray(z) - self.z0) / 1e-3) ** 2
+    def amplitude(self, z):
+        level = 0.2 + ((np.asarray(z) - self.z0) / 1e-3) ** 2
         return np.broadcast_to(level[:, None, None], (level.size, 32, 32)).copy()
 
 

@@ -123,10 +123,10 @@ def tamura_coefficient(total, total_squares, count):
 
 def reconstructed_amplitude(propagator, z):
     """|E| (planes, ny, nx) of a :class:`~holopipe.optics.Propagator`'s hologram reconstructed at ``z``
-    (metres from the sensor, 1-D), in its library: the focus metrics need no phase (an atan2 per pixel)."""
-    xp = propagator.xp
-    z = xp.asarray(np.asarray(z, np.float64), device=array_api_compat.device(propagator.spectrum))
-    return xp.abs(propagator(-z))
+    (metres from the sensor, 1-D), in its library: the focus metrics need no phase (an atan2 per pixel), nor a
+    batch of complex fields (:meth:`~holopipe.optics.Propagator.amplitude` sweeps plane by plane through one
+    buffer); the depths stay on the host, which spares a GPU a copy back per plane."""
+    return propagator.amplitude(np.asarray(z, np.float64))
 
 
 def host_array(array, dtype=np.float64) -> np.ndarray:
