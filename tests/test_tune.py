@@ -50,8 +50,7 @@ def make_config(storage=None, **tune):
         "model": {"architecture": "plain_unet", "width": 4, "depth": 2},
         "train": {"epochs": 3, "batch_size": 8, "num_workers": 0, "device": "cpu", "optimizer": "adam"},
         # A seed of its own per config: each test gets a fresh study, also in a shared database. A heartbeat
-        # that a loaded 2-core machine keeps (4 missed = 20 s): at 0.5 s, spawned trial processes importing
-        # torch starved a live trial's heartbeat thread, which was failed as stale and retried.
+        # that a loaded 2-core machine keeps (4 missed = 20 s) for tests not about staleness (those set theirs).
         "tune": {"n_trials": 9, "heartbeat": 5.0, "startup_trials": 3, "storage": storage,
                  "seed": uuid.uuid4().int % 10**9, "search_space": SEARCH_SPACE, **tune},
     })
@@ -471,6 +470,11 @@ def test_trials_per_gpu_runs_trials_in_processes_that_keep_their_torch_state_to_
     work(config, study_file, worker=3, objective=isolation_probe)
 
     trials = sorted(load(config, study_file).get_trials(deepcopy=False), key=lambda t: t.datetime_start)
+    # Two processes that ask at once may overshoot n_trials by one: the later-numbered trial is told FAIL as
+    # surplus before it runs (its start time can precede the other's: the journal numbers trials in the order
+    # their records land, not by the clock).
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
+    trials = [t for t in trials if not t.user_attrs.get("surplus")]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     by_pid = {}
     for trial in trials:
@@ -554,7 +558,8 @@ def test_a_trials_parameters_do_not_depend_on_the_worker_that_runs_it(tmp_path):
     work(config, first, worker=0, objective=partial(fake_objective, delay=0.0))
     parallel = with_overrides(config, {"tune.trials_per_gpu": 3})
     work(parallel, second, worker=7, objective=partial(fake_objective, delay=0.0))
-    params = [[t.params for t in sorted(load(c, f).get_trials(deepcopy=False), key=lambda t: t.number)]
+    params = [[t.params for t in sorted(load(c, f).get_trials(deepcopy=False), key=lambda t: t.number)
+               if not t.user_attrs.get("surplus")]  # an overshooting ask, failed before it ran (see above)
               for c, f in ((config, first), (parallel, second))]
     assert len(params[0]) == 3 and params[0] == params[1]
     assert len({p["train.learning_rate"] for p in params[0]}) == 3  # distinct draws, not one repeated
