@@ -48,7 +48,7 @@ import pandas as pd
 import yaml
 
 from holopipe.baseline import detections_file
-from holopipe.config import load_config
+from holopipe.config import load_config, merged_config
 from holopipe.evaluate import (bootstrap_intervals, hologram_counts, match, read_predictions, recall_grid,
                                runs_and_holograms_intervals)
 from holopipe.io import open_holodec, particle_table, skipped_holograms
@@ -63,21 +63,13 @@ METHODS = ("unet", "baseline", "physics+particles")
 DIFFERENCES = (("unet", "baseline"), ("unet", "physics+particles"), ("physics+particles", "baseline"))
 
 
-def merged(base: dict, override: dict) -> dict:
-    """Snakemake's merge of --configfile files: nested mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def read_configs(paths) -> dict:
     config = {}
     for path in paths:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file holds a mapping of sections, not {type(loaded).__name__}")
-        config = merged(config, loaded)
+        config = merged_config(config, loaded)
     return config
 
 
@@ -279,7 +271,7 @@ def main(argv=None) -> int:
         if not args.evaluate_only:
             workdir.mkdir(parents=True, exist_ok=True)
             seeds.write_text(yaml.safe_dump(run_overrides(run)))
-        config = load_config(merged(read_configs(configfiles), run_overrides(run)))
+        config = load_config(merged_config(read_configs(configfiles), run_overrides(run)))
         splits = list(config["infer"]["splits"])
         targets = [f"results/particles/{split}_unet.csv" for split in splits]
         if run == 1:
@@ -290,7 +282,7 @@ def main(argv=None) -> int:
             wall_file.write_text(json.dumps(seconds))
         walls[workdir.name] = json.loads(wall_file.read_text()) if wall_file.exists() else None
         runs.append(workdir)
-    config = load_config(merged(read_configs(configfiles), run_overrides(1)))
+    config = load_config(merged_config(read_configs(configfiles), run_overrides(1)))
     splits = list(config["infer"]["splits"])
     ablation = out / "ablation"
     read = json.dumps({key: config[key] for key in ("splits", "optics", "reconstruction", "baseline", "particles")},

@@ -21,7 +21,7 @@ from jsonschema.exceptions import ValidationError
 from holopipe.credentials import mask_secrets
 
 __all__ = [
-    "ConfigError", "check_tiles_fit", "config_reference_markdown", "load_config", "schema",
+    "ConfigError", "check_tiles_fit", "config_reference_markdown", "load_config", "merged_config", "schema",
     "update_readme_reference", "with_overrides",
 ]
 
@@ -95,12 +95,13 @@ def primary_split(splits) -> str:
     return PRIMARY_SPLIT if PRIMARY_SPLIT in splits else splits[0]
 
 
-def _merged(base: dict, overrides: Mapping) -> dict:
-    """``base`` with ``overrides`` merged in key by key (nested mappings merged, everything else replaced)."""
+def merged_config(base: dict, overrides: Mapping) -> dict:
+    """``base`` with ``overrides`` merged in key by key (nested mappings merged, everything else replaced), as
+    Snakemake merges ``--configfile`` files."""
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merged(merged[key], value)
+            merged[key] = merged_config(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -109,7 +110,7 @@ def _merged(base: dict, overrides: Mapping) -> dict:
 def split_simulation_config(config: dict, split: str) -> dict:
     """The config a split is simulated with: its ``splits.<split>.simulate`` keys merged over ``simulate``."""
     overrides = config["splits"][split].get("simulate", {})
-    return {**config, "simulate": _merged(config["simulate"], overrides)} if overrides else config
+    return {**config, "simulate": merged_config(config["simulate"], overrides)} if overrides else config
 
 
 def _simulate_problems(config: dict, where: str) -> list[str]:
