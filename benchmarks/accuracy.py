@@ -30,6 +30,11 @@ Writes ``OUT/accuracy.json`` and ``OUT/accuracy.md`` (the table the README quote
 commit) and prints the table. OUT keeps the code identity and commit its runs were computed with (code.json);
 another code may not add to it (a run directory's Snakemake would not rerun for a changed package): start a
 fresh --out, or re-evaluate what is there with --evaluate-only (the table then names both commits).
+
+A change after detection (the particles stage, the baseline's grouping, their settings) needs no retraining:
+``--post-only`` keeps the runs' models and detections and recomputes, with this code and config, the U-Net's
+particles of every run, the baseline and the ablation's particles into ``OUT/post`` (minutes), and evaluates
+those; the table names the commit of the runs and the commit of the stages after detection.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +53,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from holopipe.baseline import detections_file
+from holopipe.baseline import baseline_file, detections_file
 from holopipe.config import load_config, merged_config
 from holopipe.evaluate import (bootstrap_intervals, hologram_counts, match, read_predictions, recall_grid,
                                runs_and_holograms_intervals)
@@ -147,7 +153,9 @@ def split_counts(truth: pd.DataFrame, holograms: np.ndarray, csv: Path, evaluate
     return {"counts": counts, "grid": recall_grid(truth, pairs, *bins)}
 
 
-def evaluate_split(split: str, runs: list[Path], ablation: Path, config: dict) -> dict:
+def evaluate_split(split: str, runs: list[Path], csvs: dict, config: dict) -> dict:
+    """One split's table: ``csvs`` maps each method of :data:`METHODS` to its particles CSV of this split
+    (``unet``: one per run)."""
     evaluate = config["evaluate"]
     bins = (evaluate["diameter_bins"],
             np.linspace(float(config["optics"]["z_min"]), float(config["optics"]["z_max"]),
@@ -158,11 +166,9 @@ def evaluate_split(split: str, runs: list[Path], ablation: Path, config: dict) -
         if not truth.equals(truth_of(other / "data" / "standardized" / f"{split}.zarr")[0]):
             raise SystemExit(f"accuracy.py: {split}'s truth differs between {runs[0]} and {other}: the runs did "
                              "not see the same holograms")
-    unet = [split_counts(truth, holograms, run / "results" / "particles" / f"{split}_unet.csv", evaluate, bins)
-            for run in runs]
-    single = {"baseline": split_counts(truth, holograms, runs[0] / "results" / "particles" / f"{split}_baseline.csv",
-                                       evaluate, bins),
-              "physics+particles": split_counts(truth, holograms, ablation / f"{split}_particles.csv", evaluate, bins)}
+    unet = [split_counts(truth, holograms, csv, evaluate, bins) for csv in csvs["unet"]]
+    single = {method: split_counts(truth, holograms, csvs[method], evaluate, bins)
+              for method in ("baseline", "physics+particles")}
     counts = {"unet": np.stack([u["counts"] for u in unet]),
               **{method: found["counts"][None] for method, found in single.items()}}
     n_resamples, seed = int(evaluate["bootstrap"]), int(evaluate["seed"])
@@ -189,6 +195,69 @@ def evaluate_split(split: str, runs: list[Path], ablation: Path, config: dict) -
             "diameter_bins_um": [float(v) * 1e6 for v in bins[0]], "depth_bins_mm": [float(v) * 1e3 for v in bins[1]]}
 
 
+def ablate(out: Path, runs: list[Path], splits: list[str], config: dict, walls: dict, *, evaluate_only: bool) -> dict:
+    """The ablation (the baseline's detector through the particles stage) of run 1's stores, kept in
+    ``OUT/ablation`` for these settings; per split the CSVs :func:`evaluate_split` reads."""
+    ablation = out / "ablation"
+    read = json.dumps({key: config[key] for key in ("splits", "optics", "reconstruction", "baseline", "particles")},
+                      sort_keys=True)
+    if evaluate_only:
+        if not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
+            raise SystemExit(f"accuracy.py: --evaluate-only, but {ablation} holds no ablation of these settings")
+    elif not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
+        for stale in ablation.glob("*.csv"):  # computed with other settings
+            stale.unlink()
+        ablation.mkdir(parents=True, exist_ok=True)
+        (ablation / "config.json").write_text(read)
+    start = time.perf_counter()
+    for split in splits:
+        store = runs[0] / "data" / "standardized" / f"{split}.zarr"
+        detections, particles = ablation / f"{split}_detections.csv", ablation / f"{split}_particles.csv"
+        if evaluate_only and not particles.exists():
+            raise SystemExit(f"accuracy.py: --evaluate-only, but {particles} is missing")
+        if not detections.exists() and not particles.exists():
+            detections_file(config, store, detections, progress=False)
+        if not particles.exists():
+            particles_file([detections], particles, config, store_path=store, progress=False)
+    if time.perf_counter() - start > 1:
+        (ablation / "wall_seconds.json").write_text(json.dumps(time.perf_counter() - start))
+    if (ablation / "wall_seconds.json").exists():
+        walls["ablation"] = json.loads((ablation / "wall_seconds.json").read_text())
+    return {split: {"unet": [run / "results" / "particles" / f"{split}_unet.csv" for run in runs],
+                    "baseline": runs[0] / "results" / "particles" / f"{split}_baseline.csv",
+                    "physics+particles": ablation / f"{split}_particles.csv"} for split in splits}
+
+
+def recompute_after_detection(out: Path, runs: list[Path], splits: list[str], config: dict, walls: dict) -> dict:
+    """``--post-only``: a fresh ``OUT/post`` with every run's U-Net particles (from its detections and stores),
+    run 1's baseline and the ablation (the baseline detector's detections, then the particles stage), all by
+    this code and ``config``; per split the CSVs to evaluate."""
+    post = out / "post"
+    shutil.rmtree(post, ignore_errors=True)
+    post.mkdir(parents=True)
+    start = time.perf_counter()
+    csvs = {}
+    for split in splits:
+        stores = [run / "data" / "standardized" / f"{split}.zarr" for run in runs]
+        unet = []
+        for run, store in zip(runs, stores):
+            chunks = [run / "results" / "inference" / split / f"chunk_{chunk}.csv"
+                      for chunk in range(int(config["infer"]["chunks"]))]
+            missing = [str(path) for path in [*chunks, store] if not path.exists()]
+            if missing:
+                raise SystemExit(f"accuracy.py: --post-only, but {missing[0]} is missing: run the benchmark first")
+            unet.append(particles_file(chunks, post / run.name / f"{split}_unet.csv", config, store_path=store,
+                                       progress=False))
+        detections = detections_file(config, stores[0], post / f"{split}_detections.csv", progress=False)
+        csvs[split] = {"unet": unet,
+                       "baseline": baseline_file(config, stores[0], post / f"{split}_baseline.csv", progress=False),
+                       "physics+particles": particles_file([detections], post / f"{split}_physics+particles.csv",
+                                                           config, store_path=stores[0], progress=False)}
+    walls["post"] = time.perf_counter() - start
+    (post / "code.json").write_text(json.dumps({"code": code_identity(), "commit": git_commit()}, indent=2) + "\n")
+    return csvs
+
+
 def interval(values, signed=False) -> str:
     spec = "+.3f" if signed else ".3f"
     return f"[{values[0]:{spec}}, {values[1]:{spec}}]"
@@ -197,6 +266,8 @@ def interval(values, signed=False) -> str:
 def markdown(result: dict) -> str:
     evaluated = ("" if result["evaluated_commit"] == result["commit"] else
                  f", evaluated at commit {result['evaluated_commit']}")
+    if result.get("post_commit"):
+        evaluated += f"; particles stage, baseline and ablation recomputed at commit {result['post_commit']} (--post-only)"
     lines = [f"Accuracy benchmark, runs computed at commit {result['commit']}{evaluated}: `{result['command']}`", "",
              f"{result['runs']} training runs (seeds {', '.join(map(str, range(1, result['runs'] + 1)))} of "
              f"{', '.join(RUN_SEEDED)}); intervals: 95 %, bootstrap over training runs and holograms "
@@ -254,7 +325,12 @@ def main(argv=None) -> int:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="compute nothing: evaluate the runs and ablation already in --out (also when they were "
                              "computed by other code; the table names both commits)")
+    parser.add_argument("--post-only", action="store_true",
+                        help="keep the runs' models and detections in --out (also when computed by other code) and "
+                             "recompute what follows detection with this code and config into OUT/post")
     args = parser.parse_args(argv)
+    if args.post_only and args.evaluate_only:
+        parser.error("--post-only and --evaluate-only: choose one")
     if args.runs < 2:
         parser.error("--runs: at least 2 training runs, or the interval leaves the training out")
     configfiles = [path.resolve() for path in args.configfile]
@@ -262,13 +338,14 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--configfile: no such file: {', '.join(missing)}")
     out = args.out.resolve()
-    record = claim(out, code_identity(), evaluate_only=args.evaluate_only)
+    computes = not (args.evaluate_only or args.post_only)
+    record = claim(out, code_identity(), evaluate_only=not computes)
     walls = {}
     runs = []
     for run in range(1, args.runs + 1):
         workdir = out / f"run_{run}"
         seeds = workdir / "run.yaml"
-        if not args.evaluate_only:
+        if computes:
             workdir.mkdir(parents=True, exist_ok=True)
             seeds.write_text(yaml.safe_dump(run_overrides(run)))
         config = load_config(merged_config(read_configs(configfiles), run_overrides(run)))
@@ -276,7 +353,7 @@ def main(argv=None) -> int:
         targets = [f"results/particles/{split}_unet.csv" for split in splits]
         if run == 1:
             targets += [f"results/particles/{split}_baseline.csv" for split in splits]
-        seconds = run_workflow(workdir, [*configfiles, seeds], targets, args.cores, evaluate_only=args.evaluate_only)
+        seconds = run_workflow(workdir, [*configfiles, seeds], targets, args.cores, evaluate_only=not computes)
         wall_file = workdir / "wall_seconds.json"
         if seconds is not None:
             wall_file.write_text(json.dumps(seconds))
@@ -284,38 +361,18 @@ def main(argv=None) -> int:
         runs.append(workdir)
     config = load_config(merged_config(read_configs(configfiles), run_overrides(1)))
     splits = list(config["infer"]["splits"])
-    ablation = out / "ablation"
-    read = json.dumps({key: config[key] for key in ("splits", "optics", "reconstruction", "baseline", "particles")},
-                      sort_keys=True)
-    if args.evaluate_only:
-        if not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
-            raise SystemExit(f"accuracy.py: --evaluate-only, but {ablation} holds no ablation of these settings")
-    elif not (ablation / "config.json").exists() or (ablation / "config.json").read_text() != read:
-        for stale in ablation.glob("*.csv"):  # computed with other settings
-            stale.unlink()
-        ablation.mkdir(parents=True, exist_ok=True)
-        (ablation / "config.json").write_text(read)
-    start = time.perf_counter()
-    for split in splits:
-        store = runs[0] / "data" / "standardized" / f"{split}.zarr"
-        detections, particles = ablation / f"{split}_detections.csv", ablation / f"{split}_particles.csv"
-        if args.evaluate_only and not particles.exists():
-            raise SystemExit(f"accuracy.py: --evaluate-only, but {particles} is missing")
-        if not detections.exists() and not particles.exists():
-            detections_file(config, store, detections, progress=False)
-        if not particles.exists():
-            particles_file([detections], particles, config, store_path=store, progress=False)
-    if time.perf_counter() - start > 1:
-        (ablation / "wall_seconds.json").write_text(json.dumps(time.perf_counter() - start))
-    if (ablation / "wall_seconds.json").exists():
-        walls["ablation"] = json.loads((ablation / "wall_seconds.json").read_text())
+    if args.post_only:
+        csvs, post_commit = recompute_after_detection(out, runs, splits, config, walls), git_commit()
+    else:
+        csvs, post_commit = ablate(out, runs, splits, config, walls, evaluate_only=args.evaluate_only), None
     command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
     result = {"command": command, "commit": record["commit"], "evaluated_commit": git_commit(),
+              "post_commit": post_commit,
               "code": record["code"], "configfiles": [str(p) for p in configfiles],
               "runs": args.runs, "resamples": int(config["evaluate"]["bootstrap"]),
               "machine": f"{os.cpu_count()} CPU cores", "wall_seconds": walls,
               "wall_minutes": sum(v for v in walls.values() if v) / 60,
-              "splits": {split: evaluate_split(split, runs, ablation, config) for split in splits}}
+              "splits": {split: evaluate_split(split, runs, csvs[split], config) for split in splits}}
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     (out / "accuracy.md").write_text(table)

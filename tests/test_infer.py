@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.cluster.hierarchy
+import scipy.sparse
+import scipy.sparse.csgraph
 import scipy.ndimage
 import torch
 import xarray as xr
@@ -38,7 +39,7 @@ from helpers import REPO, TINY, snakemake
 from holopipe.io import open_holodec, particle_table, um_to_pixel, write_zarr
 from holopipe.models import PlainUNet, fold_batchnorm
 from holopipe.optics import Propagator, hologram_field
-from holopipe.particles import PARTICLE_COLUMNS, cluster_labels, merge_detections, particles_file
+from holopipe.particles import PARTICLE_COLUMNS, components, linked_pairs, merge_detections, particles_file
 from holopipe.provenance import code_identity
 from holopipe.simulate import Camera, Optics, ParticleSet, camera_image, opaque_disks_field
 from holopipe.standardize import write_stats
@@ -284,7 +285,7 @@ def detections(hid, planes, x, y, areas, prob_max=1.0, prob_mean=0.9, logit_mean
 
 
 def test_merge_separates_in_depth_and_takes_the_peak_plane():
-    config = make_config(particles={"distance": 1e-4, "z_scale": 0.1, "min_planes": 2, "focus": "probability"})
+    config = make_config(particles={"distance": 1e-4, "link_depth": 3e-4, "min_planes": 2, "focus": "probability"})
     near = detections(1, [10, 11, 12], 50.0, 50.0, [18, 20, 19])  # z 3.0–3.2 mm
     far = detections(1, [40, 41, 42], 52.0, 50.0, [20, 19, 18])  # same x, y; z 6.0–6.2 mm: 300 µm scaled
     spread = detections(1, np.arange(60, 70), -200.0, 100.0, [5, 9, 14, 20, 26, 31, 35, 33, 24, 12])
@@ -324,13 +325,23 @@ def test_merge_focus_follows_the_logit_peak_or_the_darkest_amplitude_and_drops_f
     assert kept["z"].tolist() == [3300.0, 8100.0]
 
 
-def test_clusters_are_single_linkage_at_the_distance():
-    points = np.random.default_rng(1).uniform(0, 1e-3, (300, 3))
-    labels = cluster_labels(points, 5e-5)
-    reference = scipy.cluster.hierarchy.fcluster(scipy.cluster.hierarchy.linkage(points, "single"), 5e-5,
-                                                 criterion="distance")
-    pairs = pd.crosstab(labels, reference)
-    assert (pairs > 0).sum(axis=1).eq(1).all() and (pairs > 0).sum(axis=0).eq(1).all()  # same partition
+def test_links_are_overlapping_disks_within_the_depth_gap():
+    """Every pair within link_depth in z whose centres are closer than max(distance, (d1 + d2) / 2), and no
+    other (a brute-force check on 300 random detections), and their components are single-linkage ones."""
+    rng = np.random.default_rng(1)
+    x, y, z = rng.uniform(0, 1e-3, (3, 300))
+    d = rng.uniform(5e-6, 60e-6, 300)
+    pairs = {tuple(p) for p in linked_pairs(x, y, z, d, 2e-5, 1e-4).tolist()}
+    i, j = np.triu_indices(300, 1)
+    reach = np.maximum(2e-5, 0.5 * (d[i] + d[j]))
+    expected = {(a, b) for a, b, keep in zip(i, j, (np.hypot(x[i] - x[j], y[i] - y[j]) <= reach)
+                                             & (np.abs(z[i] - z[j]) <= 1e-4)) if keep}
+    assert pairs == expected and len(pairs) > 10
+    labels = components(np.array(sorted(pairs)), 300)
+    graph = scipy.sparse.coo_matrix((np.ones(len(expected)), tuple(np.array(sorted(expected)).T)), shape=(300, 300))
+    reference = scipy.sparse.csgraph.connected_components(graph, directed=False)[1]
+    crossed = pd.crosstab(labels, reference)
+    assert (crossed > 0).sum(axis=1).eq(1).all() and (crossed > 0).sum(axis=0).eq(1).all()
 
 
 # ---- probability volume ----

@@ -15,7 +15,8 @@ from holopipe.io import write_zarr
 from holopipe.optics import Propagator, hologram_field
 from holopipe.provenance import code_identity
 from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
-                                merge_duplicates, particles_file, refine_depths, suppress_ghosts)
+                                merge_duplicates, particles_file, refine_depths, suppress_ghosts,
+                                without_cut_ghosts)
 from holopipe.reconstruction import z_bin_centres
 from holopipe.simulate import ParticleSet
 from test_baseline import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,
@@ -161,7 +162,7 @@ def test_a_cluster_at_the_frame_edge_gets_a_clipped_window_and_a_depth(propagato
     for metric in ("tamura", "min_amplitude"):
         refined = refine_depths(propagator, PLANES, extent, make_config(refine=metric)["particles"], dx=OPTICS.dx,
                                 dy=OPTICS.dy)
-        assert PLANES[0] <= refined["z"].iloc[0] <= PLANES[-1] and np.isfinite(refined.to_numpy()).all()
+        assert PLANES[0] <= refined["z"].iloc[0] <= PLANES[-1] and np.isfinite(refined[["z", "focus", "x", "y", "d"]].to_numpy()).all()
 
 
 def test_windows_are_diameters_wide_and_centred_on_the_particle_pixel():
@@ -257,10 +258,10 @@ def test_none_keeps_the_merged_particles_and_needs_no_store(tmp_path):
     assert not (tmp_path / "q.csv").exists()
 
 
-def test_a_ghost_cluster_beside_the_droplet_merges_into_it(store, tmp_path):
+def test_a_cluster_beside_the_droplet_on_its_faint_rings_leaves_no_particle(store, tmp_path):
     x, y, z = truth_um()
-    # The droplet's own column and a ghost 35 µm beside it near the sensor (as where the frame edge cuts
-    # the fringes): both refine to the droplet and are one particle at its measured centre.
+    # The droplet's own column and a ghost cluster 35 µm beside it near the sensor: refined, the ghost finds
+    # only the droplet's faint rings in its own disk (contrast 0.17), the droplet is dark (0.75).
     detections = pd.concat([
         ml_cluster(x, y, PLANES[(PLANES > 4.5e-3) & (PLANES < 7e-3)] * 1e6, focus_um=6.5e3),
         ml_cluster(x + 35.0, y, PLANES[:4] * 1e6, focus_um=PLANES[0] * 1e6, d_um=20.0)], ignore_index=True)
@@ -270,6 +271,65 @@ def test_a_ghost_cluster_beside_the_droplet_merges_into_it(store, tmp_path):
                                        store_path=store, progress=False))
     assert len(found) == 1
     assert abs(found["z"].iloc[0] - z) <= BIN * 1e6 and abs(found["x"].iloc[0] - x) <= OPTICS.dx * 1e6
+    kept = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "q.csv",
+                                      make_config(min_disk_contrast=0.0, ghost_depths_of_focus=0.0),
+                                      store_path=store, progress=False))
+    assert len(kept) == 2, "without the disk's contrast the ring is a particle"
+
+
+def column(x_um, y_um, planes_m, d_um, darkness) -> pd.DataFrame:
+    """Detections of one column on ``planes_m`` with a darkness 1 - amplitude_min profile ``darkness(z_m)``."""
+    return pd.DataFrame({"hid": 1, "plane": np.searchsorted(WIDE_PLANES, planes_m - 1e-9), "x": x_um, "y": y_um,
+                         "z": planes_m * 1e6, "d": d_um, "area": 50.0, "prob_max": 1.0, "prob_mean": 1.0,
+                         "logit_mean": 5.0, "amplitude_min": 1.0 - darkness(planes_m)})
+
+
+def test_a_small_droplet_beside_a_large_one_is_measured_where_it_is():
+    """A 14 µm droplet whose disk is 9 µm from a 60 µm droplet's (non-square frame, dy != dx): refined, it
+    keeps its own depth, centre and size, not the larger, darker shadow that shares its window."""
+    scene = ParticleSet(x=np.array([0.0, 46e-6]), y=np.array([0.0, 0.0]), z=np.array([6.0e-3, 7.5e-3]),
+                        d=np.array([60e-6, 14e-6]))
+    propagator = test_baseline.propagator_of(contrast_hologram(scene, WIDE), WIDE)
+    dips = lambda focus_m: lambda z: 0.7 - 100 * np.abs(z - focus_m)  # noqa: E731
+    detections = pd.concat([column(0.0, 0.0, WIDE_PLANES[(WIDE_PLANES > 3e-3) & (WIDE_PLANES < 9e-3)], 60.0, dips(6e-3)),
+                            column(46.0, 0.0, WIDE_PLANES[(WIDE_PLANES > 6.9e-3) & (WIDE_PLANES < 8.1e-3)], 14.0,
+                                   dips(7.5e-3))], ignore_index=True)
+    config = load_config(scene_dict(WIDE, particles={"refine_margin": 1e-3}))
+    clusters = cluster_detections(detections, config)
+    assert len(clusters) == 2, "disks 9 µm apart do not link"
+    extent = clusters[["x", "y", "d_max", "z_first", "z_last"]].rename(columns={"d_max": "d"}) * 1e-6
+    small = refine_depths(propagator, WIDE_PLANES, extent, config["particles"], dx=WIDE.dx, dy=WIDE.dy).iloc[1]
+    assert abs(small["z"] - 7.5e-3) <= WIDE_PLANES[1] - WIDE_PLANES[0]
+    assert abs(small["x"] - 46e-6) <= WIDE.dx and abs(small["y"]) <= WIDE.dy
+    assert small["d"] < 25e-6, "the disk is the small droplet's, not its neighbour's shadow"
+
+
+def test_linking_does_not_chain_droplets_into_one_particle():
+    """Two 15 µm droplets 30 µm apart over the same depths stay two (single linkage at 50 µm chained them),
+    and two droplets on one line of sight, one column whose darkness peaks at 3.5 and at 7.5 mm, are cut
+    between the peaks: two particles, each sought between its cut and the column's end."""
+    planes = WIDE_PLANES[(WIDE_PLANES > 2.5e-3) & (WIDE_PLANES < 8.5e-3)]
+    flat = lambda z: np.full(z.shape, 0.6)  # noqa: E731
+    beside = pd.concat([column(0.0, 0.0, planes, 15.0, flat), column(30.0, 0.0, planes, 15.0, flat)],
+                       ignore_index=True)
+    assert len(merge_detections(beside, scene_config())) == 2
+    two_peaks = lambda z: 0.2 + 0.6 * np.maximum(np.exp(-((z - 3.5e-3) / 8e-4) ** 2),  # noqa: E731
+                                                 np.exp(-((z - 7.5e-3) / 8e-4) ** 2))
+    line = pd.concat([column(0.0, 0.0, planes, 30.0, two_peaks), column(3.0, 1.0, planes, 30.0, two_peaks)],
+                     ignore_index=True)
+    clusters = cluster_detections(line, scene_config())
+    assert len(clusters) == 2 and clusters["line"].nunique() == 1
+    assert clusters["z"].round(-2).tolist() == [3500.0, 7500.0]
+    cut = clusters["z_high"].iloc[0]
+    assert 4500.0 < cut < 6500.0 and clusters["z_low"].iloc[1] == cut
+    assert clusters["z_low"].iloc[0] == -np.inf and clusters["z_high"].iloc[1] == np.inf
+    assert len(cluster_detections(line, scene_config(particles={"split_prominence": 1.0}))) == 1
+
+
+def test_a_part_that_peaks_on_its_cut_is_its_neighbours_droplet():
+    parts = pd.DataFrame({"line": [0, 0, 2, 3, 3], "focus": [1.0, 2.0, 1.0, 3.0, 1.0],
+                          "at_cut": [False, True, True, True, True]})
+    assert without_cut_ghosts(parts).index.tolist() == [0, 2, 3]
 
 
 def test_merge_duplicates_keeps_the_surest_of_coincident_particles():
@@ -350,32 +410,42 @@ def test_ghost_removal_keeps_the_best_ranked_and_drops_dim_spots_near_it_only():
     particles = pd.DataFrame({
         "x": [0.0, 40e-6, 100e-6, 30e-6], "y": [0.0, 0.0, 0.0, 0.0], "z": [20e-3, 25e-3, 21e-3, 45e-3],
         "d": [60e-6, 8e-6, 8e-6, 20e-6], "score": [0.95, 0.55, 0.55, 0.9]})
-    kept = suppress_ghosts(particles, "score", wavelength, 2.0, 1.5)
+    kept = suppress_ghosts(particles, "score", wavelength, 2.0, 3.0)
     assert kept.index.tolist() == [0, 2, 3]
-    assert suppress_ghosts(particles, "score", wavelength, 0.0, 1.5).index.tolist() == [0, 1, 2, 3]
+    assert suppress_ghosts(particles, "score", wavelength, 0.0, 3.0).index.tolist() == [0, 1, 2, 3]
     # Order is by darkness: the ghost listed first is still the one dropped.
     flipped = particles.iloc[::-1]
-    assert sorted(suppress_ghosts(flipped, "score", wavelength, 2.0, 1.5).index.tolist()) == [0, 2, 3]
+    assert sorted(suppress_ghosts(flipped, "score", wavelength, 2.0, 3.0).index.tolist()) == [0, 2, 3]
     # A reach of a quarter depth of focus (2.5 mm) keeps the ghost 5 mm behind.
-    assert suppress_ghosts(particles, "score", wavelength, 0.25, 1.5).index.tolist() == [0, 1, 2, 3]
+    assert suppress_ghosts(particles, "score", wavelength, 0.25, 3.0).index.tolist() == [0, 1, 2, 3]
+
+
+def test_ghost_removal_keeps_a_small_droplet_beside_a_large_one():
+    """A 12 µm droplet touching a 60 µm one (centres 36 µm apart) survives ghost_diameters 1.2 (< 1 + 2 d/D);
+    a 20 µm spot 10 µm off the large one's axis, inside its shadow, does not."""
+    particles = pd.DataFrame({"x": [0.0, 36e-6, 10e-6], "y": 0.0, "z": [20e-3, 20.5e-3, 22e-3],
+                              "d": [60e-6, 12e-6, 20e-6], "score": [0.95, 0.6, 0.5]})
+    assert suppress_ghosts(particles, "score", 3.55e-7, 2.0, 1.2).index.tolist() == [0, 1]
+    assert suppress_ghosts(particles, "score", 3.55e-7, 2.0, 1.5).index.tolist() == [0]
 
 
 # refine_depths on the WIDE scene (176 x 112 pixels, dy != dx) before its batches were sized for the device and
 # its windows' indices packed into one upload (commit 5457341), µm; WIDE_EXTENT's last two are a corner droplet
-# and a search box holding no droplet.
+# and a search box holding no droplet, whose x, y, d changed when a disk was measured from the detection's centre
+# (and the frame-cut window widened by 10 µm, not 50).
 WIDE_EXTENT = pd.DataFrame({"x": [*WIDE_PARTICLES.x, 300e-6, -20e-6], "y": [*WIDE_PARTICLES.y, -190e-6, 10e-6],
                             "d": [*WIDE_PARTICLES.d, 12e-6, 60e-6], "z_first": [3e-3, 6e-3, 2e-3, 5e-3],
                             "z_last": [5e-3, 8e-3, 10e-3, 6e-3]})
 WIDE_BEFORE = {
     "tamura": {"z": [3959.81331, 7465.19275, 5388.78152, 7899.27498],
                "focus": [1.17429186, 1.17746323, 0.798959744, 0.954316855],
-               "x": [-169.589206, 149.282667, 208.422609, 91.0019512],
-               "y": [99.9142857, -44.96, -133.669565, -43.8585366], "d": [29.236302, 34.9440646, 24.982223, 23.585446]},
+               "x": [-169.589206, 149.282667, 253.08, 8.40909091],
+               "y": [99.9142857, -44.96, -197.307692, 15.0136364], "d": [29.236302, 34.9440646, 13.2807879, 34.5536159]},
     "min_amplitude": {"z": [3997.59704, 7600.68185, 9933.33333, 9933.33333],
                       "focus": [-0.193429861, -0.147429767, -0.978375607, -0.933480477],
-                      "x": [-169.589206, 151.580645, 221.842553, -130.175652],
-                      "y": [99.9142857, -45.9677419, -144.153191, 98.2173913],
-                      "d": [29.236302, 35.5216916, 35.7121578, 17.6650993]},
+                      "x": [-169.589206, 151.580645, 245.566154, -41.555461],
+                      "y": [99.9142857, -45.9677419, -181.338462, 30.0638298],
+                      "d": [29.236302, 35.5216916, 23.0029994, 43.7382821]},
 }
 
 

@@ -1,11 +1,12 @@
 """Particles from per-plane detections: one particle per cluster of detections across z.
 
 A droplet stays in focus over about D²/λ (1–5 mm for 20–40 µm at 355 nm), so the model fires on many
-consecutive planes at nearly the same x, y. Per hologram, detections are clustered by single linkage in
-the scaled space (x, y, z · ``particles.z_scale``) in metres: two detections closer than
-``particles.distance`` belong to one particle (connected components of a k-d tree's pairs within that
-distance, O(n log n) for thousands of detections). Clusters with fewer than ``particles.min_planes``
-detections are dropped.
+consecutive planes at nearly the same x, y. Per hologram, detections link through z where their disks
+overlap (:func:`linked_pairs`: at most ``particles.link_depth`` apart in z, centres closer than half their
+summed diameters or ``particles.distance``), so a column follows its droplet plane to plane and a droplet
+beside it joins only where the two touch. A linked column can still hold two droplets on one line of
+sight: its darkness then peaks twice, and it is cut between the peaks (:func:`line_of_sight_splits`,
+``particles.split_prominence``). Clusters with fewer than ``particles.min_planes`` detections are dropped.
 
 Each cluster's in-focus detection is, with ``particles.focus: amplitude`` (the default), the plane where
 the reconstructed amplitude is darkest (``amplitude_min``): a droplet's depth of focus D²/λ reaches
@@ -27,17 +28,20 @@ and a focus metric of :mod:`holopipe.focus` is evaluated over a fixed window ``p
 diameters wide around the particle's x, y (:func:`focus_windows`; the same window on every plane, so the
 values compare planes): ``tamura``, the Tamura coefficient of the amplitude gradient (the baseline's
 ``focus_metric``), or ``min_amplitude``, the darkest box-averaged amplitude. z is the plane where it
-peaks, between planes at the vertex of a parabola with ``particles.refine_interpolate``. The window is
-``refine_window`` diameters of the cluster's LARGEST detection (the darkest one of a large droplet may be
-a fragment of it). On that plane x, y and d are measured as the baseline does (centroid and equivalent
-diameter of the half-contrast dark region holding the darkest point, in the window widened by
-``particles.distance``): a cluster beside its droplet, e.g. where the frame edge cuts the fringes, still
-takes the droplet's centre. Clusters of one droplet (such a ghost, or a column split across z) then
-refine to the same place and are merged (:func:`merge_duplicates`, within ``particles.distance`` as in
-clustering), keeping the largest prob. Clusters of one large droplet can also refine to different planes
-of its long depth of focus D²/λ; :func:`without_ghosts` keeps the sharpest focus of those within
-``particles.ghost_diameters`` diameters in x, y and ``particles.ghost_depths_of_focus`` depths of focus
-in z (the ghost removal the baseline applies to its own groups, :func:`suppress_ghosts`). Planes are
+peaks, between planes at the vertex of a parabola with ``particles.refine_interpolate``; the part of a cut
+column searches between its cuts only, and one whose focus peaks on a cut is its neighbour's droplet
+again (:func:`without_cut_ghosts`). The window is ``refine_window`` diameters of the cluster's LARGEST
+detection (the darkest one of a large droplet may be a fragment of it). On that plane x, y and d are
+measured as the baseline does (centroid and equivalent diameter of the half-contrast dark region), from
+the darkest point within the detection's own disk (:func:`measure_dark_disk`): a larger neighbour's
+shadow in the window is not taken for it. Only where the frame edge cuts the window (the fringes are cut,
+and a cluster may sit beside its droplet) is the window widened by ``particles.distance`` and searched
+whole. Clusters of one droplet then refine to the same place and are merged (:func:`merge_duplicates`,
+within ``particles.distance`` and ``link_depth``), keeping the largest prob. Clusters of one large
+droplet can also refine to different planes of its long depth of focus D²/λ; :func:`without_ghosts`
+keeps the sharpest focus of those lying inside its shadow (``particles.ghost_diameters``) and within
+``particles.ghost_depths_of_focus`` depths of focus in z (the ghost removal the baseline applies to its
+own groups, :func:`suppress_ghosts`), so that a small droplet beside a large one survives. Planes are
 reconstructed on ``particles.device`` in batches sized for its memory
 (:func:`holopipe.optics.device_planes_per_batch`: dozens of full-size planes on a GPU) and every particle of
 a batch is scored at once there (its windows' indices uploaded in one packed copy and gathered in one
@@ -57,6 +61,7 @@ import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
 import scipy.sparse
+import scipy.signal
 import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
@@ -68,10 +73,10 @@ from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
-__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "cluster_labels",
-           "focus_windows", "label_detections", "measure_dark_disk", "merge_detections",
+__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "components", "focus_windows",
+           "label_detections", "line_of_sight_splits", "linked_pairs", "measure_dark_disk", "merge_detections",
            "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
-           "without_ghosts"]
+           "without_cut_ghosts", "without_ghosts"]
 
 PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
@@ -82,19 +87,53 @@ MIN_WINDOW_PIXELS = 9
 _NEEDED = ("hid", "plane", "x", "y", "z", "d", "area", "prob_max", "prob_mean", "logit_mean", "amplitude_min")
 
 
-def cluster_labels(points_m: np.ndarray, distance_m: float) -> np.ndarray:
-    """Single-linkage cluster label (0..) of each point (n, k): linked when closer than ``distance_m``."""
-    n = len(points_m)
+def linked_pairs(x_m, y_m, z_m, d_m, distance_m: float, depth_m: float) -> np.ndarray:
+    """Pairs (m, 2) of detections that belong to one particle: at most ``depth_m`` apart in z, and laterally
+    closer than the larger of ``distance_m`` and half their summed diameters (their disks overlap).
+
+    A droplet's column of detections links plane to plane however long its depth of focus, while a
+    droplet beside it links only where their disks touch: the chains that single linkage at a fixed
+    distance in a scaled (x, y, z) space made along a line of sight need the disks themselves to meet.
+    """
+    x, y, z, d = (np.asarray(v, np.float64) for v in (x_m, y_m, z_m, d_m))
+    if x.size < 2:
+        return np.zeros((0, 2), np.int64)
+    reach = max(float(distance_m), float(d.max()))
+    # A box query (Chebyshev) whose z side is scaled to the lateral reach finds every candidate once.
+    points = np.column_stack([x, y, z * (reach / depth_m)]) if depth_m > 0 else np.column_stack([x, y])
+    pairs = cKDTree(points).query_pairs(reach, p=np.inf, output_type="ndarray")
+    if depth_m <= 0 and len(pairs):
+        pairs = pairs[z[pairs[:, 0]] == z[pairs[:, 1]]]
+    i, j = pairs[:, 0], pairs[:, 1]
+    lateral = np.hypot(x[i] - x[j], y[i] - y[j])
+    return pairs[(lateral <= np.maximum(float(distance_m), 0.5 * (d[i] + d[j])))
+                 & (np.abs(z[i] - z[j]) <= depth_m)]
+
+
+def components(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Connected-component label (0..) of each of ``n`` nodes linked by ``pairs`` (m, 2)."""
     if n == 0:
         return np.zeros(0, np.int64)
-    pairs = cKDTree(points_m).query_pairs(distance_m, output_type="ndarray")  # (m, 2)
     graph = scipy.sparse.coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return scipy.sparse.csgraph.connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def _linking_points(table: pd.DataFrame, settings: dict) -> np.ndarray:
-    """(x, y, z · ``z_scale``) in metres of a table in µm: the space detections and particles link in."""
-    return 1e-6 * np.column_stack([table["x"], table["y"], table["z"] * settings["z_scale"]])
+def line_of_sight_splits(z_um: np.ndarray, amplitude_min: np.ndarray, prominence: float) -> np.ndarray:
+    """Depths (µm, ascending) at which one cluster's detections are two droplets on one line of sight.
+
+    A droplet's darkness ``1 - amplitude_min`` (darkest over the cluster, per plane) peaks at its focus; two
+    droplets on one line of sight make two peaks. Each peak of at least ``prominence`` (its height above
+    the deeper of the dips that part it from a higher peak or the column's ends) is a droplet, and the
+    column is cut at the least dark plane between neighbouring peaks. ``prominence`` 1 never splits.
+    """
+    planes, inverse = np.unique(np.asarray(z_um, np.float64), return_inverse=True)
+    if planes.size < 3 or prominence >= 1:
+        return np.zeros(0)
+    darkness = np.zeros(planes.size)
+    np.maximum.at(darkness, inverse, 1.0 - np.asarray(amplitude_min, np.float64))
+    padded = np.r_[0.0, darkness, 0.0]  # the background beyond both ends: a peak at an end counts
+    peaks = scipy.signal.find_peaks(padded, prominence=prominence)[0] - 1
+    return np.array([planes[a + int(np.argmin(darkness[a:b + 1]))] for a, b in zip(peaks[:-1], peaks[1:])])
 
 
 def _best_per_label(labels: np.ndarray, *keys) -> np.ndarray:
@@ -105,37 +144,55 @@ def _best_per_label(labels: np.ndarray, *keys) -> np.ndarray:
 
 
 def label_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
-    """``detections`` (hid then plane order) with a ``cluster`` column: one label (0..) per particle, all holograms.
+    """``detections`` (hid then plane order) with a ``cluster`` column, one label (0..) per particle over all
+    holograms, ``line``, the first label of the column it was cut from, and ``z_low``, ``z_high`` (µm): the
+    depths between which its focus may be sought.
 
-    Single linkage per hologram in (x, y, z · ``particles.z_scale``) at ``particles.distance``.
+    Per hologram, detections link through z where their disks overlap (:func:`linked_pairs`,
+    ``particles.distance`` and ``link_depth``); a linked column whose darkness peaks twice is cut between
+    the peaks (:func:`line_of_sight_splits`, ``particles.split_prominence``), and each part's focus is then
+    sought between its cuts only (elsewhere ``z_low``, ``z_high`` are infinite).
     """
     settings = config["particles"]
     missing = [column for column in _NEEDED if column not in detections.columns]
     if missing:
         raise ValueError(f"merge_detections: detections lack columns {missing}")
     detections = detections.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
-    labels, offset = np.zeros(len(detections), np.int64), 0
+    labels, lines = np.zeros(len(detections), np.int64), np.zeros(len(detections), np.int64)
+    low, high = np.full(len(detections), -np.inf), np.full(len(detections), np.inf)
+    distance, depth = float(settings["distance"]), float(settings["link_depth"])
+    prominence, offset = float(settings["split_prominence"]), 0
     for _, rows in detections.groupby("hid", sort=True).indices.items():
-        local = cluster_labels(_linking_points(detections.iloc[rows], settings), float(settings["distance"]))
-        labels[rows] = local + offset
-        offset += int(local.max()) + 1
-    return detections.assign(cluster=labels)
+        table = detections.iloc[rows]
+        z = table["z"].to_numpy(np.float64)
+        pairs = linked_pairs(1e-6 * table["x"].to_numpy(), 1e-6 * table["y"].to_numpy(), 1e-6 * z,
+                             1e-6 * table["d"].to_numpy(), distance, depth)
+        local = components(pairs, len(rows))
+        amplitude = table["amplitude_min"].to_numpy(np.float64)
+        for members in pd.Series(np.arange(len(rows))).groupby(local).indices.values():
+            cuts = line_of_sight_splits(z[members], amplitude[members], prominence)
+            part = np.searchsorted(cuts, z[members], side="left")  # a cut plane goes with the part before it
+            bounds = np.r_[-np.inf, cuts, np.inf]
+            labels[rows[members]], lines[rows[members]] = offset + part, offset
+            low[rows[members]], high[rows[members]] = bounds[part], bounds[part + 1]
+            offset += cuts.size + 1
+    return detections.assign(cluster=labels, line=lines, z_low=low, z_high=high)
 
 
 def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     """Particles as :func:`merge_detections` finds them, with what refinement needs of their clusters.
 
-    Columns :data:`PARTICLE_COLUMNS`, ``cluster`` (:func:`label_detections`' label), ``z_first``,
-    ``z_last``: the nearest and farthest plane with a detection of the cluster (the range that
-    :func:`refine_depths` searches, widened) and ``d_max``, its largest detection (all µm).
-    ``detections`` may already carry the ``cluster`` labels.
+    Columns :data:`PARTICLE_COLUMNS`, ``cluster`` and ``line`` (:func:`label_detections`' labels),
+    ``z_first``, ``z_last``: the nearest and farthest plane with a detection of the cluster (the range that
+    :func:`refine_depths` searches, widened up to ``z_low``, ``z_high``) and ``d_max``, its largest
+    detection (all µm). ``detections`` may already carry :func:`label_detections`' columns.
     """
     settings = config["particles"]
-    columns = [*PARTICLE_COLUMNS, "cluster", "z_first", "z_last", "d_max"]
+    columns = [*PARTICLE_COLUMNS, "cluster", "line", "z_first", "z_last", "z_low", "z_high", "d_max"]
     if "cluster" not in detections.columns:
         detections = label_detections(detections, config)
     if detections.empty:
-        return pd.DataFrame({column: pd.Series(dtype=np.int64 if column in ("hid", "cluster") else float)
+        return pd.DataFrame({column: pd.Series(dtype=np.int64 if column in ("hid", "cluster", "line") else float)
                              for column in columns})
     labels = detections["cluster"].to_numpy()
     if settings["focus"] == "logit":
@@ -151,12 +208,13 @@ def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     by_cluster = detections.groupby("cluster")
     table = pd.DataFrame({
         "hid": focus["hid"].astype(np.int64), "x": focus["x"], "y": focus["y"], "z": focus["z"], "d": focus["d"],
-        "prob": by_cluster["prob_max"].max(), "cluster": focus.index.to_numpy(),
-        "z_first": by_cluster["z"].min(), "z_last": by_cluster["z"].max(), "d_max": by_cluster["d"].max()})
+        "prob": by_cluster["prob_max"].max(), "cluster": focus.index.to_numpy(), "line": focus["line"],
+        "z_first": by_cluster["z"].min(), "z_last": by_cluster["z"].max(), "z_low": focus["z_low"],
+        "z_high": focus["z_high"], "d_max": by_cluster["d"].max()})
     keep = ((by_cluster.size() >= int(settings["min_planes"]))
             & (1.0 - by_cluster["amplitude_min"].min() >= float(settings["min_contrast"])))
     table = table[keep.reindex(table.index, fill_value=False)]
-    table = table.reindex(columns=columns).astype({"hid": np.int64, "cluster": np.int64})
+    table = table.reindex(columns=columns).astype({"hid": np.int64, "cluster": np.int64, "line": np.int64})
     return table.sort_values(["hid", "z"], kind="stable", ignore_index=True)
 
 
@@ -211,10 +269,12 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     if n == 0:
         return pd.DataFrame({column: np.zeros(0) for column in ("z", "focus", "x", "y", "d")}, index=particles.index)
     margin = float(settings["refine_margin"])
-    first = np.clip(np.searchsorted(planes_m, particles["z_first"].to_numpy() - margin - 1e-9, "left"),
-                    0, planes_m.size - 1)
-    last = np.clip(np.searchsorted(planes_m, particles["z_last"].to_numpy() + margin + 1e-9, "right") - 1,
-                   first, planes_m.size - 1)
+    z_low = particles["z_low"].to_numpy(np.float64) if "z_low" in particles else np.full(n, -np.inf)
+    z_high = particles["z_high"].to_numpy(np.float64) if "z_high" in particles else np.full(n, np.inf)
+    lowest = np.maximum(particles["z_first"].to_numpy() - margin, z_low)
+    highest = np.minimum(particles["z_last"].to_numpy() + margin, z_high)
+    first = np.clip(np.searchsorted(planes_m, lowest - 1e-9, "left"), 0, planes_m.size - 1)
+    last = np.clip(np.searchsorted(planes_m, highest + 1e-9, "right") - 1, first, planes_m.size - 1)
     row0, row1, col0, col1 = focus_windows(particles["x"].to_numpy(), particles["y"].to_numpy(),
                                            particles["d"].to_numpy(), propagator.shape, dx=dx, dy=dy,
                                            diameters=float(settings["refine_window"]))
@@ -224,13 +284,19 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     indices = np.flatnonzero(needed)
     if batch_planes is None:
         batch_planes = device_planes_per_batch(propagator)
-    # x, y, d are measured on the peak's plane over the window widened by the clustering distance, so that
-    # a cluster that sat beside the droplet (fringes cut by the frame edge) still takes the droplet's centre.
-    # That window of the best plane so far is kept during the sweep: no plane is reconstructed twice.
+    # x, y, d are measured on the peak's plane inside the particle's own window (a larger neighbour's shadow
+    # there is not taken for it: the dark region is sought from the detection's centre). Only a window that
+    # the frame edge cuts is widened by the linking distance, and searched whole: there the fringes are cut
+    # and the detection may sit beside its droplet. The window of the best plane so far is kept during the
+    # sweep: no plane is reconstructed twice.
     reach_y, reach_x = (int(np.ceil(float(settings["distance"]) / pitch)) for pitch in (dy, dx))
     ny, nx = propagator.shape
-    wide = (np.maximum(row0 - reach_y, 0), np.minimum(row1 + reach_y, ny),
-            np.maximum(col0 - reach_x, 0), np.minimum(col1 + reach_x, nx))
+    cut = (row0 == 0) | (row1 == ny) | (col0 == 0) | (col1 == nx)
+    wide = (np.where(cut, np.maximum(row0 - reach_y, 0), row0), np.where(cut, np.minimum(row1 + reach_y, ny), row1),
+            np.where(cut, np.maximum(col0 - reach_x, 0), col0), np.where(cut, np.minimum(col1 + reach_x, nx), col1))
+    centre_row, centre_col = ((np.asarray(particles[axis].to_numpy(), np.float64) / pitch + size / 2 - 0.5)
+                              for axis, pitch, size in (("y", dy, ny), ("x", dx, nx)))
+    radius = np.maximum(0.5 * particles["d"].to_numpy(np.float64) / min(dx, dy), 1.5)
     scores = np.full((n, planes_m.size), -np.inf)
     best_score, best_windows = np.full(n, -np.inf), [None] * n
     for start in tqdm(range(0, indices.size, batch_planes), desc="refine planes", unit="batch", leave=False,
@@ -263,29 +329,43 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
         with np.errstate(divide="ignore", invalid="ignore"):
             shift = np.where(interior & (curvature < 0), 0.5 * (left - right) / curvature, 0.0)
         z = z + np.clip(shift, -0.5, 0.5) * (planes_m[1] - planes_m[0])
-    measured = np.array([measure_dark_disk(best_windows[k], wide[0][k], wide[2][k], (ny, nx), dx=dx, dy=dy)
-                         for k in range(n)]).reshape(n, 3)
-    return pd.DataFrame({"z": z, "focus": peak, "x": measured[:, 0], "y": measured[:, 1], "d": measured[:, 2]},
-                        index=particles.index)
+    measured = np.array([measure_dark_disk(best_windows[k], wide[0][k], wide[2][k], (ny, nx), dx=dx, dy=dy,
+                                           seed=None if cut[k] else (centre_row[k], centre_col[k], radius[k]))
+                         for k in range(n)]).reshape(n, 4)
+    at_cut = ((best == first) & (lowest > -np.inf) & (lowest == z_low)) | ((best == last) & (highest == z_high)
+                                                                        & (highest < np.inf))
+    return pd.DataFrame({"z": z, "focus": peak, "x": measured[:, 0], "y": measured[:, 1], "d": measured[:, 2],
+                         "contrast": measured[:, 3], "at_cut": at_cut}, index=particles.index)
 
 
 def measure_dark_disk(window: np.ndarray, row0: int, col0: int, shape: tuple[int, int], *, dx: float,
-                      dy: float) -> tuple[float, float, float]:
+                      dy: float, seed: tuple[float, float, float] | None = None) -> tuple[float, float, float]:
     """x, y, d (m) of the dark disk in an amplitude ``window`` whose first pixel is ``(row0, col0)`` of a
     frame of ``shape``.
 
     The disk is the 8-connected region of pixels darker than half-way between the background (1) and
-    the window's darkest box-averaged amplitude that holds that darkest point: x, y its centroid, d its
-    equivalent diameter ``2 sqrt(area dx dy / π)`` (the half-contrast edge, as the baseline sizes).
+    its darkest box-averaged amplitude that holds that darkest point: x, y its centroid, d its equivalent
+    diameter ``2 sqrt(area dx dy / π)`` (the half-contrast edge, as the baseline sizes). With ``seed``
+    ``(row, col, radius)`` (frame pixels) the darkest point is sought within ``radius`` of ``(row, col)``
+    only, and the region is cut at twice that from it: a small droplet beside a larger, darker shadow is
+    measured, not moved onto its neighbour. Without, anywhere in the window.
     """
     ny, nx = shape
     smooth = smoothed_amplitude(window)
-    darkest = np.unravel_index(int(np.argmin(smooth)), smooth.shape)
-    labels, _ = ndi.label(window < 0.5 * (1.0 + smooth[darkest]), structure=np.ones((3, 3), bool))
+    rows, cols = np.indices(window.shape)
+    if seed is None:
+        near = np.ones(window.shape, bool)
+    else:
+        near = np.hypot(rows + row0 - seed[0], cols + col0 - seed[1]) <= seed[2]
+    darkest = np.unravel_index(int(np.argmin(np.where(near, smooth, np.inf))), smooth.shape)
+    dark = window < 0.5 * (1.0 + smooth[darkest])
+    if seed is not None:
+        dark &= np.hypot(rows - darkest[0], cols - darkest[1]) <= 2 * seed[2]
+    labels, _ = ndi.label(dark, structure=np.ones((3, 3), bool))
     label = labels[darkest]
     rows, cols = np.nonzero(labels == label) if label else (np.array([darkest[0]]), np.array([darkest[1]]))
     return (float(pixel_position(cols.mean() + col0, nx, dx)), float(pixel_position(rows.mean() + row0, ny, dy)),
-            float(equivalent_diameter(rows.size, dx, dy)))
+            float(equivalent_diameter(rows.size, dx, dy)), float(1.0 - window[rows, cols].mean()))
 
 
 def read_detections(paths) -> pd.DataFrame:
@@ -326,7 +406,9 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
         "reconstruction": config["reconstruction"], "optics": config["optics"],
         "inputs": input_identity(*chunk_csvs, store_path)})
     refined = _refined(clusters, config, store_path, parts, progress=progress)
-    refined_clusters = clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus")})
+    refined_clusters = without_cut_ghosts(clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus",
+                                                                                      "contrast", "at_cut")}))
+    refined_clusters = refined_clusters[refined_clusters["contrast"] >= float(settings["min_disk_contrast"])]
     table = _particle_table(without_ghosts(merge_duplicates(refined_clusters, settings), settings,
                                            float(config["optics"]["wavelength"])))
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))
@@ -344,8 +426,11 @@ def suppress_ghosts(particles: pd.DataFrame, rank: str, wavelength_m: float, dep
     report it more than once: dim spots of its defocused rings (the baseline's 3-D groups), or clusters
     that refine to different planes (the U-Net path). Best first by the column ``rank`` (the baseline's
     darkness contrast, the refinement's focus peak), a particle of diameter D removes every remaining
-    one within ``diameters`` · D of it in x, y and ``depths_of_focus`` · D²/λ in z (the standard
-    processing's ghost removal). ``depths_of_focus`` 0 keeps every particle.
+    one near it in x, y and within ``depths_of_focus`` · D²/λ in z (the standard
+    processing's ghost removal), scaled to both: a particle of diameter d is a ghost of it only when it
+    lies inside the better one's shadow widened by ``diameters``, ``distance + d/2 <= diameters · D/2``.
+    So a small droplet beside a large one (their disks at most touching) survives while ``diameters`` is
+    below ``1 + 2 d/D``, and spots on the large one's column go. ``depths_of_focus`` 0 keeps every particle.
     """
     if depths_of_focus == 0 or len(particles) < 2:
         return particles
@@ -356,23 +441,41 @@ def suppress_ghosts(particles: pd.DataFrame, rank: str, wavelength_m: float, dep
         if not kept[i]:
             continue
         later = np.arange(i + 1, len(order))
-        ghost = ((np.hypot(x[later] - x[i], y[later] - y[i]) <= diameters * d[i])
+        ghost = ((np.hypot(x[later] - x[i], y[later] - y[i]) + 0.5 * d[later] <= 0.5 * diameters * d[i])
                  & (np.abs(z[later] - z[i]) <= depths_of_focus * d[i] ** 2 / wavelength_m))
         kept[later[ghost]] = False
     return particles.iloc[np.sort(order[kept])]
 
 
 def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
-    """One particle per group of refined particles (µm) linked within ``distance`` as in clustering.
+    """One particle per group of refined particles (µm) within ``distance`` in x, y and ``link_depth`` in z.
 
     A droplet whose detections fell into several clusters (a ghost beside it, a gap across z) refines
     to one place several times; the one kept has the largest ``prob``, then the sharpest ``focus``.
     """
     kept = []
     for _, group in particles.groupby("hid", sort=True):
-        labels = cluster_labels(_linking_points(group, settings), float(settings["distance"]))
+        x, y, z = (1e-6 * group[c].to_numpy(np.float64) for c in "xyz")
+        pairs = linked_pairs(x, y, z, np.zeros(len(group)), float(settings["distance"]),
+                             float(settings["link_depth"]))
+        labels = components(pairs, len(group))
         kept.append(group.iloc[_best_per_label(labels, group["focus"].to_numpy(), group["prob"].to_numpy())])
     return pd.concat(kept) if kept else particles
+
+
+def without_cut_ghosts(particles: pd.DataFrame) -> pd.DataFrame:
+    """Refined parts of cut columns (``line``) without those whose focus peaked on a cut (``at_cut``).
+
+    A part's focus is sought between its cuts only; one that peaks on a cut was climbing towards the
+    neighbouring part's droplet, so it is that droplet again, unless no part of the column peaked inside
+    (then the sharpest one stays).
+    """
+    inside = ~particles["at_cut"].to_numpy(bool)
+    lines = particles["line"].to_numpy()
+    has_inside = pd.Series(inside).groupby(lines).transform("any").to_numpy()
+    sharpest = np.zeros(len(particles), bool)
+    sharpest[_best_per_label(lines, particles["focus"].to_numpy())] = True
+    return particles[inside | (~has_inside & sharpest)]
 
 
 def without_ghosts(particles: pd.DataFrame, settings: dict, wavelength_m: float) -> pd.DataFrame:
@@ -412,7 +515,8 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramPa
                 continue
             image = ds["image"].isel(hologram_number=int(hid) - 1).compute(scheduler="synchronous").values
             propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
-            metres = group[["x", "y", "d_max", "z_first", "z_last"]].rename(columns={"d_max": "d"}) * 1e-6
+            metres = group[["x", "y", "d_max", "z_first", "z_last", "z_low", "z_high"]].rename(
+                columns={"d_max": "d"}) * 1e-6
             found = refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy, progress=progress)
             parts.save(hid, found.assign(**{c: found[c] * 1e6 for c in "xyzd"}, cluster=group["cluster"].to_numpy()))
     finally:

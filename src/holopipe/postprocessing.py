@@ -35,13 +35,16 @@ log = logging.getLogger("holopipe")
 
 SEARCH_SPACES = {
     "particles": {
-        "distance": ("float", 1.0e-5, 1.0e-4, True),
-        "z_scale": ("float", 0.02, 0.5, True),
+        "distance": ("float", 3.0e-6, 3.0e-5, True),
+        "link_depth": ("float", 2.0e-4, 2.0e-3, True),
+        "split_prominence": ("float", 0.05, 1.0, True),
         "min_planes": ("int", 1, 3, False),
         "min_contrast": ("float", 0.05, 0.6, False),
+        "min_disk_contrast": ("float", 0.0, 0.6, False),
+        "refine_margin": ("float", 2.0e-4, 2.0e-2, True),
         "refine_window": ("float", 1.0, 4.0, False),
         "ghost_depths_of_focus": ("float", 0.0, 4.0, False),
-        "ghost_diameters": ("float", 0.0, 3.0, False),
+        "ghost_diameters": ("float", 0.0, 4.0, False),
     },
     "baseline": {
         "threshold_sigmas": ("float", 2.0, 8.0, False),
@@ -49,10 +52,10 @@ SEARCH_SPACES = {
         "min_contrast": ("float", 0.2, 0.8, False),
         "focus_metric": ("categorical", ("tamura", "min_amplitude", "edge_sharpness")),
         "ghost_depths_of_focus": ("float", 0.0, 4.0, False),
-        "ghost_diameters": ("float", 0.0, 3.0, False),
+        "ghost_diameters": ("float", 0.0, 6.0, False),
     },
 }
-"""Per section, key -> (kind, low, high, log) or ("categorical", choices): 7 knobs after the U-Net's detector,
+"""Per section, key -> (kind, low, high, log) or ("categorical", choices): 10 knobs after the U-Net's detector,
 6 after the physics detector (threshold and contrast are the physics detector's own knobs)."""
 
 BEGIN = "# >>> make tune-postprocessing"
