@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.holopipe-installed
 CORES ?= all
 
-.PHONY: setup run test bench accuracy tune-postprocessing smoke-fullsize lint docs report clean
+.PHONY: setup run test bench accuracy tune-postprocessing tune-postprocessing-accuracy smoke-fullsize lint docs report clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,16 @@ tune-postprocessing: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) valid_detections
 	$(BIN)/holopipe tune-postprocessing --config config/config.yaml --store data/standardized/valid.zarr \
 		--detections $$(ls results/inference/valid/chunk_*.csv) --write config/config.yaml
+
+# The same choice with the accuracy benchmark's trained models (after make accuracy): valid's detections of every
+# training run, pooled, against run 1's valid store (every run simulates the same valid holograms). Then
+# `python benchmarks/accuracy.py --runs 5 --post-only` measures the choice without retraining.
+ACCURACY_RUNS = $(sort $(wildcard benchmarks/out/accuracy/run_*))
+tune-postprocessing-accuracy: setup
+	$(BIN)/holopipe tune-postprocessing --config config/config.yaml \
+		--store benchmarks/out/accuracy/run_1/data/standardized/valid.zarr \
+		$(foreach run,$(ACCURACY_RUNS),--detections $(wildcard $(run)/results/inference/valid/chunk_*.csv)) \
+		--write config/config.yaml
 
 # The full-size smoke run: config/holodec.yaml with exactly the splits train/valid/test, 2/1/1 holograms of 500
 # particles, 24 planes, test alone evaluated (not holodec.yaml's fraunhofer and realistic), through evaluate

@@ -74,6 +74,14 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     missing = accuracy(out, configfile, "--runs", "3", "--evaluate-only")
     assert missing.returncode != 0 and "run_3" in missing.stderr and "nothing is computed" in missing.stderr
 
+    # The stages after detection again, by this (other) code, from the runs' detections: the same particles.
+    post = accuracy(out, configfile, "--runs", "2", "--post-only")
+    assert post.returncode == 0, post.stderr[-2000:]
+    assert "snakemake" not in post.stdout and (out / "post" / "run_2" / "test_unet.csv").is_file()
+    assert comparable(out / "accuracy.json")["splits"] == result["splits"]
+    assert "recomputed at commit" in (out / "accuracy.md").read_text()
+    assert json.loads((out / "post" / "code.json").read_text())["code"] != json.loads((out / "code.json").read_text())["code"]
+
 
 def test_one_training_run_is_refused_before_anything_runs(tmp_path):
     done = accuracy(tmp_path / "out", REPO / "config" / "config.yaml", "--runs", "1")

@@ -148,6 +148,24 @@ def test_streaming_over_plane_batches_equals_one_batch(hologram):
     pd.testing.assert_frame_equal(whole, streamed)
 
 
+def test_touching_columns_are_cut_into_two_particles_measured_on_their_own_disks():
+    """Two 30 µm droplets 45 µm apart at 3.5 and 7.5 mm: their out-of-focus columns touch, so one group. Cut
+    where its darkness peaks twice (split_prominence 0.3), each part reports its own droplet, centred on its
+    half-contrast disk (the region's centroid was pulled 12-33 µm towards the other's shadow)."""
+    scene = ParticleSet(x=np.array([0.0, 45e-6]), y=np.array([0.0, 0.0]), z=np.array([3.5e-3, 7.5e-3]),
+                        d=np.array([30e-6, 30e-6]))
+    propagator = propagator_of(contrast_hologram(scene))
+    planes = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
+    one = find_particles(propagator, planes, make_config()["baseline"], dx=OPTICS.dx, dy=OPTICS.dy)
+    assert len(one) == 1, "split_prominence 1 (the default) never cuts"
+    two = find_particles(propagator, planes, make_config(split_prominence=0.3)["baseline"], dx=OPTICS.dx,
+                         dy=OPTICS.dy).sort_values("z", ignore_index=True)
+    assert len(two) == 2
+    np.testing.assert_allclose(two["z"], scene.z, atol=planes[1] - planes[0])
+    np.testing.assert_allclose(two["x"], scene.x, atol=OPTICS.dx)
+    np.testing.assert_allclose(two["d"], scene.d, atol=2 * OPTICS.dx)
+
+
 def test_fixed_threshold_and_min_voxels_act(hologram):
     propagator = propagator_of(hologram)
     config = make_config(threshold=0.6)
@@ -284,13 +302,15 @@ def test_a_rerun_after_a_code_change_recomputes_the_holograms_of_the_old_code(tm
 
 
 # find_particles on the WIDE scene as it was before the labelling moved to a worker thread and the batches were
-# sized for the device (x, y, z, d in µm, score; commit 5457341): the same particles, the same planes.
+# sized for the device (x, y, z, d in µm, score; commit 5457341): the same particles, the same planes. x, y
+# moved by under a pixel when they became the centroid of the half-contrast pixels (truth: x -170, 150 µm;
+# y 100, -45 µm).
 WIDE_BEFORE = {
-    "min_amplitude": {"x": [150.302222, -169.892468], "y": [-44.9714286, 99.9350649], "z": [7666.66667, 3933.33333],
+    "min_amplitude": {"x": [152.095814, -169.388387], "y": [-45.1674419, 100.045161], "z": [7666.66667, 3933.33333],
                       "d": [34.1587045, 29.0033397], "score": [0.954785835, 0.906210542]},
-    "edge_sharpness": {"x": [149.48, -169.892468], "y": [-45.0, 99.9350649], "z": [7400.0, 3933.33333],
+    "edge_sharpness": {"x": [149.48, -169.388387], "y": [-45.0, 100.045161], "z": [7400.0, 3933.33333],
                        "d": [34.3567276, 29.0033397], "score": [0.940664209, 0.906210542]},
-    "tamura": {"x": [149.48, -169.892468], "y": [-45.0, 99.9350649], "z": [7400.0, 3933.33333],
+    "tamura": {"x": [149.48, -169.388387], "y": [-45.0, 100.045161], "z": [7400.0, 3933.33333],
                "d": [34.3567276, 29.0033397], "score": [0.940664209, 0.906210542]},
 }
 WIDE_PLANES = z_bin_centres(WIDE.z_min, WIDE.z_max, Z_BINS)

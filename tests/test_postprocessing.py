@@ -27,7 +27,7 @@ def scene(tmp_path_factory):
 
 def test_both_methods_get_the_same_trials_and_start_from_todays_settings(scene):
     config, store, detections = scene
-    result = tune_postprocessing(config, [detections], store, trials=3, seed=1)
+    result = tune_postprocessing(config, [[detections]], store, trials=3, seed=1)
     assert result["split"] == "valid" and result["n_true"] == 2 and result["trials"] == 3
     for section in ("particles", "baseline"):
         found = result[section]
@@ -36,11 +36,21 @@ def test_both_methods_get_the_same_trials_and_start_from_todays_settings(scene):
     assert result["particles"]["f1_before"] == 1.0 and result["baseline"]["f1_before"] == 1.0
 
 
+def test_the_particles_stage_is_scored_on_counts_pooled_over_the_trained_models(scene, tmp_path):
+    """Two models' detections of the split, one finding both droplets and one finding nothing: F1 of the pooled
+    counts (2 found of 4, no false one: 2/3), not the mean of the two F1s (1/2)."""
+    config, store, detections = scene
+    nothing = tmp_path / "nothing.csv"
+    nothing.write_text(detections.read_text().splitlines()[0] + "\n")
+    result = tune_postprocessing(config, [[detections], [nothing]], store, trials=1)
+    assert result["runs"] == 2 and result["particles"]["f1_before"] == pytest.approx(2 / 3)
+
+
 def test_a_split_without_truth_is_refused_by_name(tmp_path, scene):
     config, _, detections = scene
     empty = split_store(tmp_path / "mine.zarr", [np.ones((WIDE.ny, WIDE.nx), np.float32)], WIDE)
     with pytest.raises(ValueError, match="mine.zarr: no true particles"):
-        tune_postprocessing(config, [detections], empty, trials=1)
+        tune_postprocessing(config, [[detections]], empty, trials=1)
 
 
 CONFIG_TEXT = """# A user's config.
@@ -90,8 +100,9 @@ def test_the_command_searches_and_writes(tmp_path, scene, capsys):
     config, store, detections = scene
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(scene_dict(WIDE)))
-    main(["tune-postprocessing", "--config", str(path), "--detections", str(detections), "--store", str(store),
-          "--trials", "2", "--write", str(path)])
+    main(["tune-postprocessing", "--config", str(path), "--detections", str(detections), "--detections",
+          str(detections), "--store", str(store), "--trials", "2", "--write", str(path)])
     out = capsys.readouterr().out
     assert "particles: F1 on valid 1.000 -> 1.000" in out and f"written into {path}" in out
-    assert BEGIN in path.read_text() and load_config(path)["optics"]["dy"] == WIDE.dy
+    text = path.read_text()
+    assert BEGIN in text and "detections of 2 trained models" in text and load_config(path)["optics"]["dy"] == WIDE.dy

@@ -34,7 +34,10 @@ then, without any learning:
 
    One region, not the union of the group's regions on that plane: where the long out-of-focus
    columns (depth of focus ~ D²/λ) of two particles touch, the group still reports one particle's
-   size and position; the other one is lost (a known limit of connected-component grouping).
+   size and position. Unless the two are in focus at one depth, the group's darkness (its candidates'
+   darkest amplitude, per plane) then peaks twice, and with ``baseline.split_prominence`` below 1 it is
+   cut between the peaks as the particles stage cuts its columns
+   (:func:`holopipe.particles.line_of_sight_splits`): each part reports its own best-focused region.
 4. **Ghosts.** A large droplet's out-of-focus column (its depth of focus is ~ D²/λ: 10 mm at 60 µm) is
    dark over many planes but not uniformly, so it can split into several groups at one x, y, each
    reporting a "particle" (mostly small dim spots of its defocused rings, tens of µm off its axis and
@@ -43,11 +46,12 @@ then, without any learning:
    the others within ``baseline.ghost_diameters`` of its diameters in x, y and
    ``baseline.ghost_depths_of_focus`` of its depths of focus in z: the standard processing's ghost
    removal. (2 and 1.5, chosen on the default config's validation split: F1 0.77 without, 0.91 with.)
-5. **Measure.** From that region: z is its plane; x, y its centroid (rows are y, columns x; pixel
-   ``i`` has its centre at ``(i + 0.5 - n/2) * pitch``); d the equivalent diameter
-   ``2 sqrt(area dx dy / π)`` of its pixels darker than half-way between the background and its
-   minimum (or than the threshold, if that is lower): the half-contrast edge of a focused disk, which
-   does not grow with the detection threshold. The score is the darkness contrast ``1 - minimum
+5. **Measure.** From that region's pixels darker than half-way between the background and its
+   minimum (or than the threshold, if that is lower), the half-contrast disk of a focused droplet: z is
+   its plane; x, y their centroid (rows are y, columns x; pixel ``i`` has its centre at
+   ``(i + 0.5 - n/2) * pitch``), so a region grown into a neighbour's dimmer out-of-focus shadow still
+   gives the droplet's centre; d their equivalent diameter ``2 sqrt(area dx dy / π)``, an edge that does
+   not grow with the detection threshold. The score is the darkness contrast ``1 - minimum
    amplitude`` of the region.
 
 Reconstruction, thresholding and the focus metric run on ``baseline.device`` (torch on a GPU; numpy on
@@ -79,7 +83,7 @@ from holopipe.io import (HologramParts, equivalent_diameter, input_identity, pix
                          write_atomically)
 from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
-from holopipe.particles import suppress_ghosts
+from holopipe.particles import line_of_sight_splits, suppress_ghosts
 from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
@@ -144,8 +148,9 @@ def _region_stats(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, labels
 
     minimum = np.asarray(ndi.minimum(values, labels, index), np.float64)
     level = np.minimum(threshold, 0.5 * (background + minimum))
+    sizing = values < level[labels]
     return {"area": total(), "minimum": minimum, "sum_row": total(rows), "sum_col": total(cols),
-            "sizing_area": total(values < level[labels]),
+            "sizing_area": total(sizing), "sizing_row": total(rows * sizing), "sizing_col": total(cols * sizing),
             "top": np.asarray(ndi.minimum(rows, labels, index), np.int64),
             "bottom": np.asarray(ndi.maximum(rows, labels, index), np.int64) + 1,
             "left": np.asarray(ndi.minimum(cols, labels, index), np.int64),
@@ -264,6 +269,18 @@ def _grouped_planes(propagator: Propagator, planes: np.ndarray, baseline: dict, 
     return grouper
 
 
+def _line_of_sight_parts(candidates: pd.DataFrame, planes: np.ndarray, prominence: float) -> np.ndarray:
+    """A group label (0..) per candidate region, each group cut where its darkness peaks twice across z
+    (:func:`holopipe.particles.line_of_sight_splits`, as the particles stage cuts its columns): two droplets
+    whose columns touch, or that share a line of sight, report two particles."""
+    z, minimum = planes[candidates["plane"].to_numpy()], candidates["minimum"].to_numpy(np.float64)
+    part = np.zeros(len(candidates), np.int64)
+    for rows in candidates.groupby("group").indices.values():
+        cuts = line_of_sight_splits(z[rows], minimum[rows], prominence)
+        part[rows] = np.searchsorted(cuts, z[rows], side="left")
+    return pd.factorize(pd.MultiIndex.from_arrays([candidates["group"].to_numpy(), part]))[0]
+
+
 def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *, dx: float, dy: float,
                    batch_planes: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Particles of one hologram, ``x, y, z, d`` in metres and ``score``, from its propagator.
@@ -286,8 +303,14 @@ def find_particles(propagator: Propagator, planes: np.ndarray, baseline: dict, *
     # touches a neighbour's still reports one region's size and position, not the union of both.
     table = table.assign(group=group[table["region"].to_numpy()])
     table = table[voxels[table["group"].to_numpy()] >= int(baseline["min_voxels"])]
+    if float(baseline["split_prominence"]) < 1 and len(table):
+        table = table.assign(group=_line_of_sight_parts(table, planes, float(baseline["split_prominence"])))
     focus = table.loc[table.groupby("group")["sharpness"].idxmax()]
-    row, col = focus["sum_row"] / focus["area"], focus["sum_col"] / focus["area"]
+    # x, y and d from the region's pixels darker than half its contrast: the focused disk, not the dimmer
+    # out-of-focus shadow of a neighbour that the region may have grown into.
+    sized = focus["sizing_area"] > 0
+    row = np.where(sized, focus["sizing_row"], focus["sum_row"]) / np.where(sized, focus["sizing_area"], focus["area"])
+    col = np.where(sized, focus["sizing_col"], focus["sum_col"]) / np.where(sized, focus["sizing_area"], focus["area"])
     sizing_area = np.maximum(focus["sizing_area"], 1.0)  # a region darker than its own level has >= 1 pixel
     return pd.DataFrame({
         "x": pixel_position(col, nx, dx),

@@ -230,13 +230,15 @@ def cmd_evaluate(args) -> None:
 
 
 def _paths(*dests: str):
-    """Provenance: the paths held by these arguments (single or lists; arguments not given left out)."""
+    """Provenance: the paths held by these arguments (single, lists, or lists of lists from a repeated
+    option; arguments not given left out)."""
+    def flat(value) -> list:
+        if isinstance(value, list):
+            return [path for item in value for path in flat(item)]
+        return [value] if value else []
+
     def paths(args) -> list:
-        found = []
-        for dest in dests:
-            value = getattr(args, dest, None)
-            found.extend(value if isinstance(value, list) else [value] if value else [])
-        return found
+        return [path for dest in dests for path in flat(getattr(args, dest, None))]
 
     return paths
 
@@ -466,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     postprocessing = stages.add_parser(
         "tune-postprocessing", help="choose the particles stage's and the baseline's settings on valid, the same "
                                     "budget for both")
-    postprocessing.add_argument("--detections", nargs="+", required=True,
-                                help="the U-Net's detection CSVs of the split (its inference chunks)")
+    postprocessing.add_argument("--detections", nargs="+", action="append", required=True,
+                                help="the U-Net's detection CSVs of the split (its inference chunks); repeat the "
+                                     "option for each trained model whose detections to pool (the accuracy "
+                                     "benchmark's runs)")
     postprocessing.add_argument("--store", required=True, help="standardized zarr store of the split (with truth)")
     postprocessing.add_argument("--trials", type=int, default=40, help="trials per method (default: %(default)s)")
     postprocessing.add_argument("--seed", type=int, default=0, help="seed of the search (default: %(default)s)")

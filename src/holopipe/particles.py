@@ -118,15 +118,15 @@ def components(pairs: np.ndarray, n: int) -> np.ndarray:
     return scipy.sparse.csgraph.connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def line_of_sight_splits(z_um: np.ndarray, amplitude_min: np.ndarray, prominence: float) -> np.ndarray:
-    """Depths (µm, ascending) at which one cluster's detections are two droplets on one line of sight.
+def line_of_sight_splits(z: np.ndarray, amplitude_min: np.ndarray, prominence: float) -> np.ndarray:
+    """Depths (``z``'s unit, ascending) at which one cluster's detections are two droplets on one line of sight.
 
     A droplet's darkness ``1 - amplitude_min`` (darkest over the cluster, per plane) peaks at its focus; two
     droplets on one line of sight make two peaks. Each peak of at least ``prominence`` (its height above
     the deeper of the dips that part it from a higher peak or the column's ends) is a droplet, and the
     column is cut at the least dark plane between neighbouring peaks. ``prominence`` 1 never splits.
     """
-    planes, inverse = np.unique(np.asarray(z_um, np.float64), return_inverse=True)
+    planes, inverse = np.unique(np.asarray(z, np.float64), return_inverse=True)
     if planes.size < 3 or prominence >= 1:
         return np.zeros(0)
     darkness = np.zeros(planes.size)

@@ -51,12 +51,13 @@ SEARCH_SPACES = {
         "min_voxels": ("int", 1, 20, True),
         "min_contrast": ("float", 0.2, 0.8, False),
         "focus_metric": ("categorical", ("tamura", "min_amplitude", "edge_sharpness")),
+        "split_prominence": ("float", 0.05, 1.0, True),
         "ghost_depths_of_focus": ("float", 0.0, 4.0, False),
         "ghost_diameters": ("float", 0.0, 6.0, False),
     },
 }
 """Per section, key -> (kind, low, high, log) or ("categorical", choices): 10 knobs after the U-Net's detector,
-6 after the physics detector (threshold and contrast are the physics detector's own knobs)."""
+7 after the physics detector (threshold and contrast are the physics detector's own knobs)."""
 
 BEGIN = "# >>> make tune-postprocessing"
 END = "# <<< make tune-postprocessing"
@@ -74,10 +75,14 @@ def _suggest(trial: optuna.Trial, section: str) -> dict:
     return chosen
 
 
-def _f1(truth: pd.DataFrame, csv: Path, evaluate: dict) -> float:
-    predicted = read_particle_csv(csv)
-    tp = len(match(truth, predicted, float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"])))
-    denominator = 2 * tp + (len(predicted) - tp) + (len(truth) - tp)
+def _f1(truth: pd.DataFrame, csvs, evaluate: dict) -> float:
+    """F1 of counts pooled over particle CSVs (one per training run's detections) of one split."""
+    tp = fp = fn = 0
+    for csv in csvs:
+        predicted = read_particle_csv(csv)
+        matched = len(match(truth, predicted, float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"])))
+        tp, fp, fn = tp + matched, fp + len(predicted) - matched, fn + len(truth) - matched
+    denominator = 2 * tp + fp + fn
     return 2 * tp / denominator if denominator else 1.0
 
 
@@ -97,34 +102,44 @@ def _search(section: str, config: dict, run, truth: pd.DataFrame, trials: int, s
     with tempfile.TemporaryDirectory(prefix=f"holopipe-tune-{section}-") as scratch:
         def objective(trial):
             chosen = _suggest(trial, section)
-            out = Path(scratch) / f"{trial.number}.csv"
-            run(with_overrides(config, {f"{section}.{key}": value for key, value in chosen.items()}), out)
-            return _f1(truth, out, config["evaluate"])
+            out = Path(scratch) / str(trial.number)
+            out.mkdir()
+            csvs = run(with_overrides(config, {f"{section}.{key}": value for key, value in chosen.items()}), out)
+            return _f1(truth, csvs, config["evaluate"])
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study.optimize(objective, n_trials=trials)
     return study
 
 
-def tune_postprocessing(config: dict, detection_csvs, store_path, *, trials: int, seed: int = 0) -> dict:
-    """Search the particles stage's settings (on ``detection_csvs``, the U-Net's detections of the split) and
-    the baseline's (on ``store_path``, the split's standardized store), ``trials`` each; returns
-    ``{section: {"settings", "f1", "f1_before"}, "split", "n_holograms", "n_true", "trials"}``."""
+def tune_postprocessing(config: dict, detection_sets, store_path, *, trials: int, seed: int = 0) -> dict:
+    """Search the particles stage's settings and the baseline's, ``trials`` each; returns ``{section:
+    {"settings", "f1", "f1_before"}, "split", "n_holograms", "n_true", "trials", "runs"}``.
+
+    ``detection_sets`` holds, per trained model, the U-Net's detection CSVs of the split (its inference
+    chunks): the particles stage is scored on counts pooled over them, so that its settings suit the
+    detector rather than one training's quirks. The baseline runs on ``store_path``, the split's
+    standardized store.
+    """
     from holopipe.baseline import baseline_file
     from holopipe.particles import particles_file
 
     if trials < 1:
         raise ValueError(f"trials must be at least 1, got {trials}")
-    detection_csvs, store_path = [Path(p) for p in detection_csvs], Path(store_path)
+    detection_sets = [[Path(p) for p in csvs] for csvs in detection_sets]
+    if not detection_sets or not all(detection_sets):
+        raise ValueError("tune_postprocessing: every set of detections needs at least one CSV")
+    store_path = Path(store_path)
     truth = _truth(store_path)
     if truth.empty:
         raise ValueError(f"{store_path}: no true particles to score settings against (a simulated split is needed)")
     runs = {
-        "particles": lambda c, out: particles_file(detection_csvs, out, c, store_path=store_path, progress=False),
-        "baseline": lambda c, out: baseline_file(c, store_path, out, progress=False),
+        "particles": lambda c, out: [particles_file(csvs, out / f"run_{k}.csv", c, store_path=store_path,
+                                                    progress=False) for k, csvs in enumerate(detection_sets)],
+        "baseline": lambda c, out: [baseline_file(c, store_path, out / "baseline.csv", progress=False)],
     }
     result = {"split": store_path.name.removesuffix(".zarr"), "n_holograms": int(truth["hid"].nunique()),
-              "n_true": len(truth), "trials": trials}
+              "n_true": len(truth), "trials": trials, "runs": len(detection_sets)}
     for section, run in runs.items():
         study = _search(section, config, run, truth, trials, seed)
         log.info("%s: F1 %.3f -> %.3f on %s", section, study.trials[0].value, study.best_value, store_path)
@@ -167,7 +182,8 @@ def write_settings(config_path, result: dict) -> Path:
     merged_config = {**current, **sections}
     load_config(merged_config)  # a tuned value the schema refuses must not reach the file
     header = (f"{BEGIN}: chosen on {result['split']} ({result['n_holograms']} holograms, {result['n_true']} "
-              f"droplets), {result['trials']} trials per method;\n# F1 there: particles "
+              f"droplets, the U-Net's detections of {result.get('runs', 1)} trained models), {result['trials']} "
+              f"trials per method;\n# F1 there: particles "
               f"{result['particles']['f1_before']:.3f} -> {result['particles']['f1']:.3f}, baseline "
               f"{result['baseline']['f1_before']:.3f} -> {result['baseline']['f1']:.3f}. Rerun it rather than "
               "editing by hand.\n")
