@@ -13,9 +13,9 @@ import xarray as xr
 from holopipe.cli import main
 from holopipe.config import load_config
 from holopipe.evaluate import (PLOT_NAMES, bootstrap_intervals, bootstrap_scores, detection_metrics, evaluate_files,
-                               hologram_counts, match, recall_grid, resample_counts, runs_and_holograms_intervals,
-                               runs_and_holograms_scores, wilson_interval)
-from holopipe.io import write_zarr
+                               hologram_counts, match, on_window_dust, recall_grid, resample_counts,
+                               runs_and_holograms_intervals, runs_and_holograms_scores, summary, wilson_interval)
+from holopipe.io import DUST_ATTRS, open_holodec, write_zarr
 
 TOL_XY, TOL_Z = 50e-6, 360e-6  # metres, the defaults
 BINS = [0.0, 20e-6, 40e-6, 100e-6]
@@ -546,3 +546,29 @@ def test_a_bad_prediction_csv_fails_naming_the_file_the_column_and_the_rows(tmp_
     with pytest.raises(ValueError, match=re.escape(str(bad)) + ": " + message):
         evaluate_files(config, {"test": path}, {"unet": {"test": bad}}, tmp_path / "m.json", tmp_path / "p")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_particles_reported_on_window_dust_are_counted_per_method(tmp_path):
+    """Two specks (40 and 20 µm) in every hologram: a prediction within a speck's radius plus the lateral
+    tolerance (20 µm) of its x, y, at any depth, is on it; one farther away is not, and the split's
+    metrics and summary say how many each method reported there."""
+    dust = pd.DataFrame({"x": [0.0, 60.0], "y": [0.0, -40.0], "z": [2000.0, 2000.0], "d": [40.0, 20.0]})
+    predicted = table((1, 39.0, 0.0, 5000.0, 30.0), (2, 41.0, 0.0, 5000.0, 30.0), (2, 60.0, -69.0, 9000.0, 10.0),
+                      (2, 60.0, -71.0, 9000.0, 10.0))
+    assert on_window_dust(predicted, dust, 20e-6) == 2
+    config = load_config({"splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
+                          "optics": {"wavelength": 3.55e-7, "dx": 10e-6, "dy": 12e-6, "nx": 16, "ny": 12,
+                                     "z_min": 2e-3, "z_max": 10e-3}, "evaluate": {"tolerance_xy": 2e-5}})
+    path = store(tmp_path / "test.zarr", table((1, -50.0, 30.0, 3000.0, 25.0)), nx=16, ny=12, dy=12e-6)
+    ds = open_holodec(path).load()
+    ds.attrs.update({name: dust[axis].tolist() for axis, name in DUST_ATTRS.items()})
+    dusty = write_zarr(ds, tmp_path / "dusty.zarr")
+    predictions = {"unet": {"test": write_csv(tmp_path / "unet.csv", predicted, "prob")},
+                   "baseline": {"test": write_csv(tmp_path / "baseline.csv", predicted.iloc[2:], "score")}}
+    out = evaluate_files(config, {"test": dusty}, predictions, tmp_path / "metrics.json", tmp_path / "plots")
+    metrics = json.loads(out.read_text())
+    assert (metrics["unet"]["on_window_dust"], metrics["baseline"]["on_window_dust"]) == (2, 1)
+    assert metrics["unet"]["on_window_dust_per_10_holograms"] == 10.0 and metrics["unet"]["window_dust_specks"] == 2
+    assert "on the 2 specks of window dust (per 10 holograms): baseline 1 (5.0), unet 2 (10.0)" in summary(out, ["test"])
+    plain = evaluate_files(config, {"test": path}, predictions, tmp_path / "plain.json", tmp_path / "plots")
+    assert "on_window_dust" not in json.loads(plain.read_text())["unet"], "no dust recorded, no count"

@@ -476,3 +476,27 @@ def test_refinement_on_a_gpu_matches_numpy(hologram, propagator):
     expected = refine_depths(propagator, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy)
     found = refine_depths(on_cuda, PLANES, extent, settings, dx=OPTICS.dx, dy=OPTICS.dy)
     pd.testing.assert_frame_equal(found, expected, rtol=1e-3)
+
+
+def test_a_droplet_just_outside_the_volume_is_not_reported_on_its_last_plane(tmp_path):
+    """Two 30 µm droplets, one 0.5 mm beyond z_max and one 0.15 mm inside it, both marked on the last planes:
+    searching 5 planes beyond the volume, the outside one focuses out there and is dropped, the inside one
+    is kept at its depth; searching the volume only, both are reported (the outside one on the last plane)."""
+    scene = ParticleSet(x=np.array([-100e-6, 90e-6]), y=np.array([-60e-6, 70e-6]),
+                        z=np.array([OPTICS.z_max + 0.5e-3, OPTICS.z_max - 0.15e-3]), d=np.array([30e-6, 30e-6]))
+    ds = xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), contrast_hologram(scene).T[None]),
+                     **{name: ("particle", np.float32(getattr(scene, name)[1:] * 1e6)) for name in "xyzd"},
+                     "hid": ("particle", np.ones(1, np.float32))},
+                    attrs={"Nx": OPTICS.nx, "Ny": OPTICS.ny, "dx": OPTICS.dx, "dy": OPTICS.dy,
+                           "lambda": OPTICS.wavelength, "zMin": OPTICS.z_min, "zMax": OPTICS.z_max})
+    store = write_zarr(ds, tmp_path / "edge.zarr")
+    last = PLANES[-8:] * 1e6
+    pd.concat([ml_cluster(x * 1e6, y * 1e6, last, focus_um=last[-1], d_um=30.0) for x, y in zip(scene.x, scene.y)],
+              ignore_index=True).to_csv(tmp_path / "chunk.csv", index=False)
+    found = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "p.csv", make_config(beyond_planes=5),
+                                       store_path=store, progress=False))
+    assert len(found) == 1 and found["x"].iloc[0] == pytest.approx(90.0, abs=OPTICS.dx * 1e6)
+    assert found["z"].iloc[0] == pytest.approx(scene.z[1] * 1e6, abs=BIN * 1e6)
+    both = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "q.csv", make_config(beyond_planes=0),
+                                      store_path=store, progress=False))
+    assert len(both) == 2 and both["z"].max() <= PLANES[-1] * 1e6 + 1e-6

@@ -6,7 +6,7 @@ import pytest
 import xarray as xr
 
 from holopipe.config import load_config
-from holopipe.io import PARTICLE_VARS, open_holodec, pixel_centres, um_to_pixel, write_zarr
+from holopipe.io import DUST_ATTRS, PARTICLE_VARS, open_holodec, pixel_centres, um_to_pixel, window_dust_table, write_zarr
 from holopipe.optics import reconstruct
 from holopipe.regrid import regrid_file
 from holopipe.simulate import (Camera, Optics, ParticleSet, SimulationSettings, camera_image,
@@ -117,6 +117,21 @@ def test_image_content_and_particle_coordinates_move_together(tmp_path, frame, p
     # The recorded offset is the whole coordinate change.
     assert float(out["x"][0]) == pytest.approx(x_um - out.attrs["regrid_offset_x_um"], abs=1e-3)
     assert float(out["y"][0]) == pytest.approx(y_um - out.attrs["regrid_offset_y_um"], abs=1e-3)
+
+
+def test_window_dust_moves_with_the_particles(tmp_path):
+    """A file's window dust (attributes in µm, as the particles' x, y) gets the same offset as its particles."""
+    image = blob_image(143, 136, 23.3, -17.9)
+    source = write_store(tmp_path / "in.zarr", image[None], particles_um(23.3, -17.9))
+    ds = open_holodec(source).load()
+    ds.attrs.update({name: [23.3, -5.0] if axis == "x" else [-17.9, 8.0] if axis == "y" else [2000.0, 2000.0]
+                     if axis == "z" else [30.0, 40.0] for axis, name in DUST_ATTRS.items()})
+    dusty = write_zarr(ds, tmp_path / "dusty.zarr")
+    out = open_holodec(regrid_file(dusty, tmp_path / "out.zarr", make_config(2 * PITCH, "antialias", "crop")))
+    dust = window_dust_table(out)
+    assert dust["x"].iloc[0] == pytest.approx(float(out["x"][0]), abs=1e-3)
+    assert dust["y"].iloc[0] == pytest.approx(float(out["y"][0]), abs=1e-3)
+    assert dust["z"].tolist() == [2000.0, 2000.0] and dust["d"].tolist() == [30.0, 40.0]
 
 
 def test_crop_moves_pixels_and_coordinates_by_whole_and_half_pixels(tmp_path):

@@ -8,9 +8,9 @@ import xarray as xr
 
 from holopipe.io import open_holodec, pixel_centres, um_to_pixel
 from holopipe.optics import reconstruct
-from holopipe.simulate import (Camera, DiameterModel, Optics, ParticleSet, SimulationSettings,
-                               camera_image, fraunhofer_field, opaque_disks_field,
-                               sample_particles, simulate_file, simulate_hologram)
+from holopipe.simulate import (Artifacts, Camera, DiameterModel, Optics, ParticleSet, SimulationSettings,
+                               camera_image, fraunhofer_field, opaque_disks_field, sample_outside,
+                               sample_particles, simulate_file, simulate_hologram, window_dust)
 
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=256, ny=192, z_min=2e-3, z_max=12e-3)
 NOISE_FREE_FLAT = Camera(noise=False, beam_waist=None)
@@ -259,3 +259,71 @@ def test_cupy_simulates_the_numpy_hologram(method):
             np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-3 * settings.camera.gray_level)
         else:
             assert abs(on_gpu.astype(float).mean() - on_cpu.astype(float).mean()) < 0.5
+
+
+def shadow_at_focus(particles: ParticleSet, z: float) -> np.ndarray:
+    """The dark pixels (amplitude < 0.5) of a noise-free hologram of ``particles`` reconstructed at ``z``."""
+    field = opaque_disks_field(particles, OPTICS, pad=64)
+    image = camera_image(field, np.random.default_rng(0), OPTICS, NOISE_FREE_FLAT)
+    return reconstruct(image, z, wavelength=OPTICS.wavelength, dx=OPTICS.dx, dy=OPTICS.dy, pad=64).amplitude < 0.5
+
+
+@pytest.mark.parametrize("column", [False, True])
+def test_ice_reconstructs_as_its_shape_with_the_area_of_its_equal_area_diameter(column):
+    """An ellipse or a column 3 times longer than wide, its long axis at 30° from x: in focus its shadow has
+    the area of a disk of d, and its second moments give its elongation and angle (a disk's are round)."""
+    z, d, angle = 5e-3, 40e-6, np.pi / 6
+    ice = ParticleSet(*(np.array([v], float) for v in (20e-6, -10e-6, z, d)), np.array([3.0]), np.array([angle]),
+                      np.array([column]))
+    dark = shadow_at_focus(ice, z)
+    assert 2 * np.sqrt(dark.sum() * OPTICS.dx * OPTICS.dy / np.pi) == pytest.approx(d, rel=0.1)
+    rows, cols = np.nonzero(dark)
+    eigenvalues, vectors = np.linalg.eigh(np.cov(np.stack([cols * OPTICS.dx, rows * OPTICS.dy])))
+    assert np.sqrt(eigenvalues[1] / eigenvalues[0]) == pytest.approx(3.0, rel=0.15)
+    long_axis = vectors[:, 1] * np.sign(vectors[0, 1])
+    assert np.arctan2(long_axis[1], long_axis[0]) == pytest.approx(angle, abs=0.05)
+    disk = shadow_at_focus(one_particle(20e-6, -10e-6, z, d), z)
+    rows, cols = np.nonzero(disk)
+    eigenvalues = np.linalg.eigvalsh(np.cov(np.stack([cols * OPTICS.dx, rows * OPTICS.dy])))
+    assert np.sqrt(eigenvalues[1] / eigenvalues[0]) == pytest.approx(1.0, abs=0.05)
+
+
+def test_fraunhofer_ice_agrees_with_angular_spectrum_in_the_far_field():
+    optics = dataclasses.replace(OPTICS, nx=384, ny=384)
+    ice = ParticleSet(*(np.array([v], float) for v in (20e-6, -10e-6, 20e-3, 20e-6)), np.array([2.5]),
+                      np.array([1.0]), np.array([True]))
+    assert relative_difference(fraunhofer_field(ice, optics), opaque_disks_field(ice, optics, pad=256)) < 0.05
+
+
+ARTIFACTS = dict(particles=(4, 6), camera=NOISE_FREE_FLAT, pad=64)
+
+
+def test_window_dust_sits_in_every_hologram_of_a_file_and_never_in_its_truth(tmp_path):
+    """Four specks on the near window: the same pixels darkened in both holograms (dust alone, no particles),
+    recorded in the file's attributes, absent from the particles; another seed puts them elsewhere."""
+    dusty = SimulationSettings(OPTICS, **{**ARTIFACTS, "particles": (0, 0)},
+                               artifacts=Artifacts(dust_count=4, dust_diameter=(30e-6, 50e-6)))
+    ds = open_holodec(simulate_file(tmp_path / "dust.nc", n_holograms=2, seed=5, settings=dusty, progress=False))
+    images = ds["image"].values.astype(float)
+    assert ds.sizes["particle"] == 0
+    np.testing.assert_array_equal(images[0], images[1])
+    assert images.min() < 0.8 * np.median(images), "the specks are in the image"
+    assert len(ds.attrs["window_dust_x"]) == 4 and np.all(np.asarray(ds.attrs["window_dust_z"]) == OPTICS.z_min * 1e6)
+    other = window_dust(6, dusty)
+    assert not np.allclose(other.x * 1e6, ds.attrs["window_dust_x"])
+
+
+def test_particles_outside_the_volume_are_in_the_image_only_and_artifacts_off_change_nothing():
+    plain = SimulationSettings(OPTICS, **ARTIFACTS)
+    outside = dataclasses.replace(plain, artifacts=Artifacts(outside_count=(3, 3), outside_margin=1e-3))
+    image, truth = simulate_hologram(np.random.default_rng([1, 0]), plain)
+    with_outside, same_truth = simulate_hologram(np.random.default_rng([1, 0]), outside)
+    assert all(np.array_equal(getattr(truth, a), getattr(same_truth, a)) for a in "xyzd")
+    assert not np.array_equal(image, with_outside), "their rings cross the frame"
+    drawn = sample_outside(np.random.default_rng(3), dataclasses.replace(outside, artifacts=Artifacts(
+        outside_count=(500, 500), outside_margin=1e-3)))
+    assert np.all((drawn.z < OPTICS.z_min) | (drawn.z > OPTICS.z_max))
+    assert np.all((drawn.z > OPTICS.z_min - 1e-3) & (drawn.z < OPTICS.z_max + 1e-3))
+    # ice 0, no dust, none outside: the hologram the seed always gave (draws come after, and only when asked)
+    again, _ = simulate_hologram(np.random.default_rng([1, 0]), dataclasses.replace(plain, artifacts=Artifacts()))
+    np.testing.assert_array_equal(again, image)

@@ -128,6 +128,14 @@ def _simulate_problems(config: dict, where: str) -> list[str]:
     low, high = diameter["gamma_mu"]
     if low > high:
         problems.append(f"{where}.diameter.gamma_mu: minimum {low} exceeds maximum {high}")
+    for key, (low, high) in (("ice.aspect", simulate["ice"]["aspect"]),
+                             ("window_dust.diameter", simulate["window_dust"]["diameter"]),
+                             ("outside.count", simulate["outside"]["count"])):
+        if low > high:
+            problems.append(f"{where}.{key}: minimum {low} exceeds maximum {high}")
+    if simulate["outside"]["count"][1] > 0 and simulate["outside"]["margin"] >= config["optics"]["z_min"]:
+        problems.append(f"{where}.outside.margin ({simulate['outside']['margin']} m) must be less than "
+                        f"optics.z_min ({config['optics']['z_min']} m): a particle nearer than the sensor")
     return problems
 
 

@@ -55,12 +55,14 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from holopipe.config import primary_split
-from holopipe.io import open_holodec, particle_table, read_particle_csv, skipped_holograms, write_atomically
+from holopipe.io import (open_holodec, particle_table, read_particle_csv, skipped_holograms, window_dust_table,
+                         write_atomically)
 
 __all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
            "combined_labels", "detection_metrics", "evaluate_files", "hologram_counts", "label_metrics", "match",
-           "primary_split", "read_predictions", "recall_grid", "resample_counts", "runs_and_holograms_intervals",
-           "runs_and_holograms_scores", "split_metrics_paths", "summary", "wilson_interval"]
+           "on_window_dust", "primary_split", "read_predictions", "recall_grid", "resample_counts",
+           "runs_and_holograms_intervals", "runs_and_holograms_scores", "split_metrics_paths", "summary",
+           "wilson_interval"]
 
 PLOT_NAMES = ("scatter3d.png", "diameters.png", "errors.png", "recall_by_diameter.png", "recall_by_depth.png",
               "size_error.png", "f1_bars.png")
@@ -497,10 +499,22 @@ def _note_skipped(results: dict, skipped: dict, n_true_skipped: int) -> None:
             metrics.update(skipped_holograms=listed, n_true_skipped=n_true_skipped, skipped_note=note)
 
 
+def on_window_dust(predicted: pd.DataFrame, dust: pd.DataFrame, tolerance_xy_m: float) -> int:
+    """How many ``predicted`` particles (µm) sit on the window dust (µm): within a speck's radius plus the
+    matching's lateral tolerance of its x, y, at any depth (the dust shadows every plane's same pixels)."""
+    if not len(dust) or not len(predicted):
+        return 0
+    distance = np.hypot(predicted["x"].to_numpy()[:, None] - dust["x"].to_numpy()[None],
+                        predicted["y"].to_numpy()[:, None] - dust["y"].to_numpy()[None])
+    return int((distance <= dust["d"].to_numpy()[None] / 2 + tolerance_xy_m * 1e6).any(axis=1).sum())
+
+
 def _evaluate_split(split: str, truth: pd.DataFrame, holograms: np.ndarray, predicted: dict, evaluate: dict,
-                    depth_bins) -> tuple[dict, dict]:
+                    depth_bins, dust: pd.DataFrame | None = None) -> tuple[dict, dict]:
     """One split's ``{method: metrics}`` (+ ``unet_minus_baseline``) and ``{method: matches}`` (empty without
-    truth) over ``holograms``, the hids evaluated (those standardization did not skip)."""
+    truth) over ``holograms``, the hids evaluated (those standardization did not skip). Where the split's
+    file records window ``dust``, each method also gets ``on_window_dust`` (:func:`on_window_dust`, all its
+    holograms) and ``on_window_dust_per_10_holograms``."""
     diameter_bins = evaluate["diameter_bins"]
     n_holograms = int(holograms.size)
     if not len(truth):
@@ -523,6 +537,11 @@ def _evaluate_split(split: str, truth: pd.DataFrame, holograms: np.ndarray, pred
                for method, table in predicted.items()}
     if difference is not None:
         results["_minus_".join(DIFFERENCE)] = {**difference, "interval": interval}
+    if dust is not None and len(dust):
+        for method, table in predicted.items():
+            found = on_window_dust(table[table["hid"].isin(holograms)], dust, tol_xy)
+            results[method].update(on_window_dust=found, on_window_dust_per_10_holograms=10 * found / n_holograms,
+                                   window_dust_specks=len(dust))
     return results, matches
 
 
@@ -556,12 +575,12 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     """
     evaluate, optics = config["evaluate"], config["optics"]
     depth_bins = np.linspace(float(optics["z_min"]), float(optics["z_max"]), int(evaluate["depth_bins"]) + 1)
-    truths, n_holograms, skipped = {}, {}, {}
+    truths, n_holograms, skipped, dust = {}, {}, {}, {}
     for split, path in truth_store_paths.items():
         ds = open_holodec(path)
         try:
             truths[split], n_holograms[split] = particle_table(ds), int(ds.sizes["hologram_number"])
-            skipped[split] = skipped_holograms(ds)
+            skipped[split], dust[split] = skipped_holograms(ds), window_dust_table(ds)
         finally:
             ds.close()
         _check_holograms(truths[split], n_holograms[split], path)
@@ -582,7 +601,7 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     for split in truths:
         results[split], matches[split] = _evaluate_split(
             split, truths[split], holograms[split], {m: predicted[m][split] for m in predicted}, evaluate,
-            depth_bins)
+            depth_bins, dust[split])
         _note_skipped(results[split], skipped[split], int(skipped_truth[split].sum()))
     primary = primary_split(truths)
     labelled = _labelled_splits(labels or {}, list(truths), list(predicted), evaluate["diameter_bins"])
@@ -630,6 +649,10 @@ def summary(out_json, splits) -> str:
             if difference is not None:
                 lines.append(f"{' - '.join(DIFFERENCE)}: F1 {difference['f1']:+.3f} "
                              f"{_interval_or_dash(difference['f1_ci95'], signed=True)} (paired)")
+            if "on_window_dust" in first:
+                lines.append(f"on the {first['window_dust_specks']} specks of window dust (per 10 holograms): "
+                             + ", ".join(f"{name} {m['on_window_dust']} ({m['on_window_dust_per_10_holograms']:.1f})"
+                                         for name, m in methods.items()))
         if first.get("skipped_holograms"):
             lines.append("skipped, no data: " + "; ".join(f"hologram {s['hid']} ({s['reason']})"
                                                           for s in first["skipped_holograms"])

@@ -52,6 +52,9 @@ SKIPPED_ATTR = "skipped_holograms"
 """Attribute of a standardized store: the 1-based hids of holograms without data (dark, saturated, constant)."""
 SKIPPED_REASONS_ATTR = "skipped_reasons"
 """Attribute beside :data:`SKIPPED_ATTR`: why each of those holograms was skipped, in the same order."""
+DUST_ATTRS = {"x": "window_dust_x", "y": "window_dust_y", "z": "window_dust_z", "d": "window_dust_d"}
+"""Attributes (µm, one value per speck, x and y as the particles') of contamination on a window that every
+hologram of the file carries (a simulated split's ``simulate.window_dust``): not particles of the volume."""
 
 _PITCH_RANGE_M = (1e-8, 1e-3)
 _WAVELENGTH_RANGE_M = (1e-8, 1e-5)
@@ -326,6 +329,12 @@ def particle_table(ds: xr.Dataset) -> pd.DataFrame:
     table = pd.DataFrame({name: np.asarray(ds[name].values, dtype=np.float64) for name in PARTICLE_VARS})
     table["hid"] = table["hid"].astype(np.int64)
     return table
+
+
+def window_dust_table(ds: xr.Dataset) -> pd.DataFrame:
+    """The file's window dust (:data:`DUST_ATTRS`) as a table of x, y, z, d (µm); empty when it records none."""
+    return pd.DataFrame({axis: np.atleast_1d(np.asarray(ds.attrs.get(name, []), dtype=np.float64))
+                         for axis, name in DUST_ATTRS.items()})
 
 
 def skipped_holograms(ds: xr.Dataset) -> dict[int, str]:

@@ -23,7 +23,9 @@ the area) of the in-focus detection, and ``prob`` = the cluster's largest ``prob
 a droplet is, the physics says its depth. The saturated model marks a large droplet over millimetres,
 and the darkest detection of so blunt a minimum can land far from the focus. So each hologram of the
 standardized split store is reconstructed (as in inference: ``reconstruction.z_bins`` planes, ``pad``,
-``band_limit``) on the planes each cluster spans, widened by ``particles.refine_margin`` on both sides,
+``band_limit``, and ``particles.beyond_planes`` more at their spacing beyond each end of the sample volume:
+a particle whose focus lies out there is outside the volume, and is dropped) on the planes each cluster
+spans, widened by ``particles.refine_margin`` on both sides,
 and a focus metric of :mod:`holopipe.focus` is evaluated over a fixed window ``particles.refine_window``
 diameters wide around the particle's x, y (:func:`focus_windows`; the same window on every plane, so the
 values compare planes): ``tamura``, the Tamura coefficient of the amplitude gradient (the baseline's
@@ -408,7 +410,9 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
     refined = _refined(clusters, config, store_path, parts, progress=progress)
     refined_clusters = without_cut_ghosts(clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus",
                                                                                       "contrast", "at_cut")}))
-    refined_clusters = refined_clusters[refined_clusters["contrast"] >= float(settings["min_disk_contrast"])]
+    # A disk too faint to be a droplet in focus, or a focus beyond the sample volume: not a particle of it.
+    refined_clusters = refined_clusters[(refined_clusters["contrast"] >= float(settings["min_disk_contrast"]))
+                                        & refined["inside"].reindex(refined_clusters.index).to_numpy(bool)]
     table = _particle_table(without_ghosts(merge_duplicates(refined_clusters, settings), settings,
                                            float(config["optics"]["wavelength"])))
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))
@@ -489,6 +493,16 @@ def without_ghosts(particles: pd.DataFrame, settings: dict, wavelength_m: float)
     return pd.concat(kept) if kept else particles
 
 
+def beyond_the_volume(planes_m: np.ndarray, n: int) -> np.ndarray:
+    """``planes_m`` (evenly spaced, ascending) and ``n`` more at their spacing beyond each end (none at or
+    before the sensor, z <= 0)."""
+    if n == 0 or planes_m.size < 2:
+        return planes_m
+    step = planes_m[1] - planes_m[0]
+    extended = np.concatenate([planes_m[0] - step * np.arange(n, 0, -1), planes_m, planes_m[-1] + step * np.arange(1, n + 1)])
+    return extended[extended > 0]
+
+
 def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramParts, *,
              progress: bool) -> pd.DataFrame:
     """:func:`refine_depths` (x, y, z, d in µm, focus) of every hologram's particles, ``clusters``' index;
@@ -506,7 +520,9 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramPa
     try:
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
-        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
+        z_min, z_max = float(attrs["zMin"]), float(attrs["zMax"])
+        planes = beyond_the_volume(z_bin_centres(z_min, z_max, int(reconstruction["z_bins"])),
+                                   int(config["particles"]["beyond_planes"]))
         n_holograms = ds.sizes["hologram_number"]
         for hid, group in tqdm(groups, desc=f"refine {Path(name).name}", unit="hologram", disable=not progress):
             if not 1 <= hid <= n_holograms:
@@ -518,6 +534,7 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramPa
             metres = group[["x", "y", "d_max", "z_first", "z_last", "z_low", "z_high"]].rename(
                 columns={"d_max": "d"}) * 1e-6
             found = refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy, progress=progress)
+            found = found.assign(inside=(found["z"] >= z_min) & (found["z"] <= z_max))
             parts.save(hid, found.assign(**{c: found[c] * 1e6 for c in "xyzd"}, cluster=group["cluster"].to_numpy()))
     finally:
         ds.close()

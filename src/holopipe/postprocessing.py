@@ -42,6 +42,7 @@ SEARCH_SPACES = {
         "min_contrast": ("float", 0.05, 0.6, False),
         "min_disk_contrast": ("float", 0.0, 0.6, False),
         "refine_margin": ("float", 2.0e-4, 2.0e-2, True),
+        "beyond_planes": ("int", 0, 10, False),
         "refine_window": ("float", 1.0, 4.0, False),
         "ghost_depths_of_focus": ("float", 0.0, 4.0, False),
         "ghost_diameters": ("float", 0.0, 4.0, False),
@@ -56,7 +57,7 @@ SEARCH_SPACES = {
         "ghost_diameters": ("float", 0.0, 6.0, False),
     },
 }
-"""Per section, key -> (kind, low, high, log) or ("categorical", choices): 10 knobs after the U-Net's detector,
+"""Per section, key -> (kind, low, high, log) or ("categorical", choices): 11 knobs after the U-Net's detector,
 7 after the physics detector (threshold and contrast are the physics detector's own knobs)."""
 
 BEGIN = "# >>> make tune-postprocessing"

@@ -55,7 +55,7 @@ import xarray as xr
 from holopipe import __version__
 from holopipe.device import array_namespace_for
 from holopipe.focus import host_array
-from holopipe.io import IMAGE_DIMS, IN_MEMORY, open_holodec, pixel_centres, write_zarr
+from holopipe.io import DUST_ATTRS, IMAGE_DIMS, IN_MEMORY, open_holodec, pixel_centres, write_zarr
 
 __all__ = ["AxisPlan", "antialias_matrix", "bin_matrix", "data_area", "plan_axis", "regrid_dataset", "regrid_file"]
 
@@ -266,8 +266,10 @@ def regrid_dataset(ds: xr.Dataset, config: dict, source: str = IN_MEMORY) -> xr.
                                                   y=ds["y"].copy(data=y.astype(ds["y"].dtype)))
     out = out.isel(particle=np.flatnonzero(inside))
     out["image"] = xr.DataArray(new_image, dims=IMAGE_DIMS, attrs=ds["image"].attrs)
+    dust = {DUST_ATTRS[axis]: [float(v) - plan.offset_m * 1e6 for v in np.atleast_1d(ds.attrs[DUST_ATTRS[axis]])]
+            for axis, plan in plans.items() if DUST_ATTRS[axis] in ds.attrs}  # moved as the particles are
     return out.assign_attrs(Nx=plan_x.n_out, Ny=plan_y.n_out, dx=plan_x.pitch_out, dy=plan_y.pitch_out,
-                            **_provenance(plans, settings, source, dropped, stale))
+                            **dust, **_provenance(plans, settings, source, dropped, stale))
 
 
 def _provenance(plans: dict, settings: dict, source: str, dropped: int, stale=()) -> dict:

@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.device import array_namespace_for, scipy_for
 from holopipe.focus import host_array
-from holopipe.io import HolodecWriter, pixel_centres
+from holopipe.io import DUST_ATTRS, HolodecWriter, pixel_centres
 from holopipe.optics import TransferFunction, fft2, ifft2
 
 __all__ = [
+    "Artifacts",
     "Camera",
     "DiameterModel",
     "Optics",
@@ -52,9 +53,11 @@ __all__ = [
     "ideal_sensor_image",
     "fraunhofer_field",
     "opaque_disks_field",
+    "sample_outside",
     "sample_particles",
     "simulate_file",
     "simulate_hologram",
+    "window_dust",
 ]
 
 FRAUNHOFER_CUTOFF = 1e-3
@@ -122,11 +125,28 @@ class Camera:
 
 
 @dataclass(frozen=True)
+class Artifacts:
+    """What real holograms carry beside droplets (``simulate.ice``, ``window_dust``, ``outside``): ice,
+    contamination on the windows, particles just outside the sample volume. None of it by default."""
+
+    ice_fraction: float = 0.0
+    ice_aspect: tuple[float, float] = (1.5, 4.0)
+    ice_column_fraction: float = 0.5
+    dust_count: int = 0
+    dust_diameter: tuple[float, float] = (2.0e-5, 8.0e-5)
+    dust_z: float | None = None
+    """Depth (m) of the window the dust sits on; None: the sample volume's near edge, z_min."""
+    outside_count: tuple[int, int] = (0, 0)
+    outside_margin: float = 2.0e-3
+
+
+@dataclass(frozen=True)
 class SimulationSettings:
     optics: Optics
     particles: tuple[int, int] = (3, 12)
     diameter: DiameterModel = DiameterModel()
     camera: Camera = Camera()
+    artifacts: Artifacts = Artifacts()
     method: str = "angular_spectrum"
     slab_thickness: float = 1.0e-3
     pad: int = 64
@@ -146,6 +166,11 @@ class SimulationSettings:
                                    d["gamma_mu"][1], d["min"], d["max"]),
             camera=Camera(c["noise"], c["electrons"], c["read_noise"], c["gray_level"],
                           c["beam_waist"], c["fringe_amplitude"], c["fringe_period"]),
+            artifacts=Artifacts(
+                ice_fraction=s["ice"]["fraction"], ice_aspect=tuple(s["ice"]["aspect"]),
+                ice_column_fraction=s["ice"]["column_fraction"], dust_count=s["window_dust"]["count"],
+                dust_diameter=tuple(s["window_dust"]["diameter"]), dust_z=s["window_dust"]["z"],
+                outside_count=tuple(s["outside"]["count"]), outside_margin=s["outside"]["margin"]),
             method=s["method"],
             slab_thickness=s["slab_thickness"],
             pad=s["pad"],
@@ -156,28 +181,100 @@ class SimulationSettings:
 
 @dataclass(frozen=True)
 class ParticleSet:
-    """Particle positions and diameters in metres; x, y from the frame centre, z from the sensor."""
+    """Particle positions and diameters in metres; x, y from the frame centre, z from the sensor.
+
+    ``d`` is the equal-area diameter. Without ``aspect`` every particle is a disk (a droplet); with it,
+    particle ``i`` of ``aspect[i] > 1`` is ice: an ellipse (a plate seen at an angle, or an irregular
+    crystal) or, where ``column[i]``, a rectangle, ``aspect[i]`` times longer than wide, its long axis at
+    ``angle[i]`` (radians from x).
+    """
 
     x: np.ndarray
     y: np.ndarray
     z: np.ndarray
     d: np.ndarray
+    aspect: np.ndarray | None = None
+    angle: np.ndarray | None = None
+    column: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.z)
 
     def subset(self, index) -> "ParticleSet":
-        return ParticleSet(self.x[index], self.y[index], self.z[index], self.d[index])
+        shape = (None, None, None) if self.aspect is None else (self.aspect[index], self.angle[index],
+                                                                 self.column[index])
+        return ParticleSet(self.x[index], self.y[index], self.z[index], self.d[index], *shape)
+
+    def shapes(self) -> list[tuple[float, float, bool]]:
+        """(aspect, angle, column) per particle: (1, 0, False) for a disk."""
+        if self.aspect is None:
+            return [(1.0, 0.0, False)] * len(self)
+        return list(zip(self.aspect.tolist(), self.angle.tolist(), self.column.tolist()))
+
+    @staticmethod
+    def joined(*sets: "ParticleSet") -> "ParticleSet":
+        """One set of several, shapes kept (disks where a set has none)."""
+        shapes = [shape for part in sets for shape in part.shapes()]
+        aspect, angle, column = (np.array([shape[i] for shape in shapes], dtype)
+                                 for i, dtype in enumerate((np.float64, np.float64, bool)))
+        return ParticleSet(*(np.concatenate([getattr(part, name) for part in sets]) for name in "xyzd"),
+                           aspect, angle, column)
 
 
 def sample_particles(rng: np.random.Generator, settings: SimulationSettings) -> ParticleSet:
-    """Count, x, y uniform over the frame, z uniform in [z_min, z_max], diameters from the model."""
-    o = settings.optics
+    """Count, x, y uniform over the frame, z uniform in [z_min, z_max], diameters from the model; with
+    ``artifacts.ice_fraction``, that share of them ice (:class:`ParticleSet`'s shapes: aspect uniform in
+    ``ice_aspect``, any angle, columns with ``ice_column_fraction``). Ice is drawn after everything else, so
+    a split without it keeps its holograms."""
+    o, artifacts = settings.optics, settings.artifacts
     n = int(rng.integers(settings.particles[0], settings.particles[1] + 1))
     x = rng.uniform(-o.nx * o.dx / 2, o.nx * o.dx / 2, n)
     y = rng.uniform(-o.ny * o.dy / 2, o.ny * o.dy / 2, n)
     z = rng.uniform(o.z_min, o.z_max, n)
+    d = settings.diameter.sample(rng, n)
+    if artifacts.ice_fraction <= 0:
+        return ParticleSet(x, y, z, d)
+    ice = rng.uniform(size=n) < artifacts.ice_fraction
+    aspect = np.where(ice, rng.uniform(*artifacts.ice_aspect, n), 1.0)
+    angle = np.where(ice, rng.uniform(0, np.pi, n), 0.0)
+    return ParticleSet(x, y, z, d, aspect, angle, ice & (rng.uniform(size=n) < artifacts.ice_column_fraction))
+
+
+def sample_outside(rng: np.random.Generator, settings: SimulationSettings) -> ParticleSet:
+    """Droplets just outside the sample volume (``artifacts.outside_count`` of them, up to ``outside_margin``
+    nearer than z_min or farther than z_max, either side alike): their rings cross the frame, but they are
+    not in the truth, and a method that reports them reports particles that are not there."""
+    o, artifacts = settings.optics, settings.artifacts
+    n = int(rng.integers(artifacts.outside_count[0], artifacts.outside_count[1] + 1))
+    beyond = rng.uniform(0, artifacts.outside_margin, n)
+    z = np.where(rng.uniform(size=n) < 0.5, o.z_min - beyond, o.z_max + beyond)
+    x = rng.uniform(-o.nx * o.dx / 2, o.nx * o.dx / 2, n)
+    y = rng.uniform(-o.ny * o.dy / 2, o.ny * o.dy / 2, n)
     return ParticleSet(x, y, z, settings.diameter.sample(rng, n))
+
+
+DUST_STREAM = (0, 1)
+"""Appended to a file's seed for its window dust: a stream that no hologram's ``(seed, index)`` is."""
+
+
+def window_dust(seed: int, settings: SimulationSettings) -> ParticleSet:
+    """The contamination on a file's window (``artifacts.dust_count`` specks, diameters uniform in
+    ``dust_diameter``, at ``dust_z``): drawn once per file from ``(seed, *DUST_STREAM)``, so every hologram of
+    the file carries it at the same place, as dust on a probe's window does through a flight."""
+    o, artifacts = settings.optics, settings.artifacts
+    rng = np.random.default_rng([seed, *DUST_STREAM])
+    n = artifacts.dust_count
+    x = rng.uniform(-o.nx * o.dx / 2, o.nx * o.dx / 2, n)
+    y = rng.uniform(-o.ny * o.dy / 2, o.ny * o.dy / 2, n)
+    z = np.full(n, o.z_min if artifacts.dust_z is None else artifacts.dust_z)
+    return ParticleSet(x, y, z, rng.uniform(*artifacts.dust_diameter, n))
+
+
+def dust_attrs(dust: ParticleSet) -> dict:
+    """The file attributes of ``dust`` (metres; :data:`holopipe.io.DUST_ATTRS`, µm), none when there is none."""
+    if not len(dust):
+        return {}
+    return {name: [float(v) * 1e6 for v in getattr(dust, axis)] for axis, name in DUST_ATTRS.items()}
 
 
 def _airy(u):
@@ -186,17 +283,59 @@ def _airy(u):
     return xp.where(u > 0, 2.0 * scipy_for(xp, "special").j1(u) / xp.where(u > 0, u, 1.0), 1.0)
 
 
+def _shape_axes(diameter: float, aspect: float, column: bool) -> tuple[float, float]:
+    """(long, short) extent in m of a shape of equal-area ``diameter``: an ellipse's semi-axes (a disk's
+    radius twice), a rectangle's sides."""
+    area = np.pi * diameter**2 / 4
+    if column:
+        long = math.sqrt(area * aspect)
+        return long, long / aspect
+    short = math.sqrt(area / (np.pi * aspect))
+    return aspect * short, short
+
+
+def _sinc(xp, x):
+    """sin(πx)/(πx), 1 at 0, in any array library."""
+    return xp.where(x != 0, xp.sin(np.pi * x) / (np.pi * xp.where(x != 0, x, 1.0)), 1.0)
+
+
+def _aperture(fx, fy, diameter: float, aspect: float = 1.0, angle: float = 0.0, column: bool = False):
+    """The shape's Fourier transform over its area (1 at zero frequency) at spatial frequencies ``fx``, ``fy``
+    (1/m, any array library): a disk's 2J1(u)/u (u = πDρ), an ellipse's the same over its scaled axes, a
+    rectangle's sinc · sinc. It is the opaque screen's angular spectrum and, at f = x/λz, its Fraunhofer
+    pattern alike."""
+    xp = array_api_compat.array_namespace(fx, fy)
+    long, short = _shape_axes(diameter, aspect, column)
+    if aspect == 1.0 and not column:
+        return _airy(np.pi * diameter * xp.sqrt(fx**2 + fy**2))
+    along = fx * math.cos(angle) + fy * math.sin(angle)
+    across = fy * math.cos(angle) - fx * math.sin(angle)
+    if column:
+        return _sinc(xp, long * along) * _sinc(xp, short * across)
+    return _airy(2 * np.pi * xp.sqrt((long * along) ** 2 + (short * across) ** 2))
+
+
+def _smallest_width(diameter: float, shape: tuple) -> float:
+    """The narrowest width in m of a particle (``shape`` as :meth:`ParticleSet.shapes`): it sets how far
+    its diffraction spreads."""
+    short = _shape_axes(diameter, shape[0], shape[2])[1]
+    return short if shape[2] else 2 * short
+
+
 def _disk_window(particle_x: float, particle_y: float, diameter: float, dz: float, optics: Optics,
-                 origin_x: float, origin_y: float, transfer_cache: dict):
-    """The disk's field ``P_dz(A)`` in a small window; returns (window, first row, first column).
+                 origin_x: float, origin_y: float, transfer_cache: dict, shape: tuple = (1.0, 0.0, False)):
+    """The particle's field ``P_dz(A)`` in a small window; returns (window, first row, first column).
 
     ``origin_x``/``origin_y`` are the coordinates (m) of pixel (0, 0) of the frame the window goes
     into. The window is centred on the pixel nearest the particle; the sub-pixel offset is a phase
-    ramp on the disk's analytic spectrum (πD²/4)·2J1(πDρ)/(πDρ).
+    ramp on the shape's analytic spectrum, area · :func:`_aperture` (a disk's (πD²/4)·2J1(πDρ)/(πDρ));
+    ``shape`` is ``(aspect, angle, column)`` (:meth:`ParticleSet.shapes`).
     """
-    spread = WINDOW_SPREAD_FACTOR * optics.wavelength * abs(dz) / diameter
-    half_x = math.ceil((diameter / 2 + spread) / optics.dx) + WINDOW_MARGIN_PIXELS
-    half_y = math.ceil((diameter / 2 + spread) / optics.dy) + WINDOW_MARGIN_PIXELS
+    long, short = _shape_axes(diameter, shape[0], shape[2])
+    extent = math.hypot(long, short) / 2 if shape[2] else long
+    spread = WINDOW_SPREAD_FACTOR * optics.wavelength * abs(dz) / _smallest_width(diameter, shape)
+    half_x = math.ceil((extent + spread) / optics.dx) + WINDOW_MARGIN_PIXELS
+    half_y = math.ceil((extent + spread) / optics.dy) + WINDOW_MARGIN_PIXELS
     width_x = scipy.fft.next_fast_len(2 * half_x)
     width_y = scipy.fft.next_fast_len(2 * half_y)
     centre_col = round((particle_x - origin_x) / optics.dx)
@@ -205,10 +344,8 @@ def _disk_window(particle_x: float, particle_y: float, diameter: float, dz: floa
     offset_y = particle_y - (origin_y + centre_row * optics.dy)
     fx = np.fft.fftfreq(width_x, optics.dx)
     fy = np.fft.fftfreq(width_y, optics.dy)
-    rho = np.hypot(fy[:, None], fx[None, :])
-    u = np.pi * diameter * rho
-    airy = _airy(u)
-    spectrum = (np.pi * diameter**2 / 4) * airy / (optics.dx * optics.dy)
+    aperture = _aperture(fx[None, :], fy[:, None], diameter, *shape)
+    spectrum = (np.pi * diameter**2 / 4) * aperture / (optics.dx * optics.dy)
     spectrum = spectrum * np.exp(-2j * np.pi * (fx[None, :] * offset_x + fy[:, None] * offset_y))
     key = (width_y, width_x)
     if key not in transfer_cache:
@@ -252,9 +389,9 @@ def opaque_disks_field(particles: ParticleSet, optics: Optics, *, slab_thickness
         if plane is not None:
             field = ifft2(transfer.apply(fft2(field), plane - slab_z), overwrite=True)
         screen = xp.zeros((ny, nx), dtype=xp.complex64)
-        for x, y, z, d in zip(members.x, members.y, members.z, members.d):
+        for x, y, z, d, shape in zip(members.x, members.y, members.z, members.d, members.shapes()):
             window, row0, col0 = _disk_window(x, y, d, z - slab_z, optics, origin_x, origin_y,
-                                              window_transfers)
+                                              window_transfers, shape)
             _add_clipped(screen, xp.asarray(window), row0, col0)
         field *= 1 - screen
         plane = slab_z
@@ -273,20 +410,20 @@ def fraunhofer_field(particles: ParticleSet, optics: Optics, xp=numpy_xp):
     field = xp.ones((optics.ny, optics.nx), dtype=xp.complex64)
     xs, ys = pixel_centres(optics.nx, optics.dx), pixel_centres(optics.ny, optics.dy)
     xs_on_device, ys_on_device = xp.asarray(xs), xp.asarray(ys)
-    for x, y, z, d in zip(particles.x, particles.y, particles.z, particles.d):
+    for x, y, z, d, shape in zip(particles.x, particles.y, particles.z, particles.d, particles.shapes()):
         c = np.pi * d**2 / (4 * optics.wavelength * z)
         u_max = (1.6 * c / FRAUNHOFER_CUTOFF) ** (2 / 3)
-        radius = min(u_max * optics.wavelength * z / (np.pi * d),
+        radius = min(u_max * optics.wavelength * z / (np.pi * _smallest_width(d, shape)),
                      optics.wavelength * z / (2 * max(optics.dx, optics.dy)))
         cols = np.flatnonzero(np.abs(xs - x) <= radius)
         rows = np.flatnonzero(np.abs(ys - y) <= radius)
         if cols.size == 0 or rows.size == 0:
             continue
         rows, cols = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)  # the pixels within radius
-        r2 = (ys_on_device[rows, None] - y) ** 2 + (xs_on_device[None, cols] - x) ** 2
-        u = np.pi * d * xp.sqrt(r2) / (optics.wavelength * z)
-        airy = _airy(u)
-        term = 1j * c * xp.exp(1j * np.pi * r2 / (optics.wavelength * z)) * airy
+        offset_y, offset_x = ys_on_device[rows, None] - y, xs_on_device[None, cols] - x
+        r2 = offset_y**2 + offset_x**2
+        pattern = _aperture(offset_x / (optics.wavelength * z), offset_y / (optics.wavelength * z), d, *shape)
+        term = 1j * c * xp.exp(1j * np.pi * r2 / (optics.wavelength * z)) * pattern
         field[rows, cols] += xp.astype(term, xp.complex64)
     return field
 
@@ -353,15 +490,19 @@ def _check_frame(field, optics: Optics) -> None:
 
 
 def simulate_hologram(rng: np.random.Generator, settings: SimulationSettings, *, ideal_sensor: bool = False,
-                      xp=numpy_xp) -> tuple[np.ndarray, ParticleSet]:
+                      xp=numpy_xp, dust: ParticleSet | None = None) -> tuple[np.ndarray, ParticleSet]:
     """One hologram: (image (ny, nx) on the host, its particles in metres), its field computed in ``xp``. The
     image is the camera's uint8 one, or with ``ideal_sensor`` :func:`ideal_sensor_image`'s float32 one (the
-    particles are the same either way)."""
-    particles = sample_particles(rng, settings)
+    particles are the same either way). The particles returned are the sample volume's: the ``dust`` (its
+    file's :func:`window_dust`) and the droplets just outside (:func:`sample_outside`) are in the image only."""
+    particles = seen = sample_particles(rng, settings)
+    if settings.artifacts.outside_count[1] > 0 or (dust is not None and len(dust)):
+        seen = ParticleSet.joined(particles, sample_outside(rng, settings),
+                                  *([dust] if dust is not None else []))
     if settings.method == "fraunhofer":
-        field = fraunhofer_field(particles, settings.optics, xp)
+        field = fraunhofer_field(seen, settings.optics, xp)
     elif settings.method == "angular_spectrum":
-        field = opaque_disks_field(particles, settings.optics, slab_thickness=settings.slab_thickness,
+        field = opaque_disks_field(seen, settings.optics, slab_thickness=settings.slab_thickness,
                                    pad=settings.pad, band_limit=settings.band_limit, xp=xp)
     else:
         raise ValueError(f"unknown simulation method {settings.method!r}; "
@@ -384,15 +525,16 @@ def simulate_file(path, *, n_holograms: int, seed: int, settings: SimulationSett
         raise ValueError(f"n_holograms must be at least 1, got {n_holograms}")
     xp = array_namespace_for(settings.device, "simulate.device")
     o = settings.optics
+    dust = window_dust(seed, settings)
     attrs = {"holopipe_version": __version__, "simulation_method": settings.method, "seed": seed,
-             "sensor": "ideal" if ideal_sensor else "camera"}
+             "sensor": "ideal" if ideal_sensor else "camera", **dust_attrs(dust)}
     with HolodecWriter(path, n_holograms=n_holograms, nx=o.nx, ny=o.ny, dx=o.dx, dy=o.dy,
                        wavelength=o.wavelength, z_min=o.z_min, z_max=o.z_max, attrs=attrs,
                        image_dtype=np.float32 if ideal_sensor else np.uint8) as writer:
         for index in tqdm(range(n_holograms), desc=f"simulate {Path(path).name}", unit="hologram",
                           disable=not progress):
             image, particles = simulate_hologram(np.random.default_rng([seed, index]), settings,
-                                                 ideal_sensor=ideal_sensor, xp=xp)
+                                                 ideal_sensor=ideal_sensor, xp=xp, dust=dust)
             writer.write_image(index, image.T)
             writer.append_particles(np.full(len(particles), index + 1), particles.x * 1e6,
                                     particles.y * 1e6, particles.z * 1e6, particles.d * 1e6)
