@@ -16,7 +16,7 @@ from holopipe.optics import Propagator, hologram_field
 from holopipe.provenance import code_identity
 from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
                                 merge_duplicates, particles_file, refine_depths, suppress_ghosts,
-                                without_cut_ghosts)
+                                without_cut_ghosts, without_stationary)
 from holopipe.reconstruction import z_bin_centres
 from holopipe.simulate import ParticleSet
 from test_baseline import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,
@@ -500,3 +500,17 @@ def test_a_droplet_just_outside_the_volume_is_not_reported_on_its_last_plane(tmp
     both = pd.read_csv(particles_file([tmp_path / "chunk.csv"], tmp_path / "q.csv", make_config(beyond_planes=0),
                                       store_path=store, progress=False))
     assert len(both) == 2 and both["z"].max() <= PLANES[-1] * 1e6 + 1e-6
+
+
+def test_what_stays_at_one_place_across_a_splits_holograms_is_dropped():
+    """A 30 µm speck in 4 of 6 holograms (its centre jittering by 3 µm), droplets that happen to share a place
+    in 2 holograms, and a speck in 4 of 10 holograms (below half): only the first goes."""
+    speck = pd.DataFrame({"hid": [1, 2, 3, 5], "x": [100.0, 102.0, 99.0, 101.0], "y": [50.0, 51.0, 48.0, 50.0],
+                          "z": 2000.0, "d": 30.0})
+    droplets = pd.DataFrame({"hid": [1, 2, 4, 6], "x": [-80.0, -82.0, 10.0, 300.0], "y": [0.0, 1.0, 5.0, 5.0],
+                             "z": [3000.0, 9000.0, 5000.0, 5000.0], "d": 20.0})
+    split = pd.concat([speck, droplets], ignore_index=True)
+    assert without_stationary(split, 6, 0.5).index.tolist() == [4, 5, 6, 7]
+    assert len(without_stationary(split, 10, 0.5)) == 8, "4 of 10 is below half"
+    assert len(without_stationary(split, 6, None)) == 8
+    assert len(without_stationary(speck.iloc[:2], 2, 0.5)) == 2, "two holograms cannot tell"

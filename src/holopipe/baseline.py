@@ -53,6 +53,9 @@ then, without any learning:
    gives the droplet's centre; d their equivalent diameter ``2 sqrt(area dx dy / π)``, an edge that does
    not grow with the detection threshold. The score is the darkness contrast ``1 - minimum
    amplitude`` of the region.
+6. **Stationary.** Over the split, what is found at one place in at least ``baseline.stationary_fraction``
+   of its holograms is dust on a window, not a droplet (:func:`holopipe.particles.without_stationary`, as
+   the particles stage does).
 
 Reconstruction, thresholding and the focus metric run on ``baseline.device`` (torch on a GPU; numpy on
 the CPU, where scipy's FFT is twice torch's speed), planes in batches sized for the device's memory
@@ -83,7 +86,7 @@ from holopipe.io import (HologramParts, equivalent_diameter, input_identity, pix
                          write_atomically)
 from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
-from holopipe.particles import line_of_sight_splits, suppress_ghosts
+from holopipe.particles import line_of_sight_splits, suppress_ghosts, without_stationary
 from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
@@ -417,4 +420,5 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
         ds.close()
     table = pd.concat(parts.load(hids), ignore_index=True)
     table = table.astype({"hid": np.int64, **{c: np.float64 for c in CSV_COLUMNS[1:]}})
+    table = without_stationary(table, len(hids), settings["stationary_fraction"])
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))

@@ -43,7 +43,9 @@ within ``particles.distance`` and ``link_depth``), keeping the largest prob. Clu
 droplet can also refine to different planes of its long depth of focus D²/λ; :func:`without_ghosts`
 keeps the sharpest focus of those lying inside its shadow (``particles.ghost_diameters``) and within
 ``particles.ghost_depths_of_focus`` depths of focus in z (the ghost removal the baseline applies to its
-own groups, :func:`suppress_ghosts`), so that a small droplet beside a large one survives. Planes are
+own groups, :func:`suppress_ghosts`), so that a small droplet beside a large one survives. Last, over the
+whole split, what sits at one place in at least ``particles.stationary_fraction`` of its holograms is
+dust on a window, not a droplet (:func:`without_stationary`). Planes are
 reconstructed on ``particles.device`` in batches sized for its memory
 (:func:`holopipe.optics.device_planes_per_batch`: dozens of full-size planes on a GPU) and every particle of
 a batch is scored at once there (its windows' indices uploaded in one packed copy and gathered in one
@@ -70,7 +72,8 @@ from tqdm.auto import tqdm
 
 from holopipe.device import array_mover
 from holopipe.focus import host_array, host_windows, reconstructed_amplitude, smoothed_amplitude, window_scores
-from holopipe.io import HologramParts, equivalent_diameter, input_identity, pixel_position, write_atomically
+from holopipe.io import (HologramParts, equivalent_diameter, input_identity, open_holodec, pixel_position,
+                         usable_holograms, write_atomically)
 from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
@@ -78,7 +81,7 @@ from holopipe.reconstruction import hologram_propagator, open_standardized, z_bi
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "components", "focus_windows",
            "label_detections", "line_of_sight_splits", "linked_pairs", "measure_dark_disk", "merge_detections",
            "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
-           "without_cut_ghosts", "without_ghosts"]
+           "without_cut_ghosts", "without_ghosts", "without_stationary"]
 
 PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
@@ -395,10 +398,12 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
     and ``optics`` sections and the inputs' identity), so a killed job's rerun refines only the rest.
     """
     chunk_csvs = list(chunk_csvs)
-    clusters = cluster_detections(read_detections(chunk_csvs), config)
+    detections = read_detections(chunk_csvs)
+    clusters = cluster_detections(detections, config)
     settings = config["particles"]
     if settings["refine"] == "none" or not len(clusters):
-        return write_atomically(out_csv, lambda tmp: _particle_table(clusters).to_csv(tmp, index=False))
+        table = without_stationary(clusters, _split_holograms(store_path, detections), settings["stationary_fraction"])
+        return write_atomically(out_csv, lambda tmp: _particle_table(table).to_csv(tmp, index=False))
     if store_path is None:
         raise ValueError(f"particles.refine is {settings['refine']!r}: it needs the standardized "
                          "split store (--store) to reconstruct the holograms")
@@ -413,13 +418,51 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
     # A disk too faint to be a droplet in focus, or a focus beyond the sample volume: not a particle of it.
     refined_clusters = refined_clusters[(refined_clusters["contrast"] >= float(settings["min_disk_contrast"]))
                                         & refined["inside"].reindex(refined_clusters.index).to_numpy(bool)]
-    table = _particle_table(without_ghosts(merge_duplicates(refined_clusters, settings), settings,
-                                           float(config["optics"]["wavelength"])))
+    table = without_ghosts(merge_duplicates(refined_clusters, settings), settings, float(config["optics"]["wavelength"]))
+    table = _particle_table(without_stationary(table, _split_holograms(store_path, detections),
+                                               settings["stationary_fraction"]))
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))
+
+
+def _split_holograms(store_path, detections: pd.DataFrame) -> int:
+    """How many holograms the split has: the store's usable ones, or without a store (refine none) those with
+    a detection."""
+    if store_path is None:
+        return int(detections["hid"].nunique())
+    ds = open_holodec(store_path)
+    try:
+        return len(usable_holograms(ds))
+    finally:
+        ds.close()
 
 
 def _particle_table(particles: pd.DataFrame) -> pd.DataFrame:
     return particles[list(PARTICLE_COLUMNS)].sort_values(["hid", "z"], kind="stable", ignore_index=True)
+
+
+STATIONARY_MIN_HOLOGRAMS = 3
+"""A place holds something stationary only when found in at least this many holograms of a split."""
+
+
+def without_stationary(particles: pd.DataFrame, n_holograms: int, fraction: float | None) -> pd.DataFrame:
+    """A split's ``particles`` (hid, x, y, d in µm) without what sits at one place in at least ``fraction`` of
+    its ``n_holograms`` (and in :data:`STATIONARY_MIN_HOLOGRAMS`): a particle there and one of another
+    hologram whose centres are closer than the larger radius are at one place. Droplets drift with the air
+    between holograms; dust on a window, a scratch or a dead pixel stays, in every hologram of a flight.
+    ``fraction`` None keeps everything."""
+    if fraction is None or len(particles) < 2:
+        return particles
+    needed = max(STATIONARY_MIN_HOLOGRAMS, int(np.ceil(fraction * n_holograms)))
+    x, y, d = (particles[c].to_numpy(np.float64) for c in "xyd")
+    hid = particles["hid"].to_numpy()
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(0.5 * d.max(), output_type="ndarray")
+    i, j = pairs[:, 0], pairs[:, 1]
+    keep = (hid[i] != hid[j]) & (np.hypot(x[i] - x[j], y[i] - y[j]) <= 0.5 * np.maximum(d[i], d[j]))
+    i, j = np.r_[i[keep], j[keep]], np.r_[j[keep], i[keep]]
+    # Holograms at each particle's place: its own, and those of its partners (each counted once).
+    seen = pd.DataFrame({"particle": np.r_[np.arange(len(hid)), i], "hid": np.r_[hid, hid[j]]}).drop_duplicates()
+    holograms = seen.groupby("particle").size().reindex(np.arange(len(hid)), fill_value=0).to_numpy()
+    return particles[holograms < needed]
 
 
 def suppress_ghosts(particles: pd.DataFrame, rank: str, wavelength_m: float, depths_of_focus: float,
