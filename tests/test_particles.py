@@ -332,13 +332,17 @@ def test_a_part_that_peaks_on_its_cut_is_its_neighbours_droplet():
     assert without_cut_ghosts(parts).index.tolist() == [0, 2, 3]
 
 
-def test_merge_duplicates_keeps_the_surest_of_coincident_particles():
+def test_merge_duplicates_keeps_the_whole_disk_of_coincident_particles():
+    """A 53 µm droplet and an 18 µm fragment of it 20 µm off its centre at its depth (the model marked it in
+    parts) are one particle, the whole disk; two 30 µm disks 10 µm apart are one, the surer kept; a droplet
+    beside them (disks apart), one 1 mm behind (beyond link_depth) and one in another hologram stay."""
     settings = make_config()["particles"]
-    particles = pd.DataFrame({"hid": [1, 1, 1, 2], "x": [0.0, 10.0, 300.0, 0.0], "y": 0.0,
-                              "z": [5000.0, 5100.0, 5000.0, 5000.0], "d": 30.0, "prob": [0.9, 1.0, 1.0, 0.5],
-                              "focus": [2.0, 1.0, 1.0, 1.0]})
+    particles = pd.DataFrame({"hid": [1, 1, 1, 1, 1, 1, 2], "x": [0.0, 20.0, 300.0, 310.0, 300.0, 60.0, 0.0],
+                              "y": 0.0, "z": [5000.0, 5020.0, 5000.0, 5100.0, 6000.0, 5000.0, 5000.0],
+                              "d": [53.0, 18.0, 30.0, 30.0, 30.0, 12.0, 30.0],
+                              "prob": [0.9, 1.0, 0.8, 1.0, 1.0, 1.0, 0.5], "focus": 1.0})
     merged = merge_duplicates(particles, settings).sort_index()
-    assert merged.index.tolist() == [1, 2, 3], "10 µm and 100 µm in z apart is one particle, 300 µm is not"
+    assert merged.index.tolist() == [0, 3, 4, 5, 6]
 
 
 def test_particles_file_refines_on_the_store(store, tmp_path):

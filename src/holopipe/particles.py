@@ -38,8 +38,8 @@ measured as the baseline does (centroid and equivalent diameter of the half-cont
 the darkest point within the detection's own disk (:func:`measure_dark_disk`): a larger neighbour's
 shadow in the window is not taken for it. Only where the frame edge cuts the window (the fringes are cut,
 and a cluster may sit beside its droplet) is the window widened by ``particles.distance`` and searched
-whole. Clusters of one droplet then refine to the same place and are merged (:func:`merge_duplicates`,
-within ``particles.distance`` and ``link_depth``), keeping the largest prob. Clusters of one large
+whole. Clusters of one droplet then refine to the same place and are merged where their disks overlap
+within ``particles.link_depth`` (:func:`merge_duplicates`), keeping the largest disk. Clusters of one large
 droplet can also refine to different planes of its long depth of focus D²/λ; :func:`without_ghosts`
 keeps the sharpest focus of those lying inside its shadow (``particles.ghost_diameters``) and within
 ``particles.ghost_depths_of_focus`` depths of focus in z (the ghost removal the baseline applies to its
@@ -495,18 +495,19 @@ def suppress_ghosts(particles: pd.DataFrame, rank: str, wavelength_m: float, dep
 
 
 def merge_duplicates(particles: pd.DataFrame, settings: dict) -> pd.DataFrame:
-    """One particle per group of refined particles (µm) within ``distance`` in x, y and ``link_depth`` in z.
+    """One particle per group of refined particles (µm) whose disks overlap (or whose centres are closer than
+    ``distance``) within ``link_depth`` in z: :func:`linked_pairs` on the refined x, y, z, d.
 
-    A droplet whose detections fell into several clusters (a ghost beside it, a gap across z) refines
-    to one place several times; the one kept has the largest ``prob``, then the sharpest ``focus``.
+    A droplet whose detections fell into several clusters (a ghost beside it, a gap across z, a large
+    droplet that the model marked in fragments) refines to one place several times: the whole disk and its
+    parts. The one kept is the largest (the droplet, not a fragment of it), then the one of largest ``prob``.
     """
     kept = []
     for _, group in particles.groupby("hid", sort=True):
-        x, y, z = (1e-6 * group[c].to_numpy(np.float64) for c in "xyz")
-        pairs = linked_pairs(x, y, z, np.zeros(len(group)), float(settings["distance"]),
-                             float(settings["link_depth"]))
+        x, y, z, d = (1e-6 * group[c].to_numpy(np.float64) for c in "xyzd")
+        pairs = linked_pairs(x, y, z, d, float(settings["distance"]), float(settings["link_depth"]))
         labels = components(pairs, len(group))
-        kept.append(group.iloc[_best_per_label(labels, group["focus"].to_numpy(), group["prob"].to_numpy())])
+        kept.append(group.iloc[_best_per_label(labels, group["prob"].to_numpy(), group["d"].to_numpy())])
     return pd.concat(kept) if kept else particles
 
 
