@@ -166,6 +166,20 @@ def test_touching_columns_are_cut_into_two_particles_measured_on_their_own_disks
     np.testing.assert_allclose(two["d"], scene.d, atol=2 * OPTICS.dx)
 
 
+def test_a_droplet_just_outside_the_volume_is_not_reported_on_its_last_plane(tmp_path):
+    """30 µm droplets 0.5 mm beyond z_max and 0.15 mm inside it: searching 5 planes beyond the volume, only
+    the inside one is reported, at its depth; searching the volume only, the outside one sits on the last plane."""
+    scene = ParticleSet(x=np.array([-100e-6, 90e-6]), y=np.array([-60e-6, 70e-6]),
+                        z=np.array([OPTICS.z_max + 0.5e-3, OPTICS.z_max - 0.15e-3]), d=np.array([30e-6, 30e-6]))
+    store = split_store(tmp_path / "edge.zarr", [contrast_hologram(scene)])
+    planes = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
+    inside = pd.read_csv(baseline_file(make_config(beyond_planes=5), store, tmp_path / "in.csv", progress=False))
+    assert len(inside) == 1 and inside["x"].iloc[0] == pytest.approx(90.0, abs=OPTICS.dx * 1e6)
+    assert inside["z"].iloc[0] == pytest.approx(scene.z[1] * 1e6, abs=(planes[1] - planes[0]) * 1e6)
+    both = pd.read_csv(baseline_file(make_config(beyond_planes=0), store, tmp_path / "all.csv", progress=False))
+    assert len(both) == 2 and both["z"].max() <= planes[-1] * 1e6 + 1e-6
+
+
 def test_fixed_threshold_and_min_voxels_act(hologram):
     propagator = propagator_of(hologram)
     config = make_config(threshold=0.6)

@@ -53,7 +53,10 @@ then, without any learning:
    gives the droplet's centre; d their equivalent diameter ``2 sqrt(area dx dy / π)``, an edge that does
    not grow with the detection threshold. The score is the darkness contrast ``1 - minimum
    amplitude`` of the region.
-6. **Stationary.** Over the split, what is found at one place in at least ``baseline.stationary_fraction``
+6. **Outside.** ``baseline.beyond_planes`` more planes at the same spacing are searched beyond each end
+   of the sample volume: a particle in focus out there is outside it, and is not reported on the volume's
+   first or last plane (as the particles stage does).
+7. **Stationary.** Over the split, what is found at one place in at least ``baseline.stationary_fraction``
    of its holograms is dust on a window, not a droplet (:func:`holopipe.particles.without_stationary`, as
    the particles stage does).
 
@@ -86,7 +89,7 @@ from holopipe.io import (HologramParts, equivalent_diameter, input_identity, pix
                          write_atomically)
 from holopipe.optics import Propagator, device_planes_per_batch
 from holopipe.provenance import code_identity
-from holopipe.particles import line_of_sight_splits, suppress_ghosts, without_stationary
+from holopipe.particles import beyond_the_volume, line_of_sight_splits, suppress_ghosts, without_stationary
 from holopipe.device import array_mover
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
@@ -404,7 +407,9 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
             "reconstruction": reconstruction, "optics": config["optics"], "inputs": input_identity(store_path)})
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
-        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
+        z_min, z_max = float(attrs["zMin"]), float(attrs["zMax"])
+        planes = beyond_the_volume(z_bin_centres(z_min, z_max, int(reconstruction["z_bins"])),
+                                   int(settings["beyond_planes"]))
         hids = usable_holograms(ds)  # standardization's skipped holograms (no data) are not searched
         done = parts.done()
         for hid in tqdm(hids, desc=f"baseline {Path(name).name}", unit="hologram", disable=not progress):
@@ -415,6 +420,7 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
             particles = find_particles(propagator, planes, settings, dx=dx, dy=dy, progress=progress)
             particles = suppress_ghosts(particles, "score", float(attrs["lambda"]),
                                         settings["ghost_depths_of_focus"], settings["ghost_diameters"])
+            particles = particles[(particles["z"] >= z_min) & (particles["z"] <= z_max)]  # in focus beyond: outside
             parts.save(hid, _micrometre_table(particles, hid))
     finally:
         ds.close()

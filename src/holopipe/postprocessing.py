@@ -53,12 +53,13 @@ SEARCH_SPACES = {
         "min_contrast": ("float", 0.2, 0.8, False),
         "focus_metric": ("categorical", ("tamura", "min_amplitude", "edge_sharpness")),
         "split_prominence": ("float", 0.05, 1.0, True),
+        "beyond_planes": ("int", 0, 10, False),
         "ghost_depths_of_focus": ("float", 0.0, 4.0, False),
         "ghost_diameters": ("float", 0.0, 6.0, False),
     },
 }
 """Per section, key -> (kind, low, high, log) or ("categorical", choices): 11 knobs after the U-Net's detector,
-7 after the physics detector (threshold and contrast are the physics detector's own knobs)."""
+8 after the physics detector (threshold and contrast are the physics detector's own knobs)."""
 
 BEGIN = "# >>> make tune-postprocessing"
 END = "# <<< make tune-postprocessing"
