@@ -133,9 +133,6 @@ def _simulate_problems(config: dict, where: str) -> list[str]:
                              ("outside.count", simulate["outside"]["count"])):
         if low > high:
             problems.append(f"{where}.{key}: minimum {low} exceeds maximum {high}")
-    if simulate["outside"]["count"][1] > 0 and simulate["outside"]["margin"] >= config["optics"]["z_min"]:
-        problems.append(f"{where}.outside.margin ({simulate['outside']['margin']} m) must be less than "
-                        f"optics.z_min ({config['optics']['z_min']} m): a particle nearer than the sensor")
     return problems
 
 

@@ -242,12 +242,15 @@ def sample_particles(rng: np.random.Generator, settings: SimulationSettings) -> 
 
 def sample_outside(rng: np.random.Generator, settings: SimulationSettings) -> ParticleSet:
     """Droplets just outside the sample volume (``artifacts.outside_count`` of them, up to ``outside_margin``
-    nearer than z_min or farther than z_max, either side alike): their rings cross the frame, but they are
-    not in the truth, and a method that reports them reports particles that are not there."""
+    nearer than z_min, but no nearer than z_min / 2 (the sensor is at 0), or up to ``outside_margin`` farther
+    than z_max, either side alike): their rings cross the frame, but they are not in the truth, and a method
+    that reports them reports particles that are not there."""
     o, artifacts = settings.optics, settings.artifacts
     n = int(rng.integers(artifacts.outside_count[0], artifacts.outside_count[1] + 1))
-    beyond = rng.uniform(0, artifacts.outside_margin, n)
-    z = np.where(rng.uniform(size=n) < 0.5, o.z_min - beyond, o.z_max + beyond)
+    beyond = rng.uniform(0, 1, n)
+    near = rng.uniform(size=n) < 0.5
+    z = np.where(near, o.z_min - beyond * min(artifacts.outside_margin, o.z_min / 2),
+                 o.z_max + beyond * artifacts.outside_margin)
     x = rng.uniform(-o.nx * o.dx / 2, o.nx * o.dx / 2, n)
     y = rng.uniform(-o.ny * o.dy / 2, o.ny * o.dy / 2, n)
     return ParticleSet(x, y, z, settings.diameter.sample(rng, n))
