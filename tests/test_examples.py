@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 
 from holopipe.config import ConfigError, load_config
-from holopipe.dataset import Augmentation, TileDataset, apply_augmentation, draw_augmentation
+from holopipe.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
 from holopipe.examples import build_examples, plan_hologram, rasterize_disks, split_stream
 from holopipe.reconstruction import z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.io import open_holodec, particle_table, write_zarr
@@ -86,17 +86,19 @@ FRAME_MARGIN = 16  # pixels: a particle nearer the edge loses most of its fringe
 
 
 def particle_frame(row, col, radius, z_bin, d_um=30.0):
-    """Particles in pixels, at their bin's centre of the test's planes, ``d_um`` across."""
+    """Particles in pixels, at their bin's centre of the test's planes, ``d_um`` across, in focus over
+    D²/λ (the depth of a pattern the frame does not cut)."""
     planes = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
     return pd.DataFrame({"row": row, "col": col, "radius_row": radius, "radius_col": radius, "z_bin": z_bin,
-                         "z": planes[np.asarray(z_bin)] * 1e6, "d": d_um})
+                         "z": planes[np.asarray(z_bin)] * 1e6, "d": d_um,
+                         "depth_of_focus": (d_um * 1e-6) ** 2 / OPTICS.wavelength})
 
 
 def test_plan_reuses_a_lone_particle_at_new_positions_and_skips_positives_without_particles():
     examples = make_config()["examples"]
     lone = particle_frame(row=[70.3], col=[5.2], radius=[4.0], z_bin=[7], d_um=15.0)
     planes = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
-    plan = plan_hologram(np.random.default_rng(0), lone, (128, 128), planes, OPTICS.wavelength, examples)
+    plan = plan_hologram(np.random.default_rng(0), lone, (128, 128), planes, examples)
     positives = plan[plan["positive"]]
     assert len(positives) == POSITIVES and set(positives["z_bin"]) == {7}
     assert len(set(zip(positives["row0"], positives["col0"]))) == POSITIVES
@@ -111,7 +113,7 @@ def test_plan_reuses_a_lone_particle_at_new_positions_and_skips_positives_withou
     offsets = np.abs(planes[near["z_bin"]] - planes[7])
     assert np.all(offsets > depth_of_focus) and np.all(offsets <= 2 * depth_of_focus)
     assert np.all((near["row0"] <= 67) & (near["row0"] + TILE - 1 >= 74))
-    none = plan_hologram(np.random.default_rng(0), lone.iloc[:0], (128, 128), planes, OPTICS.wavelength, examples)
+    none = plan_hologram(np.random.default_rng(0), lone.iloc[:0], (128, 128), planes, examples)
     assert not none["positive"].any() and not none["near"].any() and len(none) == NEGATIVES
 
 
@@ -119,7 +121,7 @@ def test_a_droplet_in_focus_over_the_whole_slice_gives_its_near_negative_slots_t
     examples = make_config()["examples"]
     planes = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
     huge = particle_frame(row=[60.0], col=[60.0], radius=[10.0], z_bin=[10], d_um=60.0)  # D²/λ = 10 mm
-    plan = plan_hologram(np.random.default_rng(1), huge, (128, 128), planes, OPTICS.wavelength, examples)
+    plan = plan_hologram(np.random.default_rng(1), huge, (128, 128), planes, examples)
     negatives = plan[~plan["positive"]]
     assert len(negatives) == NEGATIVES and not negatives["near"].any() and 10 not in set(negatives["z_bin"])
 
@@ -157,7 +159,7 @@ def test_counts_and_planes_follow_the_config_and_the_particles(stores):
         # A 20-40 µm droplet's depth of focus (1.1-4.5 mm) may leave no near plane in the 4 mm slice.
         assert positive.sum() == POSITIVES and (~positive).sum() == NEGATIVES and near.sum() <= NEGATIVES // 2
         n_near += near.sum()
-        mask_pixels = mine["masks"].sum(("mask_channel", "row", "col")).values
+        mask_pixels = mine["masks"].sel(mask_channel="in_focus").sum(("row", "col")).values
         z_bin = mine["z_bin"].values.astype(int)
         far = ~positive & ~near
         assert np.all(mask_pixels[positive] > 0) and np.all(mask_pixels[far] == 0)
@@ -229,7 +231,11 @@ def test_dataset_normalises_channels_and_reads_masks(stores):
     assert x.dtype == y.dtype == torch.float32 and x.shape == (2, TILE, TILE) and y.shape == (1, TILE, TILE)
     raw = group["inputs"][0]
     assert np.allclose(x[0].numpy(), (raw[0] - 1) / 0.5) and np.allclose(x[1].numpy(), raw[1] / 0.5)
-    assert np.array_equal(y.numpy(), group["masks"][0])
+    masks = group["masks"][:]
+    targets = np.stack([data[i][1].numpy() for i in range(len(data))])[:, 0]
+    in_focus, band = masks[:, 0] > 0, masks[:, 1] > 0
+    assert np.array_equal(targets == 1, in_focus)
+    assert np.array_equal(targets == IGNORE, band & ~in_focus) and (targets == IGNORE).any()
 
 
 DIHEDRAL = [Augmentation(h, v, k) for h, v, k in itertools.product((False, True), (False, True), range(4))]

@@ -12,13 +12,14 @@ import torch
 from holopipe import train as train_module
 from holopipe.config import load_config, with_overrides
 from holopipe.dataset import TileDataset, write_synthetic_examples
-from holopipe.losses import PixelCounts
+from holopipe.losses import ObjectCounts
 from holopipe.models import build_model
 from holopipe.standardize import write_stats
 from holopipe.train import is_improvement, learning_rate, load_model, train_model
 
 TILE, CHANNELS, CONTRAST_STD = 32, ("amplitude", "phase"), 0.2
-CSV_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precision", "recall", "seconds"]
+CSV_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precision", "recall", "object_f1",
+               "object_precision", "object_recall", "seconds"]
 
 
 def examples_store(path, n, seed):
@@ -85,8 +86,9 @@ def test_loss_decreases_and_outputs_are_written(data, tmp_path):
     assert list(table.columns) == CSV_COLUMNS
     assert table["epoch"].tolist() == [1, 2, 3, 4] and result.epochs_run == 4
     assert table["train_loss"].iloc[-1] < table["train_loss"].iloc[0]
-    assert result.best_metric == table["dice"].max()
-    assert result.best_epoch == table["dice"].idxmax() + 1
+    # The default metric is the particles' F1 in the validation tiles; a tie keeps the earlier epoch.
+    assert result.best_metric == table["object_f1"].max()
+    assert result.best_epoch == table["object_f1"].idxmax() + 1
     assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "checkpoint.pt").is_file() and result.model_path == tmp_path / "model.pt"
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
@@ -111,10 +113,10 @@ def test_model_file_rebuilds_the_best_model(data, tmp_path):
     with torch.no_grad():
         logits = model(inputs)
         assert torch.equal(logits, reference(inputs))
-    # ... and the validation dice recorded for the best epoch.
-    counts = PixelCounts()
+    # ... and the validation particles' F1 recorded for the best epoch.
+    counts = ObjectCounts()
     counts.add(logits, masks, config["train"]["threshold"])
-    assert counts.metrics()["dice"] == pytest.approx(result.best_metric, abs=1e-6)
+    assert counts.metrics()["object_f1"] == pytest.approx(result.best_metric, abs=1e-6)
 
 
 def test_training_twice_from_the_same_examples_is_bit_identical_and_the_seed_alone_changes_it(data, tmp_path):

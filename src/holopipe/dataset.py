@@ -8,9 +8,12 @@ lives in :func:`normalize_channels` alone, which inference (:mod:`holopipe.infer
 
 Augmentation draws a horizontal flip, a vertical flip (each with its own probability 0.5) and a
 number of 90° rotations from ``numpy.random.default_rng([seed, epoch, index])``, so an epoch is
-reproducible in any worker and any order. The transform is applied to inputs and mask together. A
+reproducible in any worker and any order. The transform is applied to inputs and target together. A
 mirrored or rotated field is itself a valid field (the propagation kernel is symmetric), so the phase
 channel stays physical.
+
+The target is the ``in_focus`` mask, with :data:`IGNORE` where the store marks the ``band`` (a particle that
+looks in focus on a plane of another bin) and nothing is in focus: losses and metrics leave those pixels out.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import zarr
 
 from holopipe.io import ignoring_snakemake_marker
 
-__all__ = ["Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation", "normalize_channels",
-           "write_synthetic_examples"]
+__all__ = ["IGNORE", "Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation",
+           "normalize_channels", "target_of", "write_synthetic_examples"]
 
 FLIP_PROBABILITY = 0.5
 METADATA = ("hid", "z", "z_bin", "row0", "col0", "positive")
+IGNORE = -1.0
+"""Target value of a pixel the loss and the metrics leave out (the depth-of-focus band of another bin)."""
 CHANNEL_OFFSETS = {"amplitude": 1.0, "phase": 0.0}
 """Value of each channel where there is no particle (background 1, flat phase): it maps to 0."""
 
@@ -94,8 +99,20 @@ def apply_augmentation(array: np.ndarray, augmentation: Augmentation) -> np.ndar
     return np.rot90(array, augmentation.rotations, axes=(-2, -1))
 
 
+def target_of(masks: np.ndarray, mask_channels) -> np.ndarray:
+    """The training target (1, H, W) float32 of a stored mask (channels ``mask_channels``): 1 in focus, 0
+    empty, :data:`IGNORE` in the band where nothing is in focus. A store without a band has no IGNORE."""
+    names = list(mask_channels)
+    in_focus = masks[names.index("in_focus")] > 0
+    target = in_focus.astype(np.float32)
+    if "band" in names:
+        target[(masks[names.index("band")] > 0) & ~in_focus] = IGNORE
+    return target[None]
+
+
 class TileDataset(torch.utils.data.Dataset):
-    """Examples of one split as ``(inputs (C, H, W) float32, mask (1, H, W) float32)`` tensors.
+    """Examples of one split as ``(inputs (C, H, W) float32, target (1, H, W) float32)`` tensors (target:
+    :func:`target_of`).
 
     The store is opened lazily on the first item in each process and never pickled, so DataLoader
     workers (fork or spawn) each read it themselves. Call :meth:`set_epoch` before iterating a new
@@ -112,6 +129,8 @@ class TileDataset(torch.utils.data.Dataset):
         if missing or "channel_names" not in group.attrs:
             raise ValueError(f"{self.path}: not an examples store (missing {missing or ['attribute channel_names']})")
         self.channels = list(group.attrs["channel_names"])
+        self.mask_channels = [str(name) for name in group["mask_channel"][:]] if "mask_channel" in group \
+            else ["in_focus"]
         self.tile_size = int(group.attrs["tile_size"])
         self.metadata = pd.DataFrame({name: np.asarray(group[name][:]) for name in METADATA})
         self.augment, self.seed, self.epoch = bool(augment), int(seed), 0
@@ -151,7 +170,7 @@ class TileDataset(torch.utils.data.Dataset):
         inputs, mask = self.raw(index % n)
         stored = dict(zip(self.channels, inputs.astype(np.float32)))
         x = normalize_channels(stored.get("amplitude"), stored.get("phase"), self.channels, self._stats)
-        y = mask.astype(np.float32)
+        y = target_of(mask, self.mask_channels)
         if self.augment:
             augmentation = draw_augmentation(self.seed, self.epoch, index)
             x, y = apply_augmentation(x, augmentation), apply_augmentation(y, augmentation)

@@ -6,12 +6,16 @@ planes batched) and cut into square tiles:
 - positives: at the centre of the z bin of a particle, placed so that the particle lies in the tile
   at a random offset (the whole disk where the frame allows);
 - near negatives (a fraction of the negatives): at a particle's own (x, y), on a plane out of its focus by
-  one to two depths of focus D²/λ (the hard case: a particle just out of focus, which the label calls
-  empty exactly where the physics does; nearer planes, where the particle is still in focus but not in its
-  bin, are never cut);
+  one to two *effective* depths of focus (the hard case: a particle just out of focus, which the label calls
+  empty exactly where the physics does; nearer planes, where the particle still looks in focus but is not
+  in its bin, are never cut);
 - the other negatives: at random planes whose z bin holds no particle, at random positions.
 
-The mask of a tile marks the disks of *all* the hologram's particles whose z falls in the tile's bin.
+The mask of a tile has two channels: ``in_focus`` marks the disks of *all* the hologram's particles whose z
+falls in the tile's bin; ``band`` marks the disks of particles in another bin whose plane lies within their
+effective depth of focus (:func:`effective_depth_of_focus`), where a particle looks in focus although its
+bin is elsewhere. Training leaves the band out of the loss (:data:`holopipe.dataset.IGNORE`): the label
+neither asks for the particle there nor forbids it, as the optics cannot tell.
 The planes are the centres of ``reconstruction.z_bins`` equal bins between the store's ``zMin`` and
 ``zMax``; inference reconstructs the same planes (:func:`z_bin_centres`, :func:`z_bin_of`), so a
 model sees at inference exactly the defocus it was trained on.
@@ -40,6 +44,7 @@ from holopipe import __version__
 from holopipe.config import ConfigError
 from holopipe.device import cpu_threads
 from holopipe.io import particle_table, skipped_holograms, um_to_pixel, write_atomically
+from holopipe.optics import effective_depth_of_focus
 from holopipe.reconstruction import hologram_propagator, open_standardized, z_bin_centres, z_bin_of
 
 __all__ = [
@@ -49,7 +54,7 @@ __all__ = [
     "split_stream",
 ]
 
-MASK_CHANNELS = ("in_focus",)
+MASK_CHANNELS = ("in_focus", "band")
 PLAN_COLUMNS = ("z_bin", "row0", "col0", "positive", "near")
 
 _PLACEMENT_TRIES = 100
@@ -92,14 +97,23 @@ def rasterize_disks(rows, cols, radius_rows, radius_cols, frame_shape, window=No
 
 
 def _particles_in_pixels(table: pd.DataFrame, attrs, n_bins: int) -> pd.DataFrame:
-    """The particle table (µm) with frame pixel positions, radii in pixels and z bins added."""
+    """The particle table (µm) with frame pixel positions, radii in pixels, z bins and each particle's
+    effective depth of focus (``depth_of_focus``, m) added."""
     nx, ny, dx, dy = int(attrs["Nx"]), int(attrs["Ny"]), float(attrs["dx"]), float(attrs["dy"])
+    row, col = um_to_pixel(table["y"], ny, dy), um_to_pixel(table["x"], nx, dx)
+    # The frame spans pixel centres 0 .. n-1 and half a pixel beyond; a particle outside sees half a pixel.
+    rows, cols = np.asarray(row, float), np.asarray(col, float)
+    edges_x = (np.maximum(cols + 0.5, 0.5) * dx, np.maximum(nx - 0.5 - cols, 0.5) * dx)
+    edges_y = (np.maximum(rows + 0.5, 0.5) * dy, np.maximum(ny - 0.5 - rows, 0.5) * dy)
+    depth = effective_depth_of_focus(np.asarray(table["z"], float) * 1e-6, np.asarray(table["d"], float) * 1e-6,
+                                     edges_x, edges_y, wavelength=float(attrs["lambda"]))
     return table.assign(
-        row=um_to_pixel(table["y"], ny, dy),
-        col=um_to_pixel(table["x"], nx, dx),
+        row=row,
+        col=col,
         radius_row=table["d"] * 1e-6 / 2 / dy,
         radius_col=table["d"] * 1e-6 / 2 / dx,
         z_bin=z_bin_of(table["z"] * 1e-6, float(attrs["zMin"]), float(attrs["zMax"]), n_bins),
+        depth_of_focus=depth,
     )
 
 
@@ -124,28 +138,36 @@ def _origin_range(position: float, radius: float, n: int, tile: int) -> tuple[in
 
 
 NEAR_NEGATIVE_FOCUS_DEPTHS = (1.0, 2.0)
-"""A near negative's plane lies this many depths of focus (D²/λ) from its particle's z: just out of focus."""
+"""A near negative's plane lies this many effective depths of focus from its particle's z: just out of
+focus. Planes within the first are the particle's band (left out of the loss)."""
 
 
-def near_negative_bins(particle_z_m: float, diameter_m: float, planes_m: np.ndarray, wavelength_m: float
-                       ) -> np.ndarray:
-    """Bins whose plane is out of the particle's focus by one to two depths of focus D²/λ; where the depth
-    range holds none (a large droplet near the ends of a short slice), every bin farther than one."""
-    depth_of_focus = diameter_m**2 / wavelength_m
+def near_negative_bins(particle_z_m: float, depth_of_focus_m: float, planes_m: np.ndarray) -> np.ndarray:
+    """Bins whose plane is out of the particle's focus by one to two (effective) depths of focus; where the
+    depth range holds none (a large droplet near the ends of a short slice), every bin farther than one."""
     offset = np.abs(planes_m - particle_z_m)
-    low, high = (factor * depth_of_focus for factor in NEAR_NEGATIVE_FOCUS_DEPTHS)
+    low, high = (factor * depth_of_focus_m for factor in NEAR_NEGATIVE_FOCUS_DEPTHS)
     chosen = np.flatnonzero((offset > low) & (offset <= high))
     return chosen if chosen.size else np.flatnonzero(offset > low)
 
 
+def in_band(particles: pd.DataFrame, plane_m: float, z_bin: int) -> np.ndarray:
+    """Which particles look in focus at ``plane_m`` (within their effective depth of focus) while their
+    bin is another than ``z_bin``: the band a label can neither ask for nor forbid."""
+    offset = np.abs(particles["z"].to_numpy(float) * 1e-6 - plane_m)
+    return (offset <= NEAR_NEGATIVE_FOCUS_DEPTHS[0] * particles["depth_of_focus"].to_numpy(float)) & (
+        particles["z_bin"].to_numpy() != z_bin)
+
+
 def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape: tuple[int, int],
-                  planes_m: np.ndarray, wavelength_m: float, examples: dict) -> pd.DataFrame:
+                  planes_m: np.ndarray, examples: dict) -> pd.DataFrame:
     """The tiles of one hologram: a table with columns z_bin, row0, col0, positive, near.
 
     ``particles`` are one hologram's particles with pixel positions (columns row, col, radius_row,
-    radius_col, z_bin, and z and d in µm); ``planes_m`` the bin centres. Positives go to randomly chosen
-    particles; with fewer particles than ``positives_per_hologram`` particles are reused at new tile
-    positions, and a hologram without particles has no positives. Near negatives go to randomly chosen
+    radius_col, z_bin, depth_of_focus in m, and z and d in µm); ``planes_m`` the bin centres. Positives go
+    to randomly chosen particles; with ``every_particle`` each particle has one first (in random order),
+    then ``positives_per_hologram`` is topped up; particles are reused at new tile positions when there are
+    fewer than the count, and a hologram without particles has no positives. Near negatives go to randomly chosen
     particles too, at their (x, y), on a plane of :func:`near_negative_bins`; a particle with no such
     plane, or a hologram without particles, gives its slots to random empty bins. A hologram whose every
     bin holds a particle has no other negatives. Tiles of one hologram do not repeat (plane, origin)
@@ -173,13 +195,16 @@ def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape
         return (_origin_range(p["row"], p["radius_row"], ny, tile),
                 _origin_range(p["col"], p["radius_col"], nx, tile))
 
-    for index in _draw_cycling(rng, range(len(particles)), int(examples["positives_per_hologram"])):
+    n_positives = int(examples["positives_per_hologram"])
+    if examples.get("every_particle", False):
+        n_positives = max(n_positives, len(particles))
+    for index in _draw_cycling(rng, range(len(particles)), n_positives):
         p = particles.iloc[index]
         place(int(p["z_bin"]), *around(p), True, False)
     placed_near = 0
     for index in _draw_cycling(rng, range(len(particles)), n_near):
         p = particles.iloc[index]
-        bins = near_negative_bins(p["z"] * 1e-6, p["d"] * 1e-6, planes_m, wavelength_m)
+        bins = near_negative_bins(p["z"] * 1e-6, p["depth_of_focus"], planes_m)
         if bins.size:
             place(int(rng.choice(bins)), *around(p), False, True)
             placed_near += 1
@@ -209,6 +234,7 @@ def _cut_tiles(image: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, p
         planes_here = propagator.reconstruct(planes[chunk])
         for slot, z_bin in enumerate(chunk):
             in_bin = particles[particles["z_bin"] == z_bin]
+            band = particles[in_band(particles, planes[z_bin], z_bin)]
             for i in np.flatnonzero(plan["z_bin"].to_numpy() == z_bin):
                 row0, col0 = int(plan["row0"].iloc[i]), int(plan["col0"].iloc[i])
                 window = (slice(row0, row0 + tile), slice(col0, col0 + tile))
@@ -216,6 +242,8 @@ def _cut_tiles(image: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, p
                     inputs[i, c] = getattr(planes_here, name)[slot][window]
                 masks[i, 0] = rasterize_disks(in_bin["row"], in_bin["col"], in_bin["radius_row"],
                                               in_bin["radius_col"], (ny, nx), (row0, col0, tile, tile))
+                masks[i, 1] = rasterize_disks(band["row"], band["col"], band["radius_row"],
+                                              band["radius_col"], (ny, nx), (row0, col0, tile, tile))
     return inputs, masks
 
 
@@ -245,7 +273,7 @@ def _skeleton(plan: pd.DataFrame, planes: np.ndarray, channels, tile: int, dtype
             "col0": ("example", plan["col0"].to_numpy(np.int32), {"long_name": "tile origin column in (ny, nx)"}),
             "positive": ("example", plan["positive"].to_numpy(bool), {"long_name": "tile at a particle's plane"}),
             "near": ("example", plan["near"].to_numpy(bool),
-                     {"long_name": "negative at a particle's (x, y), 1-2 depths of focus from it"}),
+                     {"long_name": "negative at a particle's (x, y), 1-2 effective depths of focus from it"}),
         },
         coords={"channel": np.array(channels, dtype=object),
                 "mask_channel": np.array(MASK_CHANNELS, dtype=object)},
@@ -279,7 +307,7 @@ def build_examples(in_path, out_path, config: dict, *, split: str, progress=True
         for h in range(n_holograms):
             rng = np.random.default_rng([int(examples["seed"]), split_stream(split), h])
             hologram_particles = by_hologram.get(h + 1, particles.iloc[:0])
-            plan = plan_hologram(rng, hologram_particles, frame, planes, float(attrs["lambda"]), examples)
+            plan = plan_hologram(rng, hologram_particles, frame, planes, examples)
             # A skipped hologram (no data) has no tiles: its particles' masks would mark an empty image.
             plans.append((plan.iloc[:0] if h + 1 in skipped else plan).assign(hid=h + 1))
         plan = pd.concat(plans, ignore_index=True)

@@ -35,6 +35,7 @@ __all__ = [
     "Reconstruction",
     "TransferFunction",
     "device_planes_per_batch",
+    "effective_depth_of_focus",
     "planes_in_memory",
     "fft2",
     "hologram_field",
@@ -483,3 +484,24 @@ def device_planes_per_batch(propagator: Propagator) -> int:
     else:
         return propagator.planes_per_batch()
     return planes_in_memory(propagator, free)
+
+
+def _smaller(a, b):
+    """Elementwise minimum by arithmetic: the same for floats, numpy, cupy and torch."""
+    return (a + b - abs(a - b)) / 2
+
+
+def effective_depth_of_focus(z, diameter, edges_x, edges_y, *, wavelength: float):
+    """Depth (m) over which a particle looks in focus: λ / NA², NA the aperture the particle actually sees.
+
+    A particle of diameter D diffracts into angles up to about λ/D, so its pattern reaches ``z λ / D`` on
+    the sensor; the frame cuts it where an edge is nearer (``edges_x = (left, right)``, ``edges_y = (top,
+    bottom)``: distances from the particle to the frame's edges, m). Per axis NA is the mean reach of the
+    two sides over z; the narrower axis sets the depth. Uncut, NA = λ/D and the depth is D²/λ; a small far
+    droplet near the frame's edge (or in a small frame) stays in focus much longer. Any array library.
+    """
+    reach = z * wavelength / diameter
+    half_aperture_x = (_smaller(edges_x[0], reach) + _smaller(edges_x[1], reach)) / 2
+    half_aperture_y = (_smaller(edges_y[0], reach) + _smaller(edges_y[1], reach)) / 2
+    numerical_aperture = _smaller(half_aperture_x, half_aperture_y) / z
+    return wavelength / numerical_aperture**2

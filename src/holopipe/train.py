@@ -33,7 +33,7 @@ from holopipe import __version__
 from holopipe.dataset import TileDataset
 from holopipe.device import autocast, autocast_dtype, describe_device, resolve_device
 from holopipe.io import write_atomically
-from holopipe.losses import PixelCounts, build_loss
+from holopipe.losses import ObjectCounts, PixelCounts, build_loss
 from holopipe.models import build_model, model_stride
 from holopipe.standardize import read_stats
 
@@ -44,9 +44,10 @@ log = logging.getLogger("holopipe")
 
 CHECKPOINT, MODEL, METRICS, CURVE = "checkpoint.pt", "model.pt", "metrics.csv", "learning_curve.png"
 CHECKPOINT_FORMAT, MODEL_FORMAT = "holopipe-checkpoint/1", "holopipe-model/1"
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precision", "recall", "seconds")
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precision", "recall", "object_f1",
+                  "object_precision", "object_recall", "seconds")
 # Early-stopping metric -> metrics column; loss is minimised, the others maximised.
-METRIC_COLUMN = {"dice": "dice", "iou": "iou", "loss": "valid_loss"}
+METRIC_COLUMN = {"object_f1": "object_f1", "dice": "dice", "iou": "iou", "loss": "valid_loss"}
 # train keys that change how training runs, not what it computes: a checkpoint stays valid across them.
 EXECUTION_KEYS = ("num_workers", "compile", "device", "channels_last")
 WARMUP_START, COSINE_FLOOR = 0.1, 0.01  # fractions of the peak learning rate
@@ -203,8 +204,8 @@ def _to_device(inputs, masks, device: torch.device, channels_last: bool):
 
 @torch.no_grad()
 def _evaluate(forward, loader, loss_fn, device, amp_dtype, threshold: float, channels_last: bool) -> dict:
-    """Mean validation loss (weighted by batch size) and pixel metrics over the whole split."""
-    counts, total, n = PixelCounts(), torch.zeros((), device=device), 0
+    """Mean validation loss (weighted by batch size), pixel and object metrics over the whole split."""
+    counts, objects, total, n = PixelCounts(), ObjectCounts(), torch.zeros((), device=device), 0
     for inputs, masks in loader:
         inputs, masks = _to_device(inputs, masks, device, channels_last)
         with autocast(device, amp_dtype):
@@ -213,7 +214,9 @@ def _evaluate(forward, loader, loss_fn, device, amp_dtype, threshold: float, cha
         total += loss_fn(logits, masks) * len(inputs)
         n += len(inputs)
         counts.add(logits, masks, threshold)
-    return {"valid_loss": float(total / n), **{name: float(value) for name, value in counts.metrics().items()}}
+        objects.add(logits, masks, threshold)
+    return {"valid_loss": float(total / n), **{name: float(value) for name, value in counts.metrics().items()},
+            **objects.metrics()}
 
 
 def _write_metrics(history: list[dict], path: Path) -> None:
@@ -232,7 +235,8 @@ def _plot_learning_curve(history: list[dict], path: Path, metric: str, best_epoc
     losses.set(xlabel="epoch", ylabel="loss", title="Loss")
     scores.plot(table["epoch"], table["dice"], "o-", label="dice")
     scores.plot(table["epoch"], table["iou"], "o-", label="IoU")
-    scores.set(xlabel="epoch", ylabel="validation score", title="Validation pixels", ylim=(0, 1))
+    scores.plot(table["epoch"], table["object_f1"], "s-", label="particles F1")
+    scores.set(xlabel="epoch", ylabel="validation score", title="Validation tiles", ylim=(0, 1))
     for axes in (losses, scores):
         if best_epoch:
             axes.axvline(best_epoch, color="grey", linestyle=":", label=f"best {metric}")
@@ -355,8 +359,9 @@ def train_model(config: dict, train_store, valid_store, out_dir, *, stats_path=N
             _write_metrics(history, out_dir / METRICS)
             bar.update()
             log.info("epoch %d/%d: lr %.3g, train loss %.4f, valid loss %.4f, dice %.4f, iou %.4f, "
-                     "precision %.4f, recall %.4f (%.1f s)", epoch, epochs, row["lr"], row["train_loss"],
-                     row["valid_loss"], row["dice"], row["iou"], row["precision"], row["recall"], row["seconds"])
+                     "precision %.4f, recall %.4f, particles F1 %.4f (%.1f s)", epoch, epochs, row["lr"],
+                     row["train_loss"], row["valid_loss"], row["dice"], row["iou"], row["precision"], row["recall"],
+                     row["object_f1"], row["seconds"])
             if trial is not None:
                 trial.report(value, epoch)
                 if trial.should_prune():
