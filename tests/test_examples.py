@@ -13,7 +13,8 @@ import zarr
 
 from holopipe.config import ConfigError, load_config
 from holopipe.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
-from holopipe.examples import build_examples, plan_hologram, rasterize_disks, split_stream
+from holopipe.examples import (_particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
+                               split_stream)
 from holopipe.reconstruction import z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.io import open_holodec, particle_table, write_zarr
 from holopipe.simulate import Camera, DiameterModel, Optics, SimulationSettings, simulate_file
@@ -115,6 +116,41 @@ def test_plan_reuses_a_lone_particle_at_new_positions_and_skips_positives_withou
     assert np.all((near["row0"] <= 67) & (near["row0"] + TILE - 1 >= 74))
     none = plan_hologram(np.random.default_rng(0), lone.iloc[:0], (128, 128), planes, examples)
     assert not none["positive"].any() and not none["near"].any() and len(none) == NEGATIVES
+
+
+def test_near_negatives_lie_beyond_the_effective_depth_of_focus_of_a_droplet_the_frame_cuts():
+    """A 15 µm droplet at 5.1 mm, 3 pixels from the left edge of a 96 x 128 frame (dx != dy): its pattern
+    (0.12 mm across) is cut on one side, so it stays in focus over 2.2 mm, not D²/λ = 0.63 mm. No near
+    negative may be cut inside that depth, and the band marks it on every plane within it."""
+    attrs = {"Nx": 96, "Ny": 128, "dx": 2.96e-6, "dy": 3.5e-6, "lambda": OPTICS.wavelength,
+             "zMin": OPTICS.z_min, "zMax": OPTICS.z_max}
+    planes = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
+    col, row = 3.0, 60.0
+    table = pd.DataFrame({"hid": [1], "x": [(col + 0.5 - 48) * 2.96], "y": [(row + 0.5 - 64) * 3.5],
+                          "z": [planes[15] * 1e6], "d": [15.0]})
+    particles = _particles_in_pixels(table, attrs, Z_BINS)
+    assert particles["col"].iloc[0] == pytest.approx(col) and particles["row"].iloc[0] == pytest.approx(row)
+    depth = particles["depth_of_focus"].iloc[0]
+    assert depth > 3 * (15e-6) ** 2 / OPTICS.wavelength
+    plan = plan_hologram(np.random.default_rng(3), particles, (128, 96), planes,
+                         make_config(near_negative_fraction=1.0)["examples"])
+    near = plan[plan["near"]]
+    assert len(near) == NEGATIVES
+    assert np.all(np.abs(planes[near["z_bin"]] - planes[15]) > depth)
+    banded = [b for b in range(Z_BINS) if in_band(particles, planes[b], b).any()]
+    assert banded == [b for b in range(Z_BINS) if b != 15 and abs(planes[b] - planes[15]) <= depth]
+    assert banded == [*range(5, 15), *range(16, 20)]  # 2.2 mm each side of bin 15, 0.2 mm bins
+
+
+def test_every_particle_gets_a_positive_tile_before_the_count_is_topped_up():
+    particles = particle_frame(row=[20.0, 50.0, 80.0, 100.0, 110.0], col=[20.0, 60.0, 90.0, 30.0, 100.0],
+                               radius=[4.0] * 5, z_bin=[1, 4, 8, 12, 16])
+    planes = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
+    every = plan_hologram(np.random.default_rng(0), particles, (128, 128), planes,
+                          make_config(every_particle=True)["examples"])
+    assert sorted(every.loc[every["positive"], "z_bin"]) == [1, 4, 8, 12, 16]
+    some = plan_hologram(np.random.default_rng(0), particles, (128, 128), planes, make_config()["examples"])
+    assert some["positive"].sum() == POSITIVES < len(particles)
 
 
 def test_a_droplet_in_focus_over_the_whole_slice_gives_its_near_negative_slots_to_empty_bins():

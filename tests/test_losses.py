@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from holopipe.losses import PixelCounts, build_loss
+from holopipe.dataset import IGNORE
+from holopipe.losses import ObjectCounts, PixelCounts, build_loss
 
 SURE = 40.0  # logit whose sigmoid is 1 (or ~4e-18) in float32
 
@@ -170,3 +171,48 @@ def test_pixel_metrics_define_empty_cases_as_one():
     assert sum(counts.counts().values()) == 128
     with pytest.raises(ValueError, match="differ"):
         counts.add(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["bce", "dice", "tversky", "focal_tversky"])
+def test_ignored_pixels_count_in_no_loss(kind):
+    """The band (a particle in focus on another bin's plane): whatever the model says there, the loss is the
+    one of the known pixels alone, and no gradient reaches it."""
+    target = make_target(3, (2, 1, 16, 16), 0.2)
+    ignored = make_target(4, target.shape, 0.3).bool() & (target == 0)
+    logits = torch.randn(target.shape, generator=torch.Generator().manual_seed(5))
+    loss = build_loss([{"type": kind}])
+    banded = torch.where(ignored, torch.full_like(target, IGNORE), target)
+    other = torch.where(ignored, logits + 7.0, logits).requires_grad_()
+    assert loss(other, banded).item() == pytest.approx(loss(logits, banded).item(), rel=1e-6)
+    loss(other, banded).backward()
+    assert torch.all(other.grad[ignored] == 0) and torch.any(other.grad[~ignored] != 0)
+    if kind == "bce":  # the mean over the known pixels
+        known = ~ignored
+        expected = F.binary_cross_entropy_with_logits(logits[known], target[known])
+        assert loss(logits, banded).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_pixel_counts_leave_ignored_pixels_out():
+    target = torch.tensor([1.0, 0.0, IGNORE, IGNORE]).repeat(4).reshape(1, 1, 4, 4)
+    counts = PixelCounts()
+    counts.add(torch.full(target.shape, SURE), target)
+    assert counts.counts() == {"tp": 4, "fp": 4, "fn": 0, "tn": 0}
+
+
+def test_object_counts_score_particles_not_pixels():
+    """Two droplets (one found by a single pixel, one missed), a false detection, and a detection on the band
+    of another bin's droplet, which is not false."""
+    target = torch.zeros(1, 1, 32, 40)
+    target[..., 2:8, 2:8] = 1  # found
+    target[..., 20:26, 30:36] = 1  # missed
+    target[..., 12:18, 12:18] = IGNORE  # band
+    logits = torch.full(target.shape, -SURE)
+    logits[..., 5, 5] = SURE
+    logits[..., 13:16, 13:20] = SURE  # on the band, spilling over its edge
+    logits[..., 28:31, 2:5] = SURE  # false
+    counts = ObjectCounts()
+    counts.add(logits, target)
+    assert (counts.tp, counts.fp, counts.fn) == (1, 1, 1)
+    assert counts.metrics() == pytest.approx({"object_f1": 0.5, "object_precision": 0.5, "object_recall": 0.5})
+    counts.add(logits[..., :10, :10], target[..., :10, :10])  # accumulates over batches
+    assert (counts.tp, counts.fp, counts.fn) == (2, 1, 1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from holopipe.optics import (Propagator, TransferFunction, hologram_field, propagate,
+from holopipe.optics import (Propagator, TransferFunction, effective_depth_of_focus, hologram_field, propagate,
                              reconstruct)
 
 WAVELENGTH = 3.55e-7
@@ -305,3 +305,33 @@ def test_depths_on_a_device_array_or_of_two_dimensions():
     np.testing.assert_array_equal(from_tensor.amplitude, propagator.reconstruct(np.array([0.01, 0.02])).amplitude)
     with pytest.raises(ValueError, match=r"z must be a scalar or 1-D .*\(2, 1\)"):
         propagator.reconstruct(np.zeros((2, 1)))
+
+
+def test_effective_depth_of_focus_is_d2_over_lambda_uncut_and_longer_where_the_frame_cuts_the_pattern():
+    wavelength, d, z = 3.55e-7, 15e-6, 25e-3
+    reach = z * wavelength / d  # 0.59 mm: how far the droplet's pattern spreads on the sensor
+    wide = (2 * reach, 3 * reach)
+    uncut = effective_depth_of_focus(z, d, wide, wide, wavelength=wavelength)
+    assert uncut == pytest.approx(d**2 / wavelength)
+    # 0.1 mm from the left edge: x sees (0.1 + 0.59) / 2 mm of aperture, not 0.59, and x is the narrower axis.
+    edge = effective_depth_of_focus(z, d, (0.1e-3, 2 * reach), wide, wavelength=wavelength)
+    assert edge == pytest.approx(wavelength / ((0.1e-3 + reach) / 2 / z) ** 2)
+    assert edge > 2.5 * uncut
+    # The narrower axis sets the depth, whichever it is (a frame cut in y only).
+    assert effective_depth_of_focus(z, d, wide, (0.1e-3, 2 * reach), wavelength=wavelength) == pytest.approx(edge)
+    # A small frame (the crop) cuts both sides: λ / NA² of its half-width.
+    half = 0.2e-3
+    assert effective_depth_of_focus(z, d, (half, half), wide, wavelength=wavelength) == pytest.approx(
+        wavelength / (half / z) ** 2)
+
+
+def test_effective_depth_of_focus_runs_on_arrays_of_any_library():
+    z = np.array([20e-3, 25e-3])
+    d = np.array([15e-6, 40e-6])
+    edges = (np.array([0.1e-3, 1e-3]), np.array([1e-3, 1e-3]))
+    expected = effective_depth_of_focus(z, d, edges, edges, wavelength=3.55e-7)
+    as_torch = effective_depth_of_focus(torch.from_numpy(z), torch.from_numpy(d),
+                                        tuple(map(torch.from_numpy, edges)), tuple(map(torch.from_numpy, edges)),
+                                        wavelength=3.55e-7)
+    assert isinstance(as_torch, torch.Tensor) and np.allclose(as_torch.numpy(), expected)
+    assert expected[1] == pytest.approx(d[1] ** 2 / 3.55e-7)  # the 40 µm droplet's pattern is not cut
