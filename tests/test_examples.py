@@ -12,7 +12,8 @@ import xarray as xr
 import zarr
 
 from holopipe.config import ConfigError, load_config
-from holopipe.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
+from holopipe.dataset import (IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation,
+                              normalize_channels)
 from holopipe.examples import (_particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
                                split_stream)
 from holopipe.reconstruction import z_bin_centres, z_bin_edges, z_bin_of
@@ -314,3 +315,32 @@ def test_dataloader_with_two_workers_iterates_every_example(stores):
     masks = torch.cat([y for _, y in loader])
     assert masks.shape == (len(data), 1, TILE, TILE)
     assert (masks.sum((1, 2, 3)) > 0).sum().item() == int(data.metadata["positive"].sum())
+
+
+def test_real_and_imaginary_channels_are_the_field_of_the_amplitude_and_phase_tiles(stores):
+    """examples.channels [real, imaginary]: the same tiles as amplitude and phase, as E = a e^{i phase} minus
+    its background 1, with no 2π jump where the phase wraps."""
+    config = make_config(channels=["real", "imaginary"])
+    store = build_examples(stores["train_in"], stores["dir"] / "ex_field.zarr", config, split="train",
+                           progress=False)
+    field = TileDataset(store, channel_scale={"contrast_std": 0.5})
+    polar = TileDataset(stores["train"], channel_scale={"contrast_std": 0.5})
+    assert field.channels == ["real", "imaginary"] and len(field) == len(polar)
+    wrapped = 0
+    for i in range(len(field)):
+        (real, imaginary), (amplitude, phase) = field[i][0].numpy(), polar[i][0].numpy()
+        amplitude, phase = amplitude * 0.5 + 1, phase * 0.5
+        assert np.allclose(real * 0.5 + 1, amplitude * np.cos(phase), atol=1e-5)
+        assert np.allclose(imaginary * 0.5, amplitude * np.sin(phase), atol=1e-5)
+        assert np.array_equal(field[i][1], polar[i][1])
+        jumps = np.abs(np.diff(phase, axis=-1)) > np.pi
+        wrapped += int(jumps.sum())
+        assert np.all(np.abs(np.diff(imaginary * 0.5, axis=-1))[jumps] < 1.0)
+    assert wrapped > 0  # the phase tiles do wrap somewhere; the field does not jump there
+
+
+def test_normalize_channels_names_what_a_channel_lacks():
+    with pytest.raises(ValueError, match=r"without \['phase'\]"):
+        normalize_channels(np.ones((4, 4)), None, ["real"], None)
+    with pytest.raises(ValueError, match="unknown channels"):
+        normalize_channels(np.ones((4, 4)), np.zeros((4, 4)), ["intensity"], None)

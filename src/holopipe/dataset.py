@@ -1,7 +1,9 @@
 """PyTorch access to an examples store (:mod:`holopipe.examples`): normalised tiles, optional augmentation.
 
-Normalisation: ``amplitude -> (a - 1) / s`` and ``phase -> phase / s`` with ``s`` the training set's
-contrast standard deviation (``contrast_std`` of the standardization statistics). Angular-spectrum
+Channels: ``amplitude`` and ``phase`` of the reconstructed field E, or its ``real`` and ``imaginary`` parts
+(E itself: no 2π wrap, and no jump at a droplet's dark core, where the phase is undefined). Normalisation:
+each channel minus its background value (1 for amplitude and real, 0 for phase and imaginary) over ``s``,
+the training set's contrast standard deviation (``contrast_std`` of the standardization statistics). Angular-spectrum
 propagation is unitary, so the contrast hologram's fluctuation about its background of 1 keeps its
 energy at every plane: one scale serves every plane, and the background maps to 0. The definition
 lives in :func:`normalize_channels` alone, which inference (:mod:`holopipe.infer`) calls too.
@@ -30,15 +32,15 @@ import zarr
 
 from holopipe.io import ignoring_snakemake_marker
 
-__all__ = ["IGNORE", "Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation",
-           "normalize_channels", "target_of", "write_synthetic_examples"]
+__all__ = ["IGNORE", "Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation", "field_channels",
+           "normalize_channels", "scale_channels", "target_of", "write_synthetic_examples"]
 
 FLIP_PROBABILITY = 0.5
 METADATA = ("hid", "z", "z_bin", "row0", "col0", "positive")
 IGNORE = -1.0
 """Target value of a pixel the loss and the metrics leave out (the depth-of-focus band of another bin)."""
-CHANNEL_OFFSETS = {"amplitude": 1.0, "phase": 0.0}
-"""Value of each channel where there is no particle (background 1, flat phase): it maps to 0."""
+CHANNEL_OFFSETS = {"amplitude": 1.0, "phase": 0.0, "real": 1.0, "imaginary": 0.0}
+"""Value of each channel where there is no particle (background E = 1): it maps to 0."""
 
 
 def contrast_scale(stats: dict | None) -> float:
@@ -50,28 +52,45 @@ def contrast_scale(stats: dict | None) -> float:
 
 
 def check_channels(channels, source: str) -> None:
-    """Raise ValueError naming ``source`` when ``channels`` holds a name other than amplitude and phase."""
+    """Raise ValueError naming ``source`` when ``channels`` holds a name not in :data:`CHANNEL_OFFSETS`."""
     unknown = [name for name in channels if name not in CHANNEL_OFFSETS]
     if unknown:
-        raise ValueError(f"{source}: unknown channels {unknown}; expected amplitude and/or phase")
+        raise ValueError(f"{source}: unknown channels {unknown}; expected some of {', '.join(CHANNEL_OFFSETS)}")
+
+
+def field_channels(amplitude, phase, channels) -> list:
+    """The raw (unnormalised) planes of ``channels`` from the field's ``amplitude`` and ``phase`` (..., H, W):
+    amplitude, phase, real = a cos(phase), imaginary = a sin(phase). Any array library; an array a channel
+    does not need may be None."""
+    check_channels(channels, "field_channels")
+    needs = {"amplitude": ("amplitude",), "phase": ("phase",), "real": ("amplitude", "phase"),
+             "imaginary": ("amplitude", "phase")}
+    sources = {"amplitude": amplitude, "phase": phase}
+    missing = sorted({source for name in channels for source in needs[name] if sources[source] is None})
+    if missing or not channels:
+        raise ValueError(f"field_channels: needs at least one channel and an array for each, got "
+                         f"channels {list(channels)} without {missing}")
+    xp = array_api_compat.array_namespace(*(v for v in sources.values() if v is not None))
+    values = {"amplitude": lambda: amplitude, "phase": lambda: phase,
+              "real": lambda: amplitude * xp.cos(phase), "imaginary": lambda: amplitude * xp.sin(phase)}
+    return [values[name]() for name in channels]
+
+
+def scale_channels(planes, channels, stats: dict | None):
+    """Model inputs ``(..., C, H, W)`` from raw ``planes`` of ``channels``: minus the background, over ``s``."""
+    scale = contrast_scale(stats)
+    planes = [(plane - CHANNEL_OFFSETS[name]) / scale for plane, name in zip(planes, channels, strict=True)]
+    return array_api_compat.array_namespace(*planes).stack(planes, axis=-3)
 
 
 def normalize_channels(amplitude, phase, channels, stats: dict | None):
     """Model inputs ``(..., C, H, W)`` from ``amplitude`` and ``phase`` ``(..., H, W)``, channels in order.
 
-    The one definition training (:class:`TileDataset`) and inference share: ``(a - 1) / s`` and
-    ``phase / s`` with ``s = stats["contrast_std"]``. Works on numpy, torch (any device) and cupy arrays
-    and keeps their precision; a channel not in ``channels`` may be None.
+    The one definition training (:class:`TileDataset`) and inference share (:func:`field_channels`, then
+    :func:`scale_channels` with ``s = stats["contrast_std"]``). Works on numpy, torch (any device) and cupy
+    arrays and keeps their precision; an array no channel needs may be None.
     """
-    check_channels(channels, "normalize_channels")
-    scale = contrast_scale(stats)
-    sources = {"amplitude": amplitude, "phase": phase}
-    missing = [name for name in channels if sources[name] is None]
-    if missing or not channels:
-        raise ValueError(f"normalize_channels: needs at least one channel and an array for each, got "
-                         f"channels {list(channels)} without arrays for {missing}")
-    planes = [(sources[name] - CHANNEL_OFFSETS[name]) / scale for name in channels]
-    return array_api_compat.array_namespace(*planes).stack(planes, axis=-3)
+    return scale_channels(field_channels(amplitude, phase, channels), channels, stats)
 
 
 class Augmentation(NamedTuple):
@@ -168,8 +187,7 @@ class TileDataset(torch.utils.data.Dataset):
         if not -n <= index < n:
             raise IndexError(f"example {index} out of range for {n} examples in {self.path}")
         inputs, mask = self.raw(index % n)
-        stored = dict(zip(self.channels, inputs.astype(np.float32)))
-        x = normalize_channels(stored.get("amplitude"), stored.get("phase"), self.channels, self._stats)
+        x = scale_channels(list(inputs.astype(np.float32)), self.channels, self._stats)
         y = target_of(mask, self.mask_channels)
         if self.augment:
             augmentation = draw_augmentation(self.seed, self.epoch, index)

@@ -1,4 +1,5 @@
-"""Training examples: tiles of reconstructed planes (amplitude, phase) with in-focus particle masks.
+"""Training examples: tiles of reconstructed planes (amplitude and phase, or real and imaginary parts of the
+field: ``examples.channels``) with in-focus particle masks.
 
 Each hologram of a standardized split is reconstructed once per chosen plane (one FFT per hologram,
 planes batched) and cut into square tiles:
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.config import ConfigError
+from holopipe.dataset import field_channels
 from holopipe.device import cpu_threads
 from holopipe.io import particle_table, skipped_holograms, um_to_pixel, write_atomically
 from holopipe.optics import effective_depth_of_focus
@@ -235,11 +237,12 @@ def _cut_tiles(image: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, p
         for slot, z_bin in enumerate(chunk):
             in_bin = particles[particles["z_bin"] == z_bin]
             band = particles[in_band(particles, planes[z_bin], z_bin)]
+            values = field_channels(planes_here.amplitude[slot], planes_here.phase[slot], channels)
             for i in np.flatnonzero(plan["z_bin"].to_numpy() == z_bin):
                 row0, col0 = int(plan["row0"].iloc[i]), int(plan["col0"].iloc[i])
                 window = (slice(row0, row0 + tile), slice(col0, col0 + tile))
-                for c, name in enumerate(channels):
-                    inputs[i, c] = getattr(planes_here, name)[slot][window]
+                for c, value in enumerate(values):
+                    inputs[i, c] = value[window]
                 masks[i, 0] = rasterize_disks(in_bin["row"], in_bin["col"], in_bin["radius_row"],
                                               in_bin["radius_col"], (ny, nx), (row0, col0, tile, tile))
                 masks[i, 1] = rasterize_disks(band["row"], band["col"], band["radius_row"],
