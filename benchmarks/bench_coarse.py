@@ -1,17 +1,20 @@
 """Coarse-to-fine depth search (``infer.coarse_stride`` k): its model-work saving and accuracy cost per k.
 
-    python benchmarks/bench_coarse.py default [--strides 1 2 4 8] [--splits test]
+    python benchmarks/bench_coarse.py default [--strides 1 2 4 8] [--splits valid] [--workdir DIR]
     python benchmarks/bench_coarse.py crop [--strides 1 2 4 8] [--holograms 1] [--particles 33] [--pad 256]
 
 Both run :func:`holopipe.coarse.coarse_to_fine_sweep` on one CPU thread (``torch.set_num_threads(1)``) with
 the config's ``infer`` settings (threshold, min_area, batch_planes, coarse_threshold, coarse_margin) and print,
 per k: the share of a full sweep's pixels the model saw (``model px``), the model calls, wall seconds per
-hologram (propagation included: on a CPU it is most of a sweep whatever k), the F1 (precision, recall) against the truth, and
-how many of the k = 1 particles the k run finds again (same matching, ``agree``).
+hologram (propagation included: on a CPU it is most of a sweep whatever k), the F1 (precision, recall) against the truth,
+how many of the k = 1 particles the k run finds again (same matching, ``agree``), and the recall of the small droplets
+(d < 20 µm), those whose effective depth of focus (:func:`holopipe.optics.effective_depth_of_focus`) is shortest; with
+the share of them whose depth of focus is shorter than half the coarse spacing (k planes), which a coarse plane may miss.
 
 ``default``: the embedded default (config/config.yaml), its standardized split stores under
-data/standardized/ and its trained model results/model/model.pt (``snakemake --cores 1
-results/model/model.pt``); detections go through the workflow's own particles (``particles_file``: merging
+``WORKDIR/data/standardized/`` and its trained model ``WORKDIR/results/model/model.pt`` (``snakemake --cores 1
+results/model/model.pt``; WORKDIR the repository, or a run of the accuracy benchmark); ``valid`` by default, where
+``infer.coarse_stride`` is chosen; detections go through the workflow's own particles (``particles_file``: merging
 and Tamura refinement on the store) and evaluation matching (``match``, ``detection_metrics``), as
 ``holopipe particles`` and ``holopipe evaluate`` do.
 
@@ -43,6 +46,7 @@ import torch
 from holopipe.coarse import coarse_to_fine_sweep
 from holopipe.config import load_config
 from holopipe.evaluate import detection_metrics, match
+from holopipe.examples import particles_in_pixels
 from holopipe.infer import DETECTION_COLUMNS, batch_detections, model_segmenter
 from holopipe.io import open_holodec, particle_table
 from holopipe.models import model_stride
@@ -54,6 +58,8 @@ from holopipe.train import load_model
 REPO = Path(__file__).resolve().parents[1]
 CROP = 1024
 """Side (pixels) of the holodec-crop-like frame."""
+SMALL_UM = 20.0
+"""Droplets below this diameter (µm) are tallied apart: the shortest depths of focus, the first a coarse search loses."""
 
 
 class Counting:
@@ -104,7 +110,8 @@ class Tally:
 
     def __init__(self, k: int, segment):
         self.k, self.segment = k, Counting(segment)
-        self.counts = {"n_true": 0, "n_predicted": 0, "tp": 0, "agree": 0}
+        self.counts = {"n_true": 0, "n_predicted": 0, "tp": 0, "agree": 0, "n_small": 0, "tp_small": 0,
+                       "small_short": 0}
         self.full_pixels, self.seconds = 0, []
 
     def add(self, truth: pd.DataFrame, predicted: pd.DataFrame, reference: pd.DataFrame, config: dict) -> None:
@@ -116,31 +123,42 @@ class Tally:
         for key in ("n_true", "n_predicted", "tp"):
             self.counts[key] += metrics[key]
         self.counts["agree"] += len(match(reference, predicted, tol_xy, tol_z))
+        small = truth[truth["d"] < SMALL_UM]
+        self.counts["n_small"] += len(small)
+        self.counts["tp_small"] += len(match(small, predicted, tol_xy, tol_z))
+
+    def add_depths(self, depth_of_focus_m: np.ndarray, diameter_um: np.ndarray, plane_spacing_m: float) -> None:
+        """Count the small droplets whose effective depth of focus is shorter than half this k's coarse spacing."""
+        short = depth_of_focus_m < self.k * plane_spacing_m / 2
+        self.counts["small_short"] += int(np.count_nonzero(short & (diameter_um < SMALL_UM)))
 
     def row(self, reference_count: int) -> str:
         n_true, n_predicted, tp = (self.counts[key] for key in ("n_true", "n_predicted", "tp"))
         precision = tp / n_predicted if n_predicted else 1.0
         recall = tp / n_true if n_true else 1.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        n_small = self.counts["n_small"]
+        small = (f" {self.counts['tp_small'] / n_small:>6.3f} {100 * self.counts['small_short'] / n_small:>5.0f}%"
+                 if n_small else f" {'-':>6} {'-':>6}")
         return (f"{self.k:>3} {100 * self.segment.pixels / self.full_pixels:>8.1f}% {self.segment.calls:>6} "
                 f"{np.mean(self.seconds):>7.1f} {f1:>6.3f} {precision:>6.3f} {recall:>6.3f} {n_predicted:>6} "
-                f"{self.counts['agree']:>5}/{reference_count}")
+                f"{self.counts['agree']:>5}/{reference_count}") + small
 
 
 def report(title: str, tallies: list[Tally]) -> None:
     print(f"\n{title}")
     print(f"{'k':>3} {'model px':>9} {'calls':>6} {'s/holo':>7} {'F1':>6} {'prec':>6} {'recall':>6} {'found':>6} "
-          f"{'agree':>9}")
+          f"{'agree':>9} {'<20 µm':>6} {'DoF<k/2':>6}")
     for tally in tallies:
         print(tally.row(tallies[0].counts["n_predicted"]))
 
 
-def run_default(strides: list[int], splits: list[str]) -> None:
+def run_default(strides: list[int], splits: list[str], workdir: Path) -> None:
     config = load_config(REPO / "config" / "config.yaml")
-    model, info = load_model(REPO / "results" / "model" / "model.pt", "cpu")
+    model, info = load_model(workdir / "results" / "model" / "model.pt", "cpu")
     stride = int(info["stride"])
     segment = model_segmenter(model, info["channel_names"], info["stats"], stride)
-    stores = [REPO / "data" / "standardized" / f"{split}.zarr" for split in splits]
+    stores = [workdir / "data" / "standardized" / f"{split}.zarr" for split in splits]
     tallies, references, n_holograms = [], {}, 0
     with tempfile.TemporaryDirectory() as tmp:
         for k in strides:
@@ -164,12 +182,15 @@ def run_default(strides: list[int], splits: list[str]) -> None:
                                                        config, store_path=store, progress=False))
                 with open_holodec(store) as truth_ds:
                     truth = particle_table(truth_ds)
+                    in_pixels = particles_in_pixels(truth, truth_ds.attrs, planes.size)
                 tally.add(truth, predicted, references.setdefault(store.stem, predicted), config)
+                tally.add_depths(in_pixels["depth_of_focus"].to_numpy(), truth["d"].to_numpy(),
+                                 (attrs["zMax"] - attrs["zMin"]) / planes.size)
             n_holograms = len(tally.seconds)
             tallies.append(tally)
             print(f"k {k} done at {time.strftime('%H:%M:%S')}", flush=True)
     infer = config["infer"]
-    report(f"default: config/config.yaml, {'+'.join(splits)} ({n_holograms} holograms, 512 x 512, "
+    report(f"default: config/config.yaml, {workdir}, {'+'.join(splits)} ({n_holograms} holograms, 512 x 512, "
            f"{config['reconstruction']['z_bins']} planes), the trained U-Net (stride {stride}); threshold "
            f"{infer['threshold']}, coarse_threshold {infer['coarse_threshold']}, coarse_margin {infer['coarse_margin']}; "
            "particles merged and refined as the workflow does", tallies)
@@ -215,6 +236,9 @@ def run_crop(strides: list[int], n_holograms: int, n_particles: int, pad: int | 
         predicted = merge_detections(pd.concat(tables, ignore_index=True), config)
         reference = predicted if reference is None else reference
         tally.add(truth, predicted, reference, config)
+        frame = {"Nx": optics.nx, "Ny": optics.ny, "zMin": optics.z_min, "zMax": optics.z_max, **attrs}
+        tally.add_depths(particles_in_pixels(truth, frame, planes.size)["depth_of_focus"].to_numpy(),
+                         truth["d"].to_numpy(), (optics.z_max - optics.z_min) / planes.size)
         tallies.append(tally)
         print(f"k {k} done at {time.strftime('%H:%M:%S')}", flush=True)
     infer = config["infer"]
@@ -230,7 +254,10 @@ def main():
     parser.add_argument("data", choices=["default", "crop"])
     parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="coarse_stride values; the first is the reference of 'agree' (1: the full sweep)")
-    parser.add_argument("--splits", nargs="+", default=["test"], help="default: standardized splits to search")
+    parser.add_argument("--splits", nargs="+", default=["valid"],
+                        help="default: standardized splits to search (valid: where coarse_stride is chosen)")
+    parser.add_argument("--workdir", type=Path, default=REPO,
+                        help="default: a workflow directory with data/standardized/ and results/model/model.pt")
     parser.add_argument("--holograms", type=int, default=1, help="crop: holograms to simulate")
     parser.add_argument("--particles", type=int, default=33, help="crop: droplets per hologram")
     parser.add_argument("--pad", type=int, default=None, help="crop: reconstruction pad (holodec.yaml's by default)")
@@ -240,7 +267,7 @@ def main():
     torch.set_num_threads(1)
     print(f"python {' '.join(sys.argv)}  (1 torch thread)")
     if args.data == "default":
-        run_default(args.strides, args.splits)
+        run_default(args.strides, args.splits, args.workdir)
     else:
         run_crop(args.strides, args.holograms, args.particles, args.pad, args.z_bins, args.seed)
 

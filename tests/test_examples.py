@@ -14,7 +14,7 @@ import zarr
 from holopipe.config import ConfigError, load_config
 from holopipe.dataset import (IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation,
                               normalize_channels)
-from holopipe.examples import (_particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
+from holopipe.examples import (particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
                                split_stream)
 from holopipe.reconstruction import z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.io import open_holodec, particle_table, write_zarr
@@ -129,7 +129,7 @@ def test_near_negatives_lie_beyond_the_effective_depth_of_focus_of_a_droplet_the
     col, row = 3.0, 60.0
     table = pd.DataFrame({"hid": [1], "x": [(col + 0.5 - 48) * 2.96], "y": [(row + 0.5 - 64) * 3.5],
                           "z": [planes[15] * 1e6], "d": [15.0]})
-    particles = _particles_in_pixels(table, attrs, Z_BINS)
+    particles = particles_in_pixels(table, attrs, Z_BINS)
     assert particles["col"].iloc[0] == pytest.approx(col) and particles["row"].iloc[0] == pytest.approx(row)
     depth = particles["depth_of_focus"].iloc[0]
     assert depth > 3 * (15e-6) ** 2 / OPTICS.wavelength

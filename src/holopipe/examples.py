@@ -51,6 +51,8 @@ from holopipe.reconstruction import hologram_propagator, open_standardized, z_bi
 
 __all__ = [
     "build_examples",
+    "in_band",
+    "particles_in_pixels",
     "plan_hologram",
     "rasterize_disks",
     "split_stream",
@@ -98,7 +100,7 @@ def rasterize_disks(rows, cols, radius_rows, radius_cols, frame_shape, window=No
     return mask
 
 
-def _particles_in_pixels(table: pd.DataFrame, attrs, n_bins: int) -> pd.DataFrame:
+def particles_in_pixels(table: pd.DataFrame, attrs, n_bins: int) -> pd.DataFrame:
     """The particle table (µm) with frame pixel positions, radii in pixels, z bins and each particle's
     effective depth of focus (``depth_of_focus``, m) added."""
     nx, ny, dx, dy = int(attrs["Nx"]), int(attrs["Ny"]), float(attrs["dx"]), float(attrs["dy"])
@@ -303,7 +305,7 @@ def build_examples(in_path, out_path, config: dict, *, split: str, progress=True
         attrs = ds.attrs
         frame = (ds.sizes["ysize"], ds.sizes["xsize"])
         planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), n_bins)
-        particles = _particles_in_pixels(particle_table(ds), attrs, n_bins)
+        particles = particles_in_pixels(particle_table(ds), attrs, n_bins)
         by_hologram = {hid: group for hid, group in particles.groupby("hid")}
         n_holograms = ds.sizes["hologram_number"]
         plans, skipped = [], skipped_holograms(ds)
