@@ -551,7 +551,7 @@ def test_a_bad_prediction_csv_fails_naming_the_file_the_column_and_the_rows(tmp_
 def test_particles_reported_on_window_dust_are_counted_per_method(tmp_path):
     """Two specks (40 and 20 µm) in every hologram: a prediction within a speck's radius plus the lateral
     tolerance (20 µm) of its x, y, at any depth, is on it; one farther away is not, and the split's
-    metrics and summary say how many each method reported there."""
+    metrics and summary say how many false particles each method reported there."""
     dust = pd.DataFrame({"x": [0.0, 60.0], "y": [0.0, -40.0], "z": [2000.0, 2000.0], "d": [40.0, 20.0]})
     predicted = table((1, 39.0, 0.0, 5000.0, 30.0), (2, 41.0, 0.0, 5000.0, 30.0), (2, 60.0, -69.0, 9000.0, 10.0),
                       (2, 60.0, -71.0, 9000.0, 10.0))
@@ -559,11 +559,15 @@ def test_particles_reported_on_window_dust_are_counted_per_method(tmp_path):
     config = load_config({"splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
                           "optics": {"wavelength": 3.55e-7, "dx": 10e-6, "dy": 12e-6, "nx": 16, "ny": 12,
                                      "z_min": 2e-3, "z_max": 10e-3}, "evaluate": {"tolerance_xy": 2e-5}})
-    path = store(tmp_path / "test.zarr", table((1, -50.0, 30.0, 3000.0, 25.0)), nx=16, ny=12, dy=12e-6)
+    # A true droplet behind the first speck (6 mm deep), found: a correct particle, not one on the dust.
+    path = store(tmp_path / "test.zarr", table((1, -50.0, 30.0, 3000.0, 25.0), (1, 2.0, 0.0, 6000.0, 25.0)),
+                 nx=16, ny=12, dy=12e-6)
     ds = open_holodec(path).load()
     ds.attrs.update({name: dust[axis].tolist() for axis, name in DUST_ATTRS.items()})
     dusty = write_zarr(ds, tmp_path / "dusty.zarr")
-    predictions = {"unet": {"test": write_csv(tmp_path / "unet.csv", predicted, "prob")},
+    with_droplet = pd.concat([predicted, table((1, 3.0, 1.0, 6010.0, 24.0))], ignore_index=True)
+    assert on_window_dust(with_droplet, dust, 20e-6) == 3
+    predictions = {"unet": {"test": write_csv(tmp_path / "unet.csv", with_droplet, "prob")},
                    "baseline": {"test": write_csv(tmp_path / "baseline.csv", predicted.iloc[2:], "score")}}
     out = evaluate_files(config, {"test": dusty}, predictions, tmp_path / "metrics.json", tmp_path / "plots")
     metrics = json.loads(out.read_text())

@@ -513,8 +513,8 @@ def _evaluate_split(split: str, truth: pd.DataFrame, holograms: np.ndarray, pred
                     depth_bins, dust: pd.DataFrame | None = None) -> tuple[dict, dict]:
     """One split's ``{method: metrics}`` (+ ``unet_minus_baseline``) and ``{method: matches}`` (empty without
     truth) over ``holograms``, the hids evaluated (those standardization did not skip). Where the split's
-    file records window ``dust``, each method also gets ``on_window_dust`` (:func:`on_window_dust`, all its
-    holograms) and ``on_window_dust_per_10_holograms``."""
+    file records window ``dust``, each method also gets ``on_window_dust`` (:func:`on_window_dust` of its false
+    particles, those matched to no droplet, in all its holograms) and ``on_window_dust_per_10_holograms``."""
     diameter_bins = evaluate["diameter_bins"]
     n_holograms = int(holograms.size)
     if not len(truth):
@@ -539,7 +539,9 @@ def _evaluate_split(split: str, truth: pd.DataFrame, holograms: np.ndarray, pred
         results["_minus_".join(DIFFERENCE)] = {**difference, "interval": interval}
     if dust is not None and len(dust):
         for method, table in predicted.items():
-            found = on_window_dust(table[table["hid"].isin(holograms)], dust, tol_xy)
+            # False particles only: a true droplet that happens to lie behind a speck is found, not dust.
+            false = table.drop(index=matches[method]["pred_index"])
+            found = on_window_dust(false[false["hid"].isin(holograms)], dust, tol_xy)
             results[method].update(on_window_dust=found, on_window_dust_per_10_holograms=10 * found / n_holograms,
                                    window_dust_specks=len(dust))
     return results, matches
