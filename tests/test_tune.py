@@ -544,9 +544,9 @@ def test_real_training_trials(tmp_path):
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     for trial in trials:
-        assert 0.0 <= trial.value <= 1.0  # validation dice
+        assert 0.0 <= trial.value <= 1.0  # the particles' F1 in the validation tiles (the default metric)
         metrics = pd.read_csv(tmp_path / "tune" / "trials" / study.study_name / str(trial.number) / "metrics.csv")
-        assert len(metrics) == 1 and metrics["dice"].max() == pytest.approx(trial.value)
+        assert len(metrics) == 1 and metrics["object_f1"].max() == pytest.approx(trial.value)
     summarize(config, study_file, tmp_path / "best.yaml", tmp_path / "trials.csv", tmp_path / "plots")
     assert set(yaml.safe_load((tmp_path / "best.yaml").read_text())) == {"train.learning_rate"}
 
