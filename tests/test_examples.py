@@ -12,11 +12,10 @@ import xarray as xr
 import zarr
 
 from holopipe.config import ConfigError, load_config
-from holopipe.dataset import (IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation,
-                              normalize_channels)
+from holopipe.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
 from holopipe.examples import (particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
                                split_stream)
-from holopipe.reconstruction import z_bin_centres, z_bin_edges, z_bin_of
+from holopipe.reconstruction import normalize_channels, z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.io import open_holodec, particle_table, write_zarr
 from holopipe.simulate import Camera, DiameterModel, Optics, SimulationSettings, simulate_file
 

@@ -26,7 +26,8 @@ import zarr
 
 import holopipe.infer
 from holopipe.config import load_config, with_overrides
-from holopipe.dataset import TileDataset, normalize_channels, write_synthetic_examples
+from holopipe.dataset import TileDataset, write_synthetic_examples
+from holopipe.reconstruction import normalize_channels
 from holopipe.reconstruction import z_bin_centres
 from holopipe.focus import smoothed_amplitude
 from holopipe.infer import (BATCHES_IN_FLIGHT, DETECTION_COLUMNS, VolumeWriter, batch_detections, chunk_planes,

@@ -6,7 +6,8 @@ each channel minus its background value (1 for amplitude and real, 0 for phase a
 the training set's contrast standard deviation (``contrast_std`` of the standardization statistics). Angular-spectrum
 propagation is unitary, so the contrast hologram's fluctuation about its background of 1 keeps its
 energy at every plane: one scale serves every plane, and the background maps to 0. The definition
-lives in :func:`normalize_channels` alone, which inference (:mod:`holopipe.infer`) calls too.
+lives in :func:`holopipe.reconstruction.normalize_channels` alone, which inference (:mod:`holopipe.infer`)
+calls too.
 
 Augmentation draws a horizontal flip, a vertical flip (each with its own probability 0.5) and a
 number of 90° rotations from ``numpy.random.default_rng([seed, epoch, index])``, so an epoch is
@@ -24,75 +25,21 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import array_api_compat
 import numpy as np
 import pandas as pd
 import torch
 import zarr
 
 from holopipe.io import ignoring_snakemake_marker
+from holopipe.reconstruction import check_channels, contrast_scale, scale_channels
 
-__all__ = ["IGNORE", "Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation", "field_channels",
-           "normalize_channels", "scale_channels", "target_of", "write_synthetic_examples"]
+__all__ = ["IGNORE", "Augmentation", "TileDataset", "apply_augmentation", "draw_augmentation", "target_of",
+           "write_synthetic_examples"]
 
 FLIP_PROBABILITY = 0.5
 METADATA = ("hid", "z", "z_bin", "row0", "col0", "positive")
 IGNORE = -1.0
 """Target value of a pixel the loss and the metrics leave out (the depth-of-focus band of another bin)."""
-CHANNEL_OFFSETS = {"amplitude": 1.0, "phase": 0.0, "real": 1.0, "imaginary": 0.0}
-"""Value of each channel where there is no particle (background E = 1): it maps to 0."""
-
-
-def contrast_scale(stats: dict | None) -> float:
-    """The normalising scale ``s``: ``stats["contrast_std"]`` (1 when ``stats`` has none)."""
-    scale = float((stats or {}).get("contrast_std", 1.0))
-    if not scale > 0:
-        raise ValueError(f"channel_scale contrast_std must be positive, got {scale}")
-    return scale
-
-
-def check_channels(channels, source: str) -> None:
-    """Raise ValueError naming ``source`` when ``channels`` holds a name not in :data:`CHANNEL_OFFSETS`."""
-    unknown = [name for name in channels if name not in CHANNEL_OFFSETS]
-    if unknown:
-        raise ValueError(f"{source}: unknown channels {unknown}; expected some of {', '.join(CHANNEL_OFFSETS)}")
-
-
-def field_channels(amplitude, phase, channels) -> list:
-    """The raw (unnormalised) planes of ``channels`` from the field's ``amplitude`` and ``phase`` (..., H, W):
-    amplitude, phase, real = a cos(phase), imaginary = a sin(phase). Any array library; an array a channel
-    does not need may be None."""
-    check_channels(channels, "field_channels")
-    needs = {"amplitude": ("amplitude",), "phase": ("phase",), "real": ("amplitude", "phase"),
-             "imaginary": ("amplitude", "phase")}
-    sources = {"amplitude": amplitude, "phase": phase}
-    missing = sorted({source for name in channels for source in needs[name] if sources[source] is None})
-    if missing or not channels:
-        raise ValueError(f"field_channels: needs at least one channel and an array for each, got "
-                         f"channels {list(channels)} without {missing}")
-    xp = array_api_compat.array_namespace(*(v for v in sources.values() if v is not None))
-    values = {"amplitude": lambda: amplitude, "phase": lambda: phase,
-              "real": lambda: amplitude * xp.cos(phase), "imaginary": lambda: amplitude * xp.sin(phase)}
-    return [values[name]() for name in channels]
-
-
-def scale_channels(planes, channels, stats: dict | None):
-    """Model inputs ``(..., C, H, W)`` from raw ``planes`` of ``channels``: minus the background, over ``s``."""
-    scale = contrast_scale(stats)
-    planes = [(plane - CHANNEL_OFFSETS[name]) / scale for plane, name in zip(planes, channels, strict=True)]
-    return array_api_compat.array_namespace(*planes).stack(planes, axis=-3)
-
-
-def normalize_channels(amplitude, phase, channels, stats: dict | None):
-    """Model inputs ``(..., C, H, W)`` from ``amplitude`` and ``phase`` ``(..., H, W)``, channels in order.
-
-    The one definition training (:class:`TileDataset`) and inference share (:func:`field_channels`, then
-    :func:`scale_channels` with ``s = stats["contrast_std"]``). Works on numpy, torch (any device) and cupy
-    arrays and keeps their precision; an array no channel needs may be None.
-    """
-    return scale_channels(field_channels(amplitude, phase, channels), channels, stats)
-
-
 class Augmentation(NamedTuple):
     """Flip columns (horizontal), flip rows (vertical), then rotate by ``rotations`` × 90°."""
 

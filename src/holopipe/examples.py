@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.config import ConfigError
-from holopipe.dataset import field_channels
+from holopipe.reconstruction import field_channels
 from holopipe.device import cpu_threads
 from holopipe.io import particle_table, skipped_holograms, um_to_pixel, write_atomically
 from holopipe.optics import effective_depth_of_focus

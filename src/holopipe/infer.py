@@ -2,7 +2,7 @@
 
 Per hologram the intensity is moved to the device once and Fourier-transformed once
 (:class:`holopipe.optics.Propagator`); planes are then reconstructed in batches of
-``infer.batch_planes``, normalised exactly as in training (:func:`holopipe.dataset.normalize_channels`)
+``infer.batch_planes``, normalised exactly as in training (:func:`holopipe.reconstruction.normalize_channels`)
 and segmented on WHOLE planes (the model is fully convolutional), under autocast (bf16 on a GPU with
 ``infer.precision`` auto, fp32 on CPU). Any ``infer.batch_planes`` is safe: a batch holds no more planes than
 the job's memory does (:func:`plane_batch`: on the CPU what the rule declared, ``--mem-mb``, or the machine
@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe import coarse  # the module: it builds on this one
-from holopipe.dataset import normalize_channels
+from holopipe.reconstruction import normalize_channels
 from holopipe.focus import SMOOTHING_PIXELS
 from holopipe.io import (HologramParts, equivalent_diameter, input_identity, pixel_position, remove_path,
                          usable_holograms)

@@ -1,18 +1,22 @@
 """Reconstruction of standardized holograms, one home for every stage that sweeps planes (examples, infer,
 particles, baseline): the plane grid (bin edges and centres in metres between zMin and zMax) and the
-propagator of a standardized hologram (contrast I/B, background 1)."""
+propagator of a standardized hologram (contrast I/B, background 1), and the model's input channels computed
+from the reconstructed field (:func:`normalize_channels`, the one definition examples, training and inference
+share)."""
 
 from __future__ import annotations
 
 import os
 
+import array_api_compat
 import numpy as np
 import xarray as xr
 
 from holopipe.io import HolodecFormatError, open_holodec
 from holopipe.optics import Propagator, hologram_field
 
-__all__ = ["hologram_propagator", "open_standardized", "z_bin_centres", "z_bin_edges", "z_bin_of"]
+__all__ = ["CHANNEL_OFFSETS", "check_channels", "contrast_scale", "field_channels", "hologram_propagator",
+           "normalize_channels", "scale_channels", "open_standardized", "z_bin_centres", "z_bin_edges", "z_bin_of"]
 
 
 def z_bin_edges(z_min: float, z_max: float, n_bins: int) -> np.ndarray:
@@ -67,3 +71,57 @@ def hologram_propagator(image_xy, attrs, reconstruction: dict, *, to_device=None
     return Propagator(hologram_field(image_yx, background=1.0), wavelength=float(attrs["lambda"]),
                       dx=float(attrs["dx"]), dy=float(attrs["dy"]), pad=int(reconstruction["pad"]),
                       band_limit=bool(reconstruction["band_limit"]))
+
+
+CHANNEL_OFFSETS = {"amplitude": 1.0, "phase": 0.0, "real": 1.0, "imaginary": 0.0}
+"""Value of each channel where there is no particle (background E = 1): it maps to 0."""
+
+
+def contrast_scale(stats: dict | None) -> float:
+    """The normalising scale ``s``: ``stats["contrast_std"]`` (1 when ``stats`` has none)."""
+    scale = float((stats or {}).get("contrast_std", 1.0))
+    if not scale > 0:
+        raise ValueError(f"channel_scale contrast_std must be positive, got {scale}")
+    return scale
+
+
+def check_channels(channels, source: str) -> None:
+    """Raise ValueError naming ``source`` when ``channels`` holds a name not in :data:`CHANNEL_OFFSETS`."""
+    unknown = [name for name in channels if name not in CHANNEL_OFFSETS]
+    if unknown:
+        raise ValueError(f"{source}: unknown channels {unknown}; expected some of {', '.join(CHANNEL_OFFSETS)}")
+
+
+def field_channels(amplitude, phase, channels) -> list:
+    """The raw (unnormalised) planes of ``channels`` from the field's ``amplitude`` and ``phase`` (..., H, W):
+    amplitude, phase, real = a cos(phase), imaginary = a sin(phase). Any array library; an array a channel
+    does not need may be None."""
+    check_channels(channels, "field_channels")
+    needs = {"amplitude": ("amplitude",), "phase": ("phase",), "real": ("amplitude", "phase"),
+             "imaginary": ("amplitude", "phase")}
+    sources = {"amplitude": amplitude, "phase": phase}
+    missing = sorted({source for name in channels for source in needs[name] if sources[source] is None})
+    if missing or not channels:
+        raise ValueError(f"field_channels: needs at least one channel and an array for each, got "
+                         f"channels {list(channels)} without {missing}")
+    xp = array_api_compat.array_namespace(*(v for v in sources.values() if v is not None))
+    values = {"amplitude": lambda: amplitude, "phase": lambda: phase,
+              "real": lambda: amplitude * xp.cos(phase), "imaginary": lambda: amplitude * xp.sin(phase)}
+    return [values[name]() for name in channels]
+
+
+def scale_channels(planes, channels, stats: dict | None):
+    """Model inputs ``(..., C, H, W)`` from raw ``planes`` of ``channels``: minus the background, over ``s``."""
+    scale = contrast_scale(stats)
+    planes = [(plane - CHANNEL_OFFSETS[name]) / scale for plane, name in zip(planes, channels, strict=True)]
+    return array_api_compat.array_namespace(*planes).stack(planes, axis=-3)
+
+
+def normalize_channels(amplitude, phase, channels, stats: dict | None):
+    """Model inputs ``(..., C, H, W)`` from ``amplitude`` and ``phase`` ``(..., H, W)``, channels in order.
+
+    The one definition training (:class:`TileDataset`) and inference share (:func:`field_channels`, then
+    :func:`scale_channels` with ``s = stats["contrast_std"]``). Works on numpy, torch (any device) and cupy
+    arrays and keeps their precision; an array no channel needs may be None.
+    """
+    return scale_channels(field_channels(amplitude, phase, channels), channels, stats)
