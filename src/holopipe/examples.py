@@ -106,9 +106,8 @@ def particles_in_pixels(table: pd.DataFrame, attrs, n_bins: int) -> pd.DataFrame
     nx, ny, dx, dy = int(attrs["Nx"]), int(attrs["Ny"]), float(attrs["dx"]), float(attrs["dy"])
     row, col = um_to_pixel(table["y"], ny, dy), um_to_pixel(table["x"], nx, dx)
     # The frame spans pixel centres 0 .. n-1 and half a pixel beyond; a particle outside sees half a pixel.
-    rows, cols = np.asarray(row, float), np.asarray(col, float)
-    edges_x = (np.maximum(cols + 0.5, 0.5) * dx, np.maximum(nx - 0.5 - cols, 0.5) * dx)
-    edges_y = (np.maximum(rows + 0.5, 0.5) * dy, np.maximum(ny - 0.5 - rows, 0.5) * dy)
+    edges_x = (np.maximum(col + 0.5, 0.5) * dx, np.maximum(nx - 0.5 - col, 0.5) * dx)
+    edges_y = (np.maximum(row + 0.5, 0.5) * dy, np.maximum(ny - 0.5 - row, 0.5) * dy)
     depth = effective_depth_of_focus(np.asarray(table["z"], float) * 1e-6, np.asarray(table["d"], float) * 1e-6,
                                      edges_x, edges_y, wavelength=float(attrs["lambda"]))
     return table.assign(
