@@ -57,8 +57,9 @@ then, without any learning:
    of the sample volume: a particle in focus out there is outside it, and is not reported on the volume's
    first or last plane (as the particles stage does).
 7. **Stationary.** Over the split, what is found at one place in at least ``baseline.stationary_fraction``
-   of its holograms is dust on a window, not a droplet (:func:`holopipe.particles.without_stationary`, as
-   the particles stage does).
+   of its holograms is dust on a window, not a droplet
+   (:func:`holopipe.particles.without_stationary`, as the particles stage does); particles found outside
+   the volume count there too.
 
 Reconstruction, thresholding and the focus metric run on ``baseline.device`` (torch on a GPU; numpy on
 the CPU, where scipy's FFT is twice torch's speed), planes in batches sized for the device's memory
@@ -420,11 +421,12 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
             particles = find_particles(propagator, planes, settings, dx=dx, dy=dy, progress=progress)
             particles = suppress_ghosts(particles, "score", float(attrs["lambda"]),
                                         settings["ghost_depths_of_focus"], settings["ghost_diameters"])
-            particles = particles[(particles["z"] >= z_min) & (particles["z"] <= z_max)]  # in focus beyond: outside
             parts.save(hid, _micrometre_table(particles, hid))
     finally:
         ds.close()
-    table = pd.concat(parts.load(hids), ignore_index=True)
-    table = table.astype({"hid": np.int64, **{c: np.float64 for c in CSV_COLUMNS[1:]}})
-    table = without_stationary(table, len(hids), settings["stationary_fraction"])
+    candidates = pd.concat(parts.load(hids), ignore_index=True)
+    candidates = candidates.astype({"hid": np.int64, **{c: np.float64 for c in CSV_COLUMNS[1:]}})
+    # In focus beyond the volume: outside it. Those still count where something sits still (window dust).
+    table = candidates[(candidates["z"] >= z_min * 1e6) & (candidates["z"] <= z_max * 1e6)]
+    table = without_stationary(table, len(hids), settings["stationary_fraction"], evidence=candidates)
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))

@@ -44,9 +44,9 @@ droplet can also refine to different planes of its long depth of focus D²/λ; :
 keeps the sharpest focus of those lying inside its shadow (``particles.ghost_diameters``) and within
 ``particles.ghost_depths_of_focus`` depths of focus in z (the ghost removal the baseline applies to its
 own groups, :func:`suppress_ghosts`), so that a small droplet beside a large one survives. Last, over the
-whole split, what sits at one place in at least ``particles.stationary_fraction`` of its holograms is
-dust on a window, not a droplet (:func:`without_stationary`). Planes are
-reconstructed on ``particles.device`` in batches sized for its memory
+whole split, what sits at one place in at least ``particles.stationary_fraction`` of its holograms is dust
+on a window, not a droplet (:func:`without_stationary`); every refined cluster counts there, those dropped as too faint or outside
+the volume included. Planes are reconstructed on ``particles.device`` in batches sized for its memory
 (:func:`holopipe.optics.device_planes_per_batch`: dozens of full-size planes on a GPU) and every particle of
 a batch is scored at once there (its windows' indices uploaded in one packed copy and gathered in one
 indexing op per size group, :func:`holopipe.focus.window_scores`); only the scores and the best planes'
@@ -413,14 +413,14 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
         "reconstruction": config["reconstruction"], "optics": config["optics"],
         "inputs": input_identity(*chunk_csvs, store_path)})
     refined = _refined(clusters, config, store_path, parts, progress=progress)
-    refined_clusters = without_cut_ghosts(clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus",
-                                                                                      "contrast", "at_cut")}))
+    candidates = without_cut_ghosts(clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus",
+                                                                                "contrast", "at_cut")}))
     # A disk too faint to be a droplet in focus, or a focus beyond the sample volume: not a particle of it.
-    refined_clusters = refined_clusters[(refined_clusters["contrast"] >= float(settings["min_disk_contrast"]))
-                                        & refined["inside"].reindex(refined_clusters.index).to_numpy(bool)]
+    refined_clusters = candidates[(candidates["contrast"] >= float(settings["min_disk_contrast"]))
+                                  & refined["inside"].reindex(candidates.index).to_numpy(bool)]
     table = without_ghosts(merge_duplicates(refined_clusters, settings), settings, float(config["optics"]["wavelength"]))
     table = _particle_table(without_stationary(table, _split_holograms(store_path, detections),
-                                               settings["stationary_fraction"]))
+                                               settings["stationary_fraction"], evidence=candidates))
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))
 
 
@@ -444,23 +444,33 @@ STATIONARY_MIN_HOLOGRAMS = 3
 """A place holds something stationary only when found in at least this many holograms of a split."""
 
 
-def without_stationary(particles: pd.DataFrame, n_holograms: int, fraction: float | None) -> pd.DataFrame:
-    """A split's ``particles`` (hid, x, y, d in µm) without what sits at one place in at least ``fraction`` of
-    its ``n_holograms`` (and in :data:`STATIONARY_MIN_HOLOGRAMS`): a particle there and one of another
-    hologram whose centres are closer than the larger radius are at one place. Droplets drift with the air
+def without_stationary(particles: pd.DataFrame, n_holograms: int, fraction: float | None, *,
+                       evidence: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A split's ``particles`` (hid, x, y, d in µm) without those at a place where something sits in at least
+    ``fraction`` of its ``n_holograms`` (and in :data:`STATIONARY_MIN_HOLOGRAMS`). Droplets drift with the air
     between holograms; dust on a window, a scratch or a dead pixel stays, in every hologram of a flight.
-    ``fraction`` None keeps everything."""
-    if fraction is None or len(particles) < 2:
+
+    A place is counted from ``evidence`` (default ``particles``): every candidate the stage found, those it
+    later dropped included. Dust on a window at the volume's edge refines to just outside the volume in most
+    holograms, so the particles kept alone see it in a few. A particle and a candidate of another hologram
+    are at one place when their centres are closer than the larger radius, at any depth: a speck shadows
+    its column on every plane, and the detector's false particles there lie at any depth (a droplet that
+    happens to lie behind a speck goes too). ``fraction`` None keeps everything."""
+    evidence = particles if evidence is None else evidence
+    if fraction is None or not len(particles) or not len(evidence):
         return particles
     needed = max(STATIONARY_MIN_HOLOGRAMS, int(np.ceil(fraction * n_holograms)))
     x, y, d = (particles[c].to_numpy(np.float64) for c in "xyd")
-    hid = particles["hid"].to_numpy()
-    pairs = cKDTree(np.column_stack([x, y])).query_pairs(0.5 * d.max(), output_type="ndarray")
-    i, j = pairs[:, 0], pairs[:, 1]
-    keep = (hid[i] != hid[j]) & (np.hypot(x[i] - x[j], y[i] - y[j]) <= 0.5 * np.maximum(d[i], d[j]))
-    i, j = np.r_[i[keep], j[keep]], np.r_[j[keep], i[keep]]
-    # Holograms at each particle's place: its own, and those of its partners (each counted once).
-    seen = pd.DataFrame({"particle": np.r_[np.arange(len(hid)), i], "hid": np.r_[hid, hid[j]]}).drop_duplicates()
+    ex, ey, ed = (evidence[c].to_numpy(np.float64) for c in "xyd")
+    reach = 0.5 * max(d.max(), ed.max())
+    pairs = cKDTree(np.column_stack([x, y])).sparse_distance_matrix(
+        cKDTree(np.column_stack([ex, ey])), reach, output_type="ndarray")
+    i, j = pairs["i"], pairs["j"]
+    close = pairs["v"] <= 0.5 * np.maximum(d[i], ed[j])
+    # Holograms at each particle's place: its own, and those of the candidates there (each counted once).
+    hid, evidence_hid = particles["hid"].to_numpy(), evidence["hid"].to_numpy()
+    seen = pd.DataFrame({"particle": np.r_[np.arange(len(hid)), i[close]],
+                         "hid": np.r_[hid, evidence_hid[j[close]]]}).drop_duplicates()
     holograms = seen.groupby("particle").size().reindex(np.arange(len(hid)), fill_value=0).to_numpy()
     return particles[holograms < needed]
 
