@@ -55,9 +55,9 @@ import yaml
 
 from holopipe.baseline import baseline_file, detections_file
 from holopipe.config import load_config, merged_config
-from holopipe.evaluate import (bootstrap_intervals, hologram_counts, match, read_predictions, recall_grid,
-                               runs_and_holograms_intervals)
-from holopipe.io import open_holodec, particle_table, skipped_holograms
+from holopipe.evaluate import (bootstrap_intervals, hologram_counts, match, on_window_dust, read_predictions,
+                               recall_grid, runs_and_holograms_intervals)
+from holopipe.io import open_holodec, particle_table, skipped_holograms, window_dust_table
 from holopipe.particles import particles_file
 from holopipe.provenance import code_identity
 
@@ -134,23 +134,28 @@ def run_workflow(workdir: Path, configfiles: list[Path], targets: list[str], cor
     return time.perf_counter() - start
 
 
-def truth_of(store: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """The store's true particles and the holograms evaluated (those standardization did not skip)."""
+def truth_of(store: Path) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """The store's true particles, the holograms evaluated (those standardization did not skip) and the
+    window dust its file records (µm; empty for none)."""
     ds = open_holodec(store)
     try:
         truth, n, skipped = particle_table(ds), int(ds.sizes["hologram_number"]), skipped_holograms(ds)
+        dust = window_dust_table(ds)
     finally:
         ds.close()
     holograms = np.setdiff1d(np.arange(1, n + 1), list(skipped))
-    return truth[truth["hid"].isin(holograms)].reset_index(drop=True), holograms
+    return truth[truth["hid"].isin(holograms)].reset_index(drop=True), holograms, dust
 
 
-def split_counts(truth: pd.DataFrame, holograms: np.ndarray, csv: Path, evaluate: dict, bins) -> dict:
+def split_counts(truth: pd.DataFrame, holograms: np.ndarray, dust: pd.DataFrame, csv: Path, evaluate: dict,
+                 bins) -> dict:
+    """Per-hologram counts, the recall grid and the false particles on the window ``dust``."""
     predicted = read_predictions(csv)
     predicted = predicted[predicted["hid"].isin(holograms)]
     pairs = match(truth, predicted, float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"]))
     counts = hologram_counts(truth, predicted, pairs, int(holograms.max()))[holograms - 1]
-    return {"counts": counts, "grid": recall_grid(truth, pairs, *bins)}
+    on_dust = on_window_dust(predicted.drop(index=pairs["pred_index"]), dust, float(evaluate["tolerance_xy"]))
+    return {"counts": counts, "grid": recall_grid(truth, pairs, *bins), "on_window_dust": on_dust}
 
 
 def evaluate_split(split: str, runs: list[Path], csvs: dict, config: dict) -> dict:
@@ -161,13 +166,13 @@ def evaluate_split(split: str, runs: list[Path], csvs: dict, config: dict) -> di
             np.linspace(float(config["optics"]["z_min"]), float(config["optics"]["z_max"]),
                         int(evaluate["depth_bins"]) + 1))
     store = runs[0] / "data" / "standardized" / f"{split}.zarr"
-    truth, holograms = truth_of(store)
+    truth, holograms, dust = truth_of(store)
     for other in runs[1:]:
         if not truth.equals(truth_of(other / "data" / "standardized" / f"{split}.zarr")[0]):
             raise SystemExit(f"accuracy.py: {split}'s truth differs between {runs[0]} and {other}: the runs did "
                              "not see the same holograms")
-    unet = [split_counts(truth, holograms, csv, evaluate, bins) for csv in csvs["unet"]]
-    single = {method: split_counts(truth, holograms, csvs[method], evaluate, bins)
+    unet = [split_counts(truth, holograms, dust, csv, evaluate, bins) for csv in csvs["unet"]]
+    single = {method: split_counts(truth, holograms, dust, csvs[method], evaluate, bins)
               for method in ("baseline", "physics+particles")}
     counts = {"unet": np.stack([u["counts"] for u in unet]),
               **{method: found["counts"][None] for method, found in single.items()}}
@@ -192,6 +197,10 @@ def evaluate_split(split: str, runs: list[Path], csvs: dict, config: dict) -> di
             "runs": per_run, "run_spread": {"sd": float(f1s.std(ddof=1)) if f1s.size > 1 else None,
                                             "range": float(np.ptp(f1s))},
             "recall_grid": {method: {"n_true": g[0].tolist(), "tp": g[1].tolist()} for method, g in grids.items()},
+            "window_dust_specks": len(dust),
+            "on_window_dust_per_10_holograms": {
+                "unet": [10 * u["on_window_dust"] / holograms.size for u in unet],
+                **{method: 10 * found["on_window_dust"] / holograms.size for method, found in single.items()}},
             "diameter_bins_um": [float(v) * 1e6 for v in bins[0]], "depth_bins_mm": [float(v) * 1e3 for v in bins[1]]}
 
 
@@ -291,6 +300,14 @@ def markdown(result: dict) -> str:
                       if name == "unet_minus_baseline" else "-")
             lines.append(f"| {split} | {shown} | {d['f1']:+.3f} {interval(d['f1_ci95'], True)} | {established} | "
                          f"{interval(d['f1_ci95_runs_fixed'], True)} | {single} |")
+    dusty = {split: s for split, s in result["splits"].items() if s.get("window_dust_specks")}
+    if dusty:
+        lines += ["", "False particles on window dust per 10 holograms (unet per run)", "",
+                  "| split | specks | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 2) + "|"]
+        for split, s in dusty.items():
+            found = s["on_window_dust_per_10_holograms"]
+            cells = [" / ".join(f"{v:.1f}" for v in found[m]) if m == "unet" else f"{found[m]:.1f}" for m in METHODS]
+            lines.append(f"| {split} | {s['window_dust_specks']} | " + " | ".join(cells) + " |")
     for split, s in result["splits"].items():
         depth = s["depth_bins_mm"]
         lines += ["", f"Recall by true diameter (rows, µm) x depth (columns, mm), {split}: unet / baseline / "
