@@ -11,7 +11,8 @@ import yaml
 
 from helpers import REPO, TINY
 
-CONFIG = {**TINY, "splits": {**TINY["splits"], "test": {"source": "simulate", "n_holograms": 3, "seed": 3}},
+CONFIG = {**TINY, "splits": {**TINY["splits"], "test": {"source": "simulate", "n_holograms": 3, "seed": 3,
+                                                        "simulate": {"window_dust": {"count": 2}}}},
           "tune": {"n_trials": 1, "workers": 1, "epochs": 1}, "infer": {"splits": ["test"], "chunks": 1},
           "evaluate": {"bootstrap": 200}}
 
@@ -53,8 +54,11 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     grid = test["recall_grid"]
     assert sum(map(sum, grid["baseline"]["n_true"])) <= test["n_true"]
     assert sum(map(sum, grid["unet"]["n_true"])) == 2 * sum(map(sum, grid["baseline"]["n_true"])), "pooled runs"
+    dust = test["on_window_dust_per_10_holograms"]
+    assert test["window_dust_specks"] == 2 and len(dust["unet"]) == 2 and set(dust) == set(test["methods"])
     table = (out / "accuracy.md").read_text()
     assert "python benchmarks/accuracy.py --configfile" in table and "| test | unet - baseline |" in table
+    assert "False particles on window dust per 10 holograms" in table and "| test | 2 |" in table
     assert table in first.stdout
 
     again = accuracy(out, configfile, "--runs", "2")
