@@ -21,6 +21,7 @@ from holopipe.io import (
     HolodecFormatError,
     HologramParts,
     HolodecWriter,
+    file_sha256,
     input_identity,
     open_holodec,
     particle_table,
@@ -556,3 +557,14 @@ def test_skipped_and_usable_holograms_come_from_the_store_attributes():
     assert usable_holograms(ds) == [1, 3]
     ds.attrs.update(skipped_holograms=3, skipped_reasons="saturated")  # one value, as a netCDF reader gives it
     assert usable_holograms(ds) == [1, 2, 4] and skipped_holograms(ds) == {3: "saturated"}
+
+
+def test_file_sha256_reads_in_blocks_and_matches_hashlib(tmp_path):
+    """Any block size gives the digest of the whole file (Python 3.10 has no hashlib.file_digest)."""
+    import hashlib
+
+    data = np.random.default_rng(0).bytes(10_000)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert file_sha256(path) == expected and file_sha256(path, block_bytes=999) == expected

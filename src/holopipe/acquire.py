@@ -14,7 +14,6 @@ lacking them, because every later stage opens raw files with ``open_holodec(...,
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from holopipe import io, simulate
 from holopipe.config import ConfigError, split_simulation_config
 
-__all__ = ["DownloadError", "acquire_split", "check_against_optics", "file_sha256"]
+__all__ = ["DownloadError", "acquire_split", "check_against_optics"]
 
 log = logging.getLogger("holopipe")
 
@@ -101,7 +100,7 @@ def _acquire_url(spec: dict, out_path: Path, *, optics: dict, settings: dict) ->
     resumed_from = part.stat().st_size if part.exists() else 0
     log.info("acquiring %s from %s", out_path.name, url)
     _download(url, part, retries=settings["retries"], backoff=settings["backoff"], timeout=settings["timeout"])
-    actual = file_sha256(part)
+    actual = io.file_sha256(part)
     expected = spec["sha256"].lower()
     if actual != expected:
         part.unlink(missing_ok=True)
@@ -117,15 +116,6 @@ def _acquire_url(spec: dict, out_path: Path, *, optics: dict, settings: dict) ->
         named = str(exc) if str(exc).startswith(f"{url}: ") else f"{url}: {exc}"  # contract errors name the part
         raise io.HolodecFormatError(named) from None
     part.unlink(missing_ok=True)
-
-
-def file_sha256(path) -> str:
-    """Hex SHA-256 of a file, read in chunks so that a multi-gigabyte file needs no more memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(url: str, part: Path, *, retries: int, backoff: float, timeout: float) -> None:

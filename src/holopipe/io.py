@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import operator
 import os
@@ -84,6 +85,16 @@ def pixel_centres(n: int, pitch_m: float) -> np.ndarray:
 def equivalent_diameter(area_pixels, dx: float, dy: float) -> np.ndarray:
     """Diameter (metres) of the disk as large as ``area_pixels`` pixels of dx by dy metres."""
     return 2 * np.sqrt(np.asarray(area_pixels, dtype=np.float64) * dx * dy / np.pi)
+
+
+def file_sha256(path, block_bytes: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file, read in blocks so that a multi-gigabyte file needs no more memory (Python 3.10
+    has no ``hashlib.file_digest``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(block_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def um_to_pixel(coord_um, n: int, pitch_m: float) -> np.ndarray:

@@ -32,7 +32,7 @@ import yaml
 from holopipe import __version__
 from holopipe.credentials import mask_secrets
 from holopipe.device import cpu_threads
-from holopipe.io import write_atomically
+from holopipe.io import file_sha256, write_atomically
 
 __all__ = [
     "PACKAGES", "checksum", "code_identity", "config_sha256", "environment", "git_commit", "job_record",
@@ -43,14 +43,6 @@ PACKAGES = ("holopipe", "numpy", "scipy", "xarray", "zarr", "dask", "netCDF4", "
             "segmentation-models-pytorch", "optuna", "cupy-cuda13x", "cupy", "snakemake", "matplotlib")
 """Distributions whose versions can change results; those installed are recorded."""
 
-_READ_BYTES = 2**24
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def checksum(path) -> dict:
     """``{"path", "kind", "bytes", "files", "sha256"}`` of a file or a directory tree (files in sorted
     relative order, each contributing its relative path and its own SHA-256; hidden temporaries of
@@ -58,12 +50,12 @@ def checksum(path) -> dict:
     path = Path(path)
     if path.is_file():
         return {"path": str(path), "kind": "file", "bytes": path.stat().st_size, "files": 1,
-                "sha256": _sha256_file(path)}
+                "sha256": file_sha256(path)}
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory to checksum")
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".snakemake"))
     with ThreadPoolExecutor(max_workers=min(8, cpu_threads())) as pool:  # hashlib releases the GIL
-        digests = list(pool.map(_sha256_file, files))
+        digests = list(pool.map(file_sha256, files))
     tree = hashlib.sha256()
     for file, digest in zip(files, digests):
         tree.update(f"{file.relative_to(path).as_posix()}\0{digest}\n".encode())
