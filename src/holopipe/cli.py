@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--best", help="best.yaml of the tuning; its values override the config")
     train.add_argument("--out", required=True, help="output directory (model.pt, metrics.csv, checkpoint)")
     _add_config_source(train)
-    train.set_defaults(func=cmd_train, reads=_training_data, writes=_out)
+    train.set_defaults(func=cmd_train, reads=_paths("train", "valid", "stats", "best"), writes=_out)
 
     infer = stages.add_parser("infer", help="segment every reconstruction plane of one z chunk of a split")
     infer.add_argument("--model", required=True, help="model.pt from `holopipe train`")
