@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,71 +28,12 @@ from holopipe.optics import (MAX_BATCH_ELEMENTS, SWEEP_BYTES_PER_PIXEL, SWEEP_ME
                              device_planes_per_batch, hologram_field, planes_in_memory)
 from holopipe.particles import particles_file
 from holopipe.provenance import code_identity
-from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
-
-OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=128, ny=128, z_min=2e-3, z_max=10e-3)
-# Three isolated droplets (25-40 µm, 3-9 mm, > 80 µm from the edges and > 170 µm apart), metres.
-PARTICLES = ParticleSet(x=np.array([-90e-6, 85e-6, -10e-6]), y=np.array([-85e-6, -60e-6, 95e-6]),
-                        z=np.array([3.5e-3, 6.2e-3, 8.5e-3]), d=np.array([25e-6, 32e-6, 40e-6]))
-Z_BINS, PAD = 60, 32
-
-
-def scene_dict(optics: Optics = OPTICS, **sections) -> dict:
-    """The (unvalidated) config of these optics and this module's planes, with the given sections."""
-    return {
-        "splits": {"test": {"source": "simulate", "n_holograms": 2, "seed": 1}},
-        "optics": {"wavelength": optics.wavelength, "dx": optics.dx, "dy": optics.dy, "nx": optics.nx,
-                   "ny": optics.ny, "z_min": optics.z_min, "z_max": optics.z_max},
-        "reconstruction": {"z_bins": Z_BINS, "pad": PAD},
-        **sections,
-    }
-
-
-def scene_config(**sections):
-    """A validated config of this module's optics and planes, with the given sections (also for
-    test_particles, which refines on the same scenes)."""
-    return load_config(scene_dict(**sections))
-
+from holopipe.simulate import ParticleSet
+from helpers import (OPTICS, PARTICLES, PLANES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram, found_um,
+                     propagator_of, scene_config, scene_dict, split_store, truth_table)
 
 def make_config(**baseline):
     return scene_config(baseline=baseline)
-
-
-def contrast_hologram(particles: ParticleSet, optics: Optics = OPTICS) -> np.ndarray:
-    """Noise-free, flat-beam contrast hologram I / mean(I), float32 (ny, nx)."""
-    intensity = np.abs(opaque_disks_field(particles, optics, pad=PAD)) ** 2
-    return (intensity / intensity.mean()).astype(np.float32)
-
-
-def truth_table(particles: ParticleSet, hid: int = 1) -> pd.DataFrame:
-    return pd.DataFrame({"hid": hid, "x": particles.x * 1e6, "y": particles.y * 1e6, "z": particles.z * 1e6,
-                         "d": particles.d * 1e6})
-
-
-def propagator_of(image_yx, optics: Optics = OPTICS) -> Propagator:
-    """The propagator of a contrast hologram (numpy or torch, (ny, nx))."""
-    return Propagator(hologram_field(image_yx, background=1.0), wavelength=optics.wavelength, dx=optics.dx,
-                      dy=optics.dy, pad=PAD, band_limit=True)
-
-
-def split_store(path, images_yx, optics: Optics = OPTICS, truth: pd.DataFrame | None = None):
-    """A standardized split store of contrast holograms (h, ny, nx) with these optics."""
-    truth = truth if truth is not None else pd.DataFrame({name: np.zeros(0) for name in ("hid", "x", "y", "z", "d")})
-    ds = xr.Dataset(
-        {"image": (("hologram_number", "xsize", "ysize"), np.asarray(images_yx).transpose(0, 2, 1)),
-         **{name: ("particle", truth[name].to_numpy(np.float32)) for name in ("hid", "x", "y", "z", "d")}},
-        attrs={"Nx": optics.nx, "Ny": optics.ny, "dx": optics.dx, "dy": optics.dy, "lambda": optics.wavelength,
-               "zMin": optics.z_min, "zMax": optics.z_max},
-    )
-    return write_zarr(ds, path)
-
-
-def found_um(found: pd.DataFrame, hid: int = 1) -> pd.DataFrame:
-    """find_particles' table (metres) as a CSV's (µm, with hid)."""
-    return found.assign(hid=hid, **{c: found[c] * 1e6 for c in "xyzd"})
-
-
-PLANES = z_bin_centres(OPTICS.z_min, OPTICS.z_max, Z_BINS)
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +142,6 @@ def test_raw_uint8_store_is_refused(tmp_path):
     with pytest.raises(HolodecFormatError, match="raw.zarr.*standardized"):
         baseline_file(make_config(), path, tmp_path / "out.csv", progress=False)
     assert not (tmp_path / "out.csv").exists()
-
-
-# A non-square frame with dx != dy: rows are y (pitch dy), columns x (pitch dx); the droplets sit where
-# swapping x and y would put them far from any droplet.
-WIDE = replace(OPTICS, nx=176, ny=112, dy=3.6e-6)
-WIDE_PARTICLES = ParticleSet(x=np.array([-170e-6, 150e-6]), y=np.array([100e-6, -45e-6]),
-                             z=np.array([4.0e-3, 7.5e-3]), d=np.array([30e-6, 36e-6]))
 
 
 def test_a_non_square_frame_with_unequal_pitches_finds_the_particles_where_they_are(tmp_path):
@@ -327,7 +260,6 @@ WIDE_BEFORE = {
     "tamura": {"x": [149.48, -169.388387], "y": [-45.0, 100.045161], "z": [7400.0, 3933.33333],
                "d": [34.3567276, 29.0033397], "score": [0.940664209, 0.906210542]},
 }
-WIDE_PLANES = z_bin_centres(WIDE.z_min, WIDE.z_max, Z_BINS)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from holopipe.config import load_config
 from holopipe.label_app import Access, create_app, crop_png, is_loopback, page_names
 from holopipe.simulate import Optics, ParticleSet
 
-from test_baseline import contrast_hologram, scene_dict, split_store
+from helpers import contrast_hologram, scene_dict, split_store
 
 # A non-square frame with non-square pixels (dx != dy), so the page's aspect and scale bar are tested.
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=3.5e-6, nx=192, ny=128, z_min=2e-3, z_max=10e-3)

@@ -19,9 +19,8 @@ from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_wind
                                 without_cut_ghosts, without_stationary)
 from holopipe.reconstruction import z_bin_centres
 from holopipe.simulate import ParticleSet
-from test_baseline import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,
-                           scene_config, scene_dict)
-import test_baseline
+from helpers import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,
+                     propagator_of, scene_config, scene_dict)
 
 # One large droplet (45 µm: depth of focus D²/λ ≈ 5.7 mm), where the darkest plane is not sharp.
 DROPLET = ParticleSet(x=np.array([12e-6]), y=np.array([-20e-6]), z=np.array([5.1e-3]), d=np.array([45e-6]))
@@ -31,11 +30,6 @@ BIN = PLANES[1] - PLANES[0]
 
 def make_config(**particles):
     return scene_config(particles=particles)
-
-
-def propagator_of(image_yx: np.ndarray) -> Propagator:
-    return Propagator(hologram_field(image_yx, background=1.0), wavelength=OPTICS.wavelength, dx=OPTICS.dx,
-                      dy=OPTICS.dy, pad=PAD, band_limit=True)
 
 
 def ml_cluster(x_um, y_um, planes_um, *, focus_um, d_um=45.0, hid=1) -> pd.DataFrame:
@@ -289,7 +283,7 @@ def test_a_small_droplet_beside_a_large_one_is_measured_where_it_is():
     keeps its own depth, centre and size, not the larger, darker shadow that shares its window."""
     scene = ParticleSet(x=np.array([0.0, 46e-6]), y=np.array([0.0, 0.0]), z=np.array([6.0e-3, 7.5e-3]),
                         d=np.array([60e-6, 14e-6]))
-    propagator = test_baseline.propagator_of(contrast_hologram(scene, WIDE), WIDE)
+    propagator = propagator_of(contrast_hologram(scene, WIDE), WIDE)
     dips = lambda focus_m: lambda z: 0.7 - 100 * np.abs(z - focus_m)  # noqa: E731
     detections = pd.concat([column(0.0, 0.0, WIDE_PLANES[(WIDE_PLANES > 3e-3) & (WIDE_PLANES < 9e-3)], 60.0, dips(6e-3)),
                             column(46.0, 0.0, WIDE_PLANES[(WIDE_PLANES > 6.9e-3) & (WIDE_PLANES < 8.1e-3)], 14.0,
@@ -455,7 +449,7 @@ WIDE_BEFORE = {
 
 @pytest.fixture(scope="module")
 def wide_propagator():
-    return test_baseline.propagator_of(contrast_hologram(WIDE_PARTICLES, WIDE), WIDE)
+    return propagator_of(contrast_hologram(WIDE_PARTICLES, WIDE), WIDE)
 
 
 @pytest.mark.parametrize("metric", ["tamura", "min_amplitude"])

@@ -1,25 +1,19 @@
 """The PBS profile (profiles/pbs) driving Snakemake against a local PBS Pro emulator (tests/pbs_emulator)."""
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_workflow import TINY
+from helpers import (PROFILE, REPO, TINY, job_state, pbs_env, snakemake_command, submissions,
+                     walltime_minutes)
 
 pytestmark = pytest.mark.workflow
-
-REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "profiles" / "pbs"
-EMULATOR = REPO / "tests" / "pbs_emulator"
-FAST = ("--seconds-between-status-checks", "1", "--max-status-checks-per-second", "20", "--latency-wait", "5")
 
 # A rule that outlives its 1-minute walltime on the first attempt and gets 10 minutes on the retry.
 SLOW_SNAKEFILE = """
@@ -30,32 +24,6 @@ rule slow:
         nap=lambda wildcards, attempt: 60 if attempt == 1 else 0,
     shell: "sleep {resources.nap}; echo done > {output}"
 """
-
-
-def pbs_env(emulator_dir: Path, account: str | None = "test", **extra: str) -> dict:
-    """Environment with the emulator's qsub/qstat/qdel and this interpreter's bin first on PATH."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PBS_")}
-    env["PATH"] = os.pathsep.join([str(EMULATOR), str(Path(sys.executable).parent), env["PATH"]])
-    env["PBS_EMULATOR_DIR"] = str(emulator_dir)
-    if account is not None:
-        env["PBS_ACCOUNT"] = account
-    return {**env, **extra}
-
-
-def snakemake_command(workdir: Path | None, snakefile: Path, *args: str) -> list[str]:
-    """The Snakemake command line through the PBS profile; without `workdir` it runs where it is started."""
-    directory = ["--directory", str(workdir)] if workdir else []
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), *directory,
-            "--profile", str(PROFILE), *FAST, *args]
-
-
-def submissions(emulator_dir: Path) -> list[dict]:
-    log = emulator_dir / "submissions.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def job_state(emulator_dir: Path, job_id: str) -> dict:
-    return json.loads((emulator_dir / "jobs" / f"{job_id}.json").read_text())
 
 
 def test_workflow_runs_through_qsub_grouped_with_gpus_only_for_gpu_rules(tmp_path):
@@ -191,11 +159,6 @@ def declared_runtimes(snakemake_log: str) -> dict:
             runtimes.setdefault(rule, []).append(int(match.group(1)))
             rule = None
     return runtimes
-
-
-def walltime_minutes(job: dict) -> float:
-    hours, minutes, seconds = map(int, job["resources"]["walltime"].split(":"))
-    return hours * 60 + minutes + seconds / 60
 
 
 def select(job: dict) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pbs import FAST, PROFILE, REPO, TINY, job_state, pbs_env, submissions
+from helpers import FAST, PROFILE, REPO, TINY, job_state, pbs_env, submissions
 
 STATUS_SCRIPT = PROFILE / "pbs-status.py"
 DEFAULT_PROFILE = REPO / "profiles" / "default"

@@ -10,7 +10,7 @@ from holopipe.cli import main
 from holopipe.config import load_config
 from holopipe.postprocessing import BEGIN, END, SEARCH_SPACES, tune_postprocessing, write_settings
 
-from test_baseline import WIDE, WIDE_PARTICLES, contrast_hologram, scene_dict, split_store, truth_table
+from helpers import WIDE, WIDE_PARTICLES, contrast_hologram, scene_dict, split_store, truth_table
 
 
 @pytest.fixture(scope="module")

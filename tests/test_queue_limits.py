@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from test_pbs import PROFILE, REPO, pbs_env, snakemake_command, submissions, walltime_minutes
-from test_workflow import TINY
+from helpers import PROFILE, REPO, pbs_env, snakemake_command, submissions, walltime_minutes
+from helpers import TINY
 
 spec = importlib.util.spec_from_file_location("pbs_submit", PROFILE / "pbs-submit.py")
 pbs_submit = importlib.util.module_from_spec(spec)
