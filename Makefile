@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.holopipe-installed
 CORES ?= all
 
-.PHONY: setup run test bench accuracy tune-postprocessing tune-postprocessing-accuracy smoke-fullsize lint docs report clean
+.PHONY: setup run test test-fast bench accuracy tune-postprocessing tune-postprocessing-accuracy smoke-fullsize lint docs report clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ run: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+# For development: no Snakemake subprocesses (a test that starts one fails here, see tests/conftest.py) and
+# nothing marked slow. `make test` stays the whole suite.
+test-fast: setup
+	$(BIN)/ruff check src tests benchmarks
+	HOLOPIPE_FAST_LANE=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow and not workflow"
 
 # The inference benchmarks first: on a GPU the whole frame of config/holodec.yaml, all 1000 planes; without one a
 # 1024 x 1024 crop (bench_infer: 4 planes, extrapolated; the simulated hologram is cached in benchmarks/out/cache).

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
@@ -155,3 +155,9 @@ def job_state(emulator_dir: Path, job_id: str) -> dict:
 def walltime_minutes(job: dict) -> float:
     hours, minutes, seconds = map(int, job["resources"]["walltime"].split(":"))
     return hours * 60 + minutes + seconds / 60
+
+
+def starts_snakemake(args) -> bool:
+    """Whether a subprocess command line runs Snakemake (``snakemake …`` or ``python -m snakemake …``)."""
+    words = [os.fspath(word) for word in args] if isinstance(args, (list, tuple)) else str(args).split()
+    return any(PurePath(word).name == "snakemake" for word in words)

@@ -447,6 +447,7 @@ def tiny_model(tmp_path_factory):
     return result.model_path, config, config_file
 
 
+@pytest.mark.slow
 def test_infer_killed_mid_split_resumes_and_gives_the_uninterrupted_result(six_hologram_store, tiny_model,
                                                                            tmp_path):
     model, config, config_file = tiny_model

@@ -112,6 +112,7 @@ def test_the_workflow_profile_sets_nothing_the_cluster_profile_sets_otherwise():
                                                   f"{cluster_profile.get(key)}"
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("profile", ["pbs", "profiles/pbs"])
 def test_dry_run_from_the_checkout_root(tmp_path, profile):
     root = checkout(tmp_path)

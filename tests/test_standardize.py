@@ -262,6 +262,7 @@ def test_stats_of_a_training_split_background_image_are_refused(tmp_path):
         read_stats(old)
 
 
+@pytest.mark.slow
 def test_the_baseline_finds_the_same_droplets_in_the_beamed_and_the_flat_file(tmp_path):
     from holopipe.baseline import baseline_file
     from holopipe.evaluate import evaluate_files

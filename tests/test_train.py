@@ -119,6 +119,7 @@ def test_model_file_rebuilds_the_best_model(data, tmp_path):
     assert counts.metrics()["object_f1"] == pytest.approx(result.best_metric, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_training_twice_from_the_same_examples_is_bit_identical_and_the_seed_alone_changes_it(data, tmp_path):
     """The accuracy benchmark's training runs differ by their seeds and by nothing else: a rerun of one seed
     gives the same weights to the bit (with a DataLoader worker and augmentation on), another seed others."""
@@ -161,6 +162,7 @@ def kill_in_epoch_3(config, data, out, monkeypatch) -> None:
     monkeypatch.setattr(train_module, "learning_rate", learning_rate)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(data, tmp_path, monkeypatch, caplog):
     config = make_config(epochs=3)
     run(config, data, tmp_path / "a")
@@ -181,6 +183,7 @@ def test_resume_after_kill_equals_uninterrupted_run(data, tmp_path, monkeypatch,
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_set_aside(data, tmp_path, caplog):
     config = make_config(epochs=1)
     run(config, data, tmp_path)
@@ -209,6 +212,7 @@ def test_incompatible_checkpoint_is_set_aside(data, tmp_path, caplog):
     assert (tmp_path / "checkpoint.incompatible-2.pt").read_text() == "garbage"
 
 
+@pytest.mark.slow
 def test_rebuilt_examples_store_is_not_resumed(data, tmp_path):
     """Same path, same size, other tiles: the checkpoint of the old tiles must not be resumed."""
     store = examples_store(tmp_path / "train.zarr", 24, 1)
@@ -218,6 +222,7 @@ def test_rebuilt_examples_store_is_not_resumed(data, tmp_path):
     assert (tmp_path / "run" / "checkpoint.incompatible-1.pt").is_file()
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_epochs(data, tmp_path, monkeypatch):
     scripted = iter([0.1, 0.3, 0.2, 0.3, 0.25, 0.9, 0.9])  # best at epoch 2; epochs 3-5 do not improve
     real = train_module._evaluate

@@ -157,6 +157,7 @@ def join_all(processes, timeout):
     assert not alive, "workers did not finish in time"
 
 
+@pytest.mark.slow
 def test_worker_processes_reach_exactly_n_trials(tmp_path, storage_url, cleanup):
     config = make_config(storage_url, trials_per_gpu=2)  # 3 workers x 2 trial processes race for 9 trials
     study_file = start(config, tmp_path)
@@ -177,6 +178,7 @@ def test_worker_processes_reach_exactly_n_trials(tmp_path, storage_url, cleanup)
             assert trial.value == pytest.approx(quality(trial.params))
 
 
+@pytest.mark.slow
 def test_killed_worker_leaves_nothing_running_and_the_others_make_up_the_count(tmp_path, storage_url, cleanup):
     config = make_config(storage_url)
     n_trials = config["tune"]["n_trials"]
@@ -463,6 +465,7 @@ def isolation_probe(config, trial, params):
     return quality(params)
 
 
+@pytest.mark.slow
 def test_trials_per_gpu_runs_trials_in_processes_that_keep_their_torch_state_to_themselves(tmp_path):
     pytest.importorskip("torch")
     config = make_config(n_trials=4, trials_per_gpu=2, pruner="none")
@@ -526,6 +529,7 @@ def test_the_worker_command_exits_with_the_trial_process_status(tmp_path, monkey
     assert exited.value.code == 137
 
 
+@pytest.mark.slow
 def test_real_training_trials(tmp_path):
     pytest.importorskip("holopipe.train", reason="holopipe.train (train_model) is missing")
     from test_train import examples_store
@@ -650,6 +654,7 @@ def chain_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.workflow
 def test_the_rule_chain_starts_a_fresh_study_when_the_search_or_the_examples_change(chain_dir):
     ran = tune_chain(chain_dir, CHAIN)
     assert {rule: len(jobs) for rule, jobs in ran.items()} == {"tune_study": 1, "tune_worker": 2, "tune": 1}
@@ -675,6 +680,7 @@ def test_the_rule_chain_starts_a_fresh_study_when_the_search_or_the_examples_cha
     assert planned(CHAIN) == {"tune_study": 1, "tune_worker": 2, "tune": 1}
 
 
+@pytest.mark.workflow
 def test_a_database_study_has_a_study_file_and_no_journal(chain_dir):
     jobs = tune_chain(chain_dir, chain_config(storage="postgresql://u@h/db"), "-n")
     assert {rule: len(planned) for rule, planned in jobs.items()} == {"tune_study": 1, "tune_worker": 2, "tune": 1}
