@@ -87,6 +87,7 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     assert json.loads((out / "post" / "code.json").read_text())["code"] != json.loads((out / "code.json").read_text())["code"]
 
 
+@pytest.mark.slow
 def test_one_training_run_is_refused_before_anything_runs(tmp_path):
     done = accuracy(tmp_path / "out", REPO / "config" / "config.yaml", "--runs", "1")
     assert done.returncode == 2 and "at least 2 training runs" in done.stderr

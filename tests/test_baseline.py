@@ -190,6 +190,7 @@ def test_baseline_on_torch_tensors_finds_what_it_finds_on_numpy(hologram, metric
     pd.testing.assert_frame_equal(on_torch, on_numpy, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_killed_baseline_run_resumes_without_redoing_finished_holograms(tmp_path, hologram, monkeypatch):
     n_holograms = 4
     # The droplets moved 5 pixels along x from one hologram to the next: every hologram's table differs.

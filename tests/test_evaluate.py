@@ -358,6 +358,7 @@ def test_evaluate_files_writes_both_methods_and_the_plots_and_counts_only_withou
     assert all((tmp_path / "plots_real" / name).exists() for name in PLOT_NAMES)
 
 
+@pytest.mark.slow
 def test_each_split_gets_its_own_file_with_intervals_and_the_log_table(tmp_path, capsys):
     # Non-square frames with dx != dy; the primary split is test although fraunhofer comes first.
     config = load_config({
@@ -480,6 +481,7 @@ def test_a_split_without_truth_gets_counts_per_hologram_and_a_size_histogram(tmp
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_skipped_holograms_are_listed_and_left_out_of_every_count_with_their_truth(tmp_path, capsys):
     # Non-square frames with dx != dy; hologram 2 of 4 had no data (standardization skipped it).
     config = load_config({
@@ -548,6 +550,7 @@ def test_a_bad_prediction_csv_fails_naming_the_file_the_column_and_the_rows(tmp_
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.slow
 def test_particles_reported_on_window_dust_are_counted_per_method(tmp_path):
     """Two specks (40 and 20 µm) in every hologram: a prediction within a speck's radius plus the lateral
     tolerance (20 µm) of its x, y, at any depth, is on it; one farther away is not, and the split's

@@ -665,6 +665,7 @@ def test_compile_and_writers_change_no_fingerprint(store):
     assert resume_fingerprint(stricter, None, store, chunk=0, n_chunks=1, probabilities_path=None) != fingerprint
 
 
+@pytest.mark.slow
 def test_infer_compile_compiles_the_folded_model_for_one_batch_shape(tiny_model, store, tmp_path, monkeypatch,
                                                                      caplog):
     model_path, config, _ = tiny_model

@@ -298,6 +298,7 @@ def test_majority_of_labellers_and_cohen_kappa(config, split):
     assert by_labels["by_confidence"][2]["precision"]["n"] == 0, "c0000-c0002 rest on a confidence-2 vote"
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_label_plots_and_without_labels_is_unchanged(config, split):
     plain = evaluated(config, split, split["tmp"] / "plain")
     no_files = evaluated(config, split, split["tmp"] / "no_files", {"test": (split["candidates"], [])})

@@ -141,6 +141,7 @@ def test_the_code_identity_follows_the_package_source_only(tmp_path):
     assert code_identity(edited)["source_sha256"] != identity["source_sha256"]
 
 
+@pytest.mark.workflow
 def test_the_report_s_inner_snakemake_ignores_the_user_s_profile(tmp_path, monkeypatch):
     """A user's SNAKEMAKE_PROFILE (say their cluster profile) must not reach the inner Snakemake that draws the
     graphs and the report: its executor plugin is not in the report's env, and nothing there is submitted."""

@@ -500,6 +500,7 @@ def killed_in_trial_zero(config, trial, params):
     return quality(params)
 
 
+@pytest.mark.slow
 def test_a_killed_trial_process_fails_the_worker_with_its_status(tmp_path):
     config = make_config(n_trials=6, trials_per_gpu=2, pruner="none")
     study_file = start(config, tmp_path)
@@ -555,6 +556,7 @@ def test_real_training_trials(tmp_path):
     assert set(yaml.safe_load((tmp_path / "best.yaml").read_text())) == {"train.learning_rate"}
 
 
+@pytest.mark.slow
 def test_a_trials_parameters_do_not_depend_on_the_worker_that_runs_it(tmp_path):
     """Reruns of one config tune alike whichever worker wins the race for each trial: trial k draws from
     tune.seed + k. Two studies of one config, run by worker 0 alone and by worker 7 with three trial processes,
