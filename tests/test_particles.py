@@ -518,7 +518,8 @@ def test_a_speck_counts_where_it_was_dropped_so_the_one_kept_inside_the_volume_g
     """Dust at the volume's edge focuses just outside it in 5 of 6 holograms: those candidates are dropped,
     but they still make the place stationary, so the one that focused inside goes too, with a false
     particle on its column 8 mm deeper; a droplet elsewhere stays."""
-    candidates = pd.DataFrame({"hid": [1, 2, 3, 4, 5, 6, 4, 2], "x": [100.0, 101.0, 99.0, 100.0, 102.0, 100.0, 104.0, -50.0],
+    candidates = pd.DataFrame({"hid": [1, 2, 3, 4, 5, 6, 4, 2],
+                               "x": [100.0, 101.0, 99.0, 100.0, 102.0, 100.0, 104.0, -50.0],
                                "y": [50.0, 50.0, 51.0, 49.0, 50.0, 50.0, 52.0, 0.0],
                                "z": [13950.0, 13960.0, 13940.0, 13970.0, 13955.0, 14020.0, 22000.0, 20000.0],
                                "d": [40.0, 41.0, 40.0, 39.0, 40.0, 40.0, 20.0, 30.0]})

@@ -45,10 +45,10 @@ keeps the sharpest focus of those lying inside its shadow (``particles.ghost_dia
 ``particles.ghost_depths_of_focus`` depths of focus in z (the ghost removal the baseline applies to its
 own groups, :func:`suppress_ghosts`), so that a small droplet beside a large one survives. Last, over the
 whole split, what sits at one place in at least ``particles.stationary_fraction`` of its holograms is dust
-on a window, not a droplet (:func:`without_stationary`); every refined cluster counts there, those dropped as too faint or outside
-the volume included. Planes are reconstructed on ``particles.device`` in batches sized for its memory
-(:func:`holopipe.optics.device_planes_per_batch`: dozens of full-size planes on a GPU) and every particle of
-a batch is scored at once there (its windows' indices uploaded in one packed copy and gathered in one
+on a window, not a droplet (:func:`without_stationary`); every refined cluster counts there, those dropped
+as too faint or outside the volume included. Planes are reconstructed on ``particles.device`` in batches
+sized for its memory (:func:`holopipe.optics.device_planes_per_batch`: dozens of full-size planes on a
+GPU) and every particle of a batch is scored at once there (its windows' indices uploaded in one packed copy and gathered in one
 indexing op per size group, :func:`holopipe.focus.window_scores`); only the scores and the best planes'
 measuring windows (one copy, :func:`holopipe.focus.host_windows`) reach the host, so memory is one batch of
 planes even for full 4872 x 3248 frames. Each hologram's result is kept
