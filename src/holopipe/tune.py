@@ -9,7 +9,8 @@ re-made examples never continue an old study. Each worker runs ask/tell loops un
 ``tune.n_trials`` *finished* trials, in ``tune.trials_per_gpu`` spawned processes that share the worker's
 GPU, so that the seeds and torch's global settings of one trial never reach another. Finished means
 COMPLETE or PRUNED (an out-of-memory trial is pruned); FAIL trials never count: those are surplus trials
-(asked in a race after enough others had started, marked ``surplus``), trials of killed workers (marked
+(asked in a race after enough others had started, or a retry still waiting when the count was made up;
+marked ``surplus``), trials of killed workers (marked
 ``stale``) and failed ones.
 
 Counting is by trial number, so concurrent workers never overshoot: after ``ask`` a trial runs only if
@@ -363,15 +364,38 @@ def _stale_reason(trial: FrozenTrial, heartbeat: float, host: str) -> str | None
     return f"no heartbeat for {silence:.0f} s" if silence > limit else None
 
 
-def _retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a stale trial's parameters once more (with clean attrs, not the dead worker's)."""
+def _retry_of(trial: FrozenTrial) -> FrozenTrial | None:
+    """A WAITING trial with a stale trial's parameters (and clean attrs, not the dead worker's), or None
+    where the trial gets no more retries."""
     retries = trial.user_attrs.get("retries", 0)
-    if retries < MAX_RETRIES and trial.params:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+    if retries >= MAX_RETRIES or not trial.params:
+        return None
+    return optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={"fixed_params": trial.params},
+                                     user_attrs={"retry_of": trial.number, "retries": retries + 1})
+
+
+def _retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's stale-trial callback (PostgreSQL heartbeats): queue the failed trial once more."""
+    retry = _retry_of(trial)
+    if retry is not None:
+        study.add_trial(retry)
+
+
+def _fail_as_surplus(storage, trial_id: int) -> None:
+    """Fail a trial that must not run (it would overshoot n_trials); one that finished meanwhile stays."""
+    try:
+        storage.set_trial_user_attr(trial_id, "surplus", True)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
 
 
 def _sweep_stale(study: optuna.Study, storage, heartbeat: float) -> None:
-    """Fail the RUNNING trials of dead workers, so none stays RUNNING and the others make up the count."""
+    """Fail the RUNNING trials of dead workers, so none stays RUNNING and the others make up the count.
+
+    The retry is queued *before* the stale trial fails: in the other order a worker that looked in between
+    saw a free place, asked a fresh trial, and the retry was left waiting once the count was made up. A
+    worker that loses the race to fail the trial (another swept it first) withdraws its own retry."""
     host = socket.gethostname()
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -379,14 +403,18 @@ def _sweep_stale(study: optuna.Study, storage, heartbeat: float) -> None:
         if reason is None:
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        retry = _retry_of(trial)
+        if retry is not None:
+            retry = storage.create_new_trial(study_id, template_trial=retry)
         try:
             storage.set_trial_user_attr(trial_id, "stale", True)
             storage.set_trial_user_attr(trial_id, "stale_reason", reason)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # finished meanwhile, or another worker swept it first
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, or swept by another worker
+            if retry is not None:
+                _fail_as_surplus(storage, retry)
+            continue
         log.warning("trial %d failed as stale (%s)", trial.number, reason)
-        _retry_stale(study, trial)
 
 
 class _Heartbeat:
@@ -487,6 +515,11 @@ def _worker_loop(config, study_file, name: str, objective, worker: int, stop) ->
         trials = study.get_trials(deepcopy=False)
         finished = sum(t.state in FINISHED for t in trials)
         if finished >= n_trials:
+            study_id = storage.get_study_id_from_name(study.study_name)
+            for trial in trials:  # a retry queued while the last places filled is never run
+                if trial.state == TrialState.WAITING:
+                    _fail_as_surplus(storage, storage.get_trial_id_from_study_id_trial_number(
+                        study_id, trial.number))
             return
         if finished + sum(t.state == TrialState.RUNNING for t in trials) >= n_trials:
             stop.wait(poll)  # enough trials are running; stay to replace any whose worker dies
