@@ -18,7 +18,7 @@ the detector's share of a difference from the particles stage's.
 
 Per split and method: F1, precision and recall with counts pooled over runs and holograms, and 95 % intervals
 from a bootstrap that resamples **training runs and holograms** (crossed: every model sees every hologram;
-:func:`holopipe.evaluate.runs_and_holograms_intervals`). Not a sign-flip test on per-hologram differences:
+:func:`holopipe.evaluation.evaluate.runs_and_holograms_intervals`). Not a sign-flip test on per-hologram differences:
 F1 is a ratio of pooled counts, not a mean of per-hologram F1s (a 25-droplet hologram's F1 is coarse), and a
 test over holograms alone, with the runs averaged, takes the few trained models as the only ones there could
 be. The paired differences are unet - baseline, unet - physics+particles (the detector) and
@@ -53,13 +53,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from holopipe.baseline import baseline_file, detections_file
-from holopipe.config import load_config, merged_config
-from holopipe.evaluate import (bootstrap_intervals, hologram_counts, match, on_window_dust, read_predictions,
-                               recall_grid, runs_and_holograms_intervals)
-from holopipe.io import open_holodec, particle_table, skipped_holograms, window_dust_table
-from holopipe.particles import particles_file
-from holopipe.provenance import code_identity
+from holopipe.detect.baseline import baseline_file, detections_file
+from holopipe.core.config import load_config, merged_config
+from holopipe.core.io import read_particle_csv
+from holopipe.evaluation.evaluate import bootstrap_intervals, hologram_counts, recall_grid, runs_and_holograms_intervals
+from holopipe.evaluation.matching import match, on_window_dust
+from holopipe.core.io import open_holodec, particle_table, skipped_holograms, window_dust_table
+from holopipe.detect.particles import particles_file
+from holopipe.core.provenance import code_identity
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("config/config.yaml", "config/accuracy.yaml")
@@ -150,7 +151,7 @@ def truth_of(store: Path) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
 def split_counts(truth: pd.DataFrame, holograms: np.ndarray, dust: pd.DataFrame, csv: Path, evaluate: dict,
                  bins) -> dict:
     """Per-hologram counts, the recall grid and the false particles on the window ``dust``."""
-    predicted = read_predictions(csv)
+    predicted = read_particle_csv(csv)
     predicted = predicted[predicted["hid"].isin(holograms)]
     pairs = match(truth, predicted, float(evaluate["tolerance_xy"]), float(evaluate["tolerance_z"]))
     counts = hologram_counts(truth, predicted, pairs, int(holograms.max()))[holograms - 1]

@@ -5,7 +5,7 @@
 
 The frame is config/holodec.yaml's as the workflow reconstructs it: 4872 x 3248 regridded to
 5120 x 3584 (``regrid.frame: pad``), padded by ``reconstruction.pad`` (256) on each side, band-limited.
-The hologram is simulated (holopipe.simulate's angular spectrum through 5 mm slabs, holodec.yaml's
+The hologram is simulated (holopipe.optics.simulate's angular spectrum through 5 mm slabs, holodec.yaml's
 gamma diameters, Poisson and read noise, flat beam) with ``--particles`` droplets over that frame and
 divided by its mean (a standardized contrast hologram); simulating it takes about a minute.
 
@@ -34,14 +34,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from holopipe.config import load_config
-from holopipe.evaluate import match
-from holopipe.focus import reconstructed_amplitude
-from holopipe.io import open_holodec, write_zarr
-from holopipe.optics import device_planes_per_batch
-from holopipe.device import array_mover
-from holopipe.reconstruction import hologram_propagator, z_bin_centres
-from holopipe.simulate import (Camera, Optics, SimulationSettings, beam_profile, camera_image, opaque_disks_field,
+from holopipe.core.config import load_config
+from holopipe.evaluation.matching import match
+from holopipe.optics.focus import reconstructed_amplitude
+from holopipe.core.io import open_holodec, write_zarr
+from holopipe.optics.propagation import device_planes_per_batch
+from holopipe.core.device import array_mover
+from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
+from holopipe.optics.simulate import (Camera, Optics, SimulationSettings, beam_profile, camera_image, opaque_disks_field,
                                sample_particles, simulate_file)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def before_modules(commit: str, directory: Path):
     for name in ("focus", "baseline", "particles"):
         source = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:src/holopipe/{name}.py"], check=True,
                                 capture_output=True, text=True).stdout
-        (package / f"{name}.py").write_text(source.replace("from holopipe.focus", "from holopipe_before.focus"))
+        (package / f"{name}.py").write_text(source.replace("from holopipe.optics.focus", "from holopipe_before.focus"))
     sys.path.insert(0, str(directory))
     return importlib.import_module("holopipe_before.baseline"), importlib.import_module("holopipe_before.particles")
 
@@ -104,7 +104,7 @@ def compare_on_default(n_holograms: int, before_commit: str) -> None:
                                         .astype(np.float32))), work / "test.zarr")
     truth = pd.DataFrame({c: ds[c].values for c in ("hid", "x", "y", "z", "d")})
     old_baseline, _ = before_modules(before_commit, work / "before")
-    import holopipe.baseline as baseline
+    import holopipe.detect.baseline as baseline
 
     tolerance = config["evaluate"]["tolerance_xy"], config["evaluate"]["tolerance_z"]
     tables = {}
@@ -147,8 +147,8 @@ def main():
     mover = array_mover(args.device, "particles.device")
     propagator = hologram_propagator(image_yx.T, attrs, reconstruction, to_device=mover)
     print(f"{args.device}: {device_planes_per_batch(propagator)} planes per batch (device_planes_per_batch)")
-    import holopipe.baseline as baseline
-    import holopipe.particles as particles
+    import holopipe.detect.baseline as baseline
+    import holopipe.detect.particles as particles
 
     stages = {"after": (baseline, particles, propagator)}
     if args.before:

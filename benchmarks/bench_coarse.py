@@ -3,12 +3,12 @@
     python benchmarks/bench_coarse.py default [--strides 1 2 4 8] [--splits valid] [--workdir DIR]
     python benchmarks/bench_coarse.py crop [--strides 1 2 4 8] [--holograms 1] [--particles 33] [--pad 256]
 
-Both run :func:`holopipe.coarse.coarse_to_fine_sweep` on one CPU thread (``torch.set_num_threads(1)``) with
+Both run :func:`holopipe.detect.coarse.coarse_to_fine_sweep` on one CPU thread (``torch.set_num_threads(1)``) with
 the config's ``infer`` settings (threshold, min_area, batch_planes, coarse_threshold, coarse_margin) and print,
 per k: the share of a full sweep's pixels the model saw (``model px``), the model calls, wall seconds per
 hologram (propagation included: on a CPU it is most of a sweep whatever k), the F1 (precision, recall) against the truth,
 how many of the k = 1 particles the k run finds again (same matching, ``agree``), and the recall of the small droplets
-(d < 20 µm), those whose effective depth of focus (:func:`holopipe.optics.effective_depth_of_focus`) is shortest; with
+(d < 20 µm), those whose effective depth of focus (:func:`holopipe.optics.propagation.effective_depth_of_focus`) is shortest; with
 the share of them whose depth of focus is shorter than half the coarse spacing (k planes), which a coarse plane may miss.
 
 ``default``: the embedded default (config/config.yaml), its standardized split stores under
@@ -43,17 +43,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from holopipe.coarse import coarse_to_fine_sweep
-from holopipe.config import load_config
-from holopipe.evaluate import detection_metrics, match
-from holopipe.examples import particles_in_pixels
-from holopipe.infer import DETECTION_COLUMNS, batch_detections, model_segmenter
-from holopipe.io import open_holodec, particle_table
-from holopipe.models import model_stride
-from holopipe.particles import merge_detections, particles_file
-from holopipe.reconstruction import open_standardized, z_bin_centres
-from holopipe.simulate import SimulationSettings, simulate_hologram
-from holopipe.train import load_model
+from holopipe.detect.coarse import coarse_to_fine_sweep
+from holopipe.core.config import load_config
+from holopipe.evaluation.evaluate import detection_metrics
+from holopipe.evaluation.matching import match
+from holopipe.data.examples import particles_in_pixels
+from holopipe.detect.sweep import DETECTION_COLUMNS, batch_detections, model_segmenter
+from holopipe.core.io import open_holodec, particle_table
+from holopipe.ml.models import model_stride
+from holopipe.detect.particles import merge_detections, particles_file
+from holopipe.optics.reconstruction import open_standardized, z_bin_centres
+from holopipe.optics.simulate import SimulationSettings, simulate_hologram
+from holopipe.ml.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = 1024

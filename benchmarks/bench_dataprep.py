@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from holopipe.augment import augment_hologram, build_corruptions
-from holopipe.config import load_config
-from holopipe.device import array_namespace_for
-from holopipe.regrid import _regrid_block, plan_axis
-from holopipe.simulate import SimulationSettings, simulate_hologram
-from holopipe.standardize import _contrast_block
+from holopipe.data.augment import augment_hologram, build_corruptions
+from holopipe.core.config import load_config
+from holopipe.core.device import array_namespace_for
+from holopipe.data.regrid import _regrid_block, plan_axis
+from holopipe.optics.simulate import SimulationSettings, simulate_hologram
+from holopipe.data.standardize import _contrast_block
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_examples.py [--full-size-holograms 2]
 
 For each case: simulate holograms, standardize them (I / mean, as `standardize` with background mean),
-then time `holopipe.examples.build_examples` alone and print examples/s and examples/s per core.
+then time `holopipe.data.examples.build_examples` alone and print examples/s and examples/s per core.
 """
 
 import argparse
@@ -12,10 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from holopipe.config import load_config
-from holopipe.examples import build_examples
-from holopipe.io import open_holodec, write_zarr
-from holopipe.simulate import SimulationSettings, simulate_file
+from holopipe.core.config import load_config
+from holopipe.data.examples import build_examples
+from holopipe.core.io import open_holodec, write_zarr
+from holopipe.optics.simulate import SimulationSettings, simulate_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,18 +7,18 @@
 Everything comes from the config (default ``config/holodec.yaml``): the model's architecture, encoder and
 depth (random weights, ``encoder_weights`` forced to null so nothing downloads, written to a temporary
 ``model.pt``; ``--model`` takes a trained one instead), loaded as ``holopipe infer`` loads it
-(:func:`holopipe.infer.load_segmenter`: batch norms folded, channels-last, ``infer.compile``); the hologram
+(:func:`holopipe.detect.infer.load_segmenter`: batch norms folded, channels-last, ``infer.compile``); the hologram
 of ``optics`` and ``simulate`` (500 particles; simulated once and cached under ``--cache``, since it costs
-minutes on a CPU), regridded and standardized as the workflow does (:func:`holopipe.regrid.regrid_dataset`,
-:func:`holopipe.standardize.contrast_images`); its ``reconstruction`` padding, band limit and plane grid
-(:func:`holopipe.reconstruction.z_bin_centres`); ``infer.batch_planes``, ``precision`` and ``threshold``.
-The sweep is :func:`holopipe.infer.sweep_hologram`, as ``holopipe infer`` calls it. ``--frame`` crops the
+minutes on a CPU), regridded and standardized as the workflow does (:func:`holopipe.data.regrid.regrid_dataset`,
+:func:`holopipe.data.standardize.contrast_images`); its ``reconstruction`` padding, band limit and plane grid
+(:func:`holopipe.optics.reconstruction.z_bin_centres`); ``infer.batch_planes``, ``precision`` and ``threshold``.
+The sweep is :func:`holopipe.detect.sweep.sweep_hologram`, as ``holopipe infer`` calls it. ``--frame`` crops the
 standardized frame about its centre (the truth particles inside it are kept), for CPU figures.
 
 Prints seconds per hologram (the inference sweep extrapolated to every plane when ``--planes`` is less, saying
 so, plus the refinement), planes/s, the shares of propagation, model, post-processing and refinement, and the
-peak GPU memory of each stage; then times the baseline (:func:`holopipe.baseline.find_particles`) on the same
-device and planes. The refinement (:func:`holopipe.particles.refine_depths` over the whole plane grid, as
+peak GPU memory of each stage; then times the baseline (:func:`holopipe.detect.baseline.find_particles`) on the same
+device and planes. The refinement (:func:`holopipe.detect.particles.refine_depths` over the whole plane grid, as
 ``holopipe particles`` runs it) refines the particles clustered from the detections (``--refine-on detections``,
 the default with ``--model``) or the simulated particles, each searched about its true depth (the default with
 random weights, whose detections are noise, not droplets): the output says which.
@@ -39,18 +39,18 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from holopipe import infer
-from holopipe.baseline import find_particles
-from holopipe.config import load_config
-from holopipe.device import array_mover, autocast_dtype, describe_device, resolve_device, use_threads
-from holopipe.io import IMAGE_DIMS, open_holodec
-from holopipe.models import build_model, model_stride
-from holopipe.particles import cluster_detections, refine_depths
-from holopipe.reconstruction import hologram_propagator, z_bin_centres
-from holopipe.regrid import regrid_dataset
-from holopipe.simulate import SimulationSettings, simulate_hologram
-from holopipe.standardize import contrast_images
-from holopipe.train import MODEL_FORMAT
+from holopipe.detect import infer, sweep
+from holopipe.detect.baseline import find_particles
+from holopipe.core.config import load_config
+from holopipe.core.device import array_mover, autocast_dtype, describe_device, resolve_device, use_threads
+from holopipe.core.io import IMAGE_DIMS, open_holodec
+from holopipe.ml.models import build_model, model_stride
+from holopipe.detect.particles import cluster_detections, refine_depths
+from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
+from holopipe.data.regrid import regrid_dataset
+from holopipe.optics.simulate import SimulationSettings, simulate_hologram
+from holopipe.data.standardize import contrast_images
+from holopipe.ml.models import MODEL_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_FRAME = (1024, 1024)
@@ -110,7 +110,7 @@ def centre_crop(ds: xr.Dataset, frame: tuple[int, int] | None) -> xr.Dataset:
 def random_model_file(config: dict, path: Path, device: torch.device, first_batch, amp_dtype, threshold: float,
                       fraction: float, contrast_std: float, seed: int) -> str:
     """Write the config's model with random weights (``encoder_weights`` null: nothing downloads) to ``path``
-    as a ``model.pt`` (:func:`holopipe.train.load_model`'s format), its output bias calibrated on
+    as a ``model.pt`` (:func:`holopipe.ml.models.load_model`'s format), its output bias calibrated on
     ``first_batch`` (amplitude, phase) by :func:`calibrate_output_bias`; returns its description. ``seed`` seeds
     the weights."""
     torch.manual_seed(seed)
@@ -118,7 +118,7 @@ def random_model_file(config: dict, path: Path, device: torch.device, first_batc
     channels = list(config["examples"]["channels"])
     model = build_model(model_config, len(channels)).to(device).eval()
     stride, stats = model_stride(model_config), {"contrast_std": contrast_std}
-    shift = calibrate_output_bias(model, infer.model_segmenter(model, channels, stats, stride, amp_dtype=amp_dtype),
+    shift = calibrate_output_bias(model, sweep.model_segmenter(model, channels, stats, stride, amp_dtype=amp_dtype),
                                   *first_batch, threshold, fraction)
     torch.save({"format": MODEL_FORMAT, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "model": model_config, "in_channels": len(channels), "channel_names": channels, "stride": stride,
@@ -239,23 +239,23 @@ def main() -> None:
     found: list[pd.DataFrame] = []
 
     def consume(first, rows_cols, values, probability):
-        for slot, table in infer.batch_detections(rows_cols, values, shape=(ny, nx),
+        for slot, table in sweep.batch_detections(rows_cols, values, shape=(ny, nx),
                                                   min_area=int(infer_settings["min_area"]), dx=dx, dy=dy):
             found.append(table.assign(hid=1, plane=int(chosen[first + slot]), z=planes[first + slot] * 1e6))
 
     settings = dict(wavelength=float(attrs["lambda"]), dx=dx, dy=dy, pad=int(reconstruction["pad"]),
                     band_limit=bool(reconstruction["band_limit"]), batch_planes=batch,
                     threshold=threshold, device=device)
-    with ThreadPoolExecutor(1) as pool, infer.cudnn_autotune(device):
+    with ThreadPoolExecutor(1) as pool, sweep.cudnn_autotune(device):
         # Warm-up (cuDNN autotuning, FFT plans, the allocator), not timed; its detections are dropped.
-        infer.sweep_hologram(image_yx, planes[:batch], segment, pool=pool, consume=lambda *_: None, **settings)
+        sweep.sweep_hologram(image_yx, planes[:batch], segment, pool=pool, consume=lambda *_: None, **settings)
         peak_memory(device)
-        timing = infer.sweep_hologram(image_yx, planes, segment, pool=pool, consume=consume, **settings)
+        timing = sweep.sweep_hologram(image_yx, planes, segment, pool=pool, consume=consume, **settings)
     scale = all_planes.size / timing.planes
     extrapolated = f" (extrapolated from {timing.planes} planes)" if timing.planes < all_planes.size else ""
-    sweep = timing.seconds * scale
+    sweep_seconds = timing.seconds * scale
     print(f"inference: {timing.seconds:.2f} s for {timing.planes} planes, {timing.planes_per_second:.3g} planes/s; "
-          f"{sweep:.1f} s for all {all_planes.size} planes{extrapolated}{peak_memory(device)}; "
+          f"{sweep_seconds:.1f} s for all {all_planes.size} planes{extrapolated}{peak_memory(device)}; "
           f"{sum(map(len, found))} detections on {len(found)} plane(s)", flush=True)
 
     # Refinement, as holopipe particles runs it, over the whole plane grid: of the particles clustered from the
@@ -279,10 +279,10 @@ def main() -> None:
     print(f"refinement: {refine_seconds:.2f} s for {refined_what}, over the {all_planes.size} planes"
           f"{peak_memory(device)}")
 
-    total = sweep + refine_seconds
+    total = sweep_seconds + refine_seconds
     parts = {"propagation": timing.propagation * scale, "model": timing.model * scale,
              "post-processing": timing.postprocess * scale, "refinement": refine_seconds}
-    print(f"seconds per hologram: {total:.1f}{extrapolated} = inference {sweep:.1f} + refinement "
+    print(f"seconds per hologram: {total:.1f}{extrapolated} = inference {sweep_seconds:.1f} + refinement "
           f"{refine_seconds:.1f}")
     print("shares: " + ", ".join(f"{name} {100 * seconds / total:.0f} %" for name, seconds in parts.items())
           + " (post-processing overlaps the next batch on the device: the shares may add up to more than 100 %)",

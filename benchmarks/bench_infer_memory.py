@@ -6,7 +6,7 @@
 
 Every point is a fresh process (peak RSS, ``ru_maxrss``, counts a process's whole life) that loads torch,
 builds the config's model (random weights), and sweeps one random contrast hologram over one batch of planes
-with :func:`holopipe.infer.sweep_hologram`, exactly as ``holopipe infer`` does (propagation, model, sigmoid,
+with :func:`holopipe.detect.sweep.sweep_hologram`, exactly as ``holopipe infer`` does (propagation, model, sigmoid,
 threshold, the worker thread's component analysis). The model's logits are shifted far below the threshold,
 so that, as with a trained model, few pixels are detections (random weights would flag half the frame).
 Each point runs twice: with the model, and with a segmenter that returns zeros (propagation only). The fit:
@@ -50,11 +50,11 @@ def measure(config_path: str, model: dict, nx: int, ny: int, batch: int, with_mo
 
     import torch
 
-    from holopipe.config import load_config
-    from holopipe.device import use_threads
-    from holopipe.infer import batch_detections, model_segmenter, sweep_hologram
-    from holopipe.models import build_model, model_stride
-    from holopipe.reconstruction import z_bin_centres
+    from holopipe.core.config import load_config
+    from holopipe.core.device import use_threads
+    from holopipe.detect.sweep import batch_detections, model_segmenter, sweep_hologram
+    from holopipe.ml.models import build_model, model_stride
+    from holopipe.optics.reconstruction import z_bin_centres
 
     use_threads(threads)
     config = load_config(config_path)
@@ -114,7 +114,7 @@ def main() -> None:
         print(json.dumps(measure(**json.loads(args.child))))
         return
 
-    from holopipe.config import load_config
+    from holopipe.core.config import load_config
 
     overrides = {key: yaml.safe_load(value) for key, _, value in (pair.partition("=") for pair in args.model)}
     models_seen: dict = {}

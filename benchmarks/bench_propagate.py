@@ -3,12 +3,12 @@
     python benchmarks/bench_propagate.py                          # config/holodec.yaml's frame (full on a GPU)
     python benchmarks/bench_propagate.py --frame 1024x1024 --threads 1 --repeats 3
 
-The frame is what the config's ``regrid`` makes of its ``optics`` camera frame (:func:`holopipe.regrid.plan_axis`:
+The frame is what the config's ``regrid`` makes of its ``optics`` camera frame (:func:`holopipe.data.regrid.plan_axis`:
 4872 x 3248 -> 5120 x 3584 for ``config/holodec.yaml``), padded by ``reconstruction.pad`` with its band limit;
-``--frame`` crops it (CPU figures). The workflow's path is a :class:`holopipe.optics.Propagator` of a contrast
+``--frame`` crops it (CPU figures). The workflow's path is a :class:`holopipe.optics.propagation.Propagator` of a contrast
 hologram (one forward FFT) and ``reconstruct`` (transfer function, inverse FFT, amplitude and phase) over the
 plane grid in batches of ``infer.batch_planes``; the references are the same library's bare FFTs
-(:func:`holopipe.optics.fft2` / ``ifft2``) of a batch of the padded grid, warmed: the inverse FFT alone (what a
+(:func:`holopipe.optics.propagation.fft2` / ``ifft2``) of a batch of the padded grid, warmed: the inverse FFT alone (what a
 plane costs at the least) and the fft2 + ifft2 round trip; and, on a second line, the inverse FFT of one plane at a
 time (no batch-sized output to page in: the stricter floor, since the workflow sweeps plane by plane). Prints
 ms/plane per library (numpy, torch CPU, torch CUDA and cupy where present) and the ratios reference / workflow (1
@@ -24,11 +24,11 @@ import time
 
 import numpy as np
 
-from holopipe.config import load_config
-from holopipe.device import cpu_threads, use_threads
-from holopipe.optics import Propagator, fft2, hologram_field, ifft2
-from holopipe.reconstruction import z_bin_centres
-from holopipe.regrid import plan_axis
+from holopipe.core.config import load_config
+from holopipe.core.device import cpu_threads, use_threads
+from holopipe.optics.propagation import Propagator, fft2, hologram_field, ifft2
+from holopipe.optics.reconstruction import z_bin_centres
+from holopipe.data.regrid import plan_axis
 
 from bench_infer import CPU_FRAME, REPO, parse_frame  # this folder is the script's first sys.path entry
 

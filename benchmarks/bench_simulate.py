@@ -25,7 +25,7 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full_size.nc"
-        command = [sys.executable, "-m", "holopipe.cli", "simulate", "--config", args.config,
+        command = [sys.executable, "-m", "holopipe.run.cli", "simulate", "--config", args.config,
                    "--out", str(out), "--n-holograms", str(args.n_holograms), "--seed", "1",
                    "--quiet"]
         start = time.perf_counter()

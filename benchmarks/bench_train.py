@@ -16,13 +16,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from holopipe.config import load_config, with_overrides
-from holopipe.dataset import write_synthetic_examples
-from holopipe.losses import build_loss
-from holopipe.models import build_model
-from holopipe.standardize import write_stats
-from holopipe.device import autocast, autocast_dtype, resolve_device
-from holopipe.train import train_model
+from holopipe.core.config import load_config, with_overrides
+from holopipe.ml.dataset import write_synthetic_examples
+from holopipe.ml.losses import build_loss
+from holopipe.ml.models import build_model
+from holopipe.data.standardize import write_stats
+from holopipe.core.device import autocast, autocast_dtype, resolve_device
+from holopipe.ml.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,15 +34,15 @@ WHEELS=${WHEELS:-.whl}  # the carried wheels (fetch_device_wheels.sh)
 
 # What runs there, and that holopipe and the carried packages import.
 VERSIONS="
-import sys, importlib.metadata, torch, cupy, holopipe.infer, holopipe.tune, segmentation_models_pytorch as smp
-from holopipe.device import CUDA_MAJOR, describe_device
+import sys, importlib.metadata, torch, cupy, holopipe.detect.infer, holopipe.ml.tune, segmentation_models_pytorch as smp
+from holopipe.core.device import CUDA_MAJOR, describe_device
 print('python', sys.version.split()[0], '| torch', torch.__version__, 'CUDA', torch.version.cuda,
       '| cupy', cupy.__version__, 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion(),
       '| smp', smp.__version__, '| holopipe CUDA_MAJOR', CUDA_MAJOR)
 try:
     print(f'cupy-cuda{CUDA_MAJOR}x', importlib.metadata.version(f'cupy-cuda{CUDA_MAJOR}x'))
 except importlib.metadata.PackageNotFoundError:
-    sys.exit(f'this CuPy is not the cupy-cuda{CUDA_MAJOR}x build that holopipe.device.CUDA_MAJOR names')
+    sys.exit(f'this CuPy is not the cupy-cuda{CUDA_MAJOR}x build that holopipe.core.device.CUDA_MAJOR names')
 print(describe_device(torch.device('cuda', 0)))"
 
 # config/holodec.yaml with 18 planes per model batch, far past the 2^31 elements some CUDA kernels can index
@@ -76,7 +76,7 @@ checks() {
   # command for any test that calls it.
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
   mkdir -p /tmp/holopipe-bin
-  printf '#!/bin/sh\nexec %s -m holopipe.cli "$@"\n' "$(command -v "$PYTHON")" > /tmp/holopipe-bin/holopipe
+  printf '#!/bin/sh\nexec %s -m holopipe.run.cli "$@"\n' "$(command -v "$PYTHON")" > /tmp/holopipe-bin/holopipe
   chmod +x /tmp/holopipe-bin/holopipe
   export PATH="/tmp/holopipe-bin:$PATH"
 

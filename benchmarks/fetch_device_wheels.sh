@@ -4,7 +4,7 @@
 # versions this checkout's .venv runs, so that benchmarks/device_checks.sh can install them offline.
 # Not needed: snakemake (no test module imports it; the workflow tests do not run there). Not fetched:
 # cupy-cuda13x, which the CuPy stages need: its wheel (69 MB for 14.2.0) is over the 64 MiB the device tool
-# carries in all, and the machine's image already holds it (14.2.0, CUDA 13 as holopipe.device.CUDA_MAJOR);
+# carries in all, and the machine's image already holds it (14.2.0, CUDA 13 as holopipe.core.device.CUDA_MAJOR);
 # device_checks.sh's versions step fails where the machine's CuPy is another CUDA's build.
 #   bash benchmarks/fetch_device_wheels.sh        # then carry .whl (git-ignored via .git/info/exclude)
 set -euo pipefail

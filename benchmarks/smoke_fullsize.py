@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from holopipe.config import schema
+from holopipe.core.config import schema
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "config" / "holodec.yaml"

@@ -15,11 +15,11 @@ import pandas as pd
 import xarray as xr
 import yaml
 
-from holopipe.config import load_config
-from holopipe.io import write_zarr
-from holopipe.optics import Propagator, hologram_field
-from holopipe.reconstruction import z_bin_centres
-from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
+from holopipe.core.config import load_config
+from holopipe.core.io import write_zarr
+from holopipe.optics.propagation import Propagator, hologram_field
+from holopipe.optics.reconstruction import z_bin_centres
+from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for holopipe.acquire: file and URL sources, subsets, resumable verified downloads.
+"""Tests for holopipe.data.acquire: file and URL sources, subsets, resumable verified downloads.
 
 Downloads are tested against a real HTTP server on the loopback interface whose routes misbehave on
 purpose (404, truncated bodies, ignored Range headers).
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from holopipe import acquire
-from holopipe.acquire import DownloadError, acquire_split
-from holopipe.config import load_config
-from holopipe.io import HolodecFormatError, open_holodec, particle_table
-from holopipe.simulate import SimulationSettings, simulate_file
+from holopipe.data import acquire
+from holopipe.data.acquire import DownloadError, acquire_split
+from holopipe.core.config import load_config
+from holopipe.core.io import HolodecFormatError, open_holodec, particle_table
+from holopipe.optics.simulate import SimulationSettings, simulate_file
 
 N_HOLOGRAMS = 3
 RETRIES = 2

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from holopipe.augment import (Blur, BrightnessContrast, Clutter, DeadHotPixels, Illumination,
+from holopipe.data.augment import (Blur, BrightnessContrast, Clutter, DeadHotPixels, Illumination,
                               Quantize, ReadNoise, ShotNoise, augment_file, augment_hologram,
                               build_corruptions, optics_from_attrs)
-from holopipe.config import ConfigError, load_config, schema
-from holopipe.io import open_holodec, particle_table, write_zarr
-from holopipe.simulate import Optics, SimulationSettings, simulate_file
+from holopipe.core.config import ConfigError, load_config, schema
+from holopipe.core.io import open_holodec, particle_table, write_zarr
+from holopipe.optics.simulate import Optics, SimulationSettings, simulate_file
 
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=192, ny=128, z_min=2e-3, z_max=12e-3)
 GRAY = 128.0
@@ -303,10 +303,10 @@ def test_augment_file_with_nothing_applied_copies_every_hologram(regridded, tmp_
 # --- augment.device: numpy on the CPU, CuPy on a GPU (issue 21) ----------------------------------------------
 
 def test_a_gpu_augment_device_without_a_gpu_fails_naming_the_key(tmp_path, monkeypatch):
-    from holopipe.device import GPUNotFoundError
+    from holopipe.core.device import GPUNotFoundError
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    monkeypatch.setattr("holopipe.core.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
     config = tiny_config(device="cuda")
     with pytest.raises(GPUNotFoundError, match=r"augment\.device is 'cuda'"):
         augment_file(tmp_path / "missing.zarr", tmp_path / "out.zarr", config)

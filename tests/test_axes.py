@@ -14,13 +14,13 @@ import pytest
 import torch
 import xarray as xr
 
-from holopipe.baseline import baseline_file
-from holopipe.config import load_config
-from holopipe.evaluate import evaluate_files
-from holopipe.infer import infer_chunk
-from holopipe.io import write_zarr
-from holopipe.particles import particles_file
-from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
+from holopipe.detect.baseline import baseline_file
+from holopipe.core.config import load_config
+from holopipe.evaluation.evaluate import evaluate_files
+from holopipe.detect.infer import infer_chunk
+from holopipe.core.io import write_zarr
+from holopipe.detect.particles import particles_file
+from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
 
 # 160 x 96 pixels of 2.96 x 3.6 µm: a 474 x 346 µm frame, wider than tall, pixels taller than wide.
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=3.6e-6, nx=160, ny=96, z_min=2e-3, z_max=10e-3)

@@ -17,18 +17,18 @@ import pytest
 import torch
 import xarray as xr
 
-import holopipe.baseline
-from holopipe.baseline import CSV_COLUMNS, auto_threshold, baseline_file, detections_file, find_particles
-from holopipe.config import load_config
-from holopipe.evaluate import match
-from holopipe.reconstruction import z_bin_centres
-from holopipe.io import HolodecFormatError, write_zarr
-from holopipe.infer import BATCHES_IN_FLIGHT, DETECTION_COLUMNS
-from holopipe.optics import (MAX_BATCH_ELEMENTS, SWEEP_BYTES_PER_PIXEL, SWEEP_MEMORY_SHARE, Propagator,
+import holopipe.detect.baseline
+from holopipe.detect.baseline import CSV_COLUMNS, auto_threshold, baseline_file, detections_file, find_particles
+from holopipe.core.config import load_config
+from holopipe.evaluation.matching import match
+from holopipe.optics.reconstruction import z_bin_centres
+from holopipe.core.io import HolodecFormatError, write_zarr
+from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS
+from holopipe.optics.propagation import (MAX_BATCH_ELEMENTS, SWEEP_BYTES_PER_PIXEL, SWEEP_MEMORY_SHARE, Propagator,
                              device_planes_per_batch, hologram_field, planes_in_memory)
-from holopipe.particles import particles_file
-from holopipe.provenance import code_identity
-from holopipe.simulate import ParticleSet
+from holopipe.detect.particles import particles_file
+from holopipe.core.provenance import code_identity
+from holopipe.optics.simulate import ParticleSet
 from helpers import (OPTICS, PARTICLES, PLANES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram, found_um,
                      propagator_of, scene_config, scene_dict, split_store, truth_table)
 
@@ -213,8 +213,8 @@ def test_a_killed_baseline_run_resumes_without_redoing_finished_holograms(tmp_pa
     assert not out.exists() and 1 <= finished < n_holograms
 
     calls = []
-    original = holopipe.baseline.find_particles
-    monkeypatch.setattr(holopipe.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = holopipe.detect.baseline.find_particles
+    monkeypatch.setattr(holopipe.detect.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = pd.read_csv(baseline_file(load_config(config), path, out, progress=False))
     assert len(calls) == n_holograms - finished, "the rerun computes only the unfinished holograms"
     assert not parts.exists(), "the parts are removed once the CSV is written"
@@ -229,7 +229,7 @@ def test_a_rerun_after_a_code_change_recomputes_the_holograms_of_the_old_code(tm
     old code is kept, so the CSV never mixes the two."""
     path = split_store(tmp_path / "split.zarr", [hologram, np.roll(hologram, 5, axis=1)])
     config, out, calls = make_config(), tmp_path / "b.csv", []
-    original = holopipe.baseline.find_particles
+    original = holopipe.detect.baseline.find_particles
 
     def dies_on_the_second(*args, **kwargs):
         calls.append(1)
@@ -237,14 +237,14 @@ def test_a_rerun_after_a_code_change_recomputes_the_holograms_of_the_old_code(tm
             raise KeyboardInterrupt("killed")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(holopipe.baseline, "find_particles", dies_on_the_second)
+    monkeypatch.setattr(holopipe.detect.baseline, "find_particles", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         baseline_file(config, path, out, progress=False)
     assert (tmp_path / "b.csv.parts" / "hologram_000001.csv").is_file()
     calls.clear()
     pulled = {**code_identity(), "source_sha256": "pulled"}
-    monkeypatch.setattr(holopipe.baseline, "code_identity", lambda: pulled)
-    monkeypatch.setattr(holopipe.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(holopipe.detect.baseline, "code_identity", lambda: pulled)
+    monkeypatch.setattr(holopipe.detect.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
     baseline_file(config, path, out, progress=False)
     assert len(calls) == 2, "hologram 1 of the old code is computed again"
 
@@ -281,8 +281,8 @@ def test_the_pipelined_baseline_finds_what_the_sequential_one_found(wide_propaga
 def test_labelling_runs_in_a_worker_a_bounded_number_of_batches_behind(wide_propagator, monkeypatch):
     baseline = load_config(scene_dict(WIDE))["baseline"]
     labelled_in, outstanding, done = set(), [], []
-    label, add = holopipe.baseline.pixel_components, holopipe.baseline._PlaneGrouper.add
-    reconstruct = holopipe.baseline.reconstructed_amplitude
+    label, add = holopipe.detect.baseline.pixel_components, holopipe.detect.baseline._PlaneGrouper.add
+    reconstruct = holopipe.detect.baseline.reconstructed_amplitude
 
     def slow_add(grouper, start, *args):
         time.sleep(0.02)  # a host slower than the device: batches queue up
@@ -295,11 +295,11 @@ def test_labelling_runs_in_a_worker_a_bounded_number_of_batches_behind(wide_prop
         return reconstruct(propagator, z)
 
     started = []
-    monkeypatch.setattr(holopipe.baseline, "pixel_components",
+    monkeypatch.setattr(holopipe.detect.baseline, "pixel_components",
                         lambda *a: labelled_in.add(threading.current_thread().name) or label(*a))
-    monkeypatch.setattr(holopipe.baseline._PlaneGrouper, "add", slow_add)
-    monkeypatch.setattr(holopipe.baseline, "reconstructed_amplitude", counted_reconstruct)
-    monkeypatch.setattr(holopipe.baseline, "_threshold_sample", lambda *a: np.ones(1000))
+    monkeypatch.setattr(holopipe.detect.baseline._PlaneGrouper, "add", slow_add)
+    monkeypatch.setattr(holopipe.detect.baseline, "reconstructed_amplitude", counted_reconstruct)
+    monkeypatch.setattr(holopipe.detect.baseline, "_threshold_sample", lambda *a: np.ones(1000))
     found = find_particles(wide_propagator, WIDE_PLANES, {**baseline, "threshold": 0.6}, dx=WIDE.dx, dy=WIDE.dy,
                            batch_planes=4)
     assert len(found) == 2 and len(done) == WIDE_PLANES.size // 4
@@ -309,7 +309,7 @@ def test_labelling_runs_in_a_worker_a_bounded_number_of_batches_behind(wide_prop
     def broken(*args):
         raise RuntimeError("labelling failed")
 
-    monkeypatch.setattr(holopipe.baseline, "pixel_components", broken)
+    monkeypatch.setattr(holopipe.detect.baseline, "pixel_components", broken)
     with pytest.raises(RuntimeError, match="labelling failed"):
         find_particles(wide_propagator, WIDE_PLANES, {**baseline, "threshold": 0.6}, dx=WIDE.dx, dy=WIDE.dy,
                        batch_planes=4)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from holopipe.config import load_config
+from holopipe.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_config(REPO / "config" / "config.yaml")

@@ -11,11 +11,11 @@ import scipy.fft
 import torch
 import yaml
 
-from holopipe import device
-from holopipe.cli import build_parser, main
-from holopipe.device import ALLOCATION_VARIABLES, THREAD_VARIABLES, cpu_threads, job_threads
-from holopipe.io import open_holodec
-from holopipe.optics import fft2, ifft2
+from holopipe.core import device
+from holopipe.run.cli import build_parser, main
+from holopipe.core.device import ALLOCATION_VARIABLES, THREAD_VARIABLES, cpu_threads, job_threads
+from holopipe.core.io import open_holodec
+from holopipe.optics.propagation import fft2, ifft2
 
 
 def test_simulate_from_flags_writes_the_requested_frame(tmp_path):
@@ -55,7 +55,7 @@ def test_bad_values_fail_with_the_key_and_leave_no_file(tmp_path, caplog):
 
 
 def test_console_script_runs_as_a_module():
-    result = subprocess.run([sys.executable, "-m", "holopipe.cli", "--version"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "holopipe.run.cli", "--version"], capture_output=True,
                             text=True, check=True)
     assert result.stdout.startswith("holopipe ")
 

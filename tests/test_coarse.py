@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from holopipe.coarse import (FILL_LOGIT, WindowSegmenter, coarse_planes, coarse_to_fine_sweep, component_boxes,
+from holopipe.detect.coarse import (FILL_LOGIT, WindowSegmenter, coarse_planes, coarse_to_fine_sweep, component_boxes,
                              fine_windows, merge_boxes, place_windows, window_side)
-from holopipe.config import load_config
-from holopipe.infer import DETECTION_COLUMNS, batch_detections, model_segmenter, sweep_hologram
-from holopipe.models import PlainUNet
-from holopipe.particles import merge_detections
-from holopipe.reconstruction import z_bin_centres
-from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
+from holopipe.core.config import load_config
+from holopipe.detect.sweep import DETECTION_COLUMNS, batch_detections, model_segmenter, sweep_hologram
+from holopipe.ml.models import PlainUNet
+from holopipe.detect.particles import merge_detections
+from holopipe.optics.reconstruction import z_bin_centres
+from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
 
 # 160 x 96 pixels of 2.96 x 3.6 µm (as tests/test_axes.py): wider than tall, pixels taller than wide.
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=3.6e-6, nx=160, ny=96, z_min=2e-3, z_max=10e-3)

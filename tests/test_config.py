@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from holopipe.config import (
-    ConfigError,
-    config_reference_markdown,
-    load_config,
-    schema,
-    split_simulation_config,
-    update_readme_reference,
-    with_overrides,
-)
+from holopipe.core.config import ConfigError, load_config, schema, split_simulation_config, with_overrides
+from holopipe.run.config_reference import config_reference_markdown, update_readme_reference
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from holopipe import device as device_module
-from holopipe.device import (GPUNotFoundError, allocated_gpus, array_mover, autocast_dtype, describe_device,
+from holopipe.core import device as device_module
+from holopipe.core.device import (GPUNotFoundError, allocated_gpus, array_mover, autocast_dtype, describe_device,
                              gpu_slot, resolve_device)
 
 GPU_UUID = "GPU-8f6a1c2e-3b4d-5e6f-7a8b-9c0d1e2f3a4b"
@@ -157,7 +157,7 @@ def test_describe_device_names_the_gpu_its_capability_memory_cuda_and_precision(
 
 HOLD_A_SLOT = """
 import sys
-from holopipe.device import gpu_slot
+from holopipe.core.device import gpu_slot
 print(gpu_slot(int(sys.argv[1]), poll_seconds=0.05), flush=True)
 sys.stdin.read()  # hold the slot until the test closes stdin (or kills this process)
 """
@@ -294,7 +294,7 @@ def test_array_mover_refuses_the_cpu_where_a_gpu_was_allocated(no_gpu):
 # ---- every torch stage says where it runs ----
 
 def tiny_config(**sections):
-    from holopipe.config import load_config
+    from holopipe.core.config import load_config
 
     return load_config({
         "splits": {"test": {"source": "simulate", "n_holograms": 1, "seed": 1}},
@@ -308,9 +308,9 @@ def tiny_config(**sections):
 
 @pytest.mark.parametrize("precision, scaler", [("fp32", False), ("fp16", True)])
 def test_training_logs_its_device_precision_and_scaler(tmp_path, caplog, no_gpu, precision, scaler):
-    from holopipe.dataset import write_synthetic_examples
-    from holopipe.standardize import write_stats
-    from holopipe.train import train_model
+    from holopipe.ml.dataset import write_synthetic_examples
+    from holopipe.data.standardize import write_stats
+    from holopipe.ml.train import train_model
 
     stores = [write_synthetic_examples(tmp_path / f"{name}.zarr", 8, 16, seed=seed)
               for name, seed in (("train", 1), ("valid", 2))]
@@ -328,8 +328,8 @@ def test_training_logs_its_device_precision_and_scaler(tmp_path, caplog, no_gpu,
 def test_inference_logs_its_device_and_precision(tmp_path, caplog, no_gpu):
     import xarray as xr
 
-    from holopipe.infer import infer_chunk
-    from holopipe.io import write_zarr
+    from holopipe.detect.infer import infer_chunk
+    from holopipe.core.io import write_zarr
 
     flat = xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), np.ones((1, 48, 32), np.float32))},
                       attrs={"Nx": 48, "Ny": 32, "dx": 2.96e-6, "dy": 3.6e-6, "lambda": 3.55e-7,

@@ -153,17 +153,17 @@ def shell_rules() -> dict[str, tuple[str, Path | None]]:
 
 
 def cli_function(command: str) -> str:
-    """The holopipe.cli function that `holopipe [options] STAGE [STEP] ...` calls: cmd_STAGE or cmd_STAGE_STEP."""
+    """The holopipe.run.cli function that `holopipe [options] STAGE [STEP] ...` calls: cmd_STAGE or cmd_STAGE_STEP."""
     words = shlex.split(re.sub(r"\{[^{}]*\}", "", command.split(">")[0]))  # placeholders: Snakemake fills them
     assert words[0] == "holopipe", f"`{command}` does not run holopipe: the rules run a holopipe stage each"
-    tree = ast.parse((SOURCE / "cli.py").read_text(encoding="utf-8"))
+    tree = ast.parse((SOURCE / "run" / "cli.py").read_text(encoding="utf-8"))
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     for word, following in zip(words[1:], [*words[2:], ""]):
         stage, step = (f"cmd_{part.replace('-', '_')}" for part in (word, f"{word}_{following}"))
         for name in (step, stage):
             if name in functions:
                 return name
-    raise AssertionError(f"`{command}`: no stage of holopipe.cli (cmd_* function) in it")
+    raise AssertionError(f"`{command}`: no stage of holopipe.run.cli (cmd_* function) in it")
 
 
 def _catches_import_error(handler: ast.ExceptHandler) -> bool:
@@ -208,9 +208,10 @@ def holopipe_closure(modules: set[str]) -> set[str]:
             continue
         seen.add(module)
         parts = module.split(".")[1:]
-        path = SOURCE.joinpath(*parts).with_suffix(".py") if parts else SOURCE / "__init__.py"
+        path = SOURCE.joinpath(*parts)
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         if not path.is_file():
-            continue  # `from holopipe.config import X` also names holopipe.config.X, not a module
+            continue  # `from holopipe.core.config import X` also names holopipe.core.config.X, not a module
         found = imports_in(ast.parse(path.read_text(encoding="utf-8"))) | {"holopipe"}
         pending.extend(found - modules)
         modules |= found
@@ -225,10 +226,10 @@ def workflow_imports() -> set[str]:
 
 @cache
 def command_modules(function: str) -> frozenset[str]:
-    """Top-level names of the modules `holopipe ... STAGE` imports or runs: holopipe.cli's own imports and its
+    """Top-level names of the modules `holopipe ... STAGE` imports or runs: holopipe.run.cli's own imports and its
     helpers' (main, config loading, provenance), the stage function's, and what the holopipe modules among them
     import. A command that runs Snakemake (the graphs, the report) also imports what parsing the workflow does."""
-    tree = ast.parse((SOURCE / "cli.py").read_text(encoding="utf-8"))
+    tree = ast.parse((SOURCE / "run" / "cli.py").read_text(encoding="utf-8"))
     shared = [node for node in tree.body if not (isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_"))]
     stage = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
     modules = holopipe_closure(imports_in(ast.Module(body=shared, type_ignores=[])) | imports_in(stage))
@@ -418,7 +419,7 @@ def gpu_extra_cuda_majors() -> set[int]:
 
 
 def test_one_cuda_major_across_pyproject_gpu_env_and_torch():
-    from holopipe.device import CUDA_MAJOR
+    from holopipe.core.device import CUDA_MAJOR
 
     assert gpu_extra_cuda_majors() == {CUDA_MAJOR}, "pyproject.toml's gpu extra"
     specs = conda_specs(ENVS["gpu"])
@@ -437,7 +438,7 @@ def test_one_cuda_major_across_pyproject_gpu_env_and_torch():
         pytest.skip(f"torch {torch.__version__} is a CPU build: no CUDA major to compare")
     assert int(torch.version.cuda.split(".")[0]) == CUDA_MAJOR, (
         f"the installed torch {torch.__version__} is built for CUDA {torch.version.cuda}, "
-        f"holopipe's stack is CUDA {CUDA_MAJOR} (holopipe.device.CUDA_MAJOR)")
+        f"holopipe's stack is CUDA {CUDA_MAJOR} (holopipe.core.device.CUDA_MAJOR)")
 
 
 @pytest.mark.gpu
@@ -445,7 +446,7 @@ def test_cupy_and_torch_load_the_same_cuda_runtime_major():
     cupy = pytest.importorskip("cupy")
     import torch
 
-    from holopipe.device import CUDA_MAJOR
+    from holopipe.core.device import CUDA_MAJOR
 
     cupy_major = cupy.cuda.runtime.runtimeGetVersion() // 1000  # e.g. 13000 for CUDA 13.0
     torch_major = int(torch.version.cuda.split(".")[0])

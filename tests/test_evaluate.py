@@ -10,12 +10,24 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from holopipe.cli import main
-from holopipe.config import load_config
-from holopipe.evaluate import (PLOT_NAMES, bootstrap_intervals, bootstrap_scores, detection_metrics, evaluate_files,
-                               hologram_counts, match, on_window_dust, recall_grid, resample_counts,
-                               runs_and_holograms_intervals, runs_and_holograms_scores, summary, wilson_interval)
-from holopipe.io import DUST_ATTRS, open_holodec, write_zarr
+from holopipe.run.cli import main
+from holopipe.core.config import load_config
+from holopipe.evaluation.evaluate import (
+    bootstrap_intervals,
+    bootstrap_scores,
+    detection_metrics,
+    evaluate_files,
+    hologram_counts,
+    recall_grid,
+    resample_counts,
+    runs_and_holograms_intervals,
+    runs_and_holograms_scores,
+    summary,
+    wilson_interval,
+)
+from holopipe.evaluation.matching import match, on_window_dust
+from holopipe.evaluation.plots import PLOT_NAMES
+from holopipe.core.io import DUST_ATTRS, open_holodec, write_zarr
 
 TOL_XY, TOL_Z = 50e-6, 360e-6  # metres, the defaults
 BINS = [0.0, 20e-6, 40e-6, 100e-6]

@@ -5,8 +5,8 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-import holopipe.focus
-from holopipe.focus import (SMOOTHING_PIXELS, device_indices, gradient_magnitude, host_windows, pixel_values,
+import holopipe.optics.focus
+from holopipe.optics.focus import (SMOOTHING_PIXELS, device_indices, gradient_magnitude, host_windows, pixel_values,
                             smoothed_amplitude, tamura_coefficient, window_buckets, window_scores)
 
 # Non-square planes (rows != columns), so a transposed axis cannot pass.
@@ -106,9 +106,9 @@ def test_device_indices_keep_each_arrays_values_and_shape(library):
 
 
 def counting(monkeypatch, name):
-    """Calls of holopipe.focus.``name``, recorded while it still does its work."""
-    calls, original = [], getattr(holopipe.focus, name)
-    monkeypatch.setattr(holopipe.focus, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    """Calls of holopipe.optics.focus.``name``, recorded while it still does its work."""
+    calls, original = [], getattr(holopipe.optics.focus, name)
+    monkeypatch.setattr(holopipe.optics.focus, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 

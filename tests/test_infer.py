@@ -24,27 +24,36 @@ import xarray as xr
 import yaml
 import zarr
 
-import holopipe.infer
-from holopipe.config import load_config, with_overrides
-from holopipe.dataset import TileDataset, write_synthetic_examples
-from holopipe.reconstruction import normalize_channels
-from holopipe.reconstruction import z_bin_centres
-from holopipe.focus import smoothed_amplitude
-from holopipe.infer import (BATCHES_IN_FLIGHT, DETECTION_COLUMNS, VolumeWriter, batch_detections, chunk_planes,
-                            detections_in_plane, infer_chunk, model_segmenter, pixel_components, resume_fingerprint,
-                            sparse_pixels, sweep_hologram)
-from holopipe.infer import (infer_memory, largest_activation, load_segmenter, logit_threshold, plane_batch,
-                            planes_per_run, smoothed_amplitude_at)
-from holopipe.models import build_model
+import holopipe.detect.infer
+import holopipe.detect.sweep
+from holopipe.core.config import load_config, with_overrides
+from holopipe.ml.dataset import TileDataset, write_synthetic_examples
+from holopipe.optics.reconstruction import normalize_channels
+from holopipe.optics.reconstruction import z_bin_centres
+from holopipe.optics.focus import smoothed_amplitude
+from holopipe.detect.infer import VolumeWriter, chunk_planes, infer_chunk, resume_fingerprint
+from holopipe.detect.sweep import (
+    BATCHES_IN_FLIGHT,
+    DETECTION_COLUMNS,
+    batch_detections,
+    detections_in_plane,
+    model_segmenter,
+    pixel_components,
+    sparse_pixels,
+    sweep_hologram,
+)
+from holopipe.detect.infer import infer_memory, load_segmenter, plane_batch
+from holopipe.detect.sweep import largest_activation, logit_threshold, planes_per_run, smoothed_amplitude_at
+from holopipe.ml.models import build_model
 from helpers import REPO, TINY, snakemake
-from holopipe.io import open_holodec, particle_table, um_to_pixel, write_zarr
-from holopipe.models import PlainUNet, fold_batchnorm
-from holopipe.optics import Propagator, hologram_field
-from holopipe.particles import PARTICLE_COLUMNS, components, linked_pairs, merge_detections, particles_file
-from holopipe.provenance import code_identity
-from holopipe.simulate import Camera, Optics, ParticleSet, camera_image, opaque_disks_field
-from holopipe.standardize import write_stats
-from holopipe.train import train_model
+from holopipe.core.io import open_holodec, particle_table, um_to_pixel, write_zarr
+from holopipe.ml.models import PlainUNet, fold_batchnorm
+from holopipe.optics.propagation import Propagator, hologram_field
+from holopipe.detect.particles import PARTICLE_COLUMNS, components, linked_pairs, merge_detections, particles_file
+from holopipe.core.provenance import code_identity
+from holopipe.optics.simulate import Camera, Optics, ParticleSet, camera_image, opaque_disks_field
+from holopipe.data.standardize import write_stats
+from holopipe.ml.train import train_model
 
 N, DX, WAVELENGTH, Z_MIN, Z_MAX, Z_BINS = 128, 2.96e-6, 3.55e-7, 2e-3, 10e-3, 60
 BIN_UM = (Z_MAX - Z_MIN) / Z_BINS * 1e6
@@ -420,7 +429,7 @@ def test_finished_holograms_of_other_code_are_not_reused(store, unsharded, tmp_p
         infer_chunk(make_config(), None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
     assert (tmp_path / "d.csv.parts" / "hologram_000001.csv").is_file()
     segment.calls, segment.fail_at = 0, None
-    monkeypatch.setattr(holopipe.infer, "code_identity", lambda: {**code_identity(), "source_sha256": "pulled"})
+    monkeypatch.setattr(holopipe.detect.infer, "code_identity", lambda: {**code_identity(), "source_sha256": "pulled"})
     infer_chunk(make_config(), None, store, out, chunk=0, n_chunks=1, progress=False, segment=segment)
     assert segment.calls == 30  # both holograms again
     pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(unsharded))
@@ -768,7 +777,7 @@ def test_channels_last_on_cuda_gives_the_cpu_logits(monkeypatch):
 
 @pytest.mark.gpu
 def test_device_hand_over_gives_the_cpu_detections_and_overflows_exactly(frame_image):
-    from holopipe.infer import _host_copy
+    from holopipe.detect.infer import _host_copy
 
     assert _host_copy(torch.ones(3, device="cuda")).is_pinned()
     roomy = handed_over(frame_image, oracle, device="cuda")
@@ -880,7 +889,7 @@ def test_the_segmenter_runs_a_batch_that_crosses_the_limit_in_pieces(monkeypatch
     for hook in hooks:
         hook.remove()
     assert per_plane == max(real) >= 4 * 32 * 48  # at least the full-resolution features
-    monkeypatch.setattr(holopipe.infer, "ACTIVATION_ELEMENT_LIMIT", 2 * per_plane + 1)  # 2 planes per run
+    monkeypatch.setattr(holopipe.detect.sweep, "ACTIVATION_ELEMENT_LIMIT", 2 * per_plane + 1)  # 2 planes per run
     shapes.clear()
     pieces = model_segmenter(model, channels, stats, 4)(amplitude, phase)
     assert shapes == [(2, 2, 32, 48), (2, 2, 32, 48), (1, 2, 32, 48)] and pieces.shape == (5, 30, 45)
@@ -889,7 +898,7 @@ def test_the_segmenter_runs_a_batch_that_crosses_the_limit_in_pieces(monkeypatch
     fixed = model_segmenter(model, channels, stats, 4, batch_planes=5)(amplitude[:3], phase[:3])
     assert shapes == [(2, 2, 32, 48), (2, 2, 32, 48)]
     torch.testing.assert_close(fixed, whole[:3])
-    monkeypatch.setattr(holopipe.infer, "ACTIVATION_ELEMENT_LIMIT", per_plane)
+    monkeypatch.setattr(holopipe.detect.sweep, "ACTIVATION_ELEMENT_LIMIT", per_plane)
     with pytest.raises(ValueError, match="too large for this model"):
         model_segmenter(model, channels, stats, 4)(amplitude, phase)
 
@@ -898,7 +907,7 @@ def test_a_batch_holds_no_more_planes_than_the_job_memory(monkeypatch):
     cpu = torch.device("cpu")
     ny, nx = HOLODEC_FRAME
     frame, padded = ny * nx, (ny + 512) * (nx + 512)  # pad 256
-    monkeypatch.setattr(holopipe.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 512 * GIB}))
+    monkeypatch.setattr(holopipe.detect.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 512 * GIB}))
     # The OOM: 8 planes on the CPU against 8380 MB. One plane needs 9.3 GB: a clear error, not a kill.
     with pytest.raises(MemoryError, match="one plane needs about 10865 MB.*--mem-mb 8380.*GPU"):
         plane_batch(8, infer_memory(cpu, frame_pixels=frame, padded_pixels=padded, mem_mb=8380),
@@ -908,7 +917,7 @@ def test_a_batch_holds_no_more_planes_than_the_job_memory(monkeypatch):
     assert plane_batch(8, memory, what="") == 3 and "--mem-mb 32000" in memory.source
     assert plane_batch(2, memory, what="") == 2  # fewer asked: as asked
     # What the machine has caps it as well: a job that declared more than is free.
-    monkeypatch.setattr(holopipe.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 20 * GIB}))
+    monkeypatch.setattr(holopipe.detect.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 20 * GIB}))
     machine = infer_memory(cpu, frame_pixels=frame, padded_pixels=padded, mem_mb=64_000)
     assert machine.source == "the machine's available memory" and plane_batch(8, machine, what="") == 2
     # On a GPU: its free memory, a plane's propagation and its largest activations in the autocast dtype.
@@ -927,7 +936,7 @@ def test_infer_sizes_its_batches_to_mem_mb_and_says_so(store, unsharded, tmp_pat
         return oracle(amplitude, phase)
 
     padded = (N + 2 * 32) ** 2
-    two_planes = (holopipe.infer.INFER_LIBRARIES_BYTES + 40 * padded + 2 * (30 * padded + 470 * N * N)) / 2**20
+    two_planes = (holopipe.detect.infer.INFER_LIBRARIES_BYTES + 40 * padded + 2 * (30 * padded + 470 * N * N)) / 2**20
     with caplog.at_level(logging.INFO, logger="holopipe"):
         out = infer_chunk(make_config(), None, store, tmp_path / "d.csv", chunk=0, n_chunks=1, progress=False,
                           segment=counting_oracle, mem_mb=int(two_planes) + 1)
@@ -944,7 +953,7 @@ def test_infer_logs_the_model_runs_of_a_model_file(tiny_model, store, tmp_path, 
     with caplog.at_level(logging.INFO, logger="holopipe"):
         infer_chunk(with_overrides(config, {"infer.batch_planes": 6}), model_path, store, tmp_path / "d.csv",
                     chunk=0, n_chunks=1, progress=False)
-    per_plane = largest_activation(holopipe.infer.inference_model(model_path, torch.device("cpu"))[0], (2, N, N))
+    per_plane = largest_activation(holopipe.detect.infer.inference_model(model_path, torch.device("cpu"))[0], (2, N, N))
     assert (f"the model takes 6 at a time (largest activation {per_plane} elements per plane, below 2^31 per run)"
             in caplog.text)
 
@@ -957,10 +966,10 @@ def rule_constants() -> dict:
 
 def test_the_rule_and_the_job_size_memory_by_the_same_figures():
     rule = rule_constants()
-    assert rule["INFER_LIBRARIES_MB"] * 2**20 == holopipe.infer.INFER_LIBRARIES_BYTES
-    assert rule["INFER_BYTES_PER_PADDED_PIXEL"] == holopipe.infer.INFER_BYTES_PER_PADDED_PIXEL
-    assert rule["INFER_BYTES_PER_PADDED_PIXEL_PLANE"] == holopipe.infer.INFER_BYTES_PER_PADDED_PIXEL_PLANE
-    assert rule["INFER_BYTES_PER_PIXEL_PLANE"]["cpu"] == holopipe.infer.INFER_CPU_BYTES_PER_PIXEL_PLANE
+    assert rule["INFER_LIBRARIES_MB"] * 2**20 == holopipe.detect.infer.INFER_LIBRARIES_BYTES
+    assert rule["INFER_BYTES_PER_PADDED_PIXEL"] == holopipe.detect.infer.INFER_BYTES_PER_PADDED_PIXEL
+    assert rule["INFER_BYTES_PER_PADDED_PIXEL_PLANE"] == holopipe.detect.infer.INFER_BYTES_PER_PADDED_PIXEL_PLANE
+    assert rule["INFER_BYTES_PER_PIXEL_PLANE"]["cpu"] == holopipe.detect.infer.INFER_CPU_BYTES_PER_PIXEL_PLANE
 
 
 @pytest.mark.workflow
@@ -1059,7 +1068,7 @@ def test_on_cuda_logits_select_the_whole_plane_sigmoid_pixels_and_batches_fit_it
     model = PlainUNet(2, width=4, depth=2).eval().to(cuda)
     phase = torch.zeros_like(amplitude)
     whole = model_segmenter(model, ["amplitude", "phase"], {"contrast_std": 0.2}, 4)(amplitude, phase)
-    monkeypatch.setattr(holopipe.infer, "ACTIVATION_ELEMENT_LIMIT", largest_activation(model, (2, 96, 160)) + 1)
+    monkeypatch.setattr(holopipe.detect.sweep, "ACTIVATION_ELEMENT_LIMIT", largest_activation(model, (2, 96, 160)) + 1)
     torch.testing.assert_close(model_segmenter(model, ["amplitude", "phase"], {"contrast_std": 0.2}, 4)(
         amplitude, phase), whole)  # one plane per run
     memory = infer_memory(cuda, frame_pixels=HOLODEC_FRAME[0] * HOLODEC_FRAME[1], padded_pixels=23_068_672,

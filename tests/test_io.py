@@ -1,4 +1,4 @@
-"""Tests for holopipe.io: the HOLODEC netCDF contract, its validation and the atomic writer."""
+"""Tests for holopipe.core.io: the HOLODEC netCDF contract, its validation and the atomic writer."""
 
 import os
 import re
@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from holopipe.io import (
+from holopipe.core.io import (
     FINITE_MARK,
     PARTICLE_VARS,
     HolodecFormatError,
@@ -440,7 +440,7 @@ KILLED_ZARR_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import dask.array as da, numpy as np, xarray as xr
-    from holopipe.io import write_zarr
+    from holopipe.core.io import write_zarr
 
     out, started = sys.argv[1], Path(sys.argv[2])
 
@@ -518,7 +518,7 @@ def test_input_identity_changes_when_a_file_is_replaced(tmp_path):
 
 
 def test_a_particle_csv_is_read_with_integer_hid_and_keeps_its_further_columns(tmp_path):
-    from holopipe.io import read_particle_csv
+    from holopipe.core.io import read_particle_csv
 
     path = tmp_path / "found.csv"
     path.write_text("hid,x,y,z,d,prob\n2,-10.5,3,4000,25,0.9\n1,0,-7,150000.5,8,0.6\n")
@@ -539,7 +539,7 @@ def test_a_particle_csv_is_read_with_integer_hid_and_keeps_its_further_columns(t
     ("hid,x,y,z,d\n" + "1,0,0,3000,inf\n" * 7, r"column 'd' is not a finite number in 7 row\(s\): line 2 .*line 6 \(d = inf\), and 2 more"),
 ])
 def test_a_bad_particle_csv_names_the_file_the_column_and_the_first_bad_lines(tmp_path, text, message):
-    from holopipe.io import read_particle_csv
+    from holopipe.core.io import read_particle_csv
 
     path = tmp_path / "found.csv"
     path.write_text(text)
@@ -548,7 +548,7 @@ def test_a_bad_particle_csv_names_the_file_the_column_and_the_first_bad_lines(tm
 
 
 def test_skipped_and_usable_holograms_come_from_the_store_attributes():
-    from holopipe.io import skipped_holograms, usable_holograms
+    from holopipe.core.io import skipped_holograms, usable_holograms
 
     ds = xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), np.ones((4, 6, 5), np.float32))})
     assert skipped_holograms(ds) == {} and usable_holograms(ds) == [1, 2, 3, 4]

@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from holopipe import labels
-from holopipe.cli import main
-from holopipe.config import load_config
-from holopipe.label_app import Access, create_app, crop_png, is_loopback, page_names
-from holopipe.simulate import Optics, ParticleSet
+from holopipe.evaluation import labels
+from holopipe.run.cli import main
+from holopipe.core.config import load_config
+from holopipe.evaluation.label_app import Access, create_app, crop_png, is_loopback, page_names
+from holopipe.optics.simulate import Optics, ParticleSet
 
 from helpers import contrast_hologram, scene_dict, split_store
 

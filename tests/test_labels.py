@@ -9,14 +9,16 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-import holopipe.labels
+import holopipe.evaluation.labels
 
-from holopipe.config import load_config
-from holopipe.evaluate import LABEL_PLOT_NAMES, PLOT_NAMES, cohen_kappa, evaluate_files, match
-from holopipe.io import write_zarr
-from holopipe.labels import (CROP_PIXELS, PLANES_EACH_SIDE, LabelFile, crop_indices, label_order, open_candidates,
+from holopipe.core.config import load_config
+from holopipe.evaluation.evaluate import cohen_kappa, evaluate_files
+from holopipe.evaluation.matching import match
+from holopipe.evaluation.plots import LABEL_PLOT_NAMES, PLOT_NAMES
+from holopipe.core.io import write_zarr
+from holopipe.evaluation.labels import (CROP_PIXELS, PLANES_EACH_SIDE, LabelFile, crop_indices, label_order, open_candidates,
                              read_label_files, union_candidates, write_candidates)
-from holopipe.simulate import Optics, ParticleSet, opaque_disks_field
+from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
 
 # 160 x 96 pixels of 2.96 x 3.6 µm (a frame wider than tall, pixels taller than wide), as in test_axes.
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=3.6e-6, nx=160, ny=96, z_min=2e-3, z_max=10e-3)
@@ -185,7 +187,7 @@ def test_a_failed_write_keeps_file_and_labels_as_they_were(split, monkeypatch):
     def disk_full(path, text):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(holopipe.labels, "_replace_text", disk_full)
+    monkeypatch.setattr(holopipe.evaluation.labels, "_replace_text", disk_full)
     with pytest.raises(OSError, match="No space left"):
         labels.add("c0002", "particle", 4)
     with pytest.raises(OSError, match="No space left"):
@@ -337,7 +339,7 @@ def test_the_workflow_writes_candidates_and_evaluate_takes_the_label_files_prese
 
 
 def test_the_commands_write_empty_candidates_and_evaluate_with_label_files(config, split, tmp_path):
-    from holopipe.cli import main
+    from holopipe.run.cli import main
 
     settings = json.dumps(config)
     empty_unet, empty_baseline = tmp_path / "unet.csv", tmp_path / "baseline.csv"

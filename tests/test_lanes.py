@@ -11,7 +11,7 @@ def test_the_guard_recognises_every_way_the_suite_starts_snakemake():
     assert starts_snakemake(["snakemake", "--profile", "pbs", "-n"])
     assert starts_snakemake([REPO / ".venv" / "bin" / "snakemake", "-n"])
     assert starts_snakemake("snakemake --cores 2 all")
-    assert not starts_snakemake([sys.executable, "-m", "holopipe.cli", "--config", "snakemake.yaml"])
+    assert not starts_snakemake([sys.executable, "-m", "holopipe.run.cli", "--config", "snakemake.yaml"])
     assert not starts_snakemake([sys.executable, str(REPO / "benchmarks" / "bench_infer.py")])
 
 

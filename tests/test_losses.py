@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from holopipe.dataset import IGNORE
-from holopipe.losses import ObjectCounts, PixelCounts, build_loss
+from holopipe.ml.dataset import IGNORE
+from holopipe.ml.losses import ObjectCounts, PixelCounts, build_loss
 
 SURE = 40.0  # logit whose sigmoid is 1 (or ~4e-18) in float32
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import segmentation_models_pytorch as smp
-from holopipe.config import load_config
-from holopipe.models import ARCHITECTURES, PlainUNet, build_model, fold_batchnorm, model_stride
+from holopipe.core.config import load_config
+from holopipe.ml.models import ARCHITECTURES, PlainUNet, build_model, fold_batchnorm, model_stride
 
 IN_CHANNELS = 2  # amplitude and phase
 

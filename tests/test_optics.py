@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from holopipe.optics import (Propagator, TransferFunction, effective_depth_of_focus, hologram_field, propagate,
+from holopipe.optics.propagation import (Propagator, TransferFunction, effective_depth_of_focus, hologram_field, propagate,
                              reconstruct)
 
 WAVELENGTH = 3.55e-7

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from helpers import TINY, snakemake
-from holopipe.acquire import acquire_split
-from holopipe.config import load_config
+from holopipe.data.acquire import acquire_split
+from holopipe.core.config import load_config
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 

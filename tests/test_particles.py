@@ -7,18 +7,18 @@ import pytest
 import torch
 import xarray as xr
 
-import holopipe.particles
-from holopipe.config import load_config
-from holopipe.device import GPUNotFoundError
-from holopipe.focus import gradient_magnitude, smoothed_amplitude
-from holopipe.io import write_zarr
-from holopipe.optics import Propagator, hologram_field
-from holopipe.provenance import code_identity
-from holopipe.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
+import holopipe.detect.particles
+from holopipe.core.config import load_config
+from holopipe.core.device import GPUNotFoundError
+from holopipe.optics.focus import gradient_magnitude, smoothed_amplitude
+from holopipe.core.io import write_zarr
+from holopipe.optics.propagation import Propagator, hologram_field
+from holopipe.core.provenance import code_identity
+from holopipe.detect.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
                                 merge_duplicates, particles_file, refine_depths, suppress_ghosts,
                                 without_cut_ghosts, without_stationary)
-from holopipe.reconstruction import z_bin_centres
-from holopipe.simulate import ParticleSet
+from holopipe.optics.reconstruction import z_bin_centres
+from holopipe.optics.simulate import ParticleSet
 from helpers import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,
                      propagator_of, scene_config, scene_dict)
 
@@ -363,7 +363,7 @@ def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram
     pd.concat([ml_cluster(x, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6),
                ml_cluster(shifted, y, PLANES[20:40] * 1e6, focus_um=PLANES[35] * 1e6, hid=2)]).to_csv(
         tmp_path / "chunk.csv", index=False)
-    original, calls = holopipe.particles.refine_depths, []
+    original, calls = holopipe.detect.particles.refine_depths, []
 
     def dies_on_the_second(*args, **kwargs):
         calls.append(1)
@@ -371,13 +371,13 @@ def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram
             raise KeyboardInterrupt("killed")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(holopipe.particles, "refine_depths", dies_on_the_second)
+    monkeypatch.setattr(holopipe.detect.particles, "refine_depths", dies_on_the_second)
     out = tmp_path / "p.csv"
     with pytest.raises(KeyboardInterrupt):
         particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
     assert not out.exists() and len(list(out.with_name("p.csv.parts").glob("hologram_*.csv"))) == 1
     calls.clear()
-    monkeypatch.setattr(holopipe.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(holopipe.detect.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = pd.read_csv(particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path,
                                          progress=False))
     assert len(calls) == 1, "hologram 1 is read from its part"
@@ -389,13 +389,13 @@ def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram
 
     # Killed again, then a `git pull` (another source digest): hologram 1 of the old code is refined afresh.
     calls.clear()
-    monkeypatch.setattr(holopipe.particles, "refine_depths", dies_on_the_second)
+    monkeypatch.setattr(holopipe.detect.particles, "refine_depths", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
     calls.clear()
     pulled = {**code_identity(), "source_sha256": "pulled"}
-    monkeypatch.setattr(holopipe.particles, "code_identity", lambda: pulled)
-    monkeypatch.setattr(holopipe.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(holopipe.detect.particles, "code_identity", lambda: pulled)
+    monkeypatch.setattr(holopipe.detect.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
     particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
     assert len(calls) == 2, "both holograms refined by the new code"
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import yaml
 
-from holopipe.baseline import detections_file
-from holopipe.cli import main
-from holopipe.config import load_config
-from holopipe.postprocessing import BEGIN, END, SEARCH_SPACES, tune_postprocessing, write_settings
+from holopipe.detect.baseline import detections_file
+from holopipe.run.cli import main
+from holopipe.core.config import load_config
+from holopipe.evaluation.postprocessing import BEGIN, END, SEARCH_SPACES, tune_postprocessing, write_settings
 
 from helpers import WIDE, WIDE_PARTICLES, contrast_hologram, scene_dict, split_store, truth_table
 

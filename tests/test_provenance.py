@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 import holopipe
-from holopipe.cli import build_parser, main
-from holopipe.provenance import (checksum, code_identity, config_sha256, job_record, read_records,
+from holopipe.run.cli import build_parser, main
+from holopipe.core.provenance import (checksum, code_identity, config_sha256, job_record, read_records,
                                  summarize_records, write_record, write_summary)
 
 
@@ -145,7 +145,7 @@ def test_the_code_identity_follows_the_package_source_only(tmp_path):
 def test_the_report_s_inner_snakemake_ignores_the_user_s_profile(tmp_path, monkeypatch):
     """A user's SNAKEMAKE_PROFILE (say their cluster profile) must not reach the inner Snakemake that draws the
     graphs and the report: its executor plugin is not in the report's env, and nothing there is submitted."""
-    from holopipe.report import snakemake_output
+    from holopipe.run.report import snakemake_output
 
     snakefile, configfile = tmp_path / "Snakefile", tmp_path / "config.yaml"
     snakefile.write_text('rule all:\n    output: "a.txt"\n    shell: "touch {output}"\n')

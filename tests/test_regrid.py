@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from holopipe.config import load_config
-from holopipe.io import DUST_ATTRS, PARTICLE_VARS, open_holodec, pixel_centres, um_to_pixel, window_dust_table, write_zarr
-from holopipe.optics import reconstruct
-from holopipe.regrid import regrid_file
-from holopipe.simulate import (Camera, Optics, ParticleSet, SimulationSettings, camera_image,
+from holopipe.core.config import load_config
+from holopipe.core.io import DUST_ATTRS, PARTICLE_VARS, open_holodec, pixel_centres, um_to_pixel, window_dust_table, write_zarr
+from holopipe.optics.propagation import reconstruct
+from holopipe.data.regrid import regrid_file
+from holopipe.optics.simulate import (Camera, Optics, ParticleSet, SimulationSettings, camera_image,
                                opaque_disks_field, simulate_file)
 
 WAVELENGTH, PITCH = 3.55e-7, 2.96e-6
@@ -231,7 +231,7 @@ def test_netcdf_input_regrids_to_a_valid_store(tmp_path):
     ("crop", PITCH, [0, 64], [0, 48]),               # nothing padded
 ])
 def test_the_data_area_is_recorded_for_the_stages_after_regrid(tmp_path, frame, pitch_y, data_x, data_y):
-    from holopipe.regrid import data_area
+    from holopipe.data.regrid import data_area
 
     images = np.random.default_rng(3).integers(90, 111, (1, 150, 120), dtype=np.uint8)
     images[0, :, -6:] = 255  # a saturated band at the sensor's edge: data, whatever the pad looks like
@@ -248,7 +248,7 @@ def test_the_data_area_is_recorded_for_the_stages_after_regrid(tmp_path, frame, 
 
 
 def test_a_data_area_that_does_not_fit_the_frame_fails_naming_the_store():
-    from holopipe.regrid import data_area
+    from holopipe.data.regrid import data_area
 
     assert data_area({}, 70, 40) == (slice(0, 70), slice(0, 40))  # not regridded: all of it is data
     with pytest.raises(ValueError, match=r"s\.zarr: attribute 'regrid_data_y' = \[4, 48\] is not a part of the "
@@ -259,10 +259,10 @@ def test_a_data_area_that_does_not_fit_the_frame_fails_naming_the_store():
 # --- regrid.device: numpy on the CPU, CuPy on a GPU (issue 21) -----------------------------------------------
 
 def test_a_gpu_regrid_device_without_a_gpu_fails_naming_the_key(tmp_path, monkeypatch):
-    from holopipe.device import GPUNotFoundError
+    from holopipe.core.device import GPUNotFoundError
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    monkeypatch.setattr("holopipe.core.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
     images = np.full((1, 100, 70), 120, np.uint8)
     write_store(tmp_path / "in.zarr", images, particles_um(0.0, 0.0))
     config = make_config(pixel_pitch=2 * PITCH, method="bin")
@@ -280,7 +280,7 @@ def test_cupy_regrids_as_numpy(pixel_pitch, method, frame):
     pytest.importorskip("cupy")
     import array_api_compat.cupy as cupy_xp
 
-    from holopipe.regrid import _regrid_block, plan_axis
+    from holopipe.data.regrid import _regrid_block, plan_axis
 
     plans = [plan_axis(n, PITCH, pixel_pitch, method=method, frame=frame, tile=16, where=axis)
              for n, axis in ((150, "x"), (110, "y"))]  # non-square

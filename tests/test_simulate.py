@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from holopipe.io import open_holodec, pixel_centres, um_to_pixel
-from holopipe.optics import reconstruct
-from holopipe.simulate import (Artifacts, Camera, DiameterModel, Optics, ParticleSet, SimulationSettings,
+from holopipe.core.io import open_holodec, pixel_centres, um_to_pixel
+from holopipe.optics.propagation import reconstruct
+from holopipe.optics.simulate import (Artifacts, Camera, DiameterModel, Optics, ParticleSet, SimulationSettings,
                                camera_image, fraunhofer_field, opaque_disks_field, sample_outside,
                                sample_particles, simulate_file, simulate_hologram, window_dust)
 
@@ -207,10 +207,10 @@ def test_camera_fringes_have_the_configured_amplitude_and_period():
 # --- simulate.device: numpy on the CPU, CuPy on a GPU (issue 21) ---------------------------------------------
 
 def test_a_gpu_simulate_device_without_a_gpu_fails_naming_the_key_before_writing(tmp_path, monkeypatch):
-    from holopipe.device import GPUNotFoundError
+    from holopipe.core.device import GPUNotFoundError
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    monkeypatch.setattr("holopipe.core.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
     settings = SimulationSettings(OPTICS, particles=(1, 2), device="cuda")
     with pytest.raises(GPUNotFoundError, match=r"simulate\.device is 'cuda'.*set simulate\.device: cpu"):
         simulate_file(tmp_path / "gpu.nc", n_holograms=1, seed=0, settings=settings, progress=False)
@@ -220,16 +220,16 @@ def test_a_gpu_simulate_device_without_a_gpu_fails_naming_the_key_before_writing
 def test_auto_runs_on_numpy_without_a_gpu_and_refuses_where_a_gpu_was_allocated(monkeypatch):
     import array_api_compat
 
-    from holopipe.device import GPUNotFoundError, array_namespace_for
+    from holopipe.core.device import GPUNotFoundError, array_namespace_for
 
-    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    monkeypatch.setattr("holopipe.core.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
     assert array_namespace_for("auto", "simulate.device", environ={}) is array_api_compat.numpy
     with pytest.raises(GPUNotFoundError, match=r"simulate\.device is 'auto' and this job was allocated GPU"):
         array_namespace_for("auto", "simulate.device", environ={"CUDA_VISIBLE_DEVICES": "0"})
 
 
 def test_simulate_device_is_read_from_the_split_merged_config():
-    from holopipe.config import load_config, split_simulation_config
+    from holopipe.core.config import load_config, split_simulation_config
 
     config = load_config({"splits": {"train": {"source": "simulate", "n_holograms": 1, "seed": 0,
                                                "simulate": {"device": "cuda:1"}}},

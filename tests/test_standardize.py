@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from holopipe.config import load_config
-from holopipe.io import PARTICLE_VARS, open_holodec, skipped_holograms, write_zarr
-from holopipe.simulate import Camera, Optics, SimulationSettings, beam_profile, camera_image, simulate_file
-from holopipe.standardize import (BLANK_SHARE, LOG_EPS, _window, apply_stats, blank_reason, fit_stats, read_stats,
+from holopipe.core.config import load_config
+from holopipe.core.io import PARTICLE_VARS, open_holodec, skipped_holograms, write_zarr
+from holopipe.optics.simulate import Camera, Optics, SimulationSettings, beam_profile, camera_image, simulate_file
+from holopipe.data.standardize import (BLANK_SHARE, LOG_EPS, _window, apply_stats, blank_reason, fit_stats, read_stats,
                                   running_median_background, smooth_background, write_stats)
 
 # Non-square frames with dx != dy: an x/y swap anywhere changes the beam's shape on the frame.
@@ -235,7 +235,7 @@ def test_a_hologram_mostly_without_light_fails_naming_the_file_and_a_blank_one_i
 
 
 def test_regrids_padding_is_not_data_a_beamed_hologram_stays_flat_up_to_the_pad(tmp_path):
-    from holopipe.regrid import regrid_file
+    from holopipe.data.regrid import regrid_file
 
     raw = write_store(tmp_path / "raw.zarr", camera_images(1, seed=12, nx=200, ny=168, beam_waist=4e-4,
                                                             dark_spots=False))
@@ -264,9 +264,9 @@ def test_stats_of_a_training_split_background_image_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_baseline_finds_the_same_droplets_in_the_beamed_and_the_flat_file(tmp_path):
-    from holopipe.baseline import baseline_file
-    from holopipe.evaluate import evaluate_files
-    from holopipe.regrid import regrid_file
+    from holopipe.detect.baseline import baseline_file
+    from holopipe.evaluation.evaluate import evaluate_files
+    from holopipe.data.regrid import regrid_file
 
     config = load_config({
         "splits": {"train": {"source": "simulate", "n_holograms": 1, "seed": 0}},
@@ -348,7 +348,7 @@ def test_a_split_without_any_hologram_of_data_fails_naming_the_file(tmp_path):
 
 def test_a_saturated_edge_band_is_data_not_regrids_pad(tmp_path):
     """A sensor's saturated edge rows look as constant as a pad: only regrid's record says which is which."""
-    from holopipe.regrid import regrid_file
+    from holopipe.data.regrid import regrid_file
 
     images = camera_images(1, seed=22, nx=200, ny=168, dark_spots=False)
     images[0, :, 160:] = 255  # the last 8 columns along y saturated
@@ -369,9 +369,9 @@ def test_a_saturated_edge_band_is_data_not_regrids_pad(tmp_path):
 
 def test_a_dark_hologram_in_a_good_file_is_skipped_by_the_baseline_and_listed_by_the_evaluation(tmp_path):
     """Raw file -> regrid -> standardize -> baseline -> evaluate, with hologram 2 of 3 all dark (a closed shutter)."""
-    from holopipe.baseline import baseline_file
-    from holopipe.evaluate import evaluate_files
-    from holopipe.regrid import regrid_file
+    from holopipe.detect.baseline import baseline_file
+    from holopipe.evaluation.evaluate import evaluate_files
+    from holopipe.data.regrid import regrid_file
 
     config = load_config({
         "splits": {"test": {"source": "simulate", "n_holograms": 3, "seed": 0}},
@@ -404,10 +404,10 @@ def test_a_dark_hologram_in_a_good_file_is_skipped_by_the_baseline_and_listed_by
 # --- standardize.device: numpy on the CPU, CuPy on a GPU (issue 21) ------------------------------------------
 
 def test_stats_do_not_record_the_device_and_apply_refuses_a_missing_gpu(tmp_path, monkeypatch):
-    from holopipe.device import GPUNotFoundError
+    from holopipe.core.device import GPUNotFoundError
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr("holopipe.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
+    monkeypatch.setattr("holopipe.core.device._cupy_gpus", lambda: (None, 0, "CuPy sees no GPU"))
     store = write_store(tmp_path / "train.zarr", camera_images(2, seed=3))
     stats = fit_stats(store, make_config(device="cpu"))
     assert "device" not in stats["standardize"]
@@ -426,7 +426,7 @@ def test_cupy_standardizes_as_numpy(background, log_transform):
     pytest.importorskip("cupy")
     import array_api_compat.cupy as cupy_xp
 
-    from holopipe.standardize import _contrast_block
+    from holopipe.data.standardize import _contrast_block
 
     images = camera_images(5, seed=4, nx=150, ny=110, beam_waist=2e-4)  # non-square (xsize, ysize)
     images[1] = 0  # a blank neighbour, left out of the running median's window

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from holopipe import train as train_module
-from holopipe.config import load_config, with_overrides
-from holopipe.dataset import TileDataset, write_synthetic_examples
-from holopipe.losses import ObjectCounts
-from holopipe.models import build_model
-from holopipe.standardize import write_stats
-from holopipe.train import is_improvement, learning_rate, load_model, train_model
+from holopipe.ml import train as train_module
+from holopipe.core.config import load_config, with_overrides
+from holopipe.ml.dataset import TileDataset, write_synthetic_examples
+from holopipe.ml.losses import ObjectCounts
+from holopipe.ml.models import build_model
+from holopipe.data.standardize import write_stats
+from holopipe.ml.models import load_model
+from holopipe.ml.train import is_improvement, learning_rate, train_model
 
 TILE, CHANNELS, CONTRAST_STD = 32, ("amplitude", "phase"), 0.2
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precision", "recall", "object_f1",
@@ -23,7 +24,7 @@ CSV_COLUMNS = ["epoch", "lr", "train_loss", "valid_loss", "dice", "iou", "precis
 
 
 def examples_store(path, n, seed):
-    """Learnable tiles of TILE pixels (dark disks and their masks), as holopipe.examples lays them out."""
+    """Learnable tiles of TILE pixels (dark disks and their masks), as holopipe.data.examples lays them out."""
     return write_synthetic_examples(path, n, TILE, contrast_std=CONTRAST_STD, seed=seed)
 
 
@@ -275,7 +276,7 @@ def recording_first_convolution(monkeypatch) -> list:
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
 def test_precision_on_cuda_runs_reduced_and_fp16_scales_gradients(data, tmp_path, monkeypatch, caplog, precision):
-    from holopipe.device import autocast_dtype
+    from holopipe.core.device import autocast_dtype
 
     expected = autocast_dtype(precision, torch.device("cuda"))  # auto: bf16 from compute capability 8.0
     seen = recording_first_convolution(monkeypatch)

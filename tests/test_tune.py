@@ -22,9 +22,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from holopipe import cli
-from holopipe.config import load_config, with_overrides
-from holopipe.tune import (
+from holopipe.run import cli
+from holopipe.core.config import load_config, with_overrides
+from holopipe.ml.tune import (
     TrialProcessError,
     _sweep_stale,
     data_digests,
@@ -91,13 +91,13 @@ def load(config, study_file):
 
 
 def write_examples(path, n_tiles, seed):
-    from holopipe.dataset import write_synthetic_examples  # torch: not in every spawned trial process
+    from holopipe.ml.dataset import write_synthetic_examples  # torch: not in every spawned trial process
 
     return write_synthetic_examples(path, n_tiles, 32, seed=seed)
 
 
 def write_stats(stats, path):
-    from holopipe.standardize import write_stats  # dask: not in every spawned trial process
+    from holopipe.data.standardize import write_stats  # dask: not in every spawned trial process
 
     return write_stats(stats, path)
 
@@ -584,7 +584,7 @@ def test_the_worker_command_exits_with_the_trial_process_status(tmp_path, monkey
     def killed(*args, **kwargs):
         raise TrialProcessError("worker 0: trial process 123 exited with status 137", 137)
 
-    monkeypatch.setattr("holopipe.tune.run_worker", killed)
+    monkeypatch.setattr("holopipe.ml.tune.run_worker", killed)
     config = json.dumps(make_config())
     with pytest.raises(SystemExit) as exited:
         cli.main(["tune", "worker", "--worker", "0", "--study", str(tmp_path / "study.json"), "--workdir",
@@ -595,7 +595,7 @@ def test_the_worker_command_exits_with_the_trial_process_status(tmp_path, monkey
 
 @pytest.mark.slow
 def test_real_training_trials(tmp_path):
-    pytest.importorskip("holopipe.train", reason="holopipe.train (train_model) is missing")
+    pytest.importorskip("holopipe.ml.train", reason="holopipe.ml.train (train_model) is missing")
     from test_train import examples_store
 
     train = examples_store(tmp_path / "train.zarr", 16, 1)

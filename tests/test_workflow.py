@@ -11,11 +11,11 @@ import torch
 import xarray as xr
 import yaml
 
-from holopipe.acquire import acquire_split
-from holopipe.config import load_config
-from holopipe.evaluate import PLOT_NAMES
-from holopipe.io import open_holodec, particle_table
-from holopipe.train import load_model
+from holopipe.data.acquire import acquire_split
+from holopipe.core.config import load_config
+from holopipe.evaluation.plots import PLOT_NAMES
+from holopipe.core.io import open_holodec, particle_table
+from holopipe.ml.models import load_model
 from helpers import REPO, TINY, snakemake
 
 pytestmark = pytest.mark.workflow
@@ -184,8 +184,8 @@ def resized(frame=(2000, 1400), planes=1000, holograms=100, pixel_pitch=None, pa
 
 
 def padded_pixels(config: dict) -> int:
-    """The padded frame a reconstruction of the valid split propagates, as holopipe.regrid plans it."""
-    from holopipe.regrid import plan_axis
+    """The padded frame a reconstruction of the valid split propagates, as holopipe.data.regrid plans it."""
+    from holopipe.data.regrid import plan_axis
 
     optics, regrid, pad = config["optics"], config["regrid"], config["reconstruction"]["pad"]
     sizes = [plan_axis(optics[f"n{axis}"], optics[f"d{axis}"], regrid["pixel_pitch"], method=regrid["method"],

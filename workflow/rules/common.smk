@@ -12,8 +12,8 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from holopipe.config import ConfigError, check_tiles_fit, load_config, primary_split, split_simulation_config
-from holopipe.credentials import read_password_file
+from holopipe.core.config import ConfigError, check_tiles_fit, load_config, primary_split, split_simulation_config
+from holopipe.core.credentials import read_password_file
 
 # The conda envs' post-deploy script installs holopipe from this checkout, wherever the working directory is.
 os.environ.setdefault("HOLOPIPE_REPO", workflow.basedir)
@@ -100,7 +100,7 @@ def tune_worker_flags():
 
 
 TUNE_RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "heartbeat")
-"""How the search runs, not what it finds: left out of the study's identity (holopipe.tune.study_name)."""
+"""How the search runs, not what it finds: left out of the study's identity (holopipe.ml.tune.study_name)."""
 
 TUNE_STUDY = "results/tune/study.json"
 """The study file tune_study writes: the study's name, the data digests it was named from, its storage."""
@@ -247,7 +247,7 @@ TORCH_LIBRARIES_MB = 1536
 embedded default peaks at 1.4 GB (measured with /usr/bin/time -v)."""
 
 # Inference's host memory, measured on a CPU by benchmarks/bench_infer_memory.py (fp32, plain_unet width 16
-# and LinkNet/ResNet-18): C + a·P + batch_planes·(p·P + m·N), P the padded pixels, N the frame's. holopipe.infer
+# and LinkNet/ResNet-18): C + a·P + batch_planes·(p·P + m·N), P the padded pixels, N the frame's. holopipe.detect.infer
 # sizes its plane batches to the job's --mem-mb by the same figures (its INFER_* constants; a test keeps them equal).
 INFER_LIBRARIES_MB = 1100
 """C: torch and the model."""
@@ -325,7 +325,7 @@ def split_source(split):
 
 
 def regridded_size(n_pixels, pitch):
-    """Pixels along one axis after regridding, as holopipe.regrid.plan_axis plans them (without building its
+    """Pixels along one axis after regridding, as holopipe.data.regrid.plan_axis plans them (without building its
     resampling matrix): resampled to regrid.pixel_pitch, then cropped or padded to whole tiles."""
     regrid, tile = config["regrid"], config["examples"]["tile_size"]
     target = regrid["pixel_pitch"]
@@ -540,7 +540,7 @@ def get_baseline_runtime(wildcards, attempt):
 
 
 LABEL_CANDIDATES_BATCH_BYTES = 2**24 * 16
-"""A batch of planes as holopipe.optics.PLANE_BATCH_PIXELS complex64 pixels, with their amplitude and phase."""
+"""A batch of planes as holopipe.optics.propagation.PLANE_BATCH_PIXELS complex64 pixels, with their amplitude and phase."""
 
 
 def get_label_candidates_mem_mb(wildcards, attempt):

@@ -1,0 +1,1 @@
+"""The ground floor: the HOLODEC file contract (io), devices and array libraries, configuration, secrets, provenance."""
