@@ -42,7 +42,7 @@ from holopipe.optics.propagation import device_planes_per_batch
 from holopipe.core.device import array_mover
 from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
 from holopipe.optics.simulate import (Camera, Optics, SimulationSettings, beam_profile, camera_image, opaque_disks_field,
-                               sample_particles, simulate_file)
+                                      sample_particles, simulate_file)
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = (3584, 5120)  # (ny, nx) after regrid.frame: pad

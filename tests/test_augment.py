@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from holopipe.data.augment import (Blur, BrightnessContrast, Clutter, DeadHotPixels, Illumination,
-                              Quantize, ReadNoise, ShotNoise, augment_file, augment_hologram,
-                              build_corruptions, optics_from_attrs)
+                                   Quantize, ReadNoise, ShotNoise, augment_file, augment_hologram,
+                                   build_corruptions, optics_from_attrs)
 from holopipe.core.config import ConfigError, load_config, schema
 from holopipe.core.io import open_holodec, particle_table, write_zarr
 from holopipe.optics.simulate import Optics, SimulationSettings, simulate_file

@@ -25,7 +25,7 @@ from holopipe.optics.reconstruction import z_bin_centres
 from holopipe.core.io import HolodecFormatError, write_zarr
 from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS
 from holopipe.optics.propagation import (MAX_BATCH_ELEMENTS, SWEEP_BYTES_PER_PIXEL, SWEEP_MEMORY_SHARE, Propagator,
-                             device_planes_per_batch, hologram_field, planes_in_memory)
+                                         device_planes_per_batch, hologram_field, planes_in_memory)
 from holopipe.detect.particles import particles_file
 from holopipe.core.provenance import code_identity
 from holopipe.optics.simulate import ParticleSet

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from holopipe.detect.coarse import (FILL_LOGIT, WindowSegmenter, coarse_planes, coarse_to_fine_sweep, component_boxes,
-                             fine_windows, merge_boxes, place_windows, window_side)
+                                    fine_windows, merge_boxes, place_windows, window_side)
 from holopipe.core.config import load_config
 from holopipe.detect.sweep import DETECTION_COLUMNS, batch_detections, model_segmenter, sweep_hologram
 from holopipe.ml.models import PlainUNet

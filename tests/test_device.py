@@ -23,7 +23,7 @@ import torch
 
 from holopipe.core import device as device_module
 from holopipe.core.device import (GPUNotFoundError, allocated_gpus, array_mover, autocast_dtype, describe_device,
-                             gpu_slot, resolve_device)
+                                  gpu_slot, resolve_device)
 
 GPU_UUID = "GPU-8f6a1c2e-3b4d-5e6f-7a8b-9c0d1e2f3a4b"
 

@@ -14,7 +14,7 @@ import zarr
 from holopipe.core.config import ConfigError, load_config
 from holopipe.ml.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
 from holopipe.data.examples import (particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
-                               split_stream)
+                                    split_stream)
 from holopipe.optics.reconstruction import normalize_channels, z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.core.io import open_holodec, particle_table, write_zarr
 from holopipe.optics.simulate import Camera, DiameterModel, Optics, SimulationSettings, simulate_file

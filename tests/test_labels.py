@@ -17,7 +17,7 @@ from holopipe.evaluation.matching import match
 from holopipe.evaluation.plots import LABEL_PLOT_NAMES, PLOT_NAMES
 from holopipe.core.io import write_zarr
 from holopipe.evaluation.labels import (CROP_PIXELS, PLANES_EACH_SIDE, LabelFile, crop_indices, label_order, open_candidates,
-                             read_label_files, union_candidates, write_candidates)
+                                        read_label_files, union_candidates, write_candidates)
 from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
 
 # 160 x 96 pixels of 2.96 x 3.6 µm (a frame wider than tall, pixels taller than wide), as in test_axes.

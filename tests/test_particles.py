@@ -15,8 +15,8 @@ from holopipe.core.io import write_zarr
 from holopipe.optics.propagation import Propagator, hologram_field
 from holopipe.core.provenance import code_identity
 from holopipe.detect.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
-                                merge_duplicates, particles_file, refine_depths, suppress_ghosts,
-                                without_cut_ghosts, without_stationary)
+                                       merge_duplicates, particles_file, refine_depths, suppress_ghosts,
+                                       without_cut_ghosts, without_stationary)
 from holopipe.optics.reconstruction import z_bin_centres
 from holopipe.optics.simulate import ParticleSet
 from helpers import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,

@@ -11,7 +11,7 @@ import yaml
 import holopipe
 from holopipe.run.cli import build_parser, main
 from holopipe.core.provenance import (checksum, code_identity, config_sha256, job_record, read_records,
-                                 summarize_records, write_record, write_summary)
+                                      summarize_records, write_record, write_summary)
 
 
 def test_file_checksum_is_the_sha256_of_its_bytes(tmp_path):

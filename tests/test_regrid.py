@@ -10,7 +10,7 @@ from holopipe.core.io import DUST_ATTRS, PARTICLE_VARS, open_holodec, pixel_cent
 from holopipe.optics.propagation import reconstruct
 from holopipe.data.regrid import regrid_file
 from holopipe.optics.simulate import (Camera, Optics, ParticleSet, SimulationSettings, camera_image,
-                               opaque_disks_field, simulate_file)
+                                      opaque_disks_field, simulate_file)
 
 WAVELENGTH, PITCH = 3.55e-7, 2.96e-6
 Z_MIN, Z_MAX = 2e-3, 12e-3

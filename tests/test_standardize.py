@@ -12,7 +12,7 @@ from holopipe.core.config import load_config
 from holopipe.core.io import PARTICLE_VARS, open_holodec, skipped_holograms, write_zarr
 from holopipe.optics.simulate import Camera, Optics, SimulationSettings, beam_profile, camera_image, simulate_file
 from holopipe.data.standardize import (BLANK_SHARE, LOG_EPS, _window, apply_stats, blank_reason, fit_stats, read_stats,
-                                  running_median_background, smooth_background, write_stats)
+                                       running_median_background, smooth_background, write_stats)
 
 # Non-square frames with dx != dy: an x/y swap anywhere changes the beam's shape on the frame.
 DX, DY, WAVELENGTH, Z_MIN, Z_MAX = 2.96e-6, 2.5e-6, 3.55e-7, 2e-3, 12e-3

@@ -44,6 +44,9 @@ from holopipe.core.device import cpu_threads
 
 IMAGE_DIMS = ("hologram_number", "xsize", "ysize")
 PARTICLE_VARS = ("hid", "x", "y", "z", "d")
+"""The particle table's columns, in files and in memory: hid (1-based hologram number), x, y (µm from the frame's
+centre), z (µm from the sensor), d (µm). Every table of particles (truth, both methods' CSVs, candidates) starts
+with them; each adds its own columns after (the U-Net's ``prob``, the baseline's ``score``)."""
 REQUIRED_ATTRS = ("Nx", "Ny", "dx", "dy", "lambda")
 IN_MEMORY = "<in-memory dataset>"
 FINITE_MARK = "finite_checked"

@@ -88,8 +88,8 @@ from holopipe.core.device import host_array
 
 from holopipe.optics.focus import pixel_values, reconstructed_amplitude, window_scores
 from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
-from holopipe.core.io import (HologramParts, equivalent_diameter, input_identity, pixel_position, usable_holograms,
-                         write_atomically)
+from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, input_identity, pixel_position,
+                              usable_holograms, write_atomically)
 from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.core.provenance import code_identity
 from holopipe.detect.particles import beyond_the_volume, line_of_sight_splits, suppress_ghosts, without_stationary
@@ -98,7 +98,7 @@ from holopipe.optics.reconstruction import hologram_propagator, open_standardize
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "detections_file", "find_particles", "plane_detections"]
 
-CSV_COLUMNS = ("hid", "x", "y", "z", "d", "score")
+CSV_COLUMNS = (*PARTICLE_VARS, "score")
 
 THRESHOLD_PLANES = 8
 """Evenly spaced planes whose amplitudes set the automatic threshold."""

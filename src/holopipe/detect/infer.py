@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.detect import coarse  # the module: it builds on this one
 from holopipe.core.io import (HologramParts, input_identity, remove_path,
-                         usable_holograms)
+                              usable_holograms)
 from holopipe.core.provenance import code_identity
 from holopipe.optics.reconstruction import open_standardized, z_bin_centres
 from holopipe.core.device import autocast_dtype, describe_device, resolve_device

@@ -73,8 +73,9 @@ from tqdm.auto import tqdm
 from holopipe.core.device import array_mover
 from holopipe.core.device import host_array
 from holopipe.optics.focus import host_windows, reconstructed_amplitude, smoothed_amplitude, window_scores
-from holopipe.core.io import (HologramParts, equivalent_diameter, input_identity, open_holodec, pixel_position,
-                         usable_holograms, write_atomically)
+from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, input_identity, open_holodec,
+                              pixel_position, usable_holograms, write_atomically)
+from holopipe.detect.sweep import DETECTION_COLUMNS
 from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.core.provenance import code_identity
 from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres
@@ -84,14 +85,11 @@ __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "compo
            "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
            "without_cut_ghosts", "without_ghosts", "without_stationary"]
 
-PARTICLE_COLUMNS = ("hid", "x", "y", "z", "d", "prob")
+PARTICLE_COLUMNS = (*PARTICLE_VARS, "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
 
 MIN_WINDOW_PIXELS = 9
 """Smallest side (pixels) of a refinement window: a tiny droplet's edge still has a gradient ring in it."""
-
-_NEEDED = ("hid", "plane", "x", "y", "z", "d", "area", "prob_max", "prob_mean", "logit_mean", "amplitude_min")
-
 
 def linked_pairs(x_m, y_m, z_m, d_m, distance_m: float, depth_m: float) -> np.ndarray:
     """Pairs (m, 2) of detections that belong to one particle: at most ``depth_m`` apart in z, and laterally
@@ -160,7 +158,7 @@ def label_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     sought between its cuts only (elsewhere ``z_low``, ``z_high`` are infinite).
     """
     settings = config["particles"]
-    missing = [column for column in _NEEDED if column not in detections.columns]
+    missing = [column for column in DETECTION_COLUMNS if column not in detections.columns]
     if missing:
         raise ValueError(f"merge_detections: detections lack columns {missing}")
     detections = detections.sort_values(["hid", "plane"], kind="stable", ignore_index=True)
@@ -379,7 +377,7 @@ def read_detections(paths) -> pd.DataFrame:
     tables = []
     for path in paths:
         table = pd.read_csv(path)
-        missing = [column for column in _NEEDED if column not in table.columns]
+        missing = [column for column in DETECTION_COLUMNS if column not in table.columns]
         if missing:
             raise ValueError(f"{path}: not an inference detections CSV (missing columns {missing})")
         tables.append(table)

@@ -26,7 +26,7 @@ import torch
 
 from holopipe.optics.reconstruction import normalize_channels
 from holopipe.optics.focus import SMOOTHING_PIXELS
-from holopipe.core.io import (equivalent_diameter, pixel_position)
+from holopipe.core.io import PARTICLE_VARS, equivalent_diameter, pixel_position
 from holopipe.optics.propagation import Propagator, hologram_field
 from holopipe.core.device import autocast
 
@@ -34,7 +34,7 @@ from holopipe.core.device import autocast
 
 log = logging.getLogger("holopipe")
 
-DETECTION_COLUMNS = ("hid", "plane", "x", "y", "z", "d", "area", "prob_max", "prob_mean", "logit_mean",
+DETECTION_COLUMNS = (PARTICLE_VARS[0], "plane", *PARTICLE_VARS[1:], "area", "prob_max", "prob_mean", "logit_mean",
                      "amplitude_min")
 """Columns of an inference CSV: hid (1-based), plane (0-based global index), x, y, z, d (µm), area
 (pixels), prob_max and prob_mean (probability over the detection's pixels), logit_mean (the model's mean

@@ -54,7 +54,7 @@ from holopipe.evaluation.labels import CONFIDENCES, LABELS, open_candidates, rea
 from holopipe.evaluation.matching import COORDINATES, match, on_window_dust
 from holopipe.evaluation.plots import plot_evaluation, plot_labels
 from holopipe.core.io import (open_holodec, particle_table, read_particle_csv, skipped_holograms, window_dust_table,
-                         write_atomically)
+                              write_atomically)
 
 __all__ = ["bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
            "combined_labels", "detection_metrics", "evaluate_files", "hologram_counts", "label_metrics",

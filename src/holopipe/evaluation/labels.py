@@ -32,7 +32,7 @@ import pandas as pd
 
 from holopipe import __version__
 from holopipe.core.device import host_array
-from holopipe.core.io import read_particle_csv, um_to_pixel, write_atomically
+from holopipe.core.io import PARTICLE_VARS, read_particle_csv, um_to_pixel, write_atomically
 from holopipe.evaluation.matching import match
 from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
@@ -48,7 +48,7 @@ ORDER_SEED = 13
 """Fixed part of the labelling order's seed; the candidates_id is the other part."""
 LABELS = ("particle", "not_particle", "unsure")
 CONFIDENCES = (1, 2, 3, 4, 5)
-CANDIDATE_COLUMNS = ("candidate", "hid", "x", "y", "z", "d", "unet", "baseline")
+CANDIDATE_COLUMNS = ("candidate", *PARTICLE_VARS, "unet", "baseline")
 """Columns of candidates.csv: id, hologram (1-based), x, y, z, d (µm), found by the U-Net, by the baseline (0/1)."""
 LABEL_COLUMNS = ("candidates_id", "candidate", "label", "confidence", "labeller", "time")
 LABELLER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -69,7 +69,7 @@ def union_candidates(unet: pd.DataFrame, baseline: pd.DataFrame, tolerance_xy_m:
     paired_baseline[pairs["pred_index"].to_numpy(np.int64)] = True
     in_pair = np.zeros(len(unet), bool)
     in_pair[pairs["true_index"].to_numpy(np.int64)] = True
-    coordinates = ["hid", "x", "y", "z", "d"]
+    coordinates = list(PARTICLE_VARS)
     table = pd.concat([unet[coordinates].assign(unet=1, baseline=in_pair.astype(np.int64)),
                        baseline.loc[~paired_baseline, coordinates].assign(unet=0, baseline=1)], ignore_index=True)
     table = table.astype({"hid": np.int64, **{c: np.float64 for c in "xyzd"}})

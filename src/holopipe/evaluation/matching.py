@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from holopipe.core.io import PARTICLE_VARS
+
 __all__ = ["COORDINATES", "MATCH_COLUMNS", "match", "on_window_dust"]
 
-COORDINATES = ("x", "y", "z", "d")
+COORDINATES = PARTICLE_VARS[1:]
 MATCH_COLUMNS = ("hid", "true_index", "pred_index",
                  *(f"{c}_{side}" for side in ("true", "pred") for c in COORDINATES),
                  *(f"error_{c}" for c in COORDINATES), "cost")
