@@ -57,8 +57,7 @@ from holopipe.detect.baseline import baseline_file, detections_file
 from holopipe.core.config import load_config, merged_config
 from holopipe.core.io import read_particle_csv
 from holopipe.evaluation.evaluate import bootstrap_intervals, hologram_counts, recall_grid, runs_and_holograms_intervals
-from holopipe.evaluation.matching import match, on_window_dust
-from holopipe.core.io import open_holodec, particle_table, skipped_holograms, window_dust_table
+from holopipe.evaluation.matching import match, on_window_dust, read_truth
 from holopipe.detect.particles import particles_file
 from holopipe.core.provenance import code_identity
 
@@ -135,19 +134,6 @@ def run_workflow(workdir: Path, configfiles: list[Path], targets: list[str], cor
     return time.perf_counter() - start
 
 
-def truth_of(store: Path) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """The store's true particles, the holograms evaluated (those standardization did not skip) and the
-    window dust its file records (µm; empty for none)."""
-    ds = open_holodec(store)
-    try:
-        truth, n, skipped = particle_table(ds), int(ds.sizes["hologram_number"]), skipped_holograms(ds)
-        dust = window_dust_table(ds)
-    finally:
-        ds.close()
-    holograms = np.setdiff1d(np.arange(1, n + 1), list(skipped))
-    return truth[truth["hid"].isin(holograms)].reset_index(drop=True), holograms, dust
-
-
 def split_counts(truth: pd.DataFrame, holograms: np.ndarray, dust: pd.DataFrame, csv: Path, evaluate: dict,
                  bins) -> dict:
     """Per-hologram counts, the recall grid and the false particles on the window ``dust``."""
@@ -167,9 +153,10 @@ def evaluate_split(split: str, runs: list[Path], csvs: dict, config: dict) -> di
             np.linspace(float(config["optics"]["z_min"]), float(config["optics"]["z_max"]),
                         int(evaluate["depth_bins"]) + 1))
     store = runs[0] / "data" / "standardized" / f"{split}.zarr"
-    truth, holograms, dust = truth_of(store)
+    split_truth = read_truth(store)
+    truth, holograms, dust = split_truth.particles, split_truth.holograms, split_truth.dust
     for other in runs[1:]:
-        if not truth.equals(truth_of(other / "data" / "standardized" / f"{split}.zarr")[0]):
+        if not truth.equals(read_truth(other / "data" / "standardized" / f"{split}.zarr").particles):
             raise SystemExit(f"accuracy.py: {split}'s truth differs between {runs[0]} and {other}: the runs did "
                              "not see the same holograms")
     unet = [split_counts(truth, holograms, dust, csv, evaluate, bins) for csv in csvs["unet"]]

@@ -51,10 +51,9 @@ import pandas as pd
 
 from holopipe.core.config import primary_split
 from holopipe.evaluation.labels import CONFIDENCES, LABELS, open_candidates, read_labels
-from holopipe.evaluation.matching import COORDINATES, match, on_window_dust
+from holopipe.evaluation.matching import COORDINATES, check_holograms, match, on_window_dust, read_truth
 from holopipe.evaluation.plots import plot_evaluation, plot_labels
-from holopipe.core.io import (open_holodec, particle_table, read_particle_csv, skipped_holograms, window_dust_table,
-                              write_atomically)
+from holopipe.core.io import (read_particle_csv, write_atomically)
 
 __all__ = ["bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
            "combined_labels", "detection_metrics", "evaluate_files", "hologram_counts", "label_metrics",
@@ -410,14 +409,6 @@ def split_metrics_paths(out_json, splits) -> dict[str, Path]:
     return {split: out_json if split == primary else out_json.parent / split / "metrics.json" for split in splits}
 
 
-def _check_holograms(table: pd.DataFrame, n_holograms: int, source) -> None:
-    """Particles only of holograms 1..n_holograms: any other would be silently left out of every count."""
-    outside = np.unique(table["hid"][(table["hid"] < 1) | (table["hid"] > n_holograms)])
-    if outside.size:
-        raise ValueError(f"{source}: particles of hologram(s) {outside[:10].tolist()}, but the split has "
-                         f"{n_holograms} holograms (hid 1..{n_holograms})")
-
-
 def _check_not_skipped(table: pd.DataFrame, skipped: dict, source, store) -> None:
     """No particles of a hologram that standardization skipped: the method cannot have seen it (a stale CSV)."""
     found = np.unique(table["hid"][table["hid"].isin(list(skipped))])
@@ -504,18 +495,9 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     """
     evaluate, optics = config["evaluate"], config["optics"]
     depth_bins = np.linspace(float(optics["z_min"]), float(optics["z_max"]), int(evaluate["depth_bins"]) + 1)
-    truths, n_holograms, skipped, dust = {}, {}, {}, {}
-    for split, path in truth_store_paths.items():
-        ds = open_holodec(path)
-        try:
-            truths[split], n_holograms[split] = particle_table(ds), int(ds.sizes["hologram_number"])
-            skipped[split], dust[split] = skipped_holograms(ds), window_dust_table(ds)
-        finally:
-            ds.close()
-        _check_holograms(truths[split], n_holograms[split], path)
-    holograms = {split: np.setdiff1d(np.arange(1, n + 1), list(skipped[split])) for split, n in n_holograms.items()}
-    skipped_truth = {split: truths[split]["hid"].isin(list(skipped[split])) for split in truths}
-    truths = {split: truth[~skipped_truth[split]] for split, truth in truths.items()}
+    read = {split: read_truth(path) for split, path in truth_store_paths.items()}
+    truths = {split: truth.particles for split, truth in read.items()}
+    holograms = {split: truth.holograms for split, truth in read.items()}
     for method, by_split in predictions.items():
         missing = sorted(set(truths) - set(by_split))
         if missing:
@@ -524,14 +506,14 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
                  for method, by_split in predictions.items()}
     for method, by_split in predicted.items():
         for split, table in by_split.items():
-            _check_holograms(table, n_holograms[split], predictions[method][split])
-            _check_not_skipped(table, skipped[split], predictions[method][split], truth_store_paths[split])
+            check_holograms(table, read[split].n_holograms, predictions[method][split])
+            _check_not_skipped(table, read[split].skipped, predictions[method][split], truth_store_paths[split])
     results, matches = {}, {}
     for split in truths:
         results[split], matches[split] = _evaluate_split(
             split, truths[split], holograms[split], {m: predicted[m][split] for m in predicted}, evaluate,
-            depth_bins, dust[split])
-        _note_skipped(results[split], skipped[split], int(skipped_truth[split].sum()))
+            depth_bins, read[split].dust)
+        _note_skipped(results[split], read[split].skipped, read[split].n_skipped_particles)
     primary = primary_split(truths)
     labelled = _labelled_splits(labels or {}, list(truths), list(predicted), evaluate["diameter_bins"])
     for split, (_, _, by_method) in labelled.items():

@@ -10,13 +10,15 @@ then minimises their total cost (unlike greedy nearest-first matching, which can
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from holopipe.core.io import PARTICLE_VARS
+from holopipe.core.io import PARTICLE_VARS, open_holodec, particle_table, skipped_holograms, window_dust_table
 
-__all__ = ["COORDINATES", "MATCH_COLUMNS", "match", "on_window_dust"]
+__all__ = ["COORDINATES", "MATCH_COLUMNS", "SplitTruth", "check_holograms", "match", "on_window_dust", "read_truth"]
 
 COORDINATES = PARTICLE_VARS[1:]
 MATCH_COLUMNS = ("hid", "true_index", "pred_index",
@@ -75,3 +77,43 @@ def on_window_dust(predicted: pd.DataFrame, dust: pd.DataFrame, tolerance_xy_m: 
     distance = np.hypot(predicted["x"].to_numpy()[:, None] - dust["x"].to_numpy()[None],
                         predicted["y"].to_numpy()[:, None] - dust["y"].to_numpy()[None])
     return int((distance <= dust["d"].to_numpy()[None] / 2 + tolerance_xy_m * 1e6).any(axis=1).sum())
+
+
+class SplitTruth(NamedTuple):
+    """A split's truth as every evaluation reads it (:func:`read_truth`)."""
+
+    particles: pd.DataFrame
+    """The true particles (µm) of the holograms evaluated."""
+    holograms: np.ndarray
+    """The holograms evaluated (1-based hids): all but those standardization skipped (no data)."""
+    n_holograms: int
+    skipped: dict[int, str]
+    """The skipped holograms' hids and why each was skipped."""
+    n_skipped_particles: int
+    """True particles left out with the skipped holograms."""
+    dust: pd.DataFrame
+    """The window dust the file records (µm; empty for none): not particles of the volume."""
+
+
+def check_holograms(table: pd.DataFrame, n_holograms: int, source) -> None:
+    """Particles only of holograms 1..n_holograms: any other would be silently left out of every count."""
+    outside = np.unique(table["hid"][(table["hid"] < 1) | (table["hid"] > n_holograms)])
+    if outside.size:
+        raise ValueError(f"{source}: particles of hologram(s) {outside[:10].tolist()}, but the split has "
+                         f"{n_holograms} holograms (hid 1..{n_holograms})")
+
+
+def read_truth(store) -> SplitTruth:
+    """The truth of a split's store (a HOLODEC file or standardized store); the one reader of the evaluation,
+    the post-processing search and the accuracy benchmark, so they all leave out the same holograms."""
+    ds = open_holodec(store)
+    try:
+        particles, n_holograms = particle_table(ds), int(ds.sizes["hologram_number"])
+        skipped, dust = skipped_holograms(ds), window_dust_table(ds)
+    finally:
+        ds.close()
+    check_holograms(particles, n_holograms, store)
+    left_out = particles["hid"].isin(list(skipped)).to_numpy()
+    holograms = np.setdiff1d(np.arange(1, n_holograms + 1), list(skipped))
+    return SplitTruth(particles[~left_out].reset_index(drop=True), holograms, n_holograms, skipped,
+                      int(left_out.sum()), dust)

@@ -26,8 +26,8 @@ import pandas as pd
 import yaml
 
 from holopipe.core.config import load_config, with_overrides
-from holopipe.evaluation.matching import match
-from holopipe.core.io import open_holodec, particle_table, read_particle_csv, skipped_holograms, write_atomically
+from holopipe.evaluation.matching import match, read_truth
+from holopipe.core.io import read_particle_csv, write_atomically
 
 __all__ = ["BEGIN", "END", "SEARCH_SPACES", "tune_postprocessing", "write_settings"]
 
@@ -88,15 +88,6 @@ def _f1(truth: pd.DataFrame, csvs, evaluate: dict) -> float:
     return 2 * tp / denominator if denominator else 1.0
 
 
-def _truth(store) -> pd.DataFrame:
-    ds = open_holodec(store)
-    try:
-        truth, skipped = particle_table(ds), skipped_holograms(ds)
-    finally:
-        ds.close()
-    return truth[~truth["hid"].isin(list(skipped))].reset_index(drop=True)
-
-
 def _search(section: str, config: dict, run, truth: pd.DataFrame, trials: int, seed: int) -> optuna.Study:
     """``trials`` TPE trials of ``section``'s knobs, the first being the config's own values."""
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
@@ -132,7 +123,7 @@ def tune_postprocessing(config: dict, detection_sets, store_path, *, trials: int
     if not detection_sets or not all(detection_sets):
         raise ValueError("tune_postprocessing: every set of detections needs at least one CSV")
     store_path = Path(store_path)
-    truth = _truth(store_path)
+    truth = read_truth(store_path).particles
     if truth.empty:
         raise ValueError(f"{store_path}: no true particles to score settings against (a simulated split is needed)")
     runs = {
