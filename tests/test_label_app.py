@@ -478,7 +478,6 @@ def needs_chromium():
     if missing:
         pytest.skip(f"needs Debian's chromium and chromedriver (missing {', '.join(missing)}): "
                     "apt-get install chromium chromium-driver (.ci/run installs them)")
-    pytest.importorskip("selenium", reason="needs selenium: pip install -e '.[test]'")
 
 
 def page_text(driver, element_id: str) -> str:

@@ -19,6 +19,7 @@ from holopipe.core.io import write_zarr
 from holopipe.evaluation.labels import (CROP_PIXELS, PLANES_EACH_SIDE, LabelFile, crop_indices, label_order, open_candidates,
                                         read_label_files, union_candidates, write_candidates)
 from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
+from helpers import TINY, snakemake
 
 # 160 x 96 pixels of 2.96 x 3.6 µm (a frame wider than tall, pixels taller than wide), as in test_axes.
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=3.6e-6, nx=160, ny=96, z_min=2e-3, z_max=10e-3)
@@ -323,8 +324,6 @@ def test_evaluate_writes_the_label_plots_and_without_labels_is_unchanged(config,
 
 @pytest.mark.workflow
 def test_the_workflow_writes_candidates_and_evaluate_takes_the_label_files_present(tmp_path):
-    from test_workflow import TINY, snakemake
-
     plain = snakemake(tmp_path, "-n", "-p", "--cores", "1")
     assert plain.returncode == 0, plain.stderr
     assert "rule label_candidates" in plain.stdout and "--out results/labels/valid/candidates" in plain.stdout

@@ -1,6 +1,7 @@
 """The package's layers: every module lives in a subpackage named for its concern, imports only from its own
 layer or lower ones, and no modules import each other in a circle. Imports inside functions count: hiding one
-there does not make a circle go away.
+there does not make a circle go away. And the tests' own house rules: builders are shared through helpers.py,
+never by one test file importing another, and only optional extras may be skipped when missing.
 
 ``python tests/test_layers.py`` prints the import graph by layer (what each module imports from holopipe).
 """
@@ -12,6 +13,11 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "holopipe"
+TESTS = Path(__file__).resolve().parent
+
+OPTIONAL_IMPORTS = {"cupy", "fsspec"}
+"""What a test may skip without (pytest.importorskip): the gpu extra and a remote file system's driver. A hard
+dependency's import error must fail the suite, not skip a test."""
 
 LAYERS = ("core", "optics", "data", "ml", "detect", "evaluation", "run")
 """Lowest first: a module may import from its own layer and those before it, never from one after it."""
@@ -103,6 +109,29 @@ def test_no_import_circles():
 def test_forbidden_imports(source_layer, target):
     offenders = [source for source, targets in graph().items() if layer(source) == source_layer and target in targets]
     assert not offenders, f"{FORBIDDEN[source_layer, target]}: {offenders} import {target}"
+
+
+def test_no_test_file_imports_another():
+    test_modules = {path.stem for path in TESTS.glob("test_*.py")}
+    offenders = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{path.name}:{node.lineno} imports {name}" for name in names
+                          if name.split(".")[-1] in test_modules or name.startswith("tests.")]
+    assert not offenders, "share builders through tests/helpers.py instead:\n" + "\n".join(offenders)
+
+
+def test_only_optional_extras_are_skipped_when_missing():
+    skipped = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "importorskip" and node.args and isinstance(node.args[0], ast.Constant)):
+                if node.args[0].value.split(".")[0] not in OPTIONAL_IMPORTS:
+                    skipped.append(f"{path.name}:{node.lineno} importorskip({node.args[0].value!r})")
+    assert not skipped, "hard dependencies skipped instead of failing:\n" + "\n".join(skipped)
 
 
 def test_the_circle_finder_finds_circles():

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 from holopipe.core.config import load_config
@@ -73,7 +74,6 @@ def test_smooth_background_follows_a_gaussian_beam_edge_to_edge_and_sees_through
 
 
 def test_smooth_background_is_the_same_on_either_layout_and_on_torch():
-    torch = pytest.importorskip("torch")
     image = camera_images(1, seed=2, nx=200, ny=150, beam_waist=1e-3)[0].astype(np.float32)
 
     background = smooth_background(image, 32)

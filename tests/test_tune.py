@@ -323,7 +323,7 @@ def test_median_pruner_prunes_trials_below_the_median(tmp_path):
 
 
 def test_out_of_memory_prunes_the_trial_and_the_worker_carries_on(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch  # here: not in every spawned trial process
 
     def objective(config, trial, params):
         if trial.number == 1:
@@ -530,7 +530,6 @@ def isolation_probe(config, trial, params):
 
 @pytest.mark.slow
 def test_trials_per_gpu_runs_trials_in_processes_that_keep_their_torch_state_to_themselves(tmp_path):
-    pytest.importorskip("torch")
     config = make_config(n_trials=4, trials_per_gpu=2, pruner="none")
     study_file = start(config, tmp_path)
     work(config, study_file, worker=3, objective=isolation_probe)
@@ -595,11 +594,8 @@ def test_the_worker_command_exits_with_the_trial_process_status(tmp_path, monkey
 
 @pytest.mark.slow
 def test_real_training_trials(tmp_path):
-    pytest.importorskip("holopipe.ml.train", reason="holopipe.ml.train (train_model) is missing")
-    from test_train import examples_store
-
-    train = examples_store(tmp_path / "train.zarr", 16, 1)
-    valid = examples_store(tmp_path / "valid.zarr", 8, 2)
+    train = write_examples(tmp_path / "train.zarr", 16, 1)
+    valid = write_examples(tmp_path / "valid.zarr", 8, 2)
     stats = write_stats({"contrast_mean": 1.0, "contrast_std": 0.2}, tmp_path / "stats.json")
     config = make_config(n_trials=2, epochs=1, startup_trials=2, search_space={
         "train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}})
