@@ -37,7 +37,7 @@ import pandas as pd
 from holopipe.core.config import load_config
 from holopipe.evaluation.matching import match
 from holopipe.optics.focus import reconstructed_amplitude
-from holopipe.core.io import open_holodec, write_zarr
+from holopipe.core.io import file_layout, open_holodec, write_zarr
 from holopipe.optics.propagation import device_planes_per_batch
 from holopipe.core.device import array_mover
 from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
@@ -99,7 +99,7 @@ def compare_on_default(n_holograms: int, before_commit: str) -> None:
     work = Path(tempfile.mkdtemp())
     ds = open_holodec(str(simulate_file(work / "test.nc", n_holograms=n_holograms, seed=config["splits"]["test"]["seed"],
                                         settings=settings, progress=False)))
-    images = ds["image"].values / beam_profile(settings.optics, settings.camera.beam_waist).T[None]
+    images = ds["image"].values / file_layout(beam_profile(settings.optics, settings.camera.beam_waist))[None]
     store = write_zarr(ds.assign(image=(ds["image"].dims, (images / images.mean(axis=(1, 2), keepdims=True))
                                         .astype(np.float32))), work / "test.zarr")
     truth = pd.DataFrame({c: ds[c].values for c in ("hid", "x", "y", "z", "d")})
@@ -145,7 +145,7 @@ def main():
     dx, dy = attrs["dx"], attrs["dy"]
     grid = z_bin_centres(config["optics"]["z_min"], config["optics"]["z_max"], int(reconstruction["z_bins"]))
     mover = array_mover(args.device, "particles.device")
-    propagator = hologram_propagator(image_yx.T, attrs, reconstruction, to_device=mover)
+    propagator = hologram_propagator(image_yx, attrs, reconstruction, to_device=mover)
     print(f"{args.device}: {device_planes_per_batch(propagator)} planes per batch (device_planes_per_batch)")
     import holopipe.detect.baseline as baseline
     import holopipe.detect.particles as particles
@@ -153,7 +153,7 @@ def main():
     stages = {"after": (baseline, particles, propagator)}
     if args.before:
         old_baseline, old_particles = before_modules(args.before_commit, Path(tempfile.mkdtemp()))
-        numpy_propagator = hologram_propagator(image_yx.T, attrs, reconstruction)  # the old code ran on numpy
+        numpy_propagator = hologram_propagator(image_yx, attrs, reconstruction)  # the old code ran on numpy
         stages = {"before": (old_baseline, old_particles, numpy_propagator), **stages}
     print(f"{'code':<7}{'planes':>7}{'reconstruct':>16}{'baseline':>16}{'refine':>16}   "
           "(wall [CPU] seconds per plane)")

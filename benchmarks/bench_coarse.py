@@ -49,7 +49,7 @@ from holopipe.evaluation.evaluate import detection_metrics
 from holopipe.evaluation.matching import match
 from holopipe.data.examples import particles_in_pixels
 from holopipe.detect.sweep import DETECTION_COLUMNS, batch_detections, model_segmenter
-from holopipe.core.io import open_holodec, particle_table
+from holopipe.core.io import hologram_image_yx, open_holodec, particle_table
 from holopipe.ml.models import model_stride
 from holopipe.detect.particles import merge_detections, particles_file
 from holopipe.optics.reconstruction import open_standardized, z_bin_centres
@@ -170,7 +170,7 @@ def run_default(strides: list[int], splits: list[str], workdir: Path) -> None:
                 planes = z_bin_centres(attrs["zMin"], attrs["zMax"], int(config["reconstruction"]["z_bins"]))
                 tables = []
                 for h in range(ds.sizes["hologram_number"]):
-                    image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values.T  # (ny, nx)
+                    image = hologram_image_yx(ds, h)
                     table, seconds = search(image, planes, tally.segment, attrs=attrs, config=config, stride=stride,
                                             coarse_stride=k, hid=h + 1)
                     tables.append(table)

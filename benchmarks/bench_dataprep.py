@@ -19,6 +19,7 @@ import numpy as np
 
 from holopipe.data.augment import augment_hologram, build_corruptions
 from holopipe.core.config import load_config
+from holopipe.core.io import file_layout
 from holopipe.core.device import array_namespace_for
 from holopipe.data.regrid import _regrid_block, plan_axis
 from holopipe.optics.simulate import SimulationSettings, simulate_hologram
@@ -33,7 +34,7 @@ def stages(config: dict, settings: SimulationSettings):
     image, _ = simulate_hologram(np.random.default_rng([1, 0]), settings)
     plans = [plan_axis(n, pitch, regrid["pixel_pitch"], method=regrid["method"], frame=regrid["frame"], tile=tile,
                        where=axis) for n, pitch, axis in ((optics.nx, optics.dx, "x"), (optics.ny, optics.dy, "y"))]
-    block = image.T[None]  # (1, xsize, ysize), as a store's chunk
+    block = file_layout(image)[None]  # (1, xsize, ysize), as a store's chunk
     regridded = _regrid_block(block, *plans, np.float32)
     area = (slice(plans[0].data[0], plans[0].data[1]), slice(plans[1].data[0], plans[1].data[1]))
     standardize = {key: value for key, value in config["standardize"].items() if key != "device"}

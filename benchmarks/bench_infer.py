@@ -43,7 +43,7 @@ from holopipe.detect import infer, sweep
 from holopipe.detect.baseline import find_particles
 from holopipe.core.config import load_config
 from holopipe.core.device import array_mover, autocast_dtype, describe_device, resolve_device, use_threads
-from holopipe.core.io import IMAGE_DIMS, open_holodec
+from holopipe.core.io import IMAGE_DIMS, file_layout, hologram_image_yx, open_holodec
 from holopipe.ml.models import build_model, model_stride
 from holopipe.detect.particles import cluster_detections, refine_depths
 from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
@@ -80,7 +80,7 @@ def standardized_frame(image_yx: np.ndarray, particles_m: np.ndarray, config: di
     optics = config["optics"]
     x, y, z, d = (1e6 * particles_m[:, k] for k in range(4))
     raw = xr.Dataset(
-        {"image": (IMAGE_DIMS, image_yx.T[None]), "hid": ("particle", np.ones(x.size, np.float32)),
+        {"image": (IMAGE_DIMS, file_layout(image_yx)[None]), "hid": ("particle", np.ones(x.size, np.float32)),
          **{name: ("particle", values.astype(np.float32)) for name, values in zip("xyzd", (x, y, z, d))}},
         attrs={"Nx": image_yx.shape[1], "Ny": image_yx.shape[0], "dx": optics["dx"], "dy": optics["dy"],
                "lambda": optics["wavelength"], "zMin": optics["z_min"], "zMax": optics["z_max"]})
@@ -206,7 +206,7 @@ def main() -> None:
     frame = (None if cuda else CPU_FRAME) if args.frame == "auto" else args.frame
     ds, attrs = standardized_frame(*simulated_hologram(config, args.cache, args.seed), config)
     ds = centre_crop(ds, frame)
-    image_yx = np.ascontiguousarray(ds["image"].values[0].T)
+    image_yx = hologram_image_yx(ds, 0)
     ny, nx = image_yx.shape
     dx, dy = float(attrs["dx"]), float(attrs["dy"])
     truth = pd.DataFrame({name: 1e-6 * ds[name].values.astype(np.float64) for name in "xyzd"})
@@ -222,7 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path, what = args.model, str(args.model)
         if model_path is None:
-            first = hologram_propagator(image_yx.T, attrs, reconstruction,
+            first = hologram_propagator(image_yx, attrs, reconstruction,
                                         to_device=lambda a: torch.from_numpy(a).to(device)).reconstruct(planes[:batch])
             model_path = Path(tmp) / "model.pt"
             what = random_model_file(config, model_path, device, first, amp, threshold, args.positive_fraction,
@@ -272,7 +272,7 @@ def main() -> None:
         to_refine = truth[["x", "y", "d"]].assign(z_first=truth["z"], z_last=truth["z"])
     mover = array_mover(args.device, "--device")
     start = time.perf_counter()
-    propagator = hologram_propagator(image_yx.T, attrs, reconstruction, to_device=mover)
+    propagator = hologram_propagator(image_yx, attrs, reconstruction, to_device=mover)
     refine_depths(propagator, all_planes, to_refine, config["particles"], dx=dx, dy=dy)
     refine_seconds = time.perf_counter() - start
     del propagator
@@ -290,7 +290,7 @@ def main() -> None:
 
     if not args.no_baseline:
         start = time.perf_counter()
-        propagator = hologram_propagator(image_yx.T, attrs, reconstruction, to_device=mover)
+        propagator = hologram_propagator(image_yx, attrs, reconstruction, to_device=mover)
         baseline = find_particles(propagator, planes, config["baseline"], dx=dx, dy=dy)
         seconds = time.perf_counter() - start
         del propagator

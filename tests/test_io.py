@@ -17,16 +17,20 @@ import zarr
 
 from holopipe.core.io import (
     FINITE_MARK,
+    IMAGE_DIMS,
     PARTICLE_VARS,
     HolodecFormatError,
     HologramParts,
     HolodecWriter,
+    file_layout,
     file_sha256,
+    hologram_image_yx,
     input_identity,
     open_holodec,
     particle_table,
     pixel_centres,
     remove_stale_temporaries,
+    row_major,
     um_to_pixel,
     validate_holodec,
     write_atomically,
@@ -73,8 +77,8 @@ def write(ds: xr.Dataset, path):
         z_max=ds.attrs.get("zMax"),
         attrs={"title": "synthetic test set"},
     ) as writer:
-        for index, image in enumerate(ds["image"].values):
-            writer.write_image(index, image)
+        for index, image_xy in enumerate(ds["image"].values):
+            writer.write_image_yx(index, row_major(image_xy))
         half = ds.sizes["particle"] // 2
         for part in (slice(None, half), slice(half, None)):
             writer.append_particles(*(ds[name].values[part] for name in PARTICLE_VARS))
@@ -241,11 +245,33 @@ def test_writer_creates_parent_directory(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.nc"]
 
 
+def test_row_major_images_keep_rows_as_y_through_the_x_first_file(tmp_path):
+    """Stages write and read (ny, nx) arrays; the file keeps NCAR's image(hologram_number, xsize, ysize)."""
+    image_yx = np.arange(NY * NX, dtype=np.float32).reshape(NY, NX)  # non-square: a swapped axis cannot pass
+    row, col = 5, 40  # a mark at y index 5, x index 40
+    image_yx[row, col] = -1.0
+    with HolodecWriter(tmp_path / "x.nc", n_holograms=1, nx=NX, ny=NY, dx=DX, dy=2 * DY, wavelength=WAVELENGTH,
+                       image_dtype=np.float32) as writer:
+        writer.write_image_yx(0, image_yx)
+    ds = open_holodec(tmp_path / "x.nc")
+    assert ds["image"].dims == IMAGE_DIMS == ("hologram_number", "xsize", "ysize")
+    assert dict(ds["image"].sizes) == {"hologram_number": 1, "xsize": NX, "ysize": NY}
+    assert float(ds["image"].isel(hologram_number=0, xsize=col, ysize=row)) == -1.0
+    np.testing.assert_array_equal(ds["image"].values[0], image_yx.T)  # x first in the file, the format unchanged
+    read = hologram_image_yx(ds, 0)
+    assert read.flags.c_contiguous
+    np.testing.assert_array_equal(read, image_yx)
+    ds.close()
+    blocks_xy = np.stack([image_yx.T, 2 * image_yx.T])  # a dask chunk (hologram, xsize, ysize)
+    np.testing.assert_array_equal(row_major(blocks_xy)[1], 2 * image_yx)
+    np.testing.assert_array_equal(file_layout(row_major(blocks_xy)), blocks_xy)
+
+
 def test_writer_leaves_nothing_on_exception(tmp_path):
     ds = make_dataset()
     with pytest.raises(RuntimeError, match="boom"):
         with small_writer(tmp_path / "x.nc") as w:
-            w.write_image(0, ds["image"].values[0])
+            w.write_image_yx(0, hologram_image_yx(ds, 0))
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
@@ -262,24 +288,24 @@ def test_writer_leaves_nothing_when_a_hologram_is_missing(tmp_path):
     with pytest.raises(HolodecFormatError, match=r"x\.nc: 1 hologram\(s\) never written, indices \[1\]"):
         with small_writer(tmp_path / "x.nc") as w:
             for index in (0, 2):
-                w.write_image(index, ds["image"].values[index])
+                w.write_image_yx(index, hologram_image_yx(ds, index))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_rejects_bad_arguments(tmp_path):
-    image = np.zeros((NX, NY), np.uint8)
+    image = np.zeros((NY, NX), np.uint8)
     with pytest.raises(HolodecFormatError, match="'dx' = 2.96 looks like micrometres"):
         HolodecWriter(tmp_path / "x.nc", n_holograms=1, nx=NX, ny=NY, dx=2.96, dy=DY, wavelength=WAVELENGTH)
     with pytest.raises(RuntimeError, match="context manager"):
-        small_writer(tmp_path / "x.nc", n_holograms=1).write_image(0, image)
+        small_writer(tmp_path / "x.nc", n_holograms=1).write_image_yx(0, image)
     with pytest.raises(ValueError, match="never written"):
         with small_writer(tmp_path / "x.nc", n_holograms=1) as w:
             with pytest.raises(IndexError, match="out of range"):
-                w.write_image(1, image)
+                w.write_image_yx(1, image)
             with pytest.raises(TypeError, match="expected uint8"):
-                w.write_image(0, image.astype(np.float32))
-            with pytest.raises(ValueError, match=r"expected \(nx, ny\)"):
-                w.write_image(0, image.T)
+                w.write_image_yx(0, image.astype(np.float32))
+            with pytest.raises(ValueError, match=r"expected \(ny, nx\)"):
+                w.write_image_yx(0, image.T)
             with pytest.raises(ValueError, match="equal length"):
                 w.append_particles([1], [0], [0], [20000], [])
     assert list(tmp_path.iterdir()) == []
@@ -501,7 +527,7 @@ def test_every_writer_removes_what_a_killed_one_left(tmp_path):
     for path in stale:
         path.write_text("left by a killed job")
     with small_writer(tmp_path / "a.nc", n_holograms=1) as writer:
-        writer.write_image(0, np.zeros((NX, NY), np.uint8))
+        writer.write_image_yx(0, np.zeros((NY, NX), np.uint8))
     write_atomically(tmp_path / "b.csv", lambda tmp: tmp.write_text("hid\n"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nc", "b.csv"]
 

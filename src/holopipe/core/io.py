@@ -13,6 +13,11 @@ The contract is NCAR's, so real NCAR files load as they are:
 Pixel-centre convention: pixel index ``i`` along ``xsize`` has its centre at ``x_i = (i + 0.5 - Nx/2) * dx``,
 so the frame spans ``[-Nx*dx/2, +Nx*dx/2]``; the same holds for y with ``Ny`` and ``dy``. Use
 :func:`pixel_centres` and :func:`um_to_pixel` rather than re-deriving it.
+
+Axis order: every stage computes on row-major ``(ny, nx)`` images (rows are y, columns x), as numpy and the
+optics do; only this module knows that the file's image axes are x first. :func:`hologram_image_yx` reads a
+hologram row-major, :meth:`HolodecWriter.write_image_yx` writes one, and :func:`row_major` /
+:func:`file_layout` turn a block of the file's images (a dask chunk) into row-major and back.
 """
 
 from __future__ import annotations
@@ -103,6 +108,25 @@ def file_sha256(path, block_bytes: int = 1 << 24) -> str:
 def um_to_pixel(coord_um, n: int, pitch_m: float) -> np.ndarray:
     """Continuous pixel index of a coordinate in µm; the inverse of :func:`pixel_centres`."""
     return np.asarray(coord_um, dtype=np.float64) * 1e-6 / pitch_m + n / 2 - 0.5
+
+
+def row_major(images_xy):
+    """Row-major ``(..., ny, nx)`` view of images in the file's x-first ``(..., xsize, ysize)`` layout."""
+    return np.swapaxes(images_xy, -1, -2)
+
+
+def file_layout(images_yx):
+    """The file's x-first ``(..., xsize, ysize)`` view of row-major ``(..., ny, nx)`` images."""
+    return np.swapaxes(images_yx, -1, -2)
+
+
+def hologram_image_yx(ds: xr.Dataset, index: int) -> np.ndarray:
+    """Hologram ``index`` (0-based) of an opened HOLODEC dataset, a C-contiguous row-major (ny, nx) array.
+
+    Read alone, with dask's synchronous scheduler: the callers' pools already run holograms in parallel.
+    """
+    image_xy = ds["image"].isel(hologram_number=index).compute(scheduler="synchronous").values
+    return np.ascontiguousarray(row_major(image_xy))
 
 
 @contextlib.contextmanager
@@ -645,20 +669,20 @@ class HolodecWriter:
             raise RuntimeError(f"{self.path}: use HolodecWriter as a context manager (`with HolodecWriter(...)`)")
         return self._nc
 
-    def write_image(self, index: int, image: np.ndarray) -> None:
-        """Write hologram ``index`` (0-based; ``hid`` is index + 1), an array of shape (nx, ny) of the
-        writer's ``image_dtype``."""
+    def write_image_yx(self, index: int, image_yx: np.ndarray) -> None:
+        """Write hologram ``index`` (0-based; ``hid`` is index + 1), a row-major array of shape (ny, nx) of the
+        writer's ``image_dtype``; the file stores it x first."""
         nc = self._open_file()
         index = operator.index(index)
         if not 0 <= index < self.n_holograms:
             raise IndexError(f"{self.path}: hologram index {index} out of range 0..{self.n_holograms - 1}")
-        if image.dtype != self.image_dtype:
-            raise TypeError(f"{self.path}: image dtype {image.dtype}, expected {self.image_dtype}")
-        if image.shape != (self.nx, self.ny):
+        if image_yx.dtype != self.image_dtype:
+            raise TypeError(f"{self.path}: image dtype {image_yx.dtype}, expected {self.image_dtype}")
+        if image_yx.shape != (self.ny, self.nx):
             raise ValueError(
-                f"{self.path}: image shape {image.shape}, expected (nx, ny) = {(self.nx, self.ny)} (x first)"
+                f"{self.path}: image shape {image_yx.shape}, expected (ny, nx) = {(self.ny, self.nx)} (row-major)"
             )
-        nc["image"][index] = image
+        nc["image"][index] = file_layout(image_yx)
         self._written[index] = True
 
     def append_particles(self, hid, x_um, y_um, z_um, d_um) -> None:

@@ -45,7 +45,8 @@ from holopipe import __version__
 from holopipe.core.config import ConfigError, load_config
 from holopipe.core.device import array_namespace_for, scipy_for
 from holopipe.core.device import host_array
-from holopipe.core.io import IMAGE_DIMS, open_holodec, pixel_centres, write_atomically, write_zarr
+from holopipe.core.io import (IMAGE_DIMS, file_layout, hologram_image_yx, open_holodec, pixel_centres, row_major,
+                              write_atomically, write_zarr)
 from holopipe.optics.simulate import Optics, ParticleSet, fringe_pattern, opaque_disks_field
 
 __all__ = [
@@ -515,9 +516,10 @@ def augment_file(in_path, out_path, config: dict, gallery_path=None) -> Path:
         with tqdm(total=n, desc=f"augment {Path(in_path).name}", unit="hologram") as bar:
             def corrupt_block(block, block_info=None):
                 hologram = block_info[0]["array-location"][0][0]
-                out = augment_hologram(block[0].T, pipeline, seed=seed, hologram=hologram, variants=variants, xp=xp)
+                out = augment_hologram(row_major(block[0]), pipeline, seed=seed, hologram=hologram, variants=variants,
+                                       xp=xp)
                 bar.update(1)
-                return np.ascontiguousarray(out.transpose(0, 2, 1))  # back to (variant, xsize, ysize)
+                return np.ascontiguousarray(file_layout(out))
 
             images = clean.map_blocks(corrupt_block, dtype=np.float32, chunks=((variants,) * n, (nx,), (ny,)),
                                       meta=np.empty((0, 0, 0), np.float32))
@@ -543,8 +545,8 @@ def _write_gallery(path, clean: xr.Dataset, augmented_path, rows: int, variants:
         figure = Figure(figsize=(10, 3.2 * rows), layout="constrained")
         axes = figure.subplots(rows, 3, squeeze=False)
         for hologram, row in enumerate(axes):
-            before = np.asarray(clean["image"][hologram].values, dtype=np.float32).T  # (ny, nx)
-            after = np.asarray(augmented["image"][hologram * variants].values, dtype=np.float32).T
+            before = hologram_image_yx(clean, hologram).astype(np.float32)
+            after = hologram_image_yx(augmented, hologram * variants).astype(np.float32)
             difference = after - before
             low, high = np.percentile(np.concatenate([before.ravel(), after.ravel()]), [0.5, 99.5])
             # A percentile, so that a few dead or hot pixels do not wash out the rest of the difference.

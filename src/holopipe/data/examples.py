@@ -45,7 +45,7 @@ from holopipe import __version__
 from holopipe.core.config import ConfigError
 from holopipe.optics.reconstruction import field_channels
 from holopipe.core.device import cpu_threads
-from holopipe.core.io import particle_table, skipped_holograms, um_to_pixel, write_atomically
+from holopipe.core.io import hologram_image_yx, particle_table, skipped_holograms, um_to_pixel, write_atomically
 from holopipe.optics.propagation import effective_depth_of_focus
 from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres, z_bin_of
 
@@ -219,14 +219,14 @@ def plan_hologram(rng: np.random.Generator, particles: pd.DataFrame, frame_shape
                         "near": bool})
 
 
-def _cut_tiles(image: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, planes: np.ndarray,
+def _cut_tiles(image_yx: np.ndarray, particles: pd.DataFrame, plan: pd.DataFrame, planes: np.ndarray,
                attrs, channels, tile: int, reconstruction: dict, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Inputs (n, channel, tile, tile) and masks (n, 1, tile, tile) of one hologram's planned tiles.
 
-    ``image`` is the contract's (xsize, ysize) contrast hologram; the hologram's FFT is computed once
-    and its planes are reconstructed in batches that bound memory.
+    ``image_yx`` is the row-major (ny, nx) contrast hologram; the hologram's FFT is computed once and its
+    planes are reconstructed in batches that bound memory.
     """
-    propagator = hologram_propagator(image, attrs, reconstruction)
+    propagator = hologram_propagator(image_yx, attrs, reconstruction)
     ny, nx = propagator.shape
     batch = propagator.planes_per_batch()
     inputs = np.empty((len(plan), len(channels), tile, tile), dtype=dtype)
@@ -331,8 +331,7 @@ def build_examples(in_path, out_path, config: dict, *, split: str, progress=True
 
         def work(h):
             # Synchronous: the pool already runs holograms in parallel; one image read per task.
-            image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
-            return h, _cut_tiles(image, by_hologram.get(h + 1, particles.iloc[:0]), plans[h], planes,
+            return h, _cut_tiles(hologram_image_yx(ds, h), by_hologram.get(h + 1, particles.iloc[:0]), plans[h], planes,
                                  attrs, channels, tile, reconstruction, dtype)
 
         def write(tmp: Path) -> None:

@@ -88,8 +88,8 @@ from holopipe.core.device import host_array
 
 from holopipe.optics.focus import pixel_values, reconstructed_amplitude, window_scores
 from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
-from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, input_identity, pixel_position,
-                              usable_holograms, write_atomically)
+from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, hologram_image_yx, input_identity,
+                              pixel_position, usable_holograms, write_atomically)
 from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.core.provenance import code_identity
 from holopipe.detect.particles import beyond_the_volume, line_of_sight_splits, suppress_ghosts, without_stationary
@@ -374,8 +374,8 @@ def detections_file(config: dict, store_path, out_csv, *, progress=True) -> Path
         tables = []
         for hid in tqdm(usable_holograms(ds), desc=f"physics detections {Path(name).name}", unit="hologram",
                         disable=not progress):
-            image = ds["image"].isel(hologram_number=hid - 1).compute(scheduler="synchronous").values
-            propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
+            image_yx = hologram_image_yx(ds, hid - 1)
+            propagator = hologram_propagator(image_yx, attrs, reconstruction, to_device=on_device)
             tables.append(plane_detections(propagator, planes, settings, dx=dx, dy=dy, hid=hid, progress=progress))
     finally:
         ds.close()
@@ -418,8 +418,8 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
         for hid in tqdm(hids, desc=f"baseline {Path(name).name}", unit="hologram", disable=not progress):
             if hid in done:
                 continue
-            image = ds["image"].isel(hologram_number=hid - 1).compute(scheduler="synchronous").values
-            propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
+            image_yx = hologram_image_yx(ds, hid - 1)
+            propagator = hologram_propagator(image_yx, attrs, reconstruction, to_device=on_device)
             particles = find_particles(propagator, planes, settings, dx=dx, dy=dy, progress=progress)
             particles = suppress_ghosts(particles, "score", float(attrs["lambda"]),
                                         settings["ghost_depths_of_focus"], settings["ghost_diameters"])

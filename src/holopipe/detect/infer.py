@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.detect import coarse  # the module: it builds on this one
-from holopipe.core.io import (HologramParts, input_identity, remove_path,
+from holopipe.core.io import (HologramParts, hologram_image_yx, input_identity, remove_path,
                               usable_holograms)
 from holopipe.core.provenance import code_identity
 from holopipe.optics.reconstruction import open_standardized, z_bin_centres
@@ -376,9 +376,8 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
                     if coarse_stride == 1:
                         bar.update(min(batch_planes, z_m.size - first))
 
-                image = ds["image"].isel(hologram_number=h).compute(scheduler="synchronous").values
                 timing = sweep(
-                    image.T, z_m, segment, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
+                    hologram_image_yx(ds, h), z_m, segment, wavelength=float(attrs["lambda"]), dx=dx, dy=dy,
                     pad=int(reconstruction["pad"]), band_limit=bool(reconstruction["band_limit"]),
                     batch_planes=batch_planes, threshold=float(infer["threshold"]),
                     device=device, pool=pool, consume=consume, quantize=quantize)

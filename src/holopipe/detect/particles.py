@@ -73,8 +73,8 @@ from tqdm.auto import tqdm
 from holopipe.core.device import array_mover
 from holopipe.core.device import host_array
 from holopipe.optics.focus import host_windows, reconstructed_amplitude, smoothed_amplitude, window_scores
-from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, input_identity, open_holodec,
-                              pixel_position, usable_holograms, write_atomically)
+from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, hologram_image_yx, input_identity,
+                              open_holodec, pixel_position, usable_holograms, write_atomically)
 from holopipe.detect.sweep import DETECTION_COLUMNS
 from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.core.provenance import code_identity
@@ -582,8 +582,8 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramPa
                 raise ValueError(f"{name}: detections name hologram {hid}, the store has {n_holograms}")
             if hid in done:
                 continue
-            image = ds["image"].isel(hologram_number=int(hid) - 1).compute(scheduler="synchronous").values
-            propagator = hologram_propagator(image, attrs, reconstruction, to_device=on_device)
+            image_yx = hologram_image_yx(ds, int(hid) - 1)
+            propagator = hologram_propagator(image_yx, attrs, reconstruction, to_device=on_device)
             metres = group[["x", "y", "d_max", "z_first", "z_last", "z_low", "z_high"]].rename(
                 columns={"d_max": "d"}) * 1e-6
             found = refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy, progress=progress)

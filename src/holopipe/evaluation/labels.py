@@ -32,7 +32,7 @@ import pandas as pd
 
 from holopipe import __version__
 from holopipe.core.device import host_array
-from holopipe.core.io import PARTICLE_VARS, read_particle_csv, um_to_pixel, write_atomically
+from holopipe.core.io import PARTICLE_VARS, hologram_image_yx, read_particle_csv, um_to_pixel, write_atomically
 from holopipe.evaluation.matching import match
 from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres
 
@@ -178,8 +178,8 @@ def write_candidates(config: dict, split: str, store_path, unet_csv, baseline_cs
                                else np.zeros((0, shape[1])), chunks=(max(1, len(table)), shape[1]))
             # Candidates are sorted by hid: each hologram's rows are one contiguous slice.
             for hid, index in table.groupby("hid", sort=True).indices.items():
-                image = ds["image"].isel(hologram_number=int(hid) - 1).compute(scheduler="synchronous").values
-                propagator = hologram_propagator(image, attrs, reconstruction, to_device=to_device)
+                image_yx = hologram_image_yx(ds, int(hid) - 1)
+                propagator = hologram_propagator(image_yx, attrs, reconstruction, to_device=to_device)
                 crops = _hologram_crops(propagator, planes_m, plane_index[index], rows[index], cols[index])
                 for array, values in zip(arrays.values(), crops):
                     array[index[0]:index[-1] + 1] = values

@@ -58,14 +58,15 @@ def open_standardized(path, config: dict) -> xr.Dataset:
     return ds
 
 
-def hologram_propagator(image_xy, attrs, reconstruction: dict, *, to_device=None) -> Propagator:
+def hologram_propagator(image_yx, attrs, reconstruction: dict, *, to_device=None) -> Propagator:
     """The :class:`~holopipe.optics.propagation.Propagator` of one standardized hologram, as every plane sweep builds it.
 
-    ``image_xy`` is the contract's (xsize, ysize) contrast I/B (background 1); optics come from the store's
-    ``attrs``, padding and band limit from the ``reconstruction`` config section. ``to_device`` moves the
-    float32 (ny, nx) array first (e.g. to a GPU tensor); without it the sweep runs on numpy.
+    ``image_yx`` is the row-major (ny, nx) contrast I/B (background 1) of
+    :func:`~holopipe.core.io.hologram_image_yx`; optics come from the store's ``attrs``, padding and band limit
+    from the ``reconstruction`` config section. ``to_device`` moves the float32 array first (e.g. to a GPU
+    tensor); without it the sweep runs on numpy.
     """
-    image_yx = np.ascontiguousarray(np.asarray(image_xy).T, dtype=np.float32)
+    image_yx = np.ascontiguousarray(image_yx, dtype=np.float32)
     if to_device is not None:
         image_yx = to_device(image_yx)
     return Propagator(hologram_field(image_yx, background=1.0), wavelength=float(attrs["lambda"]),

@@ -1,7 +1,8 @@
 """Synthetic HOLODEC holograms: random opaque droplets, wave optics, camera noise.
 
-Arrays here are laid out ``(ny, nx)`` like :mod:`holopipe.optics.propagation`; the file writer transposes to the
-contract's ``image(hologram_number, xsize, ysize)``. Lengths are metres in the API, µm in the file.
+Arrays here are laid out ``(ny, nx)`` like :mod:`holopipe.optics.propagation`; the file writer
+(:meth:`~holopipe.core.io.HolodecWriter.write_image_yx`) stores them in the contract's x-first
+``image(hologram_number, xsize, ysize)``. Lengths are metres in the API, µm in the file.
 
 Two optical models:
 
@@ -538,7 +539,7 @@ def simulate_file(path, *, n_holograms: int, seed: int, settings: SimulationSett
                           disable=not progress):
             image, particles = simulate_hologram(np.random.default_rng([seed, index]), settings,
                                                  ideal_sensor=ideal_sensor, xp=xp, dust=dust)
-            writer.write_image(index, image.T)
+            writer.write_image_yx(index, image)
             writer.append_particles(np.full(len(particles), index + 1), particles.x * 1e6,
                                     particles.y * 1e6, particles.z * 1e6, particles.d * 1e6)
     return Path(path)
