@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from holopipe.core.config import ConfigError, load_config, schema, split_simulation_config, with_overrides
+from holopipe.core.config import (TUNE_RUNTIME_KEYS, TUNE_STORAGE_KEYS, ConfigError, load_config, schema,
+                                  split_simulation_config, with_overrides)
 from holopipe.run.config_reference import config_reference_markdown, update_readme_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,3 +400,12 @@ def test_a_split_simulate_keys_merge_over_simulate_and_are_checked_as_it():
     message = error_of(with_change(lambda c: c["splits"].update(
         real={"source": "file", "path": "r.nc", "simulate": {"method": "fraunhofer"}})))
     assert "splits.real.simulate: key not allowed" in message
+
+
+def test_the_tune_keys_left_out_of_a_studys_name_are_tune_keys():
+    # A misspelt key would silently enter the study's name (holopipe.ml.tune.study_name) and the workflow's
+    # tune_study config, so that raising n_trials started a new study.
+    tune_keys = set(schema()["properties"]["tune"]["properties"])
+    assert set(TUNE_RUNTIME_KEYS) <= tune_keys and set(TUNE_STORAGE_KEYS) <= tune_keys
+    assert not set(TUNE_RUNTIME_KEYS) & set(TUNE_STORAGE_KEYS)
+    assert {"search_space", "epochs"} <= tune_keys - set(TUNE_RUNTIME_KEYS) - set(TUNE_STORAGE_KEYS)

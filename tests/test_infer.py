@@ -1,6 +1,5 @@
 """Inference and particles: an oracle finds simulated particles, sharding is exact, merging, probability volumes."""
 
-import ast
 import copy
 import logging
 import re
@@ -45,7 +44,7 @@ from holopipe.detect.sweep import (
 from holopipe.detect.infer import infer_memory, load_segmenter, plane_batch
 from holopipe.detect.sweep import largest_activation, logit_threshold, planes_per_run, smoothed_amplitude_at
 from holopipe.ml.models import build_model
-from helpers import REPO, TINY, snakemake
+from helpers import TINY, snakemake
 from holopipe.core.io import open_holodec, particle_table, um_to_pixel, write_zarr
 from holopipe.ml.models import PlainUNet, fold_batchnorm
 from holopipe.optics.propagation import Propagator, hologram_field
@@ -956,20 +955,6 @@ def test_infer_logs_the_model_runs_of_a_model_file(tiny_model, store, tmp_path, 
     per_plane = largest_activation(holopipe.detect.infer.inference_model(model_path, torch.device("cpu"))[0], (2, N, N))
     assert (f"the model takes 6 at a time (largest activation {per_plane} elements per plane, below 2^31 per run)"
             in caplog.text)
-
-
-def rule_constants() -> dict:
-    """The INFER_* figures of workflow/rules/common.smk, by name."""
-    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    return {name: ast.literal_eval(value) for name, value in re.findall(r"^(INFER_\w+) = (.+)$", text, re.MULTILINE)}
-
-
-def test_the_rule_and_the_job_size_memory_by_the_same_figures():
-    rule = rule_constants()
-    assert rule["INFER_LIBRARIES_MB"] * 2**20 == holopipe.detect.infer.INFER_LIBRARIES_BYTES
-    assert rule["INFER_BYTES_PER_PADDED_PIXEL"] == holopipe.detect.infer.INFER_BYTES_PER_PADDED_PIXEL
-    assert rule["INFER_BYTES_PER_PADDED_PIXEL_PLANE"] == holopipe.detect.infer.INFER_BYTES_PER_PADDED_PIXEL_PLANE
-    assert rule["INFER_BYTES_PER_PIXEL_PLANE"]["cpu"] == holopipe.detect.infer.INFER_CPU_BYTES_PER_PIXEL_PLANE
 
 
 @pytest.mark.workflow

@@ -12,8 +12,10 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from holopipe.core.config import ConfigError, check_tiles_fit, load_config, primary_split, split_simulation_config
+from holopipe.core.config import (TUNE_RUNTIME_KEYS, ConfigError, check_tiles_fit, load_config, primary_split,
+                                  split_simulation_config)
 from holopipe.core.credentials import read_password_file
+from holopipe.run import resources as cost_model
 
 # The conda envs' post-deploy script installs holopipe from this checkout, wherever the working directory is.
 os.environ.setdefault("HOLOPIPE_REPO", workflow.basedir)
@@ -98,9 +100,6 @@ def tune_worker_flags():
         return []
     return expand("results/tune/workers/{worker}.done", worker=range(config["tune"]["workers"]))
 
-
-TUNE_RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "heartbeat")
-"""How the search runs, not what it finds: left out of the study's identity (holopipe.ml.tune.study_name)."""
 
 TUNE_STUDY = "results/tune/study.json"
 """The study file tune_study writes: the study's name, the data digests it was named from, its storage."""
@@ -235,85 +234,23 @@ def provenance_records(wildcards):
     return records
 
 
-# Resources: functions of the data and of the attempt. A job's memory and walltime follow from the frame it
-# holds (after regridding, plus the reconstruction padding where it propagates), the planes it
-# reconstructs, the holograms of its split and `attempt` (Snakemake passes it to resource functions: a
-# job killed at its walltime or memory limit and resubmitted by `retries` asks for more).
-
-PYTHON_LIBRARIES_MB = 512
-"""Resident memory of Python, numpy, xarray and dask before any frame."""
-TORCH_LIBRARIES_MB = 1536
-"""The same for a job that imports torch: `import torch` alone is 650 MB, and `holopipe infer` on the
-embedded default peaks at 1.4 GB (measured with /usr/bin/time -v)."""
-
-# Inference's host memory, measured on a CPU by benchmarks/bench_infer_memory.py (fp32, plain_unet width 16
-# and LinkNet/ResNet-18): C + a·P + batch_planes·(p·P + m·N), P the padded pixels, N the frame's. holopipe.detect.infer
-# sizes its plane batches to the job's --mem-mb by the same figures (its INFER_* constants; a test keeps them equal).
-INFER_LIBRARIES_MB = 1100
-"""C: torch and the model."""
-INFER_BYTES_PER_PADDED_PIXEL = 40
-"""a: the hologram's spectrum and transfer function, once."""
-INFER_BYTES_PER_PADDED_PIXEL_PLANE = 30
-"""p: per plane of a batch, the propagated field and its amplitude and phase."""
-INFER_BYTES_PER_PIXEL_PLANE = {"cpu": 470, "gpu": 8}
-"""m: per frame pixel per plane of a batch: on a CPU the model's activations (470 B measured; a full
-HOLODEC frame needs 9.3 GB per plane); on a GPU they stay in the GPU's memory and the host receives the
-plane's probability and amplitude (8 B, assumed)."""
-
-URL_HOLOGRAMS_BOUND = 600
-"""Holograms assumed for a url split without max_holograms, whose count is known only once downloaded:
-NCAR's real hour-long files hold about 560 (CSET RF07 20:00-21:00 holds 559)."""
-
-# Seconds of work per unit. CPU figures are per job on this project's 2-core node (threads 2); GPU figures
-# are assumed rates for one A100/H100-class GPU, with the CPU rates as the fallback when the config pins a
-# stage to the CPU (`<section>.device: cpu`). Each runtime is RUNTIME_MARGIN times the estimate plus
-# RUNTIME_FLOOR_MIN minutes of start-up (imports, opening stores), times the attempt.
-SECONDS_PER_PADDED_PIXEL_SLAB = 1e-7
-"""Simulation, per hologram per z slab (benchmarks/bench_simulate.py: 0.04 µs; 24 s per full-size hologram)."""
-SECONDS_PER_PIXEL_COPY = 2e-8
-"""Validating and copying a file split, regridding, standardizing: per pixel per hologram (a few passes over
-the frame; resampling by matrix products on both axes)."""
-SECONDS_PER_PIXEL_AUGMENT = 3e-7
-"""Augmentation, per regridded pixel per corrupted variant (clutter particles propagate a frame each)."""
-SECONDS_PER_PADDED_PIXEL_PLANE = {"cpu": 1.5e-7, "gpu": 1e-8}
-"""Reconstructing one plane (angular spectrum, |E| and arg E), per padded pixel: the baseline took 54 s for 24
-planes of a 23.1 Mpx padded frame on 2 cores in issue 10 (0.1 µs); the GPU rate is assumed."""
-SECONDS_PER_PADDED_PIXEL_PLANE_INFER = {"cpu": 8e-6, "gpu": 5e-8}
-"""Inference, per padded pixel per plane: plain_unet took 67 s per 23.1 Mpx plane on 2 cores in issue 10
-(2.9 µs), LinkNet/ResNet-18 about 6 µs (a third of its training step); on a GPU an assumed 1.2 s per
-full-size plane (propagation, U-Net in bf16, labelling)."""
-SECONDS_PER_TILE_PIXEL_EPOCH = {"cpu": 2e-5, "gpu": 2e-8}
-"""Training, per tile pixel per epoch over the training and validation examples (forward and backward):
-LinkNet/ResNet-18 took 20 s for 4 tiles of 512² on 2 shared cores (19 µs); on a GPU an assumed 200 tiles/s."""
-RUNTIME_MARGIN = 2
-RUNTIME_FLOOR_MIN = 5
-
+# Resources: the cost model is holopipe.run.resources (memory and walltime as functions of the frame, the planes,
+# the holograms and the attempt). These input functions gather its numbers from the config and the splits.
 
 TRAIN_THREADS = max(2, config["train"]["num_workers"] + 1)
 """CPUs of a training job (and of each trial a tuning worker runs): one per DataLoader worker, one for the loop."""
-
-
-def runtime_min(seconds, attempt=1):
-    """Walltime in minutes for `seconds` of estimated work, with margin and start-up; doubled on the first
-    retry (a job killed at its walltime is resubmitted with twice as much), tripled on the second."""
-    return attempt * (RUNTIME_FLOOR_MIN + math.ceil(RUNTIME_MARGIN * seconds / 60))
-
-
-def memory_mb(frame_bytes, attempt=1, libraries_mb=PYTHON_LIBRARIES_MB):
-    """mem_mb for `frame_bytes` of frames held at once on top of the libraries; half as much again per retry."""
-    return math.ceil((libraries_mb + frame_bytes / 2**20) * (1 + (attempt - 1) / 2))
 
 
 @functools.cache
 def split_source(split):
     """(nx, ny, dx, dy, holograms) of a split as acquired. A file split's own header (dimensions and
     attributes only, no image), capped at max_holograms; a simulated or downloaded split has the
-    configured optics, and a url split without max_holograms URL_HOLOGRAMS_BOUND holograms."""
+    configured optics, and a url split without max_holograms cost_model.URL_HOLOGRAMS_BOUND holograms."""
     spec, optics = config["splits"][split], config["optics"]
     frame = (optics["nx"], optics["ny"], optics["dx"], optics["dy"])
     if spec["source"] == "simulate":
         return (*frame, spec["n_holograms"])
-    holograms = URL_HOLOGRAMS_BOUND
+    holograms = cost_model.URL_HOLOGRAMS_BOUND
     if spec["source"] == "file" and os.path.exists(spec["path"]):
         import xarray as xr
 
@@ -322,17 +259,6 @@ def split_source(split):
             frame = (header.sizes["xsize"], header.sizes["ysize"], float(header.attrs.get("dx", optics["dx"])),
                      float(header.attrs.get("dy", optics["dy"])))
     return (*frame, min(holograms, spec.get("max_holograms", holograms)))
-
-
-def regridded_size(n_pixels, pitch):
-    """Pixels along one axis after regridding, as holopipe.data.regrid.plan_axis plans them (without building its
-    resampling matrix): resampled to regrid.pixel_pitch, then cropped or padded to whole tiles."""
-    regrid, tile = config["regrid"], config["examples"]["tile_size"]
-    target = regrid["pixel_pitch"]
-    if target is not None and abs(target / pitch - 1) >= 1e-6:
-        ratio = target / pitch
-        n_pixels = n_pixels // round(ratio) if regrid["method"] == "bin" else math.floor(n_pixels / ratio + 1e-6)
-    return n_pixels // tile * tile if regrid["frame"] == "crop" else -(-n_pixels // tile) * tile
 
 
 def split_holograms(split):
@@ -344,7 +270,7 @@ def split_holograms(split):
 def frame_pixels(split, padding=0):
     """Pixels of a split's regridded frame, with `padding` pixels added on each side."""
     nx, ny, dx, dy, _ = split_source(split)
-    return (regridded_size(nx, dx) + 2 * padding) * (regridded_size(ny, dy) + 2 * padding)
+    return cost_model.regridded_frame_pixels(config, nx, ny, dx, dy, padding)
 
 
 def padded_pixels(split):
@@ -356,15 +282,16 @@ def largest_frame_pixels():
     return max(frame_pixels(split) for split in SPLITS)
 
 
-def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1, libraries_mb=PYTHON_LIBRARIES_MB):
+def frame_mem_mb(bytes_per_pixel, holograms_in_memory=1, libraries_mb=cost_model.PYTHON_LIBRARIES_MB):
     """`libraries_mb` plus `bytes_per_pixel` for each pixel of the regridded frames held at once (the
     largest split's frame), for rules that run once over every split."""
-    return memory_mb(bytes_per_pixel * largest_frame_pixels() * holograms_in_memory, libraries_mb=libraries_mb)
+    return cost_model.memory_mb(bytes_per_pixel * largest_frame_pixels() * holograms_in_memory,
+                                libraries_mb=libraries_mb)
 
 
 def device_kind(section):
-    """'cpu' where the config pins a stage to the CPU; otherwise the GPU its rule asks for ('gpu')."""
-    return "cpu" if config[section]["device"] == "cpu" else "gpu"
+    """'cpu' or 'gpu': the device a stage's jobs compute on, as the cost model reads it."""
+    return cost_model.device_kind(config, section)
 
 
 def gpus(section):
@@ -385,170 +312,113 @@ def planes_per_chunk():
     return math.ceil(config["reconstruction"]["z_bins"] / config["infer"]["chunks"])
 
 
-def tiles_per_epoch():
-    """Training and validation tiles a training epoch passes over, times the pixels of a tile."""
-    examples = config["examples"]
-    per_hologram = examples["positives_per_hologram"] + examples["negatives_per_hologram"]
-    tiles = per_hologram * (split_holograms(TRAIN_SPLIT) + split_holograms(VALID_SPLIT))
-    return tiles * examples["tile_size"] ** 2
+def epoch_tile_pixels():
+    return cost_model.epoch_tile_pixels(config, split_holograms(TRAIN_SPLIT) + split_holograms(VALID_SPLIT))
 
 
 def get_acquire_mem_mb(wildcards, attempt):
-    """About eight double-precision complex frames (128 B per pixel padded by simulate.pad); a copied or
-    downloaded file is validated a hologram at a time."""
     nx, ny, _, _, _ = split_source(wildcards.split)
-    pad = config["simulate"]["pad"]
-    return memory_mb(128 * (nx + 2 * pad) * (ny + 2 * pad), attempt)
+    return cost_model.acquire_mem_mb(nx, ny, config["simulate"]["pad"], attempt)
 
 
 def get_acquire_runtime(wildcards, attempt):
-    """Simulation: holograms × z slabs × padded pixels; a file or url split: a validated copy."""
     nx, ny, _, _, holograms = split_source(wildcards.split)
     if config["splits"][wildcards.split]["source"] != "simulate":
-        return runtime_min(holograms * nx * ny * SECONDS_PER_PIXEL_COPY + 1500, attempt)  # + a download's wait
-    optics, simulate = config["optics"], config["simulate"]
-    slabs = math.ceil((optics["z_max"] - optics["z_min"]) / simulate["slab_thickness"])
-    padded = (nx + 2 * simulate["pad"]) * (ny + 2 * simulate["pad"])
-    return runtime_min(holograms * slabs * padded * SECONDS_PER_PADDED_PIXEL_SLAB, attempt)
+        return cost_model.copy_runtime_min(nx * ny, holograms, attempt)
+    slabs = cost_model.simulation_slabs(config)
+    return cost_model.simulate_runtime_min(nx, ny, holograms, slabs, config["simulate"]["pad"], attempt)
 
 
 def get_regrid_mem_mb(wildcards, attempt):
-    """Two holograms in flight, 40 B per pixel of the larger of the source and the regridded frame."""
     nx, ny, _, _, _ = split_source(wildcards.split)
-    return memory_mb(2 * 40 * max(nx * ny, frame_pixels(wildcards.split)), attempt)
+    return cost_model.regrid_mem_mb(nx * ny, frame_pixels(wildcards.split), attempt)
 
 
 def get_regrid_runtime(wildcards, attempt):
+    """The split as acquired: the training split's augmented variants come after."""
     nx, ny, _, _, holograms = split_source(wildcards.split)
-    return runtime_min(holograms * max(nx * ny, frame_pixels(wildcards.split)) * SECONDS_PER_PIXEL_COPY, attempt)
+    return cost_model.regrid_runtime_min(nx * ny, frame_pixels(wildcards.split), holograms, attempt)
 
 
 def get_augment_mem_mb(wildcards, attempt):
-    """A clean and a corrupted hologram in double precision, and a padded clutter field (complex128)."""
-    return memory_mb(40 * frame_pixels(TRAIN_SPLIT) * 2 + 32 * padded_pixels(TRAIN_SPLIT), attempt)
+    return cost_model.augment_mem_mb(frame_pixels(TRAIN_SPLIT), padded_pixels(TRAIN_SPLIT), attempt)
 
 
 def get_augment_runtime(wildcards, attempt):
-    pixels = split_holograms(TRAIN_SPLIT) * frame_pixels(TRAIN_SPLIT)
-    return runtime_min(pixels * SECONDS_PER_PIXEL_AUGMENT, attempt)
+    return cost_model.augment_runtime_min(frame_pixels(TRAIN_SPLIT), split_holograms(TRAIN_SPLIT), attempt)
 
 
 def get_standardize_runtime(wildcards, attempt):
-    """Fitting or applying the standardization: a few passes over each hologram of the split (the
-    training split when fitting)."""
+    """Applying the standardization to a split, or fitting it (no split: the training split)."""
     split = getattr(wildcards, "split", TRAIN_SPLIT)
-    return runtime_min(4 * split_holograms(split) * frame_pixels(split) * SECONDS_PER_PIXEL_COPY, attempt)
+    return cost_model.standardize_runtime_min(frame_pixels(split), split_holograms(split), attempt)
 
 
 def get_examples_mem_mb(wildcards, attempt):
-    """Two holograms in flight, each with its padded spectrum and reconstructed planes (64 B per padded pixel)."""
-    return memory_mb(2 * 64 * padded_pixels(wildcards.split), attempt)
+    return cost_model.examples_mem_mb(padded_pixels(wildcards.split), attempt)
 
 
 def get_examples_runtime(wildcards, attempt):
-    """One reconstructed plane per tile: (positives + negatives) planes per hologram."""
     examples = config["examples"]
     planes = examples["positives_per_hologram"] + examples["negatives_per_hologram"]
-    work = split_holograms(wildcards.split) * planes * padded_pixels(wildcards.split)
-    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"], attempt)
-
-
-TRAIN_GPU_HOST_MB = 16000
-"""Host memory of a training process on a GPU node: torch with CUDA, the DataLoader workers, pinned batches."""
-TRAIN_CPU_BYTES_PER_TILE_PIXEL = 2000
-"""Training on the CPU holds the activations for the backward pass in host memory, per pixel of a batch's
-tiles: plain_unet (width 16, depth 5) with 16 tiles of 512² peaked at 7.3 GB (1.4 kB per tile pixel)."""
-
-
-def largest_batch_size():
-    """train.batch_size, or the largest a tuning trial may draw (tune.search_space's train.batch_size)."""
-    space = config["tune"]["search_space"].get("train.batch_size", {})
-    return max([config["train"]["batch_size"], *space.get("choices", []), space.get("high") or 0])
+    split = wildcards.split
+    return cost_model.examples_runtime_min(padded_pixels(split), split_holograms(split), planes, attempt)
 
 
 def get_train_mem_mb(wildcards, attempt):
-    """One training process (a tuning worker runs tune.trials_per_gpu of them at once)."""
-    if device_kind("train") == "gpu":
-        return memory_mb(0, attempt, TRAIN_GPU_HOST_MB)
-    tile_pixels = largest_batch_size() * config["examples"]["tile_size"] ** 2
-    return memory_mb(TRAIN_CPU_BYTES_PER_TILE_PIXEL * tile_pixels, attempt, TORCH_LIBRARIES_MB)
+    """One training process, at the largest batch a tuning trial may draw too."""
+    batch_size, tile_size = cost_model.largest_batch_size(config), config["examples"]["tile_size"]
+    return cost_model.train_mem_mb(device_kind("train"), batch_size, tile_size, attempt)
 
 
 def get_tune_worker_mem_mb(wildcards, attempt):
+    """A tuning worker runs tune.trials_per_gpu training processes at once."""
     return config["tune"]["trials_per_gpu"] * get_train_mem_mb(wildcards, attempt)
 
 
 def get_train_runtime(wildcards, attempt):
-    """train.epochs over the examples, on the device train.device names."""
-    work = config["train"]["epochs"] * tiles_per_epoch()
-    return runtime_min(300 + work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt)
+    return cost_model.train_runtime_min(config["train"]["epochs"], epoch_tile_pixels(), device_kind("train"), attempt)
 
 
 def get_tune_worker_runtime(wildcards, attempt):
-    """This worker's share of the trials, tune.epochs each, trials_per_gpu at once sharing its device."""
     tune = config["tune"]
-    trials = math.ceil(tune["n_trials"] / tune["workers"])
-    work = trials * tune["epochs"] * tiles_per_epoch()
-    return runtime_min(300 + work * SECONDS_PER_TILE_PIXEL_EPOCH[device_kind("train")], attempt)
-
-
-def infer_host_bytes(split, kind, planes):
-    """Host bytes of an infer job on a `kind` ('cpu' or 'gpu') device with `planes` planes per batch, beyond C."""
-    padded, frame = padded_pixels(split), frame_pixels(split)
-    per_plane = INFER_BYTES_PER_PADDED_PIXEL_PLANE * padded + INFER_BYTES_PER_PIXEL_PLANE[kind] * frame
-    return INFER_BYTES_PER_PADDED_PIXEL * padded + planes * per_plane
+    return cost_model.tune_worker_runtime_min(tune["n_trials"], tune["workers"], tune["epochs"], epoch_tile_pixels(),
+                                              device_kind("train"), attempt)
 
 
 def get_infer_mem_mb(wildcards, attempt):
-    """Torch and the model, a hologram's spectrum and infer.batch_planes planes, on the host of the device the
-    job will use: infer.device cpu or cuda says which. With auto a job on a node without a GPU runs on the CPU,
-    so it asks for the larger of the GPU figure and one plane on the CPU: `holopipe infer --mem-mb` then runs as
-    many planes per batch as that memory holds."""
-    planes, split = config["infer"]["batch_planes"], wildcards.split
-    held = infer_host_bytes(split, device_kind("infer"), planes)
-    if config["infer"]["device"] == "auto":
-        held = max(held, infer_host_bytes(split, "cpu", 1))
-    return memory_mb(held, attempt, INFER_LIBRARIES_MB)
+    """infer.device says on which host the job runs; with auto it may be the CPU (cost_model.infer_mem_mb)."""
+    split = wildcards.split
+    return cost_model.infer_mem_mb(frame_pixels(split), padded_pixels(split), config["infer"]["batch_planes"],
+                                   device_kind("infer"), attempt, auto=config["infer"]["device"] == "auto")
 
 
 def get_infer_runtime(wildcards, attempt):
-    """Every hologram of the split × this chunk's planes × padded pixels, on infer.device."""
-    work = split_holograms(wildcards.split) * planes_per_chunk() * padded_pixels(wildcards.split)
-    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE_INFER[device_kind("infer")], attempt)
+    split = wildcards.split
+    return cost_model.infer_runtime_min(padded_pixels(split), split_holograms(split), planes_per_chunk(),
+                                        device_kind("infer"), attempt)
 
 
 def get_particles_mem_mb(wildcards, attempt):
-    """Torch and a hologram's padded spectrum with a plane batch (80 B per padded pixel), two holograms' worth."""
-    return memory_mb(2 * 80 * padded_pixels(wildcards.split), attempt, TORCH_LIBRARIES_MB)
+    return cost_model.sweep_mem_mb(padded_pixels(wildcards.split), attempt)
 
 
 def get_particles_runtime(wildcards, attempt):
     """The refinement reconstructs up to every plane of every hologram again, on particles.device."""
-    work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
-    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE[device_kind("particles")], attempt)
+    return sweep_runtime(wildcards.split, "particles", attempt)
 
 
 def get_baseline_mem_mb(wildcards, attempt):
-    """Torch and a hologram's padded spectrum with a plane batch (80 B per padded pixel), two holograms' worth."""
-    return memory_mb(2 * 80 * padded_pixels(wildcards.split), attempt, TORCH_LIBRARIES_MB)
+    return cost_model.sweep_mem_mb(padded_pixels(wildcards.split), attempt)
 
 
 def get_baseline_runtime(wildcards, attempt):
     """Every plane of every hologram, reconstructed and thresholded on baseline.device."""
-    work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
-    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE[device_kind("baseline")], attempt)
-
-
-LABEL_CANDIDATES_BATCH_BYTES = 2**24 * 16
-"""A batch of planes as holopipe.optics.propagation.PLANE_BATCH_PIXELS complex64 pixels, with their amplitude and phase."""
+    return sweep_runtime(wildcards.split, "baseline", attempt)
 
 
 def get_label_candidates_mem_mb(wildcards, attempt):
-    """A hologram's padded spectrum and transfer function (40 B per padded pixel) and one batch of planes on
-    numpy (torch's libraries too where labels.device is a GPU); the crops of one hologram's candidates are
-    small (130 kB each)."""
-    libraries_mb = TORCH_LIBRARIES_MB if device_kind("labels") == "gpu" else PYTHON_LIBRARIES_MB
-    return memory_mb(40 * padded_pixels(wildcards.split) + LABEL_CANDIDATES_BATCH_BYTES, attempt, libraries_mb)
+    return cost_model.label_candidates_mem_mb(padded_pixels(wildcards.split), device_kind("labels"), attempt)
 
 
 def get_label_candidates_runtime(wildcards, attempt):
@@ -556,8 +426,14 @@ def get_label_candidates_runtime(wildcards, attempt):
     reconstructed, but candidates are the union of both methods' particles, unknown before they run and not
     few: with c per hologram spread over Z planes, a fraction 1 - (1 - 7/Z)^c of the planes is needed, 97 %
     for HOLODEC's 500 droplets in 1000 planes."""
-    work = split_holograms(wildcards.split) * config["reconstruction"]["z_bins"] * padded_pixels(wildcards.split)
-    return runtime_min(work * SECONDS_PER_PADDED_PIXEL_PLANE[device_kind("labels")], attempt)
+    return sweep_runtime(wildcards.split, "labels", attempt)
+
+
+def sweep_runtime(split, section, attempt):
+    """Every plane of every hologram of `split`, on the device `<section>.device` names."""
+    planes = config["reconstruction"]["z_bins"]
+    return cost_model.sweep_runtime_min(padded_pixels(split), split_holograms(split), planes, device_kind(section),
+                                        attempt)
 
 
 def pbs_submit_command():

@@ -17,9 +17,11 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from holopipe.core.credentials import mask_secrets
+from holopipe.core.grid import bin_ratio, framed_pixels, resampled_pixels, resamples
 
 __all__ = [
-    "ConfigError", "check_tiles_fit", "load_config", "merged_config", "schema", "with_overrides",
+    "TUNE_RUNTIME_KEYS", "TUNE_STORAGE_KEYS", "ConfigError", "check_tiles_fit", "load_config", "merged_config",
+    "schema", "with_overrides",
 ]
 
 
@@ -82,6 +84,16 @@ def _describe(error: ValidationError) -> Iterator[str]:
 
 PRIMARY_SPLIT = "test"
 """The evaluated split whose metrics are results/evaluation/metrics.json (else the first evaluated split)."""
+
+
+TUNE_RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "heartbeat")
+"""tune keys that say how the search runs, not what it finds: left out of the study's name
+(holopipe.ml.tune.study_name) and of the workflow's tune_study config, so that raising n_trials or adding workers
+continues the study instead of starting one."""
+
+TUNE_STORAGE_KEYS = ("storage", "storage_password_file")
+"""tune keys that say where the study is kept: left out of its name (one study, wherever it is), but read by the
+workflow's tune_study, which opens the storage."""
 
 
 def primary_split(splits) -> str:
@@ -237,20 +249,21 @@ def check_tiles_fit(config: dict) -> None:
 
 
 def _grid_problems(config: dict) -> list[str]:
+    """The optics frame regridded as holopipe.data.regrid will regrid it (holopipe.core.grid): a bin ratio that is
+    not whole, a frame that holds no tile."""
     optics, regrid, tile = config["optics"], config["regrid"], config["examples"]["tile_size"]
     problems = []
-    pitch = regrid["pixel_pitch"]
+    pitch, method, frame = regrid["pixel_pitch"], regrid["method"], regrid["frame"]
     for axis in ("x", "y"):
         size, own_pitch = optics[f"n{axis}"], optics[f"d{axis}"]
-        if pitch is not None:
-            ratio = pitch / own_pitch
-            if regrid["method"] == "bin" and abs(ratio - round(ratio)) > 1e-6:
-                problems.append(f"regrid.pixel_pitch ({pitch}) must be an integer multiple of "
-                                f"optics.d{axis} ({own_pitch}) for regrid.method bin")
-            size = int(size / ratio)
-        if size < tile:
+        if method == "bin" and resamples(own_pitch, pitch) and bin_ratio(own_pitch, pitch) is None:
+            problems.append(f"regrid.pixel_pitch ({pitch}) must be an integer multiple of "
+                            f"optics.d{axis} ({own_pitch}) for regrid.method bin")
+            continue
+        resampled = resampled_pixels(size, own_pitch, pitch, method)
+        if framed_pixels(resampled, frame, tile) < tile:
             problems.append(f"examples.tile_size ({tile}) is larger than the regridded frame along "
-                            f"{axis} ({size} pixels)")
+                            f"{axis} ({resampled} pixels after resampling: regrid.frame {frame} leaves no tile)")
     return problems
 
 

@@ -55,14 +55,12 @@ import xarray as xr
 from holopipe import __version__
 from holopipe.core.device import array_namespace_for
 from holopipe.core.device import host_array
+from holopipe.core.grid import PITCH_TOLERANCE, bin_ratio, framed_pixels, resampled_pixels, resamples
 from holopipe.core.io import DUST_ATTRS, IMAGE_DIMS, IN_MEMORY, open_holodec, pixel_centres, write_zarr
 
 __all__ = ["AxisPlan", "antialias_matrix", "bin_matrix", "data_area", "plan_axis", "regrid_dataset", "regrid_file"]
 
 log = logging.getLogger("holopipe")
-
-PITCH_TOLERANCE = 1e-6
-"""Relative difference below which two pitches (or a pitch ratio and an integer) count as equal."""
 
 STALE_PARTICLE_VARS = ("x_pixels", "y_pixels")
 """Real-data columns in the old pixel grid: dropped when the grid changes, rather than left wrong."""
@@ -159,41 +157,34 @@ class AxisPlan:
 
 def plan_axis(n_in: int, pitch_in: float, pitch_out: float | None, *, method: str, frame: str,
               tile: int, where: str) -> AxisPlan:
-    """Plan one axis (``where`` names the file and axis in errors)."""
+    """Plan one axis (``where`` names the file and axis in errors); its sizes are holopipe.core.grid's."""
     pitch_out = pitch_in if pitch_out is None else float(pitch_out)
     offset = 0.0
-    if abs(pitch_out / pitch_in - 1) < PITCH_TOLERANCE:
-        pitch_out, matrix, n_resampled = pitch_in, None, n_in
+    try:
+        n_resampled = resampled_pixels(n_in, pitch_in, pitch_out, method)
+        n_out = framed_pixels(n_resampled, frame, tile)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if not resamples(pitch_in, pitch_out):
+        pitch_out, matrix = pitch_in, None
     elif method == "antialias":
-        n_resampled = math.floor(n_in * pitch_in / pitch_out + PITCH_TOLERANCE)
         matrix = antialias_matrix(n_in, pitch_in, n_resampled, pitch_out)
-    elif method == "bin":
-        ratio = pitch_out / pitch_in
-        if abs(ratio - round(ratio)) > PITCH_TOLERANCE * ratio or round(ratio) < 1:
-            raise ValueError(f"{where}: regrid method 'bin' needs an integer pitch ratio, got "
-                             f"{pitch_out:g} m / {pitch_in:g} m = {ratio:.6g}")
-        ratio = round(ratio)
-        n_resampled = n_in // ratio
+    else:
+        ratio = bin_ratio(pitch_in, pitch_out)
         start = (n_in - n_resampled * ratio) // 2
         matrix = bin_matrix(n_in, ratio, start)
         offset = (start + n_resampled * ratio / 2 - n_in / 2) * pitch_in
-    else:
-        raise ValueError(f"{where}: unknown regrid method {method!r}; expected 'antialias' or 'bin'")
     if n_resampled < 1:
         raise ValueError(f"{where}: pitch {pitch_out:g} m leaves no pixel of {n_in} at {pitch_in:g} m")
     if frame == "crop":
-        n_out = n_resampled // tile * tile
         if n_out == 0:
             raise ValueError(f"{where}: {n_resampled} pixels after resampling hold no tile of {tile}; "
                              "use regrid.frame pad or a smaller examples.tile_size")
         crop_start, pad_before = (n_resampled - n_out) // 2, 0
         offset += (crop_start + n_out / 2 - n_resampled / 2) * pitch_out
-    elif frame == "pad":
-        n_out = -(-n_resampled // tile) * tile
+    else:
         crop_start, pad_before = 0, (n_out - n_resampled) // 2
         offset += (n_out / 2 - pad_before - n_resampled / 2) * pitch_out
-    else:
-        raise ValueError(f"{where}: unknown regrid frame {frame!r}; expected 'crop' or 'pad'")
     return AxisPlan(n_in, pitch_in, pitch_out, matrix, n_resampled, crop_start, pad_before, n_out,
                     offset)
 

@@ -60,6 +60,8 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.detect import coarse  # the module: it builds on this one
+from holopipe.detect.host_memory import (INFER_BYTES_PER_PADDED_PIXEL, INFER_BYTES_PER_PADDED_PIXEL_PLANE,
+                                         INFER_CPU_BYTES_PER_PIXEL_PLANE, INFER_LIBRARIES_BYTES)
 from holopipe.core.io import (HologramParts, hologram_image_yx, input_identity, remove_path,
                               usable_holograms)
 from holopipe.core.provenance import code_identity
@@ -196,16 +198,6 @@ def resume_fingerprint(config: dict, model_path, store_path, *, chunk: int, n_ch
             "probabilities": None if probabilities_path is None else os.fspath(probabilities_path)}
 
 
-INFER_LIBRARIES_BYTES = 1100 * 2**20
-"""Host memory of torch and the model (workflow/rules/common.smk's INFER_LIBRARIES_MB: the rule declares memory
-by the same figures, measured by benchmarks/bench_infer_memory.py; tests/test_infer.py keeps the two equal)."""
-INFER_BYTES_PER_PADDED_PIXEL = 40
-"""The hologram's spectrum and transfer function, once, per padded pixel (common.smk's, as above)."""
-INFER_BYTES_PER_PADDED_PIXEL_PLANE = 30
-"""Per plane of a batch, the propagated field, its amplitude and phase, per padded pixel (common.smk's)."""
-INFER_CPU_BYTES_PER_PIXEL_PLANE = 470
-"""Per plane of a batch on the CPU, the model's activations per frame pixel (common.smk's
-INFER_BYTES_PER_PIXEL_PLANE["cpu"]: 9.3 GB for a full-size HOLODEC plane)."""
 DEVICE_ACTIVATIONS_HELD = 3
 """On a GPU, a plane's model memory is taken as this many copies of its largest activation (the largest
 layer's input and output and a skip connection) in the autocast dtype: an assumption until
@@ -229,7 +221,7 @@ def infer_memory(device: torch.device, *, frame_pixels: int, padded_pixels: int,
                  activation_elements: int = 0, element_bytes: int = 4) -> InferMemory:
     """The memory an infer job's plane batches may use on ``device``. On the CPU: the job's declared memory
     ``mem_mb`` or the machine's (this process's resident memory plus what is available), whichever is less,
-    with the rule's own cost model (:data:`INFER_LIBRARIES_BYTES`, ...), so a job computes the planes its rule
+    with the rule's own figures (holopipe.detect.host_memory), so a job computes the planes its rule
     declared memory for. On CUDA: :data:`DEVICE_MEMORY_SHARE` of the free device memory, a plane costing
     its propagation and :data:`DEVICE_ACTIVATIONS_HELD` of its largest activation (``activation_elements``
     of ``element_bytes``)."""

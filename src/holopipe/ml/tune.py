@@ -55,7 +55,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from holopipe.core.config import ConfigError, with_overrides
+from holopipe.core.config import TUNE_RUNTIME_KEYS, TUNE_STORAGE_KEYS, ConfigError, with_overrides
 from holopipe.core.credentials import MASK, mask_secrets, read_password_file
 from holopipe.core.io import write_atomically
 
@@ -75,7 +75,6 @@ MAX_RETRIES = 1
 """Times a stale trial's parameters are queued again (a trial that kills its worker must not kill them all)."""
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-_RUNTIME_KEYS = ("n_trials", "workers", "trials_per_gpu", "storage", "storage_password_file", "heartbeat")
 DATA_ROLES = ("train", "valid", "stats")
 """The trials' inputs whose content names the study: the examples stores and the standardize stats."""
 
@@ -110,10 +109,11 @@ def study_name(config: dict, data: Mapping[str, str | None]) -> str:
     training and examples config, and the content ``data`` (:func:`data_digests`) of the examples and stats
     the trials read, so that a changed config or re-made examples never continue an old study.
 
-    Left out: how the search is run (workers, trials_per_gpu, storage and its password file, heartbeat)
-    and n_trials, so raising n_trials continues the same study.
+    Left out: how the search is run and where it is kept (holopipe.core.config's TUNE_RUNTIME_KEYS: workers,
+    trials_per_gpu, heartbeat and n_trials; TUNE_STORAGE_KEYS: storage and its password file), so raising n_trials
+    continues the same study.
     """
-    tune = {k: v for k, v in config["tune"].items() if k not in _RUNTIME_KEYS}
+    tune = {k: v for k, v in config["tune"].items() if k not in TUNE_RUNTIME_KEYS + TUNE_STORAGE_KEYS}
     sections = {"model", "train", "examples"} | {key.split(".")[0] for key in tune["search_space"]}
     identity = {"tune": tune, **{name: config[name] for name in sorted(sections - {"tune"})},
                 "data": {role: data[role] for role in DATA_ROLES}}
