@@ -1,5 +1,7 @@
 from snakemake.utils import min_version
 
+from holopipe.run.cli import rule_command
+
 min_version("9.0")
 
 

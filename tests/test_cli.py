@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from holopipe.core import device
-from holopipe.run.cli import build_parser, main
+from holopipe.run.cli import build_parser, declared_writes, main
 from holopipe.core.device import ALLOCATION_VARIABLES, THREAD_VARIABLES, cpu_threads, job_threads
 from holopipe.core.io import open_holodec
 from holopipe.optics.propagation import fft2, ifft2
@@ -158,6 +158,6 @@ def test_standardize_fit_declares_its_stats_before_they_exist(tmp_path):
     stats = tmp_path / "stats.json"
     args = build_parser().parse_args(["standardize", "fit", "--in", str(tmp_path / "train.zarr"), "--out", str(stats),
                                       "--config-json", "{}"])
-    assert args.writes(args) == [str(stats)]
+    assert declared_writes(args) == [str(stats)]
     stats.write_text('{"background_file": "background.npy"}')
-    assert args.writes(args) == [str(stats), tmp_path / "background.npy"]
+    assert declared_writes(args) == [str(stats), tmp_path / "background.npy"]

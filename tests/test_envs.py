@@ -20,6 +20,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from holopipe.run.cli import rule_command
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
@@ -148,8 +150,18 @@ def shell_rules() -> dict[str, tuple[str, Path | None]]:
                 continue
             conda = re.search(r"^\s+conda:\s*\n?\s*\"([^\"]+)\"", body, flags=re.MULTILINE)
             env = (smk.parent / conda.group(1)).resolve() if conda else None
-            rules[rule] = (ast.literal_eval(f"({shell.group(2)})"), env)  # adjacent literals join as in Python
+            rules[rule] = (shell_command(shell.group(2)), env)
     return rules
+
+
+def shell_command(expression: str) -> str:
+    """The command a rule's `shell:` gives: rule_command(...) of literals (holopipe.run.cli), or string literals."""
+    node = ast.parse(f"({expression.strip()})", mode="eval").body  # adjacent literals join as in Python
+    if not isinstance(node, ast.Call):
+        return ast.literal_eval(node)
+    assert isinstance(node.func, ast.Name) and node.func.id == "rule_command", ast.unparse(node)
+    return rule_command(*map(ast.literal_eval, node.args),
+                        **{keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords})
 
 
 def cli_function(command: str) -> str:

@@ -327,13 +327,14 @@ def test_the_workflow_writes_candidates_and_evaluate_takes_the_label_files_prese
     plain = snakemake(tmp_path, "-n", "-p", "--cores", "1")
     assert plain.returncode == 0, plain.stderr
     assert "rule label_candidates" in plain.stdout and "--out results/labels/valid/candidates" in plain.stdout
-    assert "--candidates valid=results/labels/valid/candidates --out" in plain.stdout, "no label files: no --labels"
+    assert "--candidates valid=results/labels/valid/candidates" in plain.stdout
+    assert "--labels" not in plain.stdout, "no label files: no --labels"
     (tmp_path / "labels" / "valid").mkdir(parents=True)
     for name in ("ana", "bob"):
         (tmp_path / "labels" / "valid" / f"{name}.csv").write_text("candidates_id,candidate,label,confidence\n")
     labelled = snakemake(tmp_path, "-n", "-p", "--cores", "1", "results/evaluation/metrics.json")
     assert labelled.returncode == 0, labelled.stderr
-    assert ("--labels valid=labels/valid/ana.csv valid=labels/valid/bob.csv --out" in labelled.stdout)
+    assert "--labels valid=labels/valid/ana.csv valid=labels/valid/bob.csv --config-json" in labelled.stdout
     assert TINY["infer"]["splits"] == ["valid"]
 
 

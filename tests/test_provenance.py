@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import holopipe
-from holopipe.run.cli import build_parser, main
+from holopipe.run.cli import main
 from holopipe.core.provenance import (checksum, code_identity, config_sha256, job_record, read_records,
                                       summarize_records, write_record, write_summary)
 
@@ -72,13 +72,6 @@ def test_stage_run_writes_a_record_of_its_inputs_and_outputs(tmp_path):
     regrid = json.loads(regrid_record.read_text())
     assert regrid["inputs"] == [checksum(raw)]  # the next stage's input is the file the first one wrote
     assert regrid["outputs"][0]["kind"] == "directory" and regrid["outputs"][0]["files"] > 1
-
-
-def test_training_records_the_tuned_settings_it_read():
-    """train reads --best (the tuning's chosen values override the config): its record lists it with the data."""
-    args = build_parser().parse_args(["train", "--train", "t.zarr", "--valid", "v.zarr", "--stats", "s.json",
-                                      "--best", "best.yaml", "--out", "model", "--config", "c.yaml"])
-    assert args.reads(args) == ["t.zarr", "v.zarr", "s.json", "best.yaml"]
 
 
 def test_failed_stage_writes_no_record(tmp_path):

@@ -19,8 +19,7 @@ rule acquire_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} acquire --split {wildcards.split} --config-json {params.config:q} --out {output.raw}{params.sensor}"
-        " > {log} 2>&1"
+        rule_command("acquire", "{params.sensor}", split="{wildcards.split}")
 
 
 rule acquire:

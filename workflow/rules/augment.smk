@@ -1,6 +1,6 @@
 rule augment:
     input:
-        f"data/regridded/{TRAIN_SPLIT}.zarr",
+        regridded=f"data/regridded/{TRAIN_SPLIT}.zarr",
     output:
         store=directory(f"data/augmented/{TRAIN_SPLIT}.zarr"),
         provenance=f"results/provenance/jobs/augment_{TRAIN_SPLIT}.json",
@@ -21,6 +21,5 @@ rule augment:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} augment --in {input} --out {output.store} --gallery {output.gallery}"
-        " --config-json {params.config:q} > {log} 2>&1"
+        rule_command("augment")
 

@@ -1,6 +1,6 @@
 rule baseline_split:
     input:
-        "data/standardized/{split}.zarr",
+        store="data/standardized/{split}.zarr",
     output:
         particles="results/particles/{split}_baseline.csv",
         provenance="results/provenance/jobs/baseline_{split}.json",
@@ -18,7 +18,7 @@ rule baseline_split:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} baseline --in {input} --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
+        rule_command("baseline")
 
 
 rule baseline:

@@ -43,6 +43,12 @@ rule evaluate:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} evaluate --truth {params.truth} --prediction {params.predictions}"
-        " --candidates {params.candidates}{params.labels} --out {output.metrics} --plots results/evaluation"
-        " --config-json {params.config:q} > {log} 2>&1"
+        rule_command(
+            "evaluate",
+            "{params.labels}",
+            truth="{params.truth}",
+            prediction="{params.predictions}",
+            plots="results/evaluation",
+            candidates="{params.candidates}",
+            labels=None,
+        )

@@ -1,8 +1,8 @@
 rule examples_split:
     input:
-        "data/standardized/{split}.zarr",
+        store="data/standardized/{split}.zarr",
     output:
-        store=directory("data/examples/{split}.zarr"),
+        examples=directory("data/examples/{split}.zarr"),
         provenance="results/provenance/jobs/examples_{split}.json",
     log:
         "logs/examples/{split}.log",
@@ -17,8 +17,7 @@ rule examples_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} examples --in {input} --out {output.store} --split {wildcards.split}"
-        " --config-json {params.config:q} > {log} 2>&1"
+        rule_command("examples", split="{wildcards.split}")
 
 
 rule examples:

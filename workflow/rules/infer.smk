@@ -22,9 +22,14 @@ rule infer_chunk:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} infer --model {input.model} --in {input.store} --out {output.detections}"
-        " --chunk {wildcards.chunk} --chunks {params.chunks} {params.probabilities} --mem-mb {resources.mem_mb}"
-        " --config-json {params.config:q} > {log} 2>&1"
+        rule_command(
+            "infer",
+            "{params.probabilities}",
+            probabilities=None,
+            chunk="{wildcards.chunk}",
+            chunks="{params.chunks}",
+            mem_mb="{resources.mem_mb}",
+        )
 
 
 rule infer:

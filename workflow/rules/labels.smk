@@ -20,4 +20,4 @@ rule label_candidates:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} label-candidates --split {wildcards.split} --store {input.store} --unet {input.unet} --baseline {input.baseline} --out {output.candidates} --config-json {params.config:q} > {log} 2>&1"
+        rule_command("label-candidates", split="{wildcards.split}")

@@ -21,8 +21,7 @@ rule particles_split:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} particles --in {input.detections} --store {input.store}"
-        " --out {output.particles} --config-json {params.config:q} > {log} 2>&1"
+        rule_command("particles")
 
 
 rule particles:

@@ -1,6 +1,6 @@
 rule regrid_split:
     input:
-        "data/raw/{split}.nc",
+        raw="data/raw/{split}.nc",
     output:
         store=directory("data/regridded/{split}.zarr"),
         provenance="results/provenance/jobs/regrid_{split}.json",
@@ -18,7 +18,7 @@ rule regrid_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} regrid --in {input} --out {output.store} --config-json {params.config:q} > {log} 2>&1"
+        rule_command("regrid")
 
 
 rule regrid:

@@ -1,6 +1,6 @@
 rule provenance_summary:
     input:
-        provenance_records,
+        records=provenance_records,
     output:
         jobs=report(
             "results/provenance/jobs.csv",
@@ -38,13 +38,12 @@ rule provenance_summary:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe provenance --records {input} --out-dir results/provenance --config-json {params.config:q}"
-        " > {log} 2>&1"
+        rule_command("provenance", recorded=False, out_dir="results/provenance")
 
 
 rule workflow_graphs:
     input:
-        config=rules.provenance_summary.output.config,
+        configfile=rules.provenance_summary.output.config,
     output:
         graphs=report(
             expand("results/provenance/{graph}.{ext}", graph=("dag", "rulegraph"), ext=GRAPH_FORMATS),
@@ -63,17 +62,16 @@ rule workflow_graphs:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe graphs --snakefile {params.snakefile} --configfile {input.config} --out-dir results/provenance"
-        " > {log} 2>&1"
+        rule_command("graphs", recorded=False, snakefile="{params.snakefile}", out_dir="results/provenance")
 
 
 rule report_html:
     input:
         evaluation=rules.evaluate.output,
         graphs=rules.workflow_graphs.output,
-        config=rules.provenance_summary.output.config,
+        configfile=rules.provenance_summary.output.config,
     output:
-        "results/report.html",
+        out="results/report.html",
     log:
         "logs/report/report.log",
     params:
@@ -86,8 +84,7 @@ rule report_html:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe report --snakefile {params.snakefile} --configfile {input.config} --out {output}"
-        " --targets evaluate workflow_graphs > {log} 2>&1"
+        rule_command("report", recorded=False, snakefile="{params.snakefile}", targets="evaluate workflow_graphs")
 
 
 rule report:

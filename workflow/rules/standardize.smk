@@ -6,7 +6,7 @@ STANDARDIZE_WINDOW = config["standardize"]["window"] if config["standardize"]["b
 
 rule standardize_fit:
     input:
-        f"data/augmented/{TRAIN_SPLIT}.zarr",
+        store=f"data/augmented/{TRAIN_SPLIT}.zarr",
     output:
         **standardize_stats_files(),
         provenance="results/provenance/jobs/standardize_fit.json",
@@ -22,14 +22,14 @@ rule standardize_fit:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} standardize fit --in {input} --out {output.stats} --config-json {params.config:q} > {log} 2>&1"
+        rule_command("standardize fit")
 
 
 rule standardize_split:
     input:
         unpack(lambda w: {"store": get_standardize_input(w), **standardize_stats_files()}),
     output:
-        store=directory("data/standardized/{split}.zarr"),
+        standardized=directory("data/standardized/{split}.zarr"),
         provenance="results/provenance/jobs/standardize_{split}.json",
     log:
         "logs/standardize/{split}.log",
@@ -45,7 +45,7 @@ rule standardize_split:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} standardize apply --in {input.store} --stats {input.stats} --device {params.device} --out {output.store} > {log} 2>&1"
+        rule_command("standardize apply", device="{params.device}")
 
 
 rule standardize:

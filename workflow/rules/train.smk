@@ -21,6 +21,5 @@ rule train:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} train --train {input.train} --valid {input.valid} --stats {input.stats} --best {input.best}"
-        " --out results/model --config-json {params.config:q} > {log} 2>&1"
+        rule_command("train", out="results/model")
 

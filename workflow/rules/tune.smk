@@ -17,8 +17,7 @@ rule tune_study:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} tune study --study {output.study} --train {input.train}"
-        " --valid {input.valid} --stats {input.stats} --config-json {params.config:q} > {log} 2>&1"
+        rule_command("tune study")
 
 
 rule tune_worker:
@@ -42,9 +41,7 @@ rule tune_worker:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} tune worker --worker {wildcards.worker} --study {input.study}"
-        " --workdir results/tune --train {input.train} --valid {input.valid} --stats {input.stats}"
-        " --config-json {params.config:q} > {log} 2>&1"
+        rule_command("tune worker", worker="{wildcards.worker}", workdir="results/tune")
 
 
 rule tune:
@@ -75,5 +72,4 @@ rule tune:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "holopipe --provenance {output.provenance} --threads {threads} tune summarize{params.study} --best {output.best}"
-        " --trials {output.trials} --plots results/tune/plots --config-json {params.config:q} > {log} 2>&1"
+        rule_command("tune summarize", "{params.study}", study=None, plots="results/tune/plots")
