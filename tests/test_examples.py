@@ -15,7 +15,7 @@ from holopipe.core.config import ConfigError, load_config
 from holopipe.ml.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
 from holopipe.data.examples import (particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
                                     split_stream)
-from holopipe.optics.reconstruction import normalize_channels, z_bin_centres, z_bin_edges, z_bin_of
+from holopipe.optics.reconstruction import SampleVolume, normalize_channels, z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.core.io import open_holodec, particle_table, write_zarr
 from holopipe.optics.simulate import Camera, DiameterModel, Optics, SimulationSettings, simulate_file
 
@@ -70,6 +70,15 @@ def test_bins_split_the_range_equally_and_planes_are_their_centres():
     assert np.allclose(np.diff(edges), 0.2e-3) and edges[0] == 2e-3 and edges[-1] == pytest.approx(6e-3)
     assert np.array_equal(z_bin_of(centres, 2e-3, 6e-3, 20), np.arange(20))
     assert list(z_bin_of([2e-3 - 1e-7, 6e-3, 6e-3 + 1e-7], 2e-3, 6e-3, 20)) == [0, 19, 19]
+
+
+def test_the_sample_volume_searches_beyond_its_ends_but_not_behind_the_sensor():
+    volume = SampleVolume.of({"zMin": 0.002, "zMax": 0.006})
+    planes = volume.planes(4)
+    np.testing.assert_allclose(planes, [0.0025, 0.0035, 0.0045, 0.0055])
+    np.testing.assert_allclose(volume.planes(4, beyond=3), [0.0005, 0.0015, *planes, 0.0065, 0.0075, 0.0085])
+    np.testing.assert_array_equal(volume.contains([0.0019, 0.002, 0.004, 0.006, 0.0061]),
+                                  [False, True, True, True, False])
 
 
 def test_rasterized_disk_holds_the_pixel_centres_inside_it_and_a_tiny_particle_its_nearest_pixel():

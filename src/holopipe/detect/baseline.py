@@ -92,9 +92,9 @@ from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter,
                               pixel_position, usable_holograms, write_atomically)
 from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.core.provenance import code_identity
-from holopipe.detect.particles import beyond_the_volume, line_of_sight_splits, suppress_ghosts, without_stationary
+from holopipe.detect.particles import line_of_sight_splits, suppress_ghosts, without_stationary
 from holopipe.core.device import array_mover
-from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres
+from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "detections_file", "find_particles", "plane_detections"]
 
@@ -410,9 +410,8 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
             "reconstruction": reconstruction, "optics": config["optics"], "inputs": input_identity(store_path)})
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
-        z_min, z_max = float(attrs["zMin"]), float(attrs["zMax"])
-        planes = beyond_the_volume(z_bin_centres(z_min, z_max, int(reconstruction["z_bins"])),
-                                   int(settings["beyond_planes"]))
+        volume = SampleVolume.of(attrs)
+        planes = volume.planes(int(reconstruction["z_bins"]), int(settings["beyond_planes"]))
         hids = usable_holograms(ds)  # standardization's skipped holograms (no data) are not searched
         done = parts.done()
         for hid in tqdm(hids, desc=f"baseline {Path(name).name}", unit="hologram", disable=not progress):
@@ -429,6 +428,6 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     candidates = pd.concat(parts.load(hids), ignore_index=True)
     candidates = candidates.astype({"hid": np.int64, **{c: np.float64 for c in CSV_COLUMNS[1:]}})
     # In focus beyond the volume: outside it. Those still count where something sits still (window dust).
-    table = candidates[(candidates["z"] >= z_min * 1e6) & (candidates["z"] <= z_max * 1e6)]
+    table = candidates[volume.contains(candidates["z"].to_numpy() * 1e-6)]
     table = without_stationary(table, len(hids), settings["stationary_fraction"], evidence=candidates)
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))

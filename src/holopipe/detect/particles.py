@@ -78,7 +78,7 @@ from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter,
 from holopipe.detect.sweep import DETECTION_COLUMNS
 from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.core.provenance import code_identity
-from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres
+from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "components", "focus_windows",
            "label_detections", "line_of_sight_splits", "linked_pairs", "measure_dark_disk", "merge_detections",
@@ -546,16 +546,6 @@ def without_ghosts(particles: pd.DataFrame, settings: dict, wavelength_m: float)
     return pd.concat(kept) if kept else particles
 
 
-def beyond_the_volume(planes_m: np.ndarray, n: int) -> np.ndarray:
-    """``planes_m`` (evenly spaced, ascending) and ``n`` more at their spacing beyond each end (none at or
-    before the sensor, z <= 0)."""
-    if n == 0 or planes_m.size < 2:
-        return planes_m
-    step = planes_m[1] - planes_m[0]
-    extended = np.concatenate([planes_m[0] - step * np.arange(n, 0, -1), planes_m, planes_m[-1] + step * np.arange(1, n + 1)])
-    return extended[extended > 0]
-
-
 def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramParts, *,
              progress: bool) -> pd.DataFrame:
     """:func:`refine_depths` (x, y, z, d in µm, focus) of every hologram's particles, ``clusters``' index;
@@ -573,9 +563,8 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramPa
     try:
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
-        z_min, z_max = float(attrs["zMin"]), float(attrs["zMax"])
-        planes = beyond_the_volume(z_bin_centres(z_min, z_max, int(reconstruction["z_bins"])),
-                                   int(config["particles"]["beyond_planes"]))
+        volume = SampleVolume.of(attrs)
+        planes = volume.planes(int(reconstruction["z_bins"]), int(config["particles"]["beyond_planes"]))
         n_holograms = ds.sizes["hologram_number"]
         for hid, group in tqdm(groups, desc=f"refine {Path(name).name}", unit="hologram", disable=not progress):
             if not 1 <= hid <= n_holograms:
@@ -587,7 +576,7 @@ def _refined(clusters: pd.DataFrame, config: dict, store_path, parts: HologramPa
             metres = group[["x", "y", "d_max", "z_first", "z_last", "z_low", "z_high"]].rename(
                 columns={"d_max": "d"}) * 1e-6
             found = refine_depths(propagator, planes, metres, config["particles"], dx=dx, dy=dy, progress=progress)
-            found = found.assign(inside=(found["z"] >= z_min) & (found["z"] <= z_max))
+            found = found.assign(inside=volume.contains(found["z"]))
             parts.save(hid, found.assign(**{c: found[c] * 1e6 for c in "xyzd"}, cluster=group["cluster"].to_numpy()))
     finally:
         ds.close()

@@ -7,6 +7,7 @@ share)."""
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import array_api_compat
 import numpy as np
@@ -15,7 +16,7 @@ import xarray as xr
 from holopipe.core.io import HolodecFormatError, open_holodec
 from holopipe.optics.propagation import Propagator, hologram_field
 
-__all__ = ["CHANNEL_OFFSETS", "check_channels", "contrast_scale", "field_channels", "hologram_propagator",
+__all__ = ["CHANNEL_OFFSETS", "SampleVolume", "check_channels", "contrast_scale", "field_channels", "hologram_propagator",
            "normalize_channels", "scale_channels", "open_standardized", "z_bin_centres", "z_bin_edges", "z_bin_of"]
 
 
@@ -30,6 +31,35 @@ def z_bin_centres(z_min: float, z_max: float, n_bins: int) -> np.ndarray:
     """The reconstruction planes (metres): centres of the bins of :func:`z_bin_edges`."""
     edges = z_bin_edges(z_min, z_max, n_bins)
     return 0.5 * (edges[:-1] + edges[1:])
+
+
+class SampleVolume(NamedTuple):
+    """The depths a store's holograms sample, its ``zMin`` and ``zMax`` (metres): particles are reported only
+    inside it. Both methods also search planes beyond it (:meth:`planes`), so that a particle in focus out
+    there is known to be outside, not taken for one inside at the nearest plane; one home for both."""
+
+    z_min_m: float
+    z_max_m: float
+
+    @classmethod
+    def of(cls, attrs) -> SampleVolume:
+        return cls(float(attrs["zMin"]), float(attrs["zMax"]))
+
+    def planes(self, z_bins: int, beyond: int = 0) -> np.ndarray:
+        """The reconstruction planes (:func:`z_bin_centres`) and ``beyond`` more at their spacing past each
+        end, none at or before the sensor (z <= 0)."""
+        planes = z_bin_centres(self.z_min_m, self.z_max_m, z_bins)
+        if beyond == 0 or planes.size < 2:
+            return planes
+        step = planes[1] - planes[0]
+        extended = np.concatenate([planes[0] - step * np.arange(beyond, 0, -1), planes,
+                                   planes[-1] + step * np.arange(1, beyond + 1)])
+        return extended[extended > 0]
+
+    def contains(self, z_m) -> np.ndarray:
+        """Whether depths ``z_m`` (metres) lie inside the volume, its ends included."""
+        z_m = np.asarray(z_m, dtype=np.float64)
+        return (z_m >= self.z_min_m) & (z_m <= self.z_max_m)
 
 
 def z_bin_of(z_m, z_min: float, z_max: float, n_bins: int) -> np.ndarray:
