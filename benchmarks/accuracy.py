@@ -53,13 +53,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from holopipe.detect.baseline import baseline_file, detections_file
 from holopipe.core.config import load_config, merged_config
 from holopipe.core.io import read_particle_csv
+from holopipe.core.provenance import code_identity
+from holopipe.detect.baseline import baseline_file, detections_file
+from holopipe.detect.particles import particles_file
 from holopipe.evaluation.evaluate import bootstrap_intervals, hologram_counts, recall_grid, runs_and_holograms_intervals
 from holopipe.evaluation.matching import match, on_window_dust, read_truth
-from holopipe.detect.particles import particles_file
-from holopipe.core.provenance import code_identity
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("config/config.yaml", "config/accuracy.yaml")

@@ -35,14 +35,22 @@ import numpy as np
 import pandas as pd
 
 from holopipe.core.config import load_config
+from holopipe.core.device import array_mover
+from holopipe.core.io import file_layout, open_holodec, write_zarr
 from holopipe.evaluation.matching import match
 from holopipe.optics.focus import reconstructed_amplitude
-from holopipe.core.io import file_layout, open_holodec, write_zarr
 from holopipe.optics.propagation import device_planes_per_batch
-from holopipe.core.device import array_mover
 from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
-from holopipe.optics.simulate import (Camera, Optics, SimulationSettings, beam_profile, camera_image, opaque_disks_field,
-                                      sample_particles, simulate_file)
+from holopipe.optics.simulate import (
+    Camera,
+    Optics,
+    SimulationSettings,
+    beam_profile,
+    camera_image,
+    opaque_disks_field,
+    sample_particles,
+    simulate_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = (3584, 5120)  # (ny, nx) after regrid.frame: pad

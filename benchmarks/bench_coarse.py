@@ -43,18 +43,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from holopipe.detect.coarse import coarse_to_fine_sweep
 from holopipe.core.config import load_config
+from holopipe.core.io import hologram_image_yx, open_holodec, particle_table
+from holopipe.data.examples import particles_in_pixels
+from holopipe.detect.coarse import coarse_to_fine_sweep
+from holopipe.detect.particles import merge_detections, particles_file
+from holopipe.detect.sweep import DETECTION_COLUMNS, batch_detections, model_segmenter
 from holopipe.evaluation.evaluate import detection_metrics
 from holopipe.evaluation.matching import match
-from holopipe.data.examples import particles_in_pixels
-from holopipe.detect.sweep import DETECTION_COLUMNS, batch_detections, model_segmenter
-from holopipe.core.io import hologram_image_yx, open_holodec, particle_table
-from holopipe.ml.models import model_stride
-from holopipe.detect.particles import merge_detections, particles_file
+from holopipe.ml.models import load_model, model_stride
 from holopipe.optics.reconstruction import open_standardized, z_bin_centres
 from holopipe.optics.simulate import SimulationSettings, simulate_hologram
-from holopipe.ml.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = 1024

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from holopipe.data.augment import augment_hologram, build_corruptions
 from holopipe.core.config import load_config
-from holopipe.core.io import file_layout
 from holopipe.core.device import array_namespace_for
+from holopipe.core.io import file_layout
+from holopipe.data.augment import augment_hologram, build_corruptions
 from holopipe.data.regrid import _regrid_block, plan_axis
-from holopipe.optics.simulate import SimulationSettings, simulate_hologram
 from holopipe.data.standardize import _contrast_block
+from holopipe.optics.simulate import SimulationSettings, simulate_hologram
 
 REPO = Path(__file__).resolve().parents[1]
 

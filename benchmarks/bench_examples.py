@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from holopipe.core.config import load_config
-from holopipe.data.examples import build_examples
 from holopipe.core.io import open_holodec, write_zarr
+from holopipe.data.examples import build_examples
 from holopipe.optics.simulate import SimulationSettings, simulate_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,18 +39,17 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from holopipe.detect import infer, sweep
-from holopipe.detect.baseline import find_particles
 from holopipe.core.config import load_config
 from holopipe.core.device import array_mover, autocast_dtype, describe_device, resolve_device, use_threads
 from holopipe.core.io import IMAGE_DIMS, file_layout, hologram_image_yx, open_holodec
-from holopipe.ml.models import build_model, model_stride
-from holopipe.detect.particles import cluster_detections, refine_depths
-from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
 from holopipe.data.regrid import regrid_dataset
-from holopipe.optics.simulate import SimulationSettings, simulate_hologram
 from holopipe.data.standardize import contrast_images
-from holopipe.ml.models import MODEL_FORMAT
+from holopipe.detect import infer, sweep
+from holopipe.detect.baseline import find_particles
+from holopipe.detect.particles import cluster_detections, refine_depths
+from holopipe.ml.models import MODEL_FORMAT, build_model, model_stride
+from holopipe.optics.reconstruction import hologram_propagator, z_bin_centres
+from holopipe.optics.simulate import SimulationSettings, simulate_hologram
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_FRAME = (1024, 1024)

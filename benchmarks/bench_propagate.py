@@ -23,14 +23,14 @@ import importlib.util
 import time
 
 import numpy as np
+from bench_infer import CPU_FRAME, REPO, parse_frame  # this folder is the script's first sys.path entry
 
 from holopipe.core.config import load_config
 from holopipe.core.device import cpu_threads, use_threads
+from holopipe.data.regrid import plan_axis
 from holopipe.optics.propagation import Propagator, fft2, hologram_field, ifft2
 from holopipe.optics.reconstruction import z_bin_centres
-from holopipe.data.regrid import plan_axis
 
-from bench_infer import CPU_FRAME, REPO, parse_frame  # this folder is the script's first sys.path entry
 
 def regridded_frame(config: dict) -> tuple[int, int, float, float]:
     """(nx, ny, dx, dy) of the frame the config's ``regrid`` makes of its ``optics`` camera frame."""

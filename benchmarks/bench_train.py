@@ -17,11 +17,11 @@ import pandas as pd
 import torch
 
 from holopipe.core.config import load_config, with_overrides
+from holopipe.core.device import autocast, autocast_dtype, resolve_device
+from holopipe.data.standardize import write_stats
 from holopipe.ml.dataset import write_synthetic_examples
 from holopipe.ml.losses import build_loss
 from holopipe.ml.models import build_model
-from holopipe.data.standardize import write_stats
-from holopipe.core.device import autocast, autocast_dtype, resolve_device
 from holopipe.ml.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ candidate is a particle (confidence 5) iff it matches a true particle within the
 import argparse
 from pathlib import Path
 
-from holopipe.evaluation.matching import match
 from holopipe.core.io import open_holodec, particle_table
 from holopipe.evaluation.labels import LabelFile, open_candidates
+from holopipe.evaluation.matching import match
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import starts_snakemake
 
 FAST_LANE = "HOLOPIPE_FAST_LANE"

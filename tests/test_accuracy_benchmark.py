@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import yaml
-
 from helpers import REPO, TINY
 
 CONFIG = {**TINY, "splits": {**TINY["splits"], "test": {"source": "simulate", "n_holograms": 3, "seed": 3,

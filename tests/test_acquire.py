@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from holopipe.data import acquire
-from holopipe.data.acquire import DownloadError, acquire_split
 from holopipe.core.config import load_config
 from holopipe.core.io import HolodecFormatError, open_holodec, particle_table
+from holopipe.data import acquire
+from holopipe.data.acquire import DownloadError, acquire_split
 from holopipe.optics.simulate import SimulationSettings, simulate_file
 
 N_HOLOGRAMS = 3

@@ -7,11 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from holopipe.data.augment import (Blur, BrightnessContrast, Clutter, DeadHotPixels, Illumination,
-                                   Quantize, ReadNoise, ShotNoise, augment_file, augment_hologram,
-                                   build_corruptions, optics_from_attrs)
 from holopipe.core.config import ConfigError, load_config, schema
 from holopipe.core.io import open_holodec, particle_table, write_zarr
+from holopipe.data.augment import (
+    Blur,
+    BrightnessContrast,
+    Clutter,
+    DeadHotPixels,
+    Illumination,
+    Quantize,
+    ReadNoise,
+    ShotNoise,
+    augment_file,
+    augment_hologram,
+    build_corruptions,
+    optics_from_attrs,
+)
 from holopipe.optics.simulate import Optics, SimulationSettings, simulate_file
 
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=192, ny=128, z_min=2e-3, z_max=12e-3)

@@ -14,12 +14,12 @@ import pytest
 import torch
 import xarray as xr
 
-from holopipe.detect.baseline import baseline_file
 from holopipe.core.config import load_config
-from holopipe.evaluation.evaluate import evaluate_files
-from holopipe.detect.infer import infer_chunk
 from holopipe.core.io import write_zarr
+from holopipe.detect.baseline import baseline_file
+from holopipe.detect.infer import infer_chunk
 from holopipe.detect.particles import particles_file
+from holopipe.evaluation.evaluate import evaluate_files
 from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
 
 # 160 x 96 pixels of 2.96 x 3.6 µm: a 474 x 346 µm frame, wider than tall, pixels taller than wide.

@@ -16,21 +16,43 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
+from helpers import (
+    OPTICS,
+    PARTICLES,
+    PLANES,
+    WIDE,
+    WIDE_PARTICLES,
+    WIDE_PLANES,
+    Z_BINS,
+    contrast_hologram,
+    found_um,
+    propagator_of,
+    scene_config,
+    scene_dict,
+    split_store,
+    truth_table,
+)
 
 import holopipe.detect.baseline
-from holopipe.detect.baseline import CSV_COLUMNS, auto_threshold, baseline_file, detections_file, find_particles
 from holopipe.core.config import load_config
-from holopipe.evaluation.matching import match
-from holopipe.optics.reconstruction import z_bin_centres
 from holopipe.core.io import HolodecFormatError, write_zarr
-from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS
-from holopipe.optics.propagation import (MAX_BATCH_ELEMENTS, SWEEP_BYTES_PER_PIXEL, SWEEP_MEMORY_SHARE, Propagator,
-                                         device_planes_per_batch, hologram_field, planes_in_memory)
-from holopipe.detect.particles import particles_file
 from holopipe.core.provenance import code_identity
+from holopipe.detect.baseline import CSV_COLUMNS, auto_threshold, baseline_file, detections_file, find_particles
+from holopipe.detect.particles import particles_file
+from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS
+from holopipe.evaluation.matching import match
+from holopipe.optics.propagation import (
+    MAX_BATCH_ELEMENTS,
+    SWEEP_BYTES_PER_PIXEL,
+    SWEEP_MEMORY_SHARE,
+    Propagator,
+    device_planes_per_batch,
+    hologram_field,
+    planes_in_memory,
+)
+from holopipe.optics.reconstruction import z_bin_centres
 from holopipe.optics.simulate import ParticleSet
-from helpers import (OPTICS, PARTICLES, PLANES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram, found_um,
-                     propagator_of, scene_config, scene_dict, split_store, truth_table)
+
 
 def make_config(**baseline):
     return scene_config(baseline=baseline)

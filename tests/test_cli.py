@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from holopipe.core import device
-from holopipe.run.cli import build_parser, declared_writes, main
 from holopipe.core.device import ALLOCATION_VARIABLES, THREAD_VARIABLES, cpu_threads, job_threads
 from holopipe.core.io import open_holodec
 from holopipe.optics.propagation import fft2, ifft2
+from holopipe.run.cli import build_parser, declared_writes, main
 
 
 def test_simulate_from_flags_writes_the_requested_frame(tmp_path):

@@ -10,12 +10,21 @@ import pandas as pd
 import pytest
 import torch
 
-from holopipe.detect.coarse import (FILL_LOGIT, WindowSegmenter, coarse_planes, coarse_to_fine_sweep, component_boxes,
-                                    fine_windows, merge_boxes, place_windows, window_side)
 from holopipe.core.config import load_config
+from holopipe.detect.coarse import (
+    FILL_LOGIT,
+    WindowSegmenter,
+    coarse_planes,
+    coarse_to_fine_sweep,
+    component_boxes,
+    fine_windows,
+    merge_boxes,
+    place_windows,
+    window_side,
+)
+from holopipe.detect.particles import merge_detections
 from holopipe.detect.sweep import DETECTION_COLUMNS, batch_detections, model_segmenter, sweep_hologram
 from holopipe.ml.models import PlainUNet
-from holopipe.detect.particles import merge_detections
 from holopipe.optics.reconstruction import z_bin_centres
 from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
 

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from holopipe.core.config import (TUNE_RUNTIME_KEYS, TUNE_STORAGE_KEYS, ConfigError, load_config, schema,
-                                  split_simulation_config, with_overrides)
+from holopipe.core.config import (
+    TUNE_RUNTIME_KEYS,
+    TUNE_STORAGE_KEYS,
+    ConfigError,
+    load_config,
+    schema,
+    split_simulation_config,
+    with_overrides,
+)
 from holopipe.run.config_reference import config_reference_markdown, update_readme_reference
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import shlex
 from pathlib import PurePosixPath
 
 import pytest
-
 from helpers import TINY, snakemake
+
 from holopipe.run import cli
 from holopipe.run.cli import build_parser, declared_reads, declared_writes, main, rule_command
 

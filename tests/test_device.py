@@ -22,8 +22,15 @@ import pytest
 import torch
 
 from holopipe.core import device as device_module
-from holopipe.core.device import (GPUNotFoundError, allocated_gpus, array_mover, autocast_dtype, describe_device,
-                                  gpu_slot, resolve_device)
+from holopipe.core.device import (
+    GPUNotFoundError,
+    allocated_gpus,
+    array_mover,
+    autocast_dtype,
+    describe_device,
+    gpu_slot,
+    resolve_device,
+)
 
 GPU_UUID = "GPU-8f6a1c2e-3b4d-5e6f-7a8b-9c0d1e2f3a4b"
 
@@ -308,8 +315,8 @@ def tiny_config(**sections):
 
 @pytest.mark.parametrize("precision, scaler", [("fp32", False), ("fp16", True)])
 def test_training_logs_its_device_precision_and_scaler(tmp_path, caplog, no_gpu, precision, scaler):
-    from holopipe.ml.dataset import write_synthetic_examples
     from holopipe.data.standardize import write_stats
+    from holopipe.ml.dataset import write_synthetic_examples
     from holopipe.ml.train import train_model
 
     stores = [write_synthetic_examples(tmp_path / f"{name}.zarr", 8, 16, seed=seed)
@@ -328,8 +335,8 @@ def test_training_logs_its_device_precision_and_scaler(tmp_path, caplog, no_gpu,
 def test_inference_logs_its_device_and_precision(tmp_path, caplog, no_gpu):
     import xarray as xr
 
-    from holopipe.detect.infer import infer_chunk
     from holopipe.core.io import write_zarr
+    from holopipe.detect.infer import infer_chunk
 
     flat = xr.Dataset({"image": (("hologram_number", "xsize", "ysize"), np.ones((1, 48, 32), np.float32))},
                       attrs={"Nx": 48, "Ny": 32, "dx": 2.96e-6, "dy": 3.6e-6, "lambda": 3.55e-7,

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from holopipe.run.cli import main
 from holopipe.core.config import load_config
+from holopipe.core.io import DUST_ATTRS, open_holodec, write_zarr
 from holopipe.evaluation.evaluate import (
     bootstrap_intervals,
     bootstrap_scores,
@@ -27,7 +27,7 @@ from holopipe.evaluation.evaluate import (
 )
 from holopipe.evaluation.matching import match, on_window_dust
 from holopipe.evaluation.plots import PLOT_NAMES
-from holopipe.core.io import DUST_ATTRS, open_holodec, write_zarr
+from holopipe.run.cli import main
 
 TOL_XY, TOL_Z = 50e-6, 360e-6  # metres, the defaults
 BINS = [0.0, 20e-6, 40e-6, 100e-6]

@@ -12,11 +12,17 @@ import xarray as xr
 import zarr
 
 from holopipe.core.config import ConfigError, load_config
-from holopipe.ml.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
-from holopipe.data.examples import (particles_in_pixels, build_examples, in_band, plan_hologram, rasterize_disks,
-                                    split_stream)
-from holopipe.optics.reconstruction import SampleVolume, normalize_channels, z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.core.io import open_holodec, particle_table, write_zarr
+from holopipe.data.examples import (
+    build_examples,
+    in_band,
+    particles_in_pixels,
+    plan_hologram,
+    rasterize_disks,
+    split_stream,
+)
+from holopipe.ml.dataset import IGNORE, Augmentation, TileDataset, apply_augmentation, draw_augmentation
+from holopipe.optics.reconstruction import SampleVolume, normalize_channels, z_bin_centres, z_bin_edges, z_bin_of
 from holopipe.optics.simulate import Camera, DiameterModel, Optics, SimulationSettings, simulate_file
 
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=128, ny=128, z_min=2e-3, z_max=6e-3)

@@ -6,8 +6,17 @@ import scipy.ndimage as ndi
 import torch
 
 import holopipe.optics.focus
-from holopipe.optics.focus import (SMOOTHING_PIXELS, device_indices, gradient_magnitude, host_windows, pixel_values,
-                                   smoothed_amplitude, tamura_coefficient, window_buckets, window_scores)
+from holopipe.optics.focus import (
+    SMOOTHING_PIXELS,
+    device_indices,
+    gradient_magnitude,
+    host_windows,
+    pixel_values,
+    smoothed_amplitude,
+    tamura_coefficient,
+    window_buckets,
+    window_scores,
+)
 
 # Non-square planes (rows != columns), so a transposed axis cannot pass.
 STACK = np.random.default_rng(7).uniform(0.2, 1.2, (3, 23, 37)).astype(np.float32)

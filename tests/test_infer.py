@@ -15,44 +15,52 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.ndimage
 import scipy.sparse
 import scipy.sparse.csgraph
-import scipy.ndimage
 import torch
 import xarray as xr
 import yaml
 import zarr
+from helpers import TINY, snakemake
 
 import holopipe.detect.infer
 import holopipe.detect.sweep
 from holopipe.core.config import load_config, with_overrides
-from holopipe.ml.dataset import TileDataset, write_synthetic_examples
-from holopipe.optics.reconstruction import normalize_channels
-from holopipe.optics.reconstruction import z_bin_centres
-from holopipe.optics.focus import smoothed_amplitude
-from holopipe.detect.infer import VolumeWriter, chunk_planes, infer_chunk, resume_fingerprint
+from holopipe.core.io import open_holodec, particle_table, um_to_pixel, write_zarr
+from holopipe.core.provenance import code_identity
+from holopipe.data.standardize import write_stats
+from holopipe.detect.infer import (
+    VolumeWriter,
+    chunk_planes,
+    infer_chunk,
+    infer_memory,
+    load_segmenter,
+    plane_batch,
+    resume_fingerprint,
+)
+from holopipe.detect.particles import PARTICLE_COLUMNS, components, linked_pairs, merge_detections, particles_file
 from holopipe.detect.sweep import (
     BATCHES_IN_FLIGHT,
     DETECTION_COLUMNS,
     batch_detections,
     detections_in_plane,
+    largest_activation,
+    logit_threshold,
     model_segmenter,
     pixel_components,
+    planes_per_run,
+    smoothed_amplitude_at,
     sparse_pixels,
     sweep_hologram,
 )
-from holopipe.detect.infer import infer_memory, load_segmenter, plane_batch
-from holopipe.detect.sweep import largest_activation, logit_threshold, planes_per_run, smoothed_amplitude_at
-from holopipe.ml.models import build_model
-from helpers import TINY, snakemake
-from holopipe.core.io import open_holodec, particle_table, um_to_pixel, write_zarr
-from holopipe.ml.models import PlainUNet, fold_batchnorm
-from holopipe.optics.propagation import Propagator, hologram_field
-from holopipe.detect.particles import PARTICLE_COLUMNS, components, linked_pairs, merge_detections, particles_file
-from holopipe.core.provenance import code_identity
-from holopipe.optics.simulate import Camera, Optics, ParticleSet, camera_image, opaque_disks_field
-from holopipe.data.standardize import write_stats
+from holopipe.ml.dataset import TileDataset, write_synthetic_examples
+from holopipe.ml.models import PlainUNet, build_model, fold_batchnorm
 from holopipe.ml.train import train_model
+from holopipe.optics.focus import smoothed_amplitude
+from holopipe.optics.propagation import Propagator, hologram_field
+from holopipe.optics.reconstruction import normalize_channels, z_bin_centres
+from holopipe.optics.simulate import Camera, Optics, ParticleSet, camera_image, opaque_disks_field
 
 N, DX, WAVELENGTH, Z_MIN, Z_MAX, Z_BINS = 128, 2.96e-6, 3.55e-7, 2e-3, 10e-3, 60
 BIN_UM = (Z_MAX - Z_MIN) / Z_BINS * 1e6

@@ -16,15 +16,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import contrast_hologram, scene_dict, split_store
 from PIL import Image
 
-from holopipe.evaluation import labels
-from holopipe.run.cli import main
 from holopipe.core.config import load_config
+from holopipe.evaluation import labels
 from holopipe.evaluation.label_app import Access, create_app, crop_png, is_loopback, page_names
 from holopipe.optics.simulate import Optics, ParticleSet
-
-from helpers import contrast_hologram, scene_dict, split_store
+from holopipe.run.cli import main
 
 # A non-square frame with non-square pixels (dx != dy), so the page's aspect and scale bar are tested.
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=3.5e-6, nx=192, ny=128, z_min=2e-3, z_max=10e-3)

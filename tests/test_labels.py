@@ -8,18 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from helpers import TINY, snakemake
 
 import holopipe.evaluation.labels
-
 from holopipe.core.config import load_config
+from holopipe.core.io import write_zarr
 from holopipe.evaluation.evaluate import cohen_kappa, evaluate_files
+from holopipe.evaluation.labels import (
+    CROP_PIXELS,
+    PLANES_EACH_SIDE,
+    LabelFile,
+    crop_indices,
+    label_order,
+    open_candidates,
+    read_label_files,
+    union_candidates,
+    write_candidates,
+)
 from holopipe.evaluation.matching import match
 from holopipe.evaluation.plots import LABEL_PLOT_NAMES, PLOT_NAMES
-from holopipe.core.io import write_zarr
-from holopipe.evaluation.labels import (CROP_PIXELS, PLANES_EACH_SIDE, LabelFile, crop_indices, label_order, open_candidates,
-                                        read_label_files, union_candidates, write_candidates)
 from holopipe.optics.simulate import Optics, ParticleSet, opaque_disks_field
-from helpers import TINY, snakemake
 
 # 160 x 96 pixels of 2.96 x 3.6 µm (a frame wider than tall, pixels taller than wide), as in test_axes.
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=3.6e-6, nx=160, ny=96, z_min=2e-3, z_max=10e-3)

@@ -4,10 +4,10 @@ initialisation, local encoder weights, and clear errors for offline weights and 
 import warnings
 
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-import segmentation_models_pytorch as smp
 from holopipe.core.config import load_config
 from holopipe.ml.models import ARCHITECTURES, PlainUNet, build_model, fold_batchnorm, model_stride
 

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from holopipe.optics.propagation import (Propagator, TransferFunction, effective_depth_of_focus, hologram_field, propagate,
-                                         reconstruct)
+from holopipe.optics.propagation import (
+    Propagator,
+    TransferFunction,
+    effective_depth_of_focus,
+    hologram_field,
+    propagate,
+    reconstruct,
+)
 
 WAVELENGTH = 3.55e-7
 HOLODEC_PITCH = 2.96e-6

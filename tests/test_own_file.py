@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import TINY, snakemake
-from holopipe.data.acquire import acquire_split
+
 from holopipe.core.config import load_config
+from holopipe.data.acquire import acquire_split
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 

@@ -6,21 +6,41 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
+from helpers import (
+    OPTICS,
+    PAD,
+    PARTICLES,
+    WIDE,
+    WIDE_PARTICLES,
+    WIDE_PLANES,
+    Z_BINS,
+    contrast_hologram,
+    propagator_of,
+    scene_config,
+    scene_dict,
+)
 
 import holopipe.detect.particles
 from holopipe.core.config import load_config
 from holopipe.core.device import GPUNotFoundError
-from holopipe.optics.focus import gradient_magnitude, smoothed_amplitude
 from holopipe.core.io import write_zarr
-from holopipe.optics.propagation import Propagator, hologram_field
 from holopipe.core.provenance import code_identity
-from holopipe.detect.particles import (PARTICLE_COLUMNS, cluster_detections, focus_windows, merge_detections,
-                                       merge_duplicates, particles_file, refine_depths, suppress_ghosts,
-                                       without_cut_ghosts, without_stationary)
+from holopipe.detect.particles import (
+    PARTICLE_COLUMNS,
+    cluster_detections,
+    focus_windows,
+    merge_detections,
+    merge_duplicates,
+    particles_file,
+    refine_depths,
+    suppress_ghosts,
+    without_cut_ghosts,
+    without_stationary,
+)
+from holopipe.optics.focus import gradient_magnitude, smoothed_amplitude
+from holopipe.optics.propagation import Propagator, hologram_field
 from holopipe.optics.reconstruction import z_bin_centres
 from holopipe.optics.simulate import ParticleSet
-from helpers import (OPTICS, PAD, PARTICLES, WIDE, WIDE_PARTICLES, WIDE_PLANES, Z_BINS, contrast_hologram,
-                     propagator_of, scene_config, scene_dict)
 
 # One large droplet (45 µm: depth of focus D²/λ ≈ 5.7 mm), where the darkest plane is not sharp.
 DROPLET = ParticleSet(x=np.array([12e-6]), y=np.array([-20e-6]), z=np.array([5.1e-3]), d=np.array([45e-6]))

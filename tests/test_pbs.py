@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from helpers import (PROFILE, REPO, TINY, job_state, pbs_env, snakemake_command, submissions,
-                     walltime_minutes)
+from helpers import PROFILE, REPO, TINY, job_state, pbs_env, snakemake_command, submissions, walltime_minutes
 
 pytestmark = pytest.mark.workflow
 

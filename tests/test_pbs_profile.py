@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import FAST, PROFILE, REPO, TINY, job_state, pbs_env, submissions
 
 STATUS_SCRIPT = PROFILE / "pbs-status.py"

@@ -4,13 +4,12 @@ tried first, and the choice written into the config file in place of its blocks,
 import numpy as np
 import pytest
 import yaml
-
-from holopipe.detect.baseline import detections_file
-from holopipe.run.cli import main
-from holopipe.core.config import load_config
-from holopipe.evaluation.postprocessing import BEGIN, END, SEARCH_SPACES, tune_postprocessing, write_settings
-
 from helpers import WIDE, WIDE_PARTICLES, contrast_hologram, scene_dict, split_store, truth_table
+
+from holopipe.core.config import load_config
+from holopipe.detect.baseline import detections_file
+from holopipe.evaluation.postprocessing import BEGIN, END, SEARCH_SPACES, tune_postprocessing, write_settings
+from holopipe.run.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,17 @@ import pytest
 import yaml
 
 import holopipe
+from holopipe.core.provenance import (
+    checksum,
+    code_identity,
+    config_sha256,
+    job_record,
+    read_records,
+    summarize_records,
+    write_record,
+    write_summary,
+)
 from holopipe.run.cli import main
-from holopipe.core.provenance import (checksum, code_identity, config_sha256, job_record, read_records,
-                                      summarize_records, write_record, write_summary)
 
 
 def test_file_checksum_is_the_sha256_of_its_bytes(tmp_path):

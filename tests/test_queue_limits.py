@@ -6,9 +6,7 @@ import sys
 
 import pytest
 import yaml
-
-from helpers import PROFILE, REPO, pbs_env, snakemake_command, submissions, walltime_minutes
-from helpers import TINY
+from helpers import PROFILE, REPO, TINY, pbs_env, snakemake_command, submissions, walltime_minutes
 
 spec = importlib.util.spec_from_file_location("pbs_submit", PROFILE / "pbs-submit.py")
 pbs_submit = importlib.util.module_from_spec(spec)

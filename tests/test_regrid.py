@@ -6,11 +6,26 @@ import pytest
 import xarray as xr
 
 from holopipe.core.config import load_config
-from holopipe.core.io import DUST_ATTRS, PARTICLE_VARS, open_holodec, pixel_centres, um_to_pixel, window_dust_table, write_zarr
-from holopipe.optics.propagation import reconstruct
+from holopipe.core.io import (
+    DUST_ATTRS,
+    PARTICLE_VARS,
+    open_holodec,
+    pixel_centres,
+    um_to_pixel,
+    window_dust_table,
+    write_zarr,
+)
 from holopipe.data.regrid import regrid_file
-from holopipe.optics.simulate import (Camera, Optics, ParticleSet, SimulationSettings, camera_image,
-                                      opaque_disks_field, simulate_file)
+from holopipe.optics.propagation import reconstruct
+from holopipe.optics.simulate import (
+    Camera,
+    Optics,
+    ParticleSet,
+    SimulationSettings,
+    camera_image,
+    opaque_disks_field,
+    simulate_file,
+)
 
 WAVELENGTH, PITCH = 3.55e-7, 2.96e-6
 Z_MIN, Z_MAX = 2e-3, 12e-3

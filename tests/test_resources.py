@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import yaml
+from helpers import REPO, TINY
 
 from holopipe.core.config import load_config, merged_config
 from holopipe.data.regrid import plan_axis
 from holopipe.detect.infer import infer_memory, plane_batch
 from holopipe.run import resources as cost
-from helpers import REPO, TINY
 
 FRAME, PADDED = 2048 * 1536, (2048 + 512) * (1536 + 512)
 """A frame and its padded frame large enough that the data, not the libraries or the start-up, set the figures."""

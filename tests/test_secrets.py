@@ -13,11 +13,11 @@ import optuna
 import pytest
 import yaml
 
-from holopipe.ml import tune
-from holopipe.run.cli import main
 from holopipe.core.config import ConfigError, load_config
 from holopipe.core.credentials import mask_secrets, read_password_file
 from holopipe.core.provenance import job_record, write_summary
+from holopipe.ml import tune
+from holopipe.run.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ENV = "HOLOPIPE_TEST_POSTGRES_URL"

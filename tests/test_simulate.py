@@ -8,9 +8,22 @@ import xarray as xr
 
 from holopipe.core.io import open_holodec, pixel_centres, um_to_pixel
 from holopipe.optics.propagation import reconstruct
-from holopipe.optics.simulate import (Artifacts, Camera, DiameterModel, Optics, ParticleSet, SimulationSettings,
-                                      camera_image, fraunhofer_field, opaque_disks_field, sample_outside,
-                                      sample_particles, simulate_file, simulate_hologram, window_dust)
+from holopipe.optics.simulate import (
+    Artifacts,
+    Camera,
+    DiameterModel,
+    Optics,
+    ParticleSet,
+    SimulationSettings,
+    camera_image,
+    fraunhofer_field,
+    opaque_disks_field,
+    sample_outside,
+    sample_particles,
+    simulate_file,
+    simulate_hologram,
+    window_dust,
+)
 
 OPTICS = Optics(wavelength=3.55e-7, dx=2.96e-6, dy=2.96e-6, nx=256, ny=192, z_min=2e-3, z_max=12e-3)
 NOISE_FREE_FLAT = Camera(noise=False, beam_waist=None)

@@ -11,9 +11,19 @@ import xarray as xr
 
 from holopipe.core.config import load_config
 from holopipe.core.io import PARTICLE_VARS, open_holodec, skipped_holograms, write_zarr
+from holopipe.data.standardize import (
+    BLANK_SHARE,
+    LOG_EPS,
+    _window,
+    apply_stats,
+    blank_reason,
+    fit_stats,
+    read_stats,
+    running_median_background,
+    smooth_background,
+    write_stats,
+)
 from holopipe.optics.simulate import Camera, Optics, SimulationSettings, beam_profile, camera_image, simulate_file
-from holopipe.data.standardize import (BLANK_SHARE, LOG_EPS, _window, apply_stats, blank_reason, fit_stats, read_stats,
-                                       running_median_background, smooth_background, write_stats)
 
 # Non-square frames with dx != dy: an x/y swap anywhere changes the beam's shape on the frame.
 DX, DY, WAVELENGTH, Z_MIN, Z_MAX = 2.96e-6, 2.5e-6, 3.55e-7, 2e-3, 12e-3
@@ -264,9 +274,9 @@ def test_stats_of_a_training_split_background_image_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_baseline_finds_the_same_droplets_in_the_beamed_and_the_flat_file(tmp_path):
+    from holopipe.data.regrid import regrid_file
     from holopipe.detect.baseline import baseline_file
     from holopipe.evaluation.evaluate import evaluate_files
-    from holopipe.data.regrid import regrid_file
 
     config = load_config({
         "splits": {"train": {"source": "simulate", "n_holograms": 1, "seed": 0}},
@@ -369,9 +379,9 @@ def test_a_saturated_edge_band_is_data_not_regrids_pad(tmp_path):
 
 def test_a_dark_hologram_in_a_good_file_is_skipped_by_the_baseline_and_listed_by_the_evaluation(tmp_path):
     """Raw file -> regrid -> standardize -> baseline -> evaluate, with hologram 2 of 3 all dark (a closed shutter)."""
+    from holopipe.data.regrid import regrid_file
     from holopipe.detect.baseline import baseline_file
     from holopipe.evaluation.evaluate import evaluate_files
-    from holopipe.data.regrid import regrid_file
 
     config = load_config({
         "splits": {"test": {"source": "simulate", "n_holograms": 3, "seed": 0}},

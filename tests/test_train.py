@@ -9,13 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from holopipe.ml import train as train_module
 from holopipe.core.config import load_config, with_overrides
+from holopipe.data.standardize import write_stats
+from holopipe.ml import train as train_module
 from holopipe.ml.dataset import TileDataset, write_synthetic_examples
 from holopipe.ml.losses import ObjectCounts
-from holopipe.ml.models import build_model
-from holopipe.data.standardize import write_stats
-from holopipe.ml.models import load_model
+from holopipe.ml.models import build_model, load_model
 from holopipe.ml.train import is_improvement, learning_rate, train_model
 
 TILE, CHANNELS, CONTRAST_STD = 32, ("amplitude", "phase"), 0.2

@@ -22,7 +22,6 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from holopipe.run import cli
 from holopipe.core.config import load_config, with_overrides
 from holopipe.ml.tune import (
     TrialProcessError,
@@ -36,6 +35,7 @@ from holopipe.ml.tune import (
     suggest,
     summarize,
 )
+from holopipe.run import cli
 
 POSTGRES_ENV = "HOLOPIPE_TEST_POSTGRES_URL"
 SEARCH_SPACE = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},

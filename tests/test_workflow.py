@@ -10,13 +10,13 @@ import pytest
 import torch
 import xarray as xr
 import yaml
-
-from holopipe.data.acquire import acquire_split
-from holopipe.core.config import load_config
-from holopipe.evaluation.plots import PLOT_NAMES
-from holopipe.core.io import open_holodec, particle_table
-from holopipe.ml.models import load_model
 from helpers import REPO, TINY, snakemake
+
+from holopipe.core.config import load_config
+from holopipe.core.io import open_holodec, particle_table
+from holopipe.data.acquire import acquire_split
+from holopipe.evaluation.plots import PLOT_NAMES
+from holopipe.ml.models import load_model
 
 pytestmark = pytest.mark.workflow
 

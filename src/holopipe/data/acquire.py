@@ -26,9 +26,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from holopipe.core import io
-
-from holopipe.optics import simulate
 from holopipe.core.config import ConfigError, split_simulation_config
+from holopipe.optics import simulate
 
 __all__ = ["DownloadError", "acquire_split", "check_against_optics"]
 

@@ -43,10 +43,17 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.core.config import ConfigError, load_config
-from holopipe.core.device import array_namespace_for, scipy_for
-from holopipe.core.device import host_array
-from holopipe.core.io import (IMAGE_DIMS, file_layout, hologram_image_yx, open_holodec, pixel_centres, row_major,
-                              write_atomically, write_zarr)
+from holopipe.core.device import array_namespace_for, host_array, scipy_for
+from holopipe.core.io import (
+    IMAGE_DIMS,
+    file_layout,
+    hologram_image_yx,
+    open_holodec,
+    pixel_centres,
+    row_major,
+    write_atomically,
+    write_zarr,
+)
 from holopipe.optics.simulate import Optics, ParticleSet, fringe_pattern, opaque_disks_field
 
 __all__ = [

@@ -43,11 +43,16 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.core.config import ConfigError
-from holopipe.optics.reconstruction import field_channels
 from holopipe.core.device import cpu_threads
 from holopipe.core.io import hologram_image_yx, particle_table, skipped_holograms, um_to_pixel, write_atomically
 from holopipe.optics.propagation import effective_depth_of_focus
-from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres, z_bin_of
+from holopipe.optics.reconstruction import (
+    field_channels,
+    hologram_propagator,
+    open_standardized,
+    z_bin_centres,
+    z_bin_of,
+)
 
 __all__ = [
     "build_examples",

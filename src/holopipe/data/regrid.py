@@ -53,8 +53,7 @@ import numpy as np
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.core.device import array_namespace_for
-from holopipe.core.device import host_array
+from holopipe.core.device import array_namespace_for, host_array
 from holopipe.core.grid import PITCH_TOLERANCE, bin_ratio, framed_pixels, resampled_pixels, resamples
 from holopipe.core.io import DUST_ATTRS, IMAGE_DIMS, IN_MEMORY, open_holodec, pixel_centres, write_zarr
 

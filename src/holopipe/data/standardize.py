@@ -72,8 +72,7 @@ import scipy.interpolate
 import xarray as xr
 
 from holopipe import __version__
-from holopipe.core.device import array_namespace_for
-from holopipe.core.device import host_array
+from holopipe.core.device import array_namespace_for, host_array
 from holopipe.core.io import IMAGE_DIMS, SKIPPED_ATTR, SKIPPED_REASONS_ATTR, open_holodec, write_atomically, write_zarr
 from holopipe.data.regrid import data_area
 

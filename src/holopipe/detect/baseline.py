@@ -84,16 +84,22 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
-from holopipe.core.device import host_array
-
-from holopipe.optics.focus import pixel_values, reconstructed_amplitude, window_scores
-from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
-from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, hologram_image_yx, input_identity,
-                              pixel_position, usable_holograms, write_atomically)
-from holopipe.optics.propagation import Propagator, device_planes_per_batch
+from holopipe.core.device import array_mover, host_array
+from holopipe.core.io import (
+    PARTICLE_VARS,
+    HologramParts,
+    equivalent_diameter,
+    hologram_image_yx,
+    input_identity,
+    pixel_position,
+    usable_holograms,
+    write_atomically,
+)
 from holopipe.core.provenance import code_identity
 from holopipe.detect.particles import line_of_sight_splits, suppress_ghosts, without_stationary
-from holopipe.core.device import array_mover
+from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
+from holopipe.optics.focus import pixel_values, reconstructed_amplitude, window_scores
+from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized, z_bin_centres
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "detections_file", "find_particles", "plane_detections"]

@@ -59,20 +59,28 @@ import zarr
 from tqdm.auto import tqdm
 
 from holopipe import __version__
-from holopipe.detect import coarse  # the module: it builds on this one
-from holopipe.detect.host_memory import (INFER_BYTES_PER_PADDED_PIXEL, INFER_BYTES_PER_PADDED_PIXEL_PLANE,
-                                         INFER_CPU_BYTES_PER_PIXEL_PLANE, INFER_LIBRARIES_BYTES)
-from holopipe.core.io import (HologramParts, hologram_image_yx, input_identity, remove_path,
-                              usable_holograms)
-from holopipe.core.provenance import code_identity
-from holopipe.optics.reconstruction import open_standardized, z_bin_centres
 from holopipe.core.device import autocast_dtype, describe_device, resolve_device
-from holopipe.ml.models import fold_batchnorm
-from holopipe.ml.models import load_model
-
-from holopipe.detect.sweep import (DETECTION_COLUMNS, Segmenter, activation_counter, batch_detections, cudnn_autotune,
-                                   model_segmenter, planes_per_run, sweep_hologram)
-
+from holopipe.core.io import HologramParts, hologram_image_yx, input_identity, remove_path, usable_holograms
+from holopipe.core.provenance import code_identity
+from holopipe.detect import coarse  # the module: it builds on this one
+from holopipe.detect.host_memory import (
+    INFER_BYTES_PER_PADDED_PIXEL,
+    INFER_BYTES_PER_PADDED_PIXEL_PLANE,
+    INFER_CPU_BYTES_PER_PIXEL_PLANE,
+    INFER_LIBRARIES_BYTES,
+)
+from holopipe.detect.sweep import (
+    DETECTION_COLUMNS,
+    Segmenter,
+    activation_counter,
+    batch_detections,
+    cudnn_autotune,
+    model_segmenter,
+    planes_per_run,
+    sweep_hologram,
+)
+from holopipe.ml.models import fold_batchnorm, load_model
+from holopipe.optics.reconstruction import open_standardized, z_bin_centres
 
 log = logging.getLogger("holopipe")
 

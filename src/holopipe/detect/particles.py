@@ -64,20 +64,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
-import scipy.sparse
 import scipy.signal
+import scipy.sparse
 import scipy.sparse.csgraph
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from holopipe.core.device import array_mover
-from holopipe.core.device import host_array
-from holopipe.optics.focus import host_windows, reconstructed_amplitude, smoothed_amplitude, window_scores
-from holopipe.core.io import (PARTICLE_VARS, HologramParts, equivalent_diameter, hologram_image_yx, input_identity,
-                              open_holodec, pixel_position, usable_holograms, write_atomically)
-from holopipe.detect.sweep import DETECTION_COLUMNS
-from holopipe.optics.propagation import Propagator, device_planes_per_batch
+from holopipe.core.device import array_mover, host_array
+from holopipe.core.io import (
+    PARTICLE_VARS,
+    HologramParts,
+    equivalent_diameter,
+    hologram_image_yx,
+    input_identity,
+    open_holodec,
+    pixel_position,
+    usable_holograms,
+    write_atomically,
+)
 from holopipe.core.provenance import code_identity
+from holopipe.detect.sweep import DETECTION_COLUMNS
+from holopipe.optics.focus import host_windows, reconstructed_amplitude, smoothed_amplitude, window_scores
+from holopipe.optics.propagation import Propagator, device_planes_per_batch
 from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "components", "focus_windows",

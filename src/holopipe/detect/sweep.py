@@ -24,13 +24,11 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
-from holopipe.optics.reconstruction import normalize_channels
-from holopipe.optics.focus import SMOOTHING_PIXELS
-from holopipe.core.io import PARTICLE_VARS, equivalent_diameter, pixel_position
-from holopipe.optics.propagation import Propagator, hologram_field
 from holopipe.core.device import autocast
-
-
+from holopipe.core.io import PARTICLE_VARS, equivalent_diameter, pixel_position
+from holopipe.optics.focus import SMOOTHING_PIXELS
+from holopipe.optics.propagation import Propagator, hologram_field
+from holopipe.optics.reconstruction import normalize_channels
 
 log = logging.getLogger("holopipe")
 

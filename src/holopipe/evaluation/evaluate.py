@@ -50,10 +50,10 @@ import numpy as np
 import pandas as pd
 
 from holopipe.core.config import primary_split
+from holopipe.core.io import read_particle_csv, write_atomically
 from holopipe.evaluation.labels import CONFIDENCES, LABELS, open_candidates, read_labels
 from holopipe.evaluation.matching import COORDINATES, check_holograms, match, on_window_dust, read_truth
 from holopipe.evaluation.plots import plot_evaluation, plot_labels
-from holopipe.core.io import (read_particle_csv, write_atomically)
 
 __all__ = ["bootstrap_intervals", "bootstrap_scores", "cohen_kappa",
            "combined_labels", "detection_metrics", "evaluate_files", "hologram_counts", "label_metrics",

@@ -26,8 +26,8 @@ import pandas as pd
 import yaml
 
 from holopipe.core.config import load_config, with_overrides
-from holopipe.evaluation.matching import match, read_truth
 from holopipe.core.io import read_particle_csv, write_atomically
+from holopipe.evaluation.matching import match, read_truth
 
 __all__ = ["BEGIN", "END", "SEARCH_SPACES", "tune_postprocessing", "write_settings"]
 

@@ -30,12 +30,12 @@ import torch
 from tqdm import tqdm  # not tqdm.auto: its constructor calls iter(), starting a DataLoader twice
 
 from holopipe import __version__
-from holopipe.ml.dataset import TileDataset
 from holopipe.core.device import autocast, autocast_dtype, describe_device, resolve_device
 from holopipe.core.io import write_atomically
+from holopipe.data.standardize import read_stats
+from holopipe.ml.dataset import TileDataset
 from holopipe.ml.losses import ObjectCounts, PixelCounts, build_loss
 from holopipe.ml.models import MODEL_FORMAT, build_model, model_stride
-from holopipe.data.standardize import read_stats
 
 __all__ = ["CHECKPOINT_FORMAT", "TrainResult", "is_improvement", "learning_rate", "train_model"]
 

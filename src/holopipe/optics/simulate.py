@@ -36,8 +36,7 @@ import scipy.fft
 from tqdm.auto import tqdm
 
 from holopipe import __version__
-from holopipe.core.device import array_namespace_for, scipy_for
-from holopipe.core.device import host_array
+from holopipe.core.device import array_namespace_for, host_array, scipy_for
 from holopipe.core.io import DUST_ATTRS, HolodecWriter, pixel_centres
 from holopipe.optics.propagation import TransferFunction, fft2, ifft2
 

@@ -13,9 +13,13 @@ rule asks for one); see :func:`device_kind`.
 import math
 
 from holopipe.core.grid import regridded_pixels
-from holopipe.detect.host_memory import (INFER_BYTES_PER_PADDED_PIXEL, INFER_BYTES_PER_PADDED_PIXEL_PLANE,
-                                         INFER_CPU_BYTES_PER_PIXEL_PLANE, INFER_GPU_HOST_BYTES_PER_PIXEL_PLANE,
-                                         INFER_LIBRARIES_BYTES)
+from holopipe.detect.host_memory import (
+    INFER_BYTES_PER_PADDED_PIXEL,
+    INFER_BYTES_PER_PADDED_PIXEL_PLANE,
+    INFER_CPU_BYTES_PER_PIXEL_PLANE,
+    INFER_GPU_HOST_BYTES_PER_PIXEL_PLANE,
+    INFER_LIBRARIES_BYTES,
+)
 from holopipe.optics.propagation import PLANE_BATCH_PIXELS
 
 PYTHON_LIBRARIES_MB = 512
