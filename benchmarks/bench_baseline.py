@@ -13,8 +13,8 @@ For each plane count (evenly spaced planes of the 1000 of 14-158 mm) it prints w
 (and, in brackets, CPU seconds per plane of all threads: a figure that other jobs on the node disturb
 less) of: the bare reconstruction (amplitude of one plane, no phase: the floor of both stages),
 ``find_particles`` (its threshold sample of up to 8 planes included: compare the slope between two
-plane counts for the marginal cost), and ``refine_depths`` with every particle searched on every plane (the worst case: 500
-particles per plane). ``--before`` also times the modules of ``--before-commit`` (checked out from git
+plane counts for the marginal cost), and ``refine_depths`` with every particle searched on every plane (the worst case:
+500 particles per plane). ``--before`` also times the modules of ``--before-commit`` (checked out from git
 into a temporary package), the code before the baseline and refinement were batched on the device.
 
 ``--compare-default N`` instead runs the baseline before and after on the first N holograms of the
@@ -36,7 +36,7 @@ import pandas as pd
 
 from holopipe.core.config import load_config
 from holopipe.core.device import array_mover
-from holopipe.core.io import file_layout, open_holodec, write_zarr
+from holopipe.core.io import file_layout, open_holodec, particle_table, write_zarr
 from holopipe.evaluation.matching import match
 from holopipe.optics.focus import reconstructed_amplitude
 from holopipe.optics.propagation import device_planes_per_batch
@@ -105,12 +105,12 @@ def compare_on_default(n_holograms: int, before_commit: str) -> None:
     config = load_config(REPO / "config" / "config.yaml")
     settings = SimulationSettings.from_config(config)
     work = Path(tempfile.mkdtemp())
-    ds = open_holodec(str(simulate_file(work / "test.nc", n_holograms=n_holograms, seed=config["splits"]["test"]["seed"],
-                                        settings=settings, progress=False)))
+    ds = open_holodec(str(simulate_file(work / "test.nc", n_holograms=n_holograms,
+                                        seed=config["splits"]["test"]["seed"], settings=settings, progress=False)))
     images = ds["image"].values / file_layout(beam_profile(settings.optics, settings.camera.beam_waist))[None]
     store = write_zarr(ds.assign(image=(ds["image"].dims, (images / images.mean(axis=(1, 2), keepdims=True))
                                         .astype(np.float32))), work / "test.zarr")
-    truth = pd.DataFrame({c: ds[c].values for c in ("hid", "x", "y", "z", "d")})
+    truth = particle_table(ds)
     old_baseline, _ = before_modules(before_commit, work / "before")
     import holopipe.detect.baseline as baseline
 
@@ -175,7 +175,8 @@ def main():
             base = timed(lambda: found.append(baseline_module.find_particles(
                 sweep, planes, config["baseline"], dx=dx, dy=dy)))
             refine = timed(lambda: particles_module.refine_depths(sweep, planes, extent, settings, dx=dx, dy=dy))
-            figures = "".join(f"{wall / planes.size:>9.2f} [{cpu / planes.size:4.2f}]" for wall, cpu in (bare, base, refine))
+            figures = "".join(f"{wall / planes.size:>9.2f} [{cpu / planes.size:4.2f}]"
+                              for wall, cpu in (bare, base, refine))
             print(f"{name:<7}{planes.size:>7}{figures}   ({len(found[0])} baseline particles)")
 
 

@@ -47,10 +47,10 @@ from holopipe.core.device import cpu_threads
 from holopipe.core.io import hologram_image_yx, particle_table, skipped_holograms, um_to_pixel, write_atomically
 from holopipe.optics.propagation import effective_depth_of_focus
 from holopipe.optics.reconstruction import (
+    SampleVolume,
     field_channels,
     hologram_propagator,
     open_standardized,
-    z_bin_centres,
     z_bin_of,
 )
 
@@ -308,7 +308,7 @@ def build_examples(in_path, out_path, config: dict, *, split: str, progress=True
         _check_input(ds, in_name, tile)
         attrs = ds.attrs
         frame = (ds.sizes["ysize"], ds.sizes["xsize"])
-        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), n_bins)
+        planes = SampleVolume.of(attrs).planes(n_bins)
         particles = particles_in_pixels(particle_table(ds), attrs, n_bins)
         by_hologram = {hid: group for hid, group in particles.groupby("hid")}
         n_holograms = ds.sizes["hologram_number"]

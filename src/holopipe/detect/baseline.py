@@ -100,7 +100,7 @@ from holopipe.detect.particles import line_of_sight_splits, suppress_ghosts, wit
 from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
 from holopipe.optics.focus import pixel_values, reconstructed_amplitude, window_scores
 from holopipe.optics.propagation import Propagator, device_planes_per_batch
-from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized, z_bin_centres
+from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "detections_file", "find_particles", "plane_detections"]
 
@@ -139,7 +139,8 @@ def _threshold_sample(propagator: Propagator, planes: np.ndarray, batch_planes: 
     chosen = planes[np.unique(np.linspace(0, planes.size - 1, min(THRESHOLD_PLANES, planes.size)).round().astype(int))]
     ny, nx = propagator.shape
     step = max(1, int(np.ceil(np.sqrt(chosen.size * ny * nx / THRESHOLD_SAMPLES))))
-    return np.concatenate([host_array(reconstructed_amplitude(propagator, chosen[i:i + batch_planes])[:, ::step, ::step])
+    return np.concatenate([host_array(reconstructed_amplitude(propagator,
+                                                              chosen[i:i + batch_planes])[:, ::step, ::step])
                            for i in range(0, chosen.size, batch_planes)])
 
 
@@ -255,11 +256,11 @@ def _grouped_planes(propagator: Propagator, planes: np.ndarray, baseline: dict, 
                     progress: bool, smoothed_minimum: bool = False) -> _PlaneGrouper:
     """Steps 1-3's per-plane work on every plane: the grouper holding the candidate regions and their links.
 
-    ``batch_planes`` planes are reconstructed at once (default: :func:`~holopipe.optics.propagation.device_planes_per_batch`,
-    sized for the device) on the propagator's array library and device. The host's labelling of a batch runs
-    in a worker thread while the device reconstructs the next (at most :data:`holopipe.detect.sweep.BATCHES_IN_FLIGHT`
-    batches wait for it: memory stays a few batches, and a worker's error surfaces here); ``progress`` shows a
-    bar over the plane batches.
+    ``batch_planes`` planes are reconstructed at once (default:
+    :func:`~holopipe.optics.propagation.device_planes_per_batch`, sized for the device) on the propagator's array
+    library and device. The host's labelling of a batch runs in a worker thread while the device reconstructs the next
+    (at most :data:`holopipe.detect.sweep.BATCHES_IN_FLIGHT` batches wait for it: memory stays a few batches, and a
+    worker's error surfaces here); ``progress`` shows a bar over the plane batches.
     """
     if batch_planes is None:
         batch_planes = device_planes_per_batch(propagator)
@@ -376,7 +377,7 @@ def detections_file(config: dict, store_path, out_csv, *, progress=True) -> Path
     try:
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
-        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
+        planes = SampleVolume.of(attrs).planes(int(reconstruction["z_bins"]))
         tables = []
         for hid in tqdm(usable_holograms(ds), desc=f"physics detections {Path(name).name}", unit="hologram",
                         disable=not progress):

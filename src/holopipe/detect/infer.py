@@ -21,10 +21,11 @@ thread waits.
 
 Detections: pixels with probability > ``infer.threshold`` are found on the device by comparing the logits
 with the threshold's logit (:func:`logit_threshold`), into fixed-size slots (:func:`sparse_pixels`), and only
-at them are the sigmoid and the box-averaged amplitude computed; only they (row, column, probability, logit, smoothed amplitude) travel to the
-host, where a worker thread groups them into 8-connected components (a sparse pixel graph, so the cost is
-that of the bright pixels, not of the frame) while the device computes the next batch. Components of at least ``infer.min_area`` pixels become detections: hid
-(1-based), plane (global index), probability-weighted centroid x, y and plane z, equivalent diameter
+at them are the sigmoid and the box-averaged amplitude computed; only they (row, column, probability, logit,
+smoothed amplitude) travel to the host, where a worker thread groups them into 8-connected components (a
+sparse pixel graph, so the cost is that of the bright pixels, not of the frame) while the device computes
+the next batch. Components of at least ``infer.min_area`` pixels become detections: hid (1-based), plane
+(global index), probability-weighted centroid x, y and plane z, equivalent diameter
 ``d = 2 sqrt(area dx dy / π)`` (all µm; x, y from the frame centre with the contract's pixel centres
 ``(i + 0.5 - n/2) · pitch``), area (pixels), prob_max, prob_mean.
 
@@ -80,7 +81,7 @@ from holopipe.detect.sweep import (
     sweep_hologram,
 )
 from holopipe.ml.models import fold_batchnorm, load_model
-from holopipe.optics.reconstruction import open_standardized, z_bin_centres
+from holopipe.optics.reconstruction import SampleVolume, open_standardized
 
 log = logging.getLogger("holopipe")
 
@@ -296,7 +297,7 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
     ds = open_standardized(name, config)
     try:
         attrs = ds.attrs
-        planes = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
+        planes = SampleVolume.of(attrs).planes(int(reconstruction["z_bins"]))
         indices = chunk_planes(planes.size, chunk, n_chunks)
         z_m = planes[indices]
         n_holograms, ny, nx = ds.sizes["hologram_number"], ds.sizes["ysize"], ds.sizes["xsize"]

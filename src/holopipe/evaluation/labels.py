@@ -34,11 +34,11 @@ from holopipe import __version__
 from holopipe.core.device import host_array
 from holopipe.core.io import PARTICLE_VARS, hologram_image_yx, read_particle_csv, um_to_pixel, write_atomically
 from holopipe.evaluation.matching import match
-from holopipe.optics.reconstruction import hologram_propagator, open_standardized, z_bin_centres
+from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized
 
 __all__ = ["CANDIDATE_COLUMNS", "CONFIDENCES", "CROP_PIXELS", "LABELS", "LABEL_COLUMNS", "ORDER_SEED",
-           "PLANES_EACH_SIDE", "Candidates", "LabelFile", "check_labeller", "crop_indices", "label_order", "open_candidates",
-           "read_label_files", "read_labels", "union_candidates", "write_candidates"]
+           "PLANES_EACH_SIDE", "Candidates", "LabelFile", "check_labeller", "crop_indices", "label_order",
+           "open_candidates", "read_label_files", "read_labels", "union_candidates", "write_candidates"]
 
 CROP_PIXELS = 96
 """Side (pixels) of a candidate's square crop: 284 µm at HOLODEC's 2.96 µm, several diameters of a large droplet."""
@@ -108,7 +108,8 @@ def _plane_indices(z_um: np.ndarray, planes_m: np.ndarray) -> np.ndarray:
 def _hologram_crops(propagator, planes_m, plane_index, rows, cols):
     """Amplitude and phase crops (candidates, planes, size, size) float16 of one hologram's candidates.
 
-    Only the planes they need are reconstructed, :meth:`~holopipe.optics.propagation.Propagator.planes_per_batch` at a time.
+    Only the planes they need are reconstructed,
+    :meth:`~holopipe.optics.propagation.Propagator.planes_per_batch` at a time.
     """
     n, n_planes = plane_index.shape
     amplitude = np.zeros((n, n_planes, CROP_PIXELS, CROP_PIXELS), np.float16)
@@ -147,7 +148,7 @@ def write_candidates(config: dict, split: str, store_path, unet_csv, baseline_cs
         attrs = ds.attrs
         dx, dy = float(attrs["dx"]), float(attrs["dy"])
         nx, ny = int(ds.sizes["xsize"]), int(ds.sizes["ysize"])
-        planes_m = z_bin_centres(float(attrs["zMin"]), float(attrs["zMax"]), int(reconstruction["z_bins"]))
+        planes_m = SampleVolume.of(attrs).planes(int(reconstruction["z_bins"]))
         n_holograms = int(ds.sizes["hologram_number"])
         outside = table.loc[~table["hid"].between(1, n_holograms), "hid"]
         if len(outside):
