@@ -264,7 +264,8 @@ def markdown(result: dict) -> str:
     evaluated = ("" if result["evaluated_commit"] == result["commit"] else
                  f", evaluated at commit {result['evaluated_commit']}")
     if result.get("post_commit"):
-        evaluated += f"; particles stage, baseline and ablation recomputed at commit {result['post_commit']} (--post-only)"
+        evaluated += (f"; particles stage, baseline and ablation recomputed at commit {result['post_commit']}"
+                      " (--post-only)")
     lines = [f"Accuracy benchmark, runs computed at commit {result['commit']}{evaluated}: `{result['command']}`", "",
              f"{result['runs']} training runs (seeds {', '.join(map(str, range(1, result['runs'] + 1)))} of "
              f"{', '.join(RUN_SEEDED)}); intervals: 95 %, bootstrap over training runs and holograms "

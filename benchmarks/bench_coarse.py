@@ -6,10 +6,11 @@
 Both run :func:`holopipe.detect.coarse.coarse_to_fine_sweep` on one CPU thread (``torch.set_num_threads(1)``) with
 the config's ``infer`` settings (threshold, min_area, batch_planes, coarse_threshold, coarse_margin) and print,
 per k: the share of a full sweep's pixels the model saw (``model px``), the model calls, wall seconds per
-hologram (propagation included: on a CPU it is most of a sweep whatever k), the F1 (precision, recall) against the truth,
-how many of the k = 1 particles the k run finds again (same matching, ``agree``), and the recall of the small droplets
-(d < 20 µm), those whose effective depth of focus (:func:`holopipe.optics.propagation.effective_depth_of_focus`) is shortest; with
-the share of them whose depth of focus is shorter than half the coarse spacing (k planes), which a coarse plane may miss.
+hologram (propagation included: on a CPU it is most of a sweep whatever k), the F1 (precision, recall) against the
+truth, how many of the k = 1 particles the k run finds again (same matching, ``agree``), and the recall of the small
+droplets (d < 20 µm), those whose effective depth of focus
+(:func:`holopipe.optics.propagation.effective_depth_of_focus`) is shortest; with the share of them whose depth of focus
+is shorter than half the coarse spacing (k planes), which a coarse plane may miss.
 
 ``default``: the embedded default (config/config.yaml), its standardized split stores under
 ``WORKDIR/data/standardized/`` and its trained model ``WORKDIR/results/model/model.pt`` (``snakemake --cores 1
@@ -59,7 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 CROP = 1024
 """Side (pixels) of the holodec-crop-like frame."""
 SMALL_UM = 20.0
-"""Droplets below this diameter (µm) are tallied apart: the shortest depths of focus, the first a coarse search loses."""
+"""Droplets below this diameter (µm) are tallied apart: the shortest depths of focus,
+the first a coarse search loses."""
 
 
 class Counting:
@@ -117,7 +119,8 @@ class Tally:
     def add(self, truth: pd.DataFrame, predicted: pd.DataFrame, reference: pd.DataFrame, config: dict) -> None:
         """Pool one store's particles against its truth; ``agree``: particles of ``reference`` (k = 1) found again."""
         tol_xy, tol_z = float(config["evaluate"]["tolerance_xy"]), float(config["evaluate"]["tolerance_z"])
-        depth_bins = np.linspace(config["optics"]["z_min"], config["optics"]["z_max"], config["evaluate"]["depth_bins"] + 1)
+        depth_bins = np.linspace(config["optics"]["z_min"], config["optics"]["z_max"],
+                                 config["evaluate"]["depth_bins"] + 1)
         metrics = detection_metrics(truth, predicted, match(truth, predicted, tol_xy, tol_z),
                                     config["evaluate"]["diameter_bins"], depth_bins)
         for key in ("n_true", "n_predicted", "tp"):
@@ -192,8 +195,8 @@ def run_default(strides: list[int], splits: list[str], workdir: Path) -> None:
     infer = config["infer"]
     report(f"default: config/config.yaml, {workdir}, {'+'.join(splits)} ({n_holograms} holograms, 512 x 512, "
            f"{config['reconstruction']['z_bins']} planes), the trained U-Net (stride {stride}); threshold "
-           f"{infer['threshold']}, coarse_threshold {infer['coarse_threshold']}, coarse_margin {infer['coarse_margin']}; "
-           "particles merged and refined as the workflow does", tallies)
+           f"{infer['threshold']}, coarse_threshold {infer['coarse_threshold']}, coarse_margin "
+           f"{infer['coarse_margin']}; particles merged and refined as the workflow does", tallies)
 
 
 def crop_config(n_particles: int, pad: int | None, z_bins: int | None) -> dict:
@@ -244,9 +247,9 @@ def run_crop(strides: list[int], n_holograms: int, n_particles: int, pad: int | 
     infer = config["infer"]
     report(f"crop: {CROP} x {CROP} of HOLODEC (holodec.yaml optics and simulate: gamma 5-200 µm, NCAR camera), "
            f"{n_particles} droplets x {n_holograms} holograms (seed {seed}), {planes.size} planes over 14-158 mm, pad "
-           f"{config['reconstruction']['pad']}; physics oracle 9 (0.3 - |E|), windows in strides of {stride}; threshold {infer['threshold']}, coarse_threshold "
-           f"{infer['coarse_threshold']}, coarse_margin {infer['coarse_margin']}; particles merged, not refined",
-           tallies)
+           f"{config['reconstruction']['pad']}; physics oracle 9 (0.3 - |E|), windows in strides of {stride}; "
+           f"threshold {infer['threshold']}, coarse_threshold {infer['coarse_threshold']}, coarse_margin "
+           f"{infer['coarse_margin']}; particles merged, not refined", tallies)
 
 
 def main():

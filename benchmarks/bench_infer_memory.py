@@ -150,8 +150,9 @@ def main() -> None:
         n_full, p_full = nx * ny, (nx + 2 * pad) * (ny + 2 * pad)
         per_padded = f["p"] + f["m"] * n_full / p_full
         print(f"  at {nx}x{ny} with pad {pad} (P = {p_full / 1e6:.1f} Mpx): {per_padded:.0f} bytes per padded pixel "
-              f"per plane, {per_padded * p_full / 2**30:.2f} GiB per plane, once {(f['C'] + f['a'] * p_full) / 2**30:.2f}"
-              f" GiB; batch_planes 4 -> {(f['C'] + f['a'] * p_full + 4 * per_padded * p_full) / 2**30:.1f} GiB")
+              f"per plane, {per_padded * p_full / 2**30:.2f} GiB per plane, once "
+              f"{(f['C'] + f['a'] * p_full) / 2**30:.2f} GiB; batch_planes 4 -> "
+              f"{(f['C'] + f['a'] * p_full + 4 * per_padded * p_full) / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@
 
 The frame is what the config's ``regrid`` makes of its ``optics`` camera frame (:func:`holopipe.data.regrid.plan_axis`:
 4872 x 3248 -> 5120 x 3584 for ``config/holodec.yaml``), padded by ``reconstruction.pad`` with its band limit;
-``--frame`` crops it (CPU figures). The workflow's path is a :class:`holopipe.optics.propagation.Propagator` of a contrast
-hologram (one forward FFT) and ``reconstruct`` (transfer function, inverse FFT, amplitude and phase) over the
+``--frame`` crops it (CPU figures). The workflow's path is a :class:`holopipe.optics.propagation.Propagator` of a
+contrast hologram (one forward FFT) and ``reconstruct`` (transfer function, inverse FFT, amplitude and phase) over the
 plane grid in batches of ``infer.batch_planes``; the references are the same library's bare FFTs
-(:func:`holopipe.optics.propagation.fft2` / ``ifft2``) of a batch of the padded grid, warmed: the inverse FFT alone (what a
-plane costs at the least) and the fft2 + ifft2 round trip; and, on a second line, the inverse FFT of one plane at a
-time (no batch-sized output to page in: the stricter floor, since the workflow sweeps plane by plane). Prints
+(:func:`holopipe.optics.propagation.fft2` / ``ifft2``) of a batch of the padded grid, warmed: the inverse FFT alone
+(what a plane costs at the least) and the fft2 + ifft2 round trip; and, on a second line, the inverse FFT of one plane
+at a time (no batch-sized output to page in: the stricter floor, since the workflow sweeps plane by plane). Prints
 ms/plane per library (numpy, torch CPU, torch CUDA and cupy where present) and the ratios reference / workflow (1
 means as fast as the bare FFT). ``--repeats`` times each figure that many times and keeps the best: on a shared
 machine other jobs only ever add time.

@@ -83,7 +83,8 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     assert "snakemake" not in post.stdout and (out / "post" / "run_2" / "test_unet.csv").is_file()
     assert comparable(out / "accuracy.json")["splits"] == result["splits"]
     assert "recomputed at commit" in (out / "accuracy.md").read_text()
-    assert json.loads((out / "post" / "code.json").read_text())["code"] != json.loads((out / "code.json").read_text())["code"]
+    assert (json.loads((out / "post" / "code.json").read_text())["code"]
+            != json.loads((out / "code.json").read_text())["code"])
 
 
 @pytest.mark.slow

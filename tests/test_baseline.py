@@ -196,7 +196,8 @@ def test_the_physics_detections_through_the_particles_stage_find_the_particles_w
     tolerance = config["evaluate"]["tolerance_xy"], config["evaluate"]["tolerance_z"]
     pairs = match(truth_table(WIDE_PARTICLES, 2), found, *tolerance)
     assert len(pairs) == 2 and len(found) == 2
-    assert np.all(np.abs(pairs["error_x"]) <= 2 * WIDE.dx * 1e6) and np.all(np.abs(pairs["error_y"]) <= 2 * WIDE.dy * 1e6)
+    assert (np.all(np.abs(pairs["error_x"]) <= 2 * WIDE.dx * 1e6)
+            and np.all(np.abs(pairs["error_y"]) <= 2 * WIDE.dy * 1e6))
     swapped = truth_table(WIDE_PARTICLES, 2).rename(columns={"x": "y", "y": "x"})
     assert match(swapped, found, *tolerance).empty, "x and y swapped must not match"
 
@@ -236,7 +237,8 @@ def test_a_killed_baseline_run_resumes_without_redoing_finished_holograms(tmp_pa
 
     calls = []
     original = holopipe.detect.baseline.find_particles
-    monkeypatch.setattr(holopipe.detect.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(holopipe.detect.baseline, "find_particles",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = pd.read_csv(baseline_file(load_config(config), path, out, progress=False))
     assert len(calls) == n_holograms - finished, "the rerun computes only the unfinished holograms"
     assert not parts.exists(), "the parts are removed once the CSV is written"
@@ -266,7 +268,8 @@ def test_a_rerun_after_a_code_change_recomputes_the_holograms_of_the_old_code(tm
     calls.clear()
     pulled = {**code_identity(), "source_sha256": "pulled"}
     monkeypatch.setattr(holopipe.detect.baseline, "code_identity", lambda: pulled)
-    monkeypatch.setattr(holopipe.detect.baseline, "find_particles", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(holopipe.detect.baseline, "find_particles",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     baseline_file(config, path, out, progress=False)
     assert len(calls) == 2, "hologram 1 of the old code is computed again"
 

@@ -126,7 +126,8 @@ def test_coarse_to_fine_finds_the_particles_of_the_full_sweep(hologram, full, co
     particles = merge_detections(coarse, config)
     expected = merge_detections(full, config)
     pd.testing.assert_frame_equal(particles, expected)
-    # Each droplet at its place (and one 2-pixel ghost on the first planes, a fringe of the 40 µm droplet, in both): x along the 2.96 µm columns, y along the 3.6 µm rows.
+    # Each droplet at its place (and one 2-pixel ghost on the first planes, a fringe of the 40 µm droplet, in both):
+    # x along the 2.96 µm columns, y along the 3.6 µm rows.
     for x, y in zip(PARTICLES.x * 1e6, PARTICLES.y * 1e6):
         nearest = np.argmin(np.hypot(particles["x"] - x, particles["y"] - y))
         assert abs(particles["x"][nearest] - x) <= 1.5 * OPTICS.dx * 1e6
@@ -267,7 +268,8 @@ def test_overlapping_windows_keep_the_larger_logit():
 
     windows = np.array([[0, 0, 0, 8, 8], [0, 4, 4, 8, 8]])
     canvas = WindowSegmenter(by_window, windows, (16, 16), n_planes=1, batch_pixels=1000,
-                             device=torch.device("cpu"), pad_counts=False)(torch.ones(1, 16, 16), torch.zeros(1, 16, 16))
+                             device=torch.device("cpu"), pad_counts=False)(torch.ones(1, 16, 16),
+                                                                           torch.zeros(1, 16, 16))
     assert canvas[0, 5, 5] == 1 and canvas[0, 1, 1] == 0 and canvas[0, 15, 15] == FILL_LOGIT
 
 

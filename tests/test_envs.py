@@ -108,7 +108,8 @@ def test_env_lists_nothing_pyproject_does_not(name):
     build_tools = {canonicalize_name(req.name): req.specifier
                    for req in map(Requirement, PYPROJECT["build-system"]["requires"])}
     for tool, specifier in build_tools.items():
-        assert specs.get(tool) == specifier, f"{ENVS[name]}: {tool}{specs.get(tool, ' missing')}, build-system {specifier}"
+        assert specs.get(tool) == specifier, (f"{ENVS[name]}: {tool}{specs.get(tool, ' missing')}, "
+                                              f"build-system {specifier}")
     allowed = {"python", "pip", *build_tools, *(["cuda-version"] if name == "gpu" else [])}
     allowed |= {conda_name(req, specs) for req in env_requirements(name)}
     assert set(specs) <= allowed, f"{ENVS[name]}: {sorted(set(specs) - allowed)} not in pyproject.toml"
@@ -233,7 +234,8 @@ def holopipe_closure(modules: set[str]) -> set[str]:
 def workflow_imports() -> set[str]:
     """What parsing the workflow imports: the `import`/`from` lines of the Snakefile and the .smk files."""
     pattern = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", flags=re.MULTILINE)
-    return {"snakemake"} | {a or b for path in WORKFLOW_FILES for a, b in pattern.findall(path.read_text(encoding="utf-8"))}
+    return {"snakemake"} | {a or b for path in WORKFLOW_FILES
+                            for a, b in pattern.findall(path.read_text(encoding="utf-8"))}
 
 
 @cache

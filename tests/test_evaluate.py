@@ -127,9 +127,10 @@ def test_metrics_from_known_counts_errors_and_diameter_bins():
         assert metrics[f"rms_{c}_um"] == pytest.approx(np.sqrt(np.mean(np.square(e))))
         assert metrics[f"bias_{c}_um"] == pytest.approx(np.mean(e))
     assert metrics["recall_by_diameter"] == [
-        {"low_um": 0.0, "high_um": 20.0, "n_true": 1, "tp": 1, "recall": 1.0, "recall_ci95": list(wilson_interval(1, 1)),
-         "rms_d_um": 2.0, "bias_d_um": 2.0},
-        {"low_um": 20.0, "high_um": 40.0, "n_true": 2, "tp": 2, "recall": 1.0, "recall_ci95": list(wilson_interval(2, 2)),
+        {"low_um": 0.0, "high_um": 20.0, "n_true": 1, "tp": 1, "recall": 1.0,
+         "recall_ci95": list(wilson_interval(1, 1)), "rms_d_um": 2.0, "bias_d_um": 2.0},
+        {"low_um": 20.0, "high_um": 40.0, "n_true": 2, "tp": 2, "recall": 1.0,
+         "recall_ci95": list(wilson_interval(2, 2)),
          "rms_d_um": pytest.approx(np.sqrt(10.0)), "bias_d_um": 1.0},  # errors -2 and +4 µm
         {"low_um": 40.0, "high_um": 100.0, "n_true": 1, "tp": 0, "recall": 0.0,
          "recall_ci95": list(wilson_interval(0, 1)), "rms_d_um": None, "bias_d_um": None},
@@ -380,7 +381,8 @@ def test_each_split_gets_its_own_file_with_intervals_and_the_log_table(tmp_path,
         "evaluate": {"depth_bins": 4, "bootstrap": 500, "seed": 3},
     })
     frame = {"nx": 24, "ny": 16, "dx": 10e-6, "dy": 12e-6}
-    fraunhofer_truth = table((1, 0.0, 0.0, 4000.0, 30.0), (2, 50.0, -50.0, 7000.0, 60.0), (2, -100.0, 0.0, 2500.0, 12.0))
+    fraunhofer_truth = table((1, 0.0, 0.0, 4000.0, 30.0), (2, 50.0, -50.0, 7000.0, 60.0),
+                             (2, -100.0, 0.0, 2500.0, 12.0))
     test_truth = table((1, 0.0, 0.0, 3000.0, 25.0), (1, 100.0, 100.0, 6000.0, 45.0), (2, -40.0, 10.0, 8000.0, 15.0))
     stores = {"fraunhofer": store(tmp_path / "fraunhofer.zarr", fraunhofer_truth, n_holograms=2, **frame),
               "test": store(tmp_path / "test.zarr", test_truth, n_holograms=3, **frame)}  # hologram 3 holds nothing
@@ -396,7 +398,8 @@ def test_each_split_gets_its_own_file_with_intervals_and_the_log_table(tmp_path,
         predictions.setdefault(method, {})[split] = write_csv(tmp_path / f"{split}_{method}.csv", particles, "prob")
     # tp, fp, fn per hologram, by hand.
     by_hand = {("unet", "fraunhofer"): [[1, 0, 0], [1, 0, 1]], ("baseline", "fraunhofer"): [[0, 0, 1], [1, 0, 1]],
-               ("unet", "test"): [[2, 0, 0], [1, 1, 0], [0, 0, 0]], ("baseline", "test"): [[1, 0, 1], [0, 1, 1], [0, 0, 0]]}
+               ("unet", "test"): [[2, 0, 0], [1, 1, 0], [0, 0, 0]],
+               ("baseline", "test"): [[1, 0, 1], [0, 1, 1], [0, 0, 0]]}
     f1_by_hand = {("unet", "fraunhofer"): 0.8, ("baseline", "fraunhofer"): 0.5, ("unet", "test"): 6 / 7,
                   ("baseline", "test"): 0.4}
 
@@ -438,7 +441,8 @@ def test_each_split_gets_its_own_file_with_intervals_and_the_log_table(tmp_path,
 
     log = capsys.readouterr().out
     assert "fraunhofer (" in log and f"test (primary, {out})" in log
-    unet_rows = [line.split()[:5] for line in log.splitlines() if line.startswith("unet ") and line.split()[1].isdigit()]
+    unet_rows = [line.split()[:5] for line in log.splitlines()
+                 if line.startswith("unet ") and line.split()[1].isdigit()]
     assert unet_rows == [["unet", "3", "2", "0", "1"], ["unet", "3", "3", "1", "0"]], log  # n truth, tp, fp, fn
     assert f"unet - baseline: F1 {6 / 7 - 0.4:+.3f} [" in log and log.count("(paired)") == 2
 
@@ -588,6 +592,7 @@ def test_particles_reported_on_window_dust_are_counted_per_method(tmp_path):
     metrics = json.loads(out.read_text())
     assert (metrics["unet"]["on_window_dust"], metrics["baseline"]["on_window_dust"]) == (2, 1)
     assert metrics["unet"]["on_window_dust_per_10_holograms"] == 10.0 and metrics["unet"]["window_dust_specks"] == 2
-    assert "on the 2 specks of window dust (per 10 holograms): baseline 1 (5.0), unet 2 (10.0)" in summary(out, ["test"])
+    assert ("on the 2 specks of window dust (per 10 holograms): baseline 1 (5.0), unet 2 (10.0)"
+            in summary(out, ["test"]))
     plain = evaluate_files(config, {"test": path}, predictions, tmp_path / "plain.json", tmp_path / "plots")
     assert "on_window_dust" not in json.loads(plain.read_text())["unet"], "no dust recorded, no count"

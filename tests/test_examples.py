@@ -198,7 +198,8 @@ def test_positive_mask_lies_under_the_dark_disk_of_the_reconstructed_amplitude(s
 def test_counts_and_planes_follow_the_config_and_the_particles(stores):
     ds = xr.open_zarr(stores["train"], consolidated=False).load()
     bins = particle_bins(stores["train_in"])
-    assert ds.attrs["channel_names"] == ["amplitude", "phase"] and list(ds["channel"].values) == ds.attrs["channel_names"]
+    assert (ds.attrs["channel_names"] == ["amplitude", "phase"]
+            and list(ds["channel"].values) == ds.attrs["channel_names"])
     assert ds["inputs"].dtype == np.float32 and ds["masks"].dtype == np.uint8
     assert ds["inputs"].encoding["chunks"] == (1, 2, TILE, TILE)
     width = (OPTICS.z_max - OPTICS.z_min) / Z_BINS

@@ -621,7 +621,8 @@ def test_compiled_segmenter_sees_one_batch_shape_and_gives_the_same_logits():
     torch.manual_seed(0)
     model = PlainUNet(2, width=4, depth=2).eval()
     shapes = []  # of real inputs: the segmenter traces the model's activation sizes on the meta device first
-    model.register_forward_pre_hook(lambda module, args: None if args[0].is_meta else shapes.append(tuple(args[0].shape)))
+    model.register_forward_pre_hook(lambda module, args: None if args[0].is_meta
+                                    else shapes.append(tuple(args[0].shape)))
     stats, channels = {"contrast_std": 0.2}, ["amplitude", "phase"]
     amplitude, phase = 1 + 0.2 * torch.randn(3, 30, 45), 0.2 * torch.randn(3, 30, 45)
     padded = model_segmenter(model, channels, stats, 4, batch_planes=5)(amplitude, phase)
@@ -882,7 +883,8 @@ def test_the_segmenter_runs_a_batch_that_crosses_the_limit_in_pieces(monkeypatch
     torch.manual_seed(0)
     model = PlainUNet(2, width=4, depth=2).eval()
     shapes = []
-    model.register_forward_pre_hook(lambda module, args: None if args[0].is_meta else shapes.append(tuple(args[0].shape)))
+    model.register_forward_pre_hook(lambda module, args: None if args[0].is_meta
+                                    else shapes.append(tuple(args[0].shape)))
     stats, channels = {"contrast_std": 0.2}, ["amplitude", "phase"]
     amplitude, phase = 1 + 0.2 * torch.randn(5, 30, 45), 0.2 * torch.randn(5, 30, 45)
     whole = model_segmenter(model, channels, stats, 4)(amplitude, phase)
@@ -914,7 +916,8 @@ def test_a_batch_holds_no_more_planes_than_the_job_memory(monkeypatch):
     cpu = torch.device("cpu")
     ny, nx = HOLODEC_FRAME
     frame, padded = ny * nx, (ny + 512) * (nx + 512)  # pad 256
-    monkeypatch.setattr(holopipe.detect.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 512 * GIB}))
+    monkeypatch.setattr(holopipe.detect.infer.psutil, "virtual_memory",
+                        lambda: type("Memory", (), {"available": 512 * GIB}))
     # The OOM: 8 planes on the CPU against 8380 MB. One plane needs 9.3 GB: a clear error, not a kill.
     with pytest.raises(MemoryError, match="one plane needs about 10865 MB.*--mem-mb 8380.*GPU"):
         plane_batch(8, infer_memory(cpu, frame_pixels=frame, padded_pixels=padded, mem_mb=8380),
@@ -924,7 +927,8 @@ def test_a_batch_holds_no_more_planes_than_the_job_memory(monkeypatch):
     assert plane_batch(8, memory, what="") == 3 and "--mem-mb 32000" in memory.source
     assert plane_batch(2, memory, what="") == 2  # fewer asked: as asked
     # What the machine has caps it as well: a job that declared more than is free.
-    monkeypatch.setattr(holopipe.detect.infer.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 20 * GIB}))
+    monkeypatch.setattr(holopipe.detect.infer.psutil, "virtual_memory",
+                        lambda: type("Memory", (), {"available": 20 * GIB}))
     machine = infer_memory(cpu, frame_pixels=frame, padded_pixels=padded, mem_mb=64_000)
     assert machine.source == "the machine's available memory" and plane_batch(8, machine, what="") == 2
     # On a GPU: its free memory, a plane's propagation and its largest activations in the autocast dtype.

@@ -559,10 +559,13 @@ def test_a_particle_csv_is_read_with_integer_hid_and_keeps_its_further_columns(t
 @pytest.mark.parametrize("text, message", [
     ("hid,x,y,z\n1,0,0,3000\n", r"missing particle column\(s\) \['d'\]"),
     ("", r"not a readable particle CSV"),
-    ("hid,x,y,z,d\n1,0,0,3000,25\n1,abc,0,3000,25\n", r"column 'x' is not a finite number in 1 row\(s\): line 3 \(x = abc\)"),
-    ("hid,x,y,z,d\n0,0,0,3000,25\n", r"column 'hid' is not a hologram number \(a whole number >= 1\) in 1 row\(s\): line 2 \(hid = 0\)"),
+    ("hid,x,y,z,d\n1,0,0,3000,25\n1,abc,0,3000,25\n",
+     r"column 'x' is not a finite number in 1 row\(s\): line 3 \(x = abc\)"),
+    ("hid,x,y,z,d\n0,0,0,3000,25\n",
+     r"column 'hid' is not a hologram number \(a whole number >= 1\) in 1 row\(s\): line 2 \(hid = 0\)"),
     ("hid,x,y,z,d\n1,0,0,-3000,25\n", r"column 'z' is not positive \(µm\) in 1 row\(s\): line 2 \(z = -3000\)"),
-    ("hid,x,y,z,d\n" + "1,0,0,3000,inf\n" * 7, r"column 'd' is not a finite number in 7 row\(s\): line 2 .*line 6 \(d = inf\), and 2 more"),
+    ("hid,x,y,z,d\n" + "1,0,0,3000,inf\n" * 7,
+     r"column 'd' is not a finite number in 7 row\(s\): line 2 .*line 6 \(d = inf\), and 2 more"),
 ])
 def test_a_bad_particle_csv_names_the_file_the_column_and_the_first_bad_lines(tmp_path, text, message):
     from holopipe.core.io import read_particle_csv

@@ -280,7 +280,8 @@ def test_an_unknown_candidate_or_a_bad_labeller_name_stops_the_server_at_start(c
 def two_labels_on_disk(candidates_dir, labels_dir) -> tuple[Page, bytes]:
     page = Page(candidates_dir, labels_dir, "ana")
     for candidate in the_order(candidates_dir)[:2]:
-        assert page.post("/api/label", {"candidate": candidate, "label": "particle", "confidence": 4}).status_code == 200
+        assert page.post("/api/label", {"candidate": candidate, "label": "particle",
+                                        "confidence": 4}).status_code == 200
     return page, (labels_dir / "ana.csv").read_bytes()
 
 

@@ -265,7 +265,8 @@ def test_labels_from_the_truth_give_the_truth_based_precision_and_recall_exactly
         assert by_labels["recall"]["value"] == metrics[method]["recall"], method
         low, high = by_labels["precision"]["low"], by_labels["precision"]["high"]
         assert 0 <= low < by_labels["precision"]["value"] <= high <= 1
-        # Only the droplets carry confidence 5: from k = 4 on, every method's remaining labelled candidate is a particle.
+        # Only the droplets carry confidence 5: from k = 4 on,
+        # every method's remaining labelled candidate is a particle.
         confidences = by_labels["by_confidence"]
         assert [c["min_confidence"] for c in confidences] == [1, 2, 3, 4, 5]
         assert confidences[0]["precision"] == by_labels["precision"]

@@ -176,7 +176,8 @@ def test_a_cluster_at_the_frame_edge_gets_a_clipped_window_and_a_depth(propagato
     for metric in ("tamura", "min_amplitude"):
         refined = refine_depths(propagator, PLANES, extent, make_config(refine=metric)["particles"], dx=OPTICS.dx,
                                 dy=OPTICS.dy)
-        assert PLANES[0] <= refined["z"].iloc[0] <= PLANES[-1] and np.isfinite(refined[["z", "focus", "x", "y", "d"]].to_numpy()).all()
+        assert (PLANES[0] <= refined["z"].iloc[0] <= PLANES[-1]
+                and np.isfinite(refined[["z", "focus", "x", "y", "d"]].to_numpy()).all())
 
 
 def test_windows_are_diameters_wide_and_centred_on_the_particle_pixel():
@@ -305,7 +306,8 @@ def test_a_small_droplet_beside_a_large_one_is_measured_where_it_is():
                         d=np.array([60e-6, 14e-6]))
     propagator = propagator_of(contrast_hologram(scene, WIDE), WIDE)
     dips = lambda focus_m: lambda z: 0.7 - 100 * np.abs(z - focus_m)  # noqa: E731
-    detections = pd.concat([column(0.0, 0.0, WIDE_PLANES[(WIDE_PLANES > 3e-3) & (WIDE_PLANES < 9e-3)], 60.0, dips(6e-3)),
+    detections = pd.concat([column(0.0, 0.0, WIDE_PLANES[(WIDE_PLANES > 3e-3) & (WIDE_PLANES < 9e-3)], 60.0,
+                                   dips(6e-3)),
                             column(46.0, 0.0, WIDE_PLANES[(WIDE_PLANES > 6.9e-3) & (WIDE_PLANES < 8.1e-3)], 14.0,
                                    dips(7.5e-3))], ignore_index=True)
     config = load_config(scene_dict(WIDE, particles={"refine_margin": 1e-3}))
@@ -397,7 +399,8 @@ def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram
         particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
     assert not out.exists() and len(list(out.with_name("p.csv.parts").glob("hologram_*.csv"))) == 1
     calls.clear()
-    monkeypatch.setattr(holopipe.detect.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(holopipe.detect.particles, "refine_depths",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = pd.read_csv(particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path,
                                          progress=False))
     assert len(calls) == 1, "hologram 1 is read from its part"
@@ -415,7 +418,8 @@ def test_a_rerun_refines_only_the_holograms_a_killed_run_left(tmp_path, hologram
     calls.clear()
     pulled = {**code_identity(), "source_sha256": "pulled"}
     monkeypatch.setattr(holopipe.detect.particles, "code_identity", lambda: pulled)
-    monkeypatch.setattr(holopipe.detect.particles, "refine_depths", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(holopipe.detect.particles, "refine_depths",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     particles_file([tmp_path / "chunk.csv"], out, make_config(), store_path=path, progress=False)
     assert len(calls) == 2, "both holograms refined by the new code"
 
@@ -458,7 +462,8 @@ WIDE_BEFORE = {
     "tamura": {"z": [3959.81331, 7465.19275, 5388.78152, 7899.27498],
                "focus": [1.17429186, 1.17746323, 0.798959744, 0.954316855],
                "x": [-169.589206, 149.282667, 253.08, 8.40909091],
-               "y": [99.9142857, -44.96, -197.307692, 15.0136364], "d": [29.236302, 34.9440646, 13.2807879, 34.5536159]},
+               "y": [99.9142857, -44.96, -197.307692, 15.0136364],
+               "d": [29.236302, 34.9440646, 13.2807879, 34.5536159]},
     "min_amplitude": {"z": [3997.59704, 7600.68185, 9933.33333, 9933.33333],
                       "focus": [-0.193429861, -0.147429767, -0.978375607, -0.933480477],
                       "x": [-169.589206, 151.580645, 245.566154, -41.555461],

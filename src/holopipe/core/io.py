@@ -516,7 +516,8 @@ def _check_particles(ds: xr.Dataset) -> None:
     for name, values in p.items():
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
-            raise HolodecFormatError(f"variable {name!r} has {bad.size} non-finite value(s), {_first(bad, values, name)}")
+            raise HolodecFormatError(f"variable {name!r} has {bad.size} non-finite value(s), "
+                                     f"{_first(bad, values, name)}")
     for name, threshold in _METRES_BELOW_UM.items():
         largest = np.abs(p[name]).max()
         if 0 < largest < threshold:

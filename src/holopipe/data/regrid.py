@@ -11,9 +11,10 @@ Two steps per image axis, applied to each hologram lazily (one dask chunk per ho
    grid can hold and lets through some it cannot (aliasing), whereas the ideal low-pass keeps the
    first untouched and removes the second. The image is first mirrored (half-sample symmetric, as
    in the DCT-II), so its periodic extension has no jump at the frame edges: the low-pass does not
-   ring from a wrap-around (fringes cut off by the edge still leak a little within a few pixels). The operator is a dense matrix per axis (rows sum to 1: a constant image, hence
-   the mean level, is kept exactly); any pitch ratio works, up or down. The new pixel centres sit
-   symmetrically about the old frame centre, so the frame centre does not move.
+   ring from a wrap-around (fringes cut off by the edge still leak a little within a few pixels).
+   The operator is a dense matrix per axis (rows sum to 1: a constant image, hence the mean level,
+   is kept exactly); any pitch ratio works, up or down. The new pixel centres sit symmetrically
+   about the old frame centre, so the frame centre does not move.
 
    ``bin`` averages ``r x r`` blocks (``r = p / d`` an integer), what a camera with larger pixels
    records. ``N - r * floor(N / r)`` leftover pixels are split between the two edges; when they are

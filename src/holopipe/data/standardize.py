@@ -40,8 +40,8 @@ A hologram without data is skipped (:func:`blank_reason`): more than ``BLANK_SHA
 training statistics, logged with a warning, and listed in the store's attributes (``skipped_holograms``,
 ``skipped_reasons``: :func:`holopipe.core.io.skipped_holograms`) so that every later stage leaves it out and
 evaluation lists it. A split whose every hologram is skipped fails, naming the file. A hologram with some
-light but a background that reaches 0 somewhere fails, naming the file and the hologram. With ``log_transform`` the stored value is
-``1 + log(max(I / B, LOG_EPS))``, which is ~``I / B`` near the background and compresses bright fringes.
+light but a background that reaches 0 somewhere fails, naming the file and the hologram. With ``log_transform`` the
+stored value is ``1 + log(max(I / B, LOG_EPS))``, which is ~``I / B`` near the background and compresses bright fringes.
 
 The only statistics fitted on the training split are the scale factors of what the model sees: the
 contrast mean and std of the standardized training holograms (``stats.json``), computed in one pass

@@ -240,10 +240,11 @@ def _forward(consume, indices: np.ndarray, threshold: float):
 def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: sweep.Segmenter, *, wavelength: float,
                          dx: float, dy: float, pad: int, band_limit: bool, batch_planes: int, threshold: float,
                          device: torch.device, pool: ThreadPoolExecutor, consume, quantize=None,
-                         capacity: int | None = None, coarse_stride: int, coarse_threshold: float, coarse_margin: int, stride: int,
-                         pad_window_counts: bool | None = None) -> sweep.Timing:
-    """:func:`holopipe.detect.sweep.sweep_hologram` (same arguments, same ``consume`` calls and :class:`~holopipe.detect.sweep.Timing`)
-    searching depth coarse to fine (module docstring); ``coarse_stride`` 1 is the full sweep itself.
+                         capacity: int | None = None, coarse_stride: int, coarse_threshold: float, coarse_margin: int,
+                         stride: int, pad_window_counts: bool | None = None) -> sweep.Timing:
+    """:func:`holopipe.detect.sweep.sweep_hologram` (same arguments, same ``consume`` calls and
+    :class:`~holopipe.detect.sweep.Timing`) searching depth coarse to fine (module docstring);
+    ``coarse_stride`` 1 is the full sweep itself.
 
     ``coarse_threshold`` starts windows, ``coarse_margin`` pixels widen them, ``stride`` is the model's
     (window sides are its multiples). ``consume(first, rows_cols, values, None)`` gets each batch's slots as
@@ -254,8 +255,8 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: sw
     common = dict(wavelength=wavelength, dx=dx, dy=dy, pad=pad, band_limit=band_limit, batch_planes=batch_planes,
                   device=device, pool=pool, capacity=capacity)
     if coarse_stride == 1:
-        return sweep.sweep_hologram(image_yx, planes_m, segment, threshold=threshold, consume=consume, quantize=quantize,
-                              **common)
+        return sweep.sweep_hologram(image_yx, planes_m, segment, threshold=threshold, consume=consume,
+                                    quantize=quantize, **common)
     if quantize is not None:
         raise ValueError(f"coarse_to_fine_sweep: coarse_stride {coarse_stride} segments only windows of most planes, "
                          "so it writes no probability volume (quantize must be None; set infer.save_probabilities "
@@ -289,7 +290,8 @@ def coarse_to_fine_sweep(image_yx: np.ndarray, planes_m: np.ndarray, segment: sw
     if fine.size:
         segmenter = WindowSegmenter(segment, table, shape, n_planes=fine.size,
                                     batch_pixels=batch_planes * shape[0] * shape[1], device=device,
-                                    pad_counts=device.type == "cuda" if pad_window_counts is None else pad_window_counts)
+                                    pad_counts=(device.type == "cuda" if pad_window_counts is None
+                                                else pad_window_counts))
         parts.append(sweep.sweep_hologram(image_yx, planes_m[fine], segmenter, threshold=threshold,
                                           consume=_forward(consume, fine, threshold), **common))
         segmenter.check_finished()

@@ -48,10 +48,10 @@ whole split, what sits at one place in at least ``particles.stationary_fraction`
 on a window, not a droplet (:func:`without_stationary`); every refined cluster counts there, those dropped
 as too faint or outside the volume included. Planes are reconstructed on ``particles.device`` in batches
 sized for its memory (:func:`holopipe.optics.propagation.device_planes_per_batch`: dozens of full-size planes on a
-GPU) and every particle of a batch is scored at once there (its windows' indices uploaded in one packed copy and gathered in one
-indexing op per size group, :func:`holopipe.optics.focus.window_scores`); only the scores and the best planes'
-measuring windows (one copy, :func:`holopipe.optics.focus.host_windows`) reach the host, so memory is one batch of
-planes even for full 4872 x 3248 frames. Each hologram's result is kept
+GPU) and every particle of a batch is scored at once there (its windows' indices uploaded in one packed copy and
+gathered in one indexing op per size group, :func:`holopipe.optics.focus.window_scores`); only the scores and the best
+planes' measuring windows (one copy, :func:`holopipe.optics.focus.host_windows`) reach the host, so memory is one batch
+of planes even for full 4872 x 3248 frames. Each hologram's result is kept
 as it finishes, so a killed job resumes (:func:`particles_file`). ``none`` keeps the in-focus
 detection's plane, x, y and d, and needs no store.
 """
@@ -268,12 +268,12 @@ def refine_depths(propagator: Propagator, planes_m: np.ndarray, particles: pd.Da
     ``refine_margin``, ``refine_window``, ``refine_interpolate``, ``distance``). Each particle's planes
     between ``z_first - refine_margin`` and ``z_last + refine_margin`` are scored over its fixed window
     (:func:`focus_windows`); only the union of those planes is reconstructed, ``batch_planes`` at a time
-    (default: :func:`~holopipe.optics.propagation.device_planes_per_batch`, sized for the device). Per batch, every (particle, plane)
-    pair in range is scored at once on the propagator's device (:func:`holopipe.optics.focus.window_scores`) and
-    only the scores come back, with the measuring windows of the particles whose best plane so far is in
-    the batch: memory is one batch whatever the frame, and no copy is made per particle and plane. With
-    ``refine_interpolate`` an interior peak moves by the vertex of the parabola through it and its two
-    neighbours (at most half a plane). ``progress`` shows a bar over the plane batches.
+    (default: :func:`~holopipe.optics.propagation.device_planes_per_batch`, sized for the device). Per batch, every
+    (particle, plane) pair in range is scored at once on the propagator's device
+    (:func:`holopipe.optics.focus.window_scores`) and only the scores come back, with the measuring windows of the
+    particles whose best plane so far is in the batch: memory is one batch whatever the frame, and no copy is made per
+    particle and plane. With ``refine_interpolate`` an interior peak moves by the vertex of the parabola through it and
+    its two neighbours (at most half a plane). ``progress`` shows a bar over the plane batches.
     """
     metric = settings["refine"]
     n = len(particles)
@@ -425,7 +425,8 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
     # A disk too faint to be a droplet in focus, or a focus beyond the sample volume: not a particle of it.
     refined_clusters = candidates[(candidates["contrast"] >= float(settings["min_disk_contrast"]))
                                   & refined["inside"].reindex(candidates.index).to_numpy(bool)]
-    table = without_ghosts(merge_duplicates(refined_clusters, settings), settings, float(config["optics"]["wavelength"]))
+    table = without_ghosts(merge_duplicates(refined_clusters, settings), settings,
+                           float(config["optics"]["wavelength"]))
     table = _particle_table(without_stationary(table, _split_holograms(store_path, detections),
                                                settings["stationary_fraction"], evidence=candidates))
     return parts.finish(lambda tmp: table.to_csv(tmp, index=False))

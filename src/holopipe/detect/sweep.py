@@ -38,8 +38,8 @@ DETECTION_COLUMNS = (PARTICLE_VARS[0], "plane", *PARTICLE_VARS[1:], "area", "pro
 (pixels), prob_max and prob_mean (probability over the detection's pixels), logit_mean (the model's mean
 logit there: unlike the probability it does not saturate, so it peaks at the focus), amplitude_min (the lowest
 reconstructed amplitude over the detection, box-averaged over :data:`holopipe.optics.focus.SMOOTHING_PIXELS` pixels
-by :func:`holopipe.optics.focus.smoothed_amplitude`, since a single pixel's minimum is speckle: how dark, so how sharply in
-focus, the particle is on that plane)."""
+by :func:`holopipe.optics.focus.smoothed_amplitude`, since a single pixel's minimum is speckle: how dark, so how sharply
+in focus, the particle is on that plane)."""
 
 _FORWARD_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))
 """Half of the 8-neighbourhood: linking each pixel to these links every neighbouring pair once."""
@@ -229,10 +229,10 @@ def model_segmenter(model: torch.nn.Module, channels, stats: dict, stride: int, 
     Sides that are not multiples of ``stride`` are padded at the bottom and right with the normalised
     background (0) and the probabilities cropped back to the frame. The model takes a batch in runs of
     :func:`planes_per_run` planes, the largest activation traced once per frame shape
-    (:func:`activation_counter`, or the given ``activation_elements``). With ``batch_planes`` every run of a batch of up to ``batch_planes`` planes
-    has the same length, a short one (a chunk's last) padded with background planes, so a compiled model
-    (``compile``: ``torch.compile`` without dynamic shapes; the eager model is what is traced) sees one shape
-    only. The segmenter carries ``stride`` and ``activation_elements(ny, nx)``, the largest activation of one
+    (:func:`activation_counter`, or the given ``activation_elements``). With ``batch_planes`` every run of a batch of up
+    to ``batch_planes`` planes has the same length, a short one (a chunk's last) padded with background planes, so a
+    compiled model (``compile``: ``torch.compile`` without dynamic shapes; the eager model is what is traced) sees one
+    shape only. The segmenter carries ``stride`` and ``activation_elements(ny, nx)``, the largest activation of one
     plane of a frame, as attributes.
     """
     channels = list(channels)
@@ -308,7 +308,8 @@ every pixel of a whole plane did."""
 
 
 def _sigmoid(values: torch.Tensor) -> torch.Tensor:
-    """``torch.sigmoid`` of a 1-D float32 tensor, each value rounded as within a whole plane (:data:`_SIGMOID_LANES`)."""
+    """``torch.sigmoid`` of a 1-D float32 tensor, each value rounded as within a whole plane
+    (:data:`_SIGMOID_LANES`)."""
     pad = -values.numel() % _SIGMOID_LANES
     return torch.sigmoid(torch.nn.functional.pad(values, (0, pad)))[:values.numel()]
 

@@ -248,7 +248,8 @@ def runs_and_holograms_intervals(counts: dict[str, np.ndarray], n_resamples: int
     return results, compared
 
 
-def recall_grid(truth: pd.DataFrame, matches: pd.DataFrame, diameter_edges_m, depth_edges_m) -> tuple[np.ndarray, np.ndarray]:
+def recall_grid(truth: pd.DataFrame, matches: pd.DataFrame, diameter_edges_m,
+                depth_edges_m) -> tuple[np.ndarray, np.ndarray]:
     """(n_true, tp) per (diameter bin, depth bin) of the true d and z, each (n_diameters, n_depths), with
     :func:`detection_metrics`' bins (``[low, high)``, the last one closed); particles outside are left out."""
     found = np.zeros(len(truth), dtype=bool)
@@ -523,8 +524,8 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
     for split, path in paths.items():
         text = json.dumps(results[split], indent=2, sort_keys=True)
         write_atomically(path, lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
-    plot_evaluation(Path(plots_dir), truths, {s: int(h.size) for s, h in holograms.items()}, predicted, results, matches,
-              primary)
+    plot_evaluation(Path(plots_dir), truths, {s: int(h.size) for s, h in holograms.items()}, predicted, results,
+                    matches, primary)
     plot_labels(Path(plots_dir), labelled, list(labels or truths))
     return paths[primary]
 

@@ -1,8 +1,8 @@
 """The labelling page (``holopipe label``): one candidate at a time, blind, on localhost.
 
 A person labels each candidate of a split (the union of both methods' particles, written by
-:func:`holopipe.evaluation.labels.write_candidates`) as a particle in focus, not a particle, or unsure, with a confidence
-from 1 to 5. The page never learns which method found a candidate: the server sends only the candidate's id,
+:func:`holopipe.evaluation.labels.write_candidates`) as a particle in focus, not a particle, or unsure, with a
+confidence from 1 to 5. The page never learns which method found a candidate: the server sends only the candidate's id,
 x, y, z, d and its crops. Each label is written to ``labels/<split>/<labeller>.csv`` through
 :class:`holopipe.evaluation.labels.LabelFile` (an atomic rewrite) before the answer goes back, so a killed server or a
 closed browser loses nothing given, and a restart resumes at the first candidate of the seeded order that this

@@ -3,10 +3,10 @@ with the same budget for both, written back into the config file that the workfl
 
 Each method gets ``trials`` Optuna trials (TPE, seeded) over its own :data:`SEARCH_SPACES`, the first one the
 config's current settings, so the choice is never worse than today's on ``valid``. A trial runs the real stage
-(:func:`holopipe.detect.particles.particles_file` on the U-Net's detections of the split; :func:`holopipe.detect.baseline.baseline_file`
-on its store) into a scratch folder and scores F1 against the split's truth with the evaluation's matching.
-Only ``valid`` is ever read: the evaluated splits stay unseen (the accuracy benchmark judges the result on
-holograms nobody chose anything on).
+(:func:`holopipe.detect.particles.particles_file` on the U-Net's detections of the split;
+:func:`holopipe.detect.baseline.baseline_file` on its store) into a scratch folder and scores F1 against the split's
+truth with the evaluation's matching. Only ``valid`` is ever read: the evaluated splits stay unseen (the accuracy
+benchmark judges the result on holograms nobody chose anything on).
 
 :func:`write_settings` replaces the file's top-level ``particles:`` and ``baseline:`` blocks by one generated
 block between :data:`BEGIN` and :data:`END` markers that says where the values came from; keys of those

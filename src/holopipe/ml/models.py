@@ -370,8 +370,8 @@ MODEL_FORMAT = "holopipe-model/1"
 
 
 def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """The model saved by :func:`holopipe.ml.train.train_model` (best weights, eval mode, on ``device``) and its info dict
-    (model config, in_channels, channel_names, tile_size, stride, stats, train config, version, best metric)."""
+    """The model saved by :func:`holopipe.ml.train.train_model` (best weights, eval mode, on ``device``) and its info
+    dict (model config, in_channels, channel_names, tile_size, stride, stats, train config, version, best metric)."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location=device, weights_only=True)

@@ -25,8 +25,8 @@ import numpy as np
 from holopipe.core.device import host_array
 
 __all__ = ["SMOOTHING_PIXELS", "WINDOW_MARGIN", "device_indices", "gather_windows", "gradient_magnitude",
-           "host_windows", "pixel_values", "reconstructed_amplitude", "smoothed_amplitude", "tamura_coefficient", "window_buckets",
-           "window_scores"]
+           "host_windows", "pixel_values", "reconstructed_amplitude", "smoothed_amplitude", "tamura_coefficient",
+           "window_buckets", "window_scores"]
 
 SMOOTHING_PIXELS = 5
 """Box width (pixels) of the amplitude average that the darkness measure looks at."""

@@ -117,8 +117,8 @@ def _unit_phasor(phase, xp, complex_dtype):
 
 
 def _library(array):
-    """The array's own module (numpy, cupy, torch) for its ``out=`` ufuncs, which the array API lacks: the one
-    that made the array, so already imported (CuPy is imported by holopipe.core.device alone, when a GPU is asked for)."""
+    """The array's own module (numpy, cupy, torch) for its ``out=`` ufuncs, which the array API lacks: the one that
+    made the array, so already imported (CuPy is imported by holopipe.core.device alone, when a GPU is asked for)."""
     return sys.modules[type(array).__module__.partition(".")[0]]
 
 

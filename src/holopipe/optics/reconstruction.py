@@ -16,8 +16,9 @@ import xarray as xr
 from holopipe.core.io import HolodecFormatError, open_holodec
 from holopipe.optics.propagation import Propagator, hologram_field
 
-__all__ = ["CHANNEL_OFFSETS", "SampleVolume", "check_channels", "contrast_scale", "field_channels", "hologram_propagator",
-           "normalize_channels", "scale_channels", "open_standardized", "z_bin_centres", "z_bin_edges", "z_bin_of"]
+__all__ = ["CHANNEL_OFFSETS", "SampleVolume", "check_channels", "contrast_scale", "field_channels",
+           "hologram_propagator", "normalize_channels", "scale_channels", "open_standardized", "z_bin_centres",
+           "z_bin_edges", "z_bin_of"]
 
 
 def z_bin_edges(z_min: float, z_max: float, n_bins: int) -> np.ndarray:
@@ -89,7 +90,8 @@ def open_standardized(path, config: dict) -> xr.Dataset:
 
 
 def hologram_propagator(image_yx, attrs, reconstruction: dict, *, to_device=None) -> Propagator:
-    """The :class:`~holopipe.optics.propagation.Propagator` of one standardized hologram, as every plane sweep builds it.
+    """The :class:`~holopipe.optics.propagation.Propagator` of one standardized hologram,
+    as every plane sweep builds it.
 
     ``image_yx`` is the row-major (ny, nx) contrast I/B (background 1) of
     :func:`~holopipe.core.io.hologram_image_yx`; optics come from the store's ``attrs``, padding and band limit

@@ -180,7 +180,8 @@ def cmd_tune_postprocessing(args) -> None:
     result = tune_postprocessing(_load_config(args), args.detections, args.store, trials=args.trials, seed=args.seed)
     for section in ("particles", "baseline"):
         found = result[section]
-        print(f"{section}: F1 on {result['split']} {found['f1_before']:.3f} -> {found['f1']:.3f} with {found['settings']}")
+        print(f"{section}: F1 on {result['split']} {found['f1_before']:.3f} -> {found['f1']:.3f} "
+              f"with {found['settings']}")
     if args.write:
         print(f"written into {write_settings(args.write, result)}")
 

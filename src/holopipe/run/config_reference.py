@@ -201,7 +201,8 @@ def _cell_text(text: str) -> str:
 def update_readme_reference(readme_path: str | PathLike) -> bool:
     """Rewrite the generated config reference between the README's marker lines; True if it changed.
 
-    The file is replaced atomically (:func:`holopipe.core.io.write_atomically`) and keeps its permissions; an unchanged reference leaves it untouched.
+    The file is replaced atomically (:func:`holopipe.core.io.write_atomically`) and keeps its permissions;
+    an unchanged reference leaves it untouched.
     """
     path = Path(readme_path)
     text = path.read_text(encoding="utf-8")
