@@ -15,25 +15,21 @@ import pytest
 import xarray as xr
 import zarr
 
+from holopipe.core.files import HologramParts, file_sha256, input_identity, remove_stale_temporaries, write_atomically
 from holopipe.core.io import (
     FINITE_MARK,
     IMAGE_DIMS,
     PARTICLE_VARS,
     HolodecFormatError,
     HolodecWriter,
-    HologramParts,
     file_layout,
-    file_sha256,
     hologram_image_yx,
-    input_identity,
     open_holodec,
     particle_table,
     pixel_centres,
-    remove_stale_temporaries,
     row_major,
     um_to_pixel,
     validate_holodec,
-    write_atomically,
     write_zarr,
 )
 

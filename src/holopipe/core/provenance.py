@@ -32,7 +32,7 @@ import yaml
 from holopipe import __version__
 from holopipe.core.credentials import mask_secrets
 from holopipe.core.device import cpu_threads
-from holopipe.core.io import file_sha256, write_atomically
+from holopipe.core.files import file_sha256, write_atomically
 
 __all__ = [
     "PACKAGES", "checksum", "code_identity", "config_sha256", "environment", "git_commit", "job_record",

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.core.config import ConfigError, load_config
 from holopipe.core.device import array_namespace_for, host_array, scipy_for
+from holopipe.core.files import write_atomically
 from holopipe.core.io import (
     IMAGE_DIMS,
     file_layout,
@@ -51,7 +52,6 @@ from holopipe.core.io import (
     open_holodec,
     pixel_centres,
     row_major,
-    write_atomically,
     write_zarr,
 )
 from holopipe.optics.simulate import Optics, ParticleSet, fringe_pattern, opaque_disks_field

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from holopipe import __version__
 from holopipe.core.config import ConfigError
 from holopipe.core.device import cpu_threads
-from holopipe.core.io import hologram_image_yx, particle_table, skipped_holograms, um_to_pixel, write_atomically
+from holopipe.core.files import write_atomically
+from holopipe.core.io import hologram_image_yx, particle_table, skipped_holograms, um_to_pixel
 from holopipe.optics.propagation import effective_depth_of_focus
 from holopipe.optics.reconstruction import (
     SampleVolume,

@@ -73,7 +73,8 @@ import xarray as xr
 
 from holopipe import __version__
 from holopipe.core.device import array_namespace_for, host_array
-from holopipe.core.io import IMAGE_DIMS, SKIPPED_ATTR, SKIPPED_REASONS_ATTR, open_holodec, write_atomically, write_zarr
+from holopipe.core.files import write_atomically
+from holopipe.core.io import IMAGE_DIMS, SKIPPED_ATTR, SKIPPED_REASONS_ATTR, open_holodec, write_zarr
 from holopipe.data.regrid import data_area
 
 __all__ = ["apply_stats", "blank_reason", "contrast_images", "fit_stats", "read_stats", "running_median_background",

@@ -65,7 +65,7 @@ Reconstruction, thresholding and the focus metric run on ``baseline.device`` (to
 the CPU, where scipy's FFT is twice torch's speed), planes in batches sized for the device's memory
 (:func:`~holopipe.optics.propagation.device_planes_per_batch`); labelling and grouping run on the host with cost
 proportional to the dark pixels, in a worker thread while the device reconstructs the next batch.
-:func:`baseline_file` keeps each finished hologram beside its output (:class:`holopipe.core.io.HologramParts`): a
+:func:`baseline_file` keeps each finished hologram beside its output (:class:`holopipe.core.files.HologramParts`): a
 killed job's rerun skips them.
 """
 
@@ -85,16 +85,8 @@ import scipy.sparse.csgraph
 from tqdm.auto import tqdm
 
 from holopipe.core.device import array_mover, host_array
-from holopipe.core.io import (
-    PARTICLE_VARS,
-    HologramParts,
-    equivalent_diameter,
-    hologram_image_yx,
-    input_identity,
-    pixel_position,
-    usable_holograms,
-    write_atomically,
-)
+from holopipe.core.files import HologramParts, input_identity, write_atomically
+from holopipe.core.io import PARTICLE_VARS, equivalent_diameter, hologram_image_yx, pixel_position, usable_holograms
 from holopipe.core.provenance import code_identity
 from holopipe.detect.particles import line_of_sight_splits, suppress_ghosts, without_stationary
 from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
@@ -402,7 +394,7 @@ def baseline_file(config: dict, store_path, out_csv, *, progress=True) -> Path:
     The CSV (written atomically, header even when empty) has ``hid, x, y, z, d, score``: hologram
     number (1-based), position and diameter in µm, and the darkness contrast at focus. zMin and zMax
     come from the store, or from ``optics`` where the store lacks them (real data). Each hologram's
-    particles are kept beside ``out_csv`` as it finishes (:class:`holopipe.core.io.HologramParts`,
+    particles are kept beside ``out_csv`` as it finishes (:class:`holopipe.core.files.HologramParts`,
     fingerprinted by the code, the ``baseline`` (but its device), ``reconstruction`` and ``optics`` sections
     and the store's identity): a rerun after a kill skips the finished holograms.
     """

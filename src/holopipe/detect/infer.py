@@ -61,7 +61,8 @@ from tqdm.auto import tqdm
 
 from holopipe import __version__
 from holopipe.core.device import autocast_dtype, describe_device, resolve_device
-from holopipe.core.io import HologramParts, hologram_image_yx, input_identity, remove_path, usable_holograms
+from holopipe.core.files import HologramParts, input_identity, remove_path
+from holopipe.core.io import hologram_image_yx, usable_holograms
 from holopipe.core.provenance import code_identity
 from holopipe.detect import coarse  # the module: it builds on this one
 from holopipe.detect.host_memory import (
@@ -196,7 +197,7 @@ memory, say), compiled or not, with more or fewer volume writers, keeps the holo
 def resume_fingerprint(config: dict, model_path, store_path, *, chunk: int, n_chunks: int, probabilities_path,
                        segment: Segmenter | None = None) -> dict:
     """What a chunk's finished holograms depend on: the code (:func:`holopipe.core.provenance.code_identity`), the
-    stage's config, the chunk, the model and store files (:func:`holopipe.core.io.input_identity`) and whether a
+    stage's config, the chunk, the model and store files (:func:`holopipe.core.files.input_identity`) and whether a
     probability volume is written. A ``segment`` given in
     place of the model counts by identity (it cannot be fingerprinted), so it resumes only in its process."""
     infer = {key: value for key, value in config["infer"].items() if key not in RESUME_IGNORES}
@@ -283,7 +284,7 @@ def infer_chunk(config: dict, model_path, store_path, out_csv, *, chunk: int, n_
     (:func:`plane_batch`), nor than the machine has available.
 
     Resumes after a kill: each finished hologram's detections are kept in ``<out_csv>.parts/``
-    (:class:`holopipe.core.io.HologramParts`, keyed by :func:`resume_fingerprint`) and the volume being written
+    (:class:`holopipe.core.files.HologramParts`, keyed by :func:`resume_fingerprint`) and the volume being written
     lives there too, so a rerun sweeps only the holograms not yet done. A hologram counts as done only once
     its volume slices are written; the volume is renamed into place, then the CSV written, at the very end.
     """

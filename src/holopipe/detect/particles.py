@@ -71,16 +71,14 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from holopipe.core.device import array_mover, host_array
+from holopipe.core.files import HologramParts, input_identity, write_atomically
 from holopipe.core.io import (
     PARTICLE_VARS,
-    HologramParts,
     equivalent_diameter,
     hologram_image_yx,
-    input_identity,
     open_holodec,
     pixel_position,
     usable_holograms,
-    write_atomically,
 )
 from holopipe.core.provenance import code_identity
 from holopipe.detect.sweep import DETECTION_COLUMNS
@@ -401,7 +399,7 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
     With ``particles.refine`` other than none, each particle is refined on the holograms of the
     standardized split store ``store_path`` (reconstructed as in inference, ``reconstruction`` section):
     see the module docstring. Each hologram's refinement is kept beside ``out_csv`` as it finishes
-    (:class:`holopipe.core.io.HologramParts`, fingerprinted by the code, the ``particles``, ``reconstruction``
+    (:class:`holopipe.core.files.HologramParts`, fingerprinted by the code, the ``particles``, ``reconstruction``
     and ``optics`` sections and the inputs' identity), so a killed job's rerun refines only the rest.
     """
     chunk_csvs = list(chunk_csvs)

@@ -50,7 +50,8 @@ import numpy as np
 import pandas as pd
 
 from holopipe.core.config import primary_split
-from holopipe.core.io import read_particle_csv, write_atomically
+from holopipe.core.files import write_atomically
+from holopipe.core.io import read_particle_csv
 from holopipe.evaluation.labels import CONFIDENCES, LABELS, open_candidates, read_labels
 from holopipe.evaluation.matching import COORDINATES, check_holograms, match, on_window_dust, read_truth
 from holopipe.evaluation.plots import plot_evaluation, plot_labels

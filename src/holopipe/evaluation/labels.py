@@ -32,7 +32,8 @@ import pandas as pd
 
 from holopipe import __version__
 from holopipe.core.device import host_array
-from holopipe.core.io import PARTICLE_VARS, hologram_image_yx, read_particle_csv, um_to_pixel, write_atomically
+from holopipe.core.files import write_atomically
+from holopipe.core.io import PARTICLE_VARS, hologram_image_yx, read_particle_csv, um_to_pixel
 from holopipe.evaluation.matching import match
 from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized
 
@@ -257,7 +258,7 @@ def check_labeller(name: str, where) -> str:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    """:func:`holopipe.core.io.write_atomically` of ``text``, flushed and fsynced before the rename, and the folder
+    """:func:`holopipe.core.files.write_atomically` of ``text``, flushed and fsynced before the rename, and the folder
     fsynced after it: a label given survives a crash of the machine, not only of the server."""
 
     def write(tmp: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from holopipe.core.io import write_atomically
+from holopipe.core.files import write_atomically
 from holopipe.evaluation.matching import COORDINATES
 
 __all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "plot_evaluation", "plot_labels"]

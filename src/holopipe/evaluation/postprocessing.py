@@ -26,7 +26,8 @@ import pandas as pd
 import yaml
 
 from holopipe.core.config import load_config, with_overrides
-from holopipe.core.io import read_particle_csv, write_atomically
+from holopipe.core.files import write_atomically
+from holopipe.core.io import read_particle_csv
 from holopipe.evaluation.matching import match, read_truth
 
 __all__ = ["BEGIN", "END", "SEARCH_SPACES", "tune_postprocessing", "write_settings"]

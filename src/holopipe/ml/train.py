@@ -31,7 +31,7 @@ from tqdm import tqdm  # not tqdm.auto: its constructor calls iter(), starting a
 
 from holopipe import __version__
 from holopipe.core.device import autocast, autocast_dtype, describe_device, resolve_device
-from holopipe.core.io import write_atomically
+from holopipe.core.files import write_atomically
 from holopipe.data.standardize import read_stats
 from holopipe.ml.dataset import TileDataset
 from holopipe.ml.losses import ObjectCounts, PixelCounts, build_loss

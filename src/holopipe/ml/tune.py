@@ -57,7 +57,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from holopipe.core.config import TUNE_RUNTIME_KEYS, TUNE_STORAGE_KEYS, ConfigError, with_overrides
 from holopipe.core.credentials import MASK, mask_secrets, read_password_file
-from holopipe.core.io import write_atomically
+from holopipe.core.files import write_atomically
 
 __all__ = ["TrialProcessError", "TrialSeededSampler", "check_study", "data_digests", "open_storage",
            "recorded_study", "run_worker", "start_study", "study_name", "suggest", "summarize"]

@@ -624,8 +624,8 @@ def _write_provenance(args, argv: list[str], started: float) -> None:
 
 def _remove_stale_temporaries(args) -> None:
     """Free what a killed run of this command left beside its outputs before anything else: a run that fails
-    early would otherwise never reach the write that clears them (:func:`holopipe.core.io.temporary_sibling`)."""
-    from holopipe.core.io import remove_stale_temporaries
+    early would otherwise never reach the write that clears them (:func:`holopipe.core.files.temporary_sibling`)."""
+    from holopipe.core.files import remove_stale_temporaries
 
     for path in [*declared_writes(args), *filter(None, [args.provenance])]:
         for removed in remove_stale_temporaries(path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from holopipe.core.config import schema
-from holopipe.core.io import write_atomically
+from holopipe.core.files import write_atomically
 
 __all__ = ["README_REFERENCE_END", "README_REFERENCE_START", "config_reference_markdown", "update_readme_reference"]
 
@@ -201,7 +201,7 @@ def _cell_text(text: str) -> str:
 def update_readme_reference(readme_path: str | PathLike) -> bool:
     """Rewrite the generated config reference between the README's marker lines; True if it changed.
 
-    The file is replaced atomically (:func:`holopipe.core.io.write_atomically`) and keeps its permissions;
+    The file is replaced atomically (:func:`holopipe.core.files.write_atomically`) and keeps its permissions;
     an unchanged reference leaves it untouched.
     """
     path = Path(readme_path)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from holopipe.core.io import temporary_sibling, write_atomically
+from holopipe.core.files import temporary_sibling, write_atomically
 
 __all__ = ["GRAPHS", "snakemake_output", "write_graphs", "write_report"]
 
