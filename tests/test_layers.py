@@ -23,7 +23,8 @@ LAYERS = ("core", "optics", "data", "ml", "detect", "evaluation", "run")
 """Lowest first: a module may import from its own layer and those before it, never from one after it."""
 
 FORBIDDEN = {("detect", "holopipe.ml.train"): "inference never imports training",
-             ("detect", "holopipe.ml.tune"): "inference never imports tuning"}
+             ("detect", "holopipe.ml.tune"): "inference never imports tuning",
+             ("detect", "holopipe.ml.tune_worker"): "inference never imports tuning"}
 
 
 def modules() -> dict[str, Path]:

@@ -23,18 +23,8 @@ import yaml
 from optuna.trial import TrialState
 
 from holopipe.core.config import load_config, with_overrides
-from holopipe.ml.tune import (
-    TrialProcessError,
-    _sweep_stale,
-    data_digests,
-    open_storage,
-    recorded_study,
-    run_worker,
-    start_study,
-    study_name,
-    suggest,
-    summarize,
-)
+from holopipe.ml.tune import data_digests, open_storage, recorded_study, start_study, study_name, suggest, summarize
+from holopipe.ml.tune_worker import TrialProcessError, _sweep_stale, run_worker
 from holopipe.run import cli
 
 POSTGRES_ENV = "HOLOPIPE_TEST_POSTGRES_URL"
@@ -583,7 +573,7 @@ def test_the_worker_command_exits_with_the_trial_process_status(tmp_path, monkey
     def killed(*args, **kwargs):
         raise TrialProcessError("worker 0: trial process 123 exited with status 137", 137)
 
-    monkeypatch.setattr("holopipe.ml.tune.run_worker", killed)
+    monkeypatch.setattr("holopipe.ml.tune_worker.run_worker", killed)
     config = json.dumps(make_config())
     with pytest.raises(SystemExit) as exited:
         cli.main(["tune", "worker", "--worker", "0", "--study", str(tmp_path / "study.json"), "--workdir",

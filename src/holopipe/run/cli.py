@@ -126,7 +126,7 @@ def cmd_tune_study(args) -> None:
 
 
 def cmd_tune_worker(args) -> None:
-    from holopipe.ml.tune import TrialProcessError, run_worker
+    from holopipe.ml.tune_worker import TrialProcessError, run_worker
 
     try:
         run_worker(_load_config(args), args.study, args.train, args.valid, args.stats, args.workdir,
