@@ -12,14 +12,13 @@ planes batched) and cut into square tiles:
   in its bin, are never cut);
 - the other negatives: at random planes whose z bin holds no particle, at random positions.
 
-The mask of a tile has two channels: ``in_focus`` marks the disks of *all* the hologram's particles whose z
-falls in the tile's bin; ``band`` marks the disks of particles in another bin whose plane lies within their
-effective depth of focus (:func:`effective_depth_of_focus`), where a particle looks in focus although its
-bin is elsewhere. Training leaves the band out of the loss (:data:`holopipe.ml.dataset.IGNORE`): the label
-neither asks for the particle there nor forbids it, as the optics cannot tell.
-The planes are the centres of ``reconstruction.z_bins`` equal bins between the store's ``zMin`` and
-``zMax``; inference reconstructs the same planes (:func:`z_bin_centres`, :func:`z_bin_of`), so a
-model sees at inference exactly the defocus it was trained on.
+The mask of a tile has two channels: ``in_focus`` marks the disks of *all* the hologram's particles whose z falls in the
+tile's bin; ``band`` marks the disks of particles in another bin whose plane lies within their effective depth of focus
+(:func:`effective_depth_of_focus`), where a particle looks in focus although its bin is elsewhere. Training leaves the
+band out of the loss (:data:`holopipe.ml.dataset.IGNORE`): the label neither asks for the particle there nor forbids it,
+as the optics cannot tell. The planes are the centres of ``reconstruction.z_bins`` equal bins between the store's
+``zMin`` and ``zMax``; inference reconstructs the same planes (:func:`~holopipe.optics.reconstruction.z_bin_centres`,
+:func:`z_bin_of`), so a model sees at inference exactly the defocus it was trained on.
 
 Everything random is drawn from ``numpy.random.default_rng([examples.seed, split_stream(split), h])`` for
 hologram index ``h``, before any reconstruction: a store is reproducible, whatever the order in which

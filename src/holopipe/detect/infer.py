@@ -1,33 +1,31 @@
 """Z-plane inference: every reconstruction plane of every hologram through the segmentation model.
 
 Per hologram the intensity is moved to the device once and Fourier-transformed once
-(:class:`holopipe.optics.propagation.Propagator`); planes are then reconstructed in batches of
-``infer.batch_planes``, normalised exactly as in training (:func:`holopipe.optics.reconstruction.normalize_channels`)
-and segmented on WHOLE planes (the model is fully convolutional), under autocast (bf16 on a GPU with
-``infer.precision`` auto, fp32 on CPU). Any ``infer.batch_planes`` is safe: a batch holds no more planes than
-the job's memory does (:func:`plane_batch`: on the CPU what the rule declared, ``--mem-mb``, or the machine
-has; on a GPU its free memory), and the model takes a batch in runs whose largest activation, traced from the
-model and the frame (:func:`largest_activation`), stays below 2³¹ elements (:func:`planes_per_run`: some
-kernels index in 32 bits). A log line says what was used. Frames whose sides are not multiples of the model's stride are
-padded at the bottom and right with the normalised background (0, i.e. amplitude 1 and phase 0) and the
-probabilities cropped back.
+(:class:`holopipe.optics.propagation.Propagator`); planes are then reconstructed in batches of ``infer.batch_planes``,
+normalised exactly as in training (:func:`holopipe.optics.reconstruction.normalize_channels`) and segmented on WHOLE
+planes (the model is fully convolutional), under autocast (bf16 on a GPU with ``infer.precision`` auto, fp32 on CPU).
+Any ``infer.batch_planes`` is safe: a batch holds no more planes than the job's memory does (:func:`plane_batch`: on the
+CPU what the rule declared, ``--mem-mb``, or the machine has; on a GPU its free memory), and the model takes a batch in
+runs whose largest activation, traced from the model and the frame (:func:`~holopipe.detect.sweep.largest_activation`),
+stays below 2³¹ elements (:func:`~holopipe.detect.sweep.planes_per_run`: some kernels index in 32 bits). A log line says
+what was used. Frames whose sides are not multiples of the model's stride are padded at the bottom and right with the
+normalised background (0, i.e. amplitude 1 and phase 0) and the probabilities cropped back.
 
 The model is loaded for inference with its batch norms folded into the convolutions
-(:func:`holopipe.ml.models.fold_batchnorm`), channels-last on a GPU, and ``torch.compile``-d for the one plane
-shape with ``infer.compile``. The plane loop never waits for the device (:func:`sweep_hologram`): the depths
-stay on the host (each plane's is a kernel argument of its transfer function), stages are timed with CUDA
-events read after the hologram, and results come to the host in pinned, asynchronous copies on which a worker
-thread waits.
+(:func:`holopipe.ml.models.fold_batchnorm`), channels-last on a GPU, and ``torch.compile``-d for the one plane shape
+with ``infer.compile``. The plane loop never waits for the device (:func:`~holopipe.detect.sweep.sweep_hologram`): the
+depths stay on the host (each plane's is a kernel argument of its transfer function), stages are timed with CUDA events
+read after the hologram, and results come to the host in pinned, asynchronous copies on which a worker thread waits.
 
-Detections: pixels with probability > ``infer.threshold`` are found on the device by comparing the logits
-with the threshold's logit (:func:`logit_threshold`), into fixed-size slots (:func:`sparse_pixels`), and only
-at them are the sigmoid and the box-averaged amplitude computed; only they (row, column, probability, logit,
-smoothed amplitude) travel to the host, where a worker thread groups them into 8-connected components (a
-sparse pixel graph, so the cost is that of the bright pixels, not of the frame) while the device computes
-the next batch. Components of at least ``infer.min_area`` pixels become detections: hid (1-based), plane
-(global index), probability-weighted centroid x, y and plane z, equivalent diameter
-``d = 2 sqrt(area dx dy / π)`` (all µm; x, y from the frame centre with the contract's pixel centres
-``(i + 0.5 - n/2) · pitch``), area (pixels), prob_max, prob_mean.
+Detections: pixels with probability > ``infer.threshold`` are found on the device by comparing the logits with the
+threshold's logit (:func:`~holopipe.detect.sweep.logit_threshold`), into fixed-size slots
+(:func:`~holopipe.detect.sweep.sparse_pixels`), and only at them are the sigmoid and the box-averaged amplitude
+computed; only they (row, column, probability, logit, smoothed amplitude) travel to the host, where a worker thread
+groups them into 8-connected components (a sparse pixel graph, so the cost is that of the bright pixels, not of the
+frame) while the device computes the next batch. Components of at least ``infer.min_area`` pixels become detections: hid
+(1-based), plane (global index), probability-weighted centroid x, y and plane z, equivalent diameter ``d = 2 sqrt(area
+dx dy / π)`` (all µm; x, y from the frame centre with the contract's pixel centres ``(i + 0.5 - n/2) · pitch``), area
+(pixels), prob_max, prob_mean.
 
 A split's planes are sharded into ``n_chunks`` contiguous chunks (``numpy.array_split``), each a separate
 job; :mod:`holopipe.detect.particles` gathers them. Every plane is computed the same way whichever chunk holds it.

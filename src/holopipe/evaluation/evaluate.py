@@ -471,29 +471,26 @@ def evaluate_files(config: dict, truth_store_paths: dict, predictions: dict, out
                    labels: dict | None = None) -> Path:
     """Evaluate every method on every split apart; write each split's metrics and the plots; returns out_json.
 
-    ``truth_store_paths`` maps split -> store (netCDF or zarr, the truth particles in µm);
-    ``predictions`` maps method -> split -> particle CSV. The primary split (:func:`primary_split`) goes
-    to ``out_json``, every other split to ``<out_json's folder>/<split>/metrics.json``
-    (:func:`split_metrics_paths`), each ``{method: {metric: value}}``. A split with truth particles
-    gives ``truth: true``, its ``split`` and ``n_holograms``, :func:`detection_metrics` (recall by
-    diameter with ``evaluate.diameter_bins``, by depth with ``evaluate.depth_bins`` equal bins of
-    ``optics.z_min`` to ``optics.z_max``), bootstrap intervals ``precision_ci95``, ``recall_ci95``,
-    ``f1_ci95`` and, beside the methods, ``unet_minus_baseline: {f1, f1_ci95}`` (module docstring).
-    A split without any (real data of one's own) gives counts per hologram and d, z distributions with
-    a d histogram, ``truth: false`` and a note. Plots go to ``plots_dir`` under :data:`PLOT_NAMES`
-    (per split where there is more than one; without truth anywhere, ``f1_bars.png`` shows particles
-    per hologram); every file is written atomically.
+    ``truth_store_paths`` maps split -> store (netCDF or zarr, the truth particles in µm); ``predictions`` maps method
+    -> split -> particle CSV. The primary split (:func:`primary_split`) goes to ``out_json``, every other split to
+    ``<out_json's folder>/<split>/metrics.json`` (:func:`split_metrics_paths`), each ``{method: {metric: value}}``. A
+    split with truth particles gives ``truth: true``, its ``split`` and ``n_holograms``, :func:`detection_metrics`
+    (recall by diameter with ``evaluate.diameter_bins``, by depth with ``evaluate.depth_bins`` equal bins of
+    ``optics.z_min`` to ``optics.z_max``), bootstrap intervals ``precision_ci95``, ``recall_ci95``, ``f1_ci95`` and,
+    beside the methods, ``unet_minus_baseline: {f1, f1_ci95}`` (module docstring). A split without any (real data of
+    one's own) gives counts per hologram and d, z distributions with a d histogram, ``truth: false`` and a note. Plots
+    go to ``plots_dir`` under :data:`~holopipe.evaluation.plots.PLOT_NAMES` (per split where there is more than one;
+    without truth anywhere, ``f1_bars.png`` shows particles per hologram); every file is written atomically.
 
     Holograms that standardization skipped (no data: :func:`holopipe.core.io.skipped_holograms`) are left out of
     every count and of the bootstrap, with their true particles; every method's entry lists them
     (``skipped_holograms``: hid and reason), with ``n_true_skipped`` and ``skipped_note``. A prediction in a
     skipped hologram is refused (its CSV predates the store).
 
-    ``labels`` maps split -> (candidates directory, label CSVs): where a split's label files hold any
-    label, each method's entry of the primary split gets ``labels: {split: label_metrics}``
-    (:func:`label_metrics`); without any, the files are as without ``labels``. :data:`LABEL_PLOT_NAMES`
-    are always written: the head-to-head table and the gallery of candidates where the methods
-    disagree, or a note that there are no labels yet.
+    ``labels`` maps split -> (candidates directory, label CSVs): where a split's label files hold any label, each
+    method's entry of the primary split gets ``labels: {split: label_metrics}`` (:func:`label_metrics`); without any,
+    the files are as without ``labels``. :data:`~holopipe.evaluation.plots.LABEL_PLOT_NAMES` are always written: the
+    head-to-head table and the gallery of candidates where the methods disagree, or a note that there are no labels yet.
     """
     evaluate, optics = config["evaluate"], config["optics"]
     depth_bins = np.linspace(float(optics["z_min"]), float(optics["z_max"]), int(evaluate["depth_bins"]) + 1)

@@ -284,8 +284,9 @@ def _worker_loop(config, study_file, name: str, objective, worker: int, stop) ->
 
 def run_worker(config: dict, study_file, train_store, valid_store, stats_path, workdir, *, worker: int,
                objective: Objective | None = None) -> None:
-    """Run trials of the study in ``study_file`` (:func:`start_study`) until it holds exactly tune.n_trials
-    finished trials; refuses a study file of another config or other data (:func:`check_study`).
+    """Run trials of the study in ``study_file`` (:func:`holopipe.ml.tune.start_study`) until it holds exactly
+    tune.n_trials finished trials; refuses a study file of another config or other data
+    (:func:`~holopipe.ml.tune.check_study`).
 
     ``objective(config, trial, params) -> float`` defaults to training the model for tune.epochs
     (``holopipe.ml.train.train_model``, outputs under ``workdir/trials/<study>/N``). With tune.trials_per_gpu

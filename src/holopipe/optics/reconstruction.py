@@ -153,8 +153,8 @@ def scale_channels(planes, channels, stats: dict | None):
 def normalize_channels(amplitude, phase, channels, stats: dict | None):
     """Model inputs ``(..., C, H, W)`` from ``amplitude`` and ``phase`` ``(..., H, W)``, channels in order.
 
-    The one definition training (:class:`TileDataset`) and inference share (:func:`field_channels`, then
-    :func:`scale_channels` with ``s = stats["contrast_std"]``). Works on numpy, torch (any device) and cupy
-    arrays and keeps their precision; an array no channel needs may be None.
+    The one definition training (:class:`holopipe.ml.dataset.TileDataset`) and inference share (:func:`field_channels`,
+    then :func:`scale_channels` with ``s = stats["contrast_std"]``). Works on numpy, torch (any device) and cupy arrays
+    and keeps their precision; an array no channel needs may be None.
     """
     return scale_channels(field_channels(amplitude, phase, channels), channels, stats)
