@@ -25,8 +25,11 @@ particles are identical.
 
 import argparse
 import importlib
+import io
+import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -81,16 +84,21 @@ def simulated_hologram(config: dict, n_particles: int):
 
 
 def before_modules(commit: str, directory: Path):
-    """The baseline and particles modules of ``commit``, importable beside today's holopipe."""
+    """The baseline and particles modules of ``commit``, importable beside today's holopipe: the commit's whole
+    package, renamed ``holopipe_before``, so that they run with the helpers of their own time (the layout and
+    some signatures have changed since, e.g. which axis order a hologram is passed in)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src/holopipe"], check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
     package = directory / "holopipe_before"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    for name in ("focus", "baseline", "particles"):
-        source = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:src/holopipe/{name}.py"], check=True,
-                                capture_output=True, text=True).stdout
-        (package / f"{name}.py").write_text(source.replace("from holopipe.optics.focus", "from holopipe_before.focus"))
+    (directory / "src" / "holopipe").rename(package)
+    for path in package.rglob("*.py"):
+        path.write_text(re.sub(r"\bholopipe(?=[.\s])", "holopipe_before", path.read_text()))
     sys.path.insert(0, str(directory))
-    return importlib.import_module("holopipe_before.baseline"), importlib.import_module("holopipe_before.particles")
+    layer = "detect." if (package / "detect").is_dir() else ""
+    return (importlib.import_module(f"holopipe_before.{layer}baseline"),
+            importlib.import_module(f"holopipe_before.{layer}particles"))
 
 
 def timed(run) -> tuple[float, float]:
