@@ -25,7 +25,7 @@ import dask
 import numpy as np
 from tqdm.auto import tqdm
 
-from holopipe.core import io
+from holopipe.core import files, io
 from holopipe.core.config import ConfigError, split_simulation_config
 from holopipe.optics import simulate
 
@@ -101,7 +101,7 @@ def _acquire_url(spec: dict, out_path: Path, *, optics: dict, settings: dict) ->
     resumed_from = part.stat().st_size if part.exists() else 0
     log.info("acquiring %s from %s", out_path.name, url)
     _download(url, part, retries=settings["retries"], backoff=settings["backoff"], timeout=settings["timeout"])
-    actual = io.file_sha256(part)
+    actual = files.file_sha256(part)
     expected = spec["sha256"].lower()
     if actual != expected:
         part.unlink(missing_ok=True)
@@ -255,7 +255,7 @@ def _publish_holodec(source: Path, out_path: Path, *, optics: dict, max_hologram
     """
     label = label or str(source)
     z_limits = (optics["z_min"], optics["z_max"])
-    tmp = io.temporary_sibling(out_path)
+    tmp = files.temporary_sibling(out_path)
     try:
         with io.open_holodec(source) as ds:
             # Validated with the configured z limits, published with the file's own attributes.
