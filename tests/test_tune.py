@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from holopipe.core.config import load_config, with_overrides
 from holopipe.ml.tune import data_digests, open_storage, recorded_study, start_study, study_name, suggest, summarize
-from holopipe.ml.tune_worker import TrialProcessError, _sweep_stale, run_worker
+from holopipe.ml.tune_worker import TrialProcessError, _sweep_stale, _tell, run_worker
 from holopipe.run import cli
 
 POSTGRES_ENV = "HOLOPIPE_TEST_POSTGRES_URL"
@@ -282,6 +282,19 @@ def test_a_worker_that_loses_the_sweep_withdraws_its_retry(tmp_path, monkeypatch
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
     assert trials[1].user_attrs == {"retry_of": 0, "retries": 1, "surplus": True}
+
+
+def test_a_trial_failed_by_another_worker_while_it_ran_is_dropped_not_raised(tmp_path, caplog):
+    storage = open_storage(make_config(), tmp_path / "study.json")
+    study = optuna.create_study(study_name="dropped", storage=storage, direction="maximize")
+    trial = study.ask()
+    suggest(trial, SEARCH_SPACE)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("dropped"), 0)
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)  # another worker withdrew or swept it
+    with caplog.at_level("WARNING", logger="holopipe"):
+        _tell(study, trial, values=1.0)
+    assert study.get_trials(deepcopy=False)[0].state == TrialState.FAIL
+    assert "its outcome is dropped" in caplog.text
 
 
 def test_a_retry_still_waiting_when_the_count_is_made_up_is_failed_as_surplus(tmp_path):

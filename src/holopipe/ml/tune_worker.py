@@ -208,10 +208,15 @@ def _free_cuda_memory() -> None:
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs) -> None:
+    """Tell a trial's outcome, unless another worker failed it while it ran (as stale, or as a withdrawn duplicate
+    retry): then the outcome is dropped with a warning, and the worker carries on."""
     try:
-        study.tell(trial, **kwargs)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        log.warning("trial %d was failed as stale by another worker before it ended", trial.number)
+        told = study.tell(trial, skip_if_finished=True, **kwargs)
+    except optuna.exceptions.UpdateFinishedTrialError:  # failed between optuna's check and its write
+        told = None
+    if told is None or told.state != kwargs.get("state", TrialState.COMPLETE):
+        log.warning("trial %d was failed by another worker before it ended (stale, or a withdrawn retry); "
+                    "its outcome is dropped", trial.number)
 
 
 def _run_trial(study, storage, config, objective, trial, identity) -> None:
