@@ -1,7 +1,9 @@
-# A standardize task holds its hologram, or its running-median window, as float32 copies, and float32 frames of
-# work (background, ratio, the written chunk): 4 bytes x window + 24 bytes per pixel per thread. Measured on a
-# 4872 x 3248 frame (smooth): 447 MB peak with one thread, 524 MB with two (/usr/bin/time -v).
-STANDARDIZE_WINDOW = config["standardize"]["window"] if config["standardize"]["background"] == "running_median" else 1
+# A standardize task holds its hologram, or its window (of raw holograms for a running median, of their contrasts
+# for stationary), as float32 copies, and float32 frames of work (background, ratio, the written chunk): 4 bytes x
+# window + 24 bytes per pixel per thread. Measured on a 4872 x 3248 frame (smooth, before stationary): 447 MB peak
+# with one thread, 524 MB with two (/usr/bin/time -v).
+STANDARDIZE_WINDOW = (config["standardize"]["window"] if config["standardize"]["background"] == "running_median"
+                      or config["standardize"]["stationary"] else 1)
 
 
 rule standardize_fit:

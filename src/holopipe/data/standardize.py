@@ -26,6 +26,13 @@ field ``I / I0`` and reconstructs physically (``hologram_field(h, background=1.0
 ``mean``
     The hologram's own mean intensity, one scalar: for flat illumination.
 
+``standardize.stationary`` (default) then divides each hologram's contrast by the per-pixel median of the
+contrasts of its ``window`` neighbours in the split: dust on a window, fixed fringes and a sensor pattern sit at
+one place in every hologram of a file, a particle at one place in one of them. Each hologram's own background
+comes first, so a beam that moves from shot to shot (augmentation's) is still followed, and only what stays
+is divided out. Without it, a speck of window dust reconstructs as a particle at the volume's edge in every
+hologram.
+
 Regrid's pad is not data (regrid pads a frame to whole tiles with the hologram's median, a step no smooth
 background of a beamed hologram follows): the background is fitted on the area that regrid recorded as the
 hologram's (:func:`holopipe.data.regrid.data_area`; the whole frame of a store without the record) and the pad's
@@ -312,17 +319,59 @@ def contrast_images(image: da.Array, settings: dict, where: str = "<image>",
     image = image.rechunk({0: 1, 1: -1, 2: -1})
     n, nx, ny = image.shape
     area = area or (slice(0, nx), slice(0, ny))
+    stationary = _divides_stationary(settings)
+    own = {**settings, "log_transform": False} if stationary else settings
     if settings["background"] != "running_median":
-        return image.map_blocks(_contrast_block, settings=settings, where=where, area=area, xp=xp,
-                                dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+        contrast = image.map_blocks(_contrast_block, settings=own, where=where, area=area, xp=xp,
+                                    dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+    else:
+        contrast = _windowed(_contrast_block, image, int(settings["window"]), settings=own, where=where,
+                             area=area, xp=xp)
+    if not stationary:
+        return contrast
+    return _windowed(_stationary_block, contrast, int(settings["window"]), where=where,
+                     log_transform=bool(settings["log_transform"]), xp=xp)
+
+
+def _divides_stationary(settings: dict) -> bool:
+    """Whether ``standardize`` settings divide out what is stationary across a split's holograms after each
+    one's own background: ``stationary`` (False in stats fitted before it existed), which a running median
+    does by itself."""
+    return bool(settings.get("stationary", False)) and settings["background"] != "running_median"
+
+
+def _windowed(function, images: da.Array, window: int, **kwargs) -> da.Array:
+    """``function`` of each hologram's window of ``images`` (one-hologram chunks), given the hologram's
+    ``position`` in it and its index ``hologram``: each chunk is read once per computation."""
+    n, nx, ny = images.shape
     holograms = []
     for h in range(n):
-        neighbours = _window(h, n, int(settings["window"]))
-        holograms.append(da.map_blocks(_contrast_block, *(image[i:i + 1] for i in neighbours), settings=settings,
-                                       where=where, area=area, position=h - neighbours.start, hologram=h, xp=xp,
-                                       chunks=((1,), (nx,), (ny,)), dtype=np.float32,
-                                       meta=np.empty((0, 0, 0), np.float32)))
+        neighbours = _window(h, n, window)
+        holograms.append(da.map_blocks(function, *(images[i:i + 1] for i in neighbours),
+                                       position=h - neighbours.start, hologram=h, chunks=((1,), (nx,), (ny,)),
+                                       dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), **kwargs))
     return da.concatenate(holograms, axis=0)
+
+
+def _stationary_block(*blocks, position: int, hologram: int, where: str, log_transform: bool, xp=numpy_xp):
+    """One hologram's contrast (1, nx, ny) divided by the per-pixel median of its window's contrasts: what stays
+    at one place in a file's holograms after each one's own background (window dust, fixed fringes, a sensor
+    pattern) belongs to the instrument. Holograms without data (contrast 1 throughout) are left out of the
+    median; a window left with fewer than 3 holograms with data has no median that rejects a particle, and its
+    hologram keeps its own background alone (logged)."""
+    contrasts = xp.astype(xp.asarray(np.concatenate(blocks, axis=0)), xp.float32, copy=False)
+    contrast = contrasts[position]
+    if bool(xp.all(contrast == 1)):
+        return host_array(contrast[None], np.float32)
+    lit = [i for i in range(len(blocks)) if i == position or not bool(xp.all(contrasts[i] == 1))]
+    if len(lit) < 3:
+        log.warning("%s: hologram index %d: %d hologram(s) with data in its window, too few to tell what is "
+                    "stationary; divided by its own background alone", where, hologram, len(lit))
+        stationary = xp.ones_like(contrast)
+    else:
+        median = xp.median(contrasts[xp.asarray(lit)], axis=0)
+        stationary = xp.maximum(median, xp.asarray(np.float32(DEAD_BACKGROUND_FRACTION)))
+    return host_array(standardize_image(contrast, stationary, log_transform)[None], np.float32)
 
 
 def _blank_block(block: np.ndarray, area: tuple[slice, slice]) -> np.ndarray:
@@ -418,7 +467,8 @@ def apply_stats(in_path, out_path, stats_path, device: str = "cpu") -> Path:
     and attrs are kept; holograms without data have contrast 1 and are listed in ``skipped_holograms`` and
     ``skipped_reasons`` (module docstring); attrs also gain ``standardize_stats``, ``standardize_background``,
     ``standardize_block_pixels`` or ``standardize_window`` (the estimator's setting),
-    ``standardize_log_transform`` (0/1), ``standardize_source`` and ``standardize_contrast_mean``/``_std``.
+    ``standardize_stationary`` (0/1; with 1, ``standardize_window`` too), ``standardize_log_transform`` (0/1),
+    ``standardize_source`` and ``standardize_contrast_mean``/``_std``.
     ``device`` (``standardize.device``) is where the holograms are standardized.
     """
     stats = read_stats(stats_path)
@@ -432,11 +482,14 @@ def apply_stats(in_path, out_path, stats_path, device: str = "cpu") -> Path:
         skipped = _skipped(_blank_reasons(ds["image"].data, area).compute(scheduler="synchronous"), name)
         standardized = contrast_images(ds["image"].data, settings, where=name, area=area, xp=xp)
         out = ds.assign(image=xr.DataArray(standardized, dims=IMAGE_DIMS, attrs=ds["image"].attrs))
-        setting = {"smooth": "block_pixels", "running_median": "window"}.get(settings["background"])
+        stationary = _divides_stationary(settings)
+        recorded = {"smooth": ["block_pixels"], "running_median": ["window"]}.get(settings["background"], [])
+        recorded += ["window"] if stationary and "window" not in recorded else []
         out = out.assign_attrs(
             standardize_stats=os.fspath(stats_path),
             standardize_background=settings["background"],
-            **({f"standardize_{setting}": int(settings[setting])} if setting else {}),
+            **{f"standardize_{setting}": int(settings[setting]) for setting in recorded},
+            standardize_stationary=int(stationary),
             standardize_log_transform=int(settings["log_transform"]),
             standardize_source=os.path.basename(name.rstrip("/")),
             standardize_contrast_mean=stats["contrast_mean"],
