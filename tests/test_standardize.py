@@ -518,3 +518,23 @@ def test_cupy_standardizes_as_numpy(background, log_transform):
     on_gpu = _contrast_block(*blocks, settings=settings, where="t", area=area, position=2, hologram=2, xp=cupy_xp)
     assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32 and on_gpu.shape == (1, 150, 110)
     np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("log_transform", [False, True])
+def test_cupy_divides_out_the_stationary_as_numpy(log_transform):
+    pytest.importorskip("cupy")
+    import array_api_compat.cupy as cupy_xp
+    import dask.array as da
+
+    from holopipe.data.standardize import contrast_images
+
+    images = moving_beam_images(6, seed=34, dust=[(30, 25, 3)], particle_hologram=2, particle=(50, 40, 3))
+    images[4] = 0  # a blank hologram: contrast 1, left out of its neighbours' medians
+    settings = {"background": "smooth", "block_pixels": 32, "window": 5, "stationary": True,
+                "log_transform": log_transform}
+    area = (slice(2, 96), slice(0, 80))
+    on_cpu = contrast_images(da.from_array(images), settings, area=area).compute()
+    on_gpu = contrast_images(da.from_array(images), settings, area=area, xp=cupy_xp).compute()
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)
+    assert (on_cpu[4] == 1).all() and abs(on_cpu[0, 30, 25] - 1) < 0.1
