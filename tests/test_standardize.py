@@ -148,7 +148,7 @@ def test_stats_hold_only_the_contrast_scale_of_the_standardized_training_split(t
     assert sorted(p.name for p in path.parent.iterdir()) == ["stats.json"]
     numbers = {key for key, value in stats.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
     assert numbers == {"contrast_mean", "contrast_std", "n_holograms"}
-    assert stats["standardize"] == {"background": "smooth", "block_pixels": 32, "window": 9, "stationary": True,
+    assert stats["standardize"] == {"background": "smooth", "block_pixels": 32, "window": 9, "stationary": False,
                                     "log_transform": True}
     standardized = open_holodec(apply_stats(train, tmp_path / "train_std.zarr", path))["image"].values
     assert stats["contrast_mean"] == pytest.approx(standardized.astype(np.float64).mean(), rel=1e-6)
@@ -192,10 +192,10 @@ def test_running_median_removes_a_fixed_sensor_pattern_and_follows_each_hologram
     # The pattern is gone: what is left is each hologram's shot noise (~1 %) and its dark spot.
     assert np.median(np.abs(out - 1)) < 0.01
     smooth = open_holodec(apply_stats(train, tmp_path / "smooth.zarr", write_stats(
-        fit_stats(train, make_config(stationary=False)), tmp_path / "smooth.json")))["image"].values
+        fit_stats(train, make_config()), tmp_path / "smooth.json")))["image"].values
     assert np.median(np.abs(smooth - 1)) > 0.05, "a smooth background cannot remove a per-pixel pattern"
     stationary = open_holodec(apply_stats(train, tmp_path / "stationary.zarr", write_stats(
-        fit_stats(train, make_config(window=5)), tmp_path / "stationary.json")))["image"].values
+        fit_stats(train, make_config(window=5, stationary=True)), tmp_path / "stationary.json")))["image"].values
     assert np.median(np.abs(stationary - 1)) < 0.01, "the pattern stays put: standardize.stationary removes it"
 
 
@@ -226,7 +226,7 @@ def test_stationary_divides_out_window_dust_under_a_moving_beam_and_keeps_a_part
                             tmp_path / "stats.json")
         return open_holodec(apply_stats(store, tmp_path / f"out{len(settings)}.zarr", stats))
 
-    own, stationary = standardized(stationary=False), standardized()
+    own, stationary = standardized(), standardized(stationary=True)
     assert stationary.attrs["standardize_stationary"] == 1 and stationary.attrs["standardize_window"] == 5
     assert own.attrs["standardize_stationary"] == 0
     for cx, cy, _ in dust:  # dark in every hologram by its own background; gone once the stationary is divided
@@ -236,7 +236,7 @@ def test_stationary_divides_out_window_dust_under_a_moving_beam_and_keeps_a_part
     # The moving beam is each hologram's own background's: the rest of the frame sits at 1 in both.
     assert np.median(np.abs(stationary["image"].values - 1)) < 0.02
     # A running median of the raw holograms cannot follow a beam that moves: it leaves the beam in.
-    median = standardized(background="running_median")
+    median = standardized(background="running_median", stationary=True)  # which divides out the stationary itself
     assert median.attrs["standardize_stationary"] == 0
     assert np.median(np.abs(median["image"].values - 1)) > 0.05
 
@@ -244,11 +244,11 @@ def test_stationary_divides_out_window_dust_under_a_moving_beam_and_keeps_a_part
 def test_stationary_needs_three_holograms_with_data_and_says_so(tmp_path, caplog):
     images = moving_beam_images(2, seed=32, dust=[(30, 25, 3)], particle_hologram=0, particle=(50, 40, 3))
     store = write_store(tmp_path / "two.zarr", images)
-    config = make_config(block_pixels=32)
+    config = make_config(block_pixels=32, stationary=True)
     out = open_holodec(apply_stats(store, tmp_path / "out.zarr", write_stats(fit_stats(store, config),
                                                                              tmp_path / "stats.json")))
     own = open_holodec(apply_stats(store, tmp_path / "own.zarr", write_stats(
-        fit_stats(store, make_config(block_pixels=32, stationary=False)), tmp_path / "own.json")))
+        fit_stats(store, make_config(block_pixels=32)), tmp_path / "own.json")))
 
     np.testing.assert_array_equal(out["image"].values, own["image"].values)
     assert "two.zarr: hologram index 1: 2 hologram(s) with data in its window, too few to tell what is " \
@@ -258,7 +258,7 @@ def test_stationary_needs_three_holograms_with_data_and_says_so(tmp_path, caplog
 def test_stats_fitted_before_stationary_existed_standardize_as_they_did(tmp_path):
     images = moving_beam_images(4, seed=33, dust=[(30, 25, 3)], particle_hologram=0, particle=(50, 40, 3))
     store = write_store(tmp_path / "split.zarr", images)
-    stats = fit_stats(store, make_config(block_pixels=32))
+    stats = fit_stats(store, make_config(block_pixels=32, stationary=True))
     del stats["standardize"]["stationary"]
     out = open_holodec(apply_stats(store, tmp_path / "out.zarr", write_stats(stats, tmp_path / "old.json")))
 
@@ -279,7 +279,7 @@ def test_running_median_window_stays_inside_the_split():
 def test_mean_background_is_each_holograms_own_mean(tmp_path):
     images = camera_images(3, seed=9, dark_spots=False).astype(np.float32) * np.float32([[[1.0]], [[0.5]], [[2.0]]])
     train = write_store(tmp_path / "train.zarr", images)
-    stats_path = write_stats(fit_stats(train, make_config("mean", stationary=False)), tmp_path / "stats.json")
+    stats_path = write_stats(fit_stats(train, make_config("mean")), tmp_path / "stats.json")
 
     out = open_holodec(apply_stats(train, tmp_path / "out.zarr", stats_path))["image"].values
 

@@ -26,12 +26,13 @@ field ``I / I0`` and reconstructs physically (``hologram_field(h, background=1.0
 ``mean``
     The hologram's own mean intensity, one scalar: for flat illumination.
 
-``standardize.stationary`` (default) then divides each hologram's contrast by the per-pixel median of the
+``standardize.stationary`` then divides each hologram's contrast by the per-pixel median of the
 contrasts of its ``window`` neighbours in the split: dust on a window, fixed fringes and a sensor pattern sit at
 one place in every hologram of a file, a particle at one place in one of them. Each hologram's own background
 comes first, so a beam that moves from shot to shot (augmentation's) is still followed, and only what stays
 is divided out. Without it, a speck of window dust reconstructs as a particle at the volume's edge in every
-hologram.
+hologram; with it, the median of a few dense holograms carries their rings (a few % where nothing is
+stationary) into every hologram, so it is off by default.
 
 Regrid's pad is not data (regrid pads a frame to whole tiles with the hologram's median, a step no smooth
 background of a beamed hologram follows): the background is fitted on the area that regrid recorded as the
