@@ -34,7 +34,11 @@ fresh --out, or re-evaluate what is there with --evaluate-only (the table then n
 A change after detection (the particles stage, the baseline's grouping, their settings) needs no retraining:
 ``--post-only`` keeps the runs' models and detections and recomputes, with this code and config, the U-Net's
 particles of every run, the baseline and the ablation's particles into ``OUT/post`` (minutes), and evaluates
-those; the table names the commit of the runs and the commit of the stages after detection.
+those; the table names the commit of the runs and the commit of the stages after detection. A change to
+standardization that leaves the training split's standardized holograms as they were, bit for bit (checked), leaves
+the models as they were too: ``--restandardize`` standardizes every run's evaluated splits again into
+``OUT/restandardized``, infers again (the run's model, the CLI's ``holopipe infer``) where a store changed, and
+then does what ``--post-only`` does.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import pandas as pd
 import yaml
 
 from holopipe.core.config import load_config, merged_config
-from holopipe.core.io import read_particle_csv
+from holopipe.core.io import open_holodec, read_particle_csv
 from holopipe.core.provenance import code_identity
 from holopipe.detect.baseline import baseline_file, detections_file
 from holopipe.detect.particles import particles_file
@@ -65,6 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("config/config.yaml", "config/accuracy.yaml")
 RUN_SEEDED = ("augment", "examples", "train", "tune")
 """Sections whose ``seed`` a training run sets: everything random between the data and the model."""
+TRAIN = "train"
+"""The training split's name, as the Snakefile's TRAIN_SPLIT."""
 METHODS = ("unet", "baseline", "physics+particles")
 DIFFERENCES = (("unet", "baseline"), ("unet", "physics+particles"), ("physics+particles", "baseline"))
 
@@ -225,31 +231,98 @@ def ablate(out: Path, runs: list[Path], splits: list[str], config: dict, walls: 
                     "physics+particles": ablation / f"{split}_particles.csv"} for split in splits}
 
 
-def recompute_after_detection(out: Path, runs: list[Path], splits: list[str], config: dict, walls: dict) -> dict:
-    """``--post-only``: a fresh ``OUT/post`` with every run's U-Net particles (from its detections and stores),
-    run 1's baseline and the ablation (the baseline detector's detections, then the particles stage), all by
-    this code and ``config``; per split the CSVs to evaluate."""
+def run_inputs(run: Path, split: str, chunks: int) -> tuple[Path, list[Path]]:
+    """A run's standardized store of ``split`` and its inference chunks, as its workflow wrote them."""
+    return (run / "data" / "standardized" / f"{split}.zarr",
+            [run / "results" / "inference" / split / f"chunk_{chunk}.csv" for chunk in range(chunks)])
+
+
+def holopipe(*args: str) -> None:
+    """A stage by the CLI the workflow's rules call, so that a benchmark runs what a job runs."""
+    command = [str(Path(sys.executable).parent / "holopipe"), *args]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"accuracy.py: {shlex.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def restandardize(out: Path, runs: list[Path], splits: list[str], config: dict, walls: dict) -> dict:
+    """``--restandardize``: every run's evaluated splits standardized again by this code with the config's
+    ``standardize`` settings and the run's training statistics (into ``OUT/restandardized/run_k``), and inferred
+    again by the run's model where a store changed; ``{run: {split: (store, chunks)}}``. The run's training split
+    must standardize exactly as before (its models are then what this code would train): else it stops."""
+    base = out / "restandardized"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    start = time.perf_counter()
+    settings = {key: value for key, value in config["standardize"].items() if key != "device"}
+    config_file = base / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    chunks = int(config["infer"]["chunks"])
+    inputs = {}
+    for run in runs:
+        here = base / run.name
+        here.mkdir()
+        stats = json.loads((run / "data" / "standardized" / "stats.json").read_text())
+        stats_file = here / "stats.json"
+        stats_file.write_text(json.dumps({**stats, "standardize": settings}, indent=2))
+        train = run / "data" / "standardized" / f"{TRAIN}.zarr"
+        holopipe("standardize", "apply", "--in", str(run / "data" / "augmented" / f"{TRAIN}.zarr"), "--stats",
+                 str(stats_file), "--device", "cpu", "--out", str(here / f"{TRAIN}.zarr"))
+        if not same_images(here / f"{TRAIN}.zarr", train):
+            raise SystemExit(f"accuracy.py: --restandardize: {run.name}'s training split standardizes differently "
+                             "now; its model is not this code's: rerun the benchmark into a fresh --out")
+        inputs[run] = {}
+        for split in splits:
+            store, detections = run_inputs(run, split, chunks)
+            again = here / f"{split}.zarr"
+            holopipe("standardize", "apply", "--in", str(run / "data" / "regridded" / f"{split}.zarr"), "--stats",
+                     str(stats_file), "--device", "cpu", "--out", str(again))
+            if same_images(again, store):
+                inputs[run][split] = store, detections
+                continue
+            print(f"[accuracy] {run.name}: {split} standardizes differently now: inferred again", flush=True)
+            detections = [here / "inference" / split / f"chunk_{chunk}.csv" for chunk in range(chunks)]
+            for chunk, csv in enumerate(detections):
+                holopipe("infer", "--model", str(run / "results" / "model" / "model.pt"), "--in", str(again),
+                         "--out", str(csv), "--chunk", str(chunk), "--chunks", str(chunks), "--config",
+                         str(config_file))
+            inputs[run][split] = again, detections
+    walls["restandardize"] = time.perf_counter() - start
+    return inputs
+
+
+def same_images(a: Path, b: Path) -> bool:
+    with open_holodec(a) as left, open_holodec(b) as right:
+        return bool(np.array_equal(left["image"].values, right["image"].values))
+
+
+def recompute_after_detection(out: Path, runs: list[Path], splits: list[str], config: dict, walls: dict,
+                              inputs: dict | None = None) -> dict:
+    """``--post-only``: a fresh ``OUT/post`` with every run's U-Net particles (from its detections and stores:
+    ``inputs`` ``{run: {split: (store, chunks)}}``, by default the run's own), run 1's baseline and the ablation
+    (the baseline detector's detections, then the particles stage), all by this code and ``config``; per split
+    the CSVs to evaluate."""
     post = out / "post"
     shutil.rmtree(post, ignore_errors=True)
     post.mkdir(parents=True)
     start = time.perf_counter()
     csvs = {}
+    chunks = int(config["infer"]["chunks"])
     for split in splits:
-        stores = [run / "data" / "standardized" / f"{split}.zarr" for run in runs]
+        found = [(inputs or {}).get(run, {}).get(split) or run_inputs(run, split, chunks) for run in runs]
         unet = []
-        for run, store in zip(runs, stores):
-            chunks = [run / "results" / "inference" / split / f"chunk_{chunk}.csv"
-                      for chunk in range(int(config["infer"]["chunks"]))]
-            missing = [str(path) for path in [*chunks, store] if not path.exists()]
+        for run, (store, detections) in zip(runs, found):
+            missing = [str(path) for path in [*detections, store] if not path.exists()]
             if missing:
                 raise SystemExit(f"accuracy.py: --post-only, but {missing[0]} is missing: run the benchmark first")
-            unet.append(particles_file(chunks, post / run.name / f"{split}_unet.csv", config, store_path=store,
+            unet.append(particles_file(detections, post / run.name / f"{split}_unet.csv", config, store_path=store,
                                        progress=False))
-        detections = detections_file(config, stores[0], post / f"{split}_detections.csv", progress=False)
+        store = found[0][0]
+        detections = detections_file(config, store, post / f"{split}_detections.csv", progress=False)
         csvs[split] = {"unet": unet,
-                       "baseline": baseline_file(config, stores[0], post / f"{split}_baseline.csv", progress=False),
+                       "baseline": baseline_file(config, store, post / f"{split}_baseline.csv", progress=False),
                        "physics+particles": particles_file([detections], post / f"{split}_physics+particles.csv",
-                                                           config, store_path=stores[0], progress=False)}
+                                                           config, store_path=store, progress=False)}
     walls["post"] = time.perf_counter() - start
     (post / "code.json").write_text(json.dumps({"code": code_identity(), "commit": git_commit()}, indent=2) + "\n")
     return csvs
@@ -264,8 +337,11 @@ def markdown(result: dict) -> str:
     evaluated = ("" if result["evaluated_commit"] == result["commit"] else
                  f", evaluated at commit {result['evaluated_commit']}")
     if result.get("post_commit"):
-        evaluated += (f"; particles stage, baseline and ablation recomputed at commit {result['post_commit']}"
-                      " (--post-only)")
+        again = ("evaluated splits standardized again (inferred again where changed), particles stage, baseline and "
+                 "ablation recomputed" if result.get("restandardized") else
+                 "particles stage, baseline and ablation recomputed")
+        evaluated += (f"; {again} at commit {result['post_commit']}"
+                      f" ({'--restandardize' if result.get('restandardized') else '--post-only'})")
     lines = [f"Accuracy benchmark, runs computed at commit {result['commit']}{evaluated}: `{result['command']}`", "",
              f"{result['runs']} training runs (seeds {', '.join(map(str, range(1, result['runs'] + 1)))} of "
              f"{', '.join(RUN_SEEDED)}); intervals: 95 %, bootstrap over training runs and holograms "
@@ -334,9 +410,13 @@ def main(argv=None) -> int:
     parser.add_argument("--post-only", action="store_true",
                         help="keep the runs' models and detections in --out (also when computed by other code) and "
                              "recompute what follows detection with this code and config into OUT/post")
+    parser.add_argument("--restandardize", action="store_true",
+                        help="as --post-only, after standardizing every run's evaluated splits again with this code "
+                             "and config (OUT/restandardized) and inferring again where a store changed; the "
+                             "training split must standardize as before")
     args = parser.parse_args(argv)
-    if args.post_only and args.evaluate_only:
-        parser.error("--post-only and --evaluate-only: choose one")
+    if sum([args.post_only, args.evaluate_only, args.restandardize]) > 1:
+        parser.error("--post-only, --restandardize and --evaluate-only: choose one")
     if args.runs < 2:
         parser.error("--runs: at least 2 training runs, or the interval leaves the training out")
     configfiles = [path.resolve() for path in args.configfile]
@@ -344,7 +424,7 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--configfile: no such file: {', '.join(missing)}")
     out = args.out.resolve()
-    computes = not (args.evaluate_only or args.post_only)
+    computes = not (args.evaluate_only or args.post_only or args.restandardize)
     record = claim(out, code_identity(), evaluate_only=not computes)
     walls = {}
     runs = []
@@ -369,13 +449,14 @@ def main(argv=None) -> int:
         runs.append(workdir)
     config = load_config(merged_config(read_configs(configfiles), run_overrides(1)))
     splits = list(config["infer"]["splits"])
-    if args.post_only:
-        csvs, post_commit = recompute_after_detection(out, runs, splits, config, walls), git_commit()
+    if args.post_only or args.restandardize:
+        inputs = restandardize(out, runs, splits, config, walls) if args.restandardize else None
+        csvs, post_commit = recompute_after_detection(out, runs, splits, config, walls, inputs), git_commit()
     else:
         csvs, post_commit = ablate(out, runs, splits, config, walls, evaluate_only=args.evaluate_only), None
     command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
     result = {"command": command, "commit": record["commit"], "evaluated_commit": git_commit(),
-              "post_commit": post_commit,
+              "post_commit": post_commit, "restandardized": args.restandardize,
               "code": record["code"], "configfiles": [str(p) for p in configfiles],
               "runs": args.runs, "resamples": int(config["evaluate"]["bootstrap"]),
               "machine": f"{os.cpu_count()} CPU cores", "wall_seconds": walls,

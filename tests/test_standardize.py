@@ -148,8 +148,8 @@ def test_stats_hold_only_the_contrast_scale_of_the_standardized_training_split(t
     assert sorted(p.name for p in path.parent.iterdir()) == ["stats.json"]
     numbers = {key for key, value in stats.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
     assert numbers == {"contrast_mean", "contrast_std", "n_holograms"}
-    assert stats["standardize"] == {"background": "smooth", "block_pixels": 32, "window": 9, "stationary": False,
-                                    "log_transform": True}
+    assert stats["standardize"] == {"background": "smooth", "block_pixels": 32, "window": 9, "stationary": "windows",
+                                    "stationary_darkness": 0.6, "log_transform": True}
     standardized = open_holodec(apply_stats(train, tmp_path / "train_std.zarr", path))["image"].values
     assert stats["contrast_mean"] == pytest.approx(standardized.astype(np.float64).mean(), rel=1e-6)
     assert stats["contrast_std"] == pytest.approx(standardized.astype(np.float64).std(), rel=1e-5)
@@ -195,8 +195,8 @@ def test_running_median_removes_a_fixed_sensor_pattern_and_follows_each_hologram
         fit_stats(train, make_config()), tmp_path / "smooth.json")))["image"].values
     assert np.median(np.abs(smooth - 1)) > 0.05, "a smooth background cannot remove a per-pixel pattern"
     stationary = open_holodec(apply_stats(train, tmp_path / "stationary.zarr", write_stats(
-        fit_stats(train, make_config(window=5, stationary=True)), tmp_path / "stationary.json")))["image"].values
-    assert np.median(np.abs(stationary - 1)) < 0.01, "the pattern stays put: standardize.stationary removes it"
+        fit_stats(train, make_config(window=5, stationary="everywhere")), tmp_path / "stationary.json")))["image"].values
+    assert np.median(np.abs(stationary - 1)) < 0.01, "the pattern stays put: stationary everywhere removes it"
 
 
 def moving_beam_images(n, seed, dust, particle_hologram, particle) -> np.ndarray:
@@ -216,7 +216,7 @@ def moving_beam_images(n, seed, dust, particle_hologram, particle) -> np.ndarray
     return np.stack(images).astype(np.float32)
 
 
-def test_stationary_divides_out_window_dust_under_a_moving_beam_and_keeps_a_particle(tmp_path):
+def test_stationary_everywhere_divides_out_dust_under_a_moving_beam_and_keeps_a_particle(tmp_path):
     dust, particle = [(30, 25, 3), (70, 60, 4)], (50, 40, 3)
     images = moving_beam_images(7, seed=31, dust=dust, particle_hologram=3, particle=particle)
     store = write_store(tmp_path / "split.zarr", images)
@@ -224,11 +224,11 @@ def test_stationary_divides_out_window_dust_under_a_moving_beam_and_keeps_a_part
     def standardized(**settings):
         stats = write_stats(fit_stats(store, make_config(block_pixels=32, window=5, **settings)),
                             tmp_path / "stats.json")
-        return open_holodec(apply_stats(store, tmp_path / f"out{len(settings)}.zarr", stats))
+        return open_holodec(apply_stats(store, tmp_path / f"{'_'.join(map(str, settings.values()))}.zarr", stats))
 
-    own, stationary = standardized(), standardized(stationary=True)
-    assert stationary.attrs["standardize_stationary"] == 1 and stationary.attrs["standardize_window"] == 5
-    assert own.attrs["standardize_stationary"] == 0
+    own, stationary = standardized(stationary="off"), standardized(stationary="everywhere")
+    assert stationary.attrs["standardize_stationary"] == "everywhere" and stationary.attrs["standardize_window"] == 5
+    assert own.attrs["standardize_stationary"] == "off"
     for cx, cy, _ in dust:  # dark in every hologram by its own background; gone once the stationary is divided
         assert (own["image"].values[:, cx, cy] < 0.5).all()
         assert stationary["image"].values[:, cx, cy] == pytest.approx(np.ones(7), abs=0.1)
@@ -236,34 +236,104 @@ def test_stationary_divides_out_window_dust_under_a_moving_beam_and_keeps_a_part
     # The moving beam is each hologram's own background's: the rest of the frame sits at 1 in both.
     assert np.median(np.abs(stationary["image"].values - 1)) < 0.02
     # A running median of the raw holograms cannot follow a beam that moves: it leaves the beam in.
-    median = standardized(background="running_median", stationary=True)  # which divides out the stationary itself
-    assert median.attrs["standardize_stationary"] == 0
+    median = standardized(background="running_median", stationary="everywhere")  # which does it by itself
+    assert median.attrs["standardize_stationary"] == "off"
     assert np.median(np.abs(median["image"].values - 1)) > 0.05
 
 
 def test_stationary_needs_three_holograms_with_data_and_says_so(tmp_path, caplog):
     images = moving_beam_images(2, seed=32, dust=[(30, 25, 3)], particle_hologram=0, particle=(50, 40, 3))
     store = write_store(tmp_path / "two.zarr", images)
-    config = make_config(block_pixels=32, stationary=True)
+    config = make_config(block_pixels=32, stationary="everywhere")
     out = open_holodec(apply_stats(store, tmp_path / "out.zarr", write_stats(fit_stats(store, config),
                                                                              tmp_path / "stats.json")))
     own = open_holodec(apply_stats(store, tmp_path / "own.zarr", write_stats(
-        fit_stats(store, make_config(block_pixels=32)), tmp_path / "own.json")))
+        fit_stats(store, make_config(block_pixels=32, stationary="off")), tmp_path / "own.json")))
 
     np.testing.assert_array_equal(out["image"].values, own["image"].values)
     assert "two.zarr: hologram index 1: 2 hologram(s) with data in its window, too few to tell what is " \
            "stationary" in caplog.text
 
 
-def test_stats_fitted_before_stationary_existed_standardize_as_they_did(tmp_path):
+@pytest.mark.parametrize("recorded, mode", [(None, "off"), (False, "off"), (True, "everywhere")])
+def test_stats_fitted_before_stationary_had_modes_standardize_as_they_did(tmp_path, recorded, mode):
     images = moving_beam_images(4, seed=33, dust=[(30, 25, 3)], particle_hologram=0, particle=(50, 40, 3))
     store = write_store(tmp_path / "split.zarr", images)
-    stats = fit_stats(store, make_config(block_pixels=32, stationary=True))
-    del stats["standardize"]["stationary"]
+    stats = fit_stats(store, make_config(block_pixels=32))
+    del stats["standardize"]["stationary"], stats["standardize"]["stationary_darkness"]
+    if recorded is not None:
+        stats["standardize"]["stationary"] = recorded
     out = open_holodec(apply_stats(store, tmp_path / "out.zarr", write_stats(stats, tmp_path / "old.json")))
 
-    assert out.attrs["standardize_stationary"] == 0
-    assert (out["image"].values[:, 30, 25] < 0.5).all()
+    assert out.attrs["standardize_stationary"] == mode
+    assert ((out["image"].values[:, 30, 25] < 0.5).all()) == (mode == "off")
+
+
+def test_unquoted_yaml_off_is_off_and_an_unknown_mode_is_refused(tmp_path):
+    assert make_config(stationary=False)["standardize"]["stationary"] is False
+    with pytest.raises(ValueError, match="stationary"):
+        make_config(stationary="dust")
+    stats = fit_stats(write_store(tmp_path / "one.zarr", camera_images(1, seed=2)), make_config(stationary="off"))
+    stats["standardize"]["stationary"] = "dust"
+    with pytest.raises(ValueError, match=r"one.zarr: unknown standardize.stationary 'dust'"):
+        apply_stats(tmp_path / "one.zarr", tmp_path / "out.zarr", write_stats(stats, tmp_path / "bad.json"))
+
+
+WINDOW_FRAME = (128, 96)
+
+
+def dusty_file(tmp_path, name, dust_count, n_holograms=7, seed=56):
+    """A simulated file on a non-square frame (dx != dy) whose droplets move from hologram to hologram, with
+    ``dust_count`` specks of 30-50 um on the near window (zMin) at the same place in every hologram (seed 56:
+    both well inside the frame)."""
+    from holopipe.optics.simulate import Artifacts, DiameterModel
+
+    settings = SimulationSettings(optics=Optics(WAVELENGTH, DX, DY, *WINDOW_FRAME, Z_MIN, Z_MAX), particles=(3, 3),
+                                  diameter=DiameterModel("uniform", d_min=2e-5, d_max=4e-5), pad=64,
+                                  artifacts=Artifacts(dust_count=dust_count, dust_diameter=(3e-5, 5e-5)))
+    return simulate_file(tmp_path / f"{name}.nc", n_holograms=n_holograms, seed=seed, settings=settings,
+                         progress=False)
+
+
+def window_amplitude(images, z_m, x_um, y_um) -> np.ndarray:
+    """Each standardized hologram's reconstructed amplitude at depth ``z_m`` at (x, y) µm of the frame's centre."""
+    from holopipe.optics.propagation import propagate
+
+    nx, ny = WINDOW_FRAME
+    ix, iy = round(x_um * 1e-6 / DX + nx / 2 - 0.5), round(y_um * 1e-6 / DY + ny / 2 - 0.5)
+    field = propagate(images.astype(np.complex64), -z_m, wavelength=WAVELENGTH, dx=DY, dy=DX, pad=64,
+                      band_limit=True)
+    return np.abs(field[:, ix, iy])
+
+
+def test_stationary_windows_divides_out_window_dust_and_keeps_every_droplet(tmp_path):
+    raw = dusty_file(tmp_path, "dusty", dust_count=2)
+
+    def standardized(mode):
+        stats = write_stats(fit_stats(raw, make_config(window=5, stationary=mode)), tmp_path / f"{mode}.json")
+        return open_holodec(apply_stats(raw, tmp_path / f"{mode}.zarr", stats))
+
+    own, windows = standardized("off"), standardized("windows")
+    assert windows.attrs["standardize_stationary"] == "windows"
+    assert windows.attrs["standardize_stationary_darkness"] == 0.6 and windows.attrs["standardize_window"] == 5
+    for x, y in zip(windows.attrs["window_dust_x"], windows.attrs["window_dust_y"]):
+        # dark at the near window in every hologram by its own background; gone there once taken out
+        assert (window_amplitude(own["image"].values, Z_MIN, x, y) < 0.4).all()
+        assert window_amplitude(windows["image"].values, Z_MIN, x, y) == pytest.approx(np.ones(7), abs=0.25)
+    truth = own[["hid", "x", "y", "z"]].to_dataframe()
+    for droplet in truth.itertuples():  # each in one hologram: as dark at its depth with the dust taken out
+        h = int(droplet.hid) - 1
+        before = window_amplitude(own["image"].values[h:h + 1], droplet.z * 1e-6, droplet.x, droplet.y)[0]
+        after = window_amplitude(windows["image"].values[h:h + 1], droplet.z * 1e-6, droplet.x, droplet.y)[0]
+        assert after == pytest.approx(before, abs=0.2) and (after < 0.5 or before >= 0.4)
+
+
+def test_stationary_windows_leaves_a_file_without_dust_as_its_own_background_does(tmp_path):
+    raw = dusty_file(tmp_path, "clean", dust_count=0)
+    out = {mode: open_holodec(apply_stats(raw, tmp_path / f"{mode}.zarr", write_stats(
+        fit_stats(raw, make_config(window=5, stationary=mode)), tmp_path / f"{mode}.json")))["image"].values
+        for mode in ("off", "windows")}
+    np.testing.assert_array_equal(out["windows"], out["off"])
 
 
 def test_running_median_window_stays_inside_the_split():
@@ -531,10 +601,28 @@ def test_cupy_divides_out_the_stationary_as_numpy(log_transform):
 
     images = moving_beam_images(6, seed=34, dust=[(30, 25, 3)], particle_hologram=2, particle=(50, 40, 3))
     images[4] = 0  # a blank hologram: contrast 1, left out of its neighbours' medians
-    settings = {"background": "smooth", "block_pixels": 32, "window": 5, "stationary": True,
+    settings = {"background": "smooth", "block_pixels": 32, "window": 5, "stationary": "everywhere",
                 "log_transform": log_transform}
     area = (slice(2, 96), slice(0, 80))
     on_cpu = contrast_images(da.from_array(images), settings, area=area).compute()
     on_gpu = contrast_images(da.from_array(images), settings, area=area, xp=cupy_xp).compute()
     np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)
     assert (on_cpu[4] == 1).all() and abs(on_cpu[0, 30, 25] - 1) < 0.1
+
+
+@pytest.mark.gpu
+def test_cupy_takes_out_window_dust_as_numpy(tmp_path):
+    pytest.importorskip("cupy")
+    import array_api_compat.cupy as cupy_xp
+    import dask.array as da
+
+    from holopipe.data.standardize import WindowPlanes, contrast_images
+
+    ds = open_holodec(dusty_file(tmp_path, "dusty", dust_count=2))
+    settings = {"background": "smooth", "block_pixels": 32, "window": 5, "stationary": "windows",
+                "stationary_darkness": 0.6, "log_transform": False}
+    windows = WindowPlanes.of(ds.attrs)
+    images = da.from_array(ds["image"].values.astype(np.float32))
+    on_cpu = contrast_images(images, settings, windows=windows).compute()
+    on_gpu = contrast_images(images, settings, windows=windows, xp=cupy_xp).compute()
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)

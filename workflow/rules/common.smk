@@ -351,7 +351,8 @@ def get_augment_runtime(wildcards, attempt):
 def get_standardize_runtime(wildcards, attempt):
     """Applying the standardization to a split, or fitting it (no split: the training split)."""
     split = getattr(wildcards, "split", TRAIN_SPLIT)
-    return cost_model.standardize_runtime_min(frame_pixels(split), split_holograms(split), attempt)
+    return cost_model.standardize_runtime_min(frame_pixels(split), split_holograms(split), attempt,
+                                              cost_model.standardize_window_planes(config["standardize"]))
 
 
 def get_examples_mem_mb(wildcards, attempt):

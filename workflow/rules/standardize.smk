@@ -1,9 +1,5 @@
-# A standardize task holds its hologram, or its window (of raw holograms for a running median, of their contrasts
-# for stationary), as float32 copies, and float32 frames of work (background, ratio, the written chunk): 4 bytes x
-# window + 24 bytes per pixel per thread. Measured on a 4872 x 3248 frame (smooth, before stationary): 447 MB peak
-# with one thread, 524 MB with two (/usr/bin/time -v).
-STANDARDIZE_WINDOW = (config["standardize"]["window"] if config["standardize"]["background"] == "running_median"
-                      or config["standardize"]["stationary"] else 1)
+# A standardize task's host memory: holopipe.run.resources.standardize_bytes_per_pixel.
+STANDARDIZE_BYTES_PER_PIXEL = cost_model.standardize_bytes_per_pixel(config["standardize"])
 
 
 rule standardize_fit:
@@ -18,7 +14,7 @@ rule standardize_fit:
         config=lambda w: stage_config("standardize"),
     threads: 2
     resources:
-        mem_mb=frame_mem_mb(4 * STANDARDIZE_WINDOW + 24, holograms_in_memory=2),
+        mem_mb=frame_mem_mb(STANDARDIZE_BYTES_PER_PIXEL, holograms_in_memory=2),
         runtime=get_standardize_runtime,
         gpu=gpus("standardize"),
     conda:
@@ -41,7 +37,7 @@ rule standardize_split:
         split="|".join(SPLITS),
     threads: 1
     resources:
-        mem_mb=frame_mem_mb(4 * STANDARDIZE_WINDOW + 24, holograms_in_memory=2),
+        mem_mb=frame_mem_mb(STANDARDIZE_BYTES_PER_PIXEL, holograms_in_memory=2),
         runtime=get_standardize_runtime,
         gpu=gpus("standardize"),
     conda:

@@ -26,13 +26,15 @@ field ``I / I0`` and reconstructs physically (``hologram_field(h, background=1.0
 ``mean``
     The hologram's own mean intensity, one scalar: for flat illumination.
 
-``standardize.stationary`` then divides each hologram's contrast by the per-pixel median of the
-contrasts of its ``window`` neighbours in the split: dust on a window, fixed fringes and a sensor pattern sit at
-one place in every hologram of a file, a particle at one place in one of them. Each hologram's own background
-comes first, so a beam that moves from shot to shot (augmentation's) is still followed, and only what stays
-is divided out. Without it, a speck of window dust reconstructs as a particle at the volume's edge in every
-hologram; with it, the median of a few dense holograms carries their rings (a few % where nothing is
-stationary) into every hologram, so it is off by default.
+``standardize.stationary`` then takes out what stays at one place across a split's holograms (dust on a window,
+a scratch: in every hologram of a file, where a particle is in one of them). Each hologram's own background comes
+first, so a beam that moves from shot to shot (augmentation's) is still followed. ``windows`` (default) reconstructs
+every hologram at the probe's window planes (the sample volume's ends); where the median of a hologram's ``window``
+neighbours' reconstructions is dark, an object sits on a window in all of them, and the in-line hologram of that
+opaque object (its whole ring pattern) is taken out of the hologram: nothing changes in a file without one.
+``everywhere`` divides by the per-pixel median of the neighbours' contrasts (a fixed sensor pattern too): on dense
+holograms that median carries their rings (a few % where nothing is stationary) into every hologram. Without
+either, a speck of window dust reconstructs as a particle at the volume's edge in every hologram.
 
 Regrid's pad is not data (regrid pads a frame to whole tiles with the hologram's median, a step no smooth
 background of a beamed hologram follows): the background is fitted on the area that regrid recorded as the
@@ -70,6 +72,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import array_api_compat
 import array_api_compat.numpy as numpy_xp
@@ -84,6 +87,8 @@ from holopipe.core.device import array_namespace_for, host_array
 from holopipe.core.files import write_atomically
 from holopipe.core.io import IMAGE_DIMS, SKIPPED_ATTR, SKIPPED_REASONS_ATTR, open_holodec, write_zarr
 from holopipe.data.regrid import data_area
+from holopipe.optics.propagation import propagate
+from holopipe.optics.reconstruction import SampleVolume
 
 __all__ = ["apply_stats", "blank_reason", "contrast_images", "fit_stats", "read_stats", "running_median_background",
            "smooth_background", "standardize_image", "write_stats"]
@@ -100,10 +105,19 @@ OUTLIER_SIGMAS = 3.0
 """Cells this many robust deviations (1.4826 x median absolute) from the background surface get no weight."""
 
 ROBUST_ITERATIONS = 2
+"""Refits of the background surface without its outlier cells (shadows and fringes of particles)."""
 
 ROUGHNESS = 0.001
 """Weight of the background surface's roughness against one knot's worth of cells (see _weighted_spline_fit)."""
-"""Refits of the background surface without its outlier cells (shadows and fringes of particles)."""
+
+MAD_TO_SD = 1.4826
+"""A normal sample's standard deviation per median absolute deviation."""
+
+STATIONARY_MODES = ("off", "windows", "everywhere")
+"""``standardize.stationary``: what is divided out as stationary across a split's holograms (module docstring)."""
+
+OBJECT_EDGE_DARKNESS = 0.5
+"""An opaque object's edge in its reconstruction: where the amplitude is half the background's."""
 
 DEAD_BACKGROUND_FRACTION = 0.01
 """The background is never below this fraction of the hologram's median level (dead pixels, dark corners)."""
@@ -235,7 +249,7 @@ def smooth_background(intensity, block_pixels: int):
     knots = _weighted_spline_fit(cells, xp.ones_like(cells), basis0, basis1, knots, xp)
     for _ in range(ROBUST_ITERATIONS):
         deviation = xp.abs(cells - xp.matmul(xp.matmul(basis0, knots), xp.matrix_transpose(basis1)))
-        weights = xp.astype(deviation <= OUTLIER_SIGMAS * 1.4826 * _median(deviation, xp), xp.float64)
+        weights = xp.astype(deviation <= OUTLIER_SIGMAS * MAD_TO_SD * _median(deviation, xp), xp.float64)
         knots = _weighted_spline_fit(cells, weights, basis0, basis1, knots, xp)
     rows = xp.astype(xp.matmul(pixels0, knots), xp.float32)  # (n0, k1)
     background = xp.matmul(rows, xp.astype(xp.matrix_transpose(pixels1), xp.float32))
@@ -309,70 +323,197 @@ def _contrast_block(*blocks, settings: dict, where: str, area: tuple[slice, slic
 
 
 def contrast_images(image: da.Array, settings: dict, where: str = "<image>",
-                    area: tuple[slice, slice] | None = None, xp=numpy_xp) -> da.Array:
+                    area: tuple[slice, slice] | None = None, xp=numpy_xp,
+                    windows: WindowPlanes | None = None) -> da.Array:
     """Lazy standardized images (hologram, xsize, ysize) float32, one hologram per chunk.
 
     ``image`` is a dask array of raw intensities in the contract layout; ``settings`` the ``standardize``
     section; ``where`` names the file in errors; ``area`` the (x, y) slices that hold the hologram (the
     whole frame by default); ``xp`` the namespace each hologram is computed in (its chunk stays a host
-    array). Each input chunk is read once per computation.
+    array); ``windows`` the file's window planes, which ``stationary: windows`` needs. Each input chunk is
+    read once per computation.
     """
     image = image.rechunk({0: 1, 1: -1, 2: -1})
     n, nx, ny = image.shape
     area = area or (slice(0, nx), slice(0, ny))
-    stationary = _divides_stationary(settings)
-    own = {**settings, "log_transform": False} if stationary else settings
+    mode = stationary_mode(settings, where)
+    own = {**settings, "log_transform": False} if mode != "off" else settings
     if settings["background"] != "running_median":
         contrast = image.map_blocks(_contrast_block, settings=own, where=where, area=area, xp=xp,
                                     dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
     else:
         contrast = _windowed(_contrast_block, image, int(settings["window"]), settings=own, where=where,
                              area=area, xp=xp)
-    if not stationary:
+    log_transform = bool(settings["log_transform"])
+    if mode == "off":
         return contrast
-    return _windowed(_stationary_block, contrast, int(settings["window"]), where=where,
-                     log_transform=bool(settings["log_transform"]), xp=xp)
+    if mode == "everywhere":
+        return _windowed(_stationary_block, contrast, int(settings["window"]), where=where,
+                         log_transform=log_transform, xp=xp)
+    if windows is None:
+        raise ValueError(f"{where}: standardize.stationary windows needs the file's optics (wavelength, pixel "
+                         "pitch, sample volume) to reconstruct its windows")
+    amplitudes = contrast.map_blocks(_window_amplitude_block, windows=windows, xp=xp, new_axis=1,
+                                     chunks=((1,) * n, (len(windows.depths_m),), (nx,), (ny,)),
+                                     dtype=np.float32, meta=np.empty((0, 0, 0, 0), np.float32))
+    both = da.concatenate([contrast[:, None], amplitudes], axis=1)
+    return _windowed(_window_objects_block, both, int(settings["window"]), where=where,
+                     log_transform=log_transform, windows=windows,
+                     darkness=float(settings["stationary_darkness"]), xp=xp)
 
 
-def _divides_stationary(settings: dict) -> bool:
-    """Whether ``standardize`` settings divide out what is stationary across a split's holograms after each
-    one's own background: ``stationary`` (False in stats fitted before it existed), which a running median
-    does by itself."""
-    return bool(settings.get("stationary", False)) and settings["background"] != "running_median"
+def stationary_mode(settings: dict, where: str = "<standardize>") -> str:
+    """What ``standardize`` settings divide out as stationary after each hologram's own background
+    (:data:`STATIONARY_MODES`): off under a running median, which does it by itself. Stats fitted before the
+    key had modes record a switch: true was everywhere's division, false (or no key) off."""
+    mode = settings.get("stationary", False)
+    if isinstance(mode, bool):
+        mode = "everywhere" if mode else "off"
+    if mode not in STATIONARY_MODES:
+        raise ValueError(f"{where}: unknown standardize.stationary {mode!r}; expected one of "
+                         f"{', '.join(STATIONARY_MODES)}")
+    return "off" if settings["background"] == "running_median" else mode
 
 
 def _windowed(function, images: da.Array, window: int, **kwargs) -> da.Array:
-    """``function`` of each hologram's window of ``images`` (one-hologram chunks), given the hologram's
-    ``position`` in it and its index ``hologram``: each chunk is read once per computation."""
-    n, nx, ny = images.shape
+    """``function`` of each hologram's window of ``images`` (one-hologram chunks along the first axis, any
+    more axes), given the hologram's ``position`` in it and its index ``hologram``; it returns the hologram's
+    image (1, nx, ny) of the last two axes. Each chunk is read once per computation."""
+    n, nx, ny = images.shape[0], images.shape[-2], images.shape[-1]
     holograms = []
     for h in range(n):
         neighbours = _window(h, n, window)
         holograms.append(da.map_blocks(function, *(images[i:i + 1] for i in neighbours),
                                        position=h - neighbours.start, hologram=h, chunks=((1,), (nx,), (ny,)),
+                                       drop_axis=list(range(1, images.ndim - 2)),
                                        dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), **kwargs))
     return da.concatenate(holograms, axis=0)
 
 
+def _lit_window(contrasts, position: int, hologram: int, where: str, xp) -> list[int] | None:
+    """The window's holograms with data (the hologram's own included), or None when fewer than 3 are left:
+    no median of so few rejects a particle (logged). A hologram without data has contrast 1 throughout."""
+    lit = [i for i in range(contrasts.shape[0]) if i == position or not bool(xp.all(contrasts[i] == 1))]
+    if len(lit) >= 3:
+        return lit
+    log.warning("%s: hologram index %d: %d hologram(s) with data in its window, too few to tell what is "
+                "stationary; divided by its own background alone", where, hologram, len(lit))
+    return None
+
+
 def _stationary_block(*blocks, position: int, hologram: int, where: str, log_transform: bool, xp=numpy_xp):
-    """One hologram's contrast (1, nx, ny) divided by the per-pixel median of its window's contrasts: what stays
-    at one place in a file's holograms after each one's own background (window dust, fixed fringes, a sensor
-    pattern) belongs to the instrument. Holograms without data (contrast 1 throughout) are left out of the
-    median; a window left with fewer than 3 holograms with data has no median that rejects a particle, and its
-    hologram keeps its own background alone (logged)."""
+    """``stationary: everywhere``: one hologram's contrast (1, nx, ny) divided by the per-pixel median of its
+    window's contrasts, holograms without data left out; with fewer than 3 left, by its own background alone."""
     contrasts = xp.astype(xp.asarray(np.concatenate(blocks, axis=0)), xp.float32, copy=False)
     contrast = contrasts[position]
-    if bool(xp.all(contrast == 1)):
-        return host_array(contrast[None], np.float32)
-    lit = [i for i in range(len(blocks)) if i == position or not bool(xp.all(contrasts[i] == 1))]
-    if len(lit) < 3:
-        log.warning("%s: hologram index %d: %d hologram(s) with data in its window, too few to tell what is "
-                    "stationary; divided by its own background alone", where, hologram, len(lit))
-        stationary = xp.ones_like(contrast)
-    else:
-        median = xp.median(contrasts[xp.asarray(lit)], axis=0)
-        stationary = xp.maximum(median, xp.asarray(np.float32(DEAD_BACKGROUND_FRACTION)))
+    lit = None if bool(xp.all(contrast == 1)) else _lit_window(contrasts, position, hologram, where, xp)
+    if lit is None:
+        return host_array(standardize_image(contrast, xp.ones_like(contrast), log_transform)[None], np.float32)
+    median = xp.median(contrasts[xp.asarray(lit)], axis=0)
+    stationary = xp.maximum(median, xp.asarray(np.float32(DEAD_BACKGROUND_FRACTION)))
     return host_array(standardize_image(contrast, stationary, log_transform)[None], np.float32)
+
+
+class WindowPlanes(NamedTuple):
+    """A file's window planes, where its probe's windows bound the sample volume (``zMin``, ``zMax``), and
+    the optics that reconstruct them. Pitches are the file's (x along the contract's first image axis)."""
+
+    depths_m: tuple[float, ...]
+    wavelength_m: float
+    dx_m: float
+    dy_m: float
+
+    @classmethod
+    def of(cls, attrs) -> WindowPlanes:
+        volume = SampleVolume.of(attrs)
+        return cls((volume.z_min_m, volume.z_max_m), float(attrs["lambda"]), float(attrs["dx"]),
+                   float(attrs["dy"]))
+
+    def propagate(self, field, z_m: float):
+        """``field`` (..., nx, ny) of the contract layout propagated by ``z_m``: padded on each axis by the
+        reach of its band-limited rings at that depth, λ|z|/(2 pitch²), at most half the frame."""
+        nx, ny = field.shape[-2:]
+        reach_x = min(math.ceil(self.wavelength_m * abs(z_m) / (2 * self.dx_m**2)), nx // 2)
+        reach_y = min(math.ceil(self.wavelength_m * abs(z_m) / (2 * self.dy_m**2)), ny // 2)
+        # propagate's last axis is its x: the contract's y.
+        return propagate(field, z_m, wavelength=self.wavelength_m, dx=self.dy_m, dy=self.dx_m,
+                         pad=(reach_x, reach_y), band_limit=True)
+
+
+def _window_amplitude_block(block, windows: WindowPlanes, xp=numpy_xp):
+    """One hologram's contrast (1, nx, ny) reconstructed at each window plane: |E| (1, planes, nx, ny)."""
+    contrast = xp.astype(xp.asarray(block[0]), xp.complex64)
+    return host_array(xp.stack([xp.abs(windows.propagate(contrast, -z)) for z in windows.depths_m])[None],
+                      np.float32)
+
+
+def _window_objects_block(*blocks, position: int, hologram: int, where: str, log_transform: bool,
+                          windows: WindowPlanes, darkness: float, xp=numpy_xp):
+    """``stationary: windows``: one hologram's contrast (1, nx, ny) with the terms of the objects its window's
+    holograms all show at a window plane taken out, contrast - objects' hologram + 1
+    (:func:`window_objects_hologram`): a division would blow up the noise in their opaque shadows. Each block
+    holds a hologram's contrast and its window-plane amplitudes (1, 1 + planes, nx, ny)."""
+    stacked = xp.astype(xp.asarray(np.concatenate(blocks, axis=0)), xp.float32, copy=False)
+    contrasts, amplitudes = stacked[:, 0], stacked[:, 1:]
+    contrast = contrasts[position]
+    lit = None if bool(xp.all(contrast == 1)) else _lit_window(contrasts, position, hologram, where, xp)
+    if lit is not None:
+        lit = xp.asarray(lit)
+        objects = window_objects_hologram(amplitudes[lit], windows, darkness)
+        if objects is not None:
+            log.info("%s: hologram index %d: objects on a window taken out", where, hologram)
+            contrast = contrast - objects + 1
+    return host_array(standardize_image(contrast, xp.ones_like(contrast), log_transform)[None], np.float32)
+
+
+def window_objects_hologram(amplitudes, windows: WindowPlanes, darkness: float):
+    """The in-line hologram (nx, ny) of the opaque objects a window of holograms all show on the probe's
+    windows, None where they show nothing there.
+
+    ``amplitudes`` (k, planes, nx, ny) are the window's holograms (by their own backgrounds) reconstructed at
+    ``windows.depths_m`` (numpy or CuPy). Dust on a window is a compact dark object at its plane in every
+    hologram of a file; a droplet is there in one, and a dense hologram's rings spread over every plane. So the
+    median of the window's reconstructions is dark only where something stays: where it is darker than
+    ``darkness`` (1 - amplitude), grown over what is darker than :data:`OBJECT_EDGE_DARKNESS`, an opaque object
+    is propagated back to the sensor. That is its whole ring pattern, which reaches far beyond any mask of the
+    sensor plane (a mask there leaves the outer rings, and they still focus), and nothing of the droplets'
+    chance scatter (4-6 % for the median of nine of the default's holograms), which dividing by the median
+    itself prints into every hologram. The object is modelled, not cut from the median's reconstruction: that
+    holds its twin image too, and took out more than the dust.
+    """
+    xp = array_api_compat.array_namespace(amplitudes)
+    hologram = None
+    for plane, depth in enumerate(windows.depths_m):
+        dark = 1 - xp.median(amplitudes[:, plane], axis=0)
+        seeds = dark > darkness
+        if not bool(xp.any(seeds)):
+            continue
+        opaque = _grown_within(seeds, dark > min(darkness, OBJECT_EDGE_DARKNESS), xp)
+        objects = xp.abs(windows.propagate(1 - xp.astype(opaque, xp.complex64), depth)) ** 2
+        hologram = objects if hologram is None else hologram * objects
+    return None if hologram is None else xp.astype(hologram, xp.float32)
+
+
+def _grown_within(seeds, region, xp):
+    """The pixels of ``region`` (2-D boolean) 8-connected to ``seeds`` through it (seeds outside it kept)."""
+    grown = seeds
+    while True:
+        more = _grown_by_one(grown, xp) & (region | seeds)
+        if bool(xp.all(more == grown)):
+            return grown
+        grown = more
+
+
+def _grown_by_one(mask, xp):
+    """A 2-D boolean ``mask`` with every neighbour (8-connected) of a True pixel set too."""
+    m0, m1 = mask.shape
+    padded = xp.zeros((m0 + 2, m1 + 2), dtype=xp.bool, device=array_api_compat.device(mask))
+    padded[1:-1, 1:-1] = mask
+    grown = xp.zeros_like(mask)
+    for i in range(3):
+        for j in range(3):
+            grown = grown | padded[i:i + m0, j:j + m1]
+    return grown
 
 
 def _blank_block(block: np.ndarray, area: tuple[slice, slice]) -> np.ndarray:
@@ -429,7 +570,8 @@ def fit_stats(train_path, config: dict) -> dict:
     ds = open_holodec(name, z_limits=(optics["z_min"], optics["z_max"]))
     try:
         area = data_area(ds.attrs, ds.sizes["xsize"], ds.sizes["ysize"], name)
-        contrast = contrast_images(ds["image"].data, settings, where=name, area=area, xp=xp)
+        contrast = contrast_images(ds["image"].data, settings, where=name, area=area, xp=xp,
+                                   windows=WindowPlanes.of(ds.attrs))
         moments = contrast.map_blocks(_moments, chunks=(contrast.chunks[0], (3,)), drop_axis=2, dtype=np.float64)
         # (n_holograms, 3) and (n_holograms,): small, and one pass (both share each hologram's read).
         moments, reasons = dask.compute(moments, _blank_reasons(ds["image"].data, area))
@@ -468,7 +610,8 @@ def apply_stats(in_path, out_path, stats_path, device: str = "cpu") -> Path:
     and attrs are kept; holograms without data have contrast 1 and are listed in ``skipped_holograms`` and
     ``skipped_reasons`` (module docstring); attrs also gain ``standardize_stats``, ``standardize_background``,
     ``standardize_block_pixels`` or ``standardize_window`` (the estimator's setting),
-    ``standardize_stationary`` (0/1; with 1, ``standardize_window`` too), ``standardize_log_transform`` (0/1),
+    ``standardize_stationary`` (off, windows or everywhere; but off, ``standardize_window`` too, and with windows
+    ``standardize_stationary_darkness``), ``standardize_log_transform`` (0/1),
     ``standardize_source`` and ``standardize_contrast_mean``/``_std``.
     ``device`` (``standardize.device``) is where the holograms are standardized.
     """
@@ -481,16 +624,20 @@ def apply_stats(in_path, out_path, stats_path, device: str = "cpu") -> Path:
         area = data_area(ds.attrs, ds.sizes["xsize"], ds.sizes["ysize"], name)
         # A pass of its own: the store's attributes, written first, must already list the skipped holograms.
         skipped = _skipped(_blank_reasons(ds["image"].data, area).compute(scheduler="synchronous"), name)
-        standardized = contrast_images(ds["image"].data, settings, where=name, area=area, xp=xp)
+        standardized = contrast_images(ds["image"].data, settings, where=name, area=area, xp=xp,
+                                       windows=WindowPlanes.of(ds.attrs))
         out = ds.assign(image=xr.DataArray(standardized, dims=IMAGE_DIMS, attrs=ds["image"].attrs))
-        stationary = _divides_stationary(settings)
+        mode = stationary_mode(settings, name)
         recorded = {"smooth": ["block_pixels"], "running_median": ["window"]}.get(settings["background"], [])
-        recorded += ["window"] if stationary and "window" not in recorded else []
+        recorded += ["window"] if mode != "off" and "window" not in recorded else []
+        darkness = {"standardize_stationary_darkness": float(settings["stationary_darkness"])} if mode == "windows" \
+            else {}
         out = out.assign_attrs(
             standardize_stats=os.fspath(stats_path),
             standardize_background=settings["background"],
             **{f"standardize_{setting}": int(settings[setting]) for setting in recorded},
-            standardize_stationary=int(stationary),
+            standardize_stationary=mode,
+            **darkness,
             standardize_log_transform=int(settings["log_transform"]),
             standardize_source=os.path.basename(name.rstrip("/")),
             standardize_contrast_mean=stats["contrast_mean"],

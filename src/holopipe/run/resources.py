@@ -13,6 +13,7 @@ rule asks for one); see :func:`device_kind`.
 import math
 
 from holopipe.core.grid import regridded_pixels
+from holopipe.data.standardize import stationary_mode
 from holopipe.detect.host_memory import (
     INFER_BYTES_PER_PADDED_PIXEL,
     INFER_BYTES_PER_PADDED_PIXEL_PLANE,
@@ -142,9 +143,38 @@ def augment_runtime_min(frame_pixels: int, holograms: int, attempt: int = 1) -> 
     return runtime_min(holograms * frame_pixels * SECONDS_PER_PIXEL_AUGMENT, attempt)
 
 
-def standardize_runtime_min(frame_pixels: int, holograms: int, attempt: int = 1) -> int:
-    """Fitting or applying the standardization: a few passes over each hologram."""
-    return runtime_min(4 * holograms * frame_pixels * SECONDS_PER_PIXEL_COPY, attempt)
+STANDARDIZE_WORK_BYTES_PER_PIXEL = 24
+"""A standardize task's float32 frames of work (background, ratio, the written chunk) per thread: measured on a
+4872 x 3248 frame (smooth, no stationary division), 447 MB peak with one thread, 524 MB with two."""
+WINDOW_PLANES = 2
+"""Window planes a ``stationary: windows`` division reconstructs (the sample volume's two ends)."""
+WINDOW_PROPAGATION_BYTES_PER_PIXEL = 4 * 8 * 4
+"""Its propagation's complex64 grids (spectrum, transfer function, field, the object's field), each padded up to
+twice the frame on each axis (4 frames), per frame pixel."""
+
+
+def standardize_window_planes(settings: dict) -> int:
+    """Window planes each hologram is reconstructed at by the ``standardize`` ``settings`` (0 unless windows)."""
+    return WINDOW_PLANES if stationary_mode(settings) == "windows" else 0
+
+
+def standardize_bytes_per_pixel(settings: dict) -> int:
+    """Host bytes per frame pixel of a standardize task: its hologram, or its window (of raw holograms for a
+    running median, of contrasts for a stationary division, with their window-plane reconstructions) as
+    float32, its work frames, and a window division's propagation."""
+    planes = standardize_window_planes(settings)
+    window = settings["window"] if settings["background"] == "running_median" or stationary_mode(settings) != "off" \
+        else 1
+    return (4 * window * (1 + planes) + STANDARDIZE_WORK_BYTES_PER_PIXEL
+            + (WINDOW_PROPAGATION_BYTES_PER_PIXEL if planes else 0))
+
+
+def standardize_runtime_min(frame_pixels: int, holograms: int, attempt: int = 1, window_planes: int = 0) -> int:
+    """Fitting or applying the standardization: a few passes over each hologram, and with ``window_planes``
+    (:func:`standardize_window_planes`) three propagations per plane of a grid up to 4 frames (the hologram's
+    reconstruction, and a dusty window's median there and its objects back)."""
+    propagation = 3 * window_planes * 4 * frame_pixels * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"]
+    return runtime_min(holograms * (4 * frame_pixels * SECONDS_PER_PIXEL_COPY + propagation), attempt)
 
 
 def examples_mem_mb(padded_pixels: int, attempt: int = 1) -> int:
