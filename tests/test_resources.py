@@ -203,3 +203,19 @@ def test_simulation_propagates_through_every_slab_of_the_sample_volume():
     assert cost.simulation_slabs(config) == 2
     thin = load_config({**TINY, "simulate": {**TINY["simulate"], "slab_thickness": 3e-4}})
     assert cost.simulation_slabs(thin) == math.ceil(2e-3 / 3e-4)
+
+
+def test_a_window_division_asks_for_its_window_reconstructions_and_propagation():
+    settings = {"background": "smooth", "window": 9, "stationary": "off"}
+    off = cost.standardize_bytes_per_pixel(settings)
+    everywhere = cost.standardize_bytes_per_pixel({**settings, "stationary": "everywhere"})
+    windows = cost.standardize_bytes_per_pixel({**settings, "stationary": "windows"})
+    assert off == 4 + cost.STANDARDIZE_WORK_BYTES_PER_PIXEL
+    assert everywhere == 4 * 9 + cost.STANDARDIZE_WORK_BYTES_PER_PIXEL
+    assert windows == 4 * 9 * 3 + cost.STANDARDIZE_WORK_BYTES_PER_PIXEL + cost.WINDOW_PROPAGATION_BYTES_PER_PIXEL
+    # a running median divides out the stationary by itself: no window planes, whatever the key says
+    median = {**settings, "background": "running_median", "stationary": "windows"}
+    assert cost.standardize_window_planes(median) == 0 and cost.standardize_bytes_per_pixel(median) == everywhere
+    assert cost.standardize_window_planes({**settings, "stationary": False}) == 0
+    full = 5120 * 3584
+    assert cost.standardize_runtime_min(full, 100, window_planes=2) > cost.standardize_runtime_min(full, 100)
