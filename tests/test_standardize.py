@@ -195,7 +195,8 @@ def test_running_median_removes_a_fixed_sensor_pattern_and_follows_each_hologram
         fit_stats(train, make_config()), tmp_path / "smooth.json")))["image"].values
     assert np.median(np.abs(smooth - 1)) > 0.05, "a smooth background cannot remove a per-pixel pattern"
     stationary = open_holodec(apply_stats(train, tmp_path / "stationary.zarr", write_stats(
-        fit_stats(train, make_config(window=5, stationary="everywhere")), tmp_path / "stationary.json")))["image"].values
+        fit_stats(train, make_config(window=5, stationary="everywhere")), tmp_path / "stationary.json")
+    ))["image"].values
     assert np.median(np.abs(stationary - 1)) < 0.01, "the pattern stays put: stationary everywhere removes it"
 
 
