@@ -43,7 +43,7 @@ from holopipe.core.config import load_config
 from holopipe.core.device import array_mover, autocast_dtype, describe_device, resolve_device, use_threads
 from holopipe.core.io import IMAGE_DIMS, file_layout, hologram_image_yx, open_holodec
 from holopipe.data.regrid import regrid_dataset
-from holopipe.data.standardize import contrast_images
+from holopipe.data.standardize import WindowPlanes, contrast_images
 from holopipe.detect import infer, sweep
 from holopipe.detect.baseline import find_particles
 from holopipe.detect.particles import cluster_detections, refine_depths
@@ -84,7 +84,8 @@ def standardized_frame(image_yx: np.ndarray, particles_m: np.ndarray, config: di
         attrs={"Nx": image_yx.shape[1], "Ny": image_yx.shape[0], "dx": optics["dx"], "dy": optics["dy"],
                "lambda": optics["wavelength"], "zMin": optics["z_min"], "zMax": optics["z_max"]})
     regridded = regrid_dataset(open_holodec(raw.chunk({"hologram_number": 1})), config, source="simulated")
-    contrast = contrast_images(regridded["image"].data, config["standardize"], "simulated").compute()
+    contrast = contrast_images(regridded["image"].data, config["standardize"], "simulated",
+                               windows=WindowPlanes.of(regridded.attrs)).compute()
     return regridded.assign(image=(IMAGE_DIMS, contrast)), dict(regridded.attrs)
 
 
