@@ -114,7 +114,7 @@ MAD_TO_SD = 1.4826
 """A normal sample's standard deviation per median absolute deviation."""
 
 STATIONARY_MODES = ("off", "windows", "everywhere")
-"""``standardize.stationary``: what is divided out as stationary across a split's holograms (module docstring)."""
+"""``standardize.stationary``: how what stays put across a split's holograms is taken out (module docstring)."""
 
 OBJECT_EDGE_DARKNESS = 0.5
 """An opaque object's edge in its reconstruction: where the amplitude is half the background's."""
