@@ -215,7 +215,22 @@ def test_a_window_division_asks_for_its_window_reconstructions_and_propagation()
     assert windows == 4 * 9 * 3 + cost.STANDARDIZE_WORK_BYTES_PER_PIXEL + cost.WINDOW_PROPAGATION_BYTES_PER_PIXEL
     # a running median divides out the stationary by itself: no window planes, whatever the key says
     median = {**settings, "background": "running_median", "stationary": "windows"}
-    assert cost.standardize_window_planes(median) == 0 and cost.standardize_bytes_per_pixel(median) == everywhere
-    assert cost.standardize_window_planes({**settings, "stationary": False}) == 0
-    full = 5120 * 3584
-    assert cost.standardize_runtime_min(full, 100, window_planes=2) > cost.standardize_runtime_min(full, 100)
+    assert cost.standardize_bytes_per_pixel(median) == everywhere
+
+
+def test_the_window_planes_propagate_the_frame_padded_by_the_reach_of_their_rings():
+    config = load_config(merged_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), {
+        "optics": {"nx": 768, "ny": 640, "dx": 2.96e-6, "dy": 2.5e-6, "z_min": 0.014, "z_max": 0.026},
+        "examples": {"tile_size": 128}}))
+    # λz/(2 pitch²) at 14 mm: 284 px along x, 398 along y (capped at half the frame, 320); at 26 mm 527 and 739:
+    # both capped
+    near = (768 + 2 * 284) * (640 + 2 * 320)
+    far = (768 + 2 * 384) * (640 + 2 * 320)
+    assert cost.window_grid_pixels(config, 768, 640, 2.96e-6, 2.5e-6) == near + far
+    off = merged_config(config, {"standardize": {"stationary": "off"}})
+    assert cost.window_grid_pixels(off, 768, 640, 2.96e-6, 2.5e-6) == 0
+    frame = 768 * 640
+    assert cost.standardize_runtime_min(frame, 100, window_grid_pixels=near + far) > cost.standardize_runtime_min(
+        frame, 100)
+    assert cost.standardize_runtime_min(frame, 100, window_grid_pixels=near + far, kind="gpu") <= \
+        cost.standardize_runtime_min(frame, 100, window_grid_pixels=near + far)

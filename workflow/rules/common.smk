@@ -351,8 +351,10 @@ def get_augment_runtime(wildcards, attempt):
 def get_standardize_runtime(wildcards, attempt):
     """Applying the standardization to a split, or fitting it (no split: the training split)."""
     split = getattr(wildcards, "split", TRAIN_SPLIT)
+    nx, ny, dx, dy, _ = split_source(split)
     return cost_model.standardize_runtime_min(frame_pixels(split), split_holograms(split), attempt,
-                                              cost_model.standardize_window_planes(config["standardize"]))
+                                              cost_model.window_grid_pixels(config, nx, ny, dx, dy),
+                                              device_kind("standardize"))
 
 
 def get_examples_mem_mb(wildcards, attempt):

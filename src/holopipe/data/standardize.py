@@ -429,15 +429,21 @@ class WindowPlanes(NamedTuple):
         return cls((volume.z_min_m, volume.z_max_m), float(attrs["lambda"]), float(attrs["dx"]),
                    float(attrs["dy"]))
 
+    def pad(self, nx: int, ny: int, z_m: float) -> tuple[int, int]:
+        """Pixels added on each side of an ``nx`` x ``ny`` frame (x, y) to propagate it by ``z_m``: the reach of
+        its band-limited rings at that depth, λ|z|/(2 pitch²), at most half the frame."""
+        return (min(math.ceil(self.wavelength_m * abs(z_m) / (2 * self.dx_m**2)), nx // 2),
+                min(math.ceil(self.wavelength_m * abs(z_m) / (2 * self.dy_m**2)), ny // 2))
+
+    def grid_pixels(self, nx: int, ny: int) -> int:
+        """Padded pixels of one propagation of an ``nx`` x ``ny`` frame to every window plane, summed."""
+        return sum((nx + 2 * px) * (ny + 2 * py) for px, py in (self.pad(nx, ny, z) for z in self.depths_m))
+
     def propagate(self, field, z_m: float):
-        """``field`` (..., nx, ny) of the contract layout propagated by ``z_m``: padded on each axis by the
-        reach of its band-limited rings at that depth, λ|z|/(2 pitch²), at most half the frame."""
-        nx, ny = field.shape[-2:]
-        reach_x = min(math.ceil(self.wavelength_m * abs(z_m) / (2 * self.dx_m**2)), nx // 2)
-        reach_y = min(math.ceil(self.wavelength_m * abs(z_m) / (2 * self.dy_m**2)), ny // 2)
+        """``field`` (..., nx, ny) of the contract layout propagated by ``z_m``, padded by :meth:`pad`."""
         # propagate's last axis is its x: the contract's y.
         return propagate(field, z_m, wavelength=self.wavelength_m, dx=self.dy_m, dy=self.dx_m,
-                         pad=(reach_x, reach_y), band_limit=True)
+                         pad=self.pad(*field.shape[-2:], z_m), band_limit=True)
 
 
 def _window_amplitude_block(block, windows: WindowPlanes, xp=numpy_xp):

@@ -13,7 +13,7 @@ rule asks for one); see :func:`device_kind`.
 import math
 
 from holopipe.core.grid import regridded_pixels
-from holopipe.data.standardize import stationary_mode
+from holopipe.data.standardize import WindowPlanes, stationary_mode
 from holopipe.detect.host_memory import (
     INFER_BYTES_PER_PADDED_PIXEL,
     INFER_BYTES_PER_PADDED_PIXEL_PLANE,
@@ -59,6 +59,10 @@ SECONDS_PER_PIXEL_AUGMENT = 3e-7
 SECONDS_PER_PADDED_PIXEL_PLANE = {"cpu": 1.5e-7, "gpu": 1e-8}
 """Reconstructing one plane (angular spectrum, |E| and arg E), per padded pixel: the baseline took 54 s for 24
 planes of a 23.1 Mpx padded frame on 2 cores in issue 10 (0.1 µs); the GPU rate is assumed."""
+SECONDS_PER_PADDED_PIXEL_PROPAGATION = {"cpu": 6.5e-8, "gpu": 1e-8}
+"""One propagation of a hologram (FFT, transfer function, inverse FFT, |E|), per padded pixel: standardize's
+window planes took 6.0 s for 97 Mpx (both planes of a full-size HOLODEC frame) on 2 cores
+(benchmarks/bench_dataprep.py); the GPU rate is assumed, as the plane's."""
 SECONDS_PER_PADDED_PIXEL_PLANE_INFER = {"cpu": 8e-6, "gpu": 5e-8}
 """Inference, per padded pixel per plane: plain_unet took 67 s per 23.1 Mpx plane on 2 cores in issue 10
 (2.9 µs), LinkNet/ResNet-18 about 6 µs (a third of its training step); on a GPU an assumed 1.2 s per
@@ -146,34 +150,41 @@ def augment_runtime_min(frame_pixels: int, holograms: int, attempt: int = 1) -> 
 STANDARDIZE_WORK_BYTES_PER_PIXEL = 24
 """A standardize task's float32 frames of work (background, ratio, the written chunk) per thread: measured on a
 4872 x 3248 frame (smooth, no stationary division), 447 MB peak with one thread, 524 MB with two."""
-WINDOW_PLANES = 2
-"""Window planes a ``stationary: windows`` division reconstructs (the sample volume's two ends)."""
 WINDOW_PROPAGATION_BYTES_PER_PIXEL = 4 * 8 * 4
-"""Its propagation's complex64 grids (spectrum, transfer function, field, the object's field), each padded up to
-twice the frame on each axis (4 frames), per frame pixel."""
-
-
-def standardize_window_planes(settings: dict) -> int:
-    """Window planes each hologram is reconstructed at by the ``standardize`` ``settings`` (0 unless windows)."""
-    return WINDOW_PLANES if stationary_mode(settings) == "windows" else 0
+"""A ``stationary: windows`` division's complex64 grids (spectrum, transfer function, field, the object's field),
+each padded up to twice the frame on each axis (4 frames), per frame pixel."""
 
 
 def standardize_bytes_per_pixel(settings: dict) -> int:
     """Host bytes per frame pixel of a standardize task: its hologram, or its window (of raw holograms for a
-    running median, of contrasts for a stationary division, with their window-plane reconstructions) as
-    float32, its work frames, and a window division's propagation."""
-    planes = standardize_window_planes(settings)
-    window = settings["window"] if settings["background"] == "running_median" or stationary_mode(settings) != "off" \
-        else 1
+    running median, of contrasts for a stationary division, with their reconstructions at both window planes
+    for ``windows``) as float32, its work frames, and a window division's propagation."""
+    mode = stationary_mode(settings)
+    window = settings["window"] if settings["background"] == "running_median" or mode != "off" else 1
+    planes = 2 if mode == "windows" else 0
     return (4 * window * (1 + planes) + STANDARDIZE_WORK_BYTES_PER_PIXEL
             + (WINDOW_PROPAGATION_BYTES_PER_PIXEL if planes else 0))
 
 
-def standardize_runtime_min(frame_pixels: int, holograms: int, attempt: int = 1, window_planes: int = 0) -> int:
-    """Fitting or applying the standardization: a few passes over each hologram, and with ``window_planes``
-    (:func:`standardize_window_planes`) three propagations per plane of a grid up to 4 frames (the hologram's
-    reconstruction, and a dusty window's median there and its objects back)."""
-    propagation = 3 * window_planes * 4 * frame_pixels * SECONDS_PER_PADDED_PIXEL_PLANE["cpu"]
+def window_grid_pixels(config: dict, nx: int, ny: int, dx: float, dy: float) -> int:
+    """Padded pixels that a ``stationary: windows`` standardization propagates per hologram of an ``nx`` x ``ny``
+    frame at pitches ``dx``, ``dy`` (m), once regridded, summed over the window planes
+    (holopipe.data.standardize.WindowPlanes.grid_pixels); 0 for another mode."""
+    if stationary_mode(config["standardize"]) != "windows":
+        return 0
+    settings = {"method": config["regrid"]["method"], "frame": config["regrid"]["frame"],
+                "tile": config["examples"]["tile_size"]}
+    pitch, optics = config["regrid"]["pixel_pitch"], config["optics"]
+    windows = WindowPlanes((optics["z_min"], optics["z_max"]), optics["wavelength"], pitch or dx, pitch or dy)
+    return windows.grid_pixels(regridded_pixels(nx, dx, pitch, **settings), regridded_pixels(ny, dy, pitch, **settings))
+
+
+def standardize_runtime_min(frame_pixels: int, holograms: int, attempt: int = 1, window_grid_pixels: int = 0,
+                            kind: str = "cpu") -> int:
+    """Fitting or applying the standardization: a few passes over each hologram, and with ``window_grid_pixels``
+    (:func:`window_grid_pixels`) its reconstruction at the window planes and, where a window holds dust, the
+    dust's hologram propagated back (two propagations per plane at most) on the device ``kind``."""
+    propagation = 2 * window_grid_pixels * SECONDS_PER_PADDED_PIXEL_PROPAGATION[kind]
     return runtime_min(holograms * (4 * frame_pixels * SECONDS_PER_PIXEL_COPY + propagation), attempt)
 
 
