@@ -86,6 +86,25 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     assert (json.loads((out / "post" / "code.json").read_text())["code"]
             != json.loads((out / "code.json").read_text())["code"])
 
+    # Standardized again by this code and config: the same bits, so the runs' own detections and the same table.
+    same = accuracy(out, configfile, "--runs", "2", "--restandardize")
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "standardizes differently now" not in same.stdout and comparable(out / "accuracy.json")["splits"] == result["splits"]
+    assert "(--restandardize)" in (out / "accuracy.md").read_text()
+    # Without taking the window dust out, test's holograms change and are inferred again by each run's model;
+    # the training split (no dust) standardizes as before.
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump({**CONFIG, "standardize": {"stationary": "off"}}, sort_keys=False))
+    again = accuracy(out, off, "--runs", "2", "--restandardize")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("test standardizes differently now: inferred again") == 2
+    assert (out / "restandardized" / "run_2" / "inference" / "test" / "chunk_0.csv").is_file()
+    # A change that moves the training split's holograms would need new models: refused.
+    retrain = tmp_path / "retrain.yaml"
+    retrain.write_text(yaml.safe_dump({**CONFIG, "standardize": {"block_pixels": 16}}, sort_keys=False))
+    refused = accuracy(out, retrain, "--runs", "2", "--restandardize")
+    assert refused.returncode != 0 and "training split standardizes differently" in refused.stderr
+
 
 @pytest.mark.slow
 def test_one_training_run_is_refused_before_anything_runs(tmp_path):
