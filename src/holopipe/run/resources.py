@@ -94,14 +94,20 @@ def device_kind(config: dict, section: str) -> str:
     return "cpu" if config[section]["device"] == "cpu" else "gpu"
 
 
-def regridded_frame_pixels(config: dict, nx: int, ny: int, dx: float, dy: float, padding: int = 0) -> int:
-    """Pixels of an ``nx`` × ``ny`` frame at pitches ``dx``, ``dy`` (m) once regridded by the config's regrid
-    section to whole examples.tile_size tiles (holopipe.core.grid), with ``padding`` pixels added on each side."""
+def regridded_axes(config: dict, nx: int, ny: int, dx: float, dy: float) -> tuple[int, int]:
+    """Pixels along x and y of an ``nx`` × ``ny`` frame at pitches ``dx``, ``dy`` (m) once regridded by the
+    config's regrid section to whole examples.tile_size tiles (holopipe.core.grid)."""
     settings = {"method": config["regrid"]["method"], "frame": config["regrid"]["frame"],
                 "tile": config["examples"]["tile_size"]}
     pitch = config["regrid"]["pixel_pitch"]
-    return ((regridded_pixels(nx, dx, pitch, **settings) + 2 * padding)
-            * (regridded_pixels(ny, dy, pitch, **settings) + 2 * padding))
+    return regridded_pixels(nx, dx, pitch, **settings), regridded_pixels(ny, dy, pitch, **settings)
+
+
+def regridded_frame_pixels(config: dict, nx: int, ny: int, dx: float, dy: float, padding: int = 0) -> int:
+    """Pixels of an ``nx`` × ``ny`` frame at pitches ``dx``, ``dy`` (m) once regridded (:func:`regridded_axes`),
+    with ``padding`` pixels added on each side."""
+    rx, ry = regridded_axes(config, nx, ny, dx, dy)
+    return (rx + 2 * padding) * (ry + 2 * padding)
 
 
 def simulation_slabs(config: dict) -> int:
@@ -172,11 +178,9 @@ def window_grid_pixels(config: dict, nx: int, ny: int, dx: float, dy: float) -> 
     (holopipe.data.standardize.WindowPlanes.grid_pixels); 0 for another mode."""
     if stationary_mode(config["standardize"]) != "windows":
         return 0
-    settings = {"method": config["regrid"]["method"], "frame": config["regrid"]["frame"],
-                "tile": config["examples"]["tile_size"]}
     pitch, optics = config["regrid"]["pixel_pitch"], config["optics"]
     windows = WindowPlanes((optics["z_min"], optics["z_max"]), optics["wavelength"], pitch or dx, pitch or dy)
-    return windows.grid_pixels(regridded_pixels(nx, dx, pitch, **settings), regridded_pixels(ny, dy, pitch, **settings))
+    return windows.grid_pixels(*regridded_axes(config, nx, ny, dx, dy))
 
 
 def standardize_runtime_min(frame_pixels: int, holograms: int, attempt: int = 1, window_grid_pixels: int = 0,
