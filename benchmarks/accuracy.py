@@ -436,9 +436,7 @@ def main(argv=None) -> int:
             seeds.write_text(yaml.safe_dump(run_overrides(run)))
         config = load_config(merged_config(read_configs(configfiles), run_overrides(run)))
         splits = list(config["infer"]["splits"])
-        # valid's detections too: the settings after detection are chosen on them (make tune-postprocessing).
-        targets = [f"results/particles/{split}_unet.csv" for split in splits] + [
-            f"results/inference/valid/chunk_{chunk}.csv" for chunk in range(int(config["infer"]["chunks"]))]
+        targets = [f"results/particles/{split}_unet.csv" for split in splits]
         if run == 1:
             targets += [f"results/particles/{split}_baseline.csv" for split in splits]
         seconds = run_workflow(workdir, [*configfiles, seeds], targets, args.cores, evaluate_only=not computes)

@@ -10,6 +10,9 @@ import pytest
 import yaml
 from helpers import REPO, TINY
 
+from holopipe.core.config import load_config
+from holopipe.evaluation.matching import read_truth
+
 CONFIG = {**TINY, "splits": {**TINY["splits"], "test": {"source": "simulate", "n_holograms": 3, "seed": 3,
                                                         "simulate": {"window_dust": {"count": 2}}}},
           "tune": {"n_trials": 1, "workers": 1, "epochs": 1}, "infer": {"splits": ["test"], "chunks": 1},
@@ -105,6 +108,38 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     retrain.write_text(yaml.safe_dump({**CONFIG, "standardize": {"block_pixels": 16}}, sort_keys=False))
     refused = accuracy(out, retrain, "--runs", "2", "--restandardize")
     assert refused.returncode != 0 and "training split standardizes differently" in refused.stderr
+
+    # What follows detection chosen on a selection file through both runs' models (make
+    # tune-postprocessing-accuracy), written into a copy of the config.
+    chosen = tmp_path / "chosen.yaml"
+    chosen.write_text(configfile.read_text())
+    select = subprocess.run([sys.executable, str(REPO / "benchmarks" / "select_settings.py"), "--configfile",
+                             str(configfile), "--out", str(out), "--holograms", "2", "--trials", "1", "--write",
+                             str(chosen)], capture_output=True, text=True, timeout=900)
+    assert select.returncode == 0, select.stdout[-2000:] + select.stderr[-2000:]
+    assert "particles: F1 on select" in select.stdout and "baseline: F1 on select" in select.stdout
+    assert all((out / "select" / f"run_{run}" / "chunk_0.csv").is_file() for run in (1, 2))
+    selection = read_truth(out / "select" / "run_1" / "select.zarr")
+    assert selection.n_holograms == 2 and not selection.particles.empty
+    assert "# >>> make tune-postprocessing: chosen on select (2 holograms" in chosen.read_text()
+    assert load_config(yaml.safe_load(chosen.read_text()))["particles"] == load_config(CONFIG)["particles"], \
+        "one trial scores the current settings: nothing else to choose"
+
+
+def test_the_selection_file_is_of_tests_kind_on_a_seed_no_split_has(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from accuracy import DEFAULT_CONFIGS, read_configs
+    from select_settings import selection_config
+
+    config = load_config(read_configs([REPO / path for path in DEFAULT_CONFIGS]))
+    chosen = selection_config(config, 30, 70002)
+    assert list(chosen["splits"]) == ["select"] and chosen["infer"]["splits"] == ["select"]
+    select, test = chosen["splits"]["select"], config["splits"]["test"]
+    assert (select["seed"], select["n_holograms"]) == (70002, 30)
+    assert {k: v for k, v in select.items() if k not in ("seed", "n_holograms")} == {
+        k: v for k, v in test.items() if k not in ("seed", "n_holograms")}
+    with pytest.raises(SystemExit, match=r"--seed 61209 is the seed of split\(s\) \['artifacts'\]"):
+        selection_config(config, 30, config["splits"]["artifacts"]["seed"])
 
 
 @pytest.mark.slow
