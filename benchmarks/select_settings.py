@@ -14,13 +14,17 @@ droplets (the embedded default's 8 holograms, about 220 droplets: the particles 
 ``OUT/select``; each run k of ``OUT/run_k`` standardizes it with its own training statistics (and the config's
 ``standardize`` settings) and infers it with its own model, by the CLI the workflow's rules call. Then ``holopipe
 tune-postprocessing`` searches both methods on it (``--trials`` each), the U-Net's particles stage on the detections
-of every run pooled, and writes its choice into ``--write`` when given. Steps whose output exists are not redone.
+of every run pooled, and writes its choice into ``--write`` when given. Steps whose output exists are not redone
+while the config, the holograms asked for and the runs' models are those it was made for (``OUT/select/
+identity.json``); else the folder is made again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +48,11 @@ def selection_config(config: dict, holograms: int, seed: int) -> dict:
     return load_config({**config, "splits": {SPLIT: split}, "infer": {**config["infer"], "splits": [SPLIT]}})
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +74,14 @@ def main(argv=None) -> int:
     config = selection_config(load_config(merged_config(read_configs(args.configfile), run_overrides(1))),
                               args.holograms, args.seed)
     base = out / SPLIT
+    identity = {"config": config, "models": {run.name: file_sha256(run / "results" / "model" / "model.pt")
+                                             for run in runs}}
+    identity_file = base / "identity.json"
+    if base.exists() and (not identity_file.exists() or json.loads(identity_file.read_text()) != identity):
+        print(f"[select] {base} was made for other holograms, config or models: made again", flush=True)
+        shutil.rmtree(base)
     base.mkdir(exist_ok=True)
+    identity_file.write_text(json.dumps(identity, indent=2))
     config_file = base / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     raw, regridded = base / f"{SPLIT}.nc", base / f"{SPLIT}_regridded.zarr"

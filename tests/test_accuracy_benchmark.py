@@ -113,9 +113,13 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     # tune-postprocessing-accuracy), written into a copy of the config.
     chosen = tmp_path / "chosen.yaml"
     chosen.write_text(configfile.read_text())
-    select = subprocess.run([sys.executable, str(REPO / "benchmarks" / "select_settings.py"), "--configfile",
-                             str(configfile), "--out", str(out), "--holograms", "2", "--trials", "1", "--write",
-                             str(chosen)], capture_output=True, text=True, timeout=900)
+
+    def select_settings(holograms, *args):
+        return subprocess.run([sys.executable, str(REPO / "benchmarks" / "select_settings.py"), "--configfile",
+                               str(configfile), "--out", str(out), "--holograms", str(holograms), "--trials", "1",
+                               *args], capture_output=True, text=True, timeout=900)
+
+    select = select_settings(2, "--write", str(chosen))
     assert select.returncode == 0, select.stdout[-2000:] + select.stderr[-2000:]
     assert "particles: F1 on select" in select.stdout and "baseline: F1 on select" in select.stdout
     assert all((out / "select" / f"run_{run}" / "chunk_0.csv").is_file() for run in (1, 2))
@@ -124,6 +128,13 @@ def test_two_training_runs_give_a_table_whose_intervals_cover_runs_and_holograms
     assert "# >>> make tune-postprocessing: chosen on select (2 holograms" in chosen.read_text()
     assert load_config(yaml.safe_load(chosen.read_text()))["particles"] == load_config(CONFIG)["particles"], \
         "one trial scores the current settings: nothing else to choose"
+    detections = out / "select" / "run_2" / "chunk_0.csv"
+    made = detections.stat().st_mtime_ns
+    again = select_settings(2)
+    assert again.returncode == 0 and "made again" not in again.stdout and detections.stat().st_mtime_ns == made
+    other = select_settings(3)
+    assert other.returncode == 0 and "made for other holograms, config or models: made again" in other.stdout
+    assert read_truth(out / "select" / "run_1" / "select.zarr").n_holograms == 3
 
 
 def test_the_selection_file_is_of_tests_kind_on_a_seed_no_split_has(monkeypatch):
