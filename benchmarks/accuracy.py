@@ -245,6 +245,25 @@ def holopipe(*args: str) -> None:
         raise SystemExit(f"accuracy.py: {shlex.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
 
+def run_stats_file(run: Path, here: Path, config: dict) -> Path:
+    """``here/stats.json``: the run's training statistics with the config's ``standardize`` settings, so that a store
+    standardized with it is what the run's model would see under this code and config."""
+    settings = {key: value for key, value in config["standardize"].items() if key != "device"}
+    stats = json.loads((run / "data" / "standardized" / "stats.json").read_text())
+    stats_file = here / "stats.json"
+    stats_file.write_text(json.dumps({**stats, "standardize": settings}, indent=2))
+    return stats_file
+
+
+def run_detections(run: Path, store: Path, csvs: list[Path], config_file: Path) -> None:
+    """The run's model's detections of ``store`` into ``csvs``, one per z chunk, by the CLI's ``holopipe infer``;
+    a chunk already written (atomically, so whole) is kept."""
+    for chunk, csv in enumerate(csvs):
+        if not csv.exists():
+            holopipe("infer", "--model", str(run / "results" / "model" / "model.pt"), "--in", str(store), "--out",
+                     str(csv), "--chunk", str(chunk), "--chunks", str(len(csvs)), "--config", str(config_file))
+
+
 def restandardize(out: Path, runs: list[Path], splits: list[str], config: dict, walls: dict) -> dict:
     """``--restandardize``: every run's evaluated splits standardized again by this code with the config's
     ``standardize`` settings and the run's training statistics (into ``OUT/restandardized/run_k``), and inferred
@@ -254,7 +273,6 @@ def restandardize(out: Path, runs: list[Path], splits: list[str], config: dict, 
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     start = time.perf_counter()
-    settings = {key: value for key, value in config["standardize"].items() if key != "device"}
     config_file = base / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     chunks = int(config["infer"]["chunks"])
@@ -262,9 +280,7 @@ def restandardize(out: Path, runs: list[Path], splits: list[str], config: dict, 
     for run in runs:
         here = base / run.name
         here.mkdir()
-        stats = json.loads((run / "data" / "standardized" / "stats.json").read_text())
-        stats_file = here / "stats.json"
-        stats_file.write_text(json.dumps({**stats, "standardize": settings}, indent=2))
+        stats_file = run_stats_file(run, here, config)
         train = run / "data" / "standardized" / f"{TRAIN}.zarr"
         holopipe("standardize", "apply", "--in", str(run / "data" / "augmented" / f"{TRAIN}.zarr"), "--stats",
                  str(stats_file), "--device", "cpu", "--out", str(here / f"{TRAIN}.zarr"))
@@ -282,10 +298,7 @@ def restandardize(out: Path, runs: list[Path], splits: list[str], config: dict, 
                 continue
             print(f"[accuracy] {run.name}: {split} standardizes differently now: inferred again", flush=True)
             detections = [here / "inference" / split / f"chunk_{chunk}.csv" for chunk in range(chunks)]
-            for chunk, csv in enumerate(detections):
-                holopipe("infer", "--model", str(run / "results" / "model" / "model.pt"), "--in", str(again),
-                         "--out", str(csv), "--chunk", str(chunk), "--chunks", str(chunks), "--config",
-                         str(config_file))
+            run_detections(run, again, detections, config_file)
             inputs[run][split] = again, detections
     walls["restandardize"] = time.perf_counter() - start
     return inputs

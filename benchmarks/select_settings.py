@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from accuracy import DEFAULT_CONFIGS, REPO, holopipe, read_configs, run_overrides
+from accuracy import DEFAULT_CONFIGS, REPO, holopipe, read_configs, run_detections, run_overrides, run_stats_file
 
 from holopipe.core.config import load_config, merged_config
 
@@ -89,25 +89,18 @@ def main(argv=None) -> int:
         holopipe("acquire", "--split", SPLIT, "--config", str(config_file), "--out", str(raw))
     if not regridded.exists():
         holopipe("regrid", "--in", str(raw), "--out", str(regridded), "--config", str(config_file))
-    settings = {key: value for key, value in config["standardize"].items() if key != "device"}
     chunks = int(config["infer"]["chunks"])
     detections = []
     for run in runs:
         here = base / run.name
         here.mkdir(exist_ok=True)
-        stats = json.loads((run / "data" / "standardized" / "stats.json").read_text())
-        stats_file = here / "stats.json"
-        stats_file.write_text(json.dumps({**stats, "standardize": settings}, indent=2))
+        stats_file = run_stats_file(run, here, config)
         store = here / f"{SPLIT}.zarr"
         if not store.exists():
             holopipe("standardize", "apply", "--in", str(regridded), "--stats", str(stats_file), "--device", "cpu",
                      "--out", str(store))
         csvs = [here / f"chunk_{chunk}.csv" for chunk in range(chunks)]
-        for chunk, csv in enumerate(csvs):
-            if not csv.exists():
-                holopipe("infer", "--model", str(run / "results" / "model" / "model.pt"), "--in", str(store),
-                         "--out", str(csv), "--chunk", str(chunk), "--chunks", str(chunks), "--config",
-                         str(config_file))
+        run_detections(run, store, csvs, config_file)
         detections += ["--detections", *map(str, csvs)]
     print(f"[select] {args.holograms} holograms (seed {args.seed}) through {len(runs)} runs: searching", flush=True)
     search = [str(Path(sys.executable).parent / "holopipe"), "tune-postprocessing", "--config", str(config_file),
