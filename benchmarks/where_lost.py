@@ -8,7 +8,7 @@ Each true droplet the evaluation's matching leaves unmatched gets one stage:
 
 - ``no detection``: no detection of its hologram within ``evaluate.tolerance_xy`` of it, at any depth;
 - ``clustering``: detections there, but :func:`holopipe.detect.particles.cluster_detections` drops their clusters
-  (``min_planes``: too few detections; ``min_contrast``: too faint);
+  (``min_planes``: too few detections; ``min_contrast``: too faint), or they joined a cluster focused elsewhere;
 - ``line of sight``: the particle there (within ``tolerance_xy``, nearest in depth) is matched to another droplet;
 - ``depth``: the particle there is no droplet's, and lies off in z by more than ``evaluate.tolerance_z``;
 - ``after refinement``: clusters kept, but no particle there (dropped as a faint disk, outside the volume, a ghost
@@ -62,7 +62,7 @@ def where_lost(truth: pd.DataFrame, particles: pd.DataFrame, detections: pd.Data
             detail = f"dz {nearest['z'] - droplet.z:+.0f}"
         elif len(_beside(kept, droplet, reach)):
             stage, detail = "after refinement", ""
-        elif len(_beside(loose, droplet, reach)):
+        elif len(_beside(detections, droplet, reach)):
             stage, detail = "clustering", _clustering_filter(labelled, loose, droplet, reach, config["particles"])
         else:
             stage, detail = "no detection", ""
@@ -72,8 +72,11 @@ def where_lost(truth: pd.DataFrame, particles: pd.DataFrame, detections: pd.Data
 
 def _clustering_filter(labelled: pd.DataFrame, loose: pd.DataFrame, droplet, reach: float, settings: dict) -> str:
     """Which of ``particles.min_planes`` and ``min_contrast`` dropped the clusters beside ``droplet``: those that
-    the largest of them (in detections) fails, with its count and contrast."""
+    the largest of them (in detections) fails, with its count and contrast; or that its detections joined a
+    cluster focused elsewhere."""
     clusters = set(_beside(loose, droplet, reach)["cluster"])
+    if not clusters:
+        return "joined a cluster focused elsewhere"
     members = labelled[labelled["cluster"].isin(clusters)].groupby("cluster")
     largest = members.size().idxmax()
     count, contrast = int(members.size()[largest]), float(1.0 - members["amplitude_min"].min()[largest])
