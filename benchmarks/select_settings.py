@@ -22,7 +22,6 @@ identity.json``); else the folder is made again.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ import yaml
 from accuracy import DEFAULT_CONFIGS, REPO, holopipe, read_configs, run_detections, run_overrides, run_stats_file
 
 from holopipe.core.config import load_config, merged_config
+from holopipe.core.files import file_sha256
 
 SPLIT = "select"
 
@@ -46,11 +46,6 @@ def selection_config(config: dict, holograms: int, seed: int) -> dict:
         raise SystemExit(f"select_settings.py: --seed {seed} is the seed of split(s) {clash}: choose a fresh one")
     split = {**config["splits"]["test"], "seed": seed, "n_holograms": holograms}
     return load_config({**config, "splits": {SPLIT: split}, "infer": {**config["infer"], "splits": [SPLIT]}})
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def main(argv=None) -> int:
