@@ -29,7 +29,7 @@ from accuracy import read_configs
 
 from holopipe.core.config import load_config, with_overrides
 from holopipe.core.io import read_particle_csv
-from holopipe.detect.particles import cluster_detections, label_detections, read_detections
+from holopipe.detect.particles import cluster_detections, contrast_floor, label_detections, read_detections
 from holopipe.evaluation.matching import match, read_truth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,25 +63,27 @@ def where_lost(truth: pd.DataFrame, particles: pd.DataFrame, detections: pd.Data
         elif len(_beside(kept, droplet, reach)):
             stage, detail = "after refinement", ""
         elif len(_beside(detections, droplet, reach)):
-            stage, detail = "clustering", _clustering_filter(labelled, loose, droplet, reach, config["particles"])
+            stage, detail = "clustering", _clustering_filter(labelled, loose, droplet, reach, config)
         else:
             stage, detail = "no detection", ""
         rows.append((droplet.hid, droplet.x, droplet.y, droplet.z, droplet.d, stage, detail))
     return pd.DataFrame(rows, columns=["hid", "x", "y", "z", "d", "stage", "detail"])
 
 
-def _clustering_filter(labelled: pd.DataFrame, loose: pd.DataFrame, droplet, reach: float, settings: dict) -> str:
-    """Which of ``particles.min_planes`` and ``min_contrast`` dropped the clusters beside ``droplet``: those that
-    the largest of them (in detections) fails, with its count and contrast; or that its detections joined a
-    cluster focused elsewhere."""
+def _clustering_filter(labelled: pd.DataFrame, loose: pd.DataFrame, droplet, reach: float, config: dict) -> str:
+    """Which of ``particles.min_planes`` and ``min_contrast`` (scaled where the cluster is, as clustering does:
+    :func:`contrast_floor`) dropped the clusters beside ``droplet``: those that the largest of them (in
+    detections) fails, with its count and contrast; or that its detections joined a cluster focused elsewhere."""
+    settings = config["particles"]
     clusters = set(_beside(loose, droplet, reach)["cluster"])
     if not clusters:
         return "joined a cluster focused elsewhere"
     members = labelled[labelled["cluster"].isin(clusters)].groupby("cluster")
     largest = members.size().idxmax()
     count, contrast = int(members.size()[largest]), float(1.0 - members["amplitude_min"].min()[largest])
+    floor = contrast_floor(loose[loose["cluster"] == largest], float(settings["min_contrast"]), config)[0]
     failed = ([f"min_planes ({count})"] if count < int(settings["min_planes"]) else []) + (
-        [f"min_contrast ({contrast:.2f})"] if contrast < float(settings["min_contrast"]) else [])
+        [f"min_contrast ({contrast:.2f})"] if contrast < floor else [])
     return ", ".join(failed)
 
 

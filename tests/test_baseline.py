@@ -392,3 +392,19 @@ def test_baseline_on_a_gpu_finds_what_it_finds_on_numpy(hologram):
                              dy=OPTICS.dy)
     assert len(on_numpy) == 3
     pd.testing.assert_frame_equal(on_cuda, on_numpy, rtol=1e-4)
+
+
+def test_contrast_diameter_keeps_a_droplet_the_aperture_images_faint_and_nothing_else():
+    """A 7 µm droplet at 9 mm behind the 0.52 x 0.40 mm frame reconstructs to a contrast of 0.6, below a
+    min_contrast of 0.7; a 30 µm one at 4 mm is resolved. Scaled for 7 µm droplets, the threshold keeps both and
+    finds nothing else."""
+    scene = ParticleSet(x=np.array([-170e-6, 60e-6]), y=np.array([100e-6, -30e-6]), z=np.array([4.0e-3, 9.0e-3]),
+                        d=np.array([30e-6, 7e-6]))
+    propagator = propagator_of(contrast_hologram(scene, WIDE), WIDE)
+    fixed = load_config(scene_dict(WIDE, baseline={"min_contrast": 0.7, "threshold": 0.8}))["baseline"]
+    tolerance = make_config()["evaluate"]
+    for baseline, expected in ((fixed, [30.0]), ({**fixed, "contrast_diameter": 7e-6}, [30.0, 7.0])):
+        found = found_um(find_particles(propagator, WIDE_PLANES, baseline, dx=WIDE.dx, dy=WIDE.dy))
+        pairs = match(truth_table(scene), found, tolerance["tolerance_xy"], tolerance["tolerance_z"])
+        assert len(found) == len(pairs) and sorted(truth_table(scene)["d"][pairs["true_index"]].round()) == sorted(
+            expected)

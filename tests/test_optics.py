@@ -4,16 +4,22 @@ import math
 
 import numpy as np
 import pytest
+import scipy.special
 import torch
+from helpers import WIDE, contrast_hologram, propagator_of
 
 from holopipe.optics.propagation import (
     Propagator,
     TransferFunction,
     effective_depth_of_focus,
+    frame_edges,
     hologram_field,
+    in_focus_contrast,
+    in_focus_contrast_at,
     propagate,
     reconstruct,
 )
+from holopipe.optics.simulate import ParticleSet
 
 WAVELENGTH = 3.55e-7
 HOLODEC_PITCH = 2.96e-6
@@ -341,3 +347,37 @@ def test_effective_depth_of_focus_runs_on_arrays_of_any_library():
                                         wavelength=3.55e-7)
     assert isinstance(as_torch, torch.Tensor) and np.allclose(as_torch.numpy(), expected)
     assert expected[1] == pytest.approx(d[1] ** 2 / 3.55e-7)  # the 40 µm droplet's pattern is not cut
+
+
+@pytest.mark.parametrize(("x_m", "d_m"), [(0.0, 5e-6), (0.0, 7e-6), (-200e-6, 7e-6), (0.0, 10e-6)])
+def test_in_focus_contrast_is_what_the_reconstruction_shows_of_a_droplet_the_aperture_cannot_resolve(x_m, d_m):
+    """Droplets at 9 mm behind a 0.52 x 0.40 mm frame (dx != dy): the aperture, not the droplet, sets how dark its
+    focus gets (0.3 for 5 µm, 0.9 for 10 µm), one 60 µm from the left edge sees less of it."""
+    z = 9e-3
+    hologram = contrast_hologram(ParticleSet(x=np.array([x_m]), y=np.array([0.0]), z=np.array([z]),
+                                             d=np.array([d_m])), WIDE)
+    measured = 1 - propagator_of(hologram, WIDE).reconstruct(np.array([z])).amplitude[0].min()
+    expected = in_focus_contrast_at(x_m, 0.0, z, d_m, nx=WIDE.nx, ny=WIDE.ny, dx=WIDE.dx, dy=WIDE.dy,
+                                    wavelength=WIDE.wavelength)
+    assert expected < 0.95 and measured == pytest.approx(expected, abs=0.03)
+
+
+def test_in_focus_contrast_is_one_minus_j0_up_to_its_first_zero_then_one_on_any_array_library():
+    z, d = np.array([0.14, 0.14, 0.02, 0.06]), np.array([10e-6, 20e-6, 10e-6, 20e-6])
+    edges = frame_edges(np.array([0.0, 0.0, 0.0, 1.4e-3]), np.zeros(4), nx=1024, ny=1024, dx=2.96e-6, dy=2.96e-6)
+    contrast = in_focus_contrast(z, d, *edges, wavelength=WAVELENGTH)
+    # Through the 3 mm crop: 10 µm at 140 mm reaches 0.22, 20 µm 0.73; 10 µm at 20 mm is resolved.
+    half_width = 1024 * 2.96e-6 / 2
+    assert contrast[0] == pytest.approx(1 - scipy.special.j0(math.pi * 10e-6 * half_width / 0.14 / WAVELENGTH))
+    assert contrast[0] == pytest.approx(0.216, abs=0.002) and contrast[1] == pytest.approx(0.73, abs=0.01)
+    assert contrast[2] == 1.0
+    # 0.12 mm from the right edge: the pattern reaches 1.07 mm, so x sees (1.07 + 0.12) / 2 mm and y 1.07 mm.
+    reach = 0.06 * WAVELENGTH / 20e-6
+    assert edges[0][1][3] == pytest.approx(half_width - 1.4e-3)
+    aperture_x, aperture_y = (reach + half_width - 1.4e-3) / 2 / 0.06, reach / 0.06
+    assert contrast[3] == pytest.approx(
+        1 - scipy.special.j0(math.pi * 20e-6 * math.sqrt(aperture_x * aperture_y) / WAVELENGTH))
+    assert contrast[3] < 0.99
+    on_torch = in_focus_contrast(torch.from_numpy(z), torch.from_numpy(d), *(tuple(map(torch.from_numpy, e))
+                                                                             for e in edges), wavelength=WAVELENGTH)
+    assert isinstance(on_torch, torch.Tensor) and np.allclose(on_torch.numpy(), contrast, rtol=1e-12)

@@ -551,3 +551,18 @@ def test_a_speck_counts_where_it_was_dropped_so_the_one_kept_inside_the_volume_g
     inside = candidates[candidates["z"] >= 14000.0]
     assert len(without_stationary(inside, 6, 0.5)) == 3, "the kept ones alone are in 2 holograms"
     assert without_stationary(inside, 6, 0.5, evidence=candidates)["x"].tolist() == [-50.0]
+
+
+def test_a_faint_far_droplet_is_kept_where_the_aperture_cannot_resolve_it_and_a_faint_near_fragment_is_not():
+    """Two columns as dark as a 7 µm droplet in focus at 9 mm behind the 0.52 x 0.40 mm frame (contrast 0.45):
+    one at 9 mm, one at 3 mm, where the aperture would resolve a droplet (an out-of-focus fragment). A fixed
+    min_contrast of 0.6 drops both; scaled for 7 µm droplets it keeps the far one only."""
+    planes = WIDE_PLANES * 1e6
+    far = ml_cluster(30.0, -20.0, planes[(planes > 8700) & (planes < 9300)], focus_um=9000.0, d_um=12.0)
+    near = ml_cluster(-60.0, 40.0, planes[(planes > 2700) & (planes < 3300)], focus_um=3000.0, d_um=12.0)
+    detections = pd.concat([far, near], ignore_index=True).assign(amplitude_min=0.55)
+    fixed = scene_dict(WIDE, particles={"min_contrast": 0.6})
+    assert cluster_detections(detections, load_config(fixed)).empty
+    scaled = load_config({**fixed, "particles": {"min_contrast": 0.6, "contrast_diameter": 7e-6}})
+    kept = cluster_detections(detections, scaled)
+    assert kept["x"].tolist() == [30.0] and far["z"].min() <= kept["z"].iloc[0] <= far["z"].max()

@@ -45,7 +45,7 @@ from holopipe.core.config import ConfigError
 from holopipe.core.device import cpu_threads
 from holopipe.core.files import write_atomically
 from holopipe.core.io import hologram_image_yx, particle_table, skipped_holograms, um_to_pixel
-from holopipe.optics.propagation import effective_depth_of_focus
+from holopipe.optics.propagation import effective_depth_of_focus, frame_edges
 from holopipe.optics.reconstruction import (
     SampleVolume,
     field_channels,
@@ -110,9 +110,8 @@ def particles_in_pixels(table: pd.DataFrame, attrs, n_bins: int) -> pd.DataFrame
     effective depth of focus (``depth_of_focus``, m) added."""
     nx, ny, dx, dy = int(attrs["Nx"]), int(attrs["Ny"]), float(attrs["dx"]), float(attrs["dy"])
     row, col = um_to_pixel(table["y"], ny, dy), um_to_pixel(table["x"], nx, dx)
-    # The frame spans pixel centres 0 .. n-1 and half a pixel beyond; a particle outside sees half a pixel.
-    edges_x = (np.maximum(col + 0.5, 0.5) * dx, np.maximum(nx - 0.5 - col, 0.5) * dx)
-    edges_y = (np.maximum(row + 0.5, 0.5) * dy, np.maximum(ny - 0.5 - row, 0.5) * dy)
+    edges_x, edges_y = frame_edges(np.asarray(table["x"], float) * 1e-6, np.asarray(table["y"], float) * 1e-6,
+                                   nx=nx, ny=ny, dx=dx, dy=dy)
     depth = effective_depth_of_focus(np.asarray(table["z"], float) * 1e-6, np.asarray(table["d"], float) * 1e-6,
                                      edges_x, edges_y, wavelength=float(attrs["lambda"]))
     return table.assign(

@@ -19,7 +19,9 @@ then, without any learning:
    size. Groups with fewer than ``baseline.min_voxels`` voxels are dropped.
 3. **Focus.** A focused opaque particle goes nearly black, the dips of fringes and twin images do
    not, so only regions whose darkest pixel has a contrast ``1 - amplitude`` of at least
-   ``baseline.min_contrast`` are candidates (a group without one is dropped). The particle is the
+   ``baseline.min_contrast`` are candidates (a group without one is dropped; with ``baseline.contrast_diameter``
+   the threshold is scaled by the contrast a droplet of that diameter reaches in focus where the region is:
+   :func:`~holopipe.optics.propagation.in_focus_contrast`, a small far droplet is imaged faint). The particle is the
    group's best-focused candidate region by ``baseline.focus_metric``:
 
    - ``min_amplitude``: the darkest region, after a :data:`holopipe.optics.focus.SMOOTHING_PIXELS`-pixel box
@@ -91,7 +93,7 @@ from holopipe.core.provenance import code_identity
 from holopipe.detect.particles import line_of_sight_splits, suppress_ghosts, without_stationary
 from holopipe.detect.sweep import BATCHES_IN_FLIGHT, DETECTION_COLUMNS, pixel_components
 from holopipe.optics.focus import pixel_values, reconstructed_amplitude, window_scores
-from holopipe.optics.propagation import Propagator, device_planes_per_batch
+from holopipe.optics.propagation import Propagator, device_planes_per_batch, in_focus_contrast_at
 from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized
 
 __all__ = ["CSV_COLUMNS", "auto_threshold", "baseline_file", "detections_file", "find_particles", "plane_detections"]
@@ -192,13 +194,27 @@ class _PlaneGrouper:
     order (one worker), since each plane links to the one before it.
     """
 
-    def __init__(self, shape: tuple[int, int], threshold: float, background: float, baseline: dict, *,
-                 smoothed_minimum: bool = False):
-        self.shape, self.threshold, self.background = shape, threshold, background
+    def __init__(self, propagator: Propagator, planes: np.ndarray, threshold: float, background: float,
+                 baseline: dict, *, smoothed_minimum: bool = False):
+        self.shape, self.planes, self.threshold, self.background = propagator.shape, planes, threshold, background
+        self.optics = propagator.transfer
         self.smoothed_minimum = smoothed_minimum
         self.min_contrast, self.metric = float(baseline["min_contrast"]), baseline["focus_metric"]
+        self.contrast_diameter = baseline["contrast_diameter"]
         self.areas, self.candidates, self.edges = [], [], []
         self.previous_pixels, self.previous_labels, self.offset = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+
+    def _contrast_floor(self, stats: dict, plane: int):
+        """``baseline.min_contrast``, scaled where ``contrast_diameter`` is set by the contrast a droplet of that
+        diameter reaches in focus at each region's centroid on this plane (as the particles stage scales its own)."""
+        if self.contrast_diameter is None:
+            return self.min_contrast
+        (ny, nx), optics = self.shape, self.optics
+        x = pixel_position(stats["sum_col"] / stats["area"], nx, optics.dx)
+        y = pixel_position(stats["sum_row"] / stats["area"], ny, optics.dy)
+        return self.min_contrast * in_focus_contrast_at(x, y, float(self.planes[plane]), float(self.contrast_diameter),
+                                                        nx=nx, ny=ny, dx=optics.dx, dy=optics.dy,
+                                                        wavelength=optics.wavelength)
 
     def add(self, start: int, amplitude, slots, rows, cols, values) -> None:
         """The batch of planes ``start``, ... (``amplitude`` (B, ny, nx) on the device, its dark pixels
@@ -223,7 +239,7 @@ class _PlaneGrouper:
                 self.areas.append(stats["area"])
                 # Candidates for the focus are the regions that are themselves dark enough (a focused
                 # particle is): only they get a focus metric.
-                chosen = np.flatnonzero(1 - stats["minimum"] >= self.min_contrast)
+                chosen = np.flatnonzero(1 - stats["minimum"] >= self._contrast_floor(stats, start + slot))
                 if chosen.size:
                     batch.append(pd.DataFrame({"region": offset + chosen, "plane": start + slot, "slot": slot,
                                                **{key: value[chosen] for key, value in stats.items()}}))
@@ -261,7 +277,7 @@ def _grouped_planes(propagator: Propagator, planes: np.ndarray, baseline: dict, 
                                                   float(baseline["threshold_sigmas"]))
     else:
         threshold, background = float(baseline["threshold"]), 1.0
-    grouper = _PlaneGrouper(propagator.shape, threshold, background, baseline, smoothed_minimum=smoothed_minimum)
+    grouper = _PlaneGrouper(propagator, planes, threshold, background, baseline, smoothed_minimum=smoothed_minimum)
     in_flight = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="holopipe-baseline") as pool:
         for start in tqdm(range(0, planes.size, batch_planes), desc="baseline planes", unit="batch", leave=False,

@@ -16,7 +16,9 @@ amplitude minimum is sharper (still blunt for large droplets: hence the refineme
 probability mass ``prob_mean · area``. Either way the peak across planes, not the first plane that
 fired; ties are broken by ``prob_max``, then by the smaller z. Clusters whose darkest contrast ``1 -
 amplitude_min`` stays below ``particles.min_contrast`` are dropped: they are out-of-focus ghosts of
-fringes, never a droplet's shadow. The particle takes z, x, y (probability-weighted centroid) and d (from
+fringes, never a droplet's shadow (with ``particles.contrast_diameter`` the threshold, and
+``min_disk_contrast`` after refinement, is scaled where a small far droplet is imaged faint:
+:func:`contrast_floor`). The particle takes z, x, y (probability-weighted centroid) and d (from
 the area) of the in-focus detection, and ``prob`` = the cluster's largest ``prob_max``.
 
 **Depth refinement** (``particles.refine``, default ``tamura``): the model says whether and where in x, y
@@ -83,12 +85,12 @@ from holopipe.core.io import (
 from holopipe.core.provenance import code_identity
 from holopipe.detect.sweep import DETECTION_COLUMNS
 from holopipe.optics.focus import host_windows, reconstructed_amplitude, smoothed_amplitude, window_scores
-from holopipe.optics.propagation import Propagator, device_planes_per_batch
+from holopipe.optics.propagation import Propagator, device_planes_per_batch, in_focus_contrast_at
 from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, open_standardized
 
-__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "components", "focus_windows",
-           "label_detections", "line_of_sight_splits", "linked_pairs", "measure_dark_disk", "merge_detections",
-           "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
+__all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "components", "contrast_floor",
+           "focus_windows", "label_detections", "line_of_sight_splits", "linked_pairs", "measure_dark_disk",
+           "merge_detections", "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
            "without_cut_ghosts", "without_ghosts", "without_stationary"]
 
 PARTICLE_COLUMNS = (*PARTICLE_VARS, "prob")
@@ -189,6 +191,21 @@ def label_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     return detections.assign(cluster=labels, line=lines, z_low=low, z_high=high)
 
 
+def contrast_floor(particles: pd.DataFrame, threshold: float, config: dict) -> np.ndarray:
+    """The darkness contrast each particle (x, y, z in µm) must reach: ``threshold``, scaled where
+    ``particles.contrast_diameter`` is set by the contrast a droplet of that diameter reaches in focus at the
+    particle's place in the frame (:func:`~holopipe.optics.propagation.in_focus_contrast_at`, the ``optics``
+    frame): the aperture images a small far droplet faint however sharp its focus."""
+    diameter = config["particles"]["contrast_diameter"]
+    if diameter is None or not len(particles):
+        return np.full(len(particles), float(threshold))
+    optics = config["optics"]
+    scale = in_focus_contrast_at(*(particles[axis].to_numpy(np.float64) * 1e-6 for axis in "xyz"), float(diameter),
+                                 nx=int(optics["nx"]), ny=int(optics["ny"]), dx=float(optics["dx"]),
+                                 dy=float(optics["dy"]), wavelength=float(optics["wavelength"]))
+    return float(threshold) * scale
+
+
 def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     """Particles as :func:`merge_detections` finds them, with what refinement needs of their clusters.
 
@@ -221,8 +238,8 @@ def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
         "prob": by_cluster["prob_max"].max(), "cluster": focus.index.to_numpy(), "line": focus["line"],
         "z_first": by_cluster["z"].min(), "z_last": by_cluster["z"].max(), "z_low": focus["z_low"],
         "z_high": focus["z_high"], "d_max": by_cluster["d"].max()})
-    keep = ((by_cluster.size() >= int(settings["min_planes"]))
-            & (1.0 - by_cluster["amplitude_min"].min() >= float(settings["min_contrast"])))
+    floor = pd.Series(contrast_floor(table, float(settings["min_contrast"]), config), index=table.index)
+    keep = (by_cluster.size() >= int(settings["min_planes"])) & (1.0 - by_cluster["amplitude_min"].min() >= floor)
     table = table[keep.reindex(table.index, fill_value=False)]
     table = table.reindex(columns=columns).astype({"hid": np.int64, "cluster": np.int64, "line": np.int64})
     return table.sort_values(["hid", "z"], kind="stable", ignore_index=True)
@@ -421,7 +438,8 @@ def particles_file(chunk_csvs: list, out_csv, config: dict, *, store_path=None, 
     candidates = without_cut_ghosts(clusters.assign(**{c: refined[c] for c in ("x", "y", "z", "d", "focus",
                                                                                 "contrast", "at_cut")}))
     # A disk too faint to be a droplet in focus, or a focus beyond the sample volume: not a particle of it.
-    refined_clusters = candidates[(candidates["contrast"] >= float(settings["min_disk_contrast"]))
+    refined_clusters = candidates[(candidates["contrast"] >= contrast_floor(candidates, settings["min_disk_contrast"],
+                                                                            config))
                                   & refined["inside"].reindex(candidates.index).to_numpy(bool)]
     table = without_ghosts(merge_duplicates(refined_clusters, settings), settings,
                            float(config["optics"]["wavelength"]))

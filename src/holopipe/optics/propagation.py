@@ -36,6 +36,10 @@ __all__ = [
     "TransferFunction",
     "device_planes_per_batch",
     "effective_depth_of_focus",
+    "frame_edges",
+    "in_focus_contrast",
+    "in_focus_contrast_at",
+    "numerical_aperture",
     "planes_in_memory",
     "fft2",
     "hologram_field",
@@ -491,17 +495,74 @@ def _smaller(a, b):
     return (a + b - abs(a - b)) / 2
 
 
-def effective_depth_of_focus(z, diameter, edges_x, edges_y, *, wavelength: float):
-    """Depth (m) over which a particle looks in focus: λ / NA², NA the aperture the particle actually sees.
+def frame_edges(x, y, *, nx: int, ny: int, dx: float, dy: float):
+    """Distances (m) from a point ``x, y`` (m, origin at the frame centre) to the frame's edges, at least half a
+    pixel: ``(left, right), (top, bottom)``, as :func:`numerical_aperture` takes them. Any array library."""
+    half_x, half_y = nx * dx / 2, ny * dy / 2
+    return ((_larger(half_x + x, dx / 2), _larger(half_x - x, dx / 2)),
+            (_larger(half_y + y, dy / 2), _larger(half_y - y, dy / 2)))
+
+
+def _larger(a, b):
+    return (a + b + abs(a - b)) / 2
+
+
+def numerical_aperture(z, diameter, edges_x, edges_y, *, wavelength: float):
+    """The numerical aperture a particle's pattern is recorded through.
 
     A particle of diameter D diffracts into angles up to about λ/D, so its pattern reaches ``z λ / D`` on
     the sensor; the frame cuts it where an edge is nearer (``edges_x = (left, right)``, ``edges_y = (top,
-    bottom)``: distances from the particle to the frame's edges, m). Per axis NA is the mean reach of the
-    two sides over z; the narrower axis sets the depth. Uncut, NA = λ/D and the depth is D²/λ; a small far
-    droplet near the frame's edge (or in a small frame) stays in focus much longer. Any array library.
+    bottom)``: distances from the particle to the frame's edges, m, :func:`frame_edges`). Per axis NA is the
+    mean reach of the two sides over z; the narrower axis sets it. Any array library.
     """
+    return _smaller(*_axis_apertures(z, diameter, edges_x, edges_y, wavelength=wavelength))
+
+
+def _axis_apertures(z, diameter, edges_x, edges_y, *, wavelength: float):
+    """The numerical aperture along x and along y: the mean reach of the two sides over z."""
     reach = z * wavelength / diameter
     half_aperture_x = (_smaller(edges_x[0], reach) + _smaller(edges_x[1], reach)) / 2
     half_aperture_y = (_smaller(edges_y[0], reach) + _smaller(edges_y[1], reach)) / 2
-    numerical_aperture = _smaller(half_aperture_x, half_aperture_y) / z
-    return wavelength / numerical_aperture**2
+    return half_aperture_x / z, half_aperture_y / z
+
+
+def effective_depth_of_focus(z, diameter, edges_x, edges_y, *, wavelength: float):
+    """Depth (m) over which a particle looks in focus: λ / NA², NA the aperture the particle actually sees
+    (:func:`numerical_aperture`). Uncut, NA = λ/D and the depth is D²/λ; a small far droplet near the frame's
+    edge (or in a small frame) stays in focus much longer. Any array library."""
+    return wavelength / numerical_aperture(z, diameter, edges_x, edges_y, wavelength=wavelength) ** 2
+
+
+J0_FIRST_ZERO = 2.404825557695773
+"""The first zero of the Bessel function J0."""
+
+
+def _bessel_j0_to_first_zero(u):
+    """J0(u) for 0 <= u <= :data:`J0_FIRST_ZERO` by its power series (14 terms: 1e-12 there), in arithmetic any array
+    library runs."""
+    quarter_square, term, total = u * u / 4, 1.0, 1.0
+    for k in range(1, 15):
+        term = -term * quarter_square / (k * k)
+        total = total + term
+    return total
+
+
+def in_focus_contrast(z, diameter, edges_x, edges_y, *, wavelength: float):
+    """The darkness 1 - |E| at the centre of an opaque disk of this diameter imaged in focus through the aperture
+    it is seen through: 1 - J0(π D NA / λ), the disk's spectrum summed over a round pupil of radius NA/λ, with NA
+    the geometric mean of the apertures along x and y (:func:`numerical_aperture`'s, per axis; it matches the
+    reconstructed contrast of a droplet behind a rectangular frame within 0.03).
+
+    A droplet smaller than the resolution λ/(2 NA) is imaged faint however sharp its focus, about (π D NA /
+    2λ)²: 10 µm at 140 mm behind a 3 mm frame reaches 0.22. From the first zero of J0 on the disk is resolved and
+    the value is 1 (its oscillations beyond are the rim's ringing, not a fainter droplet). Any array library.
+    """
+    aperture_x, aperture_y = _axis_apertures(z, diameter, edges_x, edges_y, wavelength=wavelength)
+    argument = math.pi * diameter * (aperture_x * aperture_y) ** 0.5 / wavelength
+    return 1 - _bessel_j0_to_first_zero(_smaller(argument, J0_FIRST_ZERO))
+
+
+def in_focus_contrast_at(x, y, z, diameter, *, nx: int, ny: int, dx: float, dy: float, wavelength: float):
+    """:func:`in_focus_contrast` of a droplet of ``diameter`` at ``x, y`` (m, origin at the frame centre) and
+    ``z`` in front of an nx x ny frame of dx x dy pixels. Any array library."""
+    return in_focus_contrast(z, diameter, *frame_edges(x, y, nx=nx, ny=ny, dx=dx, dy=dy), wavelength=wavelength)
