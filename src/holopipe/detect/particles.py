@@ -90,8 +90,8 @@ from holopipe.optics.reconstruction import SampleVolume, hologram_propagator, op
 
 __all__ = ["MIN_WINDOW_PIXELS", "PARTICLE_COLUMNS", "cluster_detections", "components", "contrast_floor",
            "focus_windows", "label_detections", "line_of_sight_splits", "linked_pairs", "measure_dark_disk",
-           "merge_detections", "merge_duplicates", "particles_file", "read_detections", "refine_depths", "suppress_ghosts",
-           "without_cut_ghosts", "without_ghosts", "without_stationary"]
+           "merge_detections", "merge_duplicates", "particles_file", "read_detections", "refine_depths",
+           "suppress_ghosts", "without_cut_ghosts", "without_ghosts", "without_stationary"]
 
 PARTICLE_COLUMNS = (*PARTICLE_VARS, "prob")
 """Columns of a particles CSV: hid (1-based), x, y, z, d (µm), prob (the cluster's peak probability)."""
