@@ -495,16 +495,17 @@ def _smaller(a, b):
     return (a + b - abs(a - b)) / 2
 
 
+def _larger(a, b):
+    """Elementwise maximum, as :func:`_smaller`."""
+    return (a + b + abs(a - b)) / 2
+
+
 def frame_edges(x, y, *, nx: int, ny: int, dx: float, dy: float):
     """Distances (m) from a point ``x, y`` (m, origin at the frame centre) to the frame's edges, at least half a
     pixel: ``(left, right), (top, bottom)``, as :func:`numerical_aperture` takes them. Any array library."""
     half_x, half_y = nx * dx / 2, ny * dy / 2
     return ((_larger(half_x + x, dx / 2), _larger(half_x - x, dx / 2)),
             (_larger(half_y + y, dy / 2), _larger(half_y - y, dy / 2)))
-
-
-def _larger(a, b):
-    return (a + b + abs(a - b)) / 2
 
 
 def numerical_aperture(z, diameter, edges_x, edges_y, *, wavelength: float):
