@@ -63,26 +63,24 @@ def where_lost(truth: pd.DataFrame, particles: pd.DataFrame, detections: pd.Data
         elif len(_beside(kept, droplet, reach)):
             stage, detail = "after refinement", ""
         elif len(_beside(detections, droplet, reach)):
-            stage, detail = "clustering", _clustering_filter(labelled, loose, droplet, reach, config)
+            stage, detail = "clustering", _clustering_filter(loose, droplet, reach, config)
         else:
             stage, detail = "no detection", ""
         rows.append((droplet.hid, droplet.x, droplet.y, droplet.z, droplet.d, stage, detail))
     return pd.DataFrame(rows, columns=["hid", "x", "y", "z", "d", "stage", "detail"])
 
 
-def _clustering_filter(labelled: pd.DataFrame, loose: pd.DataFrame, droplet, reach: float, config: dict) -> str:
+def _clustering_filter(loose: pd.DataFrame, droplet, reach: float, config: dict) -> str:
     """Which of ``particles.min_planes`` and ``min_contrast`` (scaled where the cluster is, as clustering does:
     :func:`contrast_floor`) dropped the clusters beside ``droplet``: those that the largest of them (in
     detections) fails, with its count and contrast; or that its detections joined a cluster focused elsewhere."""
-    settings = config["particles"]
-    clusters = set(_beside(loose, droplet, reach)["cluster"])
-    if not clusters:
+    beside = _beside(loose, droplet, reach).sort_values("cluster")
+    if not len(beside):
         return "joined a cluster focused elsewhere"
-    members = labelled[labelled["cluster"].isin(clusters)].groupby("cluster")
-    largest = members.size().idxmax()
-    count, contrast = int(members.size()[largest]), float(1.0 - members["amplitude_min"].min()[largest])
-    floor = contrast_floor(loose[loose["cluster"] == largest], float(settings["min_contrast"]), config)[0]
-    failed = ([f"min_planes ({count})"] if count < int(settings["min_planes"]) else []) + (
+    largest = beside.loc[[beside["detections"].idxmax()]]
+    count, contrast = int(largest["detections"].iloc[0]), float(largest["darkest_contrast"].iloc[0])
+    floor = contrast_floor(largest, float(config["particles"]["min_contrast"]), config)[0]
+    failed = ([f"min_planes ({count})"] if count < int(config["particles"]["min_planes"]) else []) + (
         [f"min_contrast ({contrast:.2f})"] if contrast < floor else [])
     return ", ".join(failed)
 

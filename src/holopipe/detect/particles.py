@@ -212,15 +212,17 @@ def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
     Columns :data:`PARTICLE_COLUMNS`, ``cluster`` and ``line`` (:func:`label_detections`' labels),
     ``z_first``, ``z_last``: the nearest and farthest plane with a detection of the cluster (the range that
     :func:`refine_depths` searches, widened up to ``z_low``, ``z_high``) and ``d_max``, its largest
-    detection (all µm). ``detections`` may already carry :func:`label_detections`' columns.
+    detection (all µm); ``detections`` and ``darkest_contrast``, what ``min_planes`` and ``min_contrast``
+    judge. ``detections`` may already carry :func:`label_detections`' columns.
     """
     settings = config["particles"]
-    columns = [*PARTICLE_COLUMNS, "cluster", "line", "z_first", "z_last", "z_low", "z_high", "d_max"]
+    columns = [*PARTICLE_COLUMNS, "cluster", "line", "z_first", "z_last", "z_low", "z_high", "d_max", "detections",
+               "darkest_contrast"]
     if "cluster" not in detections.columns:
         detections = label_detections(detections, config)
     if detections.empty:
-        return pd.DataFrame({column: pd.Series(dtype=np.int64 if column in ("hid", "cluster", "line") else float)
-                             for column in columns})
+        integers = ("hid", "cluster", "line", "detections")
+        return pd.DataFrame({column: pd.Series(dtype=np.int64 if column in integers else float) for column in columns})
     labels = detections["cluster"].to_numpy()
     if settings["focus"] == "logit":
         sharpness = detections["logit_mean"].to_numpy()
@@ -237,11 +239,12 @@ def cluster_detections(detections: pd.DataFrame, config: dict) -> pd.DataFrame:
         "hid": focus["hid"].astype(np.int64), "x": focus["x"], "y": focus["y"], "z": focus["z"], "d": focus["d"],
         "prob": by_cluster["prob_max"].max(), "cluster": focus.index.to_numpy(), "line": focus["line"],
         "z_first": by_cluster["z"].min(), "z_last": by_cluster["z"].max(), "z_low": focus["z_low"],
-        "z_high": focus["z_high"], "d_max": by_cluster["d"].max()})
-    floor = pd.Series(contrast_floor(table, float(settings["min_contrast"]), config), index=table.index)
-    keep = (by_cluster.size() >= int(settings["min_planes"])) & (1.0 - by_cluster["amplitude_min"].min() >= floor)
-    table = table[keep.reindex(table.index, fill_value=False)]
-    table = table.reindex(columns=columns).astype({"hid": np.int64, "cluster": np.int64, "line": np.int64})
+        "z_high": focus["z_high"], "d_max": by_cluster["d"].max(), "detections": by_cluster.size(),
+        "darkest_contrast": 1.0 - by_cluster["amplitude_min"].min()})
+    keep = ((table["detections"] >= int(settings["min_planes"]))
+            & (table["darkest_contrast"] >= contrast_floor(table, float(settings["min_contrast"]), config)))
+    table = table[keep].reindex(columns=columns).astype({"hid": np.int64, "cluster": np.int64, "line": np.int64,
+                                                         "detections": np.int64})
     return table.sort_values(["hid", "z"], kind="stable", ignore_index=True)
 
 
