@@ -6,7 +6,7 @@ import pytest
 import yaml
 from helpers import WIDE, WIDE_PARTICLES, contrast_hologram, scene_dict, split_store, truth_table
 
-from holopipe.core.config import load_config
+from holopipe.core.config import load_config, with_overrides
 from holopipe.detect.baseline import detections_file
 from holopipe.evaluation.postprocessing import BEGIN, END, SEARCH_SPACES, tune_postprocessing, write_settings
 from holopipe.run.cli import main
@@ -43,6 +43,19 @@ def test_the_particles_stage_is_scored_on_counts_pooled_over_the_trained_models(
     nothing.write_text(detections.read_text().splitlines()[0] + "\n")
     result = tune_postprocessing(config, [[detections], [nothing]], store, trials=1)
     assert result["runs"] == 2 and result["particles"]["f1_before"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("diameter_m", [None, 2.0e-5])
+def test_a_setting_that_null_switches_off_is_tried_as_it_stands_and_chosen_as_a_value_or_null(scene, diameter_m):
+    """contrast_diameter: null (fixed thresholds) or a diameter; the first trial is today's either way, and one
+    trial's choice is exactly it (the Optuna on/off parameter beside it never reaches the settings)."""
+    config, store, detections = scene
+    config = with_overrides(config, {"particles.contrast_diameter": diameter_m,
+                                     "baseline.contrast_diameter": diameter_m})
+    result = tune_postprocessing(config, [[detections]], store, trials=1)
+    for section in ("particles", "baseline"):
+        assert result[section]["settings"]["contrast_diameter"] == diameter_m
+        assert set(result[section]["settings"]) == set(SEARCH_SPACES[section])
 
 
 def test_a_split_without_truth_is_refused_by_name(tmp_path, scene):
@@ -85,6 +98,18 @@ def test_the_choice_replaces_the_blocks_and_keeps_the_rest_of_the_file(tmp_path)
     again = path.read_text()
     assert again.count(BEGIN) == 1 and again.count(END) == 1 and again.count("particles:") == 1
     assert load_config(path)["particles"]["distance"] == 2.0e-5
+
+
+def test_a_setting_switched_off_is_written_as_null(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG_TEXT)
+    result = chosen(3.0e-5)
+    result["baseline"]["settings"]["contrast_diameter"] = 2.0e-5
+    result["particles"]["settings"]["contrast_diameter"] = None
+    write_settings(path, result)
+    config = load_config(path)
+    assert config["baseline"]["contrast_diameter"] == 2.0e-5 and config["particles"]["contrast_diameter"] is None
+    assert "contrast_diameter: null" in path.read_text()
 
 
 def test_a_value_the_schema_refuses_never_reaches_the_file(tmp_path):

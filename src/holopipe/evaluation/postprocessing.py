@@ -47,6 +47,7 @@ SEARCH_SPACES = {
         "refine_window": ("float", 1.0, 4.0, False),
         "ghost_depths_of_focus": ("float", 0.0, 4.0, False),
         "ghost_diameters": ("float", 0.0, 4.0, False),
+        "contrast_diameter": ("optional_float", 5.0e-6, 6.0e-5, True),
     },
     "baseline": {
         "threshold_sigmas": ("float", 2.0, 8.0, False),
@@ -57,10 +58,15 @@ SEARCH_SPACES = {
         "beyond_planes": ("int", 0, 10, False),
         "ghost_depths_of_focus": ("float", 0.0, 4.0, False),
         "ghost_diameters": ("float", 0.0, 6.0, False),
+        "contrast_diameter": ("optional_float", 5.0e-6, 6.0e-5, True),
     },
 }
-"""Per section, key -> (kind, low, high, log) or ("categorical", choices): 11 knobs after the U-Net's detector,
-8 after the physics detector (threshold and contrast are the physics detector's own knobs)."""
+"""Per section, key -> (kind, low, high, log) or ("categorical", choices): 12 knobs after the U-Net's detector,
+9 after the physics detector (threshold and contrast are the physics detector's own knobs). An
+``optional_float`` is a key whose null switches a behaviour off (``contrast_diameter``: fixed thresholds): a trial
+first draws whether it is on (Optuna parameter ``<key>_on``), then its value only where it is."""
+
+_ON = "_on"
 
 BEGIN = "# >>> make tune-postprocessing"
 END = "# <<< make tune-postprocessing"
@@ -71,11 +77,33 @@ def _suggest(trial: optuna.Trial, section: str) -> dict:
     for key, spec in SEARCH_SPACES[section].items():
         if spec[0] == "categorical":
             chosen[key] = trial.suggest_categorical(key, list(spec[1]))
+        elif spec[0] == "optional_float":
+            on = trial.suggest_categorical(key + _ON, [False, True])
+            chosen[key] = trial.suggest_float(key, spec[1], spec[2], log=spec[3]) if on else None
         elif spec[0] == "int":
             chosen[key] = trial.suggest_int(key, spec[1], spec[2], log=spec[3])
         else:
             chosen[key] = trial.suggest_float(key, spec[1], spec[2], log=spec[3])
     return chosen
+
+
+def _as_params(section: str, settings: dict) -> dict:
+    """``settings`` as the Optuna parameters that :func:`_suggest` draws (an optional float's on/off beside it)."""
+    params = {}
+    for key, spec in SEARCH_SPACES[section].items():
+        value = settings[key]
+        if spec[0] == "optional_float":
+            params[key + _ON] = value is not None
+            if value is None:
+                continue
+        params[key] = value
+    return params
+
+
+def _as_settings(section: str, params: dict) -> dict:
+    """The config values of a trial's Optuna parameters: the inverse of :func:`_as_params`."""
+    return {key: (params[key] if params.get(key + _ON, True) else None) if spec[0] == "optional_float"
+            else params[key] for key, spec in SEARCH_SPACES[section].items()}
 
 
 def _f1(truth: pd.DataFrame, csvs, evaluate: dict) -> float:
@@ -92,7 +120,7 @@ def _f1(truth: pd.DataFrame, csvs, evaluate: dict) -> float:
 def _search(section: str, config: dict, run, truth: pd.DataFrame, trials: int, seed: int) -> optuna.Study:
     """``trials`` TPE trials of ``section``'s knobs, the first being the config's own values."""
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.enqueue_trial({key: config[section][key] for key in SEARCH_SPACES[section]})
+    study.enqueue_trial(_as_params(section, config[section]))
     with tempfile.TemporaryDirectory(prefix=f"holopipe-tune-{section}-") as scratch:
         def objective(trial):
             chosen = _suggest(trial, section)
@@ -137,7 +165,8 @@ def tune_postprocessing(config: dict, detection_sets, store_path, *, trials: int
     for section, run in runs.items():
         study = _search(section, config, run, truth, trials, seed)
         log.info("%s: F1 %.3f -> %.3f on %s", section, study.trials[0].value, study.best_value, store_path)
-        result[section] = {"settings": study.best_params, "f1": study.best_value, "f1_before": study.trials[0].value}
+        result[section] = {"settings": _as_settings(section, study.best_params), "f1": study.best_value,
+                           "f1_before": study.trials[0].value}
     return result
 
 
