@@ -6,16 +6,32 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.holopipe-installed
 CORES ?= all
 
-.PHONY: setup run test test-fast bench accuracy tune-postprocessing tune-postprocessing-accuracy smoke-fullsize lint docs report clean
+.PHONY: setup lock run test test-fast bench accuracy tune-postprocessing tune-postprocessing-accuracy smoke-fullsize lint docs report clean
 
 setup: $(STAMP)
 
-# Reinstalls whenever pyproject.toml changes; torch and torchvision are pinned there.
-$(STAMP): pyproject.toml
+# Reinstalls whenever pyproject.toml or constraints.txt changes; torch and torchvision are pinned in the first,
+# every installed version in the second (for the Python that `make lock` ran on; other Pythons resolve freely).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
+
+# Resolves pyproject.toml's dependencies afresh in a scratch venv and pins what came, so every machine that runs
+# the workflow or its figures installs the same versions (a changed numpy or scipy changes a training's weights).
+LOCK_VENV := $(VENV)-lock
+PY_MINOR = $$($(LOCK_VENV)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet '.[test]'
+	{ echo "# Written by make lock (pip freeze of pyproject.toml's dependencies, test extra included): make setup"; \
+	  echo "# installs these versions. Pinned for Python $(PY_MINOR) only: elsewhere pip resolves afresh."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude holopipe | \
+	  sed "s/\$$/ ; python_version == \"$(PY_MINOR)\"/"; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf $(LOCK_VENV)
 
 # Snakemake's jobs call `holopipe`, so the venv's bin goes first on PATH.
 run: setup

@@ -468,3 +468,39 @@ def test_cupy_and_torch_load_the_same_cuda_runtime_major():
         f"cupy {cupy.__version__} runs CUDA runtime {cupy_major}, torch {torch.__version__} CUDA {torch.version.cuda}")
     # Both libraries work on the GPU in one process (one driver serves both runtimes).
     assert float(cupy.asarray([1.0, 2.0]).sum()) == float(torch.tensor([1.0, 2.0], device="cuda").sum()) == 3.0
+
+
+def constraint_pins() -> dict[str, Requirement]:
+    """constraints.txt's pins by canonical name."""
+    lines = (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    return {canonicalize_name(req.name): req for req in
+            (Requirement(line) for line in lines if line.strip() and not line.startswith("#"))}
+
+
+def test_the_lock_pins_every_dependency_within_what_pyproject_allows():
+    """make setup installs constraints.txt's versions: each of pyproject.toml's dependencies (the test extra's too)
+    must be pinned there exactly, at a version pyproject accepts, for the Python the lock was made on; a pyproject
+    edit without `make lock` fails here, not on a fresh machine."""
+    pins = constraint_pins()
+    project = PYPROJECT["project"]
+    for req in map(Requirement, project["dependencies"] + project["optional-dependencies"]["test"]):
+        pin = pins.get(canonicalize_name(req.name))
+        assert pin is not None, f"constraints.txt: {req.name} is not pinned (run make lock)"
+        (spec,) = pin.specifier
+        assert spec.operator == "==", f"constraints.txt: {pin} is not an exact pin"
+        assert req.specifier.contains(spec.version, prereleases=True), (
+            f"constraints.txt pins {pin.name} {spec.version}, which pyproject.toml's {req} refuses (run make lock)")
+        assert pin.marker is not None and "python_version" in str(pin.marker), f"constraints.txt: {pin} has no Python"
+
+
+def test_the_lock_is_what_this_environment_runs():
+    """Where the lock's Python is the running one, each pinned distribution installed here is at its pin (make
+    setup used the lock)."""
+    for name, pin in constraint_pins().items():
+        if not pin.marker.evaluate():
+            pytest.skip(f"constraints.txt is pinned for another Python ({pin.marker})")
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        assert pin.specifier.contains(installed, prereleases=True), f"{name} {installed} installed, {pin} locked"

@@ -1,0 +1,1 @@
+"""Data preparation: acquisition, regridding, augmentation, standardization, training examples."""

@@ -1,0 +1,1 @@
+"""Learning: datasets, models (and loading a saved one), losses, training, hyperparameter search."""
