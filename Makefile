@@ -25,10 +25,10 @@ PY_MINOR = $$($(LOCK_VENV)/bin/python -c 'import sys; print("%d.%d" % sys.versio
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install --quiet '.[test]'
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[test]'
 	{ echo "# Written by make lock (pip freeze of pyproject.toml's dependencies, test extra included): make setup"; \
 	  echo "# installs these versions. Pinned for Python $(PY_MINOR) only: elsewhere pip resolves afresh."; \
-	  $(LOCK_VENV)/bin/python -m pip freeze --exclude holopipe | \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | \
 	  sed "s/\$$/ ; python_version == \"$(PY_MINOR)\"/"; } > constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt
 	rm -rf $(LOCK_VENV)

@@ -1,1 +1,0 @@
-"""Data preparation: acquisition, regridding, augmentation, standardization, training examples."""

@@ -1,1 +1,0 @@
-"""Detection: the z-plane sweep engine, the inference job, coarse-to-fine search, particles, the physics baseline."""

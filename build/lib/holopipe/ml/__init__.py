@@ -1,1 +1,0 @@
-"""Learning: datasets, models (and loading a saved one), losses, training, hyperparameter search."""
