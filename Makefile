@@ -37,9 +37,10 @@ lock:
 run: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES)
 
+# The 25 slowest tests close the log: where CI's time goes.
 test: setup
 	$(BIN)/ruff check src tests benchmarks
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest --durations=25
 
 # For development: no Snakemake subprocesses (a test that starts one fails here, see tests/conftest.py) and
 # nothing marked slow. `make test` stays the whole suite.
