@@ -135,6 +135,11 @@ def test_metrics_from_known_counts_errors_and_diameter_bins():
         {"low_um": 40.0, "high_um": 100.0, "n_true": 1, "tp": 0, "recall": 0.0,
          "recall_ci95": list(wilson_interval(0, 1)), "rms_d_um": None, "bias_d_um": None},
     ]
+    # Diameter rows 0-20, 20-40, 40-100 µm by depth columns 2-4 ... 8-10 mm: the 50 µm droplet at 6 mm is missed.
+    assert metrics["recall_by_diameter_and_depth"] == {
+        "diameter_edges_um": pytest.approx([0.0, 20.0, 40.0, 100.0]),
+        "depth_edges_um": pytest.approx([2000.0, 4000.0, 6000.0, 8000.0, 10000.0]),
+        "n_true": [[1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 1, 0]], "tp": [[1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0]]}
     assert json.dumps(metrics)  # plain JSON types only
 
 
@@ -436,6 +441,10 @@ def test_each_split_gets_its_own_file_with_intervals_and_the_log_table(tmp_path,
     assert [r["bias_d_um"] for r in unet_depth] == [1.0, None, -1.0, 1.0]
     assert [(r["n_true"], r["tp"]) for r in base_depth] == [(1, 1), (0, 0), (1, 0), (1, 0)]
     assert base_depth[0]["rms_d_um"] == 3.0 and base_depth[2]["rms_d_um"] is None
+    for method, depth in (("unet", unet_depth), ("baseline", base_depth)):  # the grid's columns add up to depth's
+        grid = test[method]["recall_by_diameter_and_depth"]
+        assert np.sum(grid["n_true"], axis=0).tolist() == [r["n_true"] for r in depth]
+        assert np.sum(grid["tp"], axis=0).tolist() == [r["tp"] for r in depth]
     for name in PLOT_NAMES:
         assert (tmp_path / "evaluation" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

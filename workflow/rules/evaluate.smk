@@ -17,6 +17,7 @@ rule evaluate:
                 "errors.png",
                 "recall_by_diameter.png",
                 "recall_by_depth.png",
+                "recall_grid.png",
                 "size_error.png",
                 "f1_bars.png",
             ),

@@ -9,7 +9,10 @@ to find; ``f1`` is their harmonic mean, 0 when both are 0. Errors are predicted 
 their rms and bias are null (None) without matches. Recall by diameter and by depth bin the *true*
 diameter and z, each bin ``[low, high)`` (the last one closed); a bin carries its counts, the recall
 with its 95 % Wilson interval, and the rms and bias of the diameter error of its matched particles
-(null for an empty bin or one without matches).
+(null for an empty bin or one without matches). ``recall_by_diameter_and_depth`` crosses the two binnings
+(:func:`recall_grid`): true droplets and those found per (diameter, depth) cell, since what a far droplet costs
+depends on its size (the aperture's resolution) and the two one-way tables cannot say which small droplets
+are lost where.
 
 **Splits are evaluated apart** (:func:`evaluate_files`): each has its own metrics, never pooled, since
 the splits differ on purpose (simulation physics, real data). The primary split (:func:`primary_split`)
@@ -103,7 +106,8 @@ def _binned(values_um: np.ndarray, edges_um: np.ndarray, found: np.ndarray, erro
 
 def detection_metrics(truth: pd.DataFrame, predicted: pd.DataFrame, matches: pd.DataFrame, diameter_bins,
                       depth_bins) -> dict:
-    """Counts, precision, recall, F1, rms and bias of the x, y, z, d errors (µm), recall by diameter and by depth.
+    """Counts, precision, recall, F1, rms and bias of the x, y, z, d errors (µm), recall by diameter, by depth
+    and by both (``recall_by_diameter_and_depth``: bin edges in µm, ``n_true`` and ``tp`` per (diameter, depth)).
 
     ``matches`` is :func:`match`'s result for these tables (``truth`` must have a unique index);
     ``diameter_bins`` and ``depth_bins`` are bin edges in metres of the true d and z. See the module
@@ -123,6 +127,11 @@ def detection_metrics(truth: pd.DataFrame, predicted: pd.DataFrame, matches: pd.
     for name, column, edges in (("recall_by_diameter", "d", diameter_bins), ("recall_by_depth", "z", depth_bins)):
         metrics[name] = _binned(truth[column].to_numpy(np.float64), np.asarray(edges, dtype=np.float64) * 1e6,
                                 found, error_d)
+    n_cell, tp_cell = recall_grid(truth, matches, diameter_bins, depth_bins)
+    metrics["recall_by_diameter_and_depth"] = {
+        "diameter_edges_um": (np.asarray(diameter_bins, np.float64) * 1e6).tolist(),
+        "depth_edges_um": (np.asarray(depth_bins, np.float64) * 1e6).tolist(),
+        "n_true": n_cell.tolist(), "tp": tp_cell.tolist()}
     return metrics
 
 

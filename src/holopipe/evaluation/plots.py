@@ -1,5 +1,5 @@
-"""The evaluation's plots for the Snakemake report: particles in 3-D, diameters, errors, recall by diameter
-and depth, size error, F1 with intervals, and the hand labels' table and gallery. Drawn with matplotlib's
+"""The evaluation's plots for the Snakemake report: particles in 3-D, diameters, errors, recall by diameter,
+by depth and by both, size error, F1 with intervals, and the hand labels' table and gallery. Drawn with matplotlib's
 object API (no pyplot: no global state, Agg), written atomically."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from holopipe.evaluation.matching import COORDINATES
 __all__ = ["LABEL_PLOT_NAMES", "PLOT_NAMES", "plot_evaluation", "plot_labels"]
 
 PLOT_NAMES = ("scatter3d.png", "diameters.png", "errors.png", "recall_by_diameter.png", "recall_by_depth.png",
-              "size_error.png", "f1_bars.png")
+              "recall_grid.png", "size_error.png", "f1_bars.png")
 LABEL_PLOT_NAMES = ("labels_table.png", "labels_gallery.png")
 """Written on every run: with labels the head-to-head table and the gallery, without them a note saying so."""
 GALLERY_SIZE = 24
@@ -120,6 +120,8 @@ def plot_evaluation(plots_dir: Path, truths: dict, n_holograms: dict, predicted:
             _legend(ax)
         _save(figure, plots_dir / f"{key}.png")
 
+    _recall_grid(plots_dir / "recall_grid.png", results, with_truth, methods)
+
     # Size error, bias ± rms of d per bin: by diameter (left) and by depth (right), one row per split.
     figure = Figure(figsize=(10, 3.4 * max(len(with_truth), 1)))
     if not with_truth:
@@ -159,6 +161,34 @@ def plot_evaluation(plots_dir: Path, truths: dict, n_holograms: dict, predicted:
                title="Particles per hologram, no truth")
     _legend(ax)
     _save(figure, plots_dir / "f1_bars.png")
+
+
+def _recall_grid(path: Path, results: dict, with_truth: list[str], methods: list[str]) -> None:
+    """Recall per (true diameter, true depth) cell, one row of panels per split and one panel per method:
+    the colour is the recall, the text ``found/true``; an empty cell is blank."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.8 * max(len(methods), 1), 3.8 * max(len(with_truth), 1)))
+    if not with_truth:
+        _no_truth(figure.add_subplot())
+    for i, s in enumerate(with_truth):
+        for j, m in enumerate(methods):
+            ax = figure.add_subplot(len(with_truth), len(methods), i * len(methods) + j + 1)
+            grid = results[s][m]["recall_by_diameter_and_depth"]
+            n_true, tp = np.asarray(grid["n_true"], np.float64), np.asarray(grid["tp"], np.float64)
+            recall = np.divide(tp, n_true, out=np.full_like(tp, np.nan), where=n_true > 0)
+            ax.imshow(recall, cmap="RdYlGn", vmin=0.0, vmax=1.0, origin="lower", aspect="auto")
+            for (row, col), n in np.ndenumerate(n_true):
+                if n:
+                    ax.text(col, row, f"{int(tp[row, col])}/{int(n)}", ha="center", va="center", fontsize=7)
+            depth_mm = np.asarray(grid["depth_edges_um"]) * 1e-3
+            diameter_um = np.asarray(grid["diameter_edges_um"])
+            ax.set_xticks(np.arange(depth_mm.size - 1),
+                          [f"{a:.0f}-{b:.0f}" for a, b in zip(depth_mm[:-1], depth_mm[1:])], fontsize=7)
+            ax.set_yticks(np.arange(diameter_um.size - 1),
+                          [f"{a:.0f}-{b:.0f}" for a, b in zip(diameter_um[:-1], diameter_um[1:])], fontsize=7)
+            ax.set(xlabel="true z (mm)", ylabel="true diameter (µm)", title=f"Recall, {m}: {s} (found/true)")
+    _save(figure, path)
 
 
 def _interval_text(share: dict) -> str:
